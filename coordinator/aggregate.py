@@ -1,0 +1,88 @@
+"""Aggregation over the rank-1 component view: pure functions on plain tensors.
+
+A :class:`Contribution` is one client's trained factors for one round, the plan that says which
+global components they are, and the client's aggregation weight (its example count).  No I/O, no
+logging: these functions are what the methods' aggregation rules are made of.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from edge_client.lora import ClientPlan, Factors
+
+
+@dataclass(frozen=True)
+class Contribution:
+    client: str
+    plan: ClientPlan
+    factors: Factors
+    weight: float
+
+
+def average_components(global_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                       contributions: Sequence[Contribution], normalise: str) -> Factors:
+    """Per module and per global component ``j``, move the global value by the weighted client
+    deltas of the clients that trained ``j``:
+
+    ``c_j ← c_j + Σ_{k∈Q_j} w_k (c_{k,j} − c_j) / Z_j``,
+
+    with ``Z_j = Σ_{k∈Q_j} w_k`` (``normalise="trainers"``: the per-index mean of HAFL and
+    Fed-PLoRA; with every client training every component this is FedIT's weighted average) or
+    ``Z_j = Σ_k w_k`` over all contributions (``normalise="all"``: HetLoRA's zero-padding, where
+    a component trained by few clients moves only part of the way).  A component nobody trained
+    keeps its value.  With no contribution the global factors are returned unchanged (copied).
+    """
+    if normalise not in ("trainers", "all"):
+        raise ValueError(f"normalise must be 'trainers' or 'all', not {normalise!r}")
+    total = sum(c.weight for c in contributions)
+    out: Factors = {}
+    for module, (ga, gb) in global_factors.items():
+        num_a, num_b = torch.zeros_like(ga), torch.zeros_like(gb)
+        z = torch.zeros(ga.shape[0], dtype=ga.dtype)
+        for c in contributions:
+            mp = c.plan.modules.get(module)
+            if mp is None:
+                continue
+            idx = torch.tensor(mp.components, dtype=torch.long)
+            a, b = c.factors[module]
+            num_a.index_add_(0, idx, c.weight * (a - ga.index_select(0, idx)))
+            num_b.index_add_(1, idx, c.weight * (b - gb.index_select(1, idx)))
+            z.index_add_(0, idx, torch.full((len(idx),), float(c.weight), dtype=ga.dtype))
+        if normalise == "all":
+            z = torch.where(z > 0, torch.full_like(z, float(total)), z)
+        denom = torch.where(z > 0, z, torch.ones_like(z))
+        out[module] = (ga + num_a / denom[:, None], gb + num_b / denom[None, :])
+    return out
+
+
+def weighted_delta_w(contributions: Sequence[Contribution], module: str) -> torch.Tensor:
+    """``Σ_k p_k B_k A_k`` for one module with ``p_k = w_k / Σ w`` (the scale ``s`` left out)."""
+    total = sum(c.weight for c in contributions)
+    acc = None
+    for c in contributions:
+        a, b = c.factors[module]
+        term = (c.weight / total) * (b @ a)
+        acc = term if acc is None else acc + term
+    if acc is None:
+        raise ValueError("no contribution")
+    return acc
+
+
+def svd_factors(delta_w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors of ``delta_w`` ordered by singular value: ``B = U Σ``, ``A = Vᵀ``.
+
+    The first ``r`` components are then the best rank-``r`` approximation (Eckart-Young), which
+    is what FlexLoRA sends a rank-``r`` client.  Components past ``rank(ΔW)`` have ``B = 0`` and
+    an orthonormal ``A`` row, so they still train.
+    """
+    u, s, vh = torch.linalg.svd(delta_w, full_matrices=False)
+    k = min(rank, s.numel())
+    b = torch.zeros((delta_w.shape[0], rank), dtype=delta_w.dtype)
+    a = torch.zeros((rank, delta_w.shape[1]), dtype=delta_w.dtype)
+    b[:, :k] = u[:, :k] * s[:k]
+    a[:k] = vh[:k]
+    return a, b

@@ -1,0 +1,168 @@
+"""The ``fedlora`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  fedlora simulate --out runs/demo                       # SmolLM2, mixed fleet of 8, about 10 min on 2 cores
+  fedlora simulate --preset quick --out runs/taste       # a one-minute taste
+  fedlora simulate --method flexlora --rounds 3 --out runs/flex
+  fedlora simulate --model tiny-llama --set train.steps=2 --out runs/tiny
+  fedlora plan --fleet mixed8                            # what each device can train
+  fedlora profile --out profiles/this-machine.yaml       # measure this machine
+"""
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config YAML (flags below override it)")
+    p.add_argument("--preset", default="default", help="starting values: default or quick (default: default)")
+    p.add_argument("--method", help="aggregation method (see `fedlora methods`)")
+    p.add_argument("--model", help="smollm2-135m, tiny-llama, a .gguf file, a model directory or a HF id")
+    p.add_argument("--fleet", help="fleet name under profiles/fleets/ or a path (default: mixed8)")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--clients-per-round", type=int, dest="clients_per_round")
+    p.add_argument("--local-steps", type=int, dest="local_steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set train.lr=1e-3 --set data.partition=iid")
+
+
+def _config_from_args(args):
+    from .config import load_config, parse_override
+
+    overrides = dict(parse_override(s) for s in args.set)
+    for flag in ("method", "model", "fleet", "rounds", "clients_per_round", "seed", "device"):
+        if getattr(args, flag, None) is not None:
+            overrides[flag] = getattr(args, flag)
+    if getattr(args, "local_steps", None) is not None:
+        overrides["train.steps"] = args.local_steps
+    return load_config(args.config, args.preset, overrides)
+
+
+def cmd_simulate(args) -> int:
+    from .report import ConsoleReporter
+    from .simulate import Simulation
+
+    cfg = _config_from_args(args)
+    reporter = ConsoleReporter()
+    reporter.console.print(f"[b]fedlora simulate[/b]: method {cfg.method}, model {cfg.model}, fleet {cfg.fleet}, "
+                           f"{cfg.rounds} rounds x {cfg.clients_per_round} clients, {cfg.train.steps} local steps")
+    sim = Simulation(cfg, args.out, reporter)
+    sim.run()
+    reporter.console.print(f"report: {Path(args.out) / 'report.json'}; adapter: {Path(args.out) / 'adapter'}; "
+                           f"plots: {Path(args.out) / 'accuracy.png'}, {Path(args.out) / 'bytes.png'}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .fleet import load_fleet
+    from .methods import MethodContext, get_method
+    from .planner import device_estimate, meta_shape, plan_capacity
+
+    cfg = _config_from_args(args)
+    method = get_method(cfg.method)
+    fleet = load_fleet(cfg.fleet)
+    shape = meta_shape(cfg.model, list(cfg.lora.target_modules) or None)
+    ctx = MethodContext(shape.adapted, cfg.lora.scale, cfg.lora.rank, cfg.lora.max_rank)
+    t = cfg.train
+    table = Table(title=f"plan: {cfg.model} ({shape.n_params / 1e6:.1f} M params), method {cfg.method}, "
+                        f"batch {t.batch_size} x seq {t.max_seq_len}, {t.steps} steps, deadline "
+                        f"{cfg.planner.round_deadline_s:.0f} s")
+    for col in ("device", "profile", "usable GB", "capacity (rank)", "memory GB", "s/step", "round s",
+                f"{cfg.method} rank"):
+        table.add_column(col, justify="right" if col != "device" else "left")
+    for dev in fleet:
+        cap = plan_capacity(dev.profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
+                            seq=t.max_seq_len, deadline_s=cfg.planner.round_deadline_s,
+                            overhead_gb=cfg.planner.runtime_overhead_gb,
+                                       transfer_budget_s=cfg.planner.transfer_budget_s)
+        plan = method.plan(dev.id, cap.rank, ctx, 1)
+        knob = str(plan.rank) if plan else "[red]cannot take part[/red]"
+        if cap.rank:
+            mem, step, total = device_estimate(dev.profile, shape, cap.rank, t.steps, t.batch_size,
+                                               t.max_seq_len, cfg.planner.runtime_overhead_gb)
+            cap_s = str(cap.rank)
+        else:
+            mem, step, total = cap.memory_gb, cap.step_s, cap.round_s
+            cap_s = f"[red]0 ({cap.reason})[/red]"
+        table.add_row(dev.id, dev.profile.name, f"{dev.profile.memory_usable_gb:.1f}", cap_s, f"{mem:.2f}",
+                      f"{step:.2f}", f"{total:.0f}", knob)
+    Console().print(table)
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from edge_client.profile import measure_profile, save_profile
+
+    prof = measure_profile(args.name, args.uplink_mbps, args.downlink_mbps)
+    if args.out:
+        save_profile(prof, args.out)
+        print(f"wrote {args.out}")
+    import yaml
+
+    print(yaml.safe_dump(prof.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import get_method, method_names
+
+    for n in method_names():
+        doc = (sys.modules[type(get_method(n)).__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{n:12s} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning across heterogeneous "
+                                 "edge devices.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = sub.add_parser("simulate", help="run a federated job in one process over an emulated fleet",
+                       description="Run a federated LoRA job in one process: one shared frozen base model, "
+                       "one adapter per client swapped in and out. Writes DIR/report.json, DIR/adapter/ "
+                       "(peft format) and DIR/*.png.")
+    _add_run_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.set_defaults(fn=cmd_simulate)
+    p = sub.add_parser("plan", help="print what each device of a fleet can train",
+                       description="Print, per device of the fleet, the planner's capacity (largest LoRA rank "
+                       "whose predicted memory fits and whose round fits the deadline) and the method's knob.")
+    _add_run_args(p)
+    p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("profile", help="measure this machine and write a device profile",
+                       description="Measure memory (psutil) and float32 matmul throughput; bandwidth is given.")
+    p.add_argument("--out", help="YAML file to write")
+    p.add_argument("--name", help="profile name (default: host name)")
+    p.add_argument("--uplink-mbps", type=float, default=100.0)
+    p.add_argument("--downlink-mbps", type=float, default=100.0)
+    p.set_defaults(fn=cmd_profile)
+    p = sub.add_parser("methods", help="list the registered methods")
+    p.set_defaults(fn=cmd_methods)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from edge_client.data import DataFormatError
+    from edge_client.models import ModelNotFoundError
+    from edge_client.profile import ProfileError
+
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, ModelNotFoundError, ProfileError, DataFormatError) as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The run configuration: frozen dataclasses, loaded from YAML, presets and ``key=value`` overrides.
+
+Every field is validated when the config is built; an error names the field (``train.steps``)
+and what was wrong, so a bad config fails before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edge_client.data import TASKS
+from edge_client.trainer import TrainSettings
+
+PARTITIONS = ("by_domain", "dirichlet", "iid")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tasks: tuple[str, ...] = ("add", "reverse", "upper", "parity", "count")
+    partition: str = "by_domain"
+    skew: float = 0.8          # by_domain: fraction of a client's data from its main domain
+    alpha: float = 0.5         # dirichlet concentration
+    samples_per_client: int = 64
+    eval_per_domain: int = 20
+    train_file: str | None = None  # JSONL; replaces the built-in tasks when given
+    eval_file: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 8              # the homogeneous rank (fedit, centralized)
+    max_rank: int = 32         # the global rank R of heterogeneous methods, and the planner's cap
+    scale: float = 2.0         # s in ΔW = s·BA (peft's lora_alpha / r, held for every rank)
+    target_modules: tuple[str, ...] = ()  # empty: q_proj and v_proj (or the model's equivalent)
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    round_deadline_s: float = 1800.0  # device time a round may take: download, local steps, upload
+    transfer_budget_s: float = 10.0   # time a device may spend moving its adapter (down + up) per round
+    runtime_overhead_gb: float = 0.35  # interpreter, torch, tokenizer and allocator slack
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "smollm2-135m"
+    method: str = "hetlora"
+    fleet: str = "mixed8"
+    rounds: int = 5
+    clients_per_round: int = 4
+    min_updates: int = 1
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 1
+    max_new_tokens: int = 8
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    planner: PlannerSettings = field(default_factory=PlannerSettings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The README's main command: about 10 minutes on a 2-core CPU with SmolLM2.
+    "default": {},
+    # A one-minute taste: fewer clients, rounds, steps and eval prompts.
+    "quick": {"rounds": 2, "clients_per_round": 2, "train.steps": 6, "data.eval_per_domain": 6,
+              "data.tasks": ["add", "upper", "parity"], "data.samples_per_client": 32},
+}
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Coerce a YAML value to the field's annotated type, or raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, name)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        _check(isinstance(value, (list, tuple)), name, f"expected a list, got {value!r}")
+        (inner,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        return tuple(_coerce(v, inner, f"{name}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        _check(isinstance(value, bool), name, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), name, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def _build(cls, obj: dict, prefix: str = ""):
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {obj!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; known fields: {', '.join(sorted(known))}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in obj:
+            continue
+        tp = hints[f.name]
+        name = prefix + f.name
+        kwargs[f.name] = (_build(tp, obj[f.name], name + ".") if dataclasses.is_dataclass(tp)
+                          else _coerce(obj[f.name], tp, name))
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range checks that need more than a type; returns ``cfg``."""
+    from .methods import method_names
+
+    _check(cfg.method in method_names(), "method",
+           f"unknown method '{cfg.method}'; valid methods: {', '.join(method_names())}")
+    _check(cfg.rounds >= 1, "rounds", "must be at least 1")
+    _check(cfg.clients_per_round >= 1, "clients_per_round", "must be at least 1")
+    _check(cfg.min_updates >= 1, "min_updates", "must be at least 1")
+    _check(cfg.min_updates <= cfg.clients_per_round, "min_updates",
+           f"({cfg.min_updates}) cannot exceed clients_per_round ({cfg.clients_per_round})")
+    _check(cfg.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
+    _check(cfg.eval_every >= 1, "eval_every", "must be at least 1")
+    _check(cfg.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+    d = cfg.data
+    _check(d.partition in PARTITIONS, "data.partition", f"must be one of {', '.join(PARTITIONS)}")
+    _check(0.0 <= d.skew <= 1.0, "data.skew", "must be in [0, 1]")
+    _check(d.alpha > 0, "data.alpha", "must be positive")
+    _check(d.samples_per_client >= 1, "data.samples_per_client", "must be at least 1")
+    _check(d.eval_per_domain >= 1, "data.eval_per_domain", "must be at least 1")
+    if d.train_file is None:
+        _check(len(d.tasks) >= 1, "data.tasks", "needs at least one task")
+        for i, t in enumerate(d.tasks):
+            _check(t in TASKS, f"data.tasks[{i}]", f"unknown task '{t}'; built-in tasks: {', '.join(TASKS)}")
+        _check(d.eval_file is None, "data.eval_file", "needs data.train_file too")
+    else:
+        _check(Path(d.train_file).is_file(), "data.train_file", f"no such file: {d.train_file}")
+        _check(d.eval_file is not None, "data.eval_file", "is required with data.train_file")
+        _check(Path(str(d.eval_file)).is_file(), "data.eval_file", f"no such file: {d.eval_file}")
+    lo = cfg.lora
+    _check(lo.rank >= 1, "lora.rank", "must be at least 1")
+    _check(lo.max_rank >= 1, "lora.max_rank", "must be at least 1")
+    _check(lo.scale > 0, "lora.scale", "must be positive")
+    _check(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    t = cfg.train
+    _check(t.steps >= 1, "train.steps", "must be at least 1")
+    _check(t.batch_size >= 1, "train.batch_size", "must be at least 1")
+    _check(t.lr > 0, "train.lr", "must be positive")
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be non-negative")
+    _check(t.max_seq_len >= 8, "train.max_seq_len", "must be at least 8")
+    _check(cfg.planner.round_deadline_s > 0, "planner.round_deadline_s", "must be positive")
+    _check(cfg.planner.transfer_budget_s > 0, "planner.transfer_budget_s", "must be positive")
+    _check(cfg.planner.runtime_overhead_gb >= 0, "planner.runtime_overhead_gb", "must be non-negative")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, preset: str = "default",
+                overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Build a RunConfig: the preset, then the YAML file at ``path``, then ``overrides`` (dotted keys)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset '{preset}'; presets: {', '.join(PRESETS)}")
+    tree: dict = {}
+    for k, v in PRESETS[preset].items():
+        _set_dotted(tree, k, v)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: no such file: {p}")
+        with p.open() as fh:
+            try:
+                loaded = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config: {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config: {p} must hold a mapping at the top level")
+        _merge(tree, loaded)
+    for k, v in (overrides or {}).items():
+        _set_dotted(tree, k, v)
+    return validate(_build(RunConfig, tree))
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (``train.lr=1e-3``, ``data.tasks=[add,upper]``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def with_overrides(cfg: RunConfig, **top: Any) -> RunConfig:
+    return validate(replace(cfg, **top))

@@ -1,0 +1,79 @@
+"""The method registry: one place where every method is registered by name.
+
+A method is a plan policy plus an aggregation rule (see :class:`Method`).  ``get_method(name)``
+fails with the list of valid names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from edge_client.lora import ClientPlan, Factors, slice_factors
+
+from ..aggregate import Contribution
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method knows of the run: adapted module dims (in, out), scale, ranks."""
+
+    modules: Mapping[str, tuple[int, int]]
+    scale: float
+    rank: int       # the homogeneous rank (lora.rank)
+    max_rank: int   # lora.max_rank
+
+
+class Method(Protocol):
+    name: str
+    personalised: bool  # keeps a per-client adapter that its evaluation uses
+    pooled: bool        # trains on all clients' data pooled (the centralized reference)
+
+    def global_rank(self, ctx: MethodContext) -> int:
+        """R: the number of global components per module."""
+        ...
+
+    def plan(self, client: str, capacity: int, ctx: MethodContext, round_idx: int) -> ClientPlan | None:
+        """The client's plan for this round, or None when its capacity cannot hold the method's
+        minimum (the caller reports it as skipped, with the capacity)."""
+        ...
+
+    def start_factors(self, client: str, global_factors: Factors, plan: ClientPlan, state: dict) -> Factors:
+        """The factors the client starts from (what is sent to it)."""
+        ...
+
+    def aggregate(self, global_factors: Factors, contributions: Sequence[Contribution], ctx: MethodContext,
+                  state: dict) -> Factors:
+        """The new global factors from this round's valid contributions (at least one)."""
+        ...
+
+
+_REGISTRY: dict[str, Callable[[], Method]] = {}
+
+
+def register(name: str) -> Callable:
+    def deco(factory: Callable[[], Method]) -> Callable[[], Method]:
+        if name in _REGISTRY:
+            raise ValueError(f"method '{name}' is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+    return deco
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method '{name}'; valid methods: {', '.join(method_names())}")
+    return _REGISTRY[name]()
+
+
+def global_slice(client: str, global_factors: Factors, plan: ClientPlan, state: dict) -> Factors:
+    """The default start: the plan's components of the global adapter."""
+    return slice_factors(global_factors, plan)
+
+
+from . import centralized, fedit, flexlora, hetlora, local  # noqa: E402,F401  (registers them)

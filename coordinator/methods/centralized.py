@@ -1,0 +1,33 @@
+"""Centralized training: every client's data pooled on the server, the upper reference point.
+
+One pseudo-client holding all the training data trains rank ``R = lora.max_rank`` for
+``train.steps × clients_per_round`` steps per round (the federated methods' total step budget);
+its result replaces the global adapter.  No adapter crosses a wire, so bytes are zero; the data
+itself would have to, which is what federated training avoids.
+"""
+
+from __future__ import annotations
+
+from edge_client.lora import uniform_plan
+
+from ..aggregate import average_components
+from . import MethodContext, global_slice, register
+
+
+class Centralized:
+    name = "centralized"
+    personalised = False
+    pooled = True
+    start_factors = staticmethod(global_slice)
+
+    def global_rank(self, ctx: MethodContext) -> int:
+        return ctx.max_rank
+
+    def plan(self, client, capacity, ctx, round_idx):
+        return uniform_plan(ctx.modules, ctx.max_rank, ctx.scale)
+
+    def aggregate(self, global_factors, contributions, ctx, state):
+        return average_components(global_factors, contributions, "trainers")
+
+
+register("centralized")(Centralized)

@@ -1,0 +1,35 @@
+"""FedIT / FedAvg-LoRA (Zhang et al., 2024, "Towards Building the Federated GPT").
+
+Every client trains the same rank ``r = lora.rank``; the server averages A and B separately with
+data-size weights: ``A ← Σ_k p_k A_k``, ``B ← Σ_k p_k B_k``, ``p_k = n_k / Σ n``.  (Inexact:
+``Σ p_k B_k A_k ≠ (Σ p_k B_k)(Σ p_k A_k)``; that is the method.)
+
+Planner mapping: none; a device whose capacity is below ``r`` cannot take part and is skipped
+(reported with its capacity).  With zero valid updates the caller keeps the global adapter.
+"""
+
+from __future__ import annotations
+
+from edge_client.lora import uniform_plan
+
+from ..aggregate import average_components
+from . import MethodContext, global_slice, register
+
+
+class FedIT:
+    name = "fedit"
+    personalised = False
+    pooled = False
+    start_factors = staticmethod(global_slice)
+
+    def global_rank(self, ctx: MethodContext) -> int:
+        return ctx.rank
+
+    def plan(self, client, capacity, ctx, round_idx):
+        return uniform_plan(ctx.modules, ctx.rank, ctx.scale) if capacity >= ctx.rank else None
+
+    def aggregate(self, global_factors, contributions, ctx, state):
+        return average_components(global_factors, contributions, "trainers")
+
+
+register("fedit")(FedIT)

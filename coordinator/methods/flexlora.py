@@ -1,0 +1,40 @@
+"""FlexLoRA (Bai et al., NeurIPS 2024, "Federated Fine-tuning of LLMs under Heterogeneous Tasks
+and Client Resources").
+
+Client k trains rank ``r_k = min(capacity_k, R)`` (``R = lora.max_rank``).  The server forms the
+full update ``ΔW = Σ_k p_k B_k A_k`` (``p_k = n_k / Σ n``, the scale ``s`` common to all), takes
+its SVD ``U Σ Vᵀ`` and keeps the global adapter as ``B = U[:, :R] Σ[:R]``, ``A = Vᵀ[:R]``.  A client of
+rank r receives the first r components: the best rank-r approximation of ΔW.  The split of Σ
+(all on B) follows the FSLoRA authors' baseline; it keeps A's rows unit-norm so that components
+beyond rank(ΔW) (B = 0) still receive gradient.
+
+Round 1 starts from the common random initialisation (A random, B = 0), as plain LoRA does.
+"""
+
+from __future__ import annotations
+
+from edge_client.lora import uniform_plan
+
+from ..aggregate import svd_factors, weighted_delta_w
+from . import MethodContext, global_slice, register
+
+
+class FlexLoRA:
+    name = "flexlora"
+    personalised = False
+    pooled = False
+    start_factors = staticmethod(global_slice)
+
+    def global_rank(self, ctx: MethodContext) -> int:
+        return ctx.max_rank
+
+    def plan(self, client, capacity, ctx, round_idx):
+        r = min(capacity, ctx.max_rank)
+        return uniform_plan(ctx.modules, r, ctx.scale) if r >= 1 else None
+
+    def aggregate(self, global_factors, contributions, ctx, state):
+        rank = self.global_rank(ctx)
+        return {m: svd_factors(weighted_delta_w(contributions, m), rank) for m in global_factors}
+
+
+register("flexlora")(FlexLoRA)

@@ -1,0 +1,41 @@
+"""HetLoRA zero-padding (Cho et al., 2024, "Heterogeneous LoRA for Federated Fine-tuning of
+On-Device Foundation Models"), in the plain form later papers compare against.
+
+The server keeps rank ``R = lora.max_rank``.  Client k gets the first ``r_k`` components
+(``B[:, :r_k]``, ``A[:r_k, :]``) with ``r_k = min(capacity_k, R)`` from the planner.  Aggregation
+zero-pads each client's *delta* to R and averages over all K participating clients:
+
+``c_j ← c_j + Σ_{k: r_k > j} p_k (c_{k,j} − c_j)``,  ``p_k = n_k / Σ_all n``,
+
+so component j moves by the fraction of weight that trained it (the "information dilution" HAFL
+complains of).  Padding deltas rather than factors (as the FSLoRA authors' baseline does) keeps a
+component that no sampled client trained instead of zeroing it.  The original paper's rank
+self-pruning and norm-based weights are not implemented.
+"""
+
+from __future__ import annotations
+
+from edge_client.lora import uniform_plan
+
+from ..aggregate import average_components
+from . import MethodContext, global_slice, register
+
+
+class HetLoRA:
+    name = "hetlora"
+    personalised = False
+    pooled = False
+    start_factors = staticmethod(global_slice)
+
+    def global_rank(self, ctx: MethodContext) -> int:
+        return ctx.max_rank
+
+    def plan(self, client, capacity, ctx, round_idx):
+        r = min(capacity, ctx.max_rank)
+        return uniform_plan(ctx.modules, r, ctx.scale) if r >= 1 else None
+
+    def aggregate(self, global_factors, contributions, ctx, state):
+        return average_components(global_factors, contributions, "all")
+
+
+register("hetlora")(HetLoRA)

