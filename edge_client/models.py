@@ -169,8 +169,16 @@ def _load_gguf(src: ModelSource):
     model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file,
                                                  torch_dtype=torch.float32)
     try:
+        import copy
+
+        from safetensors.torch import save_model
+
         cache.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(cache)
+        cfg = copy.deepcopy(model.config)  # the weights are dequantised: drop the gguf marker
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        cfg.save_pretrained(cache)
+        save_model(model, str(cache / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(cache)
         (cache / "complete.json").write_text(json.dumps({"source": str(gguf_path)}))
     except OSError:

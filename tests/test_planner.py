@@ -1,0 +1,74 @@
+"""The planner: capacity monotone in memory, devices too small reported, budgets respected."""
+
+from dataclasses import replace
+
+import pytest
+
+from coordinator.fleet import load_fleet
+from coordinator.planner import ModelShape, adapter_bytes, memory_bytes, plan_capacity
+from edge_client.profile import DeviceProfile, ProfileError
+
+SHAPE = ModelShape(n_params=135_000_000, hidden=576, intermediate=1536, layers=30, heads=9, kv_dim=192,
+                   vocab=49152, adapted={f"l{i}.{p}": (576, 576 if p == "q" else 192) for i in range(30) for p in "qv"})
+KW = dict(max_rank=32, steps=10, batch=8, seq=64, deadline_s=1800.0, overhead_gb=0.35)
+
+
+def prof(**kw):
+    base = dict(name="d", memory_total_gb=64.0, memory_usable_gb=32.0, compute_gflops=1000.0,
+                uplink_mbps=1000.0, downlink_mbps=1000.0)
+    base.update(kw)
+    return DeviceProfile(**base)
+
+
+def test_capacity_is_monotone_in_usable_memory():
+    caps = [plan_capacity(prof(memory_usable_gb=g), SHAPE, **KW).rank for g in (0.5, 1.0, 1.5, 1.62, 1.7, 4.0, 32.0)]
+    assert caps == sorted(caps)
+    assert caps[0] == 0 and caps[-1] == 32
+
+
+def test_memory_grows_with_rank_batch_and_sequence():
+    def total(r, b, s):
+        return sum(memory_bytes(SHAPE, r, b, s, 0.35).values())
+    assert total(1, 8, 64) < total(32, 8, 64) < total(32, 16, 64) < total(32, 16, 128)
+
+
+def test_device_that_cannot_train_rank_one_is_reported_with_a_reason():
+    cap = plan_capacity(prof(memory_usable_gb=0.3, memory_total_gb=0.5), SHAPE, **KW)
+    assert cap.rank == 0 and not cap.can_train
+    assert "GB usable" in cap.reason
+    slow = plan_capacity(prof(compute_gflops=0.01), SHAPE, **KW)
+    assert slow.rank == 0 and "deadline" in slow.reason
+
+
+def test_transfer_budget_binds_rank_on_slow_links():
+    fast = plan_capacity(prof(), SHAPE, **KW, transfer_budget_s=10.0)
+    slow = plan_capacity(prof(uplink_mbps=2.0, downlink_mbps=30.0), SHAPE, **KW, transfer_budget_s=10.0)
+    assert fast.rank == 32
+    assert 1 <= slow.rank < 32
+    bits = adapter_bytes(SHAPE, slow.rank) * 8
+    assert bits / 2e6 + bits / 30e6 <= 10.0
+    bits_next = adapter_bytes(SHAPE, slow.rank + 1) * 8
+    assert bits_next / 2e6 + bits_next / 30e6 > 10.0
+
+
+def test_bad_profile_values_name_the_field():
+    with pytest.raises(ProfileError, match="compute_gflops"):
+        prof(compute_gflops=-1)
+    with pytest.raises(ProfileError, match="exceeds"):
+        prof(memory_usable_gb=100.0)
+    with pytest.raises(ProfileError, match="runtime"):
+        replace(prof(), runtime="tflite")
+
+
+def test_shipped_profiles_and_default_fleet_load():
+    fleet = load_fleet("mixed8")
+    assert len(fleet) == 8
+    assert {d.profile.name for d in fleet} >= {"raspberry-pi-4", "raspberry-pi-5", "jetson-nano", "jetson-orin-nano",
+                                                "jetson-agx-orin", "phone"}
+    for d in fleet:
+        assert set(d.profile.sources) >= {"memory_total_gb", "memory_usable_gb", "compute_gflops"}
+
+
+def test_unknown_fleet_lists_the_available_ones():
+    with pytest.raises(ProfileError, match="mixed8"):
+        load_fleet("no-such-fleet")

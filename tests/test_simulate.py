@@ -1,0 +1,146 @@
+"""`simulate` end to end on tiny-llama: every method, the report, the saved adapter, determinism."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from coordinator.config import load_config
+from coordinator.methods import method_names
+from coordinator.simulate import Simulation
+from edge_client.models import load_model
+
+pytestmark = pytest.mark.integration
+
+FAST = {"model": "tiny-llama", "rounds": 2, "clients_per_round": 3, "train.steps": 2, "train.batch_size": 4,
+        "data.eval_per_domain": 3, "data.samples_per_client": 12, "data.tasks": ["add", "upper"],
+        "max_new_tokens": 4, "lora.max_rank": 8, "lora.rank": 4}
+
+
+def run(tmp_path, method, **extra):
+    cfg = load_config(overrides={**FAST, "method": method, **extra})
+    sim = Simulation(cfg, tmp_path)
+    return sim, sim.run()
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_runs_and_writes_a_loadable_adapter(tmp_path, method):
+    sim, report = run(tmp_path, method)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["method"] == method and len(saved["rounds"]) == 2
+    assert set(saved["final_accuracy"]) >= {"overall", "per_domain"}
+    assert set(saved["final_accuracy"]["per_domain"]) == {"add", "upper"}
+    for r in saved["rounds"]:
+        assert r["status"] == "ok" and "accuracy" in r
+        for c in r["clients"]:
+            assert {"client", "rank", "uplink_bytes", "downlink_bytes", "local_seconds"} <= set(c)
+            if method != "centralized":
+                assert c["uplink_bytes"] > 0 and c["downlink_bytes"] > 0
+    assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "bytes.png").stat().st_size > 0
+    folder = tmp_path / "adapter"
+    if method == "local":
+        folder = next((tmp_path / "clients").iterdir()) / "adapter"
+    # stock peft loads it onto a fresh base and gives the in-process logits
+    base, _ = load_model("tiny-llama")
+    loaded = PeftModel.from_pretrained(base, str(folder)).eval()
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    if method == "local":
+        from edge_client.lora import install_adapter, uniform_plan
+        personal = sim.state.method_state["personal"][folder.parent.name]
+        rank = next(iter(personal.values()))[0].shape[0]
+        install_adapter(sim.model, "client", uniform_plan(sim.dims, rank, sim.cfg.lora.scale), personal, sim.targets)
+    else:
+        sim._install_global()
+    with torch.no_grad():
+        expected = sim.model(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_trained_adapter_is_not_the_initial_one(tmp_path):
+    sim, _ = run(tmp_path, "fedit")
+    b = next(iter(sim.state.global_factors.values()))[1]
+    assert b.abs().sum() > 0  # B starts at zero
+
+
+def test_same_seed_same_adapter_other_seed_differs(tmp_path):
+    s1, r1 = run(tmp_path / "a", "hetlora")
+    s2, r2 = run(tmp_path / "b", "hetlora")
+    s3, _ = run(tmp_path / "c", "hetlora", seed=1)
+    for m in s1.state.global_factors:
+        assert torch.equal(s1.state.global_factors[m][0], s2.state.global_factors[m][0])
+        assert torch.equal(s1.state.global_factors[m][1], s2.state.global_factors[m][1])
+    assert r1["rounds"][-1]["accuracy"] == r2["rounds"][-1]["accuracy"]
+    assert any(not torch.equal(s1.state.global_factors[m][1], s3.state.global_factors[m][1])
+               for m in s1.state.global_factors)
+
+
+def test_bytes_are_the_safetensors_payloads_of_the_planned_ranks(tmp_path):
+    from edge_client.lora import slice_factors, to_state_dict, uniform_plan
+    from edge_client.wire import payload_bytes
+
+    sim, report = run(tmp_path, "hetlora", fleet="mixed8")
+    for r in report["rounds"]:
+        for c in r["clients"]:
+            plan = uniform_plan(sim.dims, c["rank"], sim.cfg.lora.scale)
+            down = payload_bytes(to_state_dict(slice_factors(sim.state.global_factors, plan)))
+            assert c["downlink_bytes"] == down
+            # uplink carries the same tensors plus a small metadata header
+            assert 0 < c["uplink_bytes"] - down < 200
+
+
+def test_heterogeneous_fleet_gets_heterogeneous_ranks_and_zero_capacity_devices_are_skipped(tmp_path):
+    # a tight transfer budget makes link speed bind the rank even for the tiny model
+    sim, report = run(tmp_path, "hetlora", fleet="mixed10-with-zero", clients_per_round=10,
+                      **{"planner.transfer_budget_s": 0.05})
+    caps = {f["client"]: f["capacity"] for f in report["fleet"]}
+    assert caps["pi-zero-1"] == 0 and caps["agx-orin"] == 8 and 0 < caps["phone-1"] < 8
+    skipped = {s["client"] for r in report["rounds"] for s in r["skipped"]}
+    assert skipped == {"pi-zero-1", "pi-zero-2"}
+    ranks = {c["client"]: c["rank"] for c in report["rounds"][0]["clients"]}
+    assert ranks["phone-1"] == caps["phone-1"]
+
+
+def test_rejected_update_is_reported_and_round_goes_on(tmp_path, monkeypatch):
+    import coordinator.simulate as simmod
+
+    real = simmod.Simulation._train_client
+
+    def poisoned(self, c, plan, round_idx, steps):
+        out = real(self, c, plan, round_idx, steps)
+        if c.id == "pi5":
+            from edge_client.wire import decode_tensors, encode_tensors
+            t = decode_tensors(out["uplink"])
+            k = sorted(t)[0]
+            t[k] = t[k].clone()
+            t[k].view(-1)[0] = float("nan")
+            out["uplink"] = encode_tensors(t)
+        return out
+
+    monkeypatch.setattr(simmod.Simulation, "_train_client", poisoned)
+    sim, report = run(tmp_path, "fedit", clients_per_round=8, rounds=1)
+    rej = report["rounds"][0]["rejected"]
+    assert [r["client"] for r in rej] == ["pi5"] and "NaN" in rej[0]["reason"]
+    assert report["rounds"][0]["status"] == "ok" and report["rounds"][0]["valid_updates"] == 7
+    assert all(torch.isfinite(b).all() for _, b in sim.state.global_factors.values())
+
+
+def test_below_min_updates_the_global_adapter_is_kept(tmp_path, monkeypatch):
+    import coordinator.simulate as simmod
+
+    monkeypatch.setattr(simmod, "validate_update", lambda *a: (_ for _ in ()).throw(simmod.UpdateRejected("x")))
+    sim, report = run(tmp_path, "fedit", rounds=1)
+    assert report["rounds"][0]["status"] == "failed"
+    assert all(torch.all(b == 0) for _, b in sim.state.global_factors.values())
+
+
+def test_user_jsonl_data(tmp_path):
+    from edge_client.data import Example, write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", [Example(f"say {w}", w, d) for w, d in
+                                           [("cat", "animals"), ("dog", "animals"), ("red", "colours"), ("blue", "colours")] * 3])
+    write_jsonl(tmp_path / "eval.jsonl", [Example("say cow", "cow", "animals"), Example("say tan", "tan", "colours")])
+    sim, report = run(tmp_path / "out", "fedit", **{"data.train_file": str(tmp_path / "train.jsonl"),
+                                                     "data.eval_file": str(tmp_path / "eval.jsonl")})
+    assert set(report["final_accuracy"]["per_domain"]) == {"animals", "colours"}
