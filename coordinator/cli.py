@@ -60,12 +60,12 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from .fleet import load_fleet
     from .methods import MethodContext, get_method
     from .planner import device_estimate, meta_shape, plan_capacity
+    from .report import make_console
 
     cfg = _config_from_args(args)
     method = get_method(cfg.method)
@@ -95,7 +95,7 @@ def cmd_plan(args) -> int:
             cap_s = f"[red]0 ({cap.reason})[/red]"
         table.add_row(dev.id, dev.profile.name, f"{dev.profile.memory_usable_gb:.1f}", cap_s, f"{mem:.2f}",
                       f"{step:.2f}", f"{total:.0f}", knob)
-    Console().print(table)
+    make_console().print(table)
     return 0
 
 

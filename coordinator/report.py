@@ -66,6 +66,14 @@ def save_plots(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def make_console():
+    """A rich console; 140 columns when output is not a terminal (logs, CI), so tables are not cut."""
+    from rich.console import Console
+
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=140)
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -74,9 +82,7 @@ class ConsoleReporter:
     """Progress per round and tables, with rich."""
 
     def __init__(self, console=None):
-        from rich.console import Console
-
-        self.console = console or Console(width=None if Console().is_terminal else 120)
+        self.console = console or make_console()
         self.progress = None
         self.task = None
 

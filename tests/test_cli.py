@@ -1,0 +1,59 @@
+"""The command line: help, plan, profile, and bad input failing before anything starts."""
+
+import ast
+import pathlib
+
+import pytest
+import yaml
+
+from coordinator.cli import main
+from edge_client.profile import load_profile
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("simulate", "plan", "profile", "methods"):
+        assert cmd in out
+
+
+def test_plan_prints_every_device_and_the_methods_knob(capsys):
+    assert main(["plan", "--model", "tiny-llama", "--fleet", "mixed10-with-zero", "--method", "fedit"]) == 0
+    out = capsys.readouterr().out
+    for dev in ("agx-orin", "phone-1", "pi-zero-1"):
+        assert dev in out
+    assert "cannot take part" in out  # the 512 MB devices
+
+
+def test_profile_measures_this_machine_and_writes_a_loadable_file(tmp_path, capsys):
+    out = tmp_path / "me.yaml"
+    assert main(["profile", "--out", str(out), "--name", "ci-box"]) == 0
+    p = load_profile(out)
+    assert p.name == "ci-box" and p.compute_gflops > 0 and 0 < p.memory_usable_gb <= p.memory_total_gb
+    assert "psutil" in yaml.safe_load(out.read_text())["sources"]["memory_total_gb"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["simulate", "--out", "x", "--model", "nope-model"], "not a built-in"),
+    (["simulate", "--out", "x", "--method", "fedprox"], "valid methods"),
+    (["simulate", "--out", "x", "--set", "train.lr=-1"], "train.lr"),
+    (["simulate", "--out", "x", "--fleet", "nowhere"], "fleet 'nowhere' not found"),
+    (["simulate", "--out", "x", "--config", "/no/run.yaml"], "no such file"),
+])
+def test_bad_input_fails_with_exit_2_and_a_message(tmp_path, capsys, argv, needle):
+    argv = [a if a != "x" else str(tmp_path / "out") for a in argv]
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_edge_client_never_imports_coordinator():
+    root = pathlib.Path(__file__).resolve().parent.parent / "edge_client"
+    for f in root.rglob("*.py"):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "coordinator" for n in names), f"{f} imports coordinator"
