@@ -47,6 +47,9 @@ def average_components(global_factors: Mapping[str, tuple[torch.Tensor, torch.Te
             mp = c.plan.modules.get(module)
             if mp is None:
                 continue
+            if max(mp.components) >= ga.shape[0]:
+                raise ValueError(f"client {c.client}: plan trains component {max(mp.components)} of "
+                                 f"'{module}', which has {ga.shape[0]}")
             idx = torch.tensor(mp.components, dtype=torch.long)
             a, b = c.factors[module]
             num_a.index_add_(0, idx, c.weight * (a - ga.index_select(0, idx)))
@@ -72,12 +75,15 @@ def weighted_delta_w(contributions: Sequence[Contribution], module: str) -> torc
     return acc
 
 
-def svd_factors(delta_w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_factors(delta_w: torch.Tensor, rank: int, fill_a: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``rank`` factors of ``delta_w`` ordered by singular value: ``B = U Σ``, ``A = Vᵀ``.
 
     The first ``r`` components are then the best rank-``r`` approximation (Eckart-Young), which
     is what FlexLoRA sends a rank-``r`` client.  Components past ``rank(ΔW)`` have ``B = 0`` and
-    an orthonormal ``A`` row, so they still train.
+    an orthonormal ``A`` row, so they still train.  When ``rank`` exceeds ``min(m, n)`` the SVD has
+    no more rows to give: those components take ``B = 0`` and their ``A`` row from ``fill_a`` (the
+    previous global A), so they too keep receiving gradient.
     """
     u, s, vh = torch.linalg.svd(delta_w, full_matrices=False)
     k = min(rank, s.numel())
@@ -85,4 +91,6 @@ def svd_factors(delta_w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     a = torch.zeros((rank, delta_w.shape[1]), dtype=delta_w.dtype)
     b[:, :k] = u[:, :k] * s[:k]
     a[:k] = vh[:k]
+    if k < rank and fill_a is not None:
+        a[k:] = fill_a[k:rank]
     return a, b

@@ -40,7 +40,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    rank: int = 8              # the homogeneous rank (fedit, centralized)
+    rank: int = 8              # the homogeneous rank (fedit)
     max_rank: int = 32         # the global rank R of heterogeneous methods, and the planner's cap
     scale: float = 2.0         # s in ΔW = s·BA (peft's lora_alpha / r, held for every rank)
     target_modules: tuple[str, ...] = ()  # empty: q_proj and v_proj (or the model's equivalent)
@@ -178,6 +178,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(len(d.tasks) >= 1, "data.tasks", "needs at least one task")
         for i, t in enumerate(d.tasks):
             _check(t in TASKS, f"data.tasks[{i}]", f"unknown task '{t}'; built-in tasks: {', '.join(TASKS)}")
+            _check(t not in d.tasks[:i], f"data.tasks[{i}]", f"task '{t}' is listed twice")
         _check(d.eval_file is None, "data.eval_file", "needs data.train_file too")
     else:
         _check(Path(d.train_file).is_file(), "data.train_file", f"no such file: {d.train_file}")
@@ -186,6 +187,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     lo = cfg.lora
     _check(lo.rank >= 1, "lora.rank", "must be at least 1")
     _check(lo.max_rank >= 1, "lora.max_rank", "must be at least 1")
+    _check(lo.rank <= lo.max_rank, "lora.rank", f"({lo.rank}) cannot exceed lora.max_rank ({lo.max_rank}): "
+           "no device would be planned that rank")
     _check(lo.scale > 0, "lora.scale", "must be positive")
     _check(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     t = cfg.train

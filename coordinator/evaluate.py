@@ -6,18 +6,18 @@ from collections.abc import Sequence
 
 import torch
 
-from edge_client.data import Example, chat_prompt, exact_match
+from edge_client.data import Example, exact_match, prompt_ids
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, device,
-                     batch_size: int = 32) -> list[str]:
-    """Greedy answers to ``prompts`` (chat-formatted here), batched with left padding."""
+                     batch_size: int = 32, max_prompt_len: int | None = None) -> list[str]:
+    """Greedy answers to ``prompts`` (chat-formatted here, cut from the left like training when
+    longer than ``max_prompt_len``), batched with left padding."""
     out: list[str] = []
     eos = tokenizer.eos_token_id
     for i in range(0, len(prompts), batch_size):
-        chunk = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False).input_ids
-                 for p in prompts[i: i + batch_size]]
+        chunk = [prompt_ids(tokenizer, p, max_prompt_len) for p in prompts[i: i + batch_size]]
         width = max(len(x) for x in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -40,8 +40,10 @@ def score(examples: Sequence[Example], answers: Sequence[str]) -> dict:
     return {"overall": sum(per.values()) / len(per) if per else 0.0, "per_domain": per}
 
 
-def evaluate(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, device) -> dict:
-    answers = generate_answers(model, tokenizer, [e.prompt for e in examples], max_new_tokens, device)
+def evaluate(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, device,
+             max_prompt_len: int | None = None) -> dict:
+    answers = generate_answers(model, tokenizer, [e.prompt for e in examples], max_new_tokens, device,
+                               max_prompt_len=max_prompt_len)
     return score(examples, answers)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from edge_client.data import Example, domain_counts, generate_task, load_jsonl
+from edge_client.data import Example, domain_counts, generate_task, load_jsonl, prompt_ids
 from edge_client.lora import (
     ClientPlan,
     Factors,
@@ -116,11 +116,25 @@ class Simulation:
                                        deadline_s=cfg.planner.round_deadline_s,
                                        overhead_gb=cfg.planner.runtime_overhead_gb,
                                        transfer_budget_s=cfg.planner.transfer_budget_s)
+        able = [c for c in self.clients if self.method.plan(c.id, c.capacity.rank, self.ctx, 1) is not None]
         if self.method.pooled:
             pooled = [ex for c in self.clients for ex in c.train]
             self.participants = [ClientData("pooled", None, pooled, {})]
         else:
             self.participants = self.clients
+        # clients that can train in a round: the federated step budget centralized is held to
+        self.per_round = min(cfg.clients_per_round, len(able))
+        reachable = 1 if self.method.pooled else self.per_round
+        if reachable < cfg.min_updates:
+            raise ConfigError(
+                f"min_updates: {cfg.min_updates} valid updates per round cannot be reached: "
+                f"{reachable} client(s) per round can train with method {cfg.method} on fleet {cfg.fleet} "
+                f"({len(able)} of {len(self.clients)} devices have the capacity)")
+        cut = sum(len(prompt_ids(self.tok, e.prompt)) >= cfg.train.max_seq_len for e in self.eval_examples)
+        if cut:
+            self.reporter.status(f"note: {cut} of {len(self.eval_examples)} chat-formatted eval prompts are longer "
+                                 f"than train.max_seq_len ({cfg.train.max_seq_len}) and are cut from the left, "
+                                 "in training and in evaluation alike")
 
         from peft import get_peft_model
 
@@ -156,7 +170,7 @@ class Simulation:
         cfg = self.cfg
         t0 = time.perf_counter()
         sampled = self._sample(round_idx)
-        steps = cfg.train.steps * (cfg.clients_per_round if self.method.pooled else 1)
+        steps = cfg.train.steps * (self.per_round if self.method.pooled else 1)
         rows, skipped, rejected, contribs = [], [], [], []
         self.reporter.round_start(round_idx, len(sampled))
         for c in sampled:
@@ -204,33 +218,37 @@ class Simulation:
         plan = uniform_plan(self.dims, max(ranks.values()), self.cfg.lora.scale)
         install_adapter(self.model, GLOBAL, plan, self.state.global_factors, self.targets, 0.0)
 
+    def _evaluate(self) -> dict:
+        return evaluate(self.model, self.tok, self.eval_examples, self.cfg.max_new_tokens, self.device,
+                        self.cfg.train.max_seq_len)
+
     def evaluate_global(self) -> dict:
         self._install_global()
-        return evaluate(self.model, self.tok, self.eval_examples, self.cfg.max_new_tokens, self.device)
+        return self._evaluate()
 
     def evaluate_base(self) -> dict:
         with self.model.disable_adapter():
-            return evaluate(self.model, self.tok, self.eval_examples, self.cfg.max_new_tokens, self.device)
+            return self._evaluate()
 
-    def evaluate_personal(self) -> dict:
-        """Each client's own model on the held-out set, and on its own domain mix."""
+    def evaluate_personal(self, base: dict) -> dict:
+        """Each client's own model on the held-out set, and on its own domain mix.  A client that
+        never trained still has its starting adapter (B = 0: the base model) and is scored so."""
         per_client = {}
         personal = self.state.method_state.get("personal", {})
         for c in self.clients:
             factors = personal.get(c.id)
             if factors is None:
-                continue
-            rank = next(iter(factors.values()))[0].shape[0]
-            install_adapter(self.model, CLIENT, uniform_plan(self.dims, rank, self.cfg.lora.scale), factors,
-                            self.targets, 0.0)
-            acc = evaluate(self.model, self.tok, self.eval_examples, self.cfg.max_new_tokens, self.device)
+                acc = base
+            else:
+                rank = next(iter(factors.values()))[0].shape[0]
+                install_adapter(self.model, CLIENT, uniform_plan(self.dims, rank, self.cfg.lora.scale), factors,
+                                self.targets, 0.0)
+                acc = self._evaluate()
             per_client[c.id] = {"overall": acc["overall"], "per_domain": acc["per_domain"],
-                                "own_mix": mix_accuracy(acc["per_domain"], c.mix)}
-        if not per_client:
-            return {}
+                                "own_mix": mix_accuracy(acc["per_domain"], c.mix), "trained": factors is not None}
         n = len(per_client)
         domains = next(iter(per_client.values()))["per_domain"]
-        return {"clients": per_client,
+        return {"clients": per_client, "clients_trained": sum(v["trained"] for v in per_client.values()),
                 "overall": sum(v["overall"] for v in per_client.values()) / n,
                 "own_mix": sum(v["own_mix"] for v in per_client.values()) / n,
                 "per_domain": {d: sum(v["per_domain"][d] for v in per_client.values()) / n for d in domains}}
@@ -244,7 +262,7 @@ class Simulation:
         for r in range(1, self.cfg.rounds + 1):
             self.run_round(r)
         final = self.state.rounds[-1].get("accuracy") or self.evaluate_global()
-        personal = self.evaluate_personal() if self.method.personalised else {}
+        personal = self.evaluate_personal(base) if self.method.personalised else {}
         own_mix = (personal.get("own_mix") if personal else
                    sum(mix_accuracy(final["per_domain"], c.mix) for c in self.clients) / len(self.clients))
         report = self._report(base, final, personal, own_mix)

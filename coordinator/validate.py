@@ -12,6 +12,10 @@ from collections.abc import Mapping
 import torch
 
 
+# LoRA factors of a working adapter are O(1); values past this are a broken or hostile update.
+MAX_ABS_VALUE = 1e4
+
+
 class UpdateRejected(ValueError):
     """The update is not aggregated; ``str(exc)`` is the reason, naming the client."""
 
@@ -32,6 +36,9 @@ def validate_update(client: str, tensors: Mapping[str, torch.Tensor],
             raise UpdateRejected(f"client {client}: '{key}' has shape {tuple(t.shape)}, its plan says {tuple(shape)}")
         if not bool(torch.isfinite(t).all()):
             raise UpdateRejected(f"client {client}: '{key}' holds NaN or Inf values")
+        if t.numel() and float(t.abs().max()) > MAX_ABS_VALUE:
+            raise UpdateRejected(f"client {client}: '{key}' has |value| {float(t.abs().max()):.3g} > "
+                                 f"{MAX_ABS_VALUE:g}, not a trained LoRA factor")
 
 
 def capped_weight(claimed: int, cap: int) -> int:

@@ -141,6 +141,13 @@ def _response_suffix(tokenizer) -> str:
     return tokenizer.eos_token or ""
 
 
+def prompt_ids(tokenizer, prompt: str, max_len: int | None = None) -> list[int]:
+    """Token ids of the chat-formatted prompt, cut from the left to ``max_len - 1`` when longer
+    (the same cut training makes, so evaluation sees what training saw)."""
+    ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+    return ids[-(max_len - 1):] if max_len and len(ids) > max_len - 1 else ids
+
+
 def encode_examples(tokenizer, examples: Sequence[Example], max_len: int) -> list[tuple[list[int], int]]:
     """Token ids of prompt+response+eos, and the prompt length (loss is on the response only).
 
@@ -148,7 +155,7 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_len: int) -> lis
     """
     out = []
     for ex in examples:
-        p = tokenizer(chat_prompt(tokenizer, ex.prompt), add_special_tokens=False).input_ids
+        p = prompt_ids(tokenizer, ex.prompt)
         r = tokenizer(ex.response + _response_suffix(tokenizer), add_special_tokens=False).input_ids
         if len(r) >= max_len:
             r = r[: max_len - 1]

@@ -64,6 +64,10 @@ class ModulePlan:
 
     components: tuple[int, ...]
 
+    def __post_init__(self):
+        if len(set(self.components)) != len(self.components) or any(c < 0 for c in self.components):
+            raise ValueError(f"plan components must be distinct non-negative indices, got {self.components}")
+
     @property
     def rank(self) -> int:
         return len(self.components)
@@ -138,11 +142,15 @@ def set_factors(peft_model, adapter: str, factors: Mapping[str, tuple[torch.Tens
     """Copy ``factors`` into adapter ``adapter``'s weights in place; shapes must match exactly."""
     from peft import set_peft_model_state_dict
 
+    from peft import get_peft_model_state_dict
+
     sd = to_state_dict(factors)
-    result = set_peft_model_state_dict(peft_model, sd, adapter_name=adapter)
-    bad = [k for k in result.unexpected_keys if "lora_" in k]
-    if bad:
-        raise ValueError(f"adapter '{adapter}' has no weights for {bad[:3]}")
+    have = set(get_peft_model_state_dict(peft_model, adapter_name=adapter))
+    if set(sd) != have:
+        missing, extra = sorted(have - set(sd)), sorted(set(sd) - have)
+        raise ValueError(f"adapter '{adapter}': factors do not match its modules "
+                         f"(missing {missing[:2]}, unexpected {extra[:2]})")
+    set_peft_model_state_dict(peft_model, sd, adapter_name=adapter)
 
 
 def get_factors(peft_model, adapter: str) -> Factors:

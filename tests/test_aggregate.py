@@ -159,3 +159,25 @@ def test_uniform_plan_state_dict_keys_are_peft_keys():
     keys = set(expected_shapes(DIMS, p))
     assert keys == set(to_state_dict({M: (torch.zeros(2, 3), torch.zeros(2, 2))}))
     assert "base_model.model.layer.q.lora_A.weight" in keys
+
+
+def test_flexlora_keeps_components_past_min_dims_trainable():
+    # a 2x3 ΔW has at most 2 singular directions; a rank-3 global keeps its third A row
+    prev_a = torch.arange(9, dtype=torch.float32).reshape(3, 3)
+    a, b = svd_factors(torch.randn(2, 3), 3, fill_a=prev_a)
+    assert torch.equal(a[2], prev_a[2]) and torch.all(b[:, 2] == 0)
+
+
+def test_plans_with_repeated_or_out_of_range_components_are_refused():
+    with pytest.raises(ValueError, match="distinct"):
+        ModulePlan((1, 1))
+    g = fac([[0, 0, 0]], [[0, 0]])
+    c = Contribution("a", plan(3), fac([[1, 1, 1]], [[1, 1]]), 1.0)
+    with pytest.raises(ValueError, match="client a: plan trains component 3"):
+        average_components(g, [c], "trainers")
+
+
+def test_absurd_values_are_rejected():
+    shapes = expected_shapes(DIMS, plan(0))
+    with pytest.raises(UpdateRejected, match="not a trained LoRA factor"):
+        validate_update("x", {k: torch.full(s, 1e30) for k, s in shapes.items()}, shapes)

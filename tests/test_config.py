@@ -30,6 +30,8 @@ def test_yaml_then_overrides(tmp_path):
     ("lora:\n  scale: -1\n", "lora.scale"),
     ("data:\n  train_file: /nope.jsonl\n", "data.train_file"),
     ("clients_per_round: 2\nmin_updates: 3\n", "min_updates"),
+    ("lora:\n  rank: 16\n  max_rank: 8\n", "lora.rank"),
+    ("data:\n  tasks: [add, add]\n", r"data.tasks\[1\]"),
 ])
 def test_bad_values_fail_naming_the_field(tmp_path, yaml_text, field):
     p = tmp_path / "bad.yaml"

@@ -95,3 +95,15 @@ def test_from_state_dict_rejects_foreign_keys():
 def test_plan_json_round_trip():
     p = ClientPlan({"a": ModulePlan((3, 1)), "b": ModulePlan((0,))}, 2.0, 2, {"k": 1})
     assert ClientPlan.from_json(p.to_json()) == p
+
+
+def test_setting_factors_that_miss_a_module_fails(peft_tiny):
+    from edge_client.lora import set_factors
+
+    pm, dims, _ = peft_tiny
+    plan = uniform_plan(dims, 2, 2.0)
+    f = slice_factors(init_global_factors(dims, 2, 0), plan)
+    install_adapter(pm, "client", plan, f, ["q_proj", "v_proj"])
+    f.pop(sorted(f)[0])
+    with pytest.raises(ValueError, match="missing"):
+        set_factors(pm, "client", f)

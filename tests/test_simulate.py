@@ -144,3 +144,19 @@ def test_user_jsonl_data(tmp_path):
     sim, report = run(tmp_path / "out", "fedit", **{"data.train_file": str(tmp_path / "train.jsonl"),
                                                      "data.eval_file": str(tmp_path / "eval.jsonl")})
     assert set(report["final_accuracy"]["per_domain"]) == {"animals", "colours"}
+
+
+def test_unreachable_min_updates_fails_before_training(tmp_path):
+    from coordinator.config import ConfigError
+
+    cfg = load_config(overrides={**FAST, "method": "centralized", "min_updates": 2})
+    with pytest.raises(ConfigError, match="min_updates: 2 valid updates per round cannot be reached"):
+        Simulation(cfg, tmp_path)
+
+
+def test_local_scores_every_client_including_untrained_ones(tmp_path):
+    sim, report = run(tmp_path, "local", rounds=1, clients_per_round=2)
+    pers = report["personalised"]
+    assert len(pers["clients"]) == 8 and pers["clients_trained"] == 2
+    untrained = [v for v in pers["clients"].values() if not v["trained"]]
+    assert all(v["overall"] == report["base_accuracy"]["overall"] for v in untrained)

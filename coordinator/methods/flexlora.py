@@ -34,7 +34,8 @@ class FlexLoRA:
 
     def aggregate(self, global_factors, contributions, ctx, state):
         rank = self.global_rank(ctx)
-        return {m: svd_factors(weighted_delta_w(contributions, m), rank) for m in global_factors}
+        return {m: svd_factors(weighted_delta_w(contributions, m), rank, fill_a=a)
+                for m, (a, _) in global_factors.items()}
 
 
 register("flexlora")(FlexLoRA)
