@@ -11,7 +11,6 @@ from collections.abc import Mapping
 
 import torch
 
-
 # LoRA factors of a working adapter are O(1); values past this are a broken or hostile update.
 MAX_ABS_VALUE = 1e4
 

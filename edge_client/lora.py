@@ -140,9 +140,7 @@ def lora_config(plan: ClientPlan, target_modules: list[str], dropout: float = 0.
 
 def set_factors(peft_model, adapter: str, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Copy ``factors`` into adapter ``adapter``'s weights in place; shapes must match exactly."""
-    from peft import set_peft_model_state_dict
-
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     sd = to_state_dict(factors)
     have = set(get_peft_model_state_dict(peft_model, adapter_name=adapter))
