@@ -163,11 +163,11 @@ def _load_gguf(src: ModelSource):
     gguf_path = Path(src.location) / str(src.gguf_file)
     if (cache / "complete.json").is_file():
         tok = AutoTokenizer.from_pretrained(cache)
-        model = AutoModelForCausalLM.from_pretrained(cache, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
         return model, tok
     tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file,
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
     try:
         import copy
 
@@ -201,7 +201,7 @@ def load_model(spec: str | ModelSource, device: str | torch.device = "cpu"):
         model, tok = _load_gguf(src)
     else:
         tok = AutoTokenizer.from_pretrained(src.location)
-        model = AutoModelForCausalLM.from_pretrained(src.location, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=torch.float32)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.use_cache = False

@@ -20,7 +20,7 @@ from .data import Example, collate, encode_examples
 class TrainSettings:
     steps: int = 10
     batch_size: int = 8
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     max_seq_len: int = 64
     grad_clip: float = 1.0
