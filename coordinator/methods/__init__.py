@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from edge_client.lora import ClientPlan, Factors, slice_factors
+from edge_client.lora import ClientPlan, Factors, slice_factors, uniform_plan
 
 from ..aggregate import Contribution
 
@@ -69,6 +69,13 @@ def get_method(name: str) -> Method:
     if name not in _REGISTRY:
         raise ValueError(f"unknown method '{name}'; valid methods: {', '.join(method_names())}")
     return _REGISTRY[name]()
+
+
+def capacity_plan(capacity: int, ctx: MethodContext) -> ClientPlan | None:
+    """The first ``min(capacity, R)`` components of every module (R = ``lora.max_rank``), or None
+    when the capacity is 0: the planner-driven rank of HetLoRA, FlexLoRA and local training."""
+    r = min(capacity, ctx.max_rank)
+    return uniform_plan(ctx.modules, r, ctx.scale) if r >= 1 else None
 
 
 def global_slice(client: str, global_factors: Factors, plan: ClientPlan, state: dict) -> Factors:

@@ -13,10 +13,8 @@ Round 1 starts from the common random initialisation (A random, B = 0), as plain
 
 from __future__ import annotations
 
-from edge_client.lora import uniform_plan
-
 from ..aggregate import svd_factors, weighted_delta_w
-from . import MethodContext, global_slice, register
+from . import MethodContext, capacity_plan, global_slice, register
 
 
 class FlexLoRA:
@@ -29,8 +27,7 @@ class FlexLoRA:
         return ctx.max_rank
 
     def plan(self, client, capacity, ctx, round_idx):
-        r = min(capacity, ctx.max_rank)
-        return uniform_plan(ctx.modules, r, ctx.scale) if r >= 1 else None
+        return capacity_plan(capacity, ctx)
 
     def aggregate(self, global_factors, contributions, ctx, state):
         rank = self.global_rank(ctx)

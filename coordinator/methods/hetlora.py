@@ -15,10 +15,8 @@ self-pruning and norm-based weights are not implemented.
 
 from __future__ import annotations
 
-from edge_client.lora import uniform_plan
-
 from ..aggregate import average_components
-from . import MethodContext, global_slice, register
+from . import MethodContext, capacity_plan, global_slice, register
 
 
 class HetLoRA:
@@ -31,8 +29,7 @@ class HetLoRA:
         return ctx.max_rank
 
     def plan(self, client, capacity, ctx, round_idx):
-        r = min(capacity, ctx.max_rank)
-        return uniform_plan(ctx.modules, r, ctx.scale) if r >= 1 else None
+        return capacity_plan(capacity, ctx)
 
     def aggregate(self, global_factors, contributions, ctx, state):
         return average_components(global_factors, contributions, "all")

@@ -8,9 +8,9 @@ stays at its initialisation and is not meaningful for this method.
 
 from __future__ import annotations
 
-from edge_client.lora import slice_factors, uniform_plan
+from edge_client.lora import slice_factors
 
-from . import MethodContext, register
+from . import MethodContext, capacity_plan, register
 
 
 class Local:
@@ -22,8 +22,7 @@ class Local:
         return ctx.max_rank
 
     def plan(self, client, capacity, ctx, round_idx):
-        r = min(capacity, ctx.max_rank)
-        return uniform_plan(ctx.modules, r, ctx.scale) if r >= 1 else None
+        return capacity_plan(capacity, ctx)
 
     def start_factors(self, client, global_factors, plan, state):
         own = state.get("personal", {}).get(client)
