@@ -54,8 +54,10 @@ def cmd_simulate(args) -> int:
                            f"{cfg.rounds} rounds x {cfg.clients_per_round} clients, {cfg.train.steps} local steps")
     sim = Simulation(cfg, args.out, reporter)
     sim.run()
-    reporter.console.print(f"report: {Path(args.out) / 'report.json'}; adapter: {Path(args.out) / 'adapter'}; "
-                           f"plots: {Path(args.out) / 'accuracy.png'}, {Path(args.out) / 'bytes.png'}")
+    out = Path(args.out)
+    adapters = out / "adapter" if sim.method.global_model else out / "clients" / "*" / "adapter"
+    reporter.console.print(f"report: {out / 'report.json'}; adapter: {adapters}; "
+                           f"plots: {out / 'accuracy.png'}, {out / 'bytes.png'}")
     return 0
 
 

@@ -308,8 +308,9 @@ class Simulation:
             for x in report["rounds"]:
                 for r in x["clients"]:
                     r["uplink_bytes"] = r["downlink_bytes"] = 0
-        save_adapter(self.out / "adapter", self.state.global_factors, self.cfg.lora.scale, self.targets,
-                     self.cfg.model)
+        if self.method.global_model:
+            save_adapter(self.out / "adapter", self.state.global_factors, self.cfg.lora.scale, self.targets,
+                         self.cfg.model)
         for cid, factors in self.state.method_state.get("personal", {}).items():
             save_adapter(self.out / "clients" / cid / "adapter", factors, self.cfg.lora.scale, self.targets,
                          self.cfg.model)

@@ -160,3 +160,15 @@ def test_local_scores_every_client_including_untrained_ones(tmp_path):
     assert len(pers["clients"]) == 8 and pers["clients_trained"] == 2
     untrained = [v for v in pers["clients"].values() if not v["trained"]]
     assert all(v["overall"] == report["base_accuracy"]["overall"] for v in untrained)
+
+
+def test_local_writes_client_adapters_and_no_global_one(tmp_path):
+    run(tmp_path, "local", rounds=1)
+    assert not (tmp_path / "adapter").exists()
+    assert len(list((tmp_path / "clients").glob("*/adapter/adapter_model.safetensors"))) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_cuda_with_the_same_report_shape(tmp_path):
+    sim, report = run(tmp_path, "hetlora", device="cuda")
+    assert report["device"] == "cuda" and report["rounds"][-1]["status"] == "ok"

@@ -28,6 +28,7 @@ class MethodContext:
 class Method(Protocol):
     name: str
     personalised: bool  # keeps a per-client adapter that its evaluation uses
+    global_model: bool  # its global adapter is a model worth saving (False for local training)
     pooled: bool        # trains on all clients' data pooled (the centralized reference)
 
     def global_rank(self, ctx: MethodContext) -> int:

@@ -17,6 +17,7 @@ from . import MethodContext, global_slice, register
 class Centralized:
     name = "centralized"
     personalised = False
+    global_model = True
     pooled = True
     start_factors = staticmethod(global_slice)
 

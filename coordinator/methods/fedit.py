@@ -19,6 +19,7 @@ from . import MethodContext, global_slice, register
 class FedIT:
     name = "fedit"
     personalised = False
+    global_model = True
     pooled = False
     start_factors = staticmethod(global_slice)
 

@@ -20,6 +20,7 @@ from . import MethodContext, capacity_plan, global_slice, register
 class FlexLoRA:
     name = "flexlora"
     personalised = False
+    global_model = True
     pooled = False
     start_factors = staticmethod(global_slice)
 

@@ -22,6 +22,7 @@ from . import MethodContext, capacity_plan, global_slice, register
 class HetLoRA:
     name = "hetlora"
     personalised = False
+    global_model = True
     pooled = False
     start_factors = staticmethod(global_slice)
 

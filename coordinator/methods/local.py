@@ -16,6 +16,7 @@ from . import MethodContext, capacity_plan, register
 class Local:
     name = "local"
     personalised = True
+    global_model = False
     pooled = False
 
     def global_rank(self, ctx: MethodContext) -> int:
