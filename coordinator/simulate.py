@@ -116,12 +116,14 @@ class Simulation:
                                        deadline_s=cfg.planner.round_deadline_s,
                                        overhead_gb=cfg.planner.runtime_overhead_gb,
                                        transfer_budget_s=cfg.planner.transfer_budget_s)
+        # devices the method can give a plan; the others are reported (fleet table, report) and
+        # never sampled, so every round gets clients_per_round devices that can train
         able = [c for c in self.clients if self.method.plan(c.id, c.capacity.rank, self.ctx, 1) is not None]
         if self.method.pooled:
             pooled = [ex for c in self.clients for ex in c.train]
             self.participants = [ClientData("pooled", None, pooled, {})]
         else:
-            self.participants = self.clients
+            self.participants = able
         # clients that can train in a round: the federated step budget centralized is held to
         self.per_round = min(cfg.clients_per_round, len(able))
         reachable = 1 if self.method.pooled else self.per_round
@@ -283,7 +285,8 @@ class Simulation:
                        "predicted_memory_gb": round(c.capacity.memory_gb, 3),
                        "usable_memory_gb": c.capacity.usable_gb,
                        "predicted_round_seconds": round(c.capacity.round_s, 1),
-                       "reason": c.capacity.reason, "train_examples": len(c.train),
+                       "reason": c.capacity.reason, "eligible": c in self.participants or self.method.pooled,
+                       "train_examples": len(c.train),
                        "domain_mix": {k: round(v, 3) for k, v in c.mix.items()}} for c in self.clients],
             "base_accuracy": base,
             "rounds": rounds,
