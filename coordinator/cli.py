@@ -55,7 +55,7 @@ def cmd_simulate(args) -> int:
     sim = Simulation(cfg, args.out, reporter)
     sim.run()
     out = Path(args.out)
-    adapters = out / "adapter" if sim.method.global_model else out / "clients" / "*" / "adapter"
+    adapters = out / "adapter" if sim.engine.method.global_model else out / "clients" / "*" / "adapter"
     reporter.console.print(f"report: {out / 'report.json'}; adapter: {adapters}; "
                            f"plots: {out / 'accuracy.png'}, {out / 'bytes.png'}")
     return 0

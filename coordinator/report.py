@@ -112,8 +112,9 @@ class ConsoleReporter:
         self.progress.start()
         self.task = self.progress.add_task("round", total=n, r=round_idx, last="")
 
-    def client_done(self, client: str, row: dict | None) -> None:
-        last = f"{client}: skipped" if row is None else f"{client}: r={row['rank']} loss {row['loss_first']:.2f}->{row['loss_last']:.2f}"
+    def client_done(self, client: str, report: dict | None, rank: int) -> None:
+        last = (f"{client}: failed" if not report else
+                f"{client}: r={rank} loss {report['first_loss']:.2f}->{report['last_loss']:.2f}")
         self.progress.update(self.task, advance=1, last=last)
 
     def round_end(self, rec: dict) -> None:

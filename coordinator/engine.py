@@ -1,0 +1,378 @@
+"""The federated run, transport aside: set-up, planning, assignments, validation, aggregation,
+evaluation, reports.
+
+``fedlora simulate`` drives an :class:`Engine` with an in-process trainer; the MQTT coordinator
+drives the same engine over a broker.  A round is
+
+1. :meth:`Engine.open_round`: sample devices, plan each, and make its :class:`Assignment` (the
+   JSON meta and the safetensors bytes of the factors to start from, exactly as sent);
+2. the transport carries the assignments out and brings back, per device, the update's bytes and
+   its JSON report, or a failure;
+3. :meth:`Engine.close_round`: decode and validate each update against *that device's* plan,
+   aggregate the valid ones (below ``min_updates`` the global adapter is kept and the round is
+   marked failed), evaluate, record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from edge_client.data import Example, domain_counts, generate_task, load_jsonl, prompt_ids
+from edge_client.lora import (
+    ClientPlan,
+    Factors,
+    adapted_modules,
+    expected_shapes,
+    from_state_dict,
+    install_adapter,
+    to_state_dict,
+    uniform_plan,
+)
+from edge_client.models import default_target_modules, load_model, resolve_model
+from edge_client.trainer import TrainSettings
+from edge_client.wire import decode_tensors, encode_tensors
+from edge_client.work import assignment_meta
+
+from .aggregate import Contribution
+from .config import ConfigError, RunConfig
+from .evaluate import evaluate, mix_accuracy
+from .fleet import Device, load_fleet
+from .methods import MethodContext, get_method
+from .partition import builtin_client_data, domain_mix, split_pool
+from .planner import Capacity, ModelShape, plan_capacity
+from .validate import UpdateRejected, capped_weight, validate_update
+
+GLOBAL, CLIENT = "global", "personal"
+MAX_UPDATE_BYTES = 512 * 2**20
+
+
+@dataclass
+class ClientData:
+    """A device of the run: its profile, its data (in simulation; a real device keeps its own)."""
+
+    id: str
+    device: Device | None
+    train: list[Example]
+    mix: dict[str, float]
+    capacity: Capacity | None = None
+
+    @property
+    def num_examples(self) -> int:
+        """The most examples this device can claim: aggregation weights are capped by it."""
+        return len(self.train)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One device's work for one round, as it goes on the wire: ``meta`` (JSON) and ``start``
+    (safetensors bytes of the factors it starts from)."""
+
+    client: str
+    round: int
+    plan: ClientPlan
+    meta: dict
+    start: bytes
+
+
+@dataclass(frozen=True)
+class Returned:
+    """What came back for an assignment: the update and its report, or a failure reason."""
+
+    assignment: Assignment
+    update: bytes | None = None
+    report: dict | None = None
+    failure: str | None = None
+
+
+@dataclass
+class RunState:
+    """Everything a run carries from round to round."""
+
+    global_factors: Factors
+    method_state: dict = field(default_factory=dict)
+    rounds: list[dict] = field(default_factory=list)
+
+
+def pick_device(name: str) -> str:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but torch sees no CUDA device")
+    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+
+
+def build_data(cfg: RunConfig, n_clients: int) -> tuple[list[list[Example]], list[dict], list[Example]]:
+    """(per-client training examples, per-client domain mix, held-out eval examples)."""
+    d = cfg.data
+    if d.train_file:
+        pool = load_jsonl(d.train_file)
+        evals = load_jsonl(str(d.eval_file))
+        domains = sorted(domain_counts(pool))
+        mixes = domain_mix(n_clients, domains, d.partition, skew=d.skew, alpha=d.alpha, seed=cfg.seed)
+        return split_pool(pool, mixes, d.samples_per_client, cfg.seed), mixes, evals
+    domains = list(d.tasks)
+    mixes = domain_mix(n_clients, domains, d.partition, skew=d.skew, alpha=d.alpha, seed=cfg.seed)
+    train = builtin_client_data(mixes, d.samples_per_client, cfg.seed)
+    evals = [ex for t in domains for ex in generate_task(t, d.eval_per_domain, seed=cfg.seed, split="eval")]
+    return train, mixes, evals
+
+
+class Engine:
+    """A run's state and every step of it but the transport.  ``__init__`` validates and loads
+    everything (model, fleet, data, plans) so that a bad run fails before any round starts."""
+
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, reporter=None):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.method = get_method(cfg.method)
+        self.source = resolve_model(cfg.model)
+        self.fleet = load_fleet(cfg.fleet)
+        self.device = pick_device(cfg.device)
+        self.reporter = reporter or _Silent()
+        self.t_start = time.perf_counter()
+
+        self.reporter.status(f"loading model {cfg.model}")
+        self.model, self.tok = load_model(self.source, self.device)
+        targets = list(cfg.lora.target_modules) or default_target_modules(self.model)
+        self.targets = targets
+        self.dims = adapted_modules(self.model, targets)
+        self.ctx = MethodContext(self.dims, cfg.lora.scale, cfg.lora.rank, cfg.lora.max_rank)
+        self.shape = ModelShape.from_model(self.model, self.dims)
+        self.R = self.method.global_rank(self.ctx)
+
+        train, mixes, self.eval_examples = build_data(cfg, len(self.fleet))
+        self.clients = [ClientData(dev.id, dev, tr, mix) for dev, tr, mix in zip(self.fleet, train, mixes)]
+        self.by_id = {c.id: c for c in self.clients}
+        t = cfg.train
+        for c in self.clients:
+            c.capacity = plan_capacity(c.device.profile, self.shape, max_rank=cfg.lora.max_rank, steps=t.steps,
+                                       batch=t.batch_size, seq=t.max_seq_len,
+                                       deadline_s=cfg.planner.round_deadline_s,
+                                       overhead_gb=cfg.planner.runtime_overhead_gb,
+                                       transfer_budget_s=cfg.planner.transfer_budget_s)
+        # devices the method can give a plan; the others are reported (fleet table, report) and
+        # never sampled, so every round gets clients_per_round devices that can train
+        able = [c for c in self.clients if self.method.plan(c.id, c.capacity.rank, self.ctx, 1) is not None]
+        if self.method.pooled:
+            pooled = [ex for c in self.clients for ex in c.train]
+            self.participants = [ClientData("pooled", None, pooled, {})]
+            self.by_id["pooled"] = self.participants[0]
+        else:
+            self.participants = able
+        # clients that can train in a round: the federated step budget centralized is held to
+        self.per_round = min(cfg.clients_per_round, len(able))
+        reachable = 1 if self.method.pooled else self.per_round
+        if reachable < cfg.min_updates:
+            raise ConfigError(
+                f"min_updates: {cfg.min_updates} valid updates per round cannot be reached: "
+                f"{reachable} client(s) per round can train with method {cfg.method} on fleet {cfg.fleet} "
+                f"({len(able)} of {len(self.clients)} devices have the capacity)")
+        cut = sum(len(prompt_ids(self.tok, e.prompt)) >= cfg.train.max_seq_len for e in self.eval_examples)
+        if cut:
+            self.reporter.status(f"note: {cut} of {len(self.eval_examples)} chat-formatted eval prompts are longer "
+                                 f"than train.max_seq_len ({cfg.train.max_seq_len}) and are cut from the left, "
+                                 "in training and in evaluation alike")
+
+        from peft import get_peft_model
+
+        from edge_client.lora import init_global_factors, lora_config
+
+        gplan = uniform_plan(self.dims, self.R, cfg.lora.scale)
+        self.model = get_peft_model(self.model, lora_config(gplan, targets, cfg.lora.dropout), adapter_name=GLOBAL)
+        self.state = RunState(init_global_factors(self.dims, self.R, cfg.seed))
+
+    # ------------------------------------------------------------------------------------ rounds
+
+    def sample(self, round_idx: int) -> list[ClientData]:
+        """This round's devices: ``clients_per_round`` of the eligible ones, from the seed."""
+        if self.method.pooled:
+            return self.participants
+        rng = random.Random(f"sample|{self.cfg.seed}|{round_idx}")
+        k = min(self.cfg.clients_per_round, len(self.participants))
+        return sorted(rng.sample(self.participants, k), key=lambda c: c.id)
+
+    def open_round(self, round_idx: int) -> tuple[list[Assignment], list[dict]]:
+        """(assignments, skipped) for the sampled devices of round ``round_idx``."""
+        t = self.cfg.train
+        steps = t.steps * (self.per_round if self.method.pooled else 1)
+        settings = TrainSettings(steps, t.batch_size, t.lr, t.weight_decay, t.max_seq_len, t.grad_clip)
+        out, skipped = [], []
+        for c in self.sample(round_idx):
+            capacity = c.capacity.rank if c.capacity else self.R
+            plan = self.method.plan(c.id, capacity, self.ctx, round_idx)
+            if plan is None:
+                why = c.capacity.reason if c.capacity and c.capacity.reason else "below the method's rank"
+                skipped.append({"client": c.id, "capacity": capacity, "reason": why})
+                continue
+            start = self.method.start_factors(c.id, self.state.global_factors, plan, self.state.method_state)
+            meta = assignment_meta(round_idx=round_idx, plan=plan, seed=hash_seed(self.cfg.seed, round_idx, c.id),
+                                   settings=settings, targets=self.targets, dropout=self.cfg.lora.dropout,
+                                   model=self.cfg.model)
+            out.append(Assignment(c.id, round_idx, plan, meta, encode_tensors(to_state_dict(start))))
+        return out, skipped
+
+    def _accept(self, ret: Returned) -> Contribution:
+        """Decode and validate one update against its assignment's plan; UpdateRejected if bad."""
+        a = ret.assignment
+        tensors = decode_tensors(ret.update or b"", MAX_UPDATE_BYTES)
+        validate_update(a.client, tensors, expected_shapes(self.dims, a.plan))
+        claimed = (ret.report or {}).get("num_examples")
+        if not isinstance(claimed, int):
+            raise UpdateRejected(f"client {a.client}: report has no integer num_examples")
+        cap = self.by_id[a.client].num_examples
+        return Contribution(a.client, a.plan, from_state_dict(tensors), float(capped_weight(claimed, cap)))
+
+    def close_round(self, round_idx: int, returned: list[Returned], skipped: list[dict], t0: float) -> dict:
+        """Validate, aggregate, evaluate and record round ``round_idx``; returns its record."""
+        cfg = self.cfg
+        rows, rejected, failed, contribs = [], [], [], []
+        for ret in returned:
+            a, c = ret.assignment, self.by_id[ret.assignment.client]
+            if ret.failure is not None:
+                failed.append({"client": a.client, "reason": ret.failure})
+                continue
+            rep = ret.report or {}
+            rows.append({"client": a.client, "device": c.device.profile.name if c.device else "server",
+                         "rank": a.plan.rank, "capacity": c.capacity.rank if c.capacity else self.R,
+                         "uplink_bytes": 0 if self.method.pooled else len(ret.update or b""),
+                         "downlink_bytes": 0 if self.method.pooled else len(a.start),
+                         "local_seconds": rep.get("seconds"), "steps": rep.get("steps"),
+                         "loss_first": rep.get("first_loss"), "loss_last": rep.get("last_loss"),
+                         "num_examples": rep.get("num_examples"),
+                         "predicted_round_seconds": round(c.capacity.round_s, 1) if c.capacity else None})
+            try:
+                contribs.append(self._accept(ret))
+            except (UpdateRejected, ValueError) as exc:
+                rejected.append({"client": a.client, "reason": str(exc)})
+        ok = len(contribs) >= cfg.min_updates
+        if ok:
+            self.state.global_factors = self.method.aggregate(self.state.global_factors, contribs, self.ctx,
+                                                              self.state.method_state)
+        record = {"round": round_idx, "status": "ok" if ok else "failed", "clients": rows,
+                  "skipped": skipped, "failed": failed, "rejected": rejected, "valid_updates": len(contribs)}
+        if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
+            record["accuracy"] = self.evaluate_global()
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        self.state.rounds.append(record)
+        self.reporter.round_end(record)
+        return record
+
+    # -------------------------------------------------------------------------------- evaluation
+
+    def _install_global(self) -> None:
+        ranks = {m: a.shape[0] for m, (a, _) in self.state.global_factors.items()}
+        plan = uniform_plan(self.dims, max(ranks.values()), self.cfg.lora.scale)
+        install_adapter(self.model, GLOBAL, plan, self.state.global_factors, self.targets, 0.0)
+
+    def _evaluate(self) -> dict:
+        return evaluate(self.model, self.tok, self.eval_examples, self.cfg.max_new_tokens, self.device,
+                        self.cfg.train.max_seq_len)
+
+    def evaluate_global(self) -> dict:
+        self._install_global()
+        return self._evaluate()
+
+    def evaluate_base(self) -> dict:
+        with self.model.disable_adapter():
+            return self._evaluate()
+
+    def evaluate_personal(self, base: dict) -> dict:
+        """Each client's own model on the held-out set, and on its own domain mix.  A client that
+        never trained still has its starting adapter (B = 0: the base model) and is scored so."""
+        per_client = {}
+        personal = self.state.method_state.get("personal", {})
+        for c in self.clients:
+            factors = personal.get(c.id)
+            if factors is None:
+                acc = base
+            else:
+                rank = next(iter(factors.values()))[0].shape[0]
+                install_adapter(self.model, CLIENT, uniform_plan(self.dims, rank, self.cfg.lora.scale), factors,
+                                self.targets, 0.0)
+                acc = self._evaluate()
+            per_client[c.id] = {"overall": acc["overall"], "per_domain": acc["per_domain"],
+                                "own_mix": mix_accuracy(acc["per_domain"], c.mix), "trained": factors is not None}
+        n = len(per_client)
+        domains = next(iter(per_client.values()))["per_domain"]
+        return {"clients": per_client, "clients_trained": sum(v["trained"] for v in per_client.values()),
+                "overall": sum(v["overall"] for v in per_client.values()) / n,
+                "own_mix": sum(v["own_mix"] for v in per_client.values()) / n,
+                "per_domain": {d: sum(v["per_domain"][d] for v in per_client.values()) / n for d in domains}}
+
+    # --------------------------------------------------------------------------------------- run
+
+    def begin(self) -> None:
+        """Evaluate the base model and show the fleet; call once before the first round."""
+        self.reporter.status("evaluating the base model")
+        self.base_accuracy = self.evaluate_base()
+        self.reporter.base(self.base_accuracy, self.clients, self.R)
+
+    def finish(self) -> dict:
+        """Final evaluation, report, adapters and plots on disk; returns the report."""
+        base = self.base_accuracy
+        final = self.state.rounds[-1].get("accuracy") or self.evaluate_global()
+        personal = self.evaluate_personal(base) if self.method.personalised else {}
+        own_mix = (personal.get("own_mix") if personal else
+                   sum(mix_accuracy(final["per_domain"], c.mix) for c in self.clients) / len(self.clients))
+        report = self._report(base, final, personal, own_mix)
+        self.save(report)
+        self.reporter.final(report)
+        return report
+
+    def _report(self, base: dict, final: dict, personal: dict, own_mix: float) -> dict:
+        from edge_client import __version__
+
+        rounds = self.state.rounds
+        headline = personal if personal else final
+        return {
+            "fedlora_edge_version": __version__,
+            "method": self.cfg.method, "model": self.cfg.model, "device": self.device,
+            "config": self.cfg.to_dict(), "global_rank": self.R, "target_modules": self.targets,
+            "fleet": [{"client": c.id, "profile": c.device.profile.name, "capacity": c.capacity.rank,
+                       "predicted_memory_gb": round(c.capacity.memory_gb, 3),
+                       "usable_memory_gb": c.capacity.usable_gb,
+                       "predicted_round_seconds": round(c.capacity.round_s, 1),
+                       "reason": c.capacity.reason, "eligible": c in self.participants or self.method.pooled,
+                       "train_examples": len(c.train),
+                       "domain_mix": {k: round(v, 3) for k, v in c.mix.items()}} for c in self.clients],
+            "base_accuracy": base,
+            "rounds": rounds,
+            "final_accuracy": {"overall": headline["overall"], "per_domain": headline["per_domain"],
+                               "own_mix": own_mix,
+                               "evaluated": "each client's own adapter" if personal else "the global adapter"},
+            "global_adapter_accuracy": final,
+            "personalised": personal,
+            "totals": {"uplink_bytes": sum(r["uplink_bytes"] for x in rounds for r in x["clients"]),
+                       "downlink_bytes": sum(r["downlink_bytes"] for x in rounds for r in x["clients"]),
+                       "failed_rounds": sum(x["status"] == "failed" for x in rounds),
+                       "rejected_updates": sum(len(x["rejected"]) for x in rounds)},
+            "wall_seconds": round(time.perf_counter() - self.t_start, 1),
+        }
+
+    def save(self, report: dict) -> None:
+        from .report import save_adapter, save_plots
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.method.global_model:
+            save_adapter(self.out / "adapter", self.state.global_factors, self.cfg.lora.scale, self.targets,
+                         self.cfg.model)
+        for cid, factors in self.state.method_state.get("personal", {}).items():
+            save_adapter(self.out / "clients" / cid / "adapter", factors, self.cfg.lora.scale, self.targets,
+                         self.cfg.model)
+        (self.out / "report.json").write_text(json.dumps(report, indent=1))
+        save_plots(report, self.out)
+
+
+def hash_seed(seed: int, round_idx: int, client: str) -> int:
+    """The training seed of one client in one round (sent in its assignment)."""
+    return int(hashlib.sha256(f"{seed}|{round_idx}|{client}".encode()).hexdigest()[:8], 16)
+
+
+class _Silent:
+    def __getattr__(self, name):
+        return lambda *a, **k: None

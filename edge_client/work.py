@@ -1,0 +1,51 @@
+"""One assignment: what a device does with a plan it received, in the simulator and on a device.
+
+An assignment is the coordinator's JSON ``meta`` (plan, seed, training settings, LoRA targets)
+plus the safetensors bytes of the factors to start from.  :func:`run_assignment` installs them,
+trains, and returns the update's bytes and its JSON report.  ``fedlora simulate`` and the MQTT
+edge client both call it, so the two paths train with the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .data import Example
+from .lora import ClientPlan, from_state_dict, get_factors, install_adapter, lora_config, to_state_dict
+from .trainer import TrainSettings, train_local
+from .wire import decode_tensors, encode_tensors
+
+ADAPTER = "client"
+
+
+def assignment_meta(*, round_idx: int, plan: ClientPlan, seed: int, settings: TrainSettings, targets: list[str],
+                    dropout: float, model: str) -> dict:
+    """The JSON a device needs, beside the start factors, to carry out one round."""
+    return {"round": round_idx, "plan": plan.to_json(), "seed": seed, "model": model,
+            "targets": list(targets), "dropout": dropout,
+            "train": {"steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr,
+                      "weight_decay": settings.weight_decay, "max_seq_len": settings.max_seq_len,
+                      "grad_clip": settings.grad_clip}}
+
+
+def wrap(model, meta: dict):
+    """A peft model around ``model`` ready for assignments (the adapter is replaced per plan)."""
+    from peft import get_peft_model
+
+    plan = ClientPlan.from_json(meta["plan"])
+    return get_peft_model(model, lora_config(plan, meta["targets"], meta["dropout"]), adapter_name=ADAPTER)
+
+
+def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dict, start: bytes,
+                   device="cpu", max_bytes: int | None = None) -> tuple[bytes, dict]:
+    """Install the start factors under the plan, train, and return ``(update bytes, report)``.
+
+    The report is JSON: example count, steps, first/last loss, training seconds.
+    """
+    plan = ClientPlan.from_json(meta["plan"])
+    factors = from_state_dict(decode_tensors(start, max_bytes))
+    install_adapter(peft_model, ADAPTER, plan, factors, meta["targets"], meta["dropout"])
+    res = train_local(peft_model, tokenizer, examples, TrainSettings(**meta["train"]), int(meta["seed"]), device)
+    up = encode_tensors(to_state_dict(get_factors(peft_model, ADAPTER)))
+    return up, {"round": meta["round"], "num_examples": res.num_examples, "steps": res.steps,
+                "first_loss": res.first_loss, "last_loss": res.last_loss, "seconds": round(res.seconds, 3)}
