@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,3 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = raw
     return key.strip(), value
 
-
-def with_overrides(cfg: RunConfig, **top: Any) -> RunConfig:
-    return validate(replace(cfg, **top))

@@ -13,6 +13,8 @@ from edge_client.models import load_model
 
 pytestmark = pytest.mark.integration
 
+ROW_KEYS = {"client", "rank", "uplink_bytes", "downlink_bytes", "local_seconds", "loss_first", "loss_last"}
+
 FAST = {"model": "tiny-llama", "rounds": 2, "clients_per_round": 3, "train.steps": 2, "train.batch_size": 4,
         "data.eval_per_domain": 3, "data.samples_per_client": 12, "data.tasks": ["add", "upper"],
         "max_new_tokens": 4, "lora.max_rank": 8, "lora.rank": 4}
@@ -34,7 +36,7 @@ def test_every_method_runs_and_writes_a_loadable_adapter(tmp_path, method):
     for r in saved["rounds"]:
         assert r["status"] == "ok" and "accuracy" in r
         for c in r["clients"]:
-            assert {"client", "rank", "uplink_bytes", "downlink_bytes", "local_seconds"} <= set(c)
+            assert ROW_KEYS <= set(c)
             if method != "centralized":
                 assert c["uplink_bytes"] > 0 and c["downlink_bytes"] > 0
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "bytes.png").stat().st_size > 0
