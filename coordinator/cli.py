@@ -12,6 +12,9 @@ examples:
   fedlora simulate --preset quick --out runs/taste       # a one-minute taste
   fedlora simulate --method flexlora --rounds 3 --out runs/flex
   fedlora simulate --model tiny-llama --set train.steps=2 --out runs/tiny
+  fedlora emulate --out runs/emu                         # broker + coordinator + one process per device
+  fedlora coordinator --broker mqtt://host:1883 --out runs/live
+  fedlora client --broker mqtt://host:1883 --device-id pi5 --data local.jsonl
   fedlora plan --fleet mixed8                            # what each device can train
   fedlora profile --out profiles/this-machine.yaml       # measure this machine
 """
@@ -58,6 +61,68 @@ def cmd_simulate(args) -> int:
     adapters = out / "adapter" if sim.engine.method.global_model else out / "clients" / "*" / "adapter"
     reporter.console.print(f"report: {out / 'report.json'}; adapter: {adapters}; "
                            f"plots: {out / 'accuracy.png'}, {out / 'bytes.png'}")
+    return 0
+
+
+def _broker_from_args(args):
+    from edge_client.mqtt import parse_broker
+
+    if args.broker in (None, "embedded"):
+        return None
+    return parse_broker(args.broker, args.username, args.password, args.ca_file)
+
+
+def _add_broker_args(p: argparse.ArgumentParser, default_embedded: bool = True) -> None:
+    p.add_argument("--broker", default="embedded" if default_embedded else None,
+                   help="mqtt://host:port, mqtts://host:port (TLS), or 'embedded' (default: an in-process broker)")
+    p.add_argument("--username")
+    p.add_argument("--password")
+    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+
+
+def cmd_coordinator(args) -> int:
+    from .broker import EmbeddedBroker
+    from .report import ConsoleReporter
+    from .service import Coordinator, check_resume
+
+    cfg = _config_from_args(args)
+    check_resume(args.out, args.resume)
+    reporter = ConsoleReporter()
+    address = _broker_from_args(args)
+    embedded = None
+    if address is None:
+        embedded = EmbeddedBroker(host=args.bind, port=args.port).start()
+        address = embedded.address
+        reporter.console.print(f"embedded MQTT broker listening on {address.url}")
+    try:
+        Coordinator(cfg, args.out, address, reporter, resume=args.resume, log=reporter.console.print).run()
+    finally:
+        if embedded:
+            embedded.stop()
+    return 0
+
+
+def cmd_emulate(args) -> int:
+    from .emulate import emulate
+    from .report import ConsoleReporter
+
+    cfg = _config_from_args(args)
+    reporter = ConsoleReporter()
+    reporter.console.print(f"[b]fedlora emulate[/b]: method {cfg.method}, model {cfg.model}, fleet {cfg.fleet}, "
+                           f"{cfg.rounds} rounds x {cfg.clients_per_round} devices, one process per device")
+    report = emulate(cfg, args.out, _broker_from_args(args), reporter, log=reporter.console.print)
+    from rich.table import Table
+
+    t = Table(title="per-device timings (emulated: threads, memory cap, compute slow-down, bandwidth)")
+    for col in ("device", "threads", "slow-down", "memory cap GB", "up/down Mbit/s", "rounds", "missing",
+                "mean local s", "exit"):
+        t.add_column(col)
+    for cid, d in report["devices"].items():
+        t.add_row(cid, str(d["threads"]), f"{d['slowdown']:.2f}", f"{d['memory_cap_gb']:.2f}",
+                  f"{d['uplink_mbps']:g}/{d['downlink_mbps']:g}", str(d["rounds_trained"]), str(d["rounds_failed"]),
+                  "-" if d["mean_local_seconds"] is None else f"{d['mean_local_seconds']:.1f}", str(d["exit_code"]))
+    reporter.console.print(t)
+    reporter.console.print(f"report: {Path(args.out) / 'report.json'}; device logs: {Path(args.out) / 'devices'}")
     return 0
 
 
@@ -139,6 +204,26 @@ def build_parser() -> argparse.ArgumentParser:
                        "whose predicted memory fits and whose round fits the deadline) and the method's knob.")
     _add_run_args(p)
     p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("emulate", help="a deployment on this machine: broker, coordinator, one process per device",
+                       description="Start a broker (embedded unless --broker is given), the coordinator, and one OS "
+                       "process per device of the fleet, each held to its profile (threads, memory cap, compute "
+                       "slow-down, bandwidth). Writes the same outputs as simulate, plus per-device timings.")
+    _add_run_args(p)
+    _add_broker_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.set_defaults(fn=cmd_emulate)
+    p = sub.add_parser("coordinator", help="run the coordinator over an MQTT broker",
+                       description="Wait for the fleet's devices to say hello, then run the rounds over MQTT. "
+                       "The run's state is saved after every round; --resume continues a stopped run.")
+    _add_run_args(p)
+    _add_broker_args(p)
+    p.add_argument("--bind", default="127.0.0.1", help="embedded broker: address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=1883, help="embedded broker: port (default 1883)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (and the run's state)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.set_defaults(fn=cmd_coordinator)
+    p = sub.add_parser("client", help="run an edge device (see `fedlora client --help`)", add_help=False)
+    p.set_defaults(fn=None)
     p = sub.add_parser("profile", help="measure this machine and write a device profile",
                        description="Measure memory (psutil) and float32 matmul throughput; bandwidth is given.")
     p.add_argument("--out", help="YAML file to write")
@@ -154,14 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from edge_client.data import DataFormatError
     from edge_client.models import ModelNotFoundError
+    from edge_client.mqtt import BrokerAuthError
     from edge_client.profile import ProfileError
 
     from .config import ConfigError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["client"]:  # the edge client has its own parser and imports nothing of coordinator/
+        from edge_client.client import main as client_main
+
+        return client_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, ModelNotFoundError, ProfileError, DataFormatError) as exc:
+    except (ConfigError, ModelNotFoundError, ProfileError, DataFormatError, BrokerAuthError, TimeoutError) as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
 

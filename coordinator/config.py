@@ -55,6 +55,19 @@ class PlannerSettings:
 
 
 @dataclass(frozen=True)
+class TransportSettings:
+    """The MQTT deployment (``fedlora coordinator``, ``client``, ``emulate``)."""
+
+    run_id: str = "default"
+    round_timeout_s: float = 600.0    # wall-clock deadline of a round: updates not in by then are missing
+    wait_for_devices_s: float = 300.0  # how long the coordinator waits for devices before round 1
+    min_devices: int = 0              # devices that must have said hello before round 1 (0: the whole fleet)
+    chunk_bytes: int = 900 * 1024     # fits a 1 MB broker message limit with the header
+    max_update_bytes: int = 256 * 2**20  # a larger transfer is refused before anything is buffered
+    max_slowdown: float = 4.0         # emulate: a device runs at most this many times slower than the host
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: str = "smollm2-135m"
     method: str = "hetlora"
@@ -70,6 +83,7 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     planner: PlannerSettings = field(default_factory=PlannerSettings)
+    transport: TransportSettings = field(default_factory=TransportSettings)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,6 +213,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.max_seq_len >= 8, "train.max_seq_len", "must be at least 8")
     _check(cfg.planner.round_deadline_s > 0, "planner.round_deadline_s", "must be positive")
     _check(cfg.planner.transfer_budget_s > 0, "planner.transfer_budget_s", "must be positive")
+    tr = cfg.transport
+    _check(bool(tr.run_id) and not any(ch in tr.run_id for ch in "/+#"), "transport.run_id",
+           "must be non-empty and contain no '/', '+' or '#'")
+    _check(tr.round_timeout_s > 0, "transport.round_timeout_s", "must be positive")
+    _check(tr.wait_for_devices_s > 0, "transport.wait_for_devices_s", "must be positive")
+    _check(tr.min_devices >= 0, "transport.min_devices", "must be non-negative")
+    _check(4096 <= tr.chunk_bytes <= 256 * 2**20, "transport.chunk_bytes", "must be between 4 KiB and 256 MiB")
+    _check(tr.max_update_bytes >= tr.chunk_bytes, "transport.max_update_bytes", "must be at least chunk_bytes")
+    _check(tr.max_slowdown >= 1.0, "transport.max_slowdown", "must be at least 1")
     _check(cfg.planner.runtime_overhead_gb >= 0, "planner.runtime_overhead_gb", "must be non-negative")
     return cfg
 

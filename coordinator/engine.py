@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,16 +149,11 @@ class Engine:
         train, mixes, self.eval_examples = build_data(cfg, len(self.fleet))
         self.clients = [ClientData(dev.id, dev, tr, mix) for dev, tr, mix in zip(self.fleet, train, mixes)]
         self.by_id = {c.id: c for c in self.clients}
-        t = cfg.train
         for c in self.clients:
-            c.capacity = plan_capacity(c.device.profile, self.shape, max_rank=cfg.lora.max_rank, steps=t.steps,
-                                       batch=t.batch_size, seq=t.max_seq_len,
-                                       deadline_s=cfg.planner.round_deadline_s,
-                                       overhead_gb=cfg.planner.runtime_overhead_gb,
-                                       transfer_budget_s=cfg.planner.transfer_budget_s)
+            c.capacity = self._capacity(c.device.profile)
         # devices the method can give a plan; the others are reported (fleet table, report) and
         # never sampled, so every round gets clients_per_round devices that can train
-        able = [c for c in self.clients if self.method.plan(c.id, c.capacity.rank, self.ctx, 1) is not None]
+        able = self._eligible()
         if self.method.pooled:
             pooled = [ex for c in self.clients for ex in c.train]
             self.participants = [ClientData("pooled", None, pooled, {})]
@@ -186,23 +182,89 @@ class Engine:
         self.model = get_peft_model(self.model, lora_config(gplan, targets, cfg.lora.dropout), adapter_name=GLOBAL)
         self.state = RunState(init_global_factors(self.dims, self.R, cfg.seed))
 
+    def _capacity(self, profile) -> Capacity:
+        cfg, t = self.cfg, self.cfg.train
+        return plan_capacity(profile, self.shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
+                             seq=t.max_seq_len, deadline_s=cfg.planner.round_deadline_s,
+                             overhead_gb=cfg.planner.runtime_overhead_gb,
+                             transfer_budget_s=cfg.planner.transfer_budget_s)
+
+    # ----------------------------------------------------------------------------- state on disk
+
+    def save_state(self) -> None:
+        """The run's state after the last completed round: global adapter, per-client adapters,
+        round records, base accuracy.  Written to a temporary folder, then swapped in."""
+        from safetensors.torch import save_file
+
+        final, tmp = self.out / "state", self.out / "state.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "personal").mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in to_state_dict(self.state.global_factors).items()},
+                  str(tmp / "global.safetensors"))
+        for cid, f in self.state.method_state.get("personal", {}).items():
+            save_file({k: v.contiguous() for k, v in to_state_dict(f).items()}, str(tmp / "personal" / f"{cid}.safetensors"))
+        other = {k: v for k, v in self.state.method_state.items() if k != "personal"}
+        (tmp / "run.json").write_text(json.dumps({
+            "method": self.cfg.method, "model": self.cfg.model, "seed": self.cfg.seed,
+            "completed_round": len(self.state.rounds), "rounds": self.state.rounds,
+            "base_accuracy": getattr(self, "base_accuracy", None), "method_state": other}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+
+    def load_state(self) -> int:
+        """Restore the state saved by :meth:`save_state`; returns the last completed round."""
+        from safetensors.torch import load_file
+
+        folder = self.out / "state"
+        if not (folder / "run.json").is_file():
+            raise ConfigError(f"--resume: no saved run state in {folder}")
+        saved = json.loads((folder / "run.json").read_text())
+        for key in ("method", "model", "seed"):
+            if saved[key] != getattr(self.cfg, key):
+                raise ConfigError(f"--resume: the saved run has {key}={saved[key]!r}, the config says "
+                                  f"{getattr(self.cfg, key)!r}")
+        self.state.global_factors = from_state_dict(load_file(str(folder / "global.safetensors")))
+        personal = {p.stem: from_state_dict(load_file(str(p))) for p in (folder / "personal").glob("*.safetensors")}
+        self.state.method_state = dict(saved["method_state"])
+        if personal:
+            self.state.method_state["personal"] = personal
+        self.state.rounds = saved["rounds"]
+        if saved.get("base_accuracy"):
+            self.base_accuracy = saved["base_accuracy"]
+        return int(saved["completed_round"])
+
     # ------------------------------------------------------------------------------------ rounds
 
-    def sample(self, round_idx: int) -> list[ClientData]:
-        """This round's devices: ``clients_per_round`` of the eligible ones, from the seed."""
+    def sample(self, round_idx: int, available: set[str] | None = None) -> list[ClientData]:
+        """This round's devices: ``clients_per_round`` of the eligible (and available) ones, from
+        the seed; with every device available, the same choice in simulation and over MQTT."""
         if self.method.pooled:
             return self.participants
+        pool = [c for c in self.participants if available is None or c.id in available]
         rng = random.Random(f"sample|{self.cfg.seed}|{round_idx}")
-        k = min(self.cfg.clients_per_round, len(self.participants))
-        return sorted(rng.sample(self.participants, k), key=lambda c: c.id)
+        return sorted(rng.sample(pool, min(self.cfg.clients_per_round, len(pool))), key=lambda c: c.id)
 
-    def open_round(self, round_idx: int) -> tuple[list[Assignment], list[dict]]:
+    def set_profile(self, client: str, profile) -> None:
+        """A device said hello with its (measured) profile: plan it from that from now on."""
+        c = self.by_id[client]
+        c.device = Device(client, profile)
+        c.capacity = self._capacity(profile)
+        if not self.method.pooled:
+            self.participants = self._eligible()
+
+    def _eligible(self) -> list[ClientData]:
+        """Devices the method can give a plan; the others are reported and never sampled."""
+        return [c for c in self.clients if self.method.plan(c.id, c.capacity.rank, self.ctx, 1) is not None]
+
+    def open_round(self, round_idx: int, available: set[str] | None = None) -> tuple[list[Assignment], list[dict]]:
         """(assignments, skipped) for the sampled devices of round ``round_idx``."""
         t = self.cfg.train
         steps = t.steps * (self.per_round if self.method.pooled else 1)
         settings = TrainSettings(steps, t.batch_size, t.lr, t.weight_decay, t.max_seq_len, t.grad_clip)
         out, skipped = [], []
-        for c in self.sample(round_idx):
+        for c in self.sample(round_idx, available):
             capacity = c.capacity.rank if c.capacity else self.R
             plan = self.method.plan(c.id, capacity, self.ctx, round_idx)
             if plan is None:
@@ -354,6 +416,9 @@ class Engine:
             "wall_seconds": round(time.perf_counter() - self.t_start, 1),
         }
 
+    def write_report(self, report: dict) -> None:
+        (self.out / "report.json").write_text(json.dumps(report, indent=1))
+
     def save(self, report: dict) -> None:
         from .report import save_adapter, save_plots
 
@@ -364,7 +429,7 @@ class Engine:
         for cid, factors in self.state.method_state.get("personal", {}).items():
             save_adapter(self.out / "clients" / cid / "adapter", factors, self.cfg.lora.scale, self.targets,
                          self.cfg.model)
-        (self.out / "report.json").write_text(json.dumps(report, indent=1))
+        self.write_report(report)
         save_plots(report, self.out)
 
 

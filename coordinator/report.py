@@ -128,6 +128,8 @@ class ConsoleReporter:
         extra = ""
         if rec["skipped"]:
             extra += f" skipped {len(rec['skipped'])}"
+        if rec.get("failed"):
+            extra += f" [yellow]missing {len(rec['failed'])}: " + ", ".join(f["client"] for f in rec["failed"]) + "[/yellow]"
         if rec["rejected"]:
             extra += f" [red]rejected {len(rec['rejected'])}: {rec['rejected'][0]['reason']}[/red]"
         status = "" if rec["status"] == "ok" else " [red]FAILED (below min_updates, global kept)[/red]"

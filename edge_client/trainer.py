@@ -51,13 +51,17 @@ def batches(encoded: Sequence, batch_size: int, seed: int) -> Iterator[list]:
 
 
 def train_steps(model, params: list[torch.nn.Parameter], batch_iter: Iterator[dict], steps: int,
-                lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0) -> list[float]:
-    """Run ``steps`` AdamW steps of ``model`` on ``params``; returns the loss of each step."""
+                lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0, slowdown: float = 1.0) -> list[float]:
+    """Run ``steps`` AdamW steps of ``model`` on ``params``; returns the loss of each step.
+
+    ``slowdown > 1`` stretches every step to that multiple of its time (emulating a slower device).
+    """
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     losses = []
     model.train()
     try:
         for _ in range(steps):
+            t0 = time.perf_counter()
             batch = next(batch_iter)
             loss = model(**batch).loss
             loss.backward()
@@ -66,13 +70,15 @@ def train_steps(model, params: list[torch.nn.Parameter], batch_iter: Iterator[di
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+            if slowdown > 1.0:
+                time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
     finally:
         model.eval()
     return losses
 
 
 def train_local(peft_model, tokenizer, examples: Sequence[Example], settings: TrainSettings,
-                seed: int, device: str | torch.device = "cpu") -> TrainResult:
+                seed: int, device: str | torch.device = "cpu", slowdown: float = 1.0) -> TrainResult:
     """Train the active adapter of ``peft_model`` on ``examples`` for ``settings.steps`` steps.
 
     Deterministic in ``seed`` on a CPU.  Raises ValueError with no examples or no trainable
@@ -93,6 +99,6 @@ def train_local(peft_model, tokenizer, examples: Sequence[Example], settings: Tr
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     losses = train_steps(peft_model, params, to_device(), settings.steps, settings.lr,
-                         settings.weight_decay, settings.grad_clip)
+                         settings.weight_decay, settings.grad_clip, slowdown)
     seconds = time.perf_counter() - t0
     return TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses), seconds, len(examples))

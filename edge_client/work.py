@@ -37,7 +37,7 @@ def wrap(model, meta: dict):
 
 
 def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dict, start: bytes,
-                   device="cpu", max_bytes: int | None = None) -> tuple[bytes, dict]:
+                   device="cpu", max_bytes: int | None = None, slowdown: float = 1.0) -> tuple[bytes, dict]:
     """Install the start factors under the plan, train, and return ``(update bytes, report)``.
 
     The report is JSON: example count, steps, first/last loss, training seconds.
@@ -45,7 +45,8 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
     plan = ClientPlan.from_json(meta["plan"])
     factors = from_state_dict(decode_tensors(start, max_bytes))
     install_adapter(peft_model, ADAPTER, plan, factors, meta["targets"], meta["dropout"])
-    res = train_local(peft_model, tokenizer, examples, TrainSettings(**meta["train"]), int(meta["seed"]), device)
+    res = train_local(peft_model, tokenizer, examples, TrainSettings(**meta["train"]), int(meta["seed"]), device,
+                      slowdown)
     up = encode_tensors(to_state_dict(get_factors(peft_model, ADAPTER)))
     return up, {"round": meta["round"], "num_examples": res.num_examples, "steps": res.steps,
                 "first_loss": res.first_loss, "last_loss": res.last_loss, "seconds": round(res.seconds, 3)}
