@@ -2,8 +2,10 @@
 given), the coordinator, and one OS process per device of the fleet, each held to its profile:
 
 - threads: the profile's, at most this host's cores;
-- memory: the process's address space is capped at the profile's usable memory
-  (``RLIMIT_AS``), so a plan that does not fit fails with an out-of-memory report, not a hang;
+- memory: past the profile's usable memory in resident size, the process reports out of memory
+  and exits (a watchdog every 20 ms), so a plan that does not fit fails with a clear report, not
+  a hang.  (An address-space cap, ``RLIMIT_AS``, was tried first: OpenBLAS aborts the process
+  under it without a word, and devices run out of physical memory, not address space.);
 - compute: each training step is stretched by ``host GFLOPS / profile GFLOPS`` (at least 1, at
   most ``transport.max_slowdown``), measured on this host at start;
 - bandwidth: uploads and downloads are paced to the profile's uplink and downlink.

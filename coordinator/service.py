@@ -73,7 +73,6 @@ class Coordinator:
                 profile = DeviceProfile.from_dict(msg.get("profile"), f"hello from {device}")
                 self.engine.set_profile(device, profile)
                 self.hello.add(device)
-                self.online.add(device)
             elif leaf == "event":
                 msg = decode_json(payload)
                 if msg.get("type") == "failure" and msg.get("round") == round_idx and device in pending:
@@ -111,11 +110,11 @@ class Coordinator:
         need = self.cfg.transport.min_devices or len(self.engine.clients)
         deadline = time.monotonic() + self.cfg.transport.wait_for_devices_s
         self.log(f"waiting for {need} device(s) to say hello on run '{self.run_id}'")
-        while len(self.hello) < need:
+        while len(self.hello & self.online) < need:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"only {len(self.hello)} of {need} devices said hello within "
-                                   f"{self.cfg.transport.wait_for_devices_s:.0f} s: {sorted(self.hello)}")
+                raise TimeoutError(f"only {len(self.hello & self.online)} of {need} devices are online within "
+                                   f"{self.cfg.transport.wait_for_devices_s:.0f} s: {sorted(self.hello & self.online)}")
             msg = self.link.get(min(left, 1.0))
             if msg:
                 self.handle(*msg, round_idx=0, pending={}, returned={})

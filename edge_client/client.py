@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
     emu = ap.add_argument_group("emulation (what `fedlora emulate` sets to hold a process to a profile)")
     emu.add_argument("--threads", type=int, help="torch threads")
-    emu.add_argument("--memory-gb", type=float, help="address-space cap of this process")
+    emu.add_argument("--memory-gb", type=float, help="memory cap: past this resident size the client reports "
+                     "out of memory and exits (checked every 20 ms)")
     emu.add_argument("--slowdown", type=float, default=1.0, help="stretch each training step by this factor")
     emu.add_argument("--uplink-mbps", type=float, help="cap the upload rate")
     emu.add_argument("--downlink-mbps", type=float, help="cap the download rate")
@@ -54,11 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.memory_gb:  # before torch allocates anything
-        import resource
-
-        cap = int(args.memory_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     try:
         return run(args)
     except BrokerAuthError as exc:
@@ -70,10 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     me, run_id = args.device_id, args.run
 
     # 1. What this device brings: its data and its profile.
@@ -97,12 +89,16 @@ def run(args) -> int:
     link.on_connect_hooks.append(lambda: reconnected.__setitem__(0, True))
     link.connect()
     log(me, f"connected to {link.address.url}, run '{run_id}', {len(examples)} examples")
+    if args.memory_gb:
+        watch_memory(args.memory_gb, lambda why: link.publish(t_event, encode_json(
+            {"type": "failure", "device": me, "round": current_round[0], "reason": why})), me)
+    current_round = [0]
 
     def announce() -> None:
         link.publish(t_status, encode_json({"type": "status", "device": me, "state": "online"}), retain=True)
         link.publish(device_topic(run_id, me, "hello"), encode_json({
             "type": "hello", "device": me, "profile": profile.to_dict(), "examples": len(examples),
-            "domains": domain_counts(examples), "client_version": __version__}))
+            "domains": domain_counts(examples), "client_version": __version__}), retain=True)
         for meta_file in sorted(pending_dir.glob("*.json")):
             send_update(json.loads(meta_file.read_text()), meta_file.with_suffix(".safetensors").read_bytes())
 
@@ -143,17 +139,18 @@ def run(args) -> int:
         if plan is None:
             continue  # more chunks to come
         meta, round_idx = plan.meta, int(plan.meta["round"])
+        current_round[0] = round_idx
         if round_idx in trained:
             continue  # a re-delivered plan: its update is on disk or acknowledged
         if args.downlink_mbps:
             time.sleep(len(plan.data) * 8 / (args.downlink_mbps * 1e6))
 
-        try:
+        try:  # torch is imported here, under the memory cap: a device too small fails here, and says so
             if peft_model is None:
-                peft_model, tokenizer = load_for_training(meta)
+                peft_model, tokenizer = load_for_training(meta, args.threads)
             update, report = train(peft_model, tokenizer, examples, meta, plan.data, args)
-        except (MemoryError, RuntimeError) as exc:
-            oom = isinstance(exc, MemoryError) or "alloc" in str(exc).lower()
+        except (MemoryError, RuntimeError, OSError, ImportError) as exc:
+            oom = isinstance(exc, (MemoryError, OSError, ImportError)) or "alloc" in str(exc).lower()
             reason = f"out of memory while training round {round_idx}: {str(exc).splitlines()[0][:200]}" if oom \
                 else f"training failed in round {round_idx}: {str(exc).splitlines()[0][:200]}"
             log(me, reason)
@@ -172,9 +169,38 @@ def run(args) -> int:
                 f"loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}, sent {len(update)} bytes")
 
 
-def load_for_training(meta: dict):
+def watch_memory(cap_gb: float, report, device: str) -> None:
+    """Hold this process to ``cap_gb`` of resident memory, as a device's physical memory would:
+    past it, report out of memory and exit with code 4 (an emulated device never hangs)."""
+    import threading
+
+    import psutil
+
+    proc, cap = psutil.Process(), cap_gb * 2**30
+
+    def watch():
+        while True:
+            rss = proc.memory_info().rss
+            if rss > cap:
+                why = f"out of memory: resident {rss / 2**30:.2f} GB exceeds the device's {cap_gb:.2f} GB"
+                log(device, why)
+                try:
+                    report(why)
+                finally:
+                    os._exit(4)
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, name="memory-cap", daemon=True).start()
+
+
+def load_for_training(meta: dict, threads: int | None):
     """The base model named by the plan, wrapped for assignments (loaded once, kept)."""
+    import torch
+
     from .models import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
     from .work import wrap
 
     model, tok = load_model(meta["model"])

@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 SYSTEM_PROMPT = "Reply with the answer only."
 EVAL_FRACTION = 5  # one prompt in five belongs to the held-out split
 
@@ -164,8 +162,10 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_len: int) -> lis
     return out
 
 
-def collate(batch: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: Sequence[tuple[list[int], int]], pad_id: int) -> dict:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the response)."""
+    import torch  # here, not at import: the edge client connects and says hello before loading torch
+
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -96,6 +96,7 @@ class _Partial:
     chunks: dict = field(default_factory=dict)
     meta: dict | None = None
     started: float = field(default_factory=time.monotonic)
+    repeat: bool = False  # the transfer completed before: this is a re-send (or a stray re-delivery)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,11 @@ class Transfer:
 
 class Reassembler:
     """Collects chunks into transfers.  ``add`` returns a Transfer when one completes, else None;
-    it raises ProtocolError for a chunk that can never be part of a valid transfer."""
+    it raises ProtocolError for a chunk that can never be part of a valid transfer.
+
+    A transfer sent again whole (a client re-sending an unacknowledged update) completes again
+    and is returned again: idempotency is the receiver's business (it knows the update id).  A
+    stray re-delivered chunk of a completed transfer is dropped quietly at the deadline."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -128,11 +133,9 @@ class Reassembler:
         if header["nbytes"] > self.max_bytes:
             raise ProtocolError(f"transfer of {header['nbytes']} bytes exceeds the limit of {self.max_bytes}")
         key = (header["device"], header["transfer"])
-        if key in self._done:
-            return None  # a re-delivered chunk of a transfer already complete
         part = self._open.get(key)
         if part is None:
-            part = self._open[key] = _Partial(header)
+            part = self._open[key] = _Partial(header, repeat=key in self._done)
         elif any(part.header[k] != header[k] for k in ("total", "nbytes", "sha256", "kind", "round")):
             del self._open[key]
             raise ProtocolError(f"chunks of transfer {header['transfer']} disagree on its size or checksum")
@@ -151,9 +154,11 @@ class Reassembler:
                         header["transfer"], part.meta, data)
 
     def drop_incomplete(self, older_than_s: float = 0.0) -> list[tuple[str, str]]:
-        """Forget transfers still missing chunks (at a deadline); returns their (device, transfer)."""
+        """Forget transfers still missing chunks (at a deadline); returns the (device, transfer)
+        of those that were not re-sends of a completed transfer."""
         now = time.monotonic()
         gone = [k for k, p in self._open.items() if now - p.started >= older_than_s]
+        report = [k for k in gone if not self._open[k].repeat]
         for k in gone:
             del self._open[k]
-        return gone
+        return report

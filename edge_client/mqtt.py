@@ -92,7 +92,7 @@ class Link:
         c.max_inflight_messages_set(20)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
-        c.on_message = lambda _c, _u, msg: self.inbox.put((msg.topic, msg.payload))
+        c.on_message = self._on_message
         self._client = c
         self._keepalive = keepalive
 
@@ -110,6 +110,14 @@ class Link:
         for hook in self.on_connect_hooks:
             hook()
         self._connected.set()
+
+    def _on_message(self, client, userdata, msg):
+        import paho.mqtt.client as mqtt
+
+        # Deliver only what matches a subscription: amqtt 0.12 has been seen handing a client other
+        # topics' retained messages, and nothing on an unexpected topic should reach the handlers.
+        if any(mqtt.topic_matches_sub(s, msg.topic) for s in self._subs):
+            self.inbox.put((msg.topic, msg.payload))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self._connected.clear()
