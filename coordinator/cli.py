@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_client.profile import ProfileError
 
     from .config import ConfigError
+    from .emulate import DeviceProcessError
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["client"]:  # the edge client has its own parser and imports nothing of coordinator/
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, ModelNotFoundError, ProfileError, DataFormatError, BrokerAuthError, TimeoutError) as exc:
+    except (ConfigError, ModelNotFoundError, ProfileError, DataFormatError, BrokerAuthError, TimeoutError,
+            DeviceProcessError) as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
 

@@ -64,7 +64,8 @@ class TransportSettings:
     min_devices: int = 0              # devices that must have said hello before round 1 (0: the whole fleet)
     chunk_bytes: int = 900 * 1024     # fits a 1 MB broker message limit with the header
     max_update_bytes: int = 256 * 2**20  # a larger transfer is refused before anything is buffered
-    max_slowdown: float = 4.0         # emulate: a device runs at most this many times slower than the host
+    max_slowdown: float = 2.0         # emulate: a device runs at most this many times slower than the host
+    # (2 by default: on a small host the concurrent devices already share its cores)
 
 
 @dataclass(frozen=True)

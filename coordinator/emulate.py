@@ -1,7 +1,8 @@
 """``fedlora emulate``: a whole deployment on one machine: a broker (embedded unless one is
 given), the coordinator, and one OS process per device of the fleet, each held to its profile:
 
-- threads: the profile's, at most this host's cores;
+- threads: the profile's, at most this host's share per concurrently training device (cores /
+  devices per round), so that the host is not oversubscribed;
 - memory: past the profile's usable memory in resident size, the process reports out of memory
   and exits (a watchdog every 20 ms), so a plan that does not fit fails with a clear report, not
   a hang.  (An address-space cap, ``RLIMIT_AS``, was tried first: OpenBLAS aborts the process
@@ -32,10 +33,14 @@ from .config import RunConfig
 from .service import Coordinator
 
 
+class DeviceProcessError(RuntimeError):
+    """An emulated device's process died before it could take part; the message names its log."""
+
+
 def device_command(address: BrokerAddress, run_id: str, device: str, folder: Path, profile, host_gflops: float,
-                   max_slowdown: float, host_cores: int) -> tuple[list[str], dict]:
+                   max_slowdown: float, max_threads: int) -> tuple[list[str], dict]:
     slowdown = min(max_slowdown, max(1.0, host_gflops / profile.compute_gflops))
-    threads = max(1, min(profile.threads, host_cores))
+    threads = max(1, min(profile.threads, max_threads))
     cmd = [sys.executable, "-m", "edge_client.client", "--broker", address.url, "--device-id", device,
            "--data", str(folder / "data.jsonl"), "--profile", str(folder / "profile.yaml"), "--run", run_id,
            "--state-dir", str(folder / "state"), "--threads", str(threads), "--slowdown", f"{slowdown:.3f}",
@@ -57,9 +62,16 @@ def emulate(cfg: RunConfig, out_dir: str | Path, broker: BrokerAddress | None = 
         log(f"embedded MQTT broker on {broker.url}")
     procs: dict[str, subprocess.Popen] = {}
     try:
-        coord = Coordinator(cfg, out, broker, reporter, log=log)
+        def watch(ready: set[str]) -> None:
+            for cid, p in procs.items():
+                if cid not in ready and p.poll() is not None:
+                    raise DeviceProcessError(f"device {cid} exited with code {p.returncode} before saying hello; "
+                                       f"see {out / 'devices' / cid / 'client.log'}")
+
+        coord = Coordinator(cfg, out, broker, reporter, log=log, watch=watch)
         host = measure_gflops(seconds=0.5)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        share = max(1, cores // max(1, min(cfg.clients_per_round, len(coord.engine.clients))))
         limits = {}
         for c in coord.engine.clients:
             folder = out / "devices" / c.id
@@ -67,10 +79,11 @@ def emulate(cfg: RunConfig, out_dir: str | Path, broker: BrokerAddress | None = 
             write_jsonl(folder / "data.jsonl", c.train)
             save_profile(c.device.profile, folder / "profile.yaml")
             cmd, limits[c.id] = device_command(broker, cfg.transport.run_id, c.id, folder, c.device.profile, host,
-                                               cfg.transport.max_slowdown, cores)
+                                               cfg.transport.max_slowdown, share)
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
             with (folder / "client.log").open("w") as fh:
                 procs[c.id] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+            time.sleep(0.2)  # staggered: amqtt 0.12 can drop a connection when many arrive at once
         log(f"started {len(procs)} device processes (host {host:.0f} GFLOPS); logs in {out / 'devices'}")
         report = coord.run()
         deadline = time.monotonic() + 30

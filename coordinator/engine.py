@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import shutil
 import time
@@ -306,6 +307,7 @@ class Engine:
                          "local_seconds": rep.get("seconds"), "steps": rep.get("steps"),
                          "loss_first": rep.get("first_loss"), "loss_last": rep.get("last_loss"),
                          "num_examples": rep.get("num_examples"),
+                         "tensor_bytes": 4 * sum(math.prod(s) for s in expected_shapes(self.dims, a.plan).values()),
                          "predicted_round_seconds": round(c.capacity.round_s, 1) if c.capacity else None})
             try:
                 contribs.append(self._accept(ret))

@@ -123,7 +123,7 @@ class ConsoleReporter:
         acc = rec.get("accuracy")
         up = sum(c["uplink_bytes"] for c in cl) / 1e6
         down = sum(c["downlink_bytes"] for c in cl) / 1e6
-        ranks = ",".join(str(c["rank"]) for c in cl)
+        ranks = " ".join(f"{c['client']}:r{c['rank']}" for c in cl)
         loss = sum(c["loss_last"] for c in cl) / len(cl) if cl else float("nan")
         extra = ""
         if rec["skipped"]:
@@ -133,7 +133,7 @@ class ConsoleReporter:
         if rec["rejected"]:
             extra += f" [red]rejected {len(rec['rejected'])}: {rec['rejected'][0]['reason']}[/red]"
         status = "" if rec["status"] == "ok" else " [red]FAILED (below min_updates, global kept)[/red]"
-        self.console.print(f"round {rec['round']:>2} | clients {len(cl)} ranks [{ranks}] | loss {loss:.3f} | "
+        self.console.print(f"round {rec['round']:>2} | {ranks} | loss {loss:.3f} | "
                            f"acc {_pct(acc['overall']) if acc else '-'}% | up {up:.2f} MB down {down:.2f} MB | "
                            f"{rec['seconds']:.1f} s{extra}{status}")
 

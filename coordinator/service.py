@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from edge_client.framing import ProtocolError, Reassembler, chunk_transfer, decode_json, encode_json
-from edge_client.mqtt import BrokerAddress, Link, device_topic, topic
+from edge_client.mqtt import BrokerAddress, Link, device_topic, publish_packet_bytes, topic
 from edge_client.profile import DeviceProfile, ProfileError
 
 from .config import ConfigError, RunConfig
@@ -23,11 +23,12 @@ from .engine import Engine, Returned
 
 class Coordinator:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, broker: BrokerAddress, reporter=None,
-                 resume: bool = False, log=print):
+                 resume: bool = False, log=print, watch=None):
         self.cfg = cfg
         self.engine = Engine(cfg, out_dir, reporter)
         self.run_id = cfg.transport.run_id
         self.log = log
+        self.watch = watch  # called while waiting for devices; may raise (emulate: a device process died)
         self.first_round = 1
         if resume:
             self.first_round = self.engine.load_state() + 1
@@ -37,6 +38,7 @@ class Coordinator:
         self.seen_updates: dict[tuple[str, str], str] = {}  # (device, update id) -> ack status
         self.events: list[dict] = []  # protocol violations and other rejections, for the report
         self.reassembler = Reassembler(cfg.transport.max_update_bytes)
+        self.wire_up: dict[str, int] = {}  # device -> MQTT bytes received on its up topic this round
         self.link = Link(broker, f"fedlora-{self.run_id}-coordinator")
         for leaf in ("status", "hello", "up", "event"):
             self.link.subscribe(topic(self.run_id, "dev", "+", leaf))
@@ -79,6 +81,7 @@ class Coordinator:
                     returned[device] = Returned(pending[device], failure=str(msg.get("reason")))
                     self.log(f"{device} failed round {round_idx}: {msg.get('reason')}")
             elif leaf == "up":
+                self.wire_up[device] = self.wire_up.get(device, 0) + publish_packet_bytes(t, len(payload))
                 tr = self.reassembler.add(payload, device_from_topic=device)
                 if tr is not None:
                     self._update(device, tr, round_idx, pending, returned)
@@ -118,6 +121,8 @@ class Coordinator:
             msg = self.link.get(min(left, 1.0))
             if msg:
                 self.handle(*msg, round_idx=0, pending={}, returned={})
+            if self.watch:
+                self.watch(self.hello & self.online)
 
     def run_round(self, round_idx: int) -> dict:
         e, tr = self.engine, self.cfg.transport
@@ -128,6 +133,8 @@ class Coordinator:
         pending = {a.client: a for a in assignments}
         returned: dict[str, Returned] = {}
         e.reporter.round_start(round_idx, len(assignments))
+        self.wire_up = {}
+        t_send = time.perf_counter()
         for a in assignments:
             for chunk in chunk_transfer(a.start, kind="plan", run=self.run_id, round_idx=round_idx, device=a.client,
                                         transfer=f"plan-{round_idx}-{a.client}", meta=a.meta,
@@ -142,6 +149,7 @@ class Coordinator:
                 if len(returned) > before:
                     last = list(returned.values())[-1]
                     e.reporter.client_done(last.assignment.client, last.report, last.assignment.plan.rank)
+        exchange_s = time.perf_counter() - t_send
         for cid, a in pending.items():
             if cid not in returned:
                 returned[cid] = Returned(a, failure=f"no complete update by the round's deadline "
@@ -151,6 +159,9 @@ class Coordinator:
             self._reject(device, f"transfer {transfer} incomplete at the deadline: discarded", round_idx)
         record = e.close_round(round_idx, [returned[a.client] for a in assignments], skipped, t0)
         record["protocol_rejections"] = [x for x in self.events if x["round"] == round_idx]
+        record["exchange_seconds"] = round(exchange_s, 4)  # first plan sent -> last update in
+        for row in record["clients"]:
+            row["uplink_wire_bytes"] = self.wire_up.get(row["client"], 0)
         for r in record["rejected"]:
             self.log(f"round {round_idx}: rejected {r['reason']}")
         e.save_state()

@@ -49,6 +49,13 @@ def parse_broker(url: str, username: str | None = None, password: str | None = N
                          ca_file)
 
 
+def publish_packet_bytes(topic_name: str, payload_len: int) -> int:
+    """Bytes of an MQTT 3.1.1 QoS 1 PUBLISH packet on the wire, plus its 4-byte PUBACK."""
+    remaining = 2 + len(topic_name.encode()) + 2 + payload_len
+    varint = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
+    return 1 + varint + remaining + 4
+
+
 def topic(run: str, *parts: str) -> str:
     """``fedlora/<run>/...``; device topics are ``fedlora/<run>/dev/<id>/<leaf>``."""
     return "/".join((TOPIC_ROOT, run, *parts))
@@ -136,21 +143,35 @@ class Link:
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos=1)
 
-    def publish(self, topic_name: str, payload: bytes, *, retain: bool = False, timeout_s: float = 60.0) -> None:
-        """Publish at QoS 1 and wait for the broker's PUBACK; the uplink cap (if any) is paid first."""
-        if self._fatal:
-            raise self._fatal
-        with self._send_lock:
-            if self.uplink_mbps:
-                time.sleep(len(payload) * 8 / (self.uplink_mbps * 1e6))
-            info = self._client.publish(topic_name, payload, qos=1, retain=retain)
+    def publish(self, topic_name: str, payload: bytes, *, retain: bool = False, timeout_s: float = 120.0) -> None:
+        """Publish at QoS 1 and wait for the broker's PUBACK; the uplink cap (if any) is paid first.
+
+        A connection lost on the way is waited out (paho reconnects) and the message sent again:
+        at least once, as QoS 1 promises, so receivers must be idempotent (they are).
+        """
         deadline = time.monotonic() + timeout_s
-        while not info.is_published():
+        paid = False
+        while True:
             if self._fatal:
                 raise self._fatal
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"publish to {topic_name} not acknowledged within {timeout_s:.0f} s")
-            info.wait_for_publish(0.5)
+            if not self._connected.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"publish to {topic_name}: no connection to {self.address.url} "
+                                   f"within {timeout_s:.0f} s")
+            with self._send_lock:
+                if self.uplink_mbps and not paid:
+                    time.sleep(len(payload) * 8 / (self.uplink_mbps * 1e6))
+                    paid = True
+                info = self._client.publish(topic_name, payload, qos=1, retain=retain)
+            try:
+                while not info.is_published():
+                    if self._fatal:
+                        raise self._fatal
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"publish to {topic_name} not acknowledged within {timeout_s:.0f} s")
+                    info.wait_for_publish(0.5)
+                return
+            except (RuntimeError, ValueError):  # the connection dropped under this message: send it again
+                time.sleep(0.2)
 
     def get(self, timeout_s: float):
         """The next (topic, payload), or None after ``timeout_s``."""
