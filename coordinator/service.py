@@ -36,6 +36,7 @@ class Coordinator:
         self.online: set[str] = set()
         self.hello: set[str] = set()
         self.seen_updates: dict[tuple[str, str], str] = {}  # (device, update id) -> ack status
+        self.duplicates: list[tuple[str, str]] = []  # re-sent updates, acknowledged and not counted
         self.events: list[dict] = []  # protocol violations and other rejections, for the report
         self.reassembler = Reassembler(cfg.transport.max_update_bytes)
         self.wire_up: dict[str, int] = {}  # device -> MQTT bytes received on its up topic this round
@@ -93,6 +94,7 @@ class Coordinator:
         uid = str(meta.get("update_id") or tr.transfer)
         key = (device, uid)
         if key in self.seen_updates:
+            self.duplicates.append(key)
             self._ack(device, tr.round, uid, "duplicate")
             return
         if tr.round != round_idx or device not in pending or device in returned:
@@ -170,6 +172,9 @@ class Coordinator:
     def run(self) -> dict:
         self.link.connect()
         try:
+            # replaces a retained "done" of an earlier run with this id on a persistent broker
+            self.link.publish(topic(self.run_id, "round"), encode_json(
+                {"type": "round", "run": self.run_id, "round": self.first_round - 1, "state": "waiting"}), retain=True)
             self.wait_for_devices()
             if self.first_round == 1:
                 self.engine.begin()

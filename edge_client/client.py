@@ -120,8 +120,13 @@ def run(args) -> int:
         t, payload = msg
         try:
             if t == topic(run_id, "round"):
-                if decode_json(payload).get("state") == "done":
-                    log(me, "the run is done")
+                if decode_json(payload).get("state") == "done" and not trained:
+                    log(me, "a run with this id is marked done (a previous one?): waiting for plans")
+                elif decode_json(payload).get("state") == "done":
+                    left = list(pending_dir.glob("*.safetensors"))
+                    for f in pending_dir.iterdir():
+                        f.unlink()  # the run is over: nothing unacknowledged can count any more
+                    log(me, "the run is done" + (f"; dropped {len(left)} unacknowledged update(s)" if left else ""))
                     link.close()
                     return 0
                 continue
