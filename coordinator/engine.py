@@ -64,11 +64,13 @@ class ClientData:
     train: list[Example]
     mix: dict[str, float]
     capacity: Capacity | None = None
+    declared_examples: int | None = None  # what a real device said in its hello
 
     @property
     def num_examples(self) -> int:
-        """The most examples this device can claim: aggregation weights are capped by it."""
-        return len(self.train)
+        """The most examples this device can claim per update: aggregation weights are capped by
+        it.  Over MQTT, the count the device declared when it said hello; in simulation, its data."""
+        return self.declared_examples if self.declared_examples is not None else len(self.train)
 
 
 @dataclass(frozen=True)
@@ -247,9 +249,10 @@ class Engine:
         rng = random.Random(f"sample|{self.cfg.seed}|{round_idx}")
         return sorted(rng.sample(pool, min(self.cfg.clients_per_round, len(pool))), key=lambda c: c.id)
 
-    def set_profile(self, client: str, profile) -> None:
-        """A device said hello with its (measured) profile: plan it from that from now on."""
+    def set_profile(self, client: str, profile, examples: int | None = None) -> None:
+        """A device said hello with its (measured) profile and example count: plan it from that."""
         c = self.by_id[client]
+        c.declared_examples = examples
         c.device = Device(client, profile)
         c.capacity = self._capacity(profile)
         if not self.method.pooled:

@@ -74,7 +74,10 @@ class Coordinator:
             elif leaf == "hello":
                 msg = decode_json(payload)
                 profile = DeviceProfile.from_dict(msg.get("profile"), f"hello from {device}")
-                self.engine.set_profile(device, profile)
+                examples = msg.get("examples")
+                if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
+                    raise ProtocolError(f"hello from {device}: 'examples' must be a positive integer")
+                self.engine.set_profile(device, profile, examples)
                 self.hello.add(device)
             elif leaf == "event":
                 msg = decode_json(payload)

@@ -177,3 +177,16 @@ def test_local_writes_client_adapters_and_no_global_one(tmp_path):
 def test_runs_on_cuda_with_the_same_report_shape(tmp_path):
     sim, report = run(tmp_path, "hetlora", device="cuda")
     assert report["device"] == "cuda" and report["rounds"][-1]["status"] == "ok"
+
+
+def test_a_devices_declared_example_count_caps_its_weight(tmp_path):
+    from coordinator.engine import Returned
+
+    sim, _ = run(tmp_path, "fedit", rounds=1)
+    e = sim.engine
+    c = e.participants[0]
+    e.set_profile(c.id, c.device.profile, examples=5)
+    assert e.by_id[c.id].num_examples == 5
+    (a, *_), _ = e.open_round(2)
+    ret = Returned(a, a.start, {"num_examples": 10_000})
+    assert e._accept(ret).weight == 5.0
