@@ -89,10 +89,10 @@ def run(args) -> int:
     link.on_connect_hooks.append(lambda: reconnected.__setitem__(0, True))
     link.connect()
     log(me, f"connected to {link.address.url}, run '{run_id}', {len(examples)} examples")
+    current_round = [0]  # the round being worked on, for a failure report
     if args.memory_gb:
         watch_memory(args.memory_gb, lambda why: link.publish(t_event, encode_json(
             {"type": "failure", "device": me, "round": current_round[0], "reason": why})), me)
-    current_round = [0]
 
     def announce() -> None:
         link.publish(t_status, encode_json({"type": "status", "device": me, "state": "online"}), retain=True)
