@@ -129,9 +129,10 @@ def cmd_emulate(args) -> int:
 def cmd_plan(args) -> int:
     from rich.table import Table
 
+    from .engine import capacity_for
     from .fleet import load_fleet
     from .methods import MethodContext, get_method
-    from .planner import device_estimate, meta_shape, plan_capacity
+    from .planner import meta_shape
     from .report import make_console
 
     cfg = _config_from_args(args)
@@ -147,21 +148,12 @@ def cmd_plan(args) -> int:
                 f"{cfg.method} rank"):
         table.add_column(col, justify="right" if col != "device" else "left")
     for dev in fleet:
-        cap = plan_capacity(dev.profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
-                            seq=t.max_seq_len, deadline_s=cfg.planner.round_deadline_s,
-                            overhead_gb=cfg.planner.runtime_overhead_gb,
-                                       transfer_budget_s=cfg.planner.transfer_budget_s)
+        cap = capacity_for(cfg, shape, dev.profile)  # memory and times are at its rank (rank 1 when 0)
         plan = method.plan(dev.id, cap.rank, ctx, 1)
         knob = str(plan.rank) if plan else "[red]cannot take part[/red]"
-        if cap.rank:
-            mem, step, total = device_estimate(dev.profile, shape, cap.rank, t.steps, t.batch_size,
-                                               t.max_seq_len, cfg.planner.runtime_overhead_gb)
-            cap_s = str(cap.rank)
-        else:
-            mem, step, total = cap.memory_gb, cap.step_s, cap.round_s
-            cap_s = f"[red]0 ({cap.reason})[/red]"
-        table.add_row(dev.id, dev.profile.name, f"{dev.profile.memory_usable_gb:.1f}", cap_s, f"{mem:.2f}",
-                      f"{step:.2f}", f"{total:.0f}", knob)
+        cap_s = str(cap.rank) if cap.rank else f"[red]0 ({cap.reason})[/red]"
+        table.add_row(dev.id, dev.profile.name, f"{dev.profile.memory_usable_gb:.1f}", cap_s, f"{cap.memory_gb:.2f}",
+                      f"{cap.step_s:.2f}", f"{cap.round_s:.0f}", knob)
     make_console().print(table)
     return 0
 

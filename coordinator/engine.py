@@ -39,7 +39,7 @@ from edge_client.lora import (
 )
 from edge_client.models import default_target_modules, load_model, resolve_model
 from edge_client.trainer import TrainSettings
-from edge_client.wire import decode_tensors, encode_tensors
+from edge_client.wire import decode_tensors, encode_tensors, write_factors_file
 from edge_client.work import assignment_meta
 
 from .aggregate import Contribution
@@ -102,6 +102,14 @@ class RunState:
     global_factors: Factors
     method_state: dict = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)
+
+
+def capacity_for(cfg: RunConfig, shape: ModelShape, profile) -> Capacity:
+    """The planner's capacity for ``profile`` under this run's LoRA, training and planner settings."""
+    t, p = cfg.train, cfg.planner
+    return plan_capacity(profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
+                         seq=t.max_seq_len, deadline_s=p.round_deadline_s, overhead_gb=p.runtime_overhead_gb,
+                         transfer_budget_s=p.transfer_budget_s)
 
 
 def pick_device(name: str) -> str:
@@ -186,27 +194,20 @@ class Engine:
         self.state = RunState(init_global_factors(self.dims, self.R, cfg.seed))
 
     def _capacity(self, profile) -> Capacity:
-        cfg, t = self.cfg, self.cfg.train
-        return plan_capacity(profile, self.shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
-                             seq=t.max_seq_len, deadline_s=cfg.planner.round_deadline_s,
-                             overhead_gb=cfg.planner.runtime_overhead_gb,
-                             transfer_budget_s=cfg.planner.transfer_budget_s)
+        return capacity_for(self.cfg, self.shape, profile)
 
     # ----------------------------------------------------------------------------- state on disk
 
     def save_state(self) -> None:
         """The run's state after the last completed round: global adapter, per-client adapters,
         round records, base accuracy.  Written to a temporary folder, then swapped in."""
-        from safetensors.torch import save_file
-
         final, tmp = self.out / "state", self.out / "state.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "personal").mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in to_state_dict(self.state.global_factors).items()},
-                  str(tmp / "global.safetensors"))
+        write_factors_file(tmp / "global.safetensors", to_state_dict(self.state.global_factors))
         for cid, f in self.state.method_state.get("personal", {}).items():
-            save_file({k: v.contiguous() for k, v in to_state_dict(f).items()}, str(tmp / "personal" / f"{cid}.safetensors"))
+            write_factors_file(tmp / "personal" / f"{cid}.safetensors", to_state_dict(f))
         other = {k: v for k, v in self.state.method_state.items() if k != "personal"}
         (tmp / "run.json").write_text(json.dumps({
             "method": self.cfg.method, "model": self.cfg.model, "seed": self.cfg.seed,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from edge_client.lora import Factors, adapter_config_json, to_state_dict
+from edge_client.wire import write_factors_file
 
 
 def save_adapter(folder: Path, factors: Factors, scale: float, targets: list[str], base_model: str) -> None:
@@ -16,8 +15,7 @@ def save_adapter(folder: Path, factors: Factors, scale: float, targets: list[str
     folder.mkdir(parents=True, exist_ok=True)
     dims = {m: (a.shape[1], b.shape[0]) for m, (a, b) in factors.items()}
     ranks = {m: a.shape[0] for m, (a, _) in factors.items()}
-    sd = {k: v.contiguous() for k, v in to_state_dict(factors).items()}
-    save_file(sd, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_factors_file(folder / "adapter_model.safetensors", to_state_dict(factors))
     cfg = adapter_config_json(dims, ranks, scale, targets, base_model)
     (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
 

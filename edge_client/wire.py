@@ -33,5 +33,13 @@ def decode_tensors(blob: bytes, max_bytes: int | None = None) -> dict[str, torch
         raise PayloadError(f"payload is not valid safetensors: {exc}") from None
 
 
+def write_factors_file(path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write a state dict (peft keys) as a safetensors file, as peft's adapter_model.safetensors."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt"})
+
+
 def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return len(encode_tensors(tensors))
