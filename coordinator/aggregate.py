@@ -8,7 +8,7 @@ logging: these functions are what the methods' aggregation rules are made of.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,7 @@ class Contribution:
     plan: ClientPlan
     factors: Factors
     weight: float
+    importance: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> per-component scores (HAFL)
 
 
 def average_components(global_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],

@@ -129,9 +129,9 @@ def cmd_emulate(args) -> int:
 def cmd_plan(args) -> int:
     from rich.table import Table
 
-    from .engine import capacity_for
+    from .engine import capacity_for, method_context
     from .fleet import load_fleet
-    from .methods import MethodContext, get_method
+    from .methods import full_downlink, get_method
     from .planner import meta_shape
     from .report import make_console
 
@@ -139,18 +139,25 @@ def cmd_plan(args) -> int:
     method = get_method(cfg.method)
     fleet = load_fleet(cfg.fleet)
     shape = meta_shape(cfg.model, list(cfg.lora.target_modules) or None)
-    ctx = MethodContext(shape.adapted, cfg.lora.scale, cfg.lora.rank, cfg.lora.max_rank)
+    ctx = method_context(cfg, shape.adapted)
+    big_r = method.global_rank(ctx)
+    down = big_r if full_downlink(method, ctx) else None
+    knob_name = getattr(method, "knob", "rank")
     t = cfg.train
     table = Table(title=f"plan: {cfg.model} ({shape.n_params / 1e6:.1f} M params), method {cfg.method}, "
                         f"batch {t.batch_size} x seq {t.max_seq_len}, {t.steps} steps, deadline "
                         f"{cfg.planner.round_deadline_s:.0f} s")
+    if down is not None:
+        table.caption = f"{cfg.method} sends every device all {big_r} global components: capacity is planned " \
+                        f"with a rank-{big_r} download"
     for col in ("device", "profile", "usable GB", "capacity (rank)", "memory GB", "s/step", "round s",
-                f"{cfg.method} rank"):
+                f"{cfg.method} {knob_name}"):
         table.add_column(col, justify="right" if col != "device" else "left")
     for dev in fleet:
-        cap = capacity_for(cfg, shape, dev.profile)  # memory and times are at its rank (rank 1 when 0)
+        cap = capacity_for(cfg, shape, dev.profile, down)  # memory and times are at its rank (rank 1 when 0)
         plan = method.plan(dev.id, cap.rank, ctx, 1)
-        knob = str(plan.rank) if plan else "[red]cannot take part[/red]"
+        knob = (f"{plan.rank}" + (f" of {big_r}" if big_r != plan.rank and not method.pooled else "")
+                if plan else "[red]cannot take part[/red]")
         cap_s = str(cap.rank) if cap.rank else f"[red]0 ({cap.reason})[/red]"
         table.add_row(dev.id, dev.profile.name, f"{dev.profile.memory_usable_gb:.1f}", cap_s, f"{cap.memory_gb:.2f}",
                       f"{cap.step_s:.2f}", f"{cap.round_s:.0f}", knob)

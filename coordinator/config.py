@@ -55,6 +55,24 @@ class PlannerSettings:
 
 
 @dataclass(frozen=True)
+class HaflSettings:
+    """HAFL (method ``hafl``): which variant, and the smoothing of the sensitivity scores."""
+
+    variant: str = "freeze"   # freeze: all hold rank R, train the top r_i; truncate: hold and train the top r_i
+    beta1: float = 0.85       # AdaLoRA's smoothing of the sensitivity I = |w·grad|
+    beta2: float = 0.85       # and of its uncertainty |I − Ī|
+
+
+@dataclass(frozen=True)
+class FsloraSettings:
+    """FSLoRA (method ``fslora``): the optional server-side optimiser of the official code."""
+
+    server_optimizer: str = "none"  # none: B ← B + mean ΔB (the paper); adamw: the mean delta as a pseudo-gradient
+    server_lr: float = 3e-4
+    server_betas: tuple[float, ...] = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
 class TransportSettings:
     """The MQTT deployment (``fedlora coordinator``, ``client``, ``emulate``)."""
 
@@ -85,6 +103,8 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
+    hafl: HaflSettings = field(default_factory=HaflSettings)
+    fslora: FsloraSettings = field(default_factory=FsloraSettings)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -223,6 +243,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(4096 <= tr.chunk_bytes <= 256 * 2**20, "transport.chunk_bytes", "must be between 4 KiB and 256 MiB")
     _check(tr.max_update_bytes >= tr.chunk_bytes, "transport.max_update_bytes", "must be at least chunk_bytes")
     _check(tr.max_slowdown >= 1.0, "transport.max_slowdown", "must be at least 1")
+    _check(cfg.hafl.variant in ("freeze", "truncate"), "hafl.variant", "must be 'freeze' or 'truncate'")
+    for name in ("beta1", "beta2"):
+        _check(0.0 <= getattr(cfg.hafl, name) < 1.0, f"hafl.{name}", "must be in [0, 1)")
+    fs = cfg.fslora
+    _check(fs.server_optimizer in ("none", "adamw"), "fslora.server_optimizer", "must be 'none' or 'adamw'")
+    _check(fs.server_lr > 0, "fslora.server_lr", "must be positive")
+    _check(len(fs.server_betas) == 2 and all(0.0 <= b < 1.0 for b in fs.server_betas), "fslora.server_betas",
+           "must be two numbers in [0, 1)")
     _check(cfg.planner.runtime_overhead_gb >= 0, "planner.runtime_overhead_gb", "must be non-negative")
     return cfg
 

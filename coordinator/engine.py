@@ -31,13 +31,13 @@ from edge_client.lora import (
     ClientPlan,
     Factors,
     adapted_modules,
-    expected_shapes,
     from_state_dict,
     install_adapter,
     to_state_dict,
     uniform_plan,
 )
 from edge_client.models import default_target_modules, load_model, resolve_model
+from edge_client.partial import split_update, update_shapes
 from edge_client.trainer import TrainSettings
 from edge_client.wire import decode_tensors, encode_tensors, write_factors_file
 from edge_client.work import assignment_meta
@@ -46,7 +46,7 @@ from .aggregate import Contribution
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate, mix_accuracy
 from .fleet import Device, load_fleet
-from .methods import MethodContext, get_method
+from .methods import MethodContext, full_downlink, get_method
 from .partition import builtin_client_data, domain_mix, split_pool
 from .planner import Capacity, ModelShape, plan_capacity
 from .validate import UpdateRejected, capped_weight, validate_update
@@ -83,6 +83,7 @@ class Assignment:
     plan: ClientPlan
     meta: dict
     start: bytes
+    start_tensor_bytes: int = 0  # the float32 payload of ``start`` (the closed form of what was sent)
 
 
 @dataclass(frozen=True)
@@ -100,16 +101,22 @@ class RunState:
     """Everything a run carries from round to round."""
 
     global_factors: Factors
+    # JSON-able values, plus "personal" (client -> factors) and "tensors" (name -> tensor), saved as safetensors
     method_state: dict = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)
 
 
-def capacity_for(cfg: RunConfig, shape: ModelShape, profile) -> Capacity:
-    """The planner's capacity for ``profile`` under this run's LoRA, training and planner settings."""
+def method_context(cfg: RunConfig, dims) -> MethodContext:
+    return MethodContext(dims, cfg.lora.scale, cfg.lora.rank, cfg.lora.max_rank, cfg.seed, cfg.hafl, cfg.fslora)
+
+
+def capacity_for(cfg: RunConfig, shape: ModelShape, profile, down_rank: int | None = None) -> Capacity:
+    """The planner's capacity for ``profile`` under this run's LoRA, training and planner settings;
+    ``down_rank``: the rank every client downloads whatever it trains (None: its own rank)."""
     t, p = cfg.train, cfg.planner
     return plan_capacity(profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
                          seq=t.max_seq_len, deadline_s=p.round_deadline_s, overhead_gb=p.runtime_overhead_gb,
-                         transfer_budget_s=p.transfer_budget_s)
+                         transfer_budget_s=p.transfer_budget_s, down_rank=down_rank)
 
 
 def pick_device(name: str) -> str:
@@ -153,7 +160,7 @@ class Engine:
         targets = list(cfg.lora.target_modules) or default_target_modules(self.model)
         self.targets = targets
         self.dims = adapted_modules(self.model, targets)
-        self.ctx = MethodContext(self.dims, cfg.lora.scale, cfg.lora.rank, cfg.lora.max_rank)
+        self.ctx = method_context(cfg, self.dims)
         self.shape = ModelShape.from_model(self.model, self.dims)
         self.R = self.method.global_rank(self.ctx)
 
@@ -194,7 +201,7 @@ class Engine:
         self.state = RunState(init_global_factors(self.dims, self.R, cfg.seed))
 
     def _capacity(self, profile) -> Capacity:
-        return capacity_for(self.cfg, self.shape, profile)
+        return capacity_for(self.cfg, self.shape, profile, self.R if full_downlink(self.method, self.ctx) else None)
 
     # ----------------------------------------------------------------------------- state on disk
 
@@ -208,7 +215,9 @@ class Engine:
         write_factors_file(tmp / "global.safetensors", to_state_dict(self.state.global_factors))
         for cid, f in self.state.method_state.get("personal", {}).items():
             write_factors_file(tmp / "personal" / f"{cid}.safetensors", to_state_dict(f))
-        other = {k: v for k, v in self.state.method_state.items() if k != "personal"}
+        if self.state.method_state.get("tensors"):
+            write_factors_file(tmp / "method.safetensors", self.state.method_state["tensors"])
+        other = {k: v for k, v in self.state.method_state.items() if k not in ("personal", "tensors")}
         (tmp / "run.json").write_text(json.dumps({
             "method": self.cfg.method, "model": self.cfg.model, "seed": self.cfg.seed,
             "completed_round": len(self.state.rounds), "rounds": self.state.rounds,
@@ -234,6 +243,8 @@ class Engine:
         self.state.method_state = dict(saved["method_state"])
         if personal:
             self.state.method_state["personal"] = personal
+        if (folder / "method.safetensors").is_file():
+            self.state.method_state["tensors"] = dict(load_file(str(folder / "method.safetensors")))
         self.state.rounds = saved["rounds"]
         if saved.get("base_accuracy"):
             self.base_accuracy = saved["base_accuracy"]
@@ -261,7 +272,7 @@ class Engine:
 
     def _eligible(self) -> list[ClientData]:
         """Devices the method can give a plan; the others are reported and never sampled."""
-        return [c for c in self.clients if self.method.plan(c.id, c.capacity.rank, self.ctx, 1) is not None]
+        return [c for c in self.clients if self.method.plan(c.id, c.capacity.rank, self.ctx, 1, None) is not None]
 
     def open_round(self, round_idx: int, available: set[str] | None = None) -> tuple[list[Assignment], list[dict]]:
         """(assignments, skipped) for the sampled devices of round ``round_idx``."""
@@ -271,7 +282,7 @@ class Engine:
         out, skipped = [], []
         for c in self.sample(round_idx, available):
             capacity = c.capacity.rank if c.capacity else self.R
-            plan = self.method.plan(c.id, capacity, self.ctx, round_idx)
+            plan = self.method.plan(c.id, capacity, self.ctx, round_idx, self.state.method_state)
             if plan is None:
                 why = c.capacity.reason if c.capacity and c.capacity.reason else "below the method's rank"
                 skipped.append({"client": c.id, "capacity": capacity, "reason": why})
@@ -280,19 +291,21 @@ class Engine:
             meta = assignment_meta(round_idx=round_idx, plan=plan, seed=hash_seed(self.cfg.seed, round_idx, c.id),
                                    settings=settings, targets=self.targets, dropout=self.cfg.lora.dropout,
                                    model=self.cfg.model)
-            out.append(Assignment(c.id, round_idx, plan, meta, encode_tensors(to_state_dict(start))))
+            out.append(Assignment(c.id, round_idx, plan, meta, encode_tensors(to_state_dict(start)),
+                                  4 * sum(a.numel() + b.numel() for a, b in start.values())))
         return out, skipped
 
     def _accept(self, ret: Returned) -> Contribution:
         """Decode and validate one update against its assignment's plan; UpdateRejected if bad."""
         a = ret.assignment
         tensors = decode_tensors(ret.update or b"", MAX_UPDATE_BYTES)
-        validate_update(a.client, tensors, expected_shapes(self.dims, a.plan))
+        validate_update(a.client, tensors, update_shapes(self.dims, a.plan))
+        tensors, importance = split_update(tensors)
         claimed = (ret.report or {}).get("num_examples")
         if not isinstance(claimed, int):
             raise UpdateRejected(f"client {a.client}: report has no integer num_examples")
         cap = self.by_id[a.client].num_examples
-        return Contribution(a.client, a.plan, from_state_dict(tensors), float(capped_weight(claimed, cap)))
+        return Contribution(a.client, a.plan, from_state_dict(tensors), float(capped_weight(claimed, cap)), importance)
 
     def close_round(self, round_idx: int, returned: list[Returned], skipped: list[dict], t0: float) -> dict:
         """Validate, aggregate, evaluate and record round ``round_idx``; returns its record."""
@@ -311,7 +324,8 @@ class Engine:
                          "local_seconds": rep.get("seconds"), "steps": rep.get("steps"),
                          "loss_first": rep.get("first_loss"), "loss_last": rep.get("last_loss"),
                          "num_examples": rep.get("num_examples"),
-                         "tensor_bytes": 4 * sum(math.prod(s) for s in expected_shapes(self.dims, a.plan).values()),
+                         "tensor_bytes": 4 * sum(math.prod(s) for s in update_shapes(self.dims, a.plan).values()),
+                         "downlink_tensor_bytes": a.start_tensor_bytes,
                          "predicted_round_seconds": round(c.capacity.round_s, 1) if c.capacity else None})
             try:
                 contribs.append(self._accept(ret))

@@ -123,33 +123,38 @@ class Capacity:
 
 
 def device_estimate(profile: DeviceProfile, shape: ModelShape, rank: int, steps: int, batch: int,
-                    seq: int, overhead_gb: float) -> tuple[float, float, float]:
+                    seq: int, overhead_gb: float, down_rank: int | None = None) -> tuple[float, float, float]:
     """(memory GB, seconds per step, seconds per round) for ``profile`` at ``rank``."""
     mem = sum(memory_bytes(shape, rank, batch, seq, overhead_gb).values()) / GB
     step = step_flops(shape, rank, batch, seq) / (profile.compute_gflops * 1e9 * STEP_EFFICIENCY)
-    return mem, step, transfer_seconds(profile, shape, rank) + steps * step
+    return mem, step, transfer_seconds(profile, shape, rank, down_rank) + steps * step
 
 
-def transfer_seconds(profile: DeviceProfile, shape: ModelShape, rank: int) -> float:
-    bits = adapter_bytes(shape, rank) * 8
-    return bits / (profile.downlink_mbps * 1e6) + bits / (profile.uplink_mbps * 1e6)
+def transfer_seconds(profile: DeviceProfile, shape: ModelShape, rank: int, down_rank: int | None = None) -> float:
+    """Seconds to download the start adapter (rank ``down_rank``, default ``rank``) and upload the
+    rank-``rank`` update."""
+    down = adapter_bytes(shape, rank if down_rank is None else down_rank) * 8
+    up = adapter_bytes(shape, rank) * 8
+    return down / (profile.downlink_mbps * 1e6) + up / (profile.uplink_mbps * 1e6)
 
 
 def plan_capacity(profile: DeviceProfile, shape: ModelShape, *, max_rank: int, steps: int, batch: int,
-                  seq: int, deadline_s: float, overhead_gb: float, transfer_budget_s: float = float("inf")
-                  ) -> Capacity:
+                  seq: int, deadline_s: float, overhead_gb: float, transfer_budget_s: float = float("inf"),
+                  down_rank: int | None = None) -> Capacity:
     """The largest rank in 1..max_rank that fits memory, deadline and transfer budget; rank 0 with
-    a reason if none."""
+    a reason if none.  ``down_rank``: the rank the device downloads whatever it trains (methods
+    that send every client all R components); None: it downloads what it trains."""
     for rank in range(max_rank, 0, -1):
-        mem, step, total = device_estimate(profile, shape, rank, steps, batch, seq, overhead_gb)
+        mem, step, total = device_estimate(profile, shape, rank, steps, batch, seq, overhead_gb, down_rank)
         if (mem <= profile.memory_usable_gb and total <= deadline_s
-                and transfer_seconds(profile, shape, rank) <= transfer_budget_s):
+                and transfer_seconds(profile, shape, rank, down_rank) <= transfer_budget_s):
             return Capacity(profile.name, rank, mem, profile.memory_usable_gb, step, total)
-    mem, step, total = device_estimate(profile, shape, 1, steps, batch, seq, overhead_gb)
+    mem, step, total = device_estimate(profile, shape, 1, steps, batch, seq, overhead_gb, down_rank)
     reasons = []
-    if transfer_seconds(profile, shape, 1) > transfer_budget_s:
-        reasons.append(f"moving a rank-1 adapter takes {transfer_seconds(profile, shape, 1):.1f} s, "
-                       f"budget {transfer_budget_s:.0f} s")
+    moving = transfer_seconds(profile, shape, 1, down_rank)
+    if moving > transfer_budget_s:
+        what = "a rank-1 adapter" if down_rank is None else f"a rank-{down_rank} download and a rank-1 upload"
+        reasons.append(f"moving {what} takes {moving:.1f} s, budget {transfer_budget_s:.0f} s")
     if mem > profile.memory_usable_gb:
         reasons.append(f"needs {mem:.2f} GB at rank 1, {profile.memory_usable_gb:.2f} GB usable")
     if total > deadline_s:

@@ -51,10 +51,13 @@ def batches(encoded: Sequence, batch_size: int, seed: int) -> Iterator[list]:
 
 
 def train_steps(model, params: list[torch.nn.Parameter], batch_iter: Iterator[dict], steps: int,
-                lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0, slowdown: float = 1.0) -> list[float]:
+                lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0, slowdown: float = 1.0,
+                hooks=None) -> list[float]:
     """Run ``steps`` AdamW steps of ``model`` on ``params``; returns the loss of each step.
 
     ``slowdown > 1`` stretches every step to that multiple of its time (emulating a slower device).
+    ``hooks`` (e.g. :class:`edge_client.partial.PartialTraining`) has ``after_backward()``, called
+    before gradient clipping, and ``after_step()``, called after each optimiser step.
     """
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     losses = []
@@ -65,10 +68,14 @@ def train_steps(model, params: list[torch.nn.Parameter], batch_iter: Iterator[di
             batch = next(batch_iter)
             loss = model(**batch).loss
             loss.backward()
+            if hooks is not None:
+                hooks.after_backward()
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if hooks is not None:
+                hooks.after_step()
             losses.append(float(loss.detach()))
             if slowdown > 1.0:
                 time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
@@ -78,7 +85,7 @@ def train_steps(model, params: list[torch.nn.Parameter], batch_iter: Iterator[di
 
 
 def train_local(peft_model, tokenizer, examples: Sequence[Example], settings: TrainSettings,
-                seed: int, device: str | torch.device = "cpu", slowdown: float = 1.0) -> TrainResult:
+                seed: int, device: str | torch.device = "cpu", slowdown: float = 1.0, hooks=None) -> TrainResult:
     """Train the active adapter of ``peft_model`` on ``examples`` for ``settings.steps`` steps.
 
     Deterministic in ``seed`` on a CPU.  Raises ValueError with no examples or no trainable
@@ -99,6 +106,6 @@ def train_local(peft_model, tokenizer, examples: Sequence[Example], settings: Tr
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     losses = train_steps(peft_model, params, to_device(), settings.steps, settings.lr,
-                         settings.weight_decay, settings.grad_clip, slowdown)
+                         settings.weight_decay, settings.grad_clip, slowdown, hooks)
     seconds = time.perf_counter() - t0
     return TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses), seconds, len(examples))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from .data import Example
 from .lora import ClientPlan, from_state_dict, get_factors, install_adapter, lora_config, to_state_dict
+from .partial import PartialTraining, folded, held_count, held_plan, select_components
 from .trainer import TrainSettings, train_local
 from .wire import decode_tensors, encode_tensors
 
@@ -40,13 +41,37 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
                    device="cpu", max_bytes: int | None = None, slowdown: float = 1.0) -> tuple[bytes, dict]:
     """Install the start factors under the plan, train, and return ``(update bytes, report)``.
 
-    The report is JSON: example count, steps, first/last loss, training seconds.
+    The report is JSON: example count, steps, first/last loss, training seconds.  Plans that hold
+    more than they train (``hold``/``frozen``) or score importance are handled as
+    :mod:`edge_client.partial` describes; only the trained components go up.
     """
     plan = ClientPlan.from_json(meta["plan"])
     factors = from_state_dict(decode_tensors(start, max_bytes))
-    install_adapter(peft_model, ADAPTER, plan, factors, meta["targets"], meta["dropout"])
-    res = train_local(peft_model, tokenizer, examples, TrainSettings(**meta["train"]), int(meta["seed"]), device,
-                      slowdown)
-    up = encode_tensors(to_state_dict(get_factors(peft_model, ADAPTER)))
+    frozen = plan.extra.get("frozen") if held_count(plan) is not None else None
+    if frozen not in (None, "fold", "forward"):
+        raise ValueError(f"plan: unknown 'frozen' mode {frozen!r} (expected 'fold' or 'forward')")
+    importance = plan.extra.get("importance")
+    settings = TrainSettings(**meta["train"])
+    seed = int(meta["seed"])
+    if frozen == "fold":
+        with folded(peft_model, factors, plan):
+            install_adapter(peft_model, ADAPTER, plan, select_components(factors, plan), meta["targets"],
+                            meta["dropout"])
+            hooks = PartialTraining(peft_model, ADAPTER, plan, False, importance) if importance else None
+            res = train_local(peft_model, tokenizer, examples, settings, seed, device, slowdown, hooks)
+        trained = get_factors(peft_model, ADAPTER)
+    else:
+        held = held_plan(plan)
+        install_adapter(peft_model, ADAPTER, held, factors, meta["targets"], meta["dropout"])
+        hooks = (PartialTraining(peft_model, ADAPTER, plan, frozen == "forward", importance)
+                 if importance or frozen == "forward" else None)
+        res = train_local(peft_model, tokenizer, examples, settings, seed, device, slowdown, hooks)
+        trained = get_factors(peft_model, ADAPTER)
+        if frozen == "forward":
+            trained = select_components(trained, plan)
+    tensors = to_state_dict(trained)
+    if hooks is not None:
+        tensors.update(hooks.scores())
+    up = encode_tensors(tensors)
     return up, {"round": meta["round"], "num_examples": res.num_examples, "steps": res.steps,
                 "first_loss": res.first_loss, "last_loss": res.last_loss, "seconds": round(res.seconds, 3)}

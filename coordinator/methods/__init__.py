@@ -7,12 +7,13 @@ fails with the list of valid names.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from edge_client.lora import ClientPlan, Factors, slice_factors, uniform_plan
 
 from ..aggregate import Contribution
+from ..config import FsloraSettings, HaflSettings
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class MethodContext:
     scale: float
     rank: int       # the homogeneous rank (lora.rank)
     max_rank: int   # lora.max_rank
+    seed: int = 0   # the run's seed: methods that draw at random (FSLoRA, Fed-PLoRA) draw from it
+    hafl: HaflSettings = field(default_factory=HaflSettings)
+    fslora: FsloraSettings = field(default_factory=FsloraSettings)
 
 
 class Method(Protocol):
@@ -35,9 +39,12 @@ class Method(Protocol):
         """R: the number of global components per module."""
         ...
 
-    def plan(self, client: str, capacity: int, ctx: MethodContext, round_idx: int) -> ClientPlan | None:
+    def plan(self, client: str, capacity: int, ctx: MethodContext, round_idx: int,
+             state: dict | None = None) -> ClientPlan | None:
         """The client's plan for this round, or None when its capacity cannot hold the method's
-        minimum (the caller reports it as skipped, with the capacity)."""
+        minimum (the caller reports it as skipped, with the capacity).  ``capacity`` is the
+        planner's rank for the device; each method's docstring says how it maps to its knob.
+        ``state`` is the method's state (None when planning outside a run, as ``fedlora plan``)."""
         ...
 
     def start_factors(self, client: str, global_factors: Factors, plan: ClientPlan, state: dict) -> Factors:
@@ -72,6 +79,13 @@ def get_method(name: str) -> Method:
     return _REGISTRY[name]()
 
 
+def full_downlink(method: Method, ctx: MethodContext) -> bool:
+    """True when every client downloads all R global components whatever it trains (Fed-PLoRA,
+    HAFL's freezing variant): the planner then charges a rank-R download to every device."""
+    f = getattr(method, "full_downlink", None)
+    return bool(f(ctx)) if f is not None else False
+
+
 def capacity_plan(capacity: int, ctx: MethodContext) -> ClientPlan | None:
     """The first ``min(capacity, R)`` components of every module (R = ``lora.max_rank``), or None
     when the capacity is 0: the planner-driven rank of HetLoRA, FlexLoRA and local training."""
@@ -84,4 +98,4 @@ def global_slice(client: str, global_factors: Factors, plan: ClientPlan, state: 
     return slice_factors(global_factors, plan)
 
 
-from . import centralized, fedit, flexlora, hetlora, local  # noqa: E402,F401  (registers them)
+from . import centralized, fed_plora, fedit, flexlora, fslora, hafl, hetlora, local  # noqa: E402,F401  (registers them)

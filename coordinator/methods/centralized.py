@@ -24,7 +24,7 @@ class Centralized:
     def global_rank(self, ctx: MethodContext) -> int:
         return ctx.max_rank
 
-    def plan(self, client, capacity, ctx, round_idx):
+    def plan(self, client, capacity, ctx, round_idx, state=None):
         return uniform_plan(ctx.modules, ctx.max_rank, ctx.scale)
 
     def aggregate(self, global_factors, contributions, ctx, state):

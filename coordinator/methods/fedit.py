@@ -26,7 +26,7 @@ class FedIT:
     def global_rank(self, ctx: MethodContext) -> int:
         return ctx.rank
 
-    def plan(self, client, capacity, ctx, round_idx):
+    def plan(self, client, capacity, ctx, round_idx, state=None):
         return uniform_plan(ctx.modules, ctx.rank, ctx.scale) if capacity >= ctx.rank else None
 
     def aggregate(self, global_factors, contributions, ctx, state):

@@ -27,7 +27,7 @@ class FlexLoRA:
     def global_rank(self, ctx: MethodContext) -> int:
         return ctx.max_rank
 
-    def plan(self, client, capacity, ctx, round_idx):
+    def plan(self, client, capacity, ctx, round_idx, state=None):
         return capacity_plan(capacity, ctx)
 
     def aggregate(self, global_factors, contributions, ctx, state):

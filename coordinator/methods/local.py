@@ -22,7 +22,7 @@ class Local:
     def global_rank(self, ctx: MethodContext) -> int:
         return ctx.max_rank
 
-    def plan(self, client, capacity, ctx, round_idx):
+    def plan(self, client, capacity, ctx, round_idx, state=None):
         return capacity_plan(capacity, ctx)
 
     def start_factors(self, client, global_factors, plan, state):

@@ -1,0 +1,95 @@
+"""FSLoRA (Fang et al., "Federated Sketching LoRA", arXiv 2501.19389; official code
+wenzhifang/Federated-Sketching-LoRA-Implementation @ ac24177): sketched sub-adapters per device.
+
+The server holds rank ``R = lora.max_rank``.  Every round, client ``i`` draws a sketch ``K_i`` of
+``k_i`` components per adapted matrix, uniformly without replacement and afresh (the code's
+``randperm(r)[:k_i]`` per tensor), and trains ``B[:, K_i]``, ``A[K_i, :]`` under the scale
+``s·R/k_i``: its model is ``W0 + s·B S_i A`` with ``S_i = (R/k_i)·Σ_{j∈K_i} e_j e_jᵀ``, so
+``E[S_i] = I`` and the expected sketched product is the full one.  Only the sketched columns and
+rows go down and up (``k_i(m+n)`` numbers per matrix each way).  The server averages the deltas
+over the sampled clients, zero outside each sketch: ``B ← B + Σ_i p_i ΔB_i`` (and A), with
+``p_i`` the data-size weights (``1/|P|`` for equal data, as in the paper).
+
+``fslora.server_optimizer: adamw`` (the official code's FedOpt step) feeds the negative averaged
+delta as a pseudo-gradient to a server Adam (``fslora.server_lr``, ``fslora.server_betas``, no
+weight decay); its moments are kept in the run state.  The default is the paper's plain update.
+
+Planner mapping: the knob is the sketch size ``k_i = min(capacity_i, R)`` (the sketching ratio is
+``k_i / R``); a client trains, sends and receives rank ``k_i``.
+
+Differences from the official code: the code realises the sketch by masking a full-rank B and
+multiplying its gradient by ``S²``, equivalent to training the slices with SGD but not with Adam;
+here the slices are trained directly (the paper's description).  The code's ``'lora_B' == n``
+name test looks like it never selects the sketch branch (ALGORITHMS.md §3.2); this
+implementation follows the paper, not that behaviour.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from edge_client.lora import ClientPlan
+
+from ..aggregate import average_components
+from . import MethodContext, global_slice, register
+from .fed_plora import random_components
+
+
+def sketch_product(a: torch.Tensor, b: torch.Tensor, components, total: int) -> torch.Tensor:
+    """``B S A`` for the sketch ``components`` of ``total``: ``(R/k)·Σ_{j∈K} B_j A_j``."""
+    idx = torch.tensor(list(components), dtype=torch.long)
+    return (total / len(idx)) * (b.index_select(1, idx) @ a.index_select(0, idx))
+
+
+def adam_step(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
+              lr: float, betas: tuple[float, float], eps: float = 1e-8) -> torch.Tensor:
+    """One Adam step (bias-corrected, no weight decay) on ``param``; ``m``, ``v`` updated in place."""
+    b1, b2 = betas
+    m.mul_(b1).add_(grad, alpha=1 - b1)
+    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    m_hat, v_hat = m / (1 - b1 ** step), v / (1 - b2 ** step)
+    return param - lr * m_hat / (v_hat.sqrt() + eps)
+
+
+class FSLoRA:
+    name = "fslora"
+    knob = "sketch size k"
+    personalised = False
+    global_model = True
+    pooled = False
+    start_factors = staticmethod(global_slice)
+
+    def global_rank(self, ctx: MethodContext) -> int:
+        return ctx.max_rank
+
+    def plan(self, client, capacity, ctx, round_idx, state=None):
+        big_r = self.global_rank(ctx)
+        k = min(capacity, big_r)
+        if k < 1:
+            return None
+        rng = random.Random(f"fslora|{ctx.seed}|{round_idx}|{client}")
+        return ClientPlan(random_components(rng, ctx.modules, k, big_r), ctx.scale * big_r / k, k,
+                          {"sketch": k, "sketch_ratio": round(k / big_r, 4)})
+
+    def aggregate(self, global_factors, contributions, ctx, state):
+        mean = average_components(global_factors, contributions, "all")
+        if ctx.fslora.server_optimizer == "none":
+            return mean
+        tensors = state.setdefault("tensors", {})
+        step = int(state.get("server_step", 0)) + 1
+        state["server_step"] = step
+        out = {}
+        for module, (ga, gb) in global_factors.items():
+            new = []
+            for which, g, avg in (("A", ga, mean[module][0]), ("B", gb, mean[module][1])):
+                m = tensors.setdefault(f"adam.m.{module}.{which}", torch.zeros_like(g))
+                v = tensors.setdefault(f"adam.v.{module}.{which}", torch.zeros_like(g))
+                new.append(adam_step(g, g - avg, m, v, step, ctx.fslora.server_lr,
+                                     tuple(ctx.fslora.server_betas)))
+            out[module] = (new[0], new[1])
+        return out
+
+
+register("fslora")(FSLoRA)

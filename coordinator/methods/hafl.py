@@ -1,0 +1,114 @@
+"""HAFL (Su, Yan & Deng, ICC 2025, "Federated LLMs Fine-tuned with Adaptive Importance-Aware
+LoRA", arXiv 2411.06581 v1): importance-aware rank truncation or freezing, with rank-1 aggregation.
+
+The server holds rank ``R = lora.max_rank``.  Client ``i`` trains its ``r_i = min(capacity_i, R)``
+most important components per adapted matrix, ranked by importance scores that clients compute
+while they train and send with their update (one float per scored component per matrix):
+
+- ``hafl.variant: freeze`` (default; the paper's preferred scheme): every client holds all R
+  components (downlink rank R), trains its top ``r_i`` and keeps the rest frozen in the forward
+  pass; it scores all R (their gradients are computed, then zeroed).
+- ``hafl.variant: truncate``: the client holds and trains only its top ``r_i`` (downlink ``r_i``)
+  and scores those.
+
+Uplink is the ``r_i`` trained components plus the scores.  Aggregation is per rank-1 component:
+each component is averaged over the clients that trained it (data-size weights), a component
+nobody trained keeps its value; unlike zero-padding, a component trained by few clients is not
+diluted.
+
+Planner mapping: the knob is ``r_i = min(capacity_i, R)``; for ``freeze`` the capacity is planned
+with a rank-R download (every client receives all R components).
+
+Reconstructed (only the abstract is public; ALGORITHMS.md §2 marks these [inferred]):
+
+- the score is AdaLoRA's smoothed sensitivity, per parameter ``s = Ī·Ū`` with
+  ``Ī ← β1 Ī + (1−β1)|w·∂L/∂w|``, ``Ū ← β2 Ū + (1−β2)|I − Ī|`` (``hafl.beta1``/``beta2``, 0.85),
+  and per component ``S_j = mean_i s(B[i,j]) + mean_i s(A[j,i])``, taken at the end of local
+  training (``edge_client.partial``);
+- whose scores rank a client's components: its own from the last round it reported them,
+  falling back to the fleet's scores (the weighted mean of the latest reports per component) for
+  components it has never scored.  Before any report all scores are 0 and ties go to the lower
+  index, so round 1 trains the first ``r_i`` components, as HetLoRA does;
+- rank-1 aggregation weights are data sizes.
+"""
+
+from __future__ import annotations
+
+from edge_client.lora import ClientPlan, ModulePlan
+
+from ..aggregate import average_components
+from . import MethodContext, global_slice, register
+
+
+def top_components(scores: list[float], r: int) -> tuple[int, ...]:
+    """The ``r`` highest-scoring indices (ties to the lower index), in increasing order."""
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+    return tuple(sorted(order[:r]))
+
+
+def ranking_scores(state: dict | None, client: str, module: str, total: int) -> list[float]:
+    """The scores that rank ``client``'s components of ``module``: its own, else the fleet's."""
+    imp = (state or {}).get("importance", {})
+    own = imp.get("clients", {}).get(client, {}).get(module)
+    return list(own) if own is not None else list(imp.get("global", {}).get(module, [0.0] * total))
+
+
+class HAFL:
+    name = "hafl"
+    personalised = False
+    global_model = True
+    pooled = False
+
+    def global_rank(self, ctx: MethodContext) -> int:
+        return ctx.max_rank
+
+    def full_downlink(self, ctx: MethodContext) -> bool:
+        return ctx.hafl.variant == "freeze"
+
+    def plan(self, client, capacity, ctx, round_idx, state=None):
+        big_r = self.global_rank(ctx)
+        r = min(capacity, big_r)
+        if r < 1:
+            return None
+        modules = {m: ModulePlan(top_components(ranking_scores(state, client, m, big_r), r))
+                   for m in sorted(ctx.modules)}
+        extra = {"importance": {"beta1": ctx.hafl.beta1, "beta2": ctx.hafl.beta2}, "variant": ctx.hafl.variant}
+        if ctx.hafl.variant == "freeze":
+            extra.update({"hold": big_r, "frozen": "forward"})
+        return ClientPlan(modules, ctx.scale, r, extra)
+
+    def start_factors(self, client, global_factors, plan, state):
+        if plan.extra.get("hold") is not None:
+            return {m: (a.clone(), b.clone()) for m, (a, b) in global_factors.items()}
+        return global_slice(client, global_factors, plan, state)
+
+    def aggregate(self, global_factors, contributions, ctx, state):
+        update_importance(state, contributions, self.global_rank(ctx))
+        return average_components(global_factors, contributions, "trainers")
+
+
+def update_importance(state: dict, contributions, total: int) -> None:
+    """Record each contribution's scores as its client's own, and set the fleet's score of every
+    component scored this round to the weighted mean of this round's scores (others keep theirs)."""
+    imp = state.setdefault("importance", {"global": {}, "clients": {}})
+    sums: dict[str, list[float]] = {}
+    weights: dict[str, list[float]] = {}
+    for c in contributions:
+        own = imp["clients"].setdefault(c.client, {})
+        for module, scores in c.importance.items():
+            idx = (list(range(total)) if c.plan.extra.get("frozen") == "forward"  # it scored all it held
+                   else list(c.plan.modules[module].components))
+            vec = own.setdefault(module, list(imp["global"].get(module, [0.0] * total)))
+            s, w = sums.setdefault(module, [0.0] * total), weights.setdefault(module, [0.0] * total)
+            for j, v in zip(idx, scores.tolist()):
+                vec[j] = v
+                s[j] += c.weight * v
+                w[j] += c.weight
+    for module, s in sums.items():
+        g = imp["global"].setdefault(module, [0.0] * total)
+        for j in range(total):
+            if weights[module][j] > 0:
+                g[j] = s[j] / weights[module][j]
+
+
+register("hafl")(HAFL)

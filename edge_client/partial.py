@@ -1,0 +1,185 @@
+"""Training part of an adapter: the plan extras that HAFL, FSLoRA and Fed-PLoRA use.
+
+A plan normally says "here are ``r`` components, train them all".  Three extras change that
+(all set by the coordinator in ``plan.extra``, all JSON):
+
+``hold: R``
+    The start factors carry all ``R`` global components of every module (global order); the
+    plan's ``components`` are the ones to train.  What happens to the others is ``frozen``:
+
+    ``"fold"`` (Fed-PLoRA's Select-N-Fold)
+        ``W ← W0 + s·Σ_{j∉K} B_j A_j`` is written into the frozen base weights for the duration
+        of the assignment and an adapter of the selected components alone is trained, so the
+        starting function equals the global model's and compute is that of rank ``r``.  The base
+        weights are restored (copied back, not subtracted) afterwards.
+    ``"forward"`` (HAFL's importance-based freezing)
+        A rank-``R`` adapter is installed; the non-selected components stay in the forward pass,
+        their gradients are computed (so their importance can be scored) and then zeroed, and
+        their values are copied back after every optimiser step (so weight decay cannot move
+        them either).
+
+``importance: {"beta1": b1, "beta2": b2}``
+    Score every held component with AdaLoRA's smoothed sensitivity (Zhang et al., ICLR 2023):
+    per parameter ``I = |w·∂L/∂w|``, ``Ī ← b1·Ī + (1−b1)·I``, ``Ū ← b2·Ū + (1−b2)·|I − Ī|``,
+    ``s = Ī·Ū``; component ``j``'s score is ``mean_i s(B[i, j]) + mean_i s(A[j, i])``.  The scores
+    go up with the update as ``importance.<module>`` tensors (one float per held component).
+
+Only the trained components go up, in plan order, whatever was held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import torch
+
+from .lora import ClientPlan, Factors, ModulePlan
+
+IMPORTANCE_PREFIX = "importance."
+
+
+def importance_key(module: str) -> str:
+    return IMPORTANCE_PREFIX + module
+
+
+def held_count(plan: ClientPlan) -> int | None:
+    """R when the plan holds all R global components, else None (it holds what it trains)."""
+    hold = plan.extra.get("hold")
+    return int(hold) if hold is not None else None
+
+
+def held_plan(plan: ClientPlan) -> ClientPlan:
+    """The plan of what the client holds in its forward pass (all R components for ``hold``)."""
+    hold = held_count(plan)
+    if hold is None:
+        return plan
+    return ClientPlan({m: ModulePlan(tuple(range(hold))) for m in plan.modules}, plan.scale, hold, plan.extra)
+
+
+def select_components(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], plan: ClientPlan) -> Factors:
+    """The plan's components out of held factors indexed by global component (copies)."""
+    out: Factors = {}
+    for module, mp in plan.modules.items():
+        a, b = factors[module]
+        idx = torch.tensor(mp.components, dtype=torch.long)
+        out[module] = (a.index_select(0, idx).clone(), b.index_select(1, idx).clone())
+    return out
+
+
+def _lora_layer(peft_model, module: str):
+    return peft_model.base_model.model.get_submodule(module)
+
+
+@contextmanager
+def folded(peft_model, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], plan: ClientPlan):
+    """Fold the components the plan does not train into the frozen base weights; restore on exit.
+
+    ``factors`` hold all R components (global order).  Inside the block the base of each adapted
+    module is ``W0 + s·B[:, F] A[F]`` with ``F`` the non-selected components.
+    """
+    saved = {}
+    try:
+        with torch.no_grad():
+            for module, mp in plan.modules.items():
+                a, b = factors[module]
+                keep = sorted(set(range(a.shape[0])) - set(mp.components))
+                if not keep:
+                    continue
+                w = _lora_layer(peft_model, module).base_layer.weight
+                saved[module] = w.detach().clone()
+                idx = torch.tensor(keep, dtype=torch.long)
+                fold = plan.scale * (b.index_select(1, idx) @ a.index_select(0, idx))
+                w.add_(fold.to(w.device, w.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for module, w0 in saved.items():
+                _lora_layer(peft_model, module).base_layer.weight.copy_(w0)
+
+
+class PartialTraining:
+    """Gradient-time work on the active adapter's LoRA parameters: importance scores, and for
+    ``frozen="forward"`` the masking and restoring of non-selected components.
+
+    ``train_steps`` calls :meth:`after_backward` after every backward pass (before clipping) and
+    :meth:`after_step` after every optimiser step.
+    """
+
+    def __init__(self, peft_model, adapter: str, plan: ClientPlan, freeze: bool, importance: dict | None):
+        self.entries = []  # (module, which, param, row/column mask or None, saved values)
+        self.importance = importance
+        for module, mp in plan.modules.items():
+            layer = _lora_layer(peft_model, module)
+            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            mask = None
+            if freeze:
+                mask = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+                mask[list(mp.components)] = 1.0
+            self.entries.append((module, "A", a, mask))
+            self.entries.append((module, "B", b, mask))
+        self.saved = {id(p): p.detach().clone() for _, _, p, m in self.entries if m is not None}
+        self.ibar = {id(p): torch.zeros_like(p) for _, _, p, _ in self.entries} if importance else {}
+        self.ubar = {id(p): torch.zeros_like(p) for _, _, p, _ in self.entries} if importance else {}
+
+    @staticmethod
+    def _shaped(mask: torch.Tensor, which: str) -> torch.Tensor:
+        return mask[:, None] if which == "A" else mask[None, :]
+
+    def after_backward(self) -> None:
+        with torch.no_grad():
+            for _, which, p, mask in self.entries:
+                if p.grad is None:
+                    continue
+                if self.importance:
+                    b1, b2 = float(self.importance["beta1"]), float(self.importance["beta2"])
+                    i_now = (p * p.grad).abs()
+                    ibar, ubar = self.ibar[id(p)], self.ubar[id(p)]
+                    ibar.mul_(b1).add_(i_now, alpha=1 - b1)
+                    ubar.mul_(b2).add_((i_now - ibar).abs(), alpha=1 - b2)
+                if mask is not None:
+                    p.grad.mul_(self._shaped(mask, which))
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            for _, which, p, mask in self.entries:
+                if mask is not None:
+                    keep = self._shaped(mask, which)
+                    p.copy_(p * keep + self.saved[id(p)] * (1 - keep))
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """``importance.<module>`` -> one score per held component (float32, on the CPU)."""
+        if not self.importance:
+            return {}
+        per_param = {(module, which): self.ibar[id(p)] * self.ubar[id(p)] for module, which, p, _ in self.entries}
+        return {importance_key(m): component_scores(per_param[(m, "A")], per_param[(m, "B")]).to("cpu", torch.float32)
+                for m, which in per_param if which == "A"}
+
+
+def component_scores(s_a: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
+    """The per-component score from per-parameter scores of ``A [r, n]`` and ``B [m, r]``."""
+    return s_a.mean(dim=1) + s_b.mean(dim=0)
+
+
+def update_shapes(module_dims: Mapping[str, tuple[int, int]], plan: ClientPlan) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of everything a client following ``plan`` sends back: the trained factors,
+    and with ``importance`` one score per held component of every module."""
+    from .lora import expected_shapes
+
+    out = expected_shapes(module_dims, plan)
+    if plan.extra.get("importance"):
+        for module, mp in plan.modules.items():
+            scored = held_count(plan) if plan.extra.get("frozen") == "forward" else mp.rank
+            out[importance_key(module)] = (scored,)
+    return out
+
+
+def split_update(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(LoRA factor tensors, module -> importance scores) of a received update."""
+    factors, scores = {}, {}
+    for k, v in tensors.items():
+        if k.startswith(IMPORTANCE_PREFIX):
+            scores[k[len(IMPORTANCE_PREFIX):]] = v
+        else:
+            factors[k] = v
+    return factors, scores
