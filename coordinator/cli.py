@@ -15,7 +15,8 @@ examples:
   fedlora emulate --out runs/emu                         # broker + coordinator + one process per device
   fedlora coordinator --broker mqtt://host:1883 --out runs/live
   fedlora client --broker mqtt://host:1883 --device-id pi5 --data local.jsonl
-  fedlora plan --fleet mixed8                            # what each device can train
+  fedlora compare --methods fedit@min,hetlora,fslora --out runs/cmp   # several methods, one table
+  fedlora plan --fleet mixed8 --method fed-plora         # what each device can train, and the method's knob
   fedlora profile --out profiles/this-machine.yaml       # measure this machine
 """
 
@@ -61,6 +62,25 @@ def cmd_simulate(args) -> int:
     adapters = out / "adapter" if sim.engine.method.global_model else out / "clients" / "*" / "adapter"
     reporter.console.print(f"report: {out / 'report.json'}; adapter: {adapters}; "
                            f"plots: {out / 'accuracy.png'}, {out / 'bytes.png'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from rich.markdown import Markdown
+
+    from .compare import DEFAULT_METHODS, compare
+    from .report import make_console
+
+    cfg = _config_from_args(args)
+    specs = [m.strip() for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m.strip()]
+    console = make_console()
+    console.print(f"[b]fedlora compare[/b]: {len(specs)} runs ({', '.join(specs)}) on model {cfg.model}, fleet "
+                  f"{cfg.fleet}, {cfg.rounds} rounds x {cfg.clients_per_round} clients, seed {cfg.seed}")
+    compare(cfg, specs, args.out, fresh=args.fresh, console=console)
+    out = Path(args.out)
+    console.print(Markdown((out / "compare.md").read_text()))
+    console.print(f"table: {out / 'compare.md'}; numbers: {out / 'compare.json'}; plot: {out / 'compare.png'}; "
+                  f"each run: {out}/<run>/report.json")
     return 0
 
 
@@ -198,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(fn=cmd_simulate)
+    p = sub.add_parser("compare", help="run several methods on the same fleet, seed, data and rounds; one table",
+                       description="Run each method of --methods with `simulate` on the same settings and print "
+                       "one table: final accuracy (overall, per domain, on each client's own domain mix), MB up "
+                       "and down per round, wall time. Writes DIR/<run>/ per method, DIR/compare.md, "
+                       "DIR/compare.json and DIR/compare.png. A finished run with the same settings is reused.")
+    _add_run_args(p)
+    p.add_argument("--methods", help="comma-separated method specs: NAME or NAME@RANK, RANK a number, min or max "
+                   "(the smallest/largest capacity in the fleet; sets lora.rank, i.e. fedit's rank). Default: "
+                   "fedit@min,fedit@max,hetlora,flexlora,hafl,fslora,fed-plora,local,centralized")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--fresh", action="store_true", help="re-run methods whose finished run is already in DIR")
+    p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("plan", help="print what each device of a fleet can train",
                        description="Print, per device of the fleet, the planner's capacity (largest LoRA rank "
                        "whose predicted memory fits and whose round fits the deadline) and the method's knob.")

@@ -1,0 +1,167 @@
+"""``fedlora compare``: several methods on the same fleet, seed, data and rounds, one table.
+
+A method spec is ``NAME`` or ``NAME@RANK``: ``@RANK`` sets ``lora.rank`` (the homogeneous rank of
+``fedit``) to a number, or to ``min`` / ``max``, the smallest / largest planner capacity among the
+fleet's devices that can train (capped at ``lora.max_rank``).  Each run writes its usual outputs
+under ``OUT/<label>/``; a run whose ``report.json`` is already there with the same settings is
+reused, so an interrupted comparison continues where it stopped (``--fresh`` re-runs everything).
+The table (markdown, ``OUT/compare.md``), the numbers (``OUT/compare.json``) and a plot
+(``OUT/compare.png``) are written at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, validate
+from .methods import method_names
+
+DEFAULT_METHODS = ("fedit@min", "fedit@max", "hetlora", "flexlora", "hafl", "fslora", "fed-plora", "local",
+                   "centralized")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    label: str
+    cfg: RunConfig
+
+
+def fleet_rank_range(cfg: RunConfig) -> tuple[int, int]:
+    """(smallest, largest) planner capacity over the fleet's devices that can train."""
+    from .engine import capacity_for
+    from .fleet import load_fleet
+    from .planner import meta_shape
+
+    shape = meta_shape(cfg.model, list(cfg.lora.target_modules) or None)
+    caps = [min(c.rank, cfg.lora.max_rank) for c in (capacity_for(cfg, shape, d.profile) for d in load_fleet(cfg.fleet))
+            if c.rank > 0]
+    if not caps:
+        raise ConfigError(f"fleet {cfg.fleet}: no device can train rank 1")
+    return min(caps), max(caps)
+
+
+def entries(base: RunConfig, specs: list[str]) -> list[Entry]:
+    """One validated config per method spec; a bad spec fails before anything runs."""
+    out, span = [], None
+    for spec in specs:
+        name, _, rank = spec.partition("@")
+        if name not in method_names():
+            raise ConfigError(f"--methods: unknown method '{name}' in '{spec}'; valid methods: "
+                              f"{', '.join(method_names())}")
+        cfg = dataclasses.replace(base, method=name)
+        label = name
+        if rank:
+            if rank in ("min", "max"):
+                span = span or fleet_rank_range(base)
+                r = span[0] if rank == "min" else span[1]
+            else:
+                try:
+                    r = int(rank)
+                except ValueError:
+                    raise ConfigError(f"--methods: '{spec}': the part after @ must be a rank, min or max") from None
+            cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=r))
+            label = f"{name}-r{r}"
+        validate(cfg)
+        if label in {e.label for e in out}:
+            raise ConfigError(f"--methods: '{spec}' is listed twice (as {label})")
+        out.append(Entry(label, cfg))
+    return out
+
+
+def _plain(obj):
+    return json.loads(json.dumps(obj))
+
+
+def reusable(folder: Path, cfg: RunConfig) -> dict | None:
+    """The saved report in ``folder`` when its run had the same settings (every field both know)."""
+    path = folder / "report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    saved, want = report.get("config", {}), _plain(cfg.to_dict())
+    same = all(saved[k] == v for k, v in want.items() if k in saved and k != "device")
+    return report if same else None
+
+
+def summary(label: str, r: dict) -> dict:
+    """One row of the comparison from a run's report."""
+    n = max(1, len(r["rounds"]))
+    fa = r["final_accuracy"]
+    ranks = sorted({c["rank"] for x in r["rounds"] for c in x["clients"]})
+    return {"run": label, "method": r["method"], "ranks": ranks, "accuracy": fa["overall"],
+            "per_domain": fa["per_domain"], "own_mix": fa["own_mix"], "evaluated": fa.get("evaluated"),
+            "mb_up_per_round": r["totals"]["uplink_bytes"] / n / 1e6,
+            "mb_down_per_round": r["totals"]["downlink_bytes"] / n / 1e6,
+            "wall_seconds": r["wall_seconds"], "base_accuracy": r["base_accuracy"],
+            "curve": [x.get("accuracy", {}).get("overall") for x in r["rounds"]]}
+
+
+def markdown(rows: list[dict]) -> str:
+    """The comparison as a markdown table (the base model first)."""
+    domains = list(rows[0]["per_domain"])
+    head = ["run", "method", "ranks", "accuracy %"] + [f"{d} %" for d in domains] + [
+        "own-mix %", "MB up/round", "MB down/round", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rows[0]["base_accuracy"]
+    lines.append("| base model | - | - | " + f"{100 * base['overall']:.1f} | "
+                 + " | ".join(f"{100 * base['per_domain'][d]:.1f}" for d in domains) + " | - | - | - | - |")
+    for s in rows:
+        cells = [s["run"], s["method"], ",".join(map(str, s["ranks"])), f"{100 * s['accuracy']:.1f}"]
+        cells += [f"{100 * s['per_domain'][d]:.1f}" for d in domains]
+        cells += [f"{100 * s['own_mix']:.1f}", f"{s['mb_up_per_round']:.2f}", f"{s['mb_down_per_round']:.2f}",
+                  f"{s['wall_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for s in rows:
+        xs = [i + 1 for i, v in enumerate(s["curve"]) if v is not None]
+        ax1.plot(xs, [100 * v for v in s["curve"] if v is not None], marker="o", label=s["run"])
+    ax1.set(xlabel="round", ylabel="exact match %", title="global adapter accuracy per round")
+    ax1.legend(fontsize=7)
+    labels = [s["run"] for s in rows]
+    x = range(len(rows))
+    ax2.bar([i - 0.2 for i in x], [s["mb_up_per_round"] for s in rows], width=0.4, label="up")
+    ax2.bar([i + 0.2 for i in x], [s["mb_down_per_round"] for s in rows], width=0.4, label="down")
+    ax2.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=8)
+    ax2.set(ylabel="MB per round (all clients)", title="communication")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(base: RunConfig, specs: list[str], out: str | Path, fresh: bool = False, console=None) -> list[dict]:
+    """Run (or reuse) every spec's run under ``out``; write and return the comparison rows."""
+    from .report import ConsoleReporter
+    from .simulate import Simulation
+
+    out = Path(out)
+    todo = entries(base, specs)
+    reporter = ConsoleReporter(console)
+    rows = []
+    for i, e in enumerate(todo, 1):
+        folder = out / e.label
+        report = None if fresh else reusable(folder, e.cfg)
+        head = f"[b][{i}/{len(todo)}] {e.label}[/b]"
+        if report is not None:
+            reporter.console.print(f"{head}: reusing {folder / 'report.json'}")
+        else:
+            reporter.console.print(head)
+            report = Simulation(e.cfg, folder, reporter).run()
+        rows.append(summary(e.label, report))
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    (out / "compare.md").write_text(table)
+    (out / "compare.json").write_text(json.dumps({"specs": specs, "rows": rows}, indent=1))
+    plot(rows, out / "compare.png")
+    return rows
