@@ -335,8 +335,12 @@ def test_coordinator_stopped_after_round_one_resumes_and_finishes(broker, tmp_pa
     assert [r["round"] for r in rep["rounds"]] == [1, 2] and rep["rounds"][1]["valid_updates"] == 2
 
 
-def test_emulate_ends_with_the_same_adapter_as_simulate(tmp_path):
-    cfg = config(tmp_path, ["d1", "d2", "d3"], method="hetlora", rounds=2, clients_per_round=2,
+@pytest.mark.parametrize("method", ["hetlora", "hafl", pytest.param("fslora", marks=pytest.mark.slow),
+                                    pytest.param("fed-plora", marks=pytest.mark.slow)])
+def test_emulate_ends_with_the_same_adapter_as_simulate(tmp_path, method):
+    # hafl sends importance scores and holds more than it trains; fslora trains sketches under
+    # their own scale; fed-plora folds into the device's base: all must come out as in simulate
+    cfg = config(tmp_path, ["d1", "d2", "d3"], method=method, rounds=2, clients_per_round=2,
                  **{"train.steps": 3})
     rep = emulate(cfg, tmp_path / "emu", log=lambda *_: None)
     Simulation(cfg, tmp_path / "sim").run()

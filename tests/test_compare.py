@@ -1,0 +1,50 @@
+"""`fedlora compare`: method specs, one table over several runs, reuse of finished runs."""
+
+import json
+
+import pytest
+
+from coordinator import compare as cmp
+from coordinator.config import ConfigError, load_config
+
+FAST = {"model": "tiny-llama", "rounds": 1, "clients_per_round": 2, "train.steps": 1, "train.batch_size": 2,
+        "data.eval_per_domain": 2, "data.samples_per_client": 4, "data.tasks": ["add", "upper"],
+        "max_new_tokens": 2, "lora.max_rank": 8, "planner.transfer_budget_s": 0.05}
+
+
+def test_rank_specs_resolve_to_the_fleets_smallest_and_largest_capacity():
+    cfg = load_config(overrides=FAST)
+    lo, hi = cmp.fleet_rank_range(cfg)
+    assert 1 <= lo < hi <= 8
+    es = cmp.entries(cfg, ["fedit@min", "fedit@max", "fedit@3", "hafl"])
+    assert [e.label for e in es] == [f"fedit-r{lo}", f"fedit-r{hi}", "fedit-r3", "hafl"]
+    assert [e.cfg.lora.rank for e in es[:3]] == [lo, hi, 3] and es[3].cfg.method == "hafl"
+
+
+@pytest.mark.parametrize("spec,msg", [("fedavg", "unknown method 'fedavg'"), ("fedit@big", "must be a rank"),
+                                      ("fedit@99", "lora.rank"), ("hetlora,hetlora", "listed twice")])
+def test_bad_specs_fail_before_anything_runs(spec, msg):
+    with pytest.raises(ConfigError, match=msg):
+        cmp.entries(load_config(overrides=FAST), spec.split(","))
+
+
+@pytest.mark.integration
+def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path, monkeypatch):
+    cfg = load_config(overrides=FAST)
+    rows = cmp.compare(cfg, ["fedit@min", "fslora"], tmp_path)
+    assert [r["run"] for r in rows][1] == "fslora" and len(rows) == 2
+    table = (tmp_path / "compare.md").read_text()
+    assert "| base model |" in table and "| fslora | fslora |" in table and "add %" in table
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["rows"][1]["mb_up_per_round"] > 0 and (tmp_path / "compare.png").stat().st_size > 0
+
+    def boom(*a, **k):
+        raise AssertionError("a finished run with the same settings must be reused")
+
+    monkeypatch.setattr("coordinator.simulate.Simulation.run", boom)
+    again = cmp.compare(cfg, ["fedit@min", "fslora"], tmp_path)
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+    # other settings are not the same run
+    other = load_config(overrides={**FAST, "seed": 1})
+    with pytest.raises(AssertionError, match="reused"):
+        cmp.compare(other, ["fslora"], tmp_path)
