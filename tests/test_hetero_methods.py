@@ -8,7 +8,6 @@ import torch
 
 from coordinator.aggregate import Contribution
 from coordinator.config import FsloraSettings, HaflSettings, load_config
-from coordinator.engine import Engine
 from coordinator.methods import MethodContext, get_method
 from coordinator.methods.fslora import sketch_product
 from coordinator.methods.hafl import top_components

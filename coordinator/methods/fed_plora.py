@@ -14,9 +14,10 @@ memory, round deadline and transfer budget *with a rank-R download* (every clien
 modules, so a slow link can leave no room for even one module; such a device is reported and not
 sampled).
 
-Reconstructed, not in the material read (see ALGORITHMS.md §4): the selection is drawn
-independently per adapted matrix (the paper's notation has one set per client); weights are data
-sizes (the paper's mean may be uniform); an untrained index keeps its previous value.
+Reconstructed (the official code could not be read; the paper's equations were read in
+summaries): the selection is drawn independently per adapted matrix (the paper's notation has one
+set per client); weights are data sizes (the paper's mean may be uniform); an untrained index
+keeps its previous value.
 """
 
 from __future__ import annotations

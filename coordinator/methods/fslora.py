@@ -20,7 +20,7 @@ Planner mapping: the knob is the sketch size ``k_i = min(capacity_i, R)`` (the s
 Differences from the official code: the code realises the sketch by masking a full-rank B and
 multiplying its gradient by ``S²``, equivalent to training the slices with SGD but not with Adam;
 here the slices are trained directly (the paper's description).  The code's ``'lora_B' == n``
-name test looks like it never selects the sketch branch (ALGORITHMS.md §3.2); this
+name test looks like it never selects the sketch branch (full names are longer); this
 implementation follows the paper, not that behaviour.
 """
 

@@ -19,7 +19,7 @@ diluted.
 Planner mapping: the knob is ``r_i = min(capacity_i, R)``; for ``freeze`` the capacity is planned
 with a rank-R download (every client receives all R components).
 
-Reconstructed (only the abstract is public; ALGORITHMS.md §2 marks these [inferred]):
+Reconstructed (only the abstract is public, and no official code was found):
 
 - the score is AdaLoRA's smoothed sensitivity, per parameter ``s = Ī·Ū`` with
   ``Ī ← β1 Ī + (1−β1)|w·∂L/∂w|``, ``Ū ← β2 Ū + (1−β2)|I − Ī|`` (``hafl.beta1``/``beta2``, 0.85),
