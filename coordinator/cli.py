@@ -202,8 +202,8 @@ def cmd_methods(args) -> int:
     from .methods import get_method, method_names
 
     for n in method_names():
-        doc = (sys.modules[type(get_method(n)).__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{n:12s} {doc}")
+        doc = (sys.modules[type(get_method(n)).__module__].__doc__ or "").strip().split("\n\n")[0]
+        print(f"{n:12s} {' '.join(doc.split())}")
     return 0
 
 
