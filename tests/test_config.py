@@ -32,6 +32,9 @@ def test_yaml_then_overrides(tmp_path):
     ("clients_per_round: 2\nmin_updates: 3\n", "min_updates"),
     ("lora:\n  rank: 16\n  max_rank: 8\n", "lora.rank"),
     ("data:\n  tasks: [add, add]\n", r"data.tasks\[1\]"),
+    ("hafl:\n  variant: prune\n", "hafl.variant"),
+    ("hafl:\n  beta1: 1.5\n", "hafl.beta1"),
+    ("fslora:\n  server_optimizer: sgd\n", "fslora.server_optimizer"),
 ])
 def test_bad_values_fail_naming_the_field(tmp_path, yaml_text, field):
     p = tmp_path / "bad.yaml"

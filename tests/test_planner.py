@@ -51,6 +51,17 @@ def test_transfer_budget_binds_rank_on_slow_links():
     assert bits_next / 2e6 + bits_next / 30e6 > 10.0
 
 
+def test_a_full_rank_download_leaves_less_room_on_a_slow_link():
+    link = dict(uplink_mbps=2.0, downlink_mbps=30.0)
+    own = plan_capacity(prof(**link), SHAPE, **KW, transfer_budget_s=10.0)
+    full = plan_capacity(prof(**link), SHAPE, **KW, transfer_budget_s=10.0, down_rank=32)
+    assert 1 <= full.rank < own.rank
+    assert plan_capacity(prof(), SHAPE, **KW, transfer_budget_s=10.0, down_rank=32).rank == 32
+    none = plan_capacity(prof(uplink_mbps=100.0, downlink_mbps=1.0), SHAPE, **KW, transfer_budget_s=10.0,
+                         down_rank=32)
+    assert none.rank == 0 and "rank-32 download" in none.reason
+
+
 def test_bad_profile_values_name_the_field():
     with pytest.raises(ProfileError, match="compute_gflops"):
         prof(compute_gflops=-1)
