@@ -34,7 +34,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .lora import ClientPlan, Factors, ModulePlan
+from .lora import ClientPlan, ModulePlan
 
 IMPORTANCE_PREFIX = "importance."
 
@@ -55,16 +55,6 @@ def held_plan(plan: ClientPlan) -> ClientPlan:
     if hold is None:
         return plan
     return ClientPlan({m: ModulePlan(tuple(range(hold))) for m in plan.modules}, plan.scale, hold, plan.extra)
-
-
-def select_components(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], plan: ClientPlan) -> Factors:
-    """The plan's components out of held factors indexed by global component (copies)."""
-    out: Factors = {}
-    for module, mp in plan.modules.items():
-        a, b = factors[module]
-        idx = torch.tensor(mp.components, dtype=torch.long)
-        out[module] = (a.index_select(0, idx).clone(), b.index_select(1, idx).clone())
-    return out
 
 
 def _lora_layer(peft_model, module: str):

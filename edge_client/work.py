@@ -11,8 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .data import Example
-from .lora import ClientPlan, from_state_dict, get_factors, install_adapter, lora_config, to_state_dict
-from .partial import PartialTraining, folded, held_count, held_plan, select_components
+from .lora import (
+    ClientPlan,
+    from_state_dict,
+    get_factors,
+    install_adapter,
+    lora_config,
+    slice_factors,
+    to_state_dict,
+)
+from .partial import PartialTraining, folded, held_count, held_plan
 from .trainer import TrainSettings, train_local
 from .wire import decode_tensors, encode_tensors
 
@@ -55,7 +63,7 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
     seed = int(meta["seed"])
     if frozen == "fold":
         with folded(peft_model, factors, plan):
-            install_adapter(peft_model, ADAPTER, plan, select_components(factors, plan), meta["targets"],
+            install_adapter(peft_model, ADAPTER, plan, slice_factors(factors, plan), meta["targets"],
                             meta["dropout"])
             hooks = PartialTraining(peft_model, ADAPTER, plan, False, importance) if importance else None
             res = train_local(peft_model, tokenizer, examples, settings, seed, device, slowdown, hooks)
@@ -68,7 +76,7 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
         res = train_local(peft_model, tokenizer, examples, settings, seed, device, slowdown, hooks)
         trained = get_factors(peft_model, ADAPTER)
         if frozen == "forward":
-            trained = select_components(trained, plan)
+            trained = slice_factors(trained, plan)
     tensors = to_state_dict(trained)
     if hooks is not None:
         tensors.update(hooks.scores())

@@ -11,8 +11,8 @@ from coordinator.config import FsloraSettings, HaflSettings, load_config
 from coordinator.methods import MethodContext, get_method
 from coordinator.methods.fslora import sketch_product
 from coordinator.methods.hafl import top_components
-from edge_client.lora import ClientPlan, ModulePlan, install_adapter, uniform_plan
-from edge_client.partial import PartialTraining, folded, select_components
+from edge_client.lora import ClientPlan, ModulePlan, install_adapter, slice_factors, uniform_plan
+from edge_client.partial import PartialTraining, folded
 from edge_client.wire import decode_tensors
 
 M = "layer.q"
@@ -97,7 +97,7 @@ def test_select_n_fold_starts_exactly_at_the_global_model(tiny):
     plan = ClientPlan({m: ModulePlan(tuple(sorted(rng.sample(range(R), 2)))) for m in dims}, scale, 2,
                       {"hold": R, "frozen": "fold"})
     with folded(peft_model, g, plan):
-        install_adapter(peft_model, "client", plan, select_components(g, plan), ["q_proj", "v_proj"])
+        install_adapter(peft_model, "client", plan, slice_factors(g, plan), ["q_proj", "v_proj"])
         with torch.no_grad():
             got = peft_model(input_ids=ids).logits
         assert not torch.equal(peft_model.base_model.model.get_submodule(next(iter(dims))).base_layer.weight,

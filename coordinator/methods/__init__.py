@@ -6,11 +6,12 @@ fails with the list of valid names.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from edge_client.lora import ClientPlan, Factors, slice_factors, uniform_plan
+from edge_client.lora import ClientPlan, Factors, ModulePlan, slice_factors, uniform_plan
 
 from ..aggregate import Contribution
 from ..config import FsloraSettings, HaflSettings
@@ -96,6 +97,33 @@ def capacity_plan(capacity: int, ctx: MethodContext) -> ClientPlan | None:
 def global_slice(client: str, global_factors: Factors, plan: ClientPlan, state: dict) -> Factors:
     """The default start: the plan's components of the global adapter."""
     return slice_factors(global_factors, plan)
+
+
+def global_copy(client: str, global_factors: Factors, plan: ClientPlan, state: dict) -> Factors:
+    """All R components of the global adapter (for plans that hold more than they train)."""
+    return {m: (a.clone(), b.clone()) for m, (a, b) in global_factors.items()}
+
+
+def random_plan(ctx: MethodContext, tag: str, client: str, round_idx: int, k: int, scale: float,
+                extra: dict) -> ClientPlan:
+    """``k`` of the R global components per adapted matrix, uniformly without replacement, drawn
+    independently per matrix and afresh per round from ``(tag, seed, round, client)``."""
+    rng = random.Random(f"{tag}|{ctx.seed}|{round_idx}|{client}")
+    modules = {m: ModulePlan(tuple(sorted(rng.sample(range(ctx.max_rank), k)))) for m in sorted(ctx.modules)}
+    return ClientPlan(modules, scale, k, extra)
+
+
+class GlobalRankR:
+    """Defaults of the methods that keep one global adapter of rank ``R = lora.max_rank``: not
+    personalised, not pooled, a client starts from its plan's components of the global adapter."""
+
+    personalised = False
+    global_model = True
+    pooled = False
+    start_factors = staticmethod(global_slice)
+
+    def global_rank(self, ctx: MethodContext) -> int:
+        return ctx.max_rank
 
 
 from . import centralized, fed_plora, fedit, flexlora, fslora, hafl, hetlora, local  # noqa: E402,F401  (registers them)

@@ -11,18 +11,12 @@ from __future__ import annotations
 from edge_client.lora import uniform_plan
 
 from ..aggregate import average_components
-from . import MethodContext, global_slice, register
+from . import GlobalRankR, register
 
 
-class Centralized:
+class Centralized(GlobalRankR):
     name = "centralized"
-    personalised = False
-    global_model = True
     pooled = True
-    start_factors = staticmethod(global_slice)
-
-    def global_rank(self, ctx: MethodContext) -> int:
-        return ctx.max_rank
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return uniform_plan(ctx.modules, ctx.max_rank, ctx.scale)

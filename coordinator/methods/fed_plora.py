@@ -22,43 +22,23 @@ keeps its previous value.
 
 from __future__ import annotations
 
-import random
-
-from edge_client.lora import ClientPlan, ModulePlan
-
 from ..aggregate import average_components
-from . import MethodContext, register
+from . import GlobalRankR, MethodContext, global_copy, random_plan, register
 
 
-def random_components(rng: random.Random, modules, k: int, total: int) -> dict[str, ModulePlan]:
-    """``k`` of ``total`` components per module, uniformly without replacement (sorted)."""
-    return {m: ModulePlan(tuple(sorted(rng.sample(range(total), k)))) for m in sorted(modules)}
-
-
-class FedPLoRA:
+class FedPLoRA(GlobalRankR):
     name = "fed-plora"
     knob = "modules r"
-    personalised = False
-    global_model = True
-    pooled = False
-
-    def global_rank(self, ctx: MethodContext) -> int:
-        return ctx.max_rank
+    start_factors = staticmethod(global_copy)
 
     def full_downlink(self, ctx: MethodContext) -> bool:
         return True
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
-        big_r = self.global_rank(ctx)
-        r = min(capacity, big_r)
+        r = min(capacity, ctx.max_rank)
         if r < 1:
             return None
-        rng = random.Random(f"fed-plora|{ctx.seed}|{round_idx}|{client}")
-        return ClientPlan(random_components(rng, ctx.modules, r, big_r), ctx.scale, r,
-                          {"hold": big_r, "frozen": "fold"})
-
-    def start_factors(self, client, global_factors, plan, state):
-        return {m: (a.clone(), b.clone()) for m, (a, b) in global_factors.items()}
+        return random_plan(ctx, "fed-plora", client, round_idx, r, ctx.scale, {"hold": ctx.max_rank, "frozen": "fold"})
 
     def aggregate(self, global_factors, contributions, ctx, state):
         return average_components(global_factors, contributions, "trainers")

@@ -13,15 +13,11 @@ from __future__ import annotations
 from edge_client.lora import uniform_plan
 
 from ..aggregate import average_components
-from . import MethodContext, global_slice, register
+from . import GlobalRankR, MethodContext, register
 
 
-class FedIT:
+class FedIT(GlobalRankR):
     name = "fedit"
-    personalised = False
-    global_model = True
-    pooled = False
-    start_factors = staticmethod(global_slice)
 
     def global_rank(self, ctx: MethodContext) -> int:
         return ctx.rank

@@ -14,18 +14,11 @@ Round 1 starts from the common random initialisation (A random, B = 0), as plain
 from __future__ import annotations
 
 from ..aggregate import svd_factors, weighted_delta_w
-from . import MethodContext, capacity_plan, global_slice, register
+from . import GlobalRankR, capacity_plan, register
 
 
-class FlexLoRA:
+class FlexLoRA(GlobalRankR):
     name = "flexlora"
-    personalised = False
-    global_model = True
-    pooled = False
-    start_factors = staticmethod(global_slice)
-
-    def global_rank(self, ctx: MethodContext) -> int:
-        return ctx.max_rank
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return capacity_plan(capacity, ctx)

@@ -26,15 +26,10 @@ implementation follows the paper, not that behaviour.
 
 from __future__ import annotations
 
-import random
-
 import torch
 
-from edge_client.lora import ClientPlan
-
 from ..aggregate import average_components
-from . import MethodContext, global_slice, register
-from .fed_plora import random_components
+from . import GlobalRankR, random_plan, register
 
 
 def sketch_product(a: torch.Tensor, b: torch.Tensor, components, total: int) -> torch.Tensor:
@@ -53,25 +48,17 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch
     return param - lr * m_hat / (v_hat.sqrt() + eps)
 
 
-class FSLoRA:
+class FSLoRA(GlobalRankR):
     name = "fslora"
     knob = "sketch size k"
-    personalised = False
-    global_model = True
-    pooled = False
-    start_factors = staticmethod(global_slice)
-
-    def global_rank(self, ctx: MethodContext) -> int:
-        return ctx.max_rank
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
-        big_r = self.global_rank(ctx)
+        big_r = ctx.max_rank
         k = min(capacity, big_r)
         if k < 1:
             return None
-        rng = random.Random(f"fslora|{ctx.seed}|{round_idx}|{client}")
-        return ClientPlan(random_components(rng, ctx.modules, k, big_r), ctx.scale * big_r / k, k,
-                          {"sketch": k, "sketch_ratio": round(k / big_r, 4)})
+        return random_plan(ctx, "fslora", client, round_idx, k, ctx.scale * big_r / k,
+                           {"sketch": k, "sketch_ratio": round(k / big_r, 4)})
 
     def aggregate(self, global_factors, contributions, ctx, state):
         mean = average_components(global_factors, contributions, "all")

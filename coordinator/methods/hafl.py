@@ -37,7 +37,7 @@ from __future__ import annotations
 from edge_client.lora import ClientPlan, ModulePlan
 
 from ..aggregate import average_components
-from . import MethodContext, global_slice, register
+from . import GlobalRankR, MethodContext, global_copy, global_slice, register
 
 
 def top_components(scores: list[float], r: int) -> tuple[int, ...]:
@@ -53,20 +53,14 @@ def ranking_scores(state: dict | None, client: str, module: str, total: int) -> 
     return list(own) if own is not None else list(imp.get("global", {}).get(module, [0.0] * total))
 
 
-class HAFL:
+class HAFL(GlobalRankR):
     name = "hafl"
-    personalised = False
-    global_model = True
-    pooled = False
-
-    def global_rank(self, ctx: MethodContext) -> int:
-        return ctx.max_rank
 
     def full_downlink(self, ctx: MethodContext) -> bool:
         return ctx.hafl.variant == "freeze"
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
-        big_r = self.global_rank(ctx)
+        big_r = ctx.max_rank
         r = min(capacity, big_r)
         if r < 1:
             return None
@@ -78,12 +72,11 @@ class HAFL:
         return ClientPlan(modules, ctx.scale, r, extra)
 
     def start_factors(self, client, global_factors, plan, state):
-        if plan.extra.get("hold") is not None:
-            return {m: (a.clone(), b.clone()) for m, (a, b) in global_factors.items()}
-        return global_slice(client, global_factors, plan, state)
+        starter = global_copy if plan.extra.get("hold") is not None else global_slice
+        return starter(client, global_factors, plan, state)
 
     def aggregate(self, global_factors, contributions, ctx, state):
-        update_importance(state, contributions, self.global_rank(ctx))
+        update_importance(state, contributions, ctx.max_rank)
         return average_components(global_factors, contributions, "trainers")
 
 

@@ -16,18 +16,11 @@ self-pruning and norm-based weights are not implemented.
 from __future__ import annotations
 
 from ..aggregate import average_components
-from . import MethodContext, capacity_plan, global_slice, register
+from . import GlobalRankR, capacity_plan, register
 
 
-class HetLoRA:
+class HetLoRA(GlobalRankR):
     name = "hetlora"
-    personalised = False
-    global_model = True
-    pooled = False
-    start_factors = staticmethod(global_slice)
-
-    def global_rank(self, ctx: MethodContext) -> int:
-        return ctx.max_rank
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return capacity_plan(capacity, ctx)
