@@ -73,6 +73,30 @@ class FsloraSettings:
 
 
 @dataclass(frozen=True)
+class ClairSettings:
+    """CLAIR (method ``clair``): the decomposition's weight and the detection thresholds."""
+
+    side: str = "input"            # the shared subspace: input (row space of ΔW = BA) or output (column space)
+    lam_scale: float = 1.2         # λ = lam_scale / sqrt(clients in the round) on the block-sparse part
+    threshold: float = 0.5         # flag a client whose update is more than this share block-sparse
+    consistency: bool = True       # also flag updates that point away or are far larger (not in the paper)
+    min_cosine: float = 0.0        # ... cosine with the mean of the other unflagged clients below this
+    max_norm_ratio: float = 3.0    # ... or norm above this multiple of the unflagged median
+
+
+ATTACKS = ("none", "random_labels", "random_update", "sign_flip", "scaled")
+
+
+@dataclass(frozen=True)
+class ContaminationSettings:
+    """``simulate`` only: make a fraction of the fleet's clients contaminated, to test robust methods."""
+
+    fraction: float = 0.0     # share of the fleet's devices, rounded (chosen from the seed)
+    attack: str = "none"      # random_labels | random_update | sign_flip | scaled
+    scale: float = 10.0       # the factor of the scaled attack
+
+
+@dataclass(frozen=True)
 class TransportSettings:
     """The MQTT deployment (``fedlora coordinator``, ``client``, ``emulate``)."""
 
@@ -105,6 +129,8 @@ class RunConfig:
     transport: TransportSettings = field(default_factory=TransportSettings)
     hafl: HaflSettings = field(default_factory=HaflSettings)
     fslora: FsloraSettings = field(default_factory=FsloraSettings)
+    clair: ClairSettings = field(default_factory=ClairSettings)
+    contamination: ContaminationSettings = field(default_factory=ContaminationSettings)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -251,6 +277,18 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(fs.server_lr > 0, "fslora.server_lr", "must be positive")
     _check(len(fs.server_betas) == 2 and all(0.0 <= b < 1.0 for b in fs.server_betas), "fslora.server_betas",
            "must be two numbers in [0, 1)")
+    cl = cfg.clair
+    _check(cl.side in ("input", "output"), "clair.side", "must be 'input' or 'output'")
+    _check(cl.lam_scale > 0, "clair.lam_scale", "must be positive")
+    _check(0.0 < cl.threshold < 1.0, "clair.threshold", "must be in (0, 1)")
+    _check(-1.0 <= cl.min_cosine <= 1.0, "clair.min_cosine", "must be in [-1, 1]")
+    _check(cl.max_norm_ratio > 1.0, "clair.max_norm_ratio", "must be above 1")
+    co = cfg.contamination
+    _check(co.attack in ATTACKS, "contamination.attack", f"must be one of {', '.join(ATTACKS)}")
+    _check(0.0 <= co.fraction < 1.0, "contamination.fraction", "must be in [0, 1)")
+    _check(co.attack != "none" or co.fraction == 0.0, "contamination.fraction",
+           "needs contamination.attack (random_labels, random_update, sign_flip or scaled)")
+    _check(co.scale > 0, "contamination.scale", "must be positive")
     _check(cfg.planner.runtime_overhead_gb >= 0, "planner.runtime_overhead_gb", "must be non-negative")
     return cfg
 

@@ -15,6 +15,7 @@ drives the same engine over a broker.  A round is
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -107,7 +108,8 @@ class RunState:
 
 
 def method_context(cfg: RunConfig, dims) -> MethodContext:
-    return MethodContext(dims, cfg.lora.scale, cfg.lora.rank, cfg.lora.max_rank, cfg.seed, cfg.hafl, cfg.fslora)
+    return MethodContext(dims, cfg.lora.scale, cfg.lora.rank, cfg.lora.max_rank, cfg.seed, cfg.hafl, cfg.fslora,
+                         cfg.clair)
 
 
 def capacity_for(cfg: RunConfig, shape: ModelShape, profile, down_rank: int | None = None) -> Capacity:
@@ -165,6 +167,10 @@ class Engine:
         self.R = self.method.global_rank(self.ctx)
 
         train, mixes, self.eval_examples = build_data(cfg, len(self.fleet))
+        self.contaminated = contaminated_clients(cfg, [d.id for d in self.fleet])
+        if cfg.contamination.attack == "random_labels":
+            train = [poison(tr, cfg.seed, dev.id) if dev.id in self.contaminated else tr
+                     for dev, tr in zip(self.fleet, train)]
         self.clients = [ClientData(dev.id, dev, tr, mix) for dev, tr, mix in zip(self.fleet, train, mixes)]
         self.by_id = {c.id: c for c in self.clients}
         for c in self.clients:
@@ -337,6 +343,9 @@ class Engine:
                                                               self.state.method_state)
         record = {"round": round_idx, "status": "ok" if ok else "failed", "clients": rows,
                   "skipped": skipped, "failed": failed, "rejected": rejected, "valid_updates": len(contribs)}
+        note = self.state.method_state.pop("round_note", None)  # what the method says of this round
+        if note is not None:
+            record["detection"] = note
         if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
             record["accuracy"] = self.evaluate_global()
         record["seconds"] = round(time.perf_counter() - t0, 2)
@@ -363,15 +372,16 @@ class Engine:
         with self.model.disable_adapter():
             return self._evaluate()
 
-    def evaluate_personal(self, base: dict) -> dict:
-        """Each client's own model on the held-out set, and on its own domain mix.  A client that
-        never trained still has its starting adapter (B = 0: the base model) and is scored so."""
+    def evaluate_personal(self, base: dict, fallback: dict | None = None) -> dict:
+        """Each client's own model on the held-out set, and on its own domain mix.  A client with no
+        adapter of its own is scored on ``fallback`` (the global adapter's accuracy, for methods
+        whose such clients use it), else on the base model (its starting adapter has B = 0)."""
         per_client = {}
         personal = self.state.method_state.get("personal", {})
         for c in self.clients:
             factors = personal.get(c.id)
             if factors is None:
-                acc = base
+                acc = fallback or base
             else:
                 rank = next(iter(factors.values()))[0].shape[0]
                 install_adapter(self.model, CLIENT, uniform_plan(self.dims, rank, self.cfg.lora.scale), factors,
@@ -398,7 +408,8 @@ class Engine:
         """Final evaluation, report, adapters and plots on disk; returns the report."""
         base = self.base_accuracy
         final = self.state.rounds[-1].get("accuracy") or self.evaluate_global()
-        personal = self.evaluate_personal(base) if self.method.personalised else {}
+        fallback = final if getattr(self.method, "personal_fallback", "base") == "global" else None
+        personal = self.evaluate_personal(base, fallback) if self.method.personalised else {}
         own_mix = (personal.get("own_mix") if personal else
                    sum(mix_accuracy(final["per_domain"], c.mix) for c in self.clients) / len(self.clients))
         report = self._report(base, final, personal, own_mix)
@@ -433,8 +444,30 @@ class Engine:
                        "downlink_bytes": sum(r["downlink_bytes"] for x in rounds for r in x["clients"]),
                        "failed_rounds": sum(x["status"] == "failed" for x in rounds),
                        "rejected_updates": sum(len(x["rejected"]) for x in rounds)},
+            "contamination": self._contamination_report(final, personal),
             "wall_seconds": round(time.perf_counter() - self.t_start, 1),
         }
+
+    def _contamination_report(self, final: dict, personal: dict) -> dict:
+        """Who was contaminated, how, the benign clients' accuracy, and detection precision/recall
+        over every (round, client) the method judged."""
+        co = self.cfg.contamination
+        benign = [c for c in self.clients if c.id not in self.contaminated]
+        acc = [personal["clients"][c.id] if personal else
+               {"overall": final["overall"], "own_mix": mix_accuracy(final["per_domain"], c.mix)} for c in benign]
+        out = {"attack": co.attack, "fraction": co.fraction, "clients": sorted(self.contaminated),
+               "benign_accuracy": sum(a["overall"] for a in acc) / len(acc) if acc else None,
+               "benign_own_mix": sum(a["own_mix"] for a in acc) / len(acc) if acc else None}
+        judged = [(x["round"], cid, cid in x["detection"]["flagged"]) for x in self.state.rounds
+                  if "detection" in x for cid in x["detection"]["scores"]]
+        if judged:
+            tp = sum(f and cid in self.contaminated for _, cid, f in judged)
+            fp = sum(f and cid not in self.contaminated for _, cid, f in judged)
+            fn = sum(not f and cid in self.contaminated for _, cid, f in judged)
+            out["detection"] = {"true_positives": tp, "false_positives": fp, "false_negatives": fn,
+                                "precision": tp / (tp + fp) if tp + fp else None,
+                                "recall": tp / (tp + fn) if tp + fn else None}
+        return out
 
     def write_report(self, report: dict) -> None:
         (self.out / "report.json").write_text(json.dumps(report, indent=1))
@@ -451,6 +484,19 @@ class Engine:
                          self.cfg.model)
         self.write_report(report)
         save_plots(report, self.out)
+
+
+def contaminated_clients(cfg: RunConfig, ids: list[str]) -> set[str]:
+    """``round(fraction × fleet size)`` of the fleet's devices, chosen from the seed."""
+    n = round(cfg.contamination.fraction * len(ids)) if cfg.contamination.attack != "none" else 0
+    return set(random.Random(f"contaminate|{cfg.seed}").sample(sorted(ids), n))
+
+
+def poison(examples: list[Example], seed: int, client: str) -> list[Example]:
+    """Data poisoning: every response replaced by another example's response, at random."""
+    rng = random.Random(f"poison|{seed}|{client}")
+    responses = [e.response for e in examples]
+    return [dataclasses.replace(e, response=rng.choice(responses)) for e in examples]
 
 
 def hash_seed(seed: int, round_idx: int, client: str) -> int:

@@ -24,6 +24,9 @@ from .engine import Engine, Returned
 class Coordinator:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, broker: BrokerAddress, reporter=None,
                  resume: bool = False, log=print, watch=None):
+        if cfg.contamination.attack != "none":
+            raise ConfigError("contamination: made-up contamination is a `fedlora simulate` feature; over MQTT "
+                              "the devices send what they send (set contamination.attack: none)")
         self.cfg = cfg
         self.engine = Engine(cfg, out_dir, reporter)
         self.run_id = cfg.transport.run_id

@@ -11,10 +11,41 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from edge_client.work import run_assignment
 
 from .config import RunConfig
-from .engine import Assignment, Engine, Returned
+from .engine import Assignment, Engine, Returned, hash_seed
+
+UPDATE_ATTACKS = ("random_update", "sign_flip", "scaled")
+
+
+def attack_update(update: bytes, attack: str, scale: float, seed: int) -> bytes:
+    """What a contaminated client sends instead of its trained adapter ``ΔW = s·B A`` (module by
+    module, as factors): ``sign_flip``: ``−ΔW`` (B negated); ``scaled``: ``scale·ΔW`` (B scaled);
+    ``random_update``: Gaussian factors rescaled so that ``‖B' A'‖_F = ‖B A‖_F``.  Importance
+    scores, if any, go as they were."""
+    from edge_client.lora import from_state_dict, to_state_dict
+    from edge_client.partial import split_update
+    from edge_client.wire import decode_tensors, encode_tensors
+
+    lora, scores = split_update(decode_tensors(update))
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for module, (a, b) in from_state_dict(lora).items():
+        if attack == "sign_flip":
+            out[module] = (a, -b)
+        elif attack == "scaled":
+            out[module] = (a, scale * b)
+        else:
+            ra, rb = torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen)
+            ra = ra * (a.norm() / ra.norm().clamp_min(1e-12))
+            norm = (rb @ ra).norm().clamp_min(1e-12)
+            out[module] = (ra, rb * ((b @ a).norm() / norm))
+    tensors = to_state_dict(out)
+    tensors.update({f"importance.{m}": t for m, t in scores.items()})
+    return encode_tensors(tensors)
 
 
 class Simulation:
@@ -24,9 +55,14 @@ class Simulation:
         self.engine = Engine(cfg, out_dir, reporter)
 
     def carry_out(self, a: Assignment) -> Returned:
-        """Train one assignment in-process, as the device would."""
+        """Train one assignment in-process, as the device would (and, for a contaminated client
+        under an update attack, corrupt what it sends)."""
         e = self.engine
         update, report = run_assignment(e.model, e.tok, e.by_id[a.client].train, a.meta, a.start, e.device)
+        attack = e.cfg.contamination.attack
+        if a.client in e.contaminated and attack in UPDATE_ATTACKS:
+            update = attack_update(update, attack, e.cfg.contamination.scale,
+                                   hash_seed(e.cfg.seed, a.round, "attack|" + a.client))
         return Returned(a, update, report)
 
     def run_round(self, round_idx: int) -> dict:

@@ -14,7 +14,7 @@ from typing import Protocol
 from edge_client.lora import ClientPlan, Factors, ModulePlan, slice_factors, uniform_plan
 
 from ..aggregate import Contribution
-from ..config import FsloraSettings, HaflSettings
+from ..config import ClairSettings, FsloraSettings, HaflSettings
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class MethodContext:
     seed: int = 0   # the run's seed: methods that draw at random (FSLoRA, Fed-PLoRA) draw from it
     hafl: HaflSettings = field(default_factory=HaflSettings)
     fslora: FsloraSettings = field(default_factory=FsloraSettings)
+    clair: ClairSettings = field(default_factory=ClairSettings)
 
 
 class Method(Protocol):
@@ -126,4 +127,4 @@ class GlobalRankR:
         return ctx.max_rank
 
 
-from . import centralized, fed_plora, fedit, flexlora, fslora, hafl, hetlora, local  # noqa: E402,F401  (registers them)
+from . import centralized, clair, fed_plora, fedit, flexlora, fslora, hafl, hetlora, local  # noqa: E402,F401  (registers them)
