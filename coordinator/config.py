@@ -77,7 +77,7 @@ class ClairSettings:
     """CLAIR (method ``clair``): the decomposition's weight and the detection thresholds."""
 
     side: str = "input"            # the shared subspace: input (row space of ΔW = BA) or output (column space)
-    lam_scale: float = 1.2         # λ = lam_scale / sqrt(clients in the round) on the block-sparse part
+    lam_scale: float = 0.75        # λ = lam_scale · sqrt(the updates' mean stable rank) on the block-sparse part
     threshold: float = 0.5         # flag a client whose update is more than this share block-sparse
     consistency: bool = True       # also flag updates that point away or are far larger (not in the paper)
     min_cosine: float = 0.0        # ... cosine with the mean of the other unflagged clients below this

@@ -92,8 +92,10 @@ def test_all_clients_equal_in_same_out(name):
     contribs = [Contribution(c, m.plan(c, 2, ctx, 1), same, w) for c, w in (("a", 1.0), ("b", 2.0), ("c", 5.0))]
     state: dict = {}
     out = m.aggregate(g, contribs, ctx, state)
-    if m.personalised:
-        assert all(torch.equal(state["personal"][c][M][0], same[M][0]) for c in "abc")
+    if m.personalised:  # each client's own adapter is its (identical) update, up to refactoring
+        for c in "abc":
+            pa, pb = state["personal"][c][M]
+            assert torch.allclose(pb @ pa, same[M][1] @ same[M][0], atol=1e-5)
         return
     a, b = out[M]
     assert torch.allclose(b @ a, same[M][1] @ same[M][0], atol=1e-5)

