@@ -95,7 +95,8 @@ def summary(label: str, r: dict) -> dict:
             "mb_up_per_round": r["totals"]["uplink_bytes"] / n / 1e6,
             "mb_down_per_round": r["totals"]["downlink_bytes"] / n / 1e6,
             "wall_seconds": r["wall_seconds"], "base_accuracy": r["base_accuracy"],
-            "curve": [x.get("accuracy", {}).get("overall") for x in r["rounds"]]}
+            "curve": [x.get("accuracy", {}).get("overall") for x in r["rounds"]],
+            "contamination": r.get("contamination")}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -103,17 +104,34 @@ def markdown(rows: list[dict]) -> str:
     domains = list(rows[0]["per_domain"])
     head = ["run", "method", "ranks", "accuracy %"] + [f"{d} %" for d in domains] + [
         "own-mix %", "MB up/round", "MB down/round", "wall s"]
+    contaminated = any((s.get("contamination") or {}).get("attack", "none") != "none" for s in rows)
+    if contaminated:
+        head += ["contaminated", "benign %", "detection precision", "recall"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = rows[0]["base_accuracy"]
     lines.append("| base model | - | - | " + f"{100 * base['overall']:.1f} | "
-                 + " | ".join(f"{100 * base['per_domain'][d]:.1f}" for d in domains) + " | - | - | - | - |")
+                 + " | ".join(f"{100 * base['per_domain'][d]:.1f}" for d in domains) + " | - | - | - | -"
+                 + " | - | - | - | -" * contaminated + " |")
     for s in rows:
         cells = [s["run"], s["method"], ",".join(map(str, s["ranks"])), f"{100 * s['accuracy']:.1f}"]
         cells += [f"{100 * s['per_domain'][d]:.1f}" for d in domains]
         cells += [f"{100 * s['own_mix']:.1f}", f"{s['mb_up_per_round']:.2f}", f"{s['mb_down_per_round']:.2f}",
                   f"{s['wall_seconds']:.0f}"]
+        if contaminated:
+            co = s.get("contamination") or {}
+            det = co.get("detection") or {}
+            cells += [f"{len(co.get('clients', []))} ({co.get('attack', '-')})",
+                      _pct(co.get("benign_accuracy")), _num(det.get("precision")), _num(det.get("recall"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -167,10 +167,6 @@ class Engine:
         self.R = self.method.global_rank(self.ctx)
 
         train, mixes, self.eval_examples = build_data(cfg, len(self.fleet))
-        self.contaminated = contaminated_clients(cfg, [d.id for d in self.fleet])
-        if cfg.contamination.attack == "random_labels":
-            train = [poison(tr, cfg.seed, dev.id) if dev.id in self.contaminated else tr
-                     for dev, tr in zip(self.fleet, train)]
         self.clients = [ClientData(dev.id, dev, tr, mix) for dev, tr, mix in zip(self.fleet, train, mixes)]
         self.by_id = {c.id: c for c in self.clients}
         for c in self.clients:
@@ -178,6 +174,10 @@ class Engine:
         # devices the method can give a plan; the others are reported (fleet table, report) and
         # never sampled, so every round gets clients_per_round devices that can train
         able = self._eligible()
+        self.contaminated = contaminated_clients(cfg, [c.id for c in able])
+        for c in self.clients:
+            if c.id in self.contaminated and cfg.contamination.attack == "random_labels":
+                c.train = poison(c.train, cfg.seed, c.id)
         if self.method.pooled:
             pooled = [ex for c in self.clients for ex in c.train]
             self.participants = [ClientData("pooled", None, pooled, {})]
@@ -487,7 +487,7 @@ class Engine:
 
 
 def contaminated_clients(cfg: RunConfig, ids: list[str]) -> set[str]:
-    """``round(fraction × fleet size)`` of the fleet's devices, chosen from the seed."""
+    """``round(fraction × len(ids))`` of ``ids`` (the devices that can train), chosen from the seed."""
     n = round(cfg.contamination.fraction * len(ids)) if cfg.contamination.attack != "none" else 0
     return set(random.Random(f"contaminate|{cfg.seed}").sample(sorted(ids), n))
 
