@@ -151,7 +151,7 @@ def cmd_plan(args) -> int:
 
     from .engine import capacity_for, method_context
     from .fleet import load_fleet
-    from .methods import full_downlink, get_method
+    from .methods import footprint, get_method
     from .planner import meta_shape
     from .report import make_console
 
@@ -161,20 +161,22 @@ def cmd_plan(args) -> int:
     shape = meta_shape(cfg.model, list(cfg.lora.target_modules) or None)
     ctx = method_context(cfg, shape.adapted)
     big_r = method.global_rank(ctx)
-    down = big_r if full_downlink(method, ctx) else None
+    fp = footprint(method, ctx)
     knob_name = getattr(method, "knob", "rank")
     t = cfg.train
     table = Table(title=f"plan: {cfg.model} ({shape.n_params / 1e6:.1f} M params), method {cfg.method}, "
                         f"batch {t.batch_size} x seq {t.max_seq_len}, {t.steps} steps, deadline "
                         f"{cfg.planner.round_deadline_s:.0f} s")
-    if down is not None:
-        table.caption = f"{cfg.method} sends every device all {big_r} global components: capacity is planned " \
-                        f"with a rank-{big_r} download"
+    if fp.down_rank is not None:
+        table.caption = (f"{cfg.method} sends every device all {big_r} global components: capacity is planned "
+                         f"with a rank-{fp.down_rank} download"
+                         + (f" and a rank-{fp.hold_rank} adapter in memory" if fp.hold_rank else "")
+                         + (" and a copy of the adapted base weights" if fp.fold else ""))
     for col in ("device", "profile", "usable GB", "capacity (rank)", "memory GB", "s/step", "round s",
                 f"{cfg.method} {knob_name}"):
         table.add_column(col, justify="right" if col != "device" else "left")
     for dev in fleet:
-        cap = capacity_for(cfg, shape, dev.profile, down)  # memory and times are at its rank (rank 1 when 0)
+        cap = capacity_for(cfg, shape, dev.profile, fp)  # memory and times are at its rank (rank 1 when 0)
         plan = method.plan(dev.id, cap.rank, ctx, 1)
         knob = (f"{plan.rank}" + (f" of {big_r}" if big_r != plan.rank and not method.pooled else "")
                 if plan else "[red]cannot take part[/red]")

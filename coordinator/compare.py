@@ -75,13 +75,15 @@ def _plain(obj):
 
 
 def reusable(folder: Path, cfg: RunConfig) -> dict | None:
-    """The saved report in ``folder`` when its run had the same settings (every field both know)."""
+    """The saved report in ``folder`` when its run had the same settings (``device`` aside)."""
     path = folder / "report.json"
     if not path.is_file():
         return None
     report = json.loads(path.read_text())
-    saved, want = report.get("config", {}), _plain(cfg.to_dict())
-    same = all(saved[k] == v for k, v in want.items() if k in saved and k != "device")
+    # a section the saved run's version did not have ran with that section's defaults
+    saved = {**_plain(RunConfig().to_dict()), **report.get("config", {})}
+    want = _plain(cfg.to_dict())
+    same = all(saved.get(k) == v for k, v in want.items() if k != "device")
     return report if same else None
 
 

@@ -47,9 +47,9 @@ from .aggregate import Contribution
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate, mix_accuracy
 from .fleet import Device, load_fleet
-from .methods import MethodContext, full_downlink, get_method
+from .methods import MethodContext, footprint, get_method
 from .partition import builtin_client_data, domain_mix, split_pool
-from .planner import Capacity, ModelShape, plan_capacity
+from .planner import NO_FOOTPRINT, Capacity, Footprint, ModelShape, plan_capacity
 from .validate import UpdateRejected, capped_weight, validate_update
 
 GLOBAL, CLIENT = "global", "personal"
@@ -112,13 +112,13 @@ def method_context(cfg: RunConfig, dims) -> MethodContext:
                          cfg.clair)
 
 
-def capacity_for(cfg: RunConfig, shape: ModelShape, profile, down_rank: int | None = None) -> Capacity:
-    """The planner's capacity for ``profile`` under this run's LoRA, training and planner settings;
-    ``down_rank``: the rank every client downloads whatever it trains (None: its own rank)."""
+def capacity_for(cfg: RunConfig, shape: ModelShape, profile, fp: Footprint = NO_FOOTPRINT) -> Capacity:
+    """The planner's capacity for ``profile`` under this run's LoRA, training and planner settings,
+    with what the method adds beyond the trained rank (``fp``)."""
     t, p = cfg.train, cfg.planner
     return plan_capacity(profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
                          seq=t.max_seq_len, deadline_s=p.round_deadline_s, overhead_gb=p.runtime_overhead_gb,
-                         transfer_budget_s=p.transfer_budget_s, down_rank=down_rank)
+                         transfer_budget_s=p.transfer_budget_s, footprint=fp)
 
 
 def pick_device(name: str) -> str:
@@ -174,6 +174,9 @@ class Engine:
         # devices the method can give a plan; the others are reported (fleet table, report) and
         # never sampled, so every round gets clients_per_round devices that can train
         able = self._eligible()
+        if self.method.pooled and cfg.contamination.attack not in ("none", "random_labels"):
+            raise ConfigError(f"contamination.attack: {cfg.contamination.attack} corrupts a device's update, and "
+                              f"method {cfg.method} sends none (its data is pooled); use random_labels")
         self.contaminated = contaminated_clients(cfg, [c.id for c in able])
         for c in self.clients:
             if c.id in self.contaminated and cfg.contamination.attack == "random_labels":
@@ -207,7 +210,7 @@ class Engine:
         self.state = RunState(init_global_factors(self.dims, self.R, cfg.seed))
 
     def _capacity(self, profile) -> Capacity:
-        return capacity_for(self.cfg, self.shape, profile, self.R if full_downlink(self.method, self.ctx) else None)
+        return capacity_for(self.cfg, self.shape, profile, footprint(self.method, self.ctx))
 
     # ----------------------------------------------------------------------------- state on disk
 
@@ -307,6 +310,9 @@ class Engine:
         tensors = decode_tensors(ret.update or b"", MAX_UPDATE_BYTES)
         validate_update(a.client, tensors, update_shapes(self.dims, a.plan))
         tensors, importance = split_update(tensors)
+        for module, scores in importance.items():
+            if bool((scores < 0).any()):
+                raise UpdateRejected(f"client {a.client}: importance scores of '{module}' are negative")
         claimed = (ret.report or {}).get("num_examples")
         if not isinstance(claimed, int):
             raise UpdateRejected(f"client {a.client}: report has no integer num_examples")

@@ -122,12 +122,28 @@ class Capacity:
         return self.rank > 0
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """What a method makes a device carry beyond the rank it trains: a download of another rank
+    (all R components), a rank held in the forward pass (frozen components kept as LoRA), and a
+    copy of the adapted base weights (folding into the base, restored afterwards)."""
+
+    down_rank: int | None = None
+    hold_rank: int | None = None
+    fold: bool = False
+
+
+NO_FOOTPRINT = Footprint()
+
+
 def device_estimate(profile: DeviceProfile, shape: ModelShape, rank: int, steps: int, batch: int,
-                    seq: int, overhead_gb: float, down_rank: int | None = None) -> tuple[float, float, float]:
+                    seq: int, overhead_gb: float, fp: Footprint = NO_FOOTPRINT) -> tuple[float, float, float]:
     """(memory GB, seconds per step, seconds per round) for ``profile`` at ``rank``."""
-    mem = sum(memory_bytes(shape, rank, batch, seq, overhead_gb).values()) / GB
-    step = step_flops(shape, rank, batch, seq) / (profile.compute_gflops * 1e9 * STEP_EFFICIENCY)
-    return mem, step, transfer_seconds(profile, shape, rank, down_rank) + steps * step
+    held = max(rank, fp.hold_rank or 0)
+    fold_bytes = sum(n * m for n, m in shape.adapted.values()) * BYTES if fp.fold else 0
+    mem = (sum(memory_bytes(shape, held, batch, seq, overhead_gb).values()) + fold_bytes) / GB
+    step = step_flops(shape, held, batch, seq) / (profile.compute_gflops * 1e9 * STEP_EFFICIENCY)
+    return mem, step, transfer_seconds(profile, shape, rank, fp.down_rank) + steps * step
 
 
 def transfer_seconds(profile: DeviceProfile, shape: ModelShape, rank: int, down_rank: int | None = None) -> float:
@@ -140,16 +156,16 @@ def transfer_seconds(profile: DeviceProfile, shape: ModelShape, rank: int, down_
 
 def plan_capacity(profile: DeviceProfile, shape: ModelShape, *, max_rank: int, steps: int, batch: int,
                   seq: int, deadline_s: float, overhead_gb: float, transfer_budget_s: float = float("inf"),
-                  down_rank: int | None = None) -> Capacity:
+                  footprint: Footprint = NO_FOOTPRINT) -> Capacity:
     """The largest rank in 1..max_rank that fits memory, deadline and transfer budget; rank 0 with
-    a reason if none.  ``down_rank``: the rank the device downloads whatever it trains (methods
-    that send every client all R components); None: it downloads what it trains."""
+    a reason if none.  ``footprint``: what the method adds (see :class:`Footprint`)."""
+    down_rank = footprint.down_rank
     for rank in range(max_rank, 0, -1):
-        mem, step, total = device_estimate(profile, shape, rank, steps, batch, seq, overhead_gb, down_rank)
+        mem, step, total = device_estimate(profile, shape, rank, steps, batch, seq, overhead_gb, footprint)
         if (mem <= profile.memory_usable_gb and total <= deadline_s
                 and transfer_seconds(profile, shape, rank, down_rank) <= transfer_budget_s):
             return Capacity(profile.name, rank, mem, profile.memory_usable_gb, step, total)
-    mem, step, total = device_estimate(profile, shape, 1, steps, batch, seq, overhead_gb, down_rank)
+    mem, step, total = device_estimate(profile, shape, 1, steps, batch, seq, overhead_gb, footprint)
     reasons = []
     moving = transfer_seconds(profile, shape, 1, down_rank)
     if moving > transfer_budget_s:

@@ -154,7 +154,7 @@ def run(args) -> int:
             if peft_model is None:
                 peft_model, tokenizer = load_for_training(meta, args.threads)
             update, report = train(peft_model, tokenizer, examples, meta, plan.data, args)
-        except (MemoryError, RuntimeError, OSError, ImportError) as exc:
+        except (MemoryError, RuntimeError, OSError, ImportError, ValueError, KeyError) as exc:
             oom = isinstance(exc, (MemoryError, OSError, ImportError)) or "alloc" in str(exc).lower()
             reason = f"out of memory while training round {round_idx}: {str(exc).splitlines()[0][:200]}" if oom \
                 else f"training failed in round {round_idx}: {str(exc).splitlines()[0][:200]}"

@@ -56,8 +56,8 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
     plan = ClientPlan.from_json(meta["plan"])
     factors = from_state_dict(decode_tensors(start, max_bytes))
     frozen = plan.extra.get("frozen") if held_count(plan) is not None else None
-    if frozen not in (None, "fold", "forward"):
-        raise ValueError(f"plan: unknown 'frozen' mode {frozen!r} (expected 'fold' or 'forward')")
+    if held_count(plan) is not None and frozen not in ("fold", "forward"):
+        raise ValueError(f"plan: 'hold' needs a 'frozen' mode 'fold' or 'forward', got {frozen!r}")
     importance = plan.extra.get("importance")
     settings = TrainSettings(**meta["train"])
     seed = int(meta["seed"])

@@ -185,10 +185,12 @@ def test_hafl_aggregates_per_component_and_plans_from_reported_importance():
     assert torch.equal(a[2], g[M][0][2])
     imp = state["importance"]
     assert imp["global"][M] == pytest.approx([0.1, 0.3, 0.0, 0.9])
-    assert imp["clients"]["a"][M] == pytest.approx([0.1, 0.2, 0.0, 0.0])
-    # next round: b ranks by its own scores, a new client by the fleet's
+    assert imp["clients"]["a"][M] == pytest.approx({"0": 0.1, "1": 0.2})  # only what it scored
+    # next round: b ranks by its own scores, a new client by the fleet's, and a by its own where it
+    # scored and by the fleet's elsewhere (component 3, which only b trained, outranks a's own 0)
     assert m.plan("b", 2, ctx, 2, state).modules[M].components == (1, 3)
     assert m.plan("c", 1, ctx, 2, state).modules[M].components == (3,)
+    assert m.plan("a", 2, ctx, 2, state).modules[M].components == (1, 3)
 
 
 def test_hafl_freeze_holds_all_R_and_scores_them_all():

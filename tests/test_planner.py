@@ -5,7 +5,14 @@ from dataclasses import replace
 import pytest
 
 from coordinator.fleet import load_fleet
-from coordinator.planner import ModelShape, adapter_bytes, memory_bytes, plan_capacity
+from coordinator.planner import (
+    Footprint,
+    ModelShape,
+    adapter_bytes,
+    device_estimate,
+    memory_bytes,
+    plan_capacity,
+)
 from edge_client.profile import DeviceProfile, ProfileError
 
 SHAPE = ModelShape(n_params=135_000_000, hidden=576, intermediate=1536, layers=30, heads=9, kv_dim=192,
@@ -54,12 +61,22 @@ def test_transfer_budget_binds_rank_on_slow_links():
 def test_a_full_rank_download_leaves_less_room_on_a_slow_link():
     link = dict(uplink_mbps=2.0, downlink_mbps=30.0)
     own = plan_capacity(prof(**link), SHAPE, **KW, transfer_budget_s=10.0)
-    full = plan_capacity(prof(**link), SHAPE, **KW, transfer_budget_s=10.0, down_rank=32)
+    full = plan_capacity(prof(**link), SHAPE, **KW, transfer_budget_s=10.0, footprint=Footprint(down_rank=32))
     assert 1 <= full.rank < own.rank
-    assert plan_capacity(prof(), SHAPE, **KW, transfer_budget_s=10.0, down_rank=32).rank == 32
+    assert plan_capacity(prof(), SHAPE, **KW, transfer_budget_s=10.0, footprint=Footprint(down_rank=32)).rank == 32
     none = plan_capacity(prof(uplink_mbps=100.0, downlink_mbps=1.0), SHAPE, **KW, transfer_budget_s=10.0,
-                         down_rank=32)
+                         footprint=Footprint(down_rank=32))
     assert none.rank == 0 and "rank-32 download" in none.reason
+
+
+def test_held_rank_and_folded_weights_cost_memory_and_time():
+    p = prof()
+    plain = device_estimate(p, SHAPE, 4, 10, 8, 64, 0.35)
+    held = device_estimate(p, SHAPE, 4, 10, 8, 64, 0.35, Footprint(hold_rank=32))
+    fold = device_estimate(p, SHAPE, 4, 10, 8, 64, 0.35, Footprint(fold=True))
+    assert held[0] > plain[0] and held[1] > plain[1]
+    weights = sum(n * m for n, m in SHAPE.adapted.values()) * 4 / 2**30
+    assert fold[0] == pytest.approx(plain[0] + weights) and fold[1] == plain[1]
 
 
 def test_bad_profile_values_name_the_field():

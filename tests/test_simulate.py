@@ -131,6 +131,34 @@ def test_rejected_update_is_reported_and_round_goes_on(tmp_path, monkeypatch):
     assert all(torch.isfinite(b).all() for _, b in sim.engine.state.global_factors.values())
 
 
+@pytest.mark.parametrize("corrupt,reason", [("negative", "negative"), ("short", "shape"), ("missing", "missing")])
+def test_bad_importance_scores_are_rejected_and_the_round_goes_on(tmp_path, monkeypatch, corrupt, reason):
+    import coordinator.simulate as simmod
+    from edge_client.wire import decode_tensors, encode_tensors
+
+    real = simmod.Simulation.carry_out
+
+    def bad(self, a):
+        ret = real(self, a)
+        if a.client != "pi5":
+            return ret
+        t = decode_tensors(ret.update)
+        k = sorted(x for x in t if x.startswith("importance."))[0]
+        if corrupt == "negative":
+            t[k] = -t[k] - 1.0
+        elif corrupt == "short":
+            t[k] = t[k][:-1].clone()
+        else:
+            del t[k]
+        return simmod.Returned(a, encode_tensors(t), ret.report)
+
+    monkeypatch.setattr(simmod.Simulation, "carry_out", bad)
+    _, report = run(tmp_path, "hafl", clients_per_round=8, rounds=1)
+    rej = report["rounds"][0]["rejected"]
+    assert [r["client"] for r in rej] == ["pi5"] and reason in rej[0]["reason"]
+    assert report["rounds"][0]["valid_updates"] == 7
+
+
 def test_below_min_updates_the_global_adapter_is_kept(tmp_path, monkeypatch):
     import coordinator.engine as engmod
 

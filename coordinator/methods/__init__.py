@@ -15,6 +15,7 @@ from edge_client.lora import ClientPlan, Factors, ModulePlan, slice_factors, uni
 
 from ..aggregate import Contribution
 from ..config import ClairSettings, FsloraSettings, HaflSettings
+from ..planner import NO_FOOTPRINT, Footprint
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,13 @@ def get_method(name: str) -> Method:
     return _REGISTRY[name]()
 
 
-def full_downlink(method: Method, ctx: MethodContext) -> bool:
-    """True when every client downloads all R global components whatever it trains (Fed-PLoRA,
-    HAFL's freezing variant): the planner then charges a rank-R download to every device."""
-    f = getattr(method, "full_downlink", None)
-    return bool(f(ctx)) if f is not None else False
+def footprint(method: Method, ctx: MethodContext) -> Footprint:
+    """What the method makes a device carry beyond the rank it trains (the planner charges it):
+    Fed-PLoRA and HAFL's freezing send all R components; HAFL's freezing keeps them in the forward
+    pass; Fed-PLoRA folds them into a copy of the base weights.  Methods say so with an optional
+    ``footprint(ctx)``; the default is nothing beyond the trained rank."""
+    f = getattr(method, "footprint", None)
+    return f(ctx) if f is not None else NO_FOOTPRINT
 
 
 def capacity_plan(capacity: int, ctx: MethodContext) -> ClientPlan | None:

@@ -150,7 +150,7 @@ def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
             total2[c] += float(blk.norm()) ** 2
     scores = {c: {"sparse_share": math.sqrt(sparse2[c] / total2[c]) if total2[c] > 0 else 0.0} for c in clients}
     flagged = {c for c in clients if scores[c]["sparse_share"] > threshold}
-    deltas = {c: {m: (updates[c][m][1] @ updates[c][m][0]).to(torch.float64) for m in modules} for c in clients}
+    deltas = {c: {m: updates[c][m][1].double() @ updates[c][m][0].double() for m in modules} for c in clients}
     if consistency and len(clients) - len(flagged) >= 2:
         ok = [c for c in clients if c not in flagged]
         norms = {c: math.sqrt(sum(float(d.norm()) ** 2 for d in deltas[c].values())) for c in clients}

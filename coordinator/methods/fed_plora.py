@@ -12,7 +12,7 @@ index nobody trained keeps its value.  With ``r_i = R`` for all it is FedIT.
 Planner mapping: the knob is the number of modules ``r_i``, the largest that fits the device's
 memory, round deadline and transfer budget *with a rank-R download* (every client receives all R
 modules, so a slow link can leave no room for even one module; such a device is reported and not
-sampled).
+sampled) and a copy of the adapted base weights in memory (the fold is undone by copying back).
 
 Reconstructed (the official code could not be read; the paper's equations were read in
 summaries): the selection is drawn independently per adapted matrix (the paper's notation has one
@@ -23,6 +23,7 @@ keeps its previous value.
 from __future__ import annotations
 
 from ..aggregate import average_components
+from ..planner import Footprint
 from . import GlobalRankR, MethodContext, global_copy, random_plan, register
 
 
@@ -31,8 +32,8 @@ class FedPLoRA(GlobalRankR):
     knob = "modules r"
     start_factors = staticmethod(global_copy)
 
-    def full_downlink(self, ctx: MethodContext) -> bool:
-        return True
+    def footprint(self, ctx: MethodContext) -> Footprint:
+        return Footprint(down_rank=ctx.max_rank, fold=True)
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         r = min(capacity, ctx.max_rank)

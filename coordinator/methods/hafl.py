@@ -17,7 +17,8 @@ nobody trained keeps its value; unlike zero-padding, a component trained by few 
 diluted.
 
 Planner mapping: the knob is ``r_i = min(capacity_i, R)``; for ``freeze`` the capacity is planned
-with a rank-R download (every client receives all R components).
+with a rank-R download (every client receives all R components) and the memory and compute of a
+rank-R adapter (the frozen components stay in the forward pass).
 
 Reconstructed (only the abstract is public, and no official code was found):
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 from edge_client.lora import ClientPlan, ModulePlan
 
 from ..aggregate import average_components
+from ..planner import Footprint
 from . import GlobalRankR, MethodContext, global_copy, global_slice, register
 
 
@@ -47,17 +49,22 @@ def top_components(scores: list[float], r: int) -> tuple[int, ...]:
 
 
 def ranking_scores(state: dict | None, client: str, module: str, total: int) -> list[float]:
-    """The scores that rank ``client``'s components of ``module``: its own, else the fleet's."""
+    """The scores that rank ``client``'s components of ``module``: its own where it has scored the
+    component, the fleet's current score elsewhere."""
     imp = (state or {}).get("importance", {})
-    own = imp.get("clients", {}).get(client, {}).get(module)
-    return list(own) if own is not None else list(imp.get("global", {}).get(module, [0.0] * total))
+    scores = list(imp.get("global", {}).get(module, [0.0] * total))
+    for j, v in imp.get("clients", {}).get(client, {}).get(module, {}).items():
+        scores[int(j)] = v
+    return scores
 
 
 class HAFL(GlobalRankR):
     name = "hafl"
 
-    def full_downlink(self, ctx: MethodContext) -> bool:
-        return ctx.hafl.variant == "freeze"
+    def footprint(self, ctx: MethodContext) -> Footprint:
+        if ctx.hafl.variant == "freeze":
+            return Footprint(down_rank=ctx.max_rank, hold_rank=ctx.max_rank)
+        return Footprint()
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         big_r = ctx.max_rank
@@ -91,10 +98,10 @@ def update_importance(state: dict, contributions, total: int) -> None:
         for module, scores in c.importance.items():
             idx = (list(range(total)) if c.plan.extra.get("frozen") == "forward"  # it scored all it held
                    else list(c.plan.modules[module].components))
-            vec = own.setdefault(module, list(imp["global"].get(module, [0.0] * total)))
+            mine = own.setdefault(module, {})  # component index (a string: JSON keys) -> its latest score
             s, w = sums.setdefault(module, [0.0] * total), weights.setdefault(module, [0.0] * total)
             for j, v in zip(idx, scores.tolist()):
-                vec[j] = v
+                mine[str(j)] = v
                 s[j] += c.weight * v
                 w[j] += c.weight
     for module, s in sums.items():
