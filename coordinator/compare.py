@@ -16,8 +16,9 @@ import json
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, validate
-from .methods import method_names
+from .methods import get_method, method_names
 
+METHOD_SECTIONS = ("hafl", "fslora", "clair")  # config sections read by one method each
 DEFAULT_METHODS = ("fedit@min", "fedit@max", "hetlora", "flexlora", "hafl", "fslora", "fed-plora", "local",
                    "centralized")
 
@@ -75,7 +76,8 @@ def _plain(obj):
 
 
 def reusable(folder: Path, cfg: RunConfig) -> dict | None:
-    """The saved report in ``folder`` when its run had the same settings (``device`` aside)."""
+    """The saved report in ``folder`` when its run had the same settings (``device`` and other
+    methods' sections aside)."""
     path = folder / "report.json"
     if not path.is_file():
         return None
@@ -83,7 +85,9 @@ def reusable(folder: Path, cfg: RunConfig) -> dict | None:
     # a section the saved run's version did not have ran with that section's defaults
     saved = {**_plain(RunConfig().to_dict()), **report.get("config", {})}
     want = _plain(cfg.to_dict())
-    same = all(saved.get(k) == v for k, v in want.items() if k != "device")
+    # a method's own section (hafl:, fslora:, clair:) matters to that method's runs only
+    ignore = {"device"} | {sec for sec in METHOD_SECTIONS if sec != cfg.method}
+    same = all(saved.get(k) == v for k, v in want.items() if k not in ignore)
     return report if same else None
 
 
@@ -97,7 +101,9 @@ def summary(label: str, r: dict) -> dict:
             "mb_up_per_round": r["totals"]["uplink_bytes"] / n / 1e6,
             "mb_down_per_round": r["totals"]["downlink_bytes"] / n / 1e6,
             "wall_seconds": r["wall_seconds"], "base_accuracy": r["base_accuracy"],
-            "curve": [x.get("accuracy", {}).get("overall") for x in r["rounds"]],
+            # the global adapter per round; none for a method whose global adapter is not a model (local)
+            "curve": ([x.get("accuracy", {}).get("overall") for x in r["rounds"]]
+                      if r["method"] not in method_names() or get_method(r["method"]).global_model else []),
             "contamination": r.get("contamination")}
 
 
@@ -145,8 +151,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for s in rows:
         xs = [i + 1 for i, v in enumerate(s["curve"]) if v is not None]
+        if not xs:
+            continue
         ax1.plot(xs, [100 * v for v in s["curve"] if v is not None], marker="o", label=s["run"])
     ax1.set(xlabel="round", ylabel="exact match %", title="global adapter accuracy per round")
+    ax1.xaxis.get_major_locator().set_params(integer=True)
     ax1.legend(fontsize=7)
     labels = [s["run"] for s in rows]
     x = range(len(rows))

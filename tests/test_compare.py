@@ -44,6 +44,9 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path, monkeypatch
     monkeypatch.setattr("coordinator.simulate.Simulation.run", boom)
     again = cmp.compare(cfg, ["fedit@min", "fslora"], tmp_path)
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+    # another method's settings do not matter to this one's run; its own do
+    assert cmp.reusable(tmp_path / "fslora", load_config(overrides={**FAST, "method": "fslora", "clair.threshold": 0.3}))
+    assert not cmp.reusable(tmp_path / "fslora", load_config(overrides={**FAST, "method": "fslora", "fslora.server_lr": 0.1}))
     # other settings are not the same run
     other = load_config(overrides={**FAST, "seed": 1})
     with pytest.raises(AssertionError, match="reused"):
