@@ -97,7 +97,7 @@ class PartialTraining:
     """
 
     def __init__(self, peft_model, adapter: str, plan: ClientPlan, freeze: bool, importance: dict | None):
-        self.entries = []  # (module, which, param, row/column mask or None, saved values)
+        self.entries = []  # (module, "A" or "B", parameter, component mask or None when nothing is frozen)
         self.importance = importance
         for module, mp in plan.modules.items():
             layer = _lora_layer(peft_model, module)
