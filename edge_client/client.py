@@ -152,7 +152,7 @@ def run(args) -> int:
 
         try:  # torch is imported here, under the memory cap: a device too small fails here, and says so
             if peft_model is None:
-                peft_model, tokenizer = load_for_training(meta, args.threads)
+                peft_model, tokenizer = load_for_training(meta, args.threads, args.device)
             update, report = train(peft_model, tokenizer, examples, meta, plan.data, args)
         except (MemoryError, RuntimeError, OSError, ImportError, ValueError, KeyError) as exc:
             oom = isinstance(exc, (MemoryError, OSError, ImportError)) or "alloc" in str(exc).lower()
@@ -198,8 +198,8 @@ def watch_memory(cap_gb: float, report, device: str) -> None:
     threading.Thread(target=watch, name="memory-cap", daemon=True).start()
 
 
-def load_for_training(meta: dict, threads: int | None):
-    """The base model named by the plan, wrapped for assignments (loaded once, kept)."""
+def load_for_training(meta: dict, threads: int | None, device: str = "cpu"):
+    """The base model named by the plan, on ``device``, wrapped for assignments (loaded once, kept)."""
     import torch
 
     from .models import load_model
@@ -208,7 +208,7 @@ def load_for_training(meta: dict, threads: int | None):
         torch.set_num_threads(threads)
     from .work import wrap
 
-    model, tok = load_model(meta["model"])
+    model, tok = load_model(meta["model"], device)
     return wrap(model, meta), tok
 
 
