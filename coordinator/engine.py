@@ -313,7 +313,7 @@ class Engine:
         for module, scores in importance.items():
             if bool((scores < 0).any()):
                 raise UpdateRejected(f"client {a.client}: importance scores of '{module}' are negative")
-        claimed = (ret.report or {}).get("num_examples")
+        claimed = _report_of(ret).get("num_examples")
         if not isinstance(claimed, int):
             raise UpdateRejected(f"client {a.client}: report has no integer num_examples")
         cap = self.by_id[a.client].num_examples
@@ -328,7 +328,7 @@ class Engine:
             if ret.failure is not None:
                 failed.append({"client": a.client, "reason": ret.failure})
                 continue
-            rep = ret.report or {}
+            rep = _report_of(ret)
             rows.append({"client": a.client, "device": c.device.profile.name if c.device else "server",
                          "rank": a.plan.rank, "capacity": c.capacity.rank if c.capacity else self.R,
                          "uplink_bytes": 0 if self.method.pooled else len(ret.update or b""),
@@ -490,6 +490,12 @@ class Engine:
                          self.cfg.model)
         self.write_report(report)
         save_plots(report, self.out)
+
+
+def _report_of(ret: Returned) -> dict:
+    """The device's JSON report, or {} when it sent none or not a mapping (its update is then
+    rejected for want of an example count)."""
+    return ret.report if isinstance(ret.report, dict) else {}
 
 
 def contaminated_clients(cfg: RunConfig, ids: list[str]) -> set[str]:

@@ -159,6 +159,21 @@ def test_bad_importance_scores_are_rejected_and_the_round_goes_on(tmp_path, monk
     assert report["rounds"][0]["valid_updates"] == 7
 
 
+def test_a_report_that_is_not_a_mapping_is_rejected_not_a_crash(tmp_path, monkeypatch):
+    import coordinator.simulate as simmod
+
+    real = simmod.Simulation.carry_out
+
+    def junk(self, a):
+        ret = real(self, a)
+        return simmod.Returned(a, ret.update, ["not", "a", "report"]) if a.client == "pi5" else ret
+
+    monkeypatch.setattr(simmod.Simulation, "carry_out", junk)
+    _, report = run(tmp_path, "fedit", clients_per_round=8, rounds=1)
+    rej = report["rounds"][0]["rejected"]
+    assert [r["client"] for r in rej] == ["pi5"] and "num_examples" in rej[0]["reason"]
+
+
 def test_below_min_updates_the_global_adapter_is_kept(tmp_path, monkeypatch):
     import coordinator.engine as engmod
 
