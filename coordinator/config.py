@@ -80,7 +80,7 @@ class ClairSettings:
     lam_scale: float = 0.75        # λ = lam_scale · sqrt(the updates' mean stable rank) on the block-sparse part
     threshold: float = 0.5         # flag a client whose update is more than this share block-sparse
     consistency: bool = True       # also flag updates that point away or are far larger (not in the paper)
-    min_cosine: float = 0.0        # ... cosine with the mean of the other unflagged clients below this
+    min_cosine: float = 0.04       # ... median cosine with the other unflagged clients below this
     max_norm_ratio: float = 3.0    # ... or norm above this multiple of the unflagged median
 
 

@@ -21,31 +21,30 @@ from .engine import Assignment, Engine, Returned, hash_seed
 UPDATE_ATTACKS = ("random_update", "sign_flip", "scaled")
 
 
-def attack_update(update: bytes, attack: str, scale: float, seed: int) -> bytes:
-    """What a contaminated client sends instead of its trained adapter ``ΔW = s·B A`` (module by
-    module, as factors): ``sign_flip``: ``−ΔW`` (B negated); ``scaled``: ``scale·ΔW`` (B scaled);
-    ``random_update``: Gaussian factors rescaled so that ``‖B' A'‖_F = ‖B A‖_F``.  Importance
-    scores, if any, go as they were."""
-    from edge_client.lora import from_state_dict, to_state_dict
-    from edge_client.partial import split_update
+def attack_update(update: bytes, a: Assignment, attack: str, scale: float, seed: int) -> bytes:
+    """What a contaminated client sends instead of its trained factors ``f``, with ``f0`` the start
+    factors of the components it trained and ``δ = f − f0`` its round's change: ``sign_flip``:
+    ``f0 − δ``; ``scaled``: ``f0 + scale·δ``; ``random_update``: ``f0 + g``, ``g`` Gaussian with the
+    norm of ``δ`` (per tensor).  Importance scores, if any, go as they were."""
+    from edge_client.lora import from_state_dict, slice_factors, to_state_dict
+    from edge_client.partial import held_count
     from edge_client.wire import decode_tensors, encode_tensors
 
-    lora, scores = split_update(decode_tensors(update))
+    start = from_state_dict(decode_tensors(a.start))
+    if held_count(a.plan) is not None:  # it held all R components and sends the ones it trained
+        start = slice_factors(start, a.plan)
+    sent = decode_tensors(update)
     gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for module, (a, b) in from_state_dict(lora).items():
+    for key, f0 in to_state_dict(start).items():
+        delta = sent[key] - f0
         if attack == "sign_flip":
-            out[module] = (a, -b)
+            sent[key] = f0 - delta
         elif attack == "scaled":
-            out[module] = (a, scale * b)
+            sent[key] = f0 + scale * delta
         else:
-            ra, rb = torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen)
-            ra = ra * (a.norm() / ra.norm().clamp_min(1e-12))
-            norm = (rb @ ra).norm().clamp_min(1e-12)
-            out[module] = (ra, rb * ((b @ a).norm() / norm))
-    tensors = to_state_dict(out)
-    tensors.update({f"importance.{m}": t for m, t in scores.items()})
-    return encode_tensors(tensors)
+            g = torch.randn(delta.shape, generator=gen)
+            sent[key] = f0 + g * (delta.norm() / g.norm().clamp_min(1e-12))
+    return encode_tensors(sent)
 
 
 class Simulation:
@@ -61,7 +60,7 @@ class Simulation:
         update, report = run_assignment(e.model, e.tok, e.by_id[a.client].train, a.meta, a.start, e.device)
         attack = e.cfg.contamination.attack
         if a.client in e.contaminated and attack in UPDATE_ATTACKS:
-            update = attack_update(update, attack, e.cfg.contamination.scale,
+            update = attack_update(update, a, attack, e.cfg.contamination.scale,
                                    hash_seed(e.cfg.seed, a.round, "attack|" + a.client))
         return Returned(a, update, report)
 
