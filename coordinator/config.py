@@ -80,7 +80,7 @@ class ClairSettings:
     lam_scale: float = 0.75        # λ = lam_scale · sqrt(the updates' mean stable rank) on the block-sparse part
     threshold: float = 0.5         # flag a client whose update is more than this share block-sparse
     consistency: bool = True       # also flag updates that point away or are far larger (not in the paper)
-    min_cosine: float = 0.04       # ... median cosine with the other unflagged clients below this
+    cosine_ratio: float = 0.25     # ... agreement (median cosine with the others) below this share of the typical one
     max_norm_ratio: float = 3.0    # ... or norm above this multiple of the unflagged median
 
 
@@ -281,7 +281,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cl.side in ("input", "output"), "clair.side", "must be 'input' or 'output'")
     _check(cl.lam_scale > 0, "clair.lam_scale", "must be positive")
     _check(0.0 < cl.threshold < 1.0, "clair.threshold", "must be in (0, 1)")
-    _check(-1.0 <= cl.min_cosine <= 1.0, "clair.min_cosine", "must be in [-1, 1]")
+    _check(0.0 < cl.cosine_ratio < 1.0, "clair.cosine_ratio", "must be in (0, 1)")
     _check(cl.max_norm_ratio > 1.0, "clair.max_norm_ratio", "must be above 1")
     co = cfg.contamination
     _check(co.attack in ATTACKS, "contamination.attack", f"must be one of {', '.join(ATTACKS)}")

@@ -32,8 +32,11 @@ variation within it".  **Everything below that makes this concrete is a reconstr
    ``clair.threshold``.  A block-sparse test cannot see an attack that stays in the subspace (a
    sign-flipped or scaled copy of a benign update has the same subspace), so a second check,
    **not from the paper** and switched by ``clair.consistency``, also flags a client whose update
-   points away from the others' (the median of its cosines with the other unflagged clients below
-   ``clair.min_cosine``) or whose norm exceeds ``clair.max_norm_ratio`` times the unflagged median.
+   points away from the others' or whose norm exceeds ``clair.max_norm_ratio`` times the unflagged
+   median.  A client's agreement is the median of its cosines with the other unflagged clients
+   (robust to the bad ones among them); it is flagged below ``clair.cosine_ratio`` times the
+   median agreement of all (how much clients agree varies: on SmolLM2 benign updates agreed at
+   0.17-0.36 in round 1 and 0.03-0.07 in round 2, random ones at 0.001), and always below 0.
 4. ``Û``: the left singular vectors of ``L̂`` restricted to the benign clients, with singular value
    above 1e-3 of the largest.  Benign client ``k``'s refined change is
    ``Δ̃_k = Û Ûᵀ Δ_k + (I − Û Ûᵀ) Σ_{j∈C} p_j Δ_j``; its own adapter becomes ``B0_k A0_k + Δ̃_k``
@@ -42,9 +45,9 @@ variation within it".  **Everything below that makes this concrete is a reconstr
    refactored to rank R: flagged clients do not touch it.  Iterated every round (the abstract
    reads one-shot; a federated run is many rounds).
 
-The thresholds' defaults come from synthetic updates (the tests) and tiny-llama runs with 2 of 8
-clients contaminated (median pairwise cosine of benign updates 0.05-0.22, of random or
-sign-flipped ones below 0.03); they are not yet calibrated on SmolLM2.
+The thresholds' defaults come from synthetic updates (the tests), tiny-llama runs with 2 of 8
+clients contaminated, and one SmolLM2 probe (10 clients, 2 of them sending random updates, 2
+rounds); they are not yet checked across SmolLM2's attacks and fractions.
 
 Planner mapping: as FlexLoRA, rank ``r_k = min(capacity_k, R)``.  The report lists, per round, the
 flagged clients and every client's scores.
@@ -131,7 +134,7 @@ def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], weights: dict[str, float],
-                lam_scale: float = 0.75, threshold: float = 0.5, consistency: bool = True, min_cosine: float = 0.04,
+                lam_scale: float = 0.75, threshold: float = 0.5, consistency: bool = True, cosine_ratio: float = 0.25,
                 max_norm_ratio: float = 3.0, side: str = "input") -> dict:
     """The numeric core: ``updates[client][module] = (A, B)``.  Returns ``{"flagged", "scores",
     "benign", "subspace" (module -> Û), "refined" (client -> module -> Δ̃), "mean" (module ->
@@ -141,7 +144,7 @@ def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
         raise ValueError(f"side must be 'input' or 'output', not {side!r}")
     if side == "input":
         flipped = {c: {m: (b.T, a.T) for m, (a, b) in f.items()} for c, f in updates.items()}
-        res = clair_round(flipped, weights, lam_scale, threshold, consistency, min_cosine, max_norm_ratio, "output")
+        res = clair_round(flipped, weights, lam_scale, threshold, consistency, cosine_ratio, max_norm_ratio, "output")
         res["refined"] = {c: {m: d.T for m, d in f.items()} for c, f in res["refined"].items()}
         res["mean"] = {m: d.T for m, d in res["mean"].items()}
         return res
@@ -170,7 +173,9 @@ def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
             # the median of its cosines with the others: robust to a minority of bad updates among them
             scores[c]["cosine"] = statistics.median(_cos(flat[c], flat[j]) for j in ok if j != c)
             scores[c]["norm_ratio"] = norms[c] / med if med > 0 else 0.0
-        flagged |= {c for c in clients if scores[c]["cosine"] < min_cosine or scores[c]["norm_ratio"] > max_norm_ratio}
+        typical = statistics.median(scores[c]["cosine"] for c in clients)
+        floor = cosine_ratio * typical if typical > 0 else 0.0  # no agreement to measure against: sign only
+        flagged |= {c for c in clients if scores[c]["cosine"] < floor or scores[c]["norm_ratio"] > max_norm_ratio}
     benign = [c for c in clients if c not in flagged]
     result = {"flagged": sorted(flagged), "scores": scores, "benign": benign, "subspace": {}, "refined": {},
               "mean": {}}
@@ -212,7 +217,7 @@ class CLAIR(GlobalRankR):
         starts = {c.client: self.start_factors(c.client, global_factors, c.plan, state) for c in contributions}
         res = clair_round({c.client: round_change(c.factors, starts[c.client]) for c in contributions},
                           {c.client: c.weight for c in contributions},
-                          cfg.lam_scale, cfg.threshold, cfg.consistency, cfg.min_cosine, cfg.max_norm_ratio,
+                          cfg.lam_scale, cfg.threshold, cfg.consistency, cfg.cosine_ratio, cfg.max_norm_ratio,
                           cfg.side)
         state["round_note"] = {  # the engine moves it into this round's record
             "flagged": res["flagged"],
