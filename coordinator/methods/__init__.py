@@ -103,6 +103,15 @@ def global_slice(client: str, global_factors: Factors, plan: ClientPlan, state: 
     return slice_factors(global_factors, plan)
 
 
+def own_or_global(client: str, global_factors: Factors, plan: ClientPlan, state: dict) -> Factors:
+    """The client's own adapter (``state["personal"]``) when it has one of the plan's rank, else the
+    plan's components of the global adapter: the start of the personalised methods."""
+    own = state.get("personal", {}).get(client)
+    if own is not None and next(iter(own.values()))[0].shape[0] == plan.rank:
+        return {m: (a.clone(), b.clone()) for m, (a, b) in own.items()}
+    return slice_factors(global_factors, plan)
+
+
 def global_copy(client: str, global_factors: Factors, plan: ClientPlan, state: dict) -> Factors:
     """All R components of the global adapter (for plans that hold more than they train)."""
     return {m: (a.clone(), b.clone()) for m, (a, b) in global_factors.items()}

@@ -61,10 +61,8 @@ from collections.abc import Sequence
 
 import torch
 
-from edge_client.lora import slice_factors
-
 from ..aggregate import Contribution, svd_factors, weighted_delta_w
-from . import GlobalRankR, capacity_plan, register
+from . import GlobalRankR, capacity_plan, own_or_global, register
 
 
 def compress(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -137,8 +135,7 @@ def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
                 lam_scale: float = 0.75, threshold: float = 0.5, consistency: bool = True, cosine_ratio: float = 0.25,
                 max_norm_ratio: float = 3.0, side: str = "input") -> dict:
     """The numeric core: ``updates[client][module] = (A, B)``.  Returns ``{"flagged", "scores",
-    "benign", "subspace" (module -> Û), "refined" (client -> module -> Δ̃), "mean" (module ->
-    Σ_C p_j Δ_j)}``.  ``side="output"``: the shared subspace is a column space of ``Δ = BA``;
+    "benign", "subspace" (module -> Û), "refined" (client -> module -> Δ̃)}``.  ``side="output"``: the shared subspace is a column space of ``Δ = BA``;
     ``"input"``: a row space (computed on ``Δᵀ = AᵀBᵀ`` and transposed back)."""
     if side not in ("input", "output"):
         raise ValueError(f"side must be 'input' or 'output', not {side!r}")
@@ -146,7 +143,6 @@ def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
         flipped = {c: {m: (b.T, a.T) for m, (a, b) in f.items()} for c, f in updates.items()}
         res = clair_round(flipped, weights, lam_scale, threshold, consistency, cosine_ratio, max_norm_ratio, "output")
         res["refined"] = {c: {m: d.T for m, d in f.items()} for c, f in res["refined"].items()}
-        res["mean"] = {m: d.T for m, d in res["mean"].items()}
         return res
     clients = sorted(updates)
     modules = sorted(next(iter(updates.values())))
@@ -177,14 +173,12 @@ def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
         floor = cosine_ratio * typical if typical > 0 else 0.0  # no agreement to measure against: sign only
         flagged |= {c for c in clients if scores[c]["cosine"] < floor or scores[c]["norm_ratio"] > max_norm_ratio}
     benign = [c for c in clients if c not in flagged]
-    result = {"flagged": sorted(flagged), "scores": scores, "benign": benign, "subspace": {}, "refined": {},
-              "mean": {}}
+    result = {"flagged": sorted(flagged), "scores": scores, "benign": benign, "subspace": {}, "refined": {}}
     if not benign:
         return result
     wsum = sum(weights[c] for c in benign)
     for m in modules:
         mean = sum((weights[c] / wsum) * deltas[c][m] for c in benign)
-        result["mean"][m] = mean
         low = torch.cat([lows[m][clients.index(c)] for c in benign], dim=1)
         u, s, _ = torch.linalg.svd(low, full_matrices=False)
         keep = s > 1e-3 * float(s[0]) if s.numel() and float(s[0]) > 0 else torch.zeros_like(s, dtype=torch.bool)
@@ -205,11 +199,7 @@ class CLAIR(GlobalRankR):
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return capacity_plan(capacity, ctx)
 
-    def start_factors(self, client, global_factors, plan, state):
-        own = state.get("personal", {}).get(client)
-        if own is not None and next(iter(own.values()))[0].shape[0] == plan.rank:
-            return {m: (a.clone(), b.clone()) for m, (a, b) in own.items()}
-        return slice_factors(global_factors, plan)
+    start_factors = staticmethod(own_or_global)
 
     def aggregate(self, global_factors, contributions: Sequence[Contribution], ctx, state):
         cfg = ctx.clair

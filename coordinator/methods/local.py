@@ -8,9 +8,7 @@ stays at its initialisation and is not meaningful for this method.
 
 from __future__ import annotations
 
-from edge_client.lora import slice_factors
-
-from . import MethodContext, capacity_plan, register
+from . import MethodContext, capacity_plan, own_or_global, register
 
 
 class Local:
@@ -25,9 +23,7 @@ class Local:
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return capacity_plan(capacity, ctx)
 
-    def start_factors(self, client, global_factors, plan, state):
-        own = state.get("personal", {}).get(client)
-        return {m: (a.clone(), b.clone()) for m, (a, b) in own.items()} if own else slice_factors(global_factors, plan)
+    start_factors = staticmethod(own_or_global)
 
     def aggregate(self, global_factors, contributions, ctx, state):
         personal = state.setdefault("personal", {})
