@@ -22,6 +22,7 @@ class Contribution:
     factors: Factors
     weight: float
     importance: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> per-component scores (HAFL)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> tensor, e.g. FedLEASE's routers
 
 
 def average_components(global_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],

@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import ConfigError, RunConfig, validate
 from .methods import get_method, method_names
 
-METHOD_SECTIONS = ("hafl", "fslora", "clair")  # config sections read by one method each
+METHOD_SECTIONS = ("hafl", "fslora", "clair", "fedlease")  # config sections read by one method each
 DEFAULT_METHODS = ("fedit@min", "fedit@max", "hetlora", "flexlora", "hafl", "fslora", "fed-plora", "local",
                    "centralized")
 
@@ -85,7 +85,7 @@ def reusable(folder: Path, cfg: RunConfig) -> dict | None:
     # a section the saved run's version did not have ran with that section's defaults
     saved = {**_plain(RunConfig().to_dict()), **report.get("config", {})}
     want = _plain(cfg.to_dict())
-    # a method's own section (hafl:, fslora:, clair:) matters to that method's runs only
+    # a method's own section (hafl:, fslora:, clair:, fedlease:) matters to that method's runs only
     ignore = {"device"} | {sec for sec in METHOD_SECTIONS if sec != cfg.method}
     same = all(saved.get(k) == v for k, v in want.items() if k not in ignore)
     return report if same else None

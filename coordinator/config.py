@@ -84,6 +84,14 @@ class ClairSettings:
     max_norm_ratio: float = 3.0    # ... or norm above this multiple of the unflagged median
 
 
+@dataclass(frozen=True)
+class FedleaseSettings:
+    """FedLEASE (method ``fedlease``): the warm-up, and the most experts the clustering may choose."""
+
+    warmup_rounds: int = 2   # rounds of purely local single-LoRA training before the clients are clustered
+    max_experts: int = 4     # M_max: the clustering tries k = 2..M_max experts and keeps the best silhouette
+
+
 ATTACKS = ("none", "random_labels", "random_update", "sign_flip", "scaled")
 
 
@@ -130,6 +138,7 @@ class RunConfig:
     hafl: HaflSettings = field(default_factory=HaflSettings)
     fslora: FsloraSettings = field(default_factory=FsloraSettings)
     clair: ClairSettings = field(default_factory=ClairSettings)
+    fedlease: FedleaseSettings = field(default_factory=FedleaseSettings)
     contamination: ContaminationSettings = field(default_factory=ContaminationSettings)
 
     def to_dict(self) -> dict:
@@ -283,6 +292,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0.0 < cl.threshold < 1.0, "clair.threshold", "must be in (0, 1)")
     _check(0.0 < cl.cosine_ratio < 1.0, "clair.cosine_ratio", "must be in (0, 1)")
     _check(cl.max_norm_ratio > 1.0, "clair.max_norm_ratio", "must be above 1")
+    fl = cfg.fedlease
+    _check(fl.warmup_rounds >= 1, "fedlease.warmup_rounds", "must be at least 1")
+    _check(fl.max_experts >= 2, "fedlease.max_experts", "must be at least 2 (the clustering tries k = 2..max_experts)")
+    _check(cfg.method != "fedlease" or fl.warmup_rounds < cfg.rounds, "fedlease.warmup_rounds",
+           f"({fl.warmup_rounds}) must be below rounds ({cfg.rounds}), or no round trains the experts")
     co = cfg.contamination
     _check(co.attack in ATTACKS, "contamination.attack", f"must be one of {', '.join(ATTACKS)}")
     _check(0.0 <= co.fraction < 1.0, "contamination.fraction", "must be in [0, 1)")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from edge_client.data import Example, domain_counts, generate_task, load_jsonl, prompt_ids
+from edge_client.experts import mixture_model, mixture_of, save_mixture
 from edge_client.lora import (
     ClientPlan,
     Factors,
@@ -47,7 +48,7 @@ from .aggregate import Contribution
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate, mix_accuracy
 from .fleet import Device, load_fleet
-from .methods import MethodContext, footprint, get_method
+from .methods import MethodContext, footprint, get_method, personal_model, start_extras
 from .partition import builtin_client_data, domain_mix, split_pool
 from .planner import NO_FOOTPRINT, Capacity, Footprint, ModelShape, plan_capacity
 from .validate import UpdateRejected, capped_weight, validate_update
@@ -109,7 +110,7 @@ class RunState:
 
 def method_context(cfg: RunConfig, dims) -> MethodContext:
     return MethodContext(dims, cfg.lora.scale, cfg.lora.rank, cfg.lora.max_rank, cfg.seed, cfg.hafl, cfg.fslora,
-                         cfg.clair)
+                         cfg.clair, cfg.fedlease)
 
 
 def capacity_for(cfg: RunConfig, shape: ModelShape, profile, fp: Footprint = NO_FOOTPRINT) -> Capacity:
@@ -300,8 +301,9 @@ class Engine:
             meta = assignment_meta(round_idx=round_idx, plan=plan, seed=hash_seed(self.cfg.seed, round_idx, c.id),
                                    settings=settings, targets=self.targets, dropout=self.cfg.lora.dropout,
                                    model=self.cfg.model)
-            out.append(Assignment(c.id, round_idx, plan, meta, encode_tensors(to_state_dict(start)),
-                                  4 * sum(a.numel() + b.numel() for a, b in start.values())))
+            tensors = {**to_state_dict(start), **start_extras(self.method, c.id, plan, self.state.method_state)}
+            out.append(Assignment(c.id, round_idx, plan, meta, encode_tensors(tensors),
+                                  4 * sum(t.numel() for t in tensors.values())))
         return out, skipped
 
     def _accept(self, ret: Returned) -> Contribution:
@@ -309,7 +311,7 @@ class Engine:
         a = ret.assignment
         tensors = decode_tensors(ret.update or b"", MAX_UPDATE_BYTES)
         validate_update(a.client, tensors, update_shapes(self.dims, a.plan))
-        tensors, importance = split_update(tensors)
+        tensors, importance, extras = split_update(tensors)
         for module, scores in importance.items():
             if bool((scores < 0).any()):
                 raise UpdateRejected(f"client {a.client}: importance scores of '{module}' are negative")
@@ -317,7 +319,8 @@ class Engine:
         if not isinstance(claimed, int):
             raise UpdateRejected(f"client {a.client}: report has no integer num_examples")
         cap = self.by_id[a.client].num_examples
-        return Contribution(a.client, a.plan, from_state_dict(tensors), float(capped_weight(claimed, cap)), importance)
+        return Contribution(a.client, a.plan, from_state_dict(tensors), float(capped_weight(claimed, cap)), importance,
+                            extras)
 
     def close_round(self, round_idx: int, returned: list[Returned], skipped: list[dict], t0: float) -> dict:
         """Validate, aggregate, evaluate and record round ``round_idx``; returns its record."""
@@ -352,6 +355,7 @@ class Engine:
         note = self.state.method_state.pop("round_note", None)  # what the method says of this round
         if note is not None:
             record["detection"] = note
+        record.update(self.state.method_state.pop("round_record", None) or {})  # e.g. FedLEASE's allocation
         if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
             record["accuracy"] = self.evaluate_global()
         record["seconds"] = round(time.perf_counter() - t0, 2)
@@ -380,21 +384,23 @@ class Engine:
 
     def evaluate_personal(self, base: dict, fallback: dict | None = None) -> dict:
         """Each client's own model on the held-out set, and on its own domain mix.  A client with no
-        adapter of its own is scored on ``fallback`` (the global adapter's accuracy, for methods
+        model of its own is scored on ``fallback`` (the global adapter's accuracy, for methods
         whose such clients use it), else on the base model (its starting adapter has B = 0)."""
-        per_client = {}
-        personal = self.state.method_state.get("personal", {})
+        per_client, shared = {}, {}
         for c in self.clients:
-            factors = personal.get(c.id)
-            if factors is None:
+            own = personal_model(self.method, c.id, self.ctx, self.state.method_state)
+            if own is None:
                 acc = fallback or base
+            elif own[2] is not None and own[2] in shared:
+                acc = shared[own[2]]
             else:
-                rank = next(iter(factors.values()))[0].shape[0]
-                install_adapter(self.model, CLIENT, uniform_plan(self.dims, rank, self.cfg.lora.scale), factors,
-                                self.targets, 0.0)
-                acc = self._evaluate()
+                plan, tensors, key = own
+                with mixture_model(self.model, CLIENT, plan, tensors, self.targets):
+                    acc = self._evaluate()
+                if key is not None:
+                    shared[key] = acc
             per_client[c.id] = {"overall": acc["overall"], "per_domain": acc["per_domain"],
-                                "own_mix": mix_accuracy(acc["per_domain"], c.mix), "trained": factors is not None}
+                                "own_mix": mix_accuracy(acc["per_domain"], c.mix), "trained": own is not None}
         n = len(per_client)
         domains = next(iter(per_client.values()))["per_domain"]
         return {"clients": per_client, "clients_trained": sum(v["trained"] for v in per_client.values()),
@@ -451,6 +457,8 @@ class Engine:
                        "failed_rounds": sum(x["status"] == "failed" for x in rounds),
                        "rejected_updates": sum(len(x["rejected"]) for x in rounds)},
             "contamination": self._contamination_report(final, personal),
+            "method_summary": (self.method.summary(self.state.method_state)
+                               if hasattr(self.method, "summary") else None),
             "wall_seconds": round(time.perf_counter() - self.t_start, 1),
         }
 
@@ -485,9 +493,17 @@ class Engine:
         if self.method.global_model:
             save_adapter(self.out / "adapter", self.state.global_factors, self.cfg.lora.scale, self.targets,
                          self.cfg.model)
-        for cid, factors in self.state.method_state.get("personal", {}).items():
-            save_adapter(self.out / "clients" / cid / "adapter", factors, self.cfg.lora.scale, self.targets,
-                         self.cfg.model)
+        for c in self.clients:
+            own = personal_model(self.method, c.id, self.ctx, self.state.method_state)
+            if own is None:
+                continue
+            plan, tensors, _ = own
+            folder = self.out / "clients" / c.id
+            if mixture_of(plan) is not None:
+                save_mixture(folder / "model", plan, tensors, self.cfg.model, self.targets)
+            else:
+                save_adapter(folder / "adapter", from_state_dict(tensors), self.cfg.lora.scale, self.targets,
+                             self.cfg.model)
         self.write_report(report)
         save_plots(report, self.out)
 

@@ -25,12 +25,13 @@ def attack_update(update: bytes, a: Assignment, attack: str, scale: float, seed:
     """What a contaminated client sends instead of its trained factors ``f``, with ``f0`` the start
     factors of the components it trained and ``δ = f − f0`` its round's change: ``sign_flip``:
     ``f0 − δ``; ``scaled``: ``f0 + scale·δ``; ``random_update``: ``f0 + g``, ``g`` Gaussian with the
-    norm of ``δ`` (per tensor).  Importance scores, if any, go as they were."""
+    norm of ``δ`` (per tensor).  Importance scores and routers, if any, go as they were."""
+    from edge_client.experts import split_tensors
     from edge_client.lora import from_state_dict, slice_factors, to_state_dict
     from edge_client.partial import held_count
     from edge_client.wire import decode_tensors, encode_tensors
 
-    start = from_state_dict(decode_tensors(a.start))
+    start = from_state_dict(split_tensors(decode_tensors(a.start))[0])
     if held_count(a.plan) is not None:  # it held all R components and sends the ones it trained
         start = slice_factors(start, a.plan)
     sent = decode_tensors(update)

@@ -153,7 +153,9 @@ def component_scores(s_a: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
 
 def update_shapes(module_dims: Mapping[str, tuple[int, int]], plan: ClientPlan) -> dict[str, tuple[int, ...]]:
     """Key -> shape of everything a client following ``plan`` sends back: the trained factors,
-    and with ``importance`` one score per held component of every module."""
+    with ``importance`` one score per held component of every module, and with ``experts``
+    (FedLEASE, :mod:`edge_client.experts`) the router of every module."""
+    from .experts import mixture_shapes
     from .lora import expected_shapes
 
     out = expected_shapes(module_dims, plan)
@@ -161,15 +163,15 @@ def update_shapes(module_dims: Mapping[str, tuple[int, int]], plan: ClientPlan) 
         for module, mp in plan.modules.items():
             scored = held_count(plan) if plan.extra.get("frozen") == "forward" else mp.rank
             out[importance_key(module)] = (scored,)
+    out.update(mixture_shapes(module_dims, plan))
     return out
 
 
-def split_update(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(LoRA factor tensors, module -> importance scores) of a received update."""
-    factors, scores = {}, {}
-    for k, v in tensors.items():
-        if k.startswith(IMPORTANCE_PREFIX):
-            scores[k[len(IMPORTANCE_PREFIX):]] = v
-        else:
-            factors[k] = v
-    return factors, scores
+def split_update(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                               dict[str, torch.Tensor]]:
+    """(LoRA factor tensors, module -> importance scores, expert/router tensors) of a received update."""
+    from .experts import split_tensors
+
+    factors, mixture = split_tensors(tensors)
+    scores = {k[len(IMPORTANCE_PREFIX):]: factors.pop(k) for k in list(factors) if k.startswith(IMPORTANCE_PREFIX)}
+    return factors, scores, mixture

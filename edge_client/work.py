@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .data import Example
+from .experts import mixture_model, mixture_of
 from .lora import (
     ClientPlan,
     from_state_dict,
@@ -51,16 +52,23 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
 
     The report is JSON: example count, steps, first/last loss, training seconds.  Plans that hold
     more than they train (``hold``/``frozen``) or score importance are handled as
-    :mod:`edge_client.partial` describes; only the trained components go up.
+    :mod:`edge_client.partial` describes; only the trained components go up.  A plan with
+    ``experts`` (FedLEASE) trains the own expert and the router of :mod:`edge_client.experts`.
     """
     plan = ClientPlan.from_json(meta["plan"])
-    factors = from_state_dict(decode_tensors(start, max_bytes))
+    received = decode_tensors(start, max_bytes)
+    settings = TrainSettings(**meta["train"])
+    seed = int(meta["seed"])
+    if mixture_of(plan) is not None:  # FedLEASE: own expert and router trained, other experts frozen
+        with mixture_model(peft_model, ADAPTER, plan, received, meta["targets"], meta["dropout"]) as mix:
+            res = train_local(peft_model, tokenizer, examples, settings, seed, device, slowdown)
+        # read after the peft layers are back in place (their state-dict keys are the wire's)
+        return _finish(meta, {**to_state_dict(get_factors(peft_model, ADAPTER)), **mix.routers()}, res)
+    factors = from_state_dict(received)
     frozen = plan.extra.get("frozen") if held_count(plan) is not None else None
     if held_count(plan) is not None and frozen not in ("fold", "forward"):
         raise ValueError(f"plan: 'hold' needs a 'frozen' mode 'fold' or 'forward', got {frozen!r}")
     importance = plan.extra.get("importance")
-    settings = TrainSettings(**meta["train"])
-    seed = int(meta["seed"])
     if frozen == "fold":
         with folded(peft_model, factors, plan):
             install_adapter(peft_model, ADAPTER, plan, slice_factors(factors, plan), meta["targets"],
@@ -80,6 +88,10 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
     tensors = to_state_dict(trained)
     if hooks is not None:
         tensors.update(hooks.scores())
-    up = encode_tensors(tensors)
-    return up, {"round": meta["round"], "num_examples": res.num_examples, "steps": res.steps,
-                "first_loss": res.first_loss, "last_loss": res.last_loss, "seconds": round(res.seconds, 3)}
+    return _finish(meta, tensors, res)
+
+
+def _finish(meta: dict, tensors: dict, res) -> tuple[bytes, dict]:
+    report = {"round": meta["round"], "num_examples": res.num_examples, "steps": res.steps,
+              "first_loss": res.first_loss, "last_loss": res.last_loss, "seconds": round(res.seconds, 3)}
+    return encode_tensors(tensors), report

@@ -11,10 +11,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from edge_client.lora import ClientPlan, Factors, ModulePlan, slice_factors, uniform_plan
+from edge_client.lora import ClientPlan, Factors, ModulePlan, slice_factors, to_state_dict, uniform_plan
 
 from ..aggregate import Contribution
-from ..config import ClairSettings, FsloraSettings, HaflSettings
+from ..config import ClairSettings, FedleaseSettings, FsloraSettings, HaflSettings
 from ..planner import NO_FOOTPRINT, Footprint
 
 
@@ -30,6 +30,7 @@ class MethodContext:
     hafl: HaflSettings = field(default_factory=HaflSettings)
     fslora: FsloraSettings = field(default_factory=FsloraSettings)
     clair: ClairSettings = field(default_factory=ClairSettings)
+    fedlease: FedleaseSettings = field(default_factory=FedleaseSettings)
 
 
 class Method(Protocol):
@@ -91,6 +92,28 @@ def footprint(method: Method, ctx: MethodContext) -> Footprint:
     return f(ctx) if f is not None else NO_FOOTPRINT
 
 
+def start_extras(method: Method, client: str, plan: ClientPlan, state: dict) -> dict:
+    """Tensors sent with the start factors beyond the plan's own (FedLEASE's other experts and
+    router), from the method's optional ``start_extras(client, plan, state)``; none by default."""
+    f = getattr(method, "start_extras", None)
+    return f(client, plan, state) if f is not None else {}
+
+
+def personal_model(method: Method, client: str, ctx: MethodContext, state: dict) -> tuple[ClientPlan, dict, object] | None:
+    """``(plan, tensors, key)`` of a personalised method's model of ``client`` (None when it has
+    none yet): by default its adapter in ``state["personal"]``; a method with a richer model
+    (FedLEASE's experts and router) says so with ``personal_model(client, ctx, state)``.  Clients
+    with equal non-None ``key`` share one model (evaluated once)."""
+    f = getattr(method, "personal_model", None)
+    if f is not None:
+        return f(client, ctx, state)
+    factors = state.get("personal", {}).get(client)
+    if factors is None:
+        return None
+    rank = next(iter(factors.values()))[0].shape[0]
+    return uniform_plan(ctx.modules, rank, ctx.scale), to_state_dict(factors), None
+
+
 def capacity_plan(capacity: int, ctx: MethodContext) -> ClientPlan | None:
     """The first ``min(capacity, R)`` components of every module (R = ``lora.max_rank``), or None
     when the capacity is 0: the planner-driven rank of HetLoRA, FlexLoRA and local training."""
@@ -139,4 +162,4 @@ class GlobalRankR:
         return ctx.max_rank
 
 
-from . import centralized, clair, fed_plora, fedit, flexlora, fslora, hafl, hetlora, local  # noqa: E402,F401  (registers them)
+from . import centralized, clair, fed_plora, fedit, fedlease, flexlora, fslora, hafl, hetlora, local  # noqa: E402,F401  (registers them)
