@@ -168,7 +168,7 @@ def cmd_plan(args) -> int:
                         f"batch {t.batch_size} x seq {t.max_seq_len}, {t.steps} steps, deadline "
                         f"{cfg.planner.round_deadline_s:.0f} s")
     if fp.down_rank is not None:
-        table.caption = (f"{cfg.method} sends every device all {big_r} global components: capacity is planned "
+        table.caption = (f"{cfg.method} sends every device more than it trains: capacity is planned "
                          f"with a rank-{fp.down_rank} download"
                          + (f" and a rank-{fp.hold_rank} adapter in memory" if fp.hold_rank else "")
                          + (" and a copy of the adapted base weights" if fp.fold else ""))

@@ -352,6 +352,28 @@ def test_emulate_ends_with_the_same_adapter_as_simulate(tmp_path, method):
     assert all(d["exit_code"] == 0 for d in rep["devices"].values())
 
 
+def test_emulate_fedlease_clusters_and_trains_experts_as_simulate_does(tmp_path):
+    # the clustering runs on the warm-up updates as they arrive over MQTT; devices then receive all
+    # experts and a router and send back their own expert and router
+    cfg = config(tmp_path, ["d1", "d2", "d3"], method="fedlease", rounds=2, clients_per_round=3,
+                 **{"train.steps": 3, "fedlease.warmup_rounds": 1, "data.tasks": ["add", "upper"]})
+    rep = emulate(cfg, tmp_path / "emu", log=lambda *_: None)
+    sim = Simulation(cfg, tmp_path / "sim").run()
+    # the devices run torch with their own thread count, so floats differ in the last bits and Adam
+    # can amplify that on near-zero gradients: the clustering must agree, the tensors closely
+    for r in (rep, sim):
+        assert r["method_summary"]["clusters"] == {"d1": 0, "d2": 1, "d3": 0}  # by main domain: add, upper, add
+        assert r["method_summary"]["experts"] == 2
+    for cid in ("d1", "d2", "d3"):
+        a = load_file(str(tmp_path / "emu" / "clients" / cid / "model" / "mixture.safetensors"))
+        b = load_file(str(tmp_path / "sim" / "clients" / cid / "model" / "mixture.safetensors"))
+        assert a.keys() == b.keys() and any(k.startswith("router.") for k in a)
+        assert all(a[k].shape == b[k].shape and (a[k] - b[k]).abs().max() <= 0.05 * b[k].abs().max() + 1e-6
+                   for k in a)
+    assert rep["rounds"][1]["valid_updates"] == 3
+    assert all(d["exit_code"] == 0 for d in rep["devices"].values())
+
+
 def test_a_device_whose_plan_does_not_fit_reports_out_of_memory(tmp_path):
     # the planner is told there is no runtime overhead, so it believes 0.2 GB is enough for the
     # tiny model; the process needs more than that once torch is loaded
