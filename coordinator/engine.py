@@ -356,7 +356,8 @@ class Engine:
         if note is not None:
             record["detection"] = note
         record.update(self.state.method_state.pop("round_record", None) or {})  # e.g. FedLEASE's allocation
-        if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
+        # a method without a global model (local, fedlease) has nothing to score per round
+        if self.method.global_model and (round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds):
             record["accuracy"] = self.evaluate_global()
         record["seconds"] = round(time.perf_counter() - t0, 2)
         self.state.rounds.append(record)

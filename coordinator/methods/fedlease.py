@@ -33,13 +33,15 @@ whose B is nearest by the same distance.  Fewer than 3 warm-up clients give one 
 silhouette needs ``2 ≤ k ≤ n−1``).
 
 Planner mapping: the knob is fixed (every expert has rank ``r``, so that experts can be averaged);
-a device must hold ``M_max`` experts in its forward pass and download them with a router (about
-``2M−1`` rank-1 components' worth per layer), and the planner charges that worst case; a device
-whose capacity is below ``r`` is skipped.
+a device must hold ``M_max`` experts in its forward pass and download them with a router
+(``(2M−1)·n_in`` floats per layer, counted as rank-1 components' worth by :func:`router_rank`), and
+the planner charges that worst case; a device whose capacity is below ``r`` is skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -137,6 +139,13 @@ def adjusted_rand_index(a: Sequence, b: Sequence) -> float:
     return 1.0 if top == expected else float((index - expected) / (top - expected))
 
 
+def router_rank(ctx: MethodContext, m: int) -> int:
+    """The routers' size in rank-1 components' worth: ``(2M−1)·n_in`` floats per module against
+    ``n_in + n_out`` per component, over all adapted modules, rounded up."""
+    router = sum((2 * m - 1) * n for n, _ in ctx.modules.values())
+    return math.ceil(router / sum(n + o for n, o in ctx.modules.values()))
+
+
 class FedLEASE:
     name = "fedlease"
     personalised = True
@@ -149,7 +158,7 @@ class FedLEASE:
 
     def footprint(self, ctx: MethodContext) -> Footprint:
         m = ctx.fedlease.max_experts
-        return Footprint(down_rank=m * ctx.rank + m, hold_rank=m * ctx.rank)
+        return Footprint(down_rank=m * ctx.rank + router_rank(ctx, m), hold_rank=m * ctx.rank)
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         r = ctx.rank
@@ -239,7 +248,8 @@ def allocate(state: dict, ctx: MethodContext) -> None:
     labels, m_count, scores = choose_experts(dist, ctx.fedlease.max_experts)
     st.update({"clusters": {cid: int(j) for cid, j in zip(ids, labels)}, "experts": m_count,
                "silhouette": {str(k): round(v, 4) for k, v in scores.items()}})
-    gen = torch.Generator().manual_seed(ctx.seed)
+    # its own stream: seeded with the run's seed alone it would replay the warm-up's initial A
+    gen = torch.Generator().manual_seed(int(hashlib.sha256(f"fedlease-router|{ctx.seed}".encode()).hexdigest()[:8], 16))
     for j in range(m_count):
         members = [cid for cid, lab in zip(ids, labels) if lab == j]
         for m in sorted(ctx.modules):

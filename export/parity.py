@@ -1,0 +1,125 @@
+"""The parity report written beside every artifact, and the check that fails a broken export.
+
+Against the merged PyTorch model (fp32, eager), on held-out prompts of the built-in tasks:
+
+- max |Δlogits| and top-1 agreement over every position of every prompt;
+- exact-match accuracy of greedy answers, PyTorch and the artifact, overall and per task;
+- the artifact's file size, and latency per generated token for both (the same cache-less greedy
+  loop, so the two are comparable).
+
+Tolerances (:data:`TOLERANCE`, overridable): fp32 artifacts must match PyTorch to ``max_abs``
+and agree on the top-1 token at ``min_top1`` of positions; quantized ones must keep ``min_top1``
+agreement and lose at most ``max_accuracy_drop`` of exact-match accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .runners import greedy, torch_runner
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs: float | None = None          # max |Δlogits| (fp32 only)
+    min_top1: float = 0.99                # top-1 agreement over all positions
+    max_accuracy_drop: float = 0.10       # exact-match accuracy points the artifact may lose
+
+
+TOLERANCE = {
+    ("onnx", "fp32"): Tolerance(max_abs=1e-2, min_top1=0.99, max_accuracy_drop=0.0),
+    ("onnx", "int8"): Tolerance(min_top1=0.85),
+    ("executorch", "fp32"): Tolerance(max_abs=1e-2, min_top1=0.99, max_accuracy_drop=0.0),
+    ("executorch", "8da8w"): Tolerance(min_top1=0.85),
+    ("executorch", "8da4w"): Tolerance(min_top1=0.6, max_accuracy_drop=0.2),
+}
+
+
+class ParityError(RuntimeError):
+    """The exported model does not match PyTorch within the stated tolerance."""
+
+
+def held_out(per_task: int, seed: int = 20261122):
+    """Held-out prompts of every built-in task (the eval split, another seed than training's)."""
+    from edge_client.data import TASKS, generate_task
+
+    return [ex for t in TASKS for ex in generate_task(t, per_task, seed=seed, split="eval")]
+
+
+def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: int = 4, max_new_tokens: int = 8,
+                  tolerance: Tolerance | None = None, threads: int = 0) -> dict:
+    """Compare ``artifact`` with ``reference``; write ``parity.json`` and ``parity.md`` beside it.
+    Raises :class:`ParityError` (after writing the report) when a tolerance is not met."""
+    from coordinator.evaluate import score
+    from edge_client.data import exact_match, prompt_ids
+
+    from .runners import load_runner
+
+    tol = tolerance or TOLERANCE[(meta["format"], meta["quant"])]
+    ref, art = torch_runner(reference), load_runner(artifact, threads)
+    examples = held_out(per_task)
+    eos = tokenizer.eos_token_id
+    max_abs, agree, positions = 0.0, 0, 0
+    answers = {"torch": [], "artifact": []}
+    seconds = {"torch": 0.0, "artifact": 0.0}
+    tokens = {"torch": 0, "artifact": 0}
+    for ex in examples:
+        ids = prompt_ids(tokenizer, ex.prompt, meta["max_seq_len"] - max_new_tokens)
+        x = np.array([ids], dtype=np.int64)
+        a, b = ref(x), art(x)
+        max_abs = max(max_abs, float(np.abs(a - b).max()))
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        positions += a.shape[1]
+        for name, run in (("torch", ref), ("artifact", art)):
+            new, secs = greedy(run, ids, max_new_tokens, eos)
+            answers[name].append(tokenizer.decode(new, skip_special_tokens=True))
+            seconds[name] += secs
+            tokens[name] += max(1, len(new))
+    acc = {name: score(examples, answers[name]) for name in answers}
+    same_answers = sum(x == y for x, y in zip(answers["torch"], answers["artifact"])) / len(examples)
+    report = {
+        "format": meta["format"], "quant": meta["quant"], "artifact": artifact.name,
+        "size_bytes": artifact.stat().st_size, "skipped_layers": meta.get("skipped_layers", []),
+        "prompts": len(examples), "positions": positions,
+        "max_abs_logits_diff": max_abs, "top1_agreement": agree / positions,
+        "same_greedy_answer": same_answers,
+        "accuracy_torch": acc["torch"], "accuracy_artifact": acc["artifact"],
+        "ms_per_token_torch": 1000 * seconds["torch"] / tokens["torch"],
+        "ms_per_token_artifact": 1000 * seconds["artifact"] / tokens["artifact"],
+        "exact_match_rule": exact_match.__doc__.strip().splitlines()[0] if exact_match.__doc__ else "",
+        "tolerance": asdict(tol),
+    }
+    failures = []
+    if tol.max_abs is not None and max_abs > tol.max_abs:
+        failures.append(f"max |Δlogits| {max_abs:.3g} > {tol.max_abs:g}")
+    if report["top1_agreement"] < tol.min_top1:
+        failures.append(f"top-1 agreement {report['top1_agreement']:.3f} < {tol.min_top1:g}")
+    drop = acc["torch"]["overall"] - acc["artifact"]["overall"]
+    if drop > tol.max_accuracy_drop + 1e-9:
+        failures.append(f"exact-match accuracy drop {drop:.3f} > {tol.max_accuracy_drop:g}")
+    report["ok"], report["failures"] = not failures, failures
+    (artifact.parent / "parity.json").write_text(json.dumps(report, indent=1))
+    (artifact.parent / "parity.md").write_text(markdown(report))
+    if failures:
+        raise ParityError(f"{artifact}: parity broken: {'; '.join(failures)} (report: {artifact.parent / 'parity.md'})")
+    return report
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Parity: {r['artifact']} ({r['format']}, {r['quant']})", "",
+             "| | PyTorch (merged, fp32) | artifact |", "|---|---|---|",
+             f"| exact-match accuracy % | {100 * r['accuracy_torch']['overall']:.1f} | "
+             f"{100 * r['accuracy_artifact']['overall']:.1f} |",
+             f"| ms per generated token | {r['ms_per_token_torch']:.2f} | {r['ms_per_token_artifact']:.2f} |",
+             f"| file size MB | - | {r['size_bytes'] / 1e6:.2f} |", "",
+             f"max |Δlogits| {r['max_abs_logits_diff']:.3g}; top-1 agreement {r['top1_agreement']:.3f} over "
+             f"{r['positions']} positions of {r['prompts']} held-out prompts; same greedy answer on "
+             f"{100 * r['same_greedy_answer']:.0f}% of prompts.", "",
+             f"Tolerance: {r['tolerance']}. Result: {'OK' if r['ok'] else 'BROKEN: ' + '; '.join(r['failures'])}."]
+    if r["skipped_layers"]:
+        lines += ["", f"Layers left in fp32 (the scheme cannot take their shape): {', '.join(r['skipped_layers'])}."]
+    return "\n".join(lines) + "\n"
