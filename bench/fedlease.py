@@ -4,7 +4,8 @@
 
 One ``fedlease compare`` (same fleet, seed, data, rounds and steps for every method; default:
 SmolLM2, fleet mixed10 with all 10 devices every round, by-domain data, 3 rounds of 8 local
-steps of which 1 is FedLEASE's warm-up, up to 6 experts, 10 held-out prompts per domain).  Finished runs in ``OUT`` are reused.  Prints one markdown
+steps of which 1 is FedLEASE's warm-up, up to 6 experts, 10 held-out prompts per domain, and a
+60 s transfer budget so that the phones can download 6 experts and take part as in the others).  Finished runs in ``OUT`` are reused.  Prints one markdown
 table: accuracy overall and per domain (each client's own model for fedlease and local, the
 global adapter for fedit), the number of experts M the silhouette chose, the adjusted Rand index
 of the clusters against the clients' main domains, and MB per round up and down (for fedlease,
@@ -24,7 +25,7 @@ from coordinator.methods.fedlease import adjusted_rand_index
 
 DEFAULTS = {"fleet": "mixed10", "clients_per_round": 10, "rounds": 3, "train.steps": 8, "eval_every": 3,
             "data.eval_per_domain": 10, "data.partition": "by_domain", "fedlease.warmup_rounds": 1,
-            "fedlease.max_experts": 6}
+            "fedlease.max_experts": 6, "planner.transfer_budget_s": 60}
 
 
 def main_domain(mix: dict) -> str:

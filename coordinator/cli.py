@@ -18,6 +18,8 @@ examples:
   fedlora compare --methods fedit@min,hetlora,fslora --out runs/cmp   # several methods, one table
   fedlora plan --fleet mixed8 --method fed-plora         # what each device can train, and the method's knob
   fedlora profile --out profiles/this-machine.yaml       # measure this machine
+  fedlora export --adapter runs/demo/adapter --format onnx --quant int8 --out runs/demo/onnx
+  fedlora generate --artifact runs/demo/onnx/model.int8.onnx --prompt "add 12 and 30"
 """
 
 
@@ -200,6 +202,47 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from export.build import check_format, export
+    from export.parity import TOLERANCE, Tolerance, parity_report
+
+    from .report import make_console
+
+    check_format(args.format, args.quant)
+    console = make_console()
+    console.print(f"[b]fedlora export[/b]: {args.model} + {args.adapter or 'no adapter'} -> {args.format} "
+                  f"({args.quant}) in {args.out}")
+    with console.status("merging the adapter and exporting (tens of seconds)"):
+        artifact, meta, reference, tok = export(args.model, args.adapter, args.format, args.quant, args.out,
+                                                args.max_seq_len)
+    if meta["skipped_layers"]:
+        console.print(f"left in fp32 ({args.quant} cannot take their shape): {', '.join(meta['skipped_layers'])}")
+    tol = TOLERANCE[(args.format, args.quant)]
+    if args.min_top1 is not None:
+        tol = Tolerance(tol.max_abs, args.min_top1, tol.max_accuracy_drop)
+    with console.status("checking parity against PyTorch on held-out prompts"):
+        rep = parity_report(reference, tok, artifact, meta, per_task=args.prompts_per_task, tolerance=tol)
+    console.print((artifact.parent / "parity.md").read_text())
+    console.print(f"artifact: {artifact} ({rep['size_bytes'] / 1e6:.1f} MB); parity: {artifact.parent / 'parity.json'}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from transformers import AutoTokenizer
+
+    from edge_client.data import prompt_ids
+    from export.runners import greedy, load_runner, read_meta
+
+    meta = read_meta(args.artifact)
+    tok = AutoTokenizer.from_pretrained(str(Path(args.artifact).parent / meta["tokenizer"]))
+    run = load_runner(args.artifact)
+    ids = prompt_ids(tok, args.prompt, meta["max_seq_len"] - args.max_new_tokens)
+    new, secs = greedy(run, ids, args.max_new_tokens, tok.eos_token_id)
+    print(tok.decode(new, skip_special_tokens=True))
+    print(f"({len(new)} tokens, {1000 * secs / max(1, len(new)):.1f} ms per token)", file=sys.stderr)
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .methods import get_method, method_names
 
@@ -264,6 +307,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uplink-mbps", type=float, default=100.0)
     p.add_argument("--downlink-mbps", type=float, default=100.0)
     p.set_defaults(fn=cmd_profile)
+    p = sub.add_parser("export", help="merge an adapter into its base and export it for an edge runtime",
+                       description="Merge --adapter into --model and write an ONNX model (onnxruntime) or an "
+                       "ExecuTorch .pte (XNNPACK) in --out, with the tokenizer, export.json, and a parity report "
+                       "(parity.json, parity.md) against PyTorch: max |Δlogits|, top-1 agreement, exact-match "
+                       "accuracy on the built-in tasks, file size, latency per token. Fails (exit 3) when parity "
+                       "is broken beyond the format's tolerance.")
+    p.add_argument("--model", default="smollm2-135m", help="the base model the adapter was trained on "
+                   "(default: smollm2-135m)")
+    p.add_argument("--adapter", help="a peft adapter folder, e.g. runs/demo/adapter (default: the base alone)")
+    p.add_argument("--format", required=True, choices=["onnx", "executorch"])
+    p.add_argument("--quant", default="fp32", help="onnx: fp32 | int8 (dynamic); executorch: fp32 | 8da8w | 8da4w "
+                   "(default: fp32)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--max-seq-len", type=int, default=256, help="longest sequence the artifact takes (default 256)")
+    p.add_argument("--prompts-per-task", type=int, default=4, help="held-out prompts per built-in task for the "
+                   "parity report (default 4)")
+    p.add_argument("--min-top1", type=float, help="override the format's top-1 agreement tolerance")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("generate", help="run an exported model: greedy decoding of one prompt",
+                       description="Load an artifact written by `fedlora export` (.onnx or .pte, with its "
+                       "tokenizer beside it) and print the greedy answer to --prompt.")
+    p.add_argument("--artifact", required=True, help="the .onnx or .pte file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(fn=cmd_methods)
     return ap
@@ -283,10 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         from edge_client.client import main as client_main
 
         return client_main(argv[1:])
+    from export.parity import ParityError
+    from export.runners import ExportError
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, ModelNotFoundError, ProfileError, DataFormatError, BrokerAuthError, TimeoutError,
+    except ParityError as exc:
+        print(f"fedlora: parity broken: {exc}", file=sys.stderr)
+        return 3
+    except (ConfigError, ExportError, ModelNotFoundError, ProfileError, DataFormatError, BrokerAuthError, TimeoutError,
             DeviceProcessError) as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .runners import LogitsOnly
+from .runners import ExportError, LogitsOnly
 
 FORMATS = {"onnx": ("fp32", "int8"), "executorch": ("fp32", "8da8w", "8da4w")}
 GROUP = 32  # 8da4w weight group size
@@ -21,9 +21,9 @@ GROUP = 32  # 8da4w weight group size
 
 def check_format(fmt: str, quant: str) -> None:
     if fmt not in FORMATS:
-        raise ValueError(f"--format: unknown format '{fmt}'; formats: {', '.join(FORMATS)}")
+        raise ExportError(f"--format: unknown format '{fmt}'; formats: {', '.join(FORMATS)}")
     if quant not in FORMATS[fmt]:
-        raise ValueError(f"--quant: '{quant}' is not available for {fmt}; {fmt} takes {', '.join(FORMATS[fmt])}")
+        raise ExportError(f"--quant: '{quant}' is not available for {fmt}; {fmt} takes {', '.join(FORMATS[fmt])}")
 
 
 def merged_model(model_spec: str, adapter: str | Path | None = None):
@@ -35,11 +35,11 @@ def merged_model(model_spec: str, adapter: str | Path | None = None):
     if adapter is not None:
         folder = Path(adapter)
         if (folder / "mixture.json").is_file() or (folder.name != "model" and (folder / "model" / "mixture.json").is_file()):
-            raise ValueError(f"{folder}: a FedLEASE client model routes between experts per token; it cannot be "
+            raise ExportError(f"{folder}: a FedLEASE client model routes between experts per token; it cannot be "
                              "merged into the base weights (export a plain LoRA adapter folder)")
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             if not (folder / name).is_file():
-                raise ValueError(f"--adapter {folder}: no {name} (expected a peft adapter folder, e.g. RUN/adapter)")
+                raise ExportError(f"--adapter {folder}: no {name} (expected a peft adapter folder, e.g. RUN/adapter)")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()

@@ -16,7 +16,11 @@ META = "export.json"
 SUFFIXES = {".onnx": "onnx", ".pte": "executorch"}
 
 
-class ArtifactError(ValueError):
+class ExportError(ValueError):
+    """Bad input to an export: an unknown format or quantization, an adapter folder that is not one."""
+
+
+class ArtifactError(ExportError):
     """An artifact that is missing, of an unknown kind, or that its runtime cannot load."""
 
 

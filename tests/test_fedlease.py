@@ -74,6 +74,24 @@ def test_average_linkage_and_silhouette_on_a_hand_case():
     assert silhouette(dist, [0, 0, 1, 1]) == pytest.approx(want)
 
 
+def test_linkage_silhouette_and_ari_agree_with_scikit_learn():
+    sk = pytest.importorskip("sklearn")  # installed with the export extra; not a dependency of the method
+    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+    assert sk
+    rng = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        pts = torch.randn(9, 3, generator=rng)
+        dist = torch.cdist(pts, pts).double().numpy()
+        for k in range(2, 8):
+            ours = average_linkage(dist, k)
+            theirs = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average").fit_predict(dist)
+            assert adjusted_rand_score(ours, theirs) == pytest.approx(1.0), (trial, k)
+            assert silhouette(dist, ours) == pytest.approx(silhouette_score(dist, ours, metric="precomputed"))
+            assert adjusted_rand_index(ours, list(theirs)) == pytest.approx(adjusted_rand_score(ours, theirs))
+
+
 def test_too_few_clients_give_one_expert():
     labels, m, scores = choose_experts(distance_matrix(synthetic_bs([0, 1])), 4)
     assert (labels, m, scores) == ([0, 0], 1, {})

@@ -1,0 +1,116 @@
+"""Exports for edge runtimes on the tiny model: ONNX (fp32, int8) and ExecuTorch (fp32, 8da8w),
+an adapter merged in, the parity report and its failure, `fedlora generate`, and clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from coordinator.cli import main
+from coordinator.report import save_adapter
+from edge_client.lora import adapted_modules
+from export.build import export, merged_model
+from export.parity import ParityError, Tolerance, parity_report
+from export.runners import ArtifactError, ExportError, load_runner, torch_runner
+
+pytest.importorskip("onnxruntime")
+
+IDS = np.array([[3, 8, 1, 22, 9, 14, 2, 5], [4, 4, 7, 30, 2, 1, 9, 11]], dtype=np.int64)
+LOOSE = Tolerance(min_top1=0.0, max_accuracy_drop=1.0)  # random tiny weights: check the mechanism only
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A peft adapter folder for tiny-llama with non-zero B, as `simulate` writes one."""
+    from edge_client.models import load_model
+
+    model, _ = load_model("tiny-llama")
+    dims = adapted_modules(model, ["q_proj", "v_proj"])
+    gen = torch.Generator().manual_seed(0)
+    factors = {m: (torch.randn(4, n, generator=gen) * 0.3, torch.randn(o, 4, generator=gen) * 0.3)
+               for m, (n, o) in dims.items()}
+    folder = tmp_path_factory.mktemp("run") / "adapter"
+    save_adapter(folder, factors, 2.0, ["q_proj", "v_proj"], "tiny-llama")
+    return folder
+
+
+@pytest.mark.integration
+def test_onnx_fp32_matches_the_merged_model_and_writes_its_parity_report(tmp_path, adapter):
+    artifact, meta, reference, tok = export("tiny-llama", adapter, "onnx", "fp32", tmp_path)
+    base, _ = merged_model("tiny-llama")
+    merged = torch_runner(reference)(IDS)
+    assert np.abs(merged - torch_runner(base)(IDS)).max() > 1e-3  # the adapter is in
+    got = load_runner(artifact)(IDS)  # batch 2, another length than the export's example
+    assert np.abs(got - merged).max() < 1e-4
+    rep = parity_report(reference, tok, artifact, meta, per_task=1)
+    assert rep["ok"] and rep["top1_agreement"] == 1.0 and rep["max_abs_logits_diff"] < 1e-3
+    assert rep["accuracy_artifact"] == rep["accuracy_torch"]
+    assert rep["size_bytes"] == artifact.stat().st_size and rep["ms_per_token_artifact"] > 0
+    saved = json.loads((tmp_path / "parity.json").read_text())
+    assert saved["top1_agreement"] == rep["top1_agreement"] and "Result: OK" in (tmp_path / "parity.md").read_text()
+
+
+@pytest.mark.integration
+def test_broken_parity_fails_loudly_after_writing_the_report(tmp_path):
+    artifact, meta, reference, tok = export("tiny-llama", None, "onnx", "fp32", tmp_path)
+    with torch.no_grad():  # the reference drifts from what was exported
+        next(p for n, p in reference.named_parameters() if n.endswith("q_proj.weight")).add_(0.5)
+    with pytest.raises(ParityError, match="parity broken: max"):
+        parity_report(reference, tok, artifact, meta, per_task=1)
+    assert json.loads((tmp_path / "parity.json").read_text())["ok"] is False
+
+
+@pytest.mark.integration
+def test_cli_export_onnx_int8_then_generate(tmp_path, adapter, capsys):
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", "tiny-llama", "--adapter", str(adapter), "--format", "onnx", "--quant", "int8",
+                 "--out", str(out), "--prompts-per-task", "1", "--min-top1", "0"]) == 0
+    rep = json.loads((out / "parity.json").read_text())
+    assert rep["quant"] == "int8" and rep["artifact"] == "model.int8.onnx" and not (out / "model.onnx").exists()
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops  # int8 weights, activations quantized on the fly
+    capsys.readouterr()
+    assert main(["generate", "--artifact", str(out / "model.int8.onnx"), "--prompt", "add 1 and 2",
+                 "--max-new-tokens", "3"]) == 0
+    assert "ms per token" in capsys.readouterr().err
+
+
+def test_bad_inputs_fail_with_a_clear_message(tmp_path, capsys):
+    assert main(["export", "--model", "tiny-llama", "--format", "onnx", "--quant", "8da4w", "--out",
+                 str(tmp_path)]) == 2
+    assert "'8da4w' is not available for onnx; onnx takes fp32, int8" in capsys.readouterr().err
+    assert main(["generate", "--artifact", str(tmp_path / "nope.onnx"), "--prompt", "x"]) == 2
+    assert "no export.json beside it" in capsys.readouterr().err
+    with pytest.raises(ArtifactError, match="no such artifact file"):
+        load_runner(tmp_path / "nope.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ArtifactError, match="onnxruntime cannot load it"):
+        load_runner(tmp_path / "junk.onnx")
+    with pytest.raises(ArtifactError, match="unknown artifact type '.bin'"):
+        (tmp_path / "m.bin").write_bytes(b"")
+        load_runner(tmp_path / "m.bin")
+    with pytest.raises(ExportError, match="no adapter_config.json"):
+        merged_model("tiny-llama", tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mixture.json").write_text("{}")
+    with pytest.raises(ExportError, match="FedLEASE client model"):
+        merged_model("tiny-llama", tmp_path / "model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["fp32", "8da8w"])
+def test_executorch_export_runs_in_the_runtime_with_parity(tmp_path, adapter, quant):
+    pytest.importorskip("executorch")
+    artifact, meta, reference, tok = export("tiny-llama", adapter, "executorch", quant, tmp_path)
+    assert artifact.name == f"model.{quant}.pte"
+    got = load_runner(artifact)(IDS[:1])
+    want = torch_runner(reference)(IDS[:1])
+    assert np.abs(got - want).max() < (1e-4 if quant == "fp32" else 0.5)
+    rep = parity_report(reference, tok, artifact, meta, per_task=1, tolerance=None if quant == "fp32" else LOOSE)
+    assert rep["ok"] and rep["prompts"] == 5
+    (tmp_path / "broken.pte").write_bytes(artifact.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match="ExecuTorch runtime cannot load it"):
+        load_runner(tmp_path / "broken.pte")
