@@ -7,7 +7,8 @@ SmolLM2, fleet mixed10 with all 10 devices every round, by-domain data, 3 rounds
 steps of which 1 is FedLEASE's warm-up, up to 6 experts, 10 held-out prompts per domain, and a
 60 s transfer budget so that the phones can download 6 experts and take part as in the others).  Finished runs in ``OUT`` are reused.  Prints one markdown
 table: accuracy overall and per domain (each client's own model for fedlease and local, the
-global adapter for fedit), the number of experts M the silhouette chose, the adjusted Rand index
+global adapter for fedit), accuracy on each client's own domain mix (own-mix), the number of
+experts M the silhouette chose, the adjusted Rand index
 of the clusters against the clients' main domains, and MB per round up and down (for fedlease,
 also over its expert rounds alone).
 """
@@ -63,8 +64,8 @@ def main(argv: list[str]) -> int:
     rows = compare(cfg, [m for m in args.methods.split(",") if m], args.out)
     domains = list(rows[0]["per_domain"])
     print("| method | evaluated | accuracy % | " + " | ".join(f"{d} %" for d in domains)
-          + " | experts M | ARI vs main domain | MB up/round | MB down/round |")
-    print("|---|---|---|" + "---|" * len(domains) + "---|---|---|---|")
+          + " | own-mix % | experts M | ARI vs main domain | MB up/round | MB down/round |")
+    print("|---|---|---|" + "---|" * len(domains) + "---|---|---|---|---|")
     for r in rows:
         report = json.loads((Path(args.out) / r["run"] / "report.json").read_text())
         m, ari = clustering(report)
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> int:
             up, down = f"{up} ({eu:.2f} in expert rounds)", f"{down} ({ed:.2f} in expert rounds)"
         print(f"| {r['run']} | {r['evaluated']} | {100 * r['accuracy']:.1f} | "
               + " | ".join(f"{100 * r['per_domain'][d]:.1f}" for d in domains)
-              + f" | {'-' if m is None else m} | {'-' if ari is None else f'{ari:.2f}'} | {up} | {down} |")
+              + f" | {100 * r['own_mix']:.1f} | {'-' if m is None else m} | {'-' if ari is None else f'{ari:.2f}'} | {up} | {down} |")
     return 0
 
 
