@@ -2,7 +2,6 @@
 warm-up -> experts phases, the personalised model on disk, and a run on tiny-llama."""
 
 import copy
-import itertools
 
 import pytest
 import torch
@@ -260,8 +259,8 @@ def test_warm_up_then_allocation_then_experts():
 def test_a_device_trains_its_own_expert_and_router_and_sends_only_those(peft_tiny, tiny):
     from edge_client.data import generate_task
     from edge_client.trainer import TrainSettings
-    from edge_client.work import assignment_meta, run_assignment
     from edge_client.wire import encode_tensors
+    from edge_client.work import assignment_meta, run_assignment
 
     pm, dims = peft_tiny
     _, tok = tiny

@@ -42,7 +42,7 @@ def test_every_method_runs_and_writes_a_loadable_adapter(tmp_path, method):
                 assert c["uplink_bytes"] > 0 and c["downlink_bytes"] > 0
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "bytes.png").stat().st_size > 0
     if method == "fedlease":  # each client's model (experts and router) reloads as the engine evaluated it
-        from edge_client.experts import load_mixture, mixture_model
+        from edge_client.experts import load_mixture
 
         cid = sorted(p.name for p in (tmp_path / "clients").iterdir())[0]
         plan, tensors, meta = load_mixture(tmp_path / "clients" / cid / "model")
