@@ -34,7 +34,7 @@ def merged_model(model_spec: str, adapter: str | Path | None = None):
     model, tok = load_model(model_spec)
     if adapter is not None:
         folder = Path(adapter)
-        if (folder / "mixture.json").is_file() or (folder.name != "model" and (folder / "model" / "mixture.json").is_file()):
+        if (folder / "mixture.json").is_file() or (folder / "model" / "mixture.json").is_file():
             raise ExportError(f"{folder}: a FedLEASE client model routes between experts per token; it cannot be "
                              "merged into the base weights (export a plain LoRA adapter folder)")
         for name in ("adapter_config.json", "adapter_model.safetensors"):

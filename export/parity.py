@@ -55,7 +55,7 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
     """Compare ``artifact`` with ``reference``; write ``parity.json`` and ``parity.md`` beside it.
     Raises :class:`ParityError` (after writing the report) when a tolerance is not met."""
     from coordinator.evaluate import score
-    from edge_client.data import exact_match, prompt_ids
+    from edge_client.data import prompt_ids
 
     from .runners import load_runner
 
@@ -90,7 +90,6 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
         "accuracy_torch": acc["torch"], "accuracy_artifact": acc["artifact"],
         "ms_per_token_torch": 1000 * seconds["torch"] / tokens["torch"],
         "ms_per_token_artifact": 1000 * seconds["artifact"] / tokens["artifact"],
-        "exact_match_rule": exact_match.__doc__.strip().splitlines()[0] if exact_match.__doc__ else "",
         "tolerance": asdict(tol),
     }
     failures = []
