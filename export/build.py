@@ -8,6 +8,7 @@ code), and 8da4w skips linear layers whose input size is not a multiple of its g
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -108,13 +109,14 @@ def export_executorch(model, out: Path, quant: str, max_seq_len: int) -> tuple[P
 def export(model_spec: str, adapter: str | Path | None, fmt: str, quant: str, out: str | Path,
            max_seq_len: int = 256) -> tuple[Path, dict, object, object]:
     """Merge and export; writes the artifact, the tokenizer and ``export.json`` under ``out``.
-    Returns ``(artifact, meta, reference model, tokenizer)``; the reference is a fresh merged
-    copy in fp32 (quantization changes the exported copy in place)."""
+    Returns ``(artifact, meta, reference model, tokenizer)``; the reference is the merged model in
+    fp32 (what was exported, before any in-place quantization)."""
     check_format(fmt, quant)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = merged_model(model_spec, adapter)
-    reference, _ = merged_model(model_spec, adapter)
+    reference, tok = merged_model(model_spec, adapter)
+    # torchao quantizes the exported copy in place; the other exports leave the model as it was
+    model = copy.deepcopy(reference) if fmt == "executorch" and quant != "fp32" else reference
     builder = export_onnx if fmt == "onnx" else export_executorch
     artifact, skipped = builder(model, out, quant, max_seq_len)
     tok.save_pretrained(str(out / "tokenizer"))
