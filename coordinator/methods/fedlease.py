@@ -228,8 +228,7 @@ class FedLEASE:
                 by_expert.setdefault(mixture_of(c.plan)[1], []).append(c)
         for j, members in by_expert.items():
             for m in ctx.modules:
-                tensors[expert_key(j, m, "A")] = torch.stack([c.factors[m][0] for c in members]).mean(0)
-                tensors[expert_key(j, m, "B")] = torch.stack([c.factors[m][1] for c in members]).mean(0)
+                set_expert(tensors, j, m, [c.factors[m] for c in members])
                 tensors[f"{CLUSTER_ROUTER}{j}.{m}"] = torch.stack([c.extras[router_key(m)] for c in members]).mean(0)
         if not st.get("clusters") and any(c.plan.extra.get("cluster_after") for c in warm):
             allocate(state, ctx)
@@ -238,6 +237,12 @@ class FedLEASE:
                 if c.client not in st["clusters"]:
                     join_nearest(state, ctx, c.client, c.factors)
         return global_factors
+
+
+def set_expert(tensors: dict, j: int, module: str, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Expert ``j`` of ``module`` := the uniform mean of the given (A, B), A and B separately."""
+    tensors[expert_key(j, module, "A")] = torch.stack([a for a, _ in factors]).mean(0)
+    tensors[expert_key(j, module, "B")] = torch.stack([b for _, b in factors]).mean(0)
 
 
 def allocate(state: dict, ctx: MethodContext) -> None:
@@ -253,8 +258,7 @@ def allocate(state: dict, ctx: MethodContext) -> None:
     for j in range(m_count):
         members = [cid for cid, lab in zip(ids, labels) if lab == j]
         for m in sorted(ctx.modules):
-            tensors[expert_key(j, m, "A")] = torch.stack([personal[cid][m][0] for cid in members]).mean(0)
-            tensors[expert_key(j, m, "B")] = torch.stack([personal[cid][m][1] for cid in members]).mean(0)
+            set_expert(tensors, j, m, [personal[cid][m] for cid in members])
             tensors[f"{CLUSTER_ROUTER}{j}.{m}"] = init_router(ctx.modules[m][0], m_count, gen)
     for cid in ids:  # the warm-up LoRAs live on in the experts
         del personal[cid]
