@@ -162,11 +162,16 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_len: int) -> lis
     return out
 
 
-def collate(batch: Sequence[tuple[list[int], int]], pad_id: int) -> dict:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the response)."""
+def collate(batch: Sequence[tuple[list[int], int]], pad_id: int, width: int | None = None) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the response), to
+    the longest sequence or to ``width`` (a fixed batch shape)."""
     import torch  # here, not at import: the edge client connects and says hello before loading torch
 
-    width = max(len(ids) for ids, _ in batch)
+    longest = max(len(ids) for ids, _ in batch)
+    if width is None:
+        width = longest
+    elif longest > width:
+        raise ValueError(f"a sequence of {longest} tokens does not fit a batch width of {width}")
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Local training: AdamW on the active LoRA adapter, loss on the response tokens only.
+"""Local training: AdamW (or SGD) on the active LoRA adapter, loss on the response tokens only.
 
 The loop is deliberately plain (one forward, one backward, one step) so that its cost is the
 model's: ``bench/client_overhead.py`` compares it with a bare peft loop.
@@ -24,6 +24,10 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_seq_len: int = 64
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # or "sgd" (what the executorch trainer runs)
+
+
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -52,14 +56,17 @@ def batches(encoded: Sequence, batch_size: int, seed: int) -> Iterator[list]:
 
 def train_steps(model, params: list[torch.nn.Parameter], batch_iter: Iterator[dict], steps: int,
                 lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0, slowdown: float = 1.0,
-                hooks=None) -> list[float]:
-    """Run ``steps`` AdamW steps of ``model`` on ``params``; returns the loss of each step.
+                hooks=None, optimizer: str = "adamw") -> list[float]:
+    """Run ``steps`` AdamW (or plain SGD) steps of ``model`` on ``params``; returns each step's loss.
 
     ``slowdown > 1`` stretches every step to that multiple of its time (emulating a slower device).
     ``hooks`` (e.g. :class:`edge_client.partial.PartialTraining`) has ``after_backward()``, called
     before gradient clipping, and ``after_step()``, called after each optimiser step.
     """
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
+    opt = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
+           else torch.optim.SGD(params, lr=lr, weight_decay=weight_decay))
     losses = []
     model.train()
     try:
@@ -106,6 +113,6 @@ def train_local(peft_model, tokenizer, examples: Sequence[Example], settings: Tr
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     losses = train_steps(peft_model, params, to_device(), settings.steps, settings.lr,
-                         settings.weight_decay, settings.grad_clip, slowdown, hooks)
+                         settings.weight_decay, settings.grad_clip, slowdown, hooks, settings.optimizer)
     seconds = time.perf_counter() - t0
     return TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses), seconds, len(examples))

@@ -1,0 +1,300 @@
+"""The ``executorch`` trainer backend: local training inside an ExecuTorch training program.
+
+A device whose profile says ``trainer: executorch`` trains no PyTorch model.  The coordinator
+builds a *training program* (:func:`build_program`) for the device's plan: the base model frozen
+(float32, or int8 weights with ``trainer_base: int8``), the plan's LoRA factors the only trainable
+tensors, one fixed batch shape ``batch_size × max_seq_len``, and the loss as the program's first
+output.  The device runs it with ExecuTorch's training runtime (:func:`train_program`): SGD, the
+only optimiser the runtime offers, on ``forward_backward`` gradients, with the same batches, the
+same gradient clipping and the same update format as the torch backend.
+
+How the program is made (what this stack needs, see ``docs/edge.md``):
+
+- eager attention: the SDPA backward has no ExecuTorch kernel;
+- ``torch.export`` of a wrapper that returns ``(loss,)``, then ``_export_forward_backward``;
+- ``aten.empty_permuted`` (from SiLU's backward) rewritten to ``aten.empty.memory_format``: the
+  portable kernels lack it; only the identity permutation it is emitted with is rewritten;
+- ``to_edge(..., _check_ir_validity=False)`` and ``to_executorch()``: portable kernels (the
+  XNNPACK delegate cannot lower a training graph);
+- an int8 base: torchao ``IntxWeightOnlyConfig`` on the base's Linear layers (not the LoRA factors,
+  not ``lm_head``), then ``unwrap_tensor_subclass`` so that export sees plain tensors.
+
+Batches are right-padded to ``max_seq_len``: with a causal model and right padding, the real
+tokens see exactly what they see in the torch backend's shorter batch, and the loss (mean over
+response tokens) is the same.  The runtime names a trainable tensor
+``m.base_model.model.<module>.lora_A.<adapter>.weight``; the program's JSON sidecar maps each
+name to the wire's peft key.
+
+Python's ExecuTorch bindings exchange tensors as torch tensors, so this Python client imports
+torch for I/O; every forward and backward runs in the ExecuTorch runtime, as it would from the
+runtime's C++ training API on a device without Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .data import Example, collate, encode_examples
+from .lora import ClientPlan, from_state_dict, lora_config, peft_key, to_state_dict
+from .trainer import TrainResult, TrainSettings, batches
+
+ADAPTER = "client"
+PROGRAM_VERSION = 1
+BASES = ("fp32", "int8")
+
+
+class ProgramError(ValueError):
+    """A training program is missing, corrupt, or does not fit the assignment; the text says which."""
+
+
+def unsupported(plan: ClientPlan) -> str | None:
+    """Why the executorch backend cannot carry ``plan`` (None when it can): it trains plain LoRA
+    factors, so plans that hold frozen components, score importance or route experts are out."""
+    for key, what in (("hold", "frozen components held beside the trained ones"),
+                      ("importance", "importance scoring"), ("experts", "routed experts")):
+        if plan.extra.get(key) is not None:
+            return f"the executorch trainer trains plain LoRA factors; this plan needs {what}"
+    return None
+
+
+def program_spec(model: str, plan: ClientPlan, targets: Sequence[str], batch_size: int, seq_len: int,
+                 base: str = "fp32") -> dict:
+    """What a training program is built for: the same spec gives the same program."""
+    if base not in BASES:
+        raise ProgramError(f"trainer_base must be one of {', '.join(BASES)}, got '{base}'")
+    return {"version": PROGRAM_VERSION, "model": model, "targets": list(targets), "scale": plan.scale,
+            "ranks": {m: p.rank for m, p in sorted(plan.modules.items())},
+            "batch_size": int(batch_size), "seq_len": int(seq_len), "base": base}
+
+
+def program_key(spec: Mapping) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _rewrite_empty_permuted(gm) -> int:
+    """``aten.empty_permuted(size, perm)`` -> ``aten.empty.memory_format(size)``; identity perms only."""
+    n_done = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.empty_permuted.default:
+            size, perm = node.args[0], list(node.args[1])
+            if perm != list(range(len(perm))):
+                raise ProgramError(f"cannot build the training program: empty_permuted with permutation {perm}")
+            node.target, node.args = torch.ops.aten.empty.memory_format, (size,)
+            n_done += 1
+    gm.recompile()
+    return n_done
+
+
+def build_program(spec: Mapping, path: str | Path, model=None) -> dict:
+    """Write the training program for ``spec`` to ``path`` (``.pte``) and its sidecar
+    (``.json``: the spec, the trainable names and their shapes).  ``model``: the base, loaded
+    afresh from ``spec['model']`` when not given (it is changed: attention, LoRA, quantization).
+    Returns the sidecar."""
+    import torch.nn.functional as F
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
+    from peft import get_peft_model
+    from torch.export.experimental import _export_forward_backward
+
+    from .lora import ModulePlan
+    from .models import load_model
+
+    if model is None:
+        model, _ = load_model(spec["model"])
+    model.config._attn_implementation = "eager"
+    plan = ClientPlan({m: ModulePlan(tuple(range(r))) for m, r in spec["ranks"].items()}, spec["scale"])
+    pm = get_peft_model(model, lora_config(plan, spec["targets"], 0.0), adapter_name=ADAPTER)
+    if spec["base"] == "int8":
+        from torchao.quantization import IntxWeightOnlyConfig, quantize_
+        from torchao.quantization.granularity import PerAxis
+        from torchao.utils import unwrap_tensor_subclass
+
+        def is_base_linear(mod, fqn):
+            return isinstance(mod, torch.nn.Linear) and "lora_" not in fqn and not fqn.endswith("lm_head")
+
+        quantize_(pm, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
+                  filter_fn=is_base_linear)
+        unwrap_tensor_subclass(pm)
+    vocab = model.config.vocab_size
+
+    class TrainNet(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, labels):
+            logits = self.m(input_ids=input_ids, use_cache=False).logits
+            return (F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1),
+                                    ignore_index=-100),)
+
+    pm.eval()  # no dropout in the program
+    b, s = spec["batch_size"], spec["seq_len"]
+    ids, labels = torch.zeros((b, s), dtype=torch.long), torch.zeros((b, s), dtype=torch.long)  # distinct: not aliased
+    ep = _export_forward_backward(torch.export.export(TrainNet(pm), (ids, labels), strict=False))
+    _rewrite_empty_permuted(ep.graph_module)
+    et = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch(
+        config=ExecutorchBackendConfig())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(et.buffer)
+    names = {}
+    for name, p in pm.named_parameters():
+        if p.requires_grad:
+            names["m." + name] = {"key": _wire_key(name), "shape": list(p.shape)}
+    side = {"spec": dict(spec), "key": program_key(spec), "sha256": hashlib.sha256(et.buffer).hexdigest(),
+            "bytes": len(et.buffer), "parameters": names}
+    path.with_suffix(".json").write_text(json.dumps(side, indent=1))
+    tmp.replace(path)
+    return side
+
+
+def _wire_key(name: str) -> str:
+    """peft parameter name (``...lora_A.<adapter>.weight``) -> the wire's key (``...lora_A.weight``)."""
+    for which in ("A", "B"):
+        mark = f".lora_{which}.{ADAPTER}.weight"
+        if name.endswith(mark):
+            return peft_key(name[: -len(mark)].removeprefix("base_model.model."), which)
+    raise ProgramError(f"unexpected trainable tensor '{name}' in the training program")
+
+
+class ProgramStore:
+    """Training programs on disk, by key: ``<dir>/<key>.pte`` and ``<key>.json``.  The coordinator
+    builds into one (:meth:`get`); a device keeps the programs it received in one."""
+
+    def __init__(self, root: str | Path, log=None):
+        self.root = Path(root)
+        self.log = log or (lambda text: None)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.pte"
+
+    def get(self, spec: Mapping) -> tuple[Path, dict]:
+        """The program for ``spec`` and its sidecar, built on first use."""
+        key = program_key(spec)
+        path = self.path(key)
+        side_file = path.with_suffix(".json")
+        if path.is_file() and side_file.is_file():
+            return path, json.loads(side_file.read_text())
+        self.log(f"building the executorch training program {key} (ranks "
+                 f"{sorted(set(spec['ranks'].values()))}, batch {spec['batch_size']}x{spec['seq_len']}, "
+                 f"{spec['base']} base)")
+        t0 = time.perf_counter()
+        side = build_program(spec, path)
+        self.log(f"program {key}: {side['bytes'] / 2**20:.1f} MiB in {time.perf_counter() - t0:.0f} s")
+        return path, side
+
+    def put(self, data: bytes, side: dict) -> Path:
+        """Keep a received program after checking it against its sidecar's checksum."""
+        if hashlib.sha256(data).hexdigest() != side.get("sha256"):
+            raise ProgramError(f"training program {side.get('key')}: checksum mismatch")
+        path = self.path(side["key"])
+        self.root.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".json").write_text(json.dumps(side, indent=1))
+        path.write_bytes(data)
+        return path
+
+
+class ProgramTrainer:
+    """One loaded training program: set the LoRA factors, run SGD steps, read the factors back."""
+
+    def __init__(self, path: str | Path):
+        from executorch.extension.training import _load_for_executorch_for_training
+
+        path = Path(path)
+        side_file = path.with_suffix(".json")
+        if not path.is_file() or not side_file.is_file():
+            raise ProgramError(f"{path}: no training program there (the .pte and its .json are both needed)")
+        self.side = json.loads(side_file.read_text())
+        self.spec = self.side["spec"]
+        b, s = self.spec["batch_size"], self.spec["seq_len"]
+        try:
+            self.module = _load_for_executorch_for_training(str(path))
+            # the runtime's parameters exist after one call
+            self.module.forward_backward("forward", (torch.zeros((b, s), dtype=torch.long),
+                                                     torch.zeros((b, s), dtype=torch.long)))
+        except RuntimeError as exc:
+            raise ProgramError(f"{path}: not a loadable ExecuTorch training program: "
+                               f"{str(exc).splitlines()[0]}") from None
+        self.params = dict(self.module.named_parameters())
+        if set(self.params) != set(self.side["parameters"]):
+            raise ProgramError(f"{path}: its trainable tensors do not match its sidecar")
+
+    def set_factors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load wire-keyed factors into the program; each one must be there, with its shape."""
+        by_key = {v["key"]: n for n, v in self.side["parameters"].items()}
+        if set(tensors) != set(by_key):
+            missing, extra = sorted(set(by_key) - set(tensors)), sorted(set(tensors) - set(by_key))
+            raise ProgramError(f"the start factors do not fit the training program: missing {missing[:3]}, "
+                               f"unexpected {extra[:3]}")
+        for key, t in tensors.items():
+            live = self.params[by_key[key]]
+            if tuple(live.shape) != tuple(t.shape):
+                raise ProgramError(f"'{key}': the program trains {tuple(live.shape)}, the plan sends {tuple(t.shape)}")
+            live.copy_(t)
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        return {v["key"]: self.params[n].detach().clone() for n, v in self.side["parameters"].items()}
+
+    def train(self, batch_iter, steps: int, lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0,
+              slowdown: float = 1.0) -> list[float]:
+        """``steps`` SGD steps (``lr``, ``weight_decay``; gradients clipped to a total norm of
+        ``grad_clip`` as ``torch.nn.utils.clip_grad_norm_`` does); returns each step's loss."""
+        from executorch.extension.training import get_sgd_optimizer
+
+        opt = get_sgd_optimizer(self.params, lr, 0.0, 0.0, weight_decay, False)
+        losses = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            ids, labels = next(batch_iter)
+            loss = self.module.forward_backward("forward", (ids, labels))[0]
+            grads = self.module.named_gradients()
+            if grad_clip > 0:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+                coef = grad_clip / (float(norm) + 1e-6)
+                if coef < 1.0:
+                    for g in grads.values():
+                        g.mul_(coef)
+            opt.step(grads)
+            losses.append(float(loss))
+            if slowdown > 1.0:
+                time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
+        return losses
+
+
+def program_batches(tokenizer, examples: Sequence[Example], settings: TrainSettings, seed: int, seq_len: int):
+    """The torch backend's batches (same order, same seed), right-padded to ``seq_len``."""
+    encoded = encode_examples(tokenizer, examples, settings.max_seq_len)
+    for b in batches(encoded, settings.batch_size, seed):
+        c = collate(b, tokenizer.pad_token_id, width=seq_len)
+        yield c["input_ids"], c["labels"]
+
+
+def train_program(path: str | Path, tokenizer, examples: Sequence[Example], plan: ClientPlan,
+                  start: Mapping[str, torch.Tensor], settings: TrainSettings, seed: int,
+                  slowdown: float = 1.0) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """Train ``start`` (wire-keyed factors) under ``plan`` with the program at ``path``."""
+    if not examples:
+        raise ValueError("no training examples")
+    why = unsupported(plan)
+    if why:
+        raise ProgramError(why)
+    trainer = ProgramTrainer(path)
+    spec = trainer.spec
+    if (spec["batch_size"], spec["seq_len"]) != (settings.batch_size, settings.max_seq_len):
+        raise ProgramError(f"the program takes batches of {spec['batch_size']}x{spec['seq_len']}, the assignment "
+                           f"{settings.batch_size}x{settings.max_seq_len}")
+    if settings.optimizer != "sgd":
+        raise ProgramError(f"the executorch trainer runs SGD only; the assignment asks for {settings.optimizer}")
+    trainer.set_factors(to_state_dict(from_state_dict(start)))
+    t0 = time.perf_counter()
+    losses = trainer.train(program_batches(tokenizer, examples, settings, seed, spec["seq_len"]), settings.steps,
+                           settings.lr, settings.weight_decay, settings.grad_clip, slowdown)
+    seconds = time.perf_counter() - t0
+    res = TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses), seconds, len(examples))
+    return trainer.factors(), res

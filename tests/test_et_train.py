@@ -1,0 +1,118 @@
+"""The executorch trainer backend: a training program gives the torch backend's SGD losses and update."""
+
+import pytest
+import torch
+
+from edge_client.data import generate_task
+from edge_client.et_train import (
+    ProgramError,
+    ProgramStore,
+    ProgramTrainer,
+    program_spec,
+    train_program,
+    unsupported,
+)
+from edge_client.lora import (
+    adapted_modules,
+    from_state_dict,
+    get_factors,
+    install_adapter,
+    lora_config,
+    slice_factors,
+    to_state_dict,
+    uniform_plan,
+)
+from edge_client.trainer import TrainSettings, train_local
+
+pytestmark = pytest.mark.integration
+TARGETS = ["q_proj", "v_proj"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A rank-4 plan on tiny-llama, non-zero start factors, and its program (built once)."""
+    from edge_client.models import load_model
+
+    model, tok = load_model("tiny-llama")
+    dims = adapted_modules(model, TARGETS)
+    plan = uniform_plan(dims, 4, 2.0)
+    gen = torch.Generator().manual_seed(3)
+    start = {m: (torch.randn(4, i, generator=gen) * 0.1, torch.randn(o, 4, generator=gen) * 0.1)
+             for m, (i, o) in dims.items()}
+    settings = TrainSettings(steps=6, batch_size=4, lr=0.5, max_seq_len=48, grad_clip=1.0, optimizer="sgd")
+    store = ProgramStore(tmp_path_factory.mktemp("programs"))
+    path, side = store.get(program_spec("tiny-llama", plan, TARGETS, settings.batch_size, settings.max_seq_len))
+    examples = generate_task("add", 20, seed=1) + generate_task("upper", 20, seed=1)
+    return tok, plan, start, settings, path, side, examples
+
+
+def torch_sgd(tok, plan, start, settings, examples, seed):
+    from peft import get_peft_model
+
+    from edge_client.models import load_model
+
+    model, _ = load_model("tiny-llama")
+    pm = get_peft_model(model, lora_config(plan, TARGETS), adapter_name="client")
+    install_adapter(pm, "client", plan, slice_factors(start, plan), TARGETS)
+    res = train_local(pm, tok, examples, settings, seed)
+    return get_factors(pm, "client"), res
+
+
+def test_program_trains_exactly_as_torch_sgd(setup):
+    tok, plan, start, settings, path, side, examples = setup
+    ref_factors, ref = torch_sgd(tok, plan, start, settings, examples, seed=11)
+    factors, res = train_program(path, tok, examples, plan, to_state_dict(start), settings, seed=11)
+    assert res.steps == ref.steps == settings.steps
+    assert abs(res.first_loss - ref.first_loss) < 1e-4
+    assert abs(res.last_loss - ref.last_loss) < 1e-4
+    assert abs(res.mean_loss - ref.mean_loss) < 1e-4
+    assert res.last_loss < res.first_loss  # it learns
+    got = from_state_dict(factors)
+    moved = 0.0
+    for module, (a, b) in ref_factors.items():
+        assert torch.allclose(got[module][0], a, atol=1e-5) and torch.allclose(got[module][1], b, atol=1e-5)
+        moved = max(moved, float((b - start[module][1]).abs().max()))
+    assert moved > 1e-3  # the update is a real one, not the start sent back
+
+
+def test_sidecar_maps_runtime_names_to_wire_keys(setup):
+    *_, path, side, _ = setup
+    keys = {v["key"] for v in side["parameters"].values()}
+    assert keys == set(to_state_dict(setup[2]))
+    assert all(n.startswith("m.base_model.model.") for n in side["parameters"])
+    assert ProgramStore(path.parent).get(side["spec"])[1]["sha256"] == side["sha256"]  # cached, not rebuilt
+
+
+def test_mismatched_inputs_fail_clearly(setup, tmp_path):
+    tok, plan, start, settings, path, side, examples = setup
+    trainer = ProgramTrainer(path)
+    with pytest.raises(ProgramError, match="do not fit"):
+        trainer.set_factors({k: v for k, v in list(to_state_dict(start).items())[1:]})
+    bigger = {m: (torch.zeros(5, a.shape[1]), torch.zeros(b.shape[0], 5)) for m, (a, b) in start.items()}
+    with pytest.raises(ProgramError, match="trains"):
+        trainer.set_factors(to_state_dict(bigger))
+    with pytest.raises(ProgramError, match="batches of 4x48"):
+        train_program(path, tok, examples, plan, to_state_dict(start),
+                      TrainSettings(steps=1, batch_size=2, max_seq_len=48, optimizer="sgd"), 0)
+    with pytest.raises(ProgramError, match="SGD only"):
+        train_program(path, tok, examples, plan, to_state_dict(start),
+                      TrainSettings(steps=1, batch_size=4, max_seq_len=48), 0)
+    with pytest.raises(ProgramError, match="routed experts"):
+        train_program(path, tok, examples, uniform_plan(plan.modules, 4, 2.0, experts={"count": 2, "own": 0}),
+                      to_state_dict(start), settings, 0)
+    with pytest.raises(ProgramError, match="no training program"):
+        ProgramTrainer(tmp_path / "missing.pte")
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(b"not a program")
+    bad.with_suffix(".json").write_text(path.with_suffix(".json").read_text())
+    with pytest.raises(ProgramError, match="not a loadable"):
+        ProgramTrainer(bad)
+    with pytest.raises(ProgramError, match="checksum"):
+        ProgramStore(tmp_path / "s").put(b"xx", side)
+
+
+def test_unsupported_plans_are_named():
+    plan = uniform_plan({"m": (4, 4)}, 2, 1.0)
+    assert unsupported(plan) is None
+    assert "frozen" in unsupported(uniform_plan({"m": (4, 4)}, 2, 1.0, hold=4, frozen="fold"))
+    assert "importance" in unsupported(uniform_plan({"m": (4, 4)}, 2, 1.0, importance="grad"))
