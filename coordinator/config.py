@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from edge_client.data import TASKS
-from edge_client.trainer import TrainSettings
+from edge_client.trainer import OPTIMIZERS, TrainSettings
 
 PARTITIONS = ("by_domain", "dirichlet", "iid")
 DEVICES = ("auto", "cpu", "cuda")
@@ -266,6 +266,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.batch_size >= 1, "train.batch_size", "must be at least 1")
     _check(t.lr > 0, "train.lr", "must be positive")
     _check(t.weight_decay >= 0, "train.weight_decay", "must be non-negative")
+    _check(t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+    _check(t.sgd_lr > 0, "train.sgd_lr", "must be positive")
     _check(t.max_seq_len >= 8, "train.max_seq_len", "must be at least 8")
     _check(cfg.planner.round_deadline_s > 0, "planner.round_deadline_s", "must be positive")
     _check(cfg.planner.transfer_budget_s > 0, "planner.transfer_budget_s", "must be positive")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from edge_client.data import Example, domain_counts, generate_task, load_jsonl, prompt_ids
+from edge_client.et_train import ProgramStore, program_spec, unsupported
 from edge_client.experts import mixture_model, mixture_of, save_mixture
 from edge_client.lora import (
     ClientPlan,
@@ -42,7 +43,7 @@ from edge_client.models import default_target_modules, load_model, resolve_model
 from edge_client.partial import split_update, update_shapes
 from edge_client.trainer import TrainSettings
 from edge_client.wire import decode_tensors, encode_tensors, write_factors_file
-from edge_client.work import assignment_meta
+from edge_client.work import assignment_meta, trainer_of
 
 from .aggregate import Contribution
 from .config import ConfigError, RunConfig
@@ -175,6 +176,13 @@ class Engine:
         # devices the method can give a plan; the others are reported (fleet table, report) and
         # never sampled, so every round gets clients_per_round devices that can train
         able = self._eligible()
+        # training programs for devices with the executorch trainer, built when first planned
+        self.programs = ProgramStore(self.out / "programs", log=self.reporter.status)
+        on_et = [c.id for c in able if c.device.profile.trainer == "executorch"]
+        if on_et and not getattr(self.method, "plain_plans", True):
+            raise ConfigError(f"method {cfg.method}: its plans hold frozen components, score importance or route "
+                              f"experts, which the executorch trainer cannot carry; devices {on_et} run it "
+                              "(their profiles say trainer: executorch)")
         if self.method.pooled and cfg.contamination.attack not in ("none", "random_labels"):
             raise ConfigError(f"contamination.attack: {cfg.contamination.attack} corrupts a device's update, and "
                               f"method {cfg.method} sends none (its data is pooled); use random_labels")
@@ -288,7 +296,7 @@ class Engine:
         """(assignments, skipped) for the sampled devices of round ``round_idx``."""
         t = self.cfg.train
         steps = t.steps * (self.per_round if self.method.pooled else 1)
-        settings = TrainSettings(steps, t.batch_size, t.lr, t.weight_decay, t.max_seq_len, t.grad_clip)
+        settings = TrainSettings(steps, t.batch_size, t.lr, t.weight_decay, t.max_seq_len, t.grad_clip, t.optimizer)
         out, skipped = [], []
         for c in self.sample(round_idx, available):
             capacity = c.capacity.rank if c.capacity else self.R
@@ -297,10 +305,24 @@ class Engine:
                 why = c.capacity.reason if c.capacity and c.capacity.reason else "below the method's rank"
                 skipped.append({"client": c.id, "capacity": capacity, "reason": why})
                 continue
+            trainer, device_settings = None, settings
+            profile = c.device.profile if c.device else None
+            if profile is not None and profile.trainer == "executorch":
+                why = unsupported(plan)
+                if why:
+                    skipped.append({"client": c.id, "capacity": capacity, "reason": why})
+                    continue
+                device_settings = dataclasses.replace(settings, optimizer="sgd", lr=t.sgd_lr)
+                _, side = self.programs.get(program_spec(self.cfg.model, plan, self.targets, t.batch_size,
+                                                         t.max_seq_len, profile.trainer_base))
+                trainer = {"backend": "executorch", "program": side["key"], "sha256": side["sha256"],
+                           "bytes": side["bytes"]}
             start = self.method.start_factors(c.id, self.state.global_factors, plan, self.state.method_state)
             meta = assignment_meta(round_idx=round_idx, plan=plan, seed=hash_seed(self.cfg.seed, round_idx, c.id),
-                                   settings=settings, targets=self.targets, dropout=self.cfg.lora.dropout,
+                                   settings=device_settings, targets=self.targets, dropout=self.cfg.lora.dropout,
                                    model=self.cfg.model)
+            if trainer:
+                meta["trainer"] = trainer
             tensors = {**to_state_dict(start), **start_extras(self.method, c.id, plan, self.state.method_state)}
             out.append(Assignment(c.id, round_idx, plan, meta, encode_tensors(tensors),
                                   4 * sum(t.numel() for t in tensors.values())))
@@ -334,6 +356,7 @@ class Engine:
             rep = _report_of(ret)
             rows.append({"client": a.client, "device": c.device.profile.name if c.device else "server",
                          "rank": a.plan.rank, "capacity": c.capacity.rank if c.capacity else self.R,
+                         "trainer": trainer_of(a.meta),
                          "uplink_bytes": 0 if self.method.pooled else len(ret.update or b""),
                          "downlink_bytes": 0 if self.method.pooled else len(a.start),
                          "local_seconds": rep.get("seconds"), "steps": rep.get("steps"),

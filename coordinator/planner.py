@@ -19,6 +19,13 @@ A device's capacity is the largest LoRA rank ``r ≤ lora.max_rank`` such that
 A device that cannot train rank 1 gets capacity 0 and a reason; it is reported, never dropped
 silently.
 
+A device with ``trainer: executorch`` (:mod:`edge_client.et_train`) runs SGD in an ExecuTorch
+training program: its LoRA term is weights and gradients (no optimiser moments), an int8 base
+(``trainer_base: int8``) counts one byte per weight outside the embedding, and its step takes
+``EXECUTORCH_STEP_FACTOR`` times the torch step (portable kernels, every batch padded to
+``max_seq_len``; measured by ``bench/executorch_training.py``).  Its training program (about
+the base's size) is downloaded once per distinct plan shape, not every round.
+
 The activation term counts what autograd keeps for the backward pass of a frozen Llama-style
 decoder with LoRA on some projections, per layer and token: the two RMSNorms' input and
 normalised output (4h), the query and attention output (2h), key and value (2·kv), the
@@ -47,6 +54,9 @@ STEP_EFFICIENCY = 0.5
 # Measured/counted activation memory of training SmolLM2 on torch 2.13 CPU (bench/planner_memory.py):
 # the counted saved tensors are ~74% of what the training phase holds at its peak.
 ACTIVATION_SLACK = 1.35
+# Step time of the executorch trainer over the torch trainer on the same model and batch
+# (bench/executorch_training.py on the development host, SmolLM2).
+EXECUTORCH_STEP_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -82,17 +92,23 @@ def adapter_bytes(shape: ModelShape, rank: int) -> int:
     return shape.lora_params(rank) * BYTES + HEADER_BYTES
 
 
-def memory_bytes(shape: ModelShape, rank: int, batch: int, seq: int, overhead_gb: float) -> dict[str, float]:
-    """Predicted peak memory of local training, by part, in bytes."""
+def memory_bytes(shape: ModelShape, rank: int, batch: int, seq: int, overhead_gb: float,
+                 trainer: str = "torch", base: str = "fp32") -> dict[str, float]:
+    """Predicted peak memory of local training, by part, in bytes (``trainer``/``base``: the
+    profile's ``trainer`` and ``trainer_base``)."""
     tokens = batch * seq
+    embedding = shape.vocab * shape.hidden
+    base_bytes = (shape.n_params * BYTES if base == "fp32"
+                  else (shape.n_params - embedding) + embedding * BYTES)
+    lora_copies = 4 if trainer == "torch" else 2  # AdamW: weights, grads, two moments; SGD: weights, grads
     h, inter, kv = shape.hidden, shape.intermediate, shape.kv_dim
     per_layer_token = 6 * h + 2 * kv + 3 * inter + shape.heads  # see module docstring
     lora_act = sum(rank for _ in shape.adapted.values())  # A·x per adapted module (x is the norm output)
     return {
-        "base": shape.n_params * BYTES,
+        "base": base_bytes,
         "activations": tokens * (ACTIVATION_SLACK * shape.layers * per_layer_token + lora_act) * BYTES,
         "logits": 4 * tokens * shape.vocab * BYTES,
-        "lora_train": 4 * shape.lora_params(rank) * BYTES,
+        "lora_train": lora_copies * shape.lora_params(rank) * BYTES,
         "runtime": overhead_gb * GB,
     }
 
@@ -141,8 +157,11 @@ def device_estimate(profile: DeviceProfile, shape: ModelShape, rank: int, steps:
     """(memory GB, seconds per step, seconds per round) for ``profile`` at ``rank``."""
     held = max(rank, fp.hold_rank or 0)
     fold_bytes = sum(n * m for n, m in shape.adapted.values()) * BYTES if fp.fold else 0
-    mem = (sum(memory_bytes(shape, held, batch, seq, overhead_gb).values()) + fold_bytes) / GB
+    parts = memory_bytes(shape, held, batch, seq, overhead_gb, profile.trainer, profile.trainer_base)
+    mem = (sum(parts.values()) + fold_bytes) / GB
     step = step_flops(shape, held, batch, seq) / (profile.compute_gflops * 1e9 * STEP_EFFICIENCY)
+    if profile.trainer == "executorch":
+        step *= EXECUTORCH_STEP_FACTOR
     return mem, step, transfer_seconds(profile, shape, rank, fp.down_rank) + steps * step
 
 

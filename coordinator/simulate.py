@@ -58,7 +58,8 @@ class Simulation:
         """Train one assignment in-process, as the device would (and, for a contaminated client
         under an update attack, corrupt what it sends)."""
         e = self.engine
-        update, report = run_assignment(e.model, e.tok, e.by_id[a.client].train, a.meta, a.start, e.device)
+        update, report = run_assignment(e.model, e.tok, e.by_id[a.client].train, a.meta, a.start, e.device,
+                                        programs=e.programs)
         attack = e.cfg.contamination.attack
         if a.client in e.contaminated and attack in UPDATE_ATTACKS:
             update = attack_update(update, a, attack, e.cfg.contamination.scale,

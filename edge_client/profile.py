@@ -6,7 +6,15 @@ Fields (all figures positive):
   use once the OS and the device's other work have theirs;
 - ``compute_gflops``: sustained float32 matmul throughput (what :func:`measure_profile` measures);
 - ``uplink_mbps`` / ``downlink_mbps``: link bandwidth in megabits per second;
-- ``runtime``: the training runtime the device runs (``torch`` today);
+- ``trainer``: the training backend: ``torch`` (a PyTorch model, AdamW) or ``executorch`` (a
+  training program the coordinator builds, run in ExecuTorch's runtime, SGD; see
+  :mod:`edge_client.et_train`);
+- ``trainer_base``: with ``trainer: executorch``, the frozen base's weights in the training
+  program: ``fp32`` or ``int8`` (int8 Linear weights, about a quarter of the memory);
+- ``runtime`` / ``quant``: the inference runtime the device runs exported models in
+  (``onnxruntime`` or ``executorch``) and the quantization it can hold (onnxruntime: ``fp32``,
+  ``int8``; executorch: ``fp32``, ``8da8w``, ``8da4w``); ``--export`` writes one artifact per
+  (runtime, quant) class in the fleet;
 - ``threads``: CPU threads a training process may use;
 - ``sources``: for each figure, where it comes from.
 """
@@ -21,7 +29,10 @@ from pathlib import Path
 
 import yaml
 
-RUNTIMES = ("torch", "executorch", "onnxruntime")
+TRAINERS = ("torch", "executorch")
+TRAINER_BASES = ("fp32", "int8")
+# inference runtime -> (export format, quantizations it can run)
+RUNTIMES = {"onnxruntime": ("onnx", ("fp32", "int8")), "executorch": ("executorch", ("fp32", "8da8w", "8da4w"))}
 _NUMERIC = ("memory_total_gb", "memory_usable_gb", "compute_gflops", "uplink_mbps", "downlink_mbps")
 
 
@@ -37,7 +48,10 @@ class DeviceProfile:
     compute_gflops: float
     uplink_mbps: float
     downlink_mbps: float
-    runtime: str = "torch"
+    trainer: str = "torch"
+    trainer_base: str = "fp32"
+    runtime: str = "onnxruntime"
+    quant: str = "fp32"
     threads: int = 4
     description: str = ""
     sources: dict = field(default_factory=dict)
@@ -50,9 +64,22 @@ class DeviceProfile:
         if self.memory_usable_gb > self.memory_total_gb:
             raise ProfileError(f"profile '{self.name}': memory_usable_gb ({self.memory_usable_gb}) exceeds "
                                f"memory_total_gb ({self.memory_total_gb})")
+        if self.trainer not in TRAINERS:
+            raise ProfileError(f"profile '{self.name}': trainer must be one of {', '.join(TRAINERS)}, "
+                               f"got '{self.trainer}'")
+        if self.trainer_base not in TRAINER_BASES:
+            raise ProfileError(f"profile '{self.name}': trainer_base must be one of {', '.join(TRAINER_BASES)}, "
+                               f"got '{self.trainer_base}'")
+        if self.trainer_base != "fp32" and self.trainer != "executorch":
+            raise ProfileError(f"profile '{self.name}': trainer_base {self.trainer_base} needs trainer executorch "
+                               "(the torch trainer holds a float32 base)")
         if self.runtime not in RUNTIMES:
-            raise ProfileError(f"profile '{self.name}': runtime must be one of {', '.join(RUNTIMES)}, "
-                               f"got '{self.runtime}'")
+            hint = " (the training backend is the field 'trainer')" if self.runtime == "torch" else ""
+            raise ProfileError(f"profile '{self.name}': runtime (the inference runtime for exported models) must "
+                               f"be one of {', '.join(RUNTIMES)}, got '{self.runtime}'{hint}")
+        if self.quant not in RUNTIMES[self.runtime][1]:
+            raise ProfileError(f"profile '{self.name}': quant '{self.quant}' is not one {self.runtime} runs; "
+                               f"it runs {', '.join(RUNTIMES[self.runtime][1])}")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ProfileError(f"profile '{self.name}': threads must be a positive integer")
 
@@ -74,6 +101,11 @@ class DeviceProfile:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def export_class(self) -> tuple[str, str]:
+        """(export format, quantization) of the artifact this device runs."""
+        return RUNTIMES[self.runtime][0], self.quant
 
 
 def load_profile(path: str | Path) -> DeviceProfile:
@@ -127,7 +159,7 @@ def measure_profile(name: str | None = None, uplink_mbps: float = 100.0, downlin
         name=name or platform.node() or "this-machine",
         memory_total_gb=round(total, 2), memory_usable_gb=round(usable, 2),
         compute_gflops=round(gflops, 1), uplink_mbps=uplink_mbps, downlink_mbps=downlink_mbps,
-        runtime="torch", threads=threads,
+        threads=threads,
         description=f"measured by `fedlora profile` on {platform.platform()}",
         sources={
             "memory_total_gb": "psutil.virtual_memory().total",

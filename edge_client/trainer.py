@@ -24,7 +24,8 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_seq_len: int = 64
     grad_clip: float = 1.0
-    optimizer: str = "adamw"  # or "sgd" (what the executorch trainer runs)
+    optimizer: str = "adamw"  # or "sgd"; the executorch trainer runs SGD whatever this says
+    sgd_lr: float = 0.05      # the learning rate of devices that run SGD (the executorch trainer)
 
 
 OPTIMIZERS = ("adamw", "sgd")

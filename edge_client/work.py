@@ -35,7 +35,7 @@ def assignment_meta(*, round_idx: int, plan: ClientPlan, seed: int, settings: Tr
             "targets": list(targets), "dropout": dropout,
             "train": {"steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr,
                       "weight_decay": settings.weight_decay, "max_seq_len": settings.max_seq_len,
-                      "grad_clip": settings.grad_clip}}
+                      "grad_clip": settings.grad_clip, "optimizer": settings.optimizer}}
 
 
 def wrap(model, meta: dict):
@@ -46,19 +46,36 @@ def wrap(model, meta: dict):
     return get_peft_model(model, lora_config(plan, meta["targets"], meta["dropout"]), adapter_name=ADAPTER)
 
 
+def trainer_of(meta: dict) -> str:
+    """The backend an assignment is for: ``torch``, or ``executorch`` (``meta['trainer']``)."""
+    return (meta.get("trainer") or {}).get("backend", "torch")
+
+
 def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dict, start: bytes,
-                   device="cpu", max_bytes: int | None = None, slowdown: float = 1.0) -> tuple[bytes, dict]:
+                   device="cpu", max_bytes: int | None = None, slowdown: float = 1.0,
+                   programs=None) -> tuple[bytes, dict]:
     """Install the start factors under the plan, train, and return ``(update bytes, report)``.
 
     The report is JSON: example count, steps, first/last loss, training seconds.  Plans that hold
     more than they train (``hold``/``frozen``) or score importance are handled as
     :mod:`edge_client.partial` describes; only the trained components go up.  A plan with
     ``experts`` (FedLEASE) trains the own expert and the router of :mod:`edge_client.experts`.
+    An assignment for the ``executorch`` trainer runs the training program named by
+    ``meta['trainer']['program']`` from ``programs`` (an :class:`edge_client.et_train.ProgramStore`);
+    ``peft_model`` is not used then.
     """
     plan = ClientPlan.from_json(meta["plan"])
     received = decode_tensors(start, max_bytes)
     settings = TrainSettings(**meta["train"])
     seed = int(meta["seed"])
+    if trainer_of(meta) == "executorch":
+        from .et_train import ProgramError, train_program
+
+        if programs is None:
+            raise ProgramError("an executorch assignment needs the device's training programs")
+        path = programs.path(meta["trainer"]["program"])
+        tensors, res = train_program(path, tokenizer, examples, plan, received, settings, seed, slowdown)
+        return _finish(meta, tensors, res)
     if mixture_of(plan) is not None:  # FedLEASE: own expert and router trained, other experts frozen
         with mixture_model(peft_model, ADAPTER, plan, received, meta["targets"], meta["dropout"]) as mix:
             res = train_local(peft_model, tokenizer, examples, settings, seed, device, slowdown)

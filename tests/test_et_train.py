@@ -1,5 +1,7 @@
 """The executorch trainer backend: a training program gives the torch backend's SGD losses and update."""
 
+import json
+
 import pytest
 import torch
 
@@ -116,3 +118,33 @@ def test_unsupported_plans_are_named():
     assert unsupported(plan) is None
     assert "frozen" in unsupported(uniform_plan({"m": (4, 4)}, 2, 1.0, hold=4, frozen="fold"))
     assert "importance" in unsupported(uniform_plan({"m": (4, 4)}, 2, 1.0, importance="grad"))
+
+
+def test_simulate_trains_executorch_devices_from_their_programs(tmp_path):
+    """A fleet with two executorch devices (fp32 and int8 base): each trains in its program with
+    SGD, its update is aggregated like any other, and the programs are built once per shape."""
+    from coordinator.config import load_config
+    from coordinator.simulate import Simulation
+
+    cfg = load_config(overrides={"model": "tiny-llama", "fleet": "edge-runtimes", "method": "hetlora",
+                                 "rounds": 2, "clients_per_round": 4, "train.steps": 3, "train.batch_size": 4,
+                                 "train.max_seq_len": 48, "data.eval_per_domain": 2, "data.samples_per_client": 12,
+                                 "data.tasks": ["add", "upper"], "max_new_tokens": 2, "lora.max_rank": 8})
+    report = Simulation(cfg, tmp_path).run()
+    for r in report["rounds"]:
+        by = {row["client"]: row for row in r["clients"]}
+        assert {c: by[c]["trainer"] for c in by} == {"agx-orin": "torch", "pi5": "torch",
+                                                      "phone-et": "executorch", "pi4-et": "executorch"}
+        assert not r["rejected"] and not r["failed"]
+        assert all(row["steps"] == 3 and row["uplink_bytes"] == row["downlink_bytes"] > 0 for row in r["clients"])
+    sides = [json.loads(p.read_text()) for p in (tmp_path / "programs").glob("*.json")]
+    assert sorted(s["spec"]["base"] for s in sides) == ["fp32", "int8"]  # one per (shape, base), reused in round 2
+
+
+def test_a_method_the_program_cannot_carry_fails_before_anything_starts(tmp_path):
+    from coordinator.config import ConfigError, load_config
+    from coordinator.simulate import Simulation
+
+    cfg = load_config(overrides={"model": "tiny-llama", "fleet": "edge-runtimes", "method": "hafl"})
+    with pytest.raises(ConfigError, match="executorch trainer cannot carry.*phone-et"):
+        Simulation(cfg, tmp_path)

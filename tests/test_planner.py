@@ -86,6 +86,32 @@ def test_bad_profile_values_name_the_field():
         prof(memory_usable_gb=100.0)
     with pytest.raises(ProfileError, match="runtime"):
         replace(prof(), runtime="tflite")
+    with pytest.raises(ProfileError, match="field 'trainer'"):  # a profile from before the split
+        replace(prof(), runtime="torch")
+    with pytest.raises(ProfileError, match="quant '8da4w' is not one onnxruntime runs"):
+        replace(prof(), runtime="onnxruntime", quant="8da4w")
+    with pytest.raises(ProfileError, match="trainer must be"):
+        replace(prof(), trainer="tflite")
+    with pytest.raises(ProfileError, match="needs trainer executorch"):
+        replace(prof(), trainer_base="int8")
+    assert replace(prof(), runtime="executorch", quant="8da4w").export_class == ("executorch", "8da4w")
+
+
+def test_executorch_trainer_costs_what_sgd_in_its_runtime_costs():
+    """The executorch trainer holds no optimiser moments, an int8 base is about a quarter of the
+    weights, and a step takes EXECUTORCH_STEP_FACTOR torch steps."""
+    from coordinator.planner import EXECUTORCH_STEP_FACTOR, device_estimate
+
+    torch_p = prof()
+    et = replace(torch_p, trainer="executorch")
+    et8 = replace(et, trainer_base="int8")
+    mt, st, _ = device_estimate(torch_p, SHAPE, 8, 10, 4, 64, 0.35)
+    me, se, _ = device_estimate(et, SHAPE, 8, 10, 4, 64, 0.35)
+    m8, s8, _ = device_estimate(et8, SHAPE, 8, 10, 4, 64, 0.35)
+    assert se == pytest.approx(st * EXECUTORCH_STEP_FACTOR) and s8 == pytest.approx(se)
+    assert mt - me == pytest.approx(2 * SHAPE.lora_params(8) * 4 / 2**30)
+    emb = SHAPE.vocab * SHAPE.hidden
+    assert me - m8 == pytest.approx(3 * (SHAPE.n_params - emb) / 2**30)
 
 
 def test_shipped_profiles_and_default_fleet_load():

@@ -28,6 +28,7 @@ from . import GlobalRankR, MethodContext, global_copy, random_plan, register
 
 
 class FedPLoRA(GlobalRankR):
+    plain_plans = False  # its plans hold, score or route: the executorch trainer cannot carry them
     name = "fed-plora"
     knob = "modules r"
     start_factors = staticmethod(global_copy)

@@ -147,6 +147,7 @@ def router_rank(ctx: MethodContext, m: int) -> int:
 
 
 class FedLEASE:
+    plain_plans = False  # its plans hold, score or route: the executorch trainer cannot carry them
     name = "fedlease"
     personalised = True
     global_model = False  # the experts, not one adapter, are the model

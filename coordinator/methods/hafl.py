@@ -59,6 +59,7 @@ def ranking_scores(state: dict | None, client: str, module: str, total: int) -> 
 
 
 class HAFL(GlobalRankR):
+    plain_plans = False  # its plans hold, score or route: the executorch trainer cannot carry them
     name = "hafl"
 
     def footprint(self, ctx: MethodContext) -> Footprint:
