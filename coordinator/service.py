@@ -10,6 +10,7 @@ device and the reason, and the round goes on.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Coordinator:
             self.log(f"resuming run '{self.run_id}' after round {self.first_round - 1}")
         self.online: set[str] = set()
         self.hello: set[str] = set()
+        self.programs_held: dict[str, set[str]] = {}  # device -> training programs it holds (executorch trainer)
         self.seen_updates: dict[tuple[str, str], str] = {}  # (device, update id) -> ack status
         self.duplicates: list[tuple[str, str]] = []  # re-sent updates, acknowledged and not counted
         self.events: list[dict] = []  # protocol violations and other rejections, for the report
@@ -81,6 +83,8 @@ class Coordinator:
                 if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
                     raise ProtocolError(f"hello from {device}: 'examples' must be a positive integer")
                 self.engine.set_profile(device, profile, examples)
+                have = msg.get("programs", [])
+                self.programs_held[device] = {str(k) for k in have} if isinstance(have, list) else set()
                 self.hello.add(device)
             elif leaf == "event":
                 msg = decode_json(payload)
@@ -144,6 +148,7 @@ class Coordinator:
         self.wire_up = {}
         t_send = time.perf_counter()
         for a in assignments:
+            self.send_program(a, round_idx)
             for chunk in chunk_transfer(a.start, kind="plan", run=self.run_id, round_idx=round_idx, device=a.client,
                                         transfer=f"plan-{round_idx}-{a.client}", meta=a.meta,
                                         chunk_bytes=tr.chunk_bytes):
@@ -174,6 +179,21 @@ class Coordinator:
             self.log(f"round {round_idx}: rejected {r['reason']}")
         e.save_state()
         return record
+
+    def send_program(self, a, round_idx: int) -> None:
+        """Before an executorch plan, the training program it names, unless the device holds it."""
+        key = (a.meta.get("trainer") or {}).get("program")
+        held = self.programs_held.setdefault(a.client, set())
+        if key is None or key in held:
+            return
+        path = self.engine.programs.path(key)
+        side = json.loads(path.with_suffix(".json").read_text())
+        self.log(f"sending training program {key} ({side['bytes'] / 2**20:.1f} MiB) to {a.client}")
+        for chunk in chunk_transfer(path.read_bytes(), kind="program", run=self.run_id, round_idx=round_idx,
+                                    device=a.client, transfer=f"program-{key}-{a.client}", meta=side,
+                                    chunk_bytes=self.cfg.transport.chunk_bytes):
+            self.link.publish(device_topic(self.run_id, a.client, "down"), chunk)
+        held.add(key)
 
     def run(self) -> dict:
         self.link.connect()

@@ -76,6 +76,7 @@ def run(args) -> int:
     pending_dir.mkdir(parents=True, exist_ok=True)
     trained_file = state_dir / "trained_rounds.json"
     trained: set[int] = set(json.loads(trained_file.read_text())) if trained_file.is_file() else set()
+    programs_dir = state_dir / "programs"  # executorch training programs received (trainer: executorch)
 
     # 2. Connect, with a Last Will that tells the coordinator when this device drops off.
     t_status, t_down = device_topic(run_id, me, "status"), device_topic(run_id, me, "down")
@@ -98,7 +99,8 @@ def run(args) -> int:
         link.publish(t_status, encode_json({"type": "status", "device": me, "state": "online"}), retain=True)
         link.publish(device_topic(run_id, me, "hello"), encode_json({
             "type": "hello", "device": me, "profile": profile.to_dict(), "examples": len(examples),
-            "domains": domain_counts(examples), "client_version": __version__}), retain=True)
+            "domains": domain_counts(examples), "client_version": __version__,
+            "programs": sorted(p.stem for p in programs_dir.glob("*.pte"))}), retain=True)
         for meta_file in sorted(pending_dir.glob("*.json")):
             send_update(json.loads(meta_file.read_text()), meta_file.with_suffix(".safetensors").read_bytes())
 
@@ -143,6 +145,13 @@ def run(args) -> int:
             continue
         if plan is None:
             continue  # more chunks to come
+        if plan.kind == "program":  # a training program for the executorch trainer: kept for the plans to come
+            try:
+                keep_program(programs_dir, plan.data, plan.meta)
+                log(me, f"received training program {plan.meta.get('key')} ({len(plan.data) / 2**20:.1f} MiB)")
+            except ValueError as exc:
+                log(me, f"refused a training program: {exc}")
+            continue
         meta, round_idx = plan.meta, int(plan.meta["round"])
         current_round[0] = round_idx
         if round_idx in trained:
@@ -151,9 +160,11 @@ def run(args) -> int:
             time.sleep(len(plan.data) * 8 / (args.downlink_mbps * 1e6))
 
         try:  # torch is imported here, under the memory cap: a device too small fails here, and says so
-            if peft_model is None:
+            if trainer_of(meta) == "executorch":  # the program holds the model: only the tokenizer is loaded
+                tokenizer = tokenizer or load_tokenizer(meta["model"])
+            elif peft_model is None:
                 peft_model, tokenizer = load_for_training(meta, args.threads, args.device)
-            update, report = train(peft_model, tokenizer, examples, meta, plan.data, args)
+            update, report = train(peft_model, tokenizer, examples, meta, plan.data, args, programs_dir)
         except (MemoryError, RuntimeError, OSError, ImportError, ValueError, KeyError) as exc:
             oom = isinstance(exc, (MemoryError, OSError, ImportError)) or "alloc" in str(exc).lower()
             reason = f"out of memory while training round {round_idx}: {str(exc).splitlines()[0][:200]}" if oom \
@@ -212,10 +223,32 @@ def load_for_training(meta: dict, threads: int | None, device: str = "cpu"):
     return wrap(model, meta), tok
 
 
-def train(peft_model, tokenizer, examples, meta: dict, start: bytes, args):
+def train(peft_model, tokenizer, examples, meta: dict, start: bytes, args, programs_dir: Path):
+    from .et_train import ProgramStore
     from .work import run_assignment
 
-    return run_assignment(peft_model, tokenizer, examples, meta, start, args.device, slowdown=args.slowdown)
+    return run_assignment(peft_model, tokenizer, examples, meta, start, args.device, slowdown=args.slowdown,
+                          programs=ProgramStore(programs_dir))
+
+
+def keep_program(programs_dir: Path, data: bytes, side: dict) -> None:
+    from .et_train import ProgramStore
+
+    if not isinstance(side, dict) or not isinstance(side.get("key"), str) or not side["key"].isalnum():
+        raise ValueError("its metadata names no program key")
+    ProgramStore(programs_dir).put(data, side)
+
+
+def load_tokenizer(spec: str):
+    from .models import load_tokenizer as load
+
+    return load(spec)
+
+
+def trainer_of(meta: dict) -> str:
+    from .work import trainer_of as backend
+
+    return backend(meta)
 
 
 def log(device: str, text: str) -> None:

@@ -186,6 +186,24 @@ def _load_gguf(src: ModelSource):
     return model, tok
 
 
+def load_tokenizer(spec: str | ModelSource):
+    """The model's tokenizer alone (what a device that trains in a program needs), pad token set."""
+    from transformers import AutoTokenizer
+
+    src = spec if isinstance(spec, ModelSource) else resolve_model(spec)
+    if src.kind == "tiny":
+        tok = char_tokenizer()
+    elif src.kind in ("builtin-gguf", "gguf"):
+        cache = _gguf_cache_dir(src)
+        tok = (AutoTokenizer.from_pretrained(cache) if (cache / "complete.json").is_file()
+               else AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file))
+    else:
+        tok = AutoTokenizer.from_pretrained(src.location)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_model(spec: str | ModelSource, device: str | torch.device = "cpu"):
     """Load ``(model, tokenizer)``: float32, eval mode, base parameters frozen, on ``device``."""
     src = spec if isinstance(spec, ModelSource) else resolve_model(spec)

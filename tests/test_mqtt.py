@@ -352,6 +352,23 @@ def test_emulate_ends_with_the_same_adapter_as_simulate(tmp_path, method):
     assert all(d["exit_code"] == 0 for d in rep["devices"].values())
 
 
+def test_emulate_sends_an_executorch_device_its_program_once_and_matches_simulate(tmp_path):
+    # d2 trains in a training program it receives over MQTT (before its first plan only), with
+    # SGD in the ExecuTorch runtime; the run must end where simulate ends
+    cfg = config(tmp_path, ["d1", "d2"], profiles={"d2": {"trainer": "executorch"}}, rounds=2,
+                 **{"train.steps": 3, "train.max_seq_len": 48})
+    rep = emulate(cfg, tmp_path / "emu", log=lambda *_: None)
+    Simulation(cfg, tmp_path / "sim").run()
+    a = load_file(str(tmp_path / "emu" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "sim" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert [{c["client"]: c["trainer"] for c in r["clients"]} for r in rep["rounds"]] == \
+        [{"d1": "torch", "d2": "executorch"}] * 2
+    held = list((tmp_path / "emu" / "devices" / "d2").rglob("programs/*.pte"))
+    assert len(held) == 1 and held[0].stem == next((tmp_path / "sim" / "programs").glob("*.pte")).stem
+    assert "received training program" in (tmp_path / "emu" / "devices" / "d2" / "client.log").read_text()
+
+
 def test_emulate_fedlease_clusters_and_trains_experts_as_simulate_does(tmp_path):
     # the clustering runs on the warm-up updates as they arrive over MQTT; devices then receive all
     # experts and a router and send back their own expert and router
