@@ -50,11 +50,50 @@ def _config_from_args(args):
     return load_config(args.config, args.preset, overrides)
 
 
+def _export_classes(args, cfg):
+    """With --export: the fleet's device classes, checked before anything starts (None without)."""
+    if not getattr(args, "export", False):
+        return None
+    from export.fleet import check_ready, device_classes
+
+    from .fleet import load_fleet
+    from .methods import get_method
+
+    classes = device_classes((d.id, d.profile) for d in load_fleet(cfg.fleet))
+    check_ready(get_method(cfg.method), classes)
+    return classes
+
+
+def _export_after(cfg, out: Path, classes, console, profiles=None) -> int:
+    """Export the run's adapter per device class; 3 if any class's parity is broken, else 0."""
+    if classes is None:
+        return 0
+    from export.fleet import device_classes, export_fleet
+
+    if profiles is not None:  # the profiles the devices declared (coordinator), not the fleet file's
+        classes = device_classes(profiles)
+    rows = export_fleet(cfg.model, out / "adapter", classes, out / "export", log=console.print,
+                        max_seq_len=max(256, cfg.train.max_seq_len))
+    from rich.table import Table
+
+    t = Table(title=f"exports per device class ({out / 'export'})")
+    for col in ("format", "quant", "devices", "MB", "max |Δlogits|", "top-1", "accuracy torch/artifact", "parity"):
+        t.add_column(col)
+    for r in rows:
+        has = "size_bytes" in r
+        t.add_row(r["format"], r["quant"], ", ".join(r["devices"]), f"{r['size_bytes'] / 1e6:.1f}" if has else "-",
+                  f"{r['max_abs_logits_diff']:.2g}" if has else "-", f"{r['top1_agreement']:.3f}" if has else "-",
+                  f"{r['accuracy_torch']:.1%} / {r['accuracy_artifact']:.1%}" if has else "-", r["parity"])
+    console.print(t)
+    return 3 if any(r["parity"] != "ok" for r in rows) else 0
+
+
 def cmd_simulate(args) -> int:
     from .report import ConsoleReporter
     from .simulate import Simulation
 
     cfg = _config_from_args(args)
+    classes = _export_classes(args, cfg)
     reporter = ConsoleReporter()
     reporter.console.print(f"[b]fedlora simulate[/b]: method {cfg.method}, model {cfg.model}, fleet {cfg.fleet}, "
                            f"{cfg.rounds} rounds x {cfg.clients_per_round} clients, {cfg.train.steps} local steps")
@@ -64,7 +103,7 @@ def cmd_simulate(args) -> int:
     adapters = out / "adapter" if sim.engine.method.global_model else out / "clients" / "*" / "adapter"
     reporter.console.print(f"report: {out / 'report.json'}; adapter: {adapters}; "
                            f"plots: {out / 'accuracy.png'}, {out / 'bytes.png'}")
-    return 0
+    return _export_after(cfg, out, classes, reporter.console)
 
 
 def cmd_compare(args) -> int:
@@ -109,6 +148,7 @@ def cmd_coordinator(args) -> int:
 
     cfg = _config_from_args(args)
     check_resume(args.out, args.resume)
+    classes = _export_classes(args, cfg)
     reporter = ConsoleReporter()
     address = _broker_from_args(args)
     embedded = None
@@ -117,11 +157,13 @@ def cmd_coordinator(args) -> int:
         address = embedded.address
         reporter.console.print(f"embedded MQTT broker listening on {address.url}")
     try:
-        Coordinator(cfg, args.out, address, reporter, resume=args.resume, log=reporter.console.print).run()
+        coord = Coordinator(cfg, args.out, address, reporter, resume=args.resume, log=reporter.console.print)
+        coord.run()
     finally:
         if embedded:
             embedded.stop()
-    return 0
+    declared = [(c.id, c.device.profile) for c in coord.engine.clients]
+    return _export_after(cfg, Path(args.out), classes, reporter.console, declared)
 
 
 def cmd_emulate(args) -> int:
@@ -129,6 +171,7 @@ def cmd_emulate(args) -> int:
     from .report import ConsoleReporter
 
     cfg = _config_from_args(args)
+    classes = _export_classes(args, cfg)
     reporter = ConsoleReporter()
     reporter.console.print(f"[b]fedlora emulate[/b]: method {cfg.method}, model {cfg.model}, fleet {cfg.fleet}, "
                            f"{cfg.rounds} rounds x {cfg.clients_per_round} devices, one process per device")
@@ -145,7 +188,7 @@ def cmd_emulate(args) -> int:
                   "-" if d["mean_local_seconds"] is None else f"{d['mean_local_seconds']:.1f}", str(d["exit_code"]))
     reporter.console.print(t)
     reporter.console.print(f"report: {Path(args.out) / 'report.json'}; device logs: {Path(args.out) / 'devices'}")
-    return 0
+    return _export_after(cfg, Path(args.out), classes, reporter.console)
 
 
 def cmd_plan(args) -> int:
@@ -262,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(peft format) and DIR/*.png.")
     _add_run_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--export", action="store_true", help="after the run, export the global adapter merged into "
+                   "the base once per device class of the fleet (each profile's runtime and quant), with parity "
+                   "reports, to DIR/export/")
     p.set_defaults(fn=cmd_simulate)
     p = sub.add_parser("compare", help="run several methods on the same fleet, seed, data and rounds; one table",
                        description="Run each method of --methods with `simulate` on the same settings and print "
@@ -287,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     _add_broker_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--export", action="store_true", help="after the run, export the global adapter merged into "
+                   "the base once per device class of the fleet (each profile's runtime and quant), with parity "
+                   "reports, to DIR/export/")
     p.set_defaults(fn=cmd_emulate)
     p = sub.add_parser("coordinator", help="run the coordinator over an MQTT broker",
                        description="Wait for the fleet's devices to say hello, then run the rounds over MQTT. "
@@ -297,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=1883, help="embedded broker: port (default 1883)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (and the run's state)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--export", action="store_true", help="after the run, export the global adapter merged into "
+                   "the base once per device class of the fleet (each profile's runtime and quant), with parity "
+                   "reports, to DIR/export/")
     p.set_defaults(fn=cmd_coordinator)
     p = sub.add_parser("client", help="run an edge device (see `fedlora client --help`)", add_help=False)
     p.set_defaults(fn=None)

@@ -114,3 +114,43 @@ def test_executorch_export_runs_in_the_runtime_with_parity(tmp_path, adapter, qu
     (tmp_path / "broken.pte").write_bytes(artifact.read_bytes()[:1000])
     with pytest.raises(ArtifactError, match="ExecuTorch runtime cannot load it"):
         load_runner(tmp_path / "broken.pte")
+
+
+@pytest.mark.integration
+def test_simulate_export_writes_one_artifact_per_device_class(tmp_path, monkeypatch, capsys):
+    """Three devices, two classes (onnxruntime fp32 twice, onnxruntime int8): two artifacts, each
+    listing its devices; a class whose parity breaks is reported, the other is still exported,
+    and the command exits 3."""
+    import yaml
+
+    from edge_client.profile import load_profile, save_profile
+    from export import parity
+
+    devices = []
+    for did, quant in (("a", "fp32"), ("b", "int8"), ("c", "fp32")):
+        prof = load_profile("profiles/jetson-agx-orin.yaml")
+        path = tmp_path / f"{did}.yaml"
+        save_profile(prof.__class__(**{**prof.to_dict(), "name": f"p-{did}", "quant": quant}), path)
+        devices.append({"id": did, "profile": str(path)})
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump({"devices": devices}))
+    monkeypatch.setitem(parity.TOLERANCE, ("onnx", "fp32"), Tolerance(min_top1=1.01))  # cannot be met
+    monkeypatch.setitem(parity.TOLERANCE, ("onnx", "int8"), LOOSE)
+    out = tmp_path / "run"
+    code = main(["simulate", "--model", "tiny-llama", "--fleet", str(tmp_path / "fleet.yaml"), "--method", "fedit",
+                 "--rounds", "1", "--clients-per-round", "3", "--local-steps", "2", "--set", "data.eval_per_domain=2",
+                 "--set", "data.tasks=[add]", "--set", "data.samples_per_client=8", "--set", "max_new_tokens=2",
+                 "--export", "--out", str(out)])
+    assert code == 3
+    index = json.loads((out / "export" / "index.json").read_text())
+    rows = {(r["format"], r["quant"]): r for r in index["classes"]}
+    assert set(rows) == {("onnx", "fp32"), ("onnx", "int8")}
+    assert rows[("onnx", "fp32")]["devices"] == ["a", "c"] and rows[("onnx", "int8")]["devices"] == ["b"]
+    assert rows[("onnx", "fp32")]["parity"].startswith("broken") and rows[("onnx", "int8")]["parity"] == "ok"
+    assert (out / "export" / "onnx-int8" / "model.int8.onnx").is_file()
+    assert json.loads((out / "export" / "onnx-fp32" / "export.json").read_text())["adapter"] == str(out / "adapter")
+
+
+def test_export_of_a_run_without_a_global_adapter_fails_before_training(tmp_path, capsys):
+    assert main(["simulate", "--model", "tiny-llama", "--method", "local", "--export", "--out", str(tmp_path)]) == 2
+    assert "no single global adapter" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
