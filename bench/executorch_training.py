@@ -51,7 +51,14 @@ def main(argv=None) -> int:
     from coordinator.config import DataConfig
     from edge_client.data import collate, encode_examples, generate_task
     from edge_client.et_train import ProgramStore, ProgramTrainer, program_spec
-    from edge_client.lora import adapted_modules, init_global_factors, lora_config, set_factors, to_state_dict, uniform_plan
+    from edge_client.lora import (
+        adapted_modules,
+        init_global_factors,
+        lora_config,
+        set_factors,
+        to_state_dict,
+        uniform_plan,
+    )
     from edge_client.models import default_target_modules, load_model
     from edge_client.trainer import batches
 

@@ -217,7 +217,7 @@ def cmd_plan(args) -> int:
                          f"with a rank-{fp.down_rank} download"
                          + (f" and a rank-{fp.hold_rank} adapter in memory" if fp.hold_rank else "")
                          + (" and a copy of the adapted base weights" if fp.fold else ""))
-    for col in ("device", "profile", "usable GB", "capacity (rank)", "memory GB", "s/step", "round s",
+    for col in ("device", "profile", "trainer", "usable GB", "capacity (rank)", "memory GB", "s/step", "round s",
                 f"{cfg.method} {knob_name}"):
         table.add_column(col, justify="right" if col != "device" else "left")
     for dev in fleet:
@@ -226,7 +226,9 @@ def cmd_plan(args) -> int:
         knob = (f"{plan.rank}" + (f" of {big_r}" if big_r != plan.rank and not method.pooled else "")
                 if plan else "[red]cannot take part[/red]")
         cap_s = str(cap.rank) if cap.rank else f"[red]0 ({cap.reason})[/red]"
-        table.add_row(dev.id, dev.profile.name, f"{dev.profile.memory_usable_gb:.1f}", cap_s, f"{cap.memory_gb:.2f}",
+        trainer = dev.profile.trainer + (f" ({dev.profile.trainer_base} base)" if dev.profile.trainer_base != "fp32" else "")
+        table.add_row(dev.id, dev.profile.name, trainer, f"{dev.profile.memory_usable_gb:.1f}", cap_s,
+                      f"{cap.memory_gb:.2f}",
                       f"{cap.step_s:.2f}", f"{cap.round_s:.0f}", knob)
     make_console().print(table)
     return 0

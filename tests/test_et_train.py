@@ -134,7 +134,7 @@ def test_simulate_trains_executorch_devices_from_their_programs(tmp_path):
     for r in report["rounds"]:
         by = {row["client"]: row for row in r["clients"]}
         assert {c: by[c]["trainer"] for c in by} == {"agx-orin": "torch", "pi5": "torch",
-                                                      "phone-et": "executorch", "pi4-et": "executorch"}
+                                                      "phone-et": "executorch", "pi5-et": "executorch"}
         assert not r["rejected"] and not r["failed"]
         assert all(row["steps"] == 3 and row["uplink_bytes"] == row["downlink_bytes"] > 0 for row in r["clients"])
     sides = [json.loads(p.read_text()) for p in (tmp_path / "programs").glob("*.json")]
