@@ -33,6 +33,16 @@ def timed(fn, steps: int) -> tuple[float, list[float]]:
     return statistics.median(times), losses
 
 
+def program_step(trainer, opt, data):
+    """One SGD step of a loaded training program on the next batch of ``data``; returns the loss."""
+    def step():
+        b = next(data)
+        loss = trainer.module.forward_backward("forward", (b["input_ids"], b["labels"]))[0]
+        opt.step(trainer.module.named_gradients())
+        return float(loss)
+    return step
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -109,14 +119,7 @@ def main(argv=None) -> int:
         from executorch.extension.training import get_sgd_optimizer
 
         opt = get_sgd_optimizer(trainer.params, 0.05, 0.0, 0.0, 0.0, False)
-        pos = iter(fixed)
-
-        def et_step():
-            b = next(pos)
-            loss = trainer.module.forward_backward("forward", (b["input_ids"], b["labels"]))[0]
-            opt.step(trainer.module.named_gradients())
-            return float(loss)
-        t_et, l_et = timed(et_step, args.steps)
+        t_et, l_et = timed(program_step(trainer, opt, iter(fixed)), args.steps)
         diff = max(abs(a - b) for a, b in zip(l_et, l_fixed))
         print(f"losses: torch {[round(x, 6) for x in l_fixed]}, program {[round(x, 6) for x in l_et]}")
         rows.append((f"executorch program, {base} base ({side['bytes'] / 2**20:.0f} MiB)", t_et, diff,
