@@ -82,8 +82,10 @@ def reusable(folder: Path, cfg: RunConfig) -> dict | None:
     if not path.is_file():
         return None
     report = json.loads(path.read_text())
-    # a section the saved run's version did not have ran with that section's defaults
-    saved = {**_plain(RunConfig().to_dict()), **report.get("config", {})}
+    # a section or field the saved run's version did not have ran with its default
+    defaults = _plain(RunConfig().to_dict())
+    saved = {k: {**v, **report.get("config", {}).get(k, {})} if isinstance(v, dict)
+             else report.get("config", {}).get(k, v) for k, v in defaults.items()}
     want = _plain(cfg.to_dict())
     # a method's own section (hafl:, fslora:, clair:, fedlease:) matters to that method's runs only
     ignore = {"device"} | {sec for sec in METHOD_SECTIONS if sec != cfg.method}

@@ -51,3 +51,12 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path, monkeypatch
     other = load_config(overrides={**FAST, "seed": 1})
     with pytest.raises(AssertionError, match="reused"):
         cmp.compare(other, ["fslora"], tmp_path)
+
+
+def test_a_run_saved_before_a_config_field_existed_is_reused_when_the_field_is_at_its_default(tmp_path):
+    cfg = load_config(overrides={**FAST, "method": "fedit"})
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    del saved["train"]["sgd_lr"]  # a field a later version added
+    (tmp_path / "report.json").write_text(json.dumps({"config": saved}))
+    assert cmp.reusable(tmp_path, cfg)
+    assert not cmp.reusable(tmp_path, load_config(overrides={**FAST, "method": "fedit", "train.sgd_lr": 0.2}))
