@@ -77,6 +77,7 @@ def run(args) -> int:
     trained_file = state_dir / "trained_rounds.json"
     trained: set[int] = set(json.loads(trained_file.read_text())) if trained_file.is_file() else set()
     programs_dir = state_dir / "programs"  # executorch training programs received (trainer: executorch)
+    programs = None  # their store, made with the first one (it imports torch)
 
     # 2. Connect, with a Last Will that tells the coordinator when this device drops off.
     t_status, t_down = device_topic(run_id, me, "status"), device_topic(run_id, me, "down")
@@ -146,8 +147,11 @@ def run(args) -> int:
         if plan is None:
             continue  # more chunks to come
         if plan.kind == "program":  # a training program for the executorch trainer: kept for the plans to come
+            from .et_train import ProgramStore
+
+            programs = programs or ProgramStore(programs_dir)
             try:
-                keep_program(programs_dir, plan.data, plan.meta)
+                programs.put(plan.data, plan.meta)
                 log(me, f"received training program {plan.meta.get('key')} ({len(plan.data) / 2**20:.1f} MiB)")
             except ValueError as exc:
                 log(me, f"refused a training program: {exc}")
@@ -160,11 +164,17 @@ def run(args) -> int:
             time.sleep(len(plan.data) * 8 / (args.downlink_mbps * 1e6))
 
         try:  # torch is imported here, under the memory cap: a device too small fails here, and says so
+            from .et_train import ProgramStore
+            from .models import load_tokenizer
+            from .work import run_assignment, trainer_of
+
             if trainer_of(meta) == "executorch":  # the program holds the model: only the tokenizer is loaded
                 tokenizer = tokenizer or load_tokenizer(meta["model"])
+                programs = programs or ProgramStore(programs_dir)
             elif peft_model is None:
                 peft_model, tokenizer = load_for_training(meta, args.threads, args.device)
-            update, report = train(peft_model, tokenizer, examples, meta, plan.data, args, programs_dir)
+            update, report = run_assignment(peft_model, tokenizer, examples, meta, plan.data, args.device,
+                                            slowdown=args.slowdown, programs=programs)
         except (MemoryError, RuntimeError, OSError, ImportError, ValueError, KeyError) as exc:
             oom = isinstance(exc, (MemoryError, OSError, ImportError)) or "alloc" in str(exc).lower()
             reason = f"out of memory while training round {round_idx}: {str(exc).splitlines()[0][:200]}" if oom \
@@ -221,34 +231,6 @@ def load_for_training(meta: dict, threads: int | None, device: str = "cpu"):
 
     model, tok = load_model(meta["model"], device)
     return wrap(model, meta), tok
-
-
-def train(peft_model, tokenizer, examples, meta: dict, start: bytes, args, programs_dir: Path):
-    from .et_train import ProgramStore
-    from .work import run_assignment
-
-    return run_assignment(peft_model, tokenizer, examples, meta, start, args.device, slowdown=args.slowdown,
-                          programs=ProgramStore(programs_dir))
-
-
-def keep_program(programs_dir: Path, data: bytes, side: dict) -> None:
-    from .et_train import ProgramStore
-
-    if not isinstance(side, dict) or not isinstance(side.get("key"), str) or not side["key"].isalnum():
-        raise ValueError("its metadata names no program key")
-    ProgramStore(programs_dir).put(data, side)
-
-
-def load_tokenizer(spec: str):
-    from .models import load_tokenizer as load
-
-    return load(spec)
-
-
-def trainer_of(meta: dict) -> str:
-    from .work import trainer_of as backend
-
-    return backend(meta)
 
 
 def log(device: str, text: str) -> None:

@@ -170,6 +170,7 @@ class ProgramStore:
     def __init__(self, root: str | Path, log=None):
         self.root = Path(root)
         self.log = log or (lambda text: None)
+        self._loaded: dict[str, ProgramTrainer] = {}
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.pte"
@@ -189,8 +190,17 @@ class ProgramStore:
         self.log(f"program {key}: {side['bytes'] / 2**20:.1f} MiB in {time.perf_counter() - t0:.0f} s")
         return path, side
 
+    def trainer(self, key: str) -> ProgramTrainer:
+        """The program ``key`` loaded, kept loaded for the next assignment (loading runs one
+        throw-away step, as long as a training step)."""
+        if key not in self._loaded:
+            self._loaded[key] = ProgramTrainer(self.path(key))
+        return self._loaded[key]
+
     def put(self, data: bytes, side: dict) -> Path:
-        """Keep a received program after checking it against its sidecar's checksum."""
+        """Keep a received program after checking its key and its sidecar's checksum."""
+        if not isinstance(side, dict) or not isinstance(side.get("key"), str) or not side["key"].isalnum():
+            raise ProgramError("a training program whose metadata names no key")
         if hashlib.sha256(data).hexdigest() != side.get("sha256"):
             raise ProgramError(f"training program {side.get('key')}: checksum mismatch")
         path = self.path(side["key"])
@@ -275,16 +285,15 @@ def program_batches(tokenizer, examples: Sequence[Example], settings: TrainSetti
         yield c["input_ids"], c["labels"]
 
 
-def train_program(path: str | Path, tokenizer, examples: Sequence[Example], plan: ClientPlan,
+def train_program(trainer: ProgramTrainer, tokenizer, examples: Sequence[Example], plan: ClientPlan,
                   start: Mapping[str, torch.Tensor], settings: TrainSettings, seed: int,
                   slowdown: float = 1.0) -> tuple[dict[str, torch.Tensor], TrainResult]:
-    """Train ``start`` (wire-keyed factors) under ``plan`` with the program at ``path``."""
+    """Train ``start`` (wire-keyed factors) under ``plan`` in the loaded program ``trainer``."""
     if not examples:
         raise ValueError("no training examples")
     why = unsupported(plan)
     if why:
         raise ProgramError(why)
-    trainer = ProgramTrainer(path)
     spec = trainer.spec
     if (spec["batch_size"], spec["seq_len"]) != (settings.batch_size, settings.max_seq_len):
         raise ProgramError(f"the program takes batches of {spec['batch_size']}x{spec['seq_len']}, the assignment "

@@ -73,8 +73,8 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
 
         if programs is None:
             raise ProgramError("an executorch assignment needs the device's training programs")
-        path = programs.path(meta["trainer"]["program"])
-        tensors, res = train_program(path, tokenizer, examples, plan, received, settings, seed, slowdown)
+        tensors, res = train_program(programs.trainer(meta["trainer"]["program"]), tokenizer, examples, plan,
+                                     received, settings, seed, slowdown)
         return _finish(meta, tensors, res)
     if mixture_of(plan) is not None:  # FedLEASE: own expert and router trained, other experts frozen
         with mixture_model(peft_model, ADAPTER, plan, received, meta["targets"], meta["dropout"]) as mix:

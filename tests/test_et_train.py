@@ -63,7 +63,7 @@ def torch_sgd(tok, plan, start, settings, examples, seed):
 def test_program_trains_exactly_as_torch_sgd(setup):
     tok, plan, start, settings, path, side, examples = setup
     ref_factors, ref = torch_sgd(tok, plan, start, settings, examples, seed=11)
-    factors, res = train_program(path, tok, examples, plan, to_state_dict(start), settings, seed=11)
+    factors, res = train_program(ProgramTrainer(path), tok, examples, plan, to_state_dict(start), settings, seed=11)
     assert res.steps == ref.steps == settings.steps
     assert abs(res.first_loss - ref.first_loss) < 1e-4
     assert abs(res.last_loss - ref.last_loss) < 1e-4
@@ -94,13 +94,13 @@ def test_mismatched_inputs_fail_clearly(setup, tmp_path):
     with pytest.raises(ProgramError, match="trains"):
         trainer.set_factors(to_state_dict(bigger))
     with pytest.raises(ProgramError, match="batches of 4x48"):
-        train_program(path, tok, examples, plan, to_state_dict(start),
+        train_program(trainer, tok, examples, plan, to_state_dict(start),
                       TrainSettings(steps=1, batch_size=2, max_seq_len=48, optimizer="sgd"), 0)
     with pytest.raises(ProgramError, match="SGD only"):
-        train_program(path, tok, examples, plan, to_state_dict(start),
+        train_program(trainer, tok, examples, plan, to_state_dict(start),
                       TrainSettings(steps=1, batch_size=4, max_seq_len=48), 0)
     with pytest.raises(ProgramError, match="routed experts"):
-        train_program(path, tok, examples, uniform_plan(plan.modules, 4, 2.0, experts={"count": 2, "own": 0}),
+        train_program(trainer, tok, examples, uniform_plan(plan.modules, 4, 2.0, experts={"count": 2, "own": 0}),
                       to_state_dict(start), settings, 0)
     with pytest.raises(ProgramError, match="no training program"):
         ProgramTrainer(tmp_path / "missing.pte")
@@ -111,6 +111,8 @@ def test_mismatched_inputs_fail_clearly(setup, tmp_path):
         ProgramTrainer(bad)
     with pytest.raises(ProgramError, match="checksum"):
         ProgramStore(tmp_path / "s").put(b"xx", side)
+    with pytest.raises(ProgramError, match="names no key"):
+        ProgramStore(tmp_path / "s").put(b"xx", {**side, "key": "../x"})
 
 
 def test_unsupported_plans_are_named():
