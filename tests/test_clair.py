@@ -154,6 +154,38 @@ def test_contamination_is_simulate_only_and_validated():
         load_config(overrides={"contamination.fraction": 0.2})
 
 
+
+@pytest.mark.parametrize("attack", ["random_update", "sign_flip", "scaled"])
+def test_update_attacks_follow_their_definition_whatever_the_key_order(monkeypatch, attack):
+    """A blob's keys come back in no fixed order; the attack must not depend on it (a random update
+    drawn in key order once made the same seed give different updates from one process to the next)."""
+    import edge_client.wire as wire
+    from coordinator.engine import Assignment
+    from coordinator.simulate import attack_update
+    from edge_client.lora import to_state_dict
+
+    g = torch.Generator().manual_seed(3)
+    start = {mod: (torch.randn(3, 30, generator=g), torch.randn(20, 3, generator=g)) for mod in (M, M2, "l.k")}
+    trained = {mod: (a + 0.1 * torch.randn(a.shape, generator=g), b + 0.1 * torch.randn(b.shape, generator=g))
+               for mod, (a, b) in start.items()}
+    sd0, sd1 = to_state_dict(start), to_state_dict(trained)
+    a = Assignment("c0", 1, uniform_plan({mod: (30, 20) for mod in start}, 3, 1.0), {}, wire.encode_tensors(sd0))
+    sent = [wire.decode_tensors(attack_update(wire.encode_tensors(sd1), a, attack, 10.0, seed=7))]
+    decode = wire.decode_tensors
+    monkeypatch.setattr(wire, "decode_tensors", lambda blob, *args: dict(reversed(decode(blob, *args).items())))
+    sent.append(wire.decode_tensors(attack_update(wire.encode_tensors(sd1), a, attack, 10.0, seed=7)))
+    for key, f0 in sd0.items():
+        delta = sd1[key] - f0
+        assert torch.equal(sent[0][key], sent[1][key]), key
+        got = sent[0][key] - f0
+        if attack == "sign_flip":
+            assert torch.allclose(got, -delta, atol=1e-6)
+        elif attack == "scaled":
+            assert torch.allclose(got, 10.0 * delta, atol=1e-5)
+        else:
+            assert abs(float(got.norm()) - float(delta.norm())) < 1e-4
+            assert abs(float((got * delta).sum()) / float(got.norm() * delta.norm())) < 0.5
+
 @pytest.mark.integration
 @pytest.mark.parametrize("attack", ["random_update", "sign_flip", "scaled"])
 def test_simulate_with_two_of_eight_contaminated(tmp_path, attack):
