@@ -130,6 +130,11 @@ class ConsoleReporter:
             extra += f" [yellow]missing {len(rec['failed'])}: " + ", ".join(f["client"] for f in rec["failed"]) + "[/yellow]"
         if rec["rejected"]:
             extra += f" [red]rejected {len(rec['rejected'])}: {rec['rejected'][0]['reason']}[/red]"
+        det = rec.get("detection")
+        if det and det["flagged"]:
+            extra += " [magenta]flagged: " + ", ".join(det["flagged"]) + "[/magenta]"
+        if det and det.get("caution"):
+            extra += f" [yellow]({det['caution']})[/yellow]"
         status = "" if rec["status"] == "ok" else " [red]FAILED (below min_updates, global kept)[/red]"
         self.console.print(f"round {rec['round']:>2} | {ranks} | loss {loss:.3f} | "
                            f"acc {_pct(acc['overall']) if acc else '-'}% | up {up:.2f} MB down {down:.2f} MB | "

@@ -7,7 +7,7 @@ import torch
 from coordinator.aggregate import Contribution, weighted_delta_w
 from coordinator.config import ConfigError, load_config
 from coordinator.methods import MethodContext, get_method
-from coordinator.methods.clair import block_lambda, clair_round, compress, outlier_pursuit
+from coordinator.methods.clair import alone_at_top_rank, block_lambda, clair_round, compress, outlier_pursuit
 from edge_client.lora import uniform_plan
 
 M, M2 = "l.q", "l.v"
@@ -203,3 +203,37 @@ def test_simulate_with_two_of_eight_contaminated(tmp_path, attack):
         assert set(rec["detection"]["scores"]) == {c["client"] for c in rec["clients"]}
     assert co["detection"]["precision"] == 1.0 and co["detection"]["recall"] == 1.0
     assert co["benign_accuracy"] is not None
+
+
+def test_a_flagged_client_alone_at_the_top_rank_gets_a_caution():
+    ranks = {"d1": 4, "d2": 1, "d3": 2}
+    msg = alone_at_top_rank(ranks, ["d1"])
+    assert "d1 holds rank 4" in msg and "at most 2" in msg
+    assert alone_at_top_rank(ranks, ["d3"]) is None                  # flagged, but not alone at the top
+    assert alone_at_top_rank(ranks, []) is None
+    assert alone_at_top_rank({"d1": 4, "d2": 4, "d3": 1}, ["d1"]) is None  # company at its rank
+
+
+@pytest.mark.integration
+def test_simulate_cautions_when_the_flagged_client_is_alone_at_the_top_rank(tmp_path):
+    # slow links hold d2 and d3 to ranks 1 and 2; d1, benign, is alone at rank 4 and is flagged
+    # for the directions only it trains: the record says so and the console line shows it
+    import io
+
+    from fleets import fleet
+    from rich.console import Console
+
+    from coordinator.report import ConsoleReporter
+    from coordinator.simulate import Simulation
+
+    slow = {"d2": {"uplink_mbps": 1.0, "downlink_mbps": 1.0}, "d3": {"uplink_mbps": 2.0, "downlink_mbps": 2.0}}
+    cfg = load_config(overrides={
+        "model": "tiny-llama", "method": "clair", "fleet": fleet(tmp_path, ["d1", "d2", "d3"], **slow),
+        "rounds": 1, "clients_per_round": 3, "train.steps": 3, "train.batch_size": 4, "data.tasks": ["add"],
+        "data.samples_per_client": 8, "data.eval_per_domain": 2, "max_new_tokens": 3, "lora.rank": 2,
+        "lora.max_rank": 4, "planner.transfer_budget_s": 0.05})
+    out = io.StringIO()
+    rec = Simulation(cfg, tmp_path / "run", ConsoleReporter(Console(file=out, width=1000))).run()["rounds"][0]
+    assert {c["client"]: c["rank"] for c in rec["clients"]} == {"d1": 4, "d2": 1, "d3": 2}
+    assert rec["detection"]["flagged"] == ["d1"] and "d1 holds rank 4" in rec["detection"]["caution"]
+    assert any("flagged: d1" in line and "d1 holds rank 4" in line for line in out.getvalue().splitlines())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from fleets import FAST_PROFILE, fleet
 from safetensors.torch import load_file
 
 from coordinator.broker import EmbeddedBroker, free_port
@@ -32,9 +32,6 @@ from edge_client.profile import DeviceProfile, save_profile
 from edge_client.wire import decode_tensors, encode_tensors
 
 pytestmark = pytest.mark.integration
-
-FAST_PROFILE = dict(memory_total_gb=16.0, memory_usable_gb=8.0, compute_gflops=1e6, uplink_mbps=1e4,
-                    downlink_mbps=1e4, threads=1)
 
 
 # ---------------------------------------------------------------------------------- brokers
@@ -79,17 +76,6 @@ def broker(request, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-def fleet(tmp: Path, ids: list[str], **profile) -> str:
-    files = []
-    for i in ids:
-        p = tmp / f"profile-{i}.yaml"
-        save_profile(DeviceProfile(name=f"test-{i}", **{**FAST_PROFILE, **profile.get(i, {})}), p)
-        files.append({"id": i, "profile": str(p)})
-    f = tmp / "fleet.yaml"
-    f.write_text(yaml.safe_dump({"devices": files}))
-    return str(f)
-
 
 def config(tmp: Path, ids: list[str], profiles=None, **over):
     base = {"model": "tiny-llama", "method": "fedit", "fleet": fleet(tmp, ids, **(profiles or {})), "rounds": 1,
@@ -354,21 +340,26 @@ def test_emulate_ends_with_the_same_adapter_as_simulate(tmp_path, method):
     assert all(d["exit_code"] == 0 for d in rep["devices"].values())
 
 
-def test_emulate_sends_an_executorch_device_its_program_once_and_matches_simulate(tmp_path):
-    # d2 trains in a training program it receives over MQTT (before its first plan only), with
-    # SGD in the ExecuTorch runtime; the run must end where simulate ends
-    cfg = config(tmp_path, ["d1", "d2"], profiles={"d2": {"trainer": "executorch"}}, rounds=2,
-                 **{"train.steps": 3, "train.max_seq_len": 48})
+
+def test_emulate_clair_with_heterogeneous_ranks_matches_simulate(tmp_path):
+    # slow links bind d3-d6 to ranks 1 and 2; clair works on their ΔW and refines each client's own
+    # adapter: the global and the personal adapters must come out as in simulate, nobody flagged
+    slow = {d: {"uplink_mbps": mbps, "downlink_mbps": mbps} for d, mbps in
+            {"d3": 1.0, "d4": 1.0, "d5": 2.0, "d6": 2.0}.items()}
+    ids = ["d1", "d2", "d3", "d4", "d5", "d6"]
+    cfg = config(tmp_path, ids, profiles=slow, method="clair", rounds=2,
+                 **{"train.steps": 3, "planner.transfer_budget_s": 0.05})
     rep = emulate(cfg, tmp_path / "emu", log=lambda *_: None)
-    Simulation(cfg, tmp_path / "sim").run()
-    a = load_file(str(tmp_path / "emu" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "sim" / "adapter" / "adapter_model.safetensors"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert [{c["client"]: c["trainer"] for c in r["clients"]} for r in rep["rounds"]] == \
-        [{"d1": "torch", "d2": "executorch"}] * 2
-    held = list((tmp_path / "emu" / "devices" / "d2").rglob("programs/*.pte"))
-    assert len(held) == 1 and held[0].stem == next((tmp_path / "sim" / "programs").glob("*.pte")).stem
-    assert "received training program" in (tmp_path / "emu" / "devices" / "d2" / "client.log").read_text()
+    sim = Simulation(cfg, tmp_path / "sim").run()
+    ranks = [{c["client"]: c["rank"] for c in r["clients"]} for r in rep["rounds"]]
+    assert ranks == [{c["client"]: c["rank"] for c in r["clients"]} for r in sim["rounds"]]
+    assert ranks[0] == {"d1": 4, "d2": 4, "d3": 1, "d4": 1, "d5": 2, "d6": 2}
+    assert [r["detection"]["flagged"] for r in rep["rounds"]] == [[], []]
+    for rel in ["adapter"] + [f"clients/{d}/adapter" for d in ids]:
+        a = load_file(str(tmp_path / "emu" / rel / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "sim" / rel / "adapter_model.safetensors"))
+        assert a.keys() == b.keys(), rel
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), rel
 
 
 def test_emulate_fedlease_clusters_and_trains_experts_as_simulate_does(tmp_path):

@@ -51,6 +51,12 @@ rounds); they are not yet checked across SmolLM2's attacks and fractions.
 
 Planner mapping: as FlexLoRA, rank ``r_k = min(capacity_k, R)``.  The report lists, per round, the
 flagged clients and every client's scores.
+
+Heterogeneous ranks: the decomposition works on ``Δ_k`` whatever its rank, and ranks shared by
+several clients are no trouble.  A client alone above every other's rank is: the directions only it
+trains have no company and read as its own sparse block, so it is flagged though benign (measured
+on tiny-llama, :func:`alone_at_top_rank`).  The round's record then carries a ``caution`` that says
+so; the fix is a fleet where a second device reaches that rank, or a lower ``lora.max_rank``.
 """
 
 from __future__ import annotations
@@ -212,6 +218,9 @@ class CLAIR(GlobalRankR):
         state["round_note"] = {  # the engine moves it into this round's record
             "flagged": res["flagged"],
             "scores": {c: {k: round(v, 4) for k, v in s.items()} for c, s in res["scores"].items()}}
+        alone = alone_at_top_rank({c.client: c.plan.rank for c in contributions}, res["flagged"])
+        if alone:
+            state["round_note"]["caution"] = alone
         if not res["benign"]:
             return global_factors
         personal = state.setdefault("personal", {})
@@ -226,6 +235,23 @@ class CLAIR(GlobalRankR):
         benign = [c for c in contributions if c.client in res["benign"]]
         return {m: _refactor(weighted_delta_w(benign, m).double(), self.global_rank(ctx), a)
                 for m, (a, _) in global_factors.items()}
+
+
+def alone_at_top_rank(ranks: dict[str, int], flagged: Sequence[str]) -> str | None:
+    """A caution when a flagged client holds a rank above every other client's: the directions only
+    it trains have no company in the decomposition and read as its own sparse block, contaminated
+    or not (on tiny-llama a lone rank-4 client among ranks 1-2 scored 0.65, its peers below 0.05;
+    with a second rank-4 client both scored below 0.2).  Such a flag needs company at that rank or a
+    look by hand."""
+    if len(ranks) < 2:
+        return None
+    top = max(ranks.values())
+    holders = [c for c, r in ranks.items() if r == top]
+    if len(holders) != 1 or holders[0] not in flagged:
+        return None
+    rest = max(r for c, r in ranks.items() if c != holders[0])
+    return (f"{holders[0]} holds rank {top}, above every other client's (at most {rest}): the directions only it "
+            "trains look like contamination to the decomposition, so its flag may come from its rank")
 
 
 def round_change(factors, start) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
