@@ -342,18 +342,17 @@ def test_emulate_ends_with_the_same_adapter_as_simulate(tmp_path, method):
 
 
 def test_emulate_clair_with_heterogeneous_ranks_matches_simulate(tmp_path):
-    # slow links bind d3-d6 to ranks 1 and 2; clair works on their ΔW and refines each client's own
-    # adapter: the global and the personal adapters must come out as in simulate, nobody flagged
-    slow = {d: {"uplink_mbps": mbps, "downlink_mbps": mbps} for d, mbps in
-            {"d3": 1.0, "d4": 1.0, "d5": 2.0, "d6": 2.0}.items()}
-    ids = ["d1", "d2", "d3", "d4", "d5", "d6"]
-    cfg = config(tmp_path, ids, profiles=slow, method="clair", rounds=2,
-                 **{"train.steps": 3, "planner.transfer_budget_s": 0.05})
+    # slow links bind d3 and d4 to ranks 1 and 2; clair works on their ΔW and refines each client's
+    # own adapter: the global and the personal adapters must come out as in simulate, nobody flagged
+    slow = {"d3": {"uplink_mbps": 1.0, "downlink_mbps": 1.0}, "d4": {"uplink_mbps": 2.0, "downlink_mbps": 2.0}}
+    ids = ["d1", "d2", "d3", "d4"]
+    cfg = config(tmp_path, ids, profiles=slow, method="clair", rounds=2,  # four device processes: a longer deadline
+                 **{"train.steps": 3, "planner.transfer_budget_s": 0.05, "transport.round_timeout_s": 60})
     rep = emulate(cfg, tmp_path / "emu", log=lambda *_: None)
     sim = Simulation(cfg, tmp_path / "sim").run()
     ranks = [{c["client"]: c["rank"] for c in r["clients"]} for r in rep["rounds"]]
     assert ranks == [{c["client"]: c["rank"] for c in r["clients"]} for r in sim["rounds"]]
-    assert ranks[0] == {"d1": 4, "d2": 4, "d3": 1, "d4": 1, "d5": 2, "d6": 2}
+    assert ranks[0] == {"d1": 4, "d2": 4, "d3": 1, "d4": 2}
     assert [r["detection"]["flagged"] for r in rep["rounds"]] == [[], []]
     for rel in ["adapter"] + [f"clients/{d}/adapter" for d in ids]:
         a = load_file(str(tmp_path / "emu" / rel / "adapter_model.safetensors"))
