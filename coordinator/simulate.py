@@ -25,7 +25,8 @@ def attack_update(update: bytes, a: Assignment, attack: str, scale: float, seed:
     """What a contaminated client sends instead of its trained factors ``f``, with ``f0`` the start
     factors of the components it trained and ``δ = f − f0`` its round's change: ``sign_flip``:
     ``f0 − δ``; ``scaled``: ``f0 + scale·δ``; ``random_update``: ``f0 + g``, ``g`` Gaussian with the
-    norm of ``δ`` (per tensor, drawn in key order: the same seed gives the same update).  Importance scores and routers, if any, go as they were."""
+    norm of ``δ`` (per tensor, drawn in key order: the same seed gives the same update).  Importance
+    scores and routers, if any, go as they were."""
     from edge_client.experts import split_tensors
     from edge_client.lora import from_state_dict, slice_factors, to_state_dict
     from edge_client.partial import held_count
