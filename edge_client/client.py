@@ -113,6 +113,7 @@ def run(args) -> int:
     # 3. Wait for plans; train each; upload; drop the update from disk once acknowledged.
     reassembler = Reassembler(MAX_PLAN_BYTES)
     peft_model = tokenizer = None
+    live = False  # seen this run waiting or training: a "done" after that ends it, plan or not
     while True:
         if reconnected[0]:
             reconnected[0] = False
@@ -123,9 +124,12 @@ def run(args) -> int:
         t, payload = msg
         try:
             if t == topic(run_id, "round"):
-                if decode_json(payload).get("state") == "done" and not trained:
+                state = decode_json(payload).get("state")
+                if state != "done":
+                    live = True
+                elif not trained and not live:
                     log(me, "a run with this id is marked done (a previous one?): waiting for plans")
-                elif decode_json(payload).get("state") == "done":
+                else:
                     left = list(pending_dir.glob("*.safetensors"))
                     for f in pending_dir.iterdir():
                         f.unlink()  # the run is over: nothing unacknowledged can count any more

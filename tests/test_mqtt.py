@@ -341,6 +341,17 @@ def test_emulate_ends_with_the_same_adapter_as_simulate(tmp_path, method):
 
 
 
+def test_devices_without_a_plan_leave_when_the_run_is_done(tmp_path):
+    # one round of one device: the two never sampled saw the run live, so its "done" ends them too
+    # (a "done" seen before the run went live is a previous run's, and they keep waiting)
+    cfg = config(tmp_path, ["d1", "d2", "d3"], clients_per_round=1)
+    rep = emulate(cfg, tmp_path / "emu", log=lambda *_: None)
+    assert len(rep["rounds"][0]["clients"]) == 1
+    assert {d: v["exit_code"] for d, v in rep["devices"].items()} == {"d1": 0, "d2": 0, "d3": 0}
+    for d in ("d1", "d2", "d3"):
+        assert "the run is done" in (tmp_path / "emu" / "devices" / d / "client.log").read_text()
+
+
 def test_emulate_clair_with_heterogeneous_ranks_matches_simulate(tmp_path):
     # slow links bind d3 and d4 to ranks 1 and 2; clair works on their ΔW and refines each client's
     # own adapter: the global and the personal adapters must come out as in simulate, nobody flagged
