@@ -1,15 +1,44 @@
 """An MQTT broker in the coordinator's process (amqtt), so a run needs no set-up: ``--broker
-embedded``.  It listens on loopback only.  For anything beyond one machine use a real broker
-(Mosquitto, EMQX) by URL."""
+embedded``.  It is closed by default:
+
+- **authentication** from the device registry (:mod:`.registry`): the coordinator and each active
+  enrolled device log in with their own password; anonymous and unknown clients are refused;
+  a revoked device is refused at its next connection and its publishes are dropped at once;
+- **the MQTT client id is bound to the user name**, before the broker looks up any session: a
+  client cannot take over (or delete) another's session by using its id.  (amqtt looks sessions
+  up before it authenticates; the binding is done as the CONNECT is read, see ``_Binding``);
+- **per-device topic ACLs**: a device publishes only ``fedlora/<run>/dev/<its id>/{hello,status,
+  up,event}``, subscribes and receives only its own ``down`` and ``ack`` and the runs' ``round``,
+  never with a wildcard; its Last Will may only be its own ``status``.  The coordinator may use
+  every ``fedlora/`` topic;
+- **TLS** with ``tls_cert``/``tls_key`` (``fedlora coordinator --tls-cert --tls-key``, or
+  ``emulate --tls``, which issues a certificate from the registry's CA).
+
+``insecure=True`` (``--insecure-broker``) opens it to anyone, for development only, and says so
+loudly.  For anything beyond one machine a real broker works the same way
+(``fedlora broker-config mosquitto|emqx``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import secrets
 import socket
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 from edge_client.mqtt import BrokerAddress
+
+from .registry import COORDINATOR_ID, Registry
+
+DEVICE_PUBLISH = re.compile(r"^fedlora/[^/+#]+/dev/(?P<dev>[^/+#]+)/(hello|status|up|event)$")
+DEVICE_RECEIVE = re.compile(r"^fedlora/[^/+#]+/(round|dev/(?P<dev>[^/+#]+)/(down|ack))$")
+INSECURE_WARNING = ("WARNING: the embedded broker is OPEN (--insecure-broker): anyone who can reach it can read "
+                    "every message and publish on every topic. Messages are still signed and checked, but use "
+                    "this for development on a closed machine only.")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -18,11 +47,91 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class EmbeddedBroker:
-    """``with EmbeddedBroker() as b: ... b.address`` runs an amqtt broker on a thread."""
+def device_may(action: str, device: str, topic_name: str) -> bool:
+    """The embedded broker's ACL for an enrolled device (see the module text)."""
+    if action == "publish":
+        m = DEVICE_PUBLISH.match(topic_name)
+        return bool(m) and m.group("dev") == device
+    m = DEVICE_RECEIVE.match(topic_name)  # subscribe (a filter: no wildcard may pass) and receive
+    return bool(m) and m.group("dev") in (None, device)
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None):
+
+def _plugin_bases():
+    from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+
+    return BaseAuthPlugin, BaseTopicPlugin
+
+
+@dataclass
+class _PluginConfig:
+    registry: str = ""
+
+
+class RegistryAuthPlugin(*_plugin_bases()):
+    """amqtt authentication and topic plugin over the registry (amqtt loads it by dotted path,
+    and takes only subclasses of its plugin bases)."""
+
+    Config = _PluginConfig
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.registry = Registry(context.config.registry)
+
+    async def authenticate(self, *, session) -> bool:
+        ok = bool(session.username) and session.client_id == session.username and \
+            self.registry.check_login(session.username, session.password)
+        if not ok:
+            self.context.logger.info(f"refused a connection as {session.username!r}")
+        return ok
+
+    async def topic_filtering(self, *, session=None, topic=None, action=None) -> bool:
+        user = session.username if session else None
+        if not user or not topic:
+            return False
+        if user == COORDINATOR_ID:
+            return topic.startswith("fedlora/")
+        if self.registry.active(user) is None:
+            return False
+        return device_may(getattr(action, "value", str(action)), user, topic)
+
+    async def close(self) -> None:
+        return None
+
+
+def _make_binding_handler():
+    """A CONNECT reader that binds the client id to the user name before amqtt looks up sessions."""
+    import amqtt.broker as ab
+    from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+    if getattr(ab.BrokerProtocolHandler, "fedlora_binding", False):
+        return
+
+    class _Binding(BrokerProtocolHandler):
+        fedlora_binding = True
+
+        @classmethod
+        async def init_from_connect(cls, reader, writer, plugins_manager, loop=None):
+            handler, session = await super().init_from_connect(reader, writer, plugins_manager, loop)
+            broker = getattr(plugins_manager.app_context, "_broker_instance", None)
+            bind = getattr(broker, "fedlora_bind", None)
+            if bind is not None:
+                bind(session)
+            return handler, session
+
+    ab.BrokerProtocolHandler = _Binding
+
+
+class EmbeddedBroker:
+    """``with EmbeddedBroker(registry=...) as b: ... b.address`` runs an amqtt broker on a thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, registry: Registry | None = None,
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None, insecure: bool = False,
+                 log=print):
+        if registry is None and not insecure:
+            raise ValueError("the embedded broker needs the device registry (or insecure=True for development)")
         self.host, self.port = host, port or free_port(host)
+        self.registry, self.insecure, self.log = registry, insecure, log
+        self.tls = (str(tls_cert), str(tls_key)) if tls_cert else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broker = None
         self._thread: threading.Thread | None = None
@@ -31,22 +140,51 @@ class EmbeddedBroker:
 
     @property
     def address(self) -> BrokerAddress:
-        return BrokerAddress(self.host, self.port)
+        return BrokerAddress(self.host, self.port, tls=self.tls is not None)
+
+    def _bind(self, session) -> None:
+        """As the CONNECT is read: a valid login gets its user name as client id; anything else a
+        random one (it is refused later, and can touch no one's session); a Last Will that is not
+        the device's own status topic is a refusal too."""
+        ok = self.registry.check_login(session.username, session.password)
+        if ok and session.username != COORDINATOR_ID and session.will_flag and not (
+                device_may("publish", session.username, session.will_topic or "")
+                and (session.will_topic or "").endswith("/status")):
+            ok = False
+        if ok:
+            session.client_id = session.username
+        else:
+            session.client_id = f"refused-{secrets.token_hex(8)}"
+            session.clean_session = True
+            session.username = None
 
     def start(self) -> EmbeddedBroker:
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        if self.tls:
+            for f in self.tls:
+                if not Path(f).is_file():
+                    raise FileNotFoundError(f"TLS file {f} not found (--tls-cert / --tls-key)")
+        listener = {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 10000}
+        if self.tls:
+            listener.update({"ssl": True, "certfile": self.tls[0], "keyfile": self.tls[1]})
+        if self.insecure:
+            plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+            self.log(INSECURE_WARNING)
+        else:
+            _make_binding_handler()
+            plugins = {f"{__name__}.RegistryAuthPlugin": {"registry": str(self.registry.folder)}}
+        cfg = {"listeners": {"default": listener}, "plugins": plugins}
 
         def serve():
             from amqtt.broker import Broker
 
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
-            cfg = {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}",
-                                             "max_connections": 1000}},
-                   "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
             try:
                 self._broker = Broker(cfg, loop=self._loop)
+                if not self.insecure:
+                    self._broker.fedlora_bind = self._bind
                 self._loop.run_until_complete(self._broker.start())
             except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
                 self._error = exc
@@ -57,9 +195,12 @@ class EmbeddedBroker:
 
         self._thread = threading.Thread(target=serve, name="fedlora-broker", daemon=True)
         self._thread.start()
-        self._ready.wait(30)
+        if not self._ready.wait(120):
+            raise RuntimeError(f"the embedded MQTT broker did not start on {self.host}:{self.port} within 120 s")
         if self._error:
             raise RuntimeError(f"the embedded MQTT broker could not start on {self.host}:{self.port}: {self._error}")
+        with socket.create_connection((self.host, self.port), timeout=10):
+            pass  # it accepts connections: clients may come
         return self
 
     def stop(self) -> None:

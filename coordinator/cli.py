@@ -13,8 +13,10 @@ examples:
   fedlora simulate --method flexlora --rounds 3 --out runs/flex
   fedlora simulate --model tiny-llama --set train.steps=2 --out runs/tiny
   fedlora emulate --out runs/emu                         # broker + coordinator + one process per device
-  fedlora coordinator --broker mqtt://host:1883 --out runs/live
-  fedlora client --broker mqtt://host:1883 --device-id pi5 --data local.jsonl
+  fedlora devices init && fedlora devices add pi5      # enrol a device: writes pi5.credentials.json
+  fedlora broker-config mosquitto --out broker/         # Mosquitto with TLS, passwords and per-device ACLs
+  fedlora coordinator --broker mqtts://host:8883 --out runs/live
+  fedlora client --broker mqtts://host:8883 --credentials pi5.credentials.json --data local.jsonl
   fedlora compare --methods fedit@min,hetlora,fslora --out runs/cmp   # several methods, one table
   fedlora plan --fleet mixed8 --method fed-plora         # what each device can train, and the method's knob
   fedlora profile --out profiles/this-machine.yaml       # measure this machine
@@ -125,24 +127,82 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _broker_from_args(args):
+def _registry(args, create: bool = False):
+    from .registry import Registry, RegistryError, default_registry
+
+    folder = Path(args.registry).expanduser() if args.registry else default_registry()
+    if create and not (folder / "registry.json").exists():
+        return Registry.create(folder)
+    try:
+        return Registry(folder)
+    except RegistryError as exc:
+        from .config import ConfigError
+
+        raise ConfigError(str(exc)) from None
+
+
+def _coordinator_address(args, registry):
+    """The broker the coordinator uses (None: start the embedded one), logged in as the coordinator:
+    the registry's password unless FEDLORA_MQTT_PASSWORD says otherwise; the registry's client
+    certificate, when `broker-config --mtls` issued one."""
+    import dataclasses
+    import os
+
     from edge_client.mqtt import parse_broker
 
+    creds = registry.coordinator_credentials()
+    password = os.environ.get("FEDLORA_MQTT_PASSWORD") or creds.mqtt_password
     if args.broker in (None, "embedded"):
         return None
-    return parse_broker(args.broker, args.username, args.password, args.ca_file)
+    address = parse_broker(args.broker, args.username or creds.mqtt_username, password, args.ca_file)
+    cert, key = registry.folder / "coordinator-client.pem", registry.folder / "coordinator-client.key"
+    if address.tls and cert.is_file() and key.is_file():
+        address = dataclasses.replace(address, cert_pem=cert.read_text(), key_pem=key.read_text())
+    if address.tls and not args.ca_file:
+        address = dataclasses.replace(address, ca_pem=(registry.folder / "ca.pem").read_text())
+    return address
 
 
 def _add_broker_args(p: argparse.ArgumentParser, default_embedded: bool = True) -> None:
     p.add_argument("--broker", default="embedded" if default_embedded else None,
-                   help="mqtt://host:port, mqtts://host:port (TLS), or 'embedded' (default: an in-process broker)")
-    p.add_argument("--username")
-    p.add_argument("--password")
-    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+                   help="mqtt://host:port, mqtts://host:port (TLS), or 'embedded' (default: an in-process broker, "
+                   "closed to all but the registry's devices)")
+    p.add_argument("--registry", help="the device registry folder (default: $FEDLORA_REGISTRY or ~/.fedlora/registry; "
+                   "`fedlora devices init` makes one)")
+    p.add_argument("--username", help="the coordinator's broker user (default: the registry's, 'coordinator'); its "
+                   "password is the registry's, or $FEDLORA_MQTT_PASSWORD")
+    p.add_argument("--ca-file", help="CA certificate for mqtts:// (default: the registry's CA)")
+    p.add_argument("--tls-cert", help="embedded broker: serve TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="embedded broker: the certificate's private key (PEM)")
+    p.add_argument("--insecure-broker", action="store_true", help="embedded broker: open to anyone (development "
+                   "only; messages are still signed and checked)")
+
+
+def _embedded(args, registry, console, host="127.0.0.1", port=None):
+    from .broker import EmbeddedBroker
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        from .config import ConfigError
+
+        raise ConfigError("--tls-cert and --tls-key go together")
+    return EmbeddedBroker(host=host, port=port, registry=registry, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                          insecure=args.insecure_broker, log=console.print).start()
+
+
+def _exit_status(report: dict) -> int:
+    from .service import EXIT_ROUNDS_FAILED
+
+    failed = [r["round"] for r in report["rounds"] if r["status"] == "failed"]
+    if failed:
+        print(f"fedlora: round(s) {', '.join(map(str, failed))} failed (fewer valid updates than min_updates): "
+              f"exit status {EXIT_ROUNDS_FAILED}", file=sys.stderr)
+        return EXIT_ROUNDS_FAILED
+    return 0
 
 
 def cmd_coordinator(args) -> int:
-    from .broker import EmbeddedBroker
+    import dataclasses
+
     from .report import ConsoleReporter
     from .service import Coordinator, check_resume
 
@@ -150,20 +210,25 @@ def cmd_coordinator(args) -> int:
     check_resume(args.out, args.resume)
     classes = _export_classes(args, cfg)
     reporter = ConsoleReporter()
-    address = _broker_from_args(args)
+    registry = _registry(args)
+    address = _coordinator_address(args, registry)
     embedded = None
     if address is None:
-        embedded = EmbeddedBroker(host=args.bind, port=args.port).start()
-        address = embedded.address
+        embedded = _embedded(args, registry, reporter.console, args.bind, args.port)
+        creds = registry.coordinator_credentials()
+        address = dataclasses.replace(embedded.address, username=creds.mqtt_username, password=creds.mqtt_password,
+                                      ca_file=args.ca_file, ca_pem=None if args.ca_file else
+                                      (registry.folder / "ca.pem").read_text())
         reporter.console.print(f"embedded MQTT broker listening on {address.url}")
     try:
-        coord = Coordinator(cfg, args.out, address, reporter, resume=args.resume, log=reporter.console.print)
-        coord.run()
+        coord = Coordinator(cfg, args.out, address, registry, reporter, resume=args.resume,
+                            log=reporter.console.print)
+        report = coord.run()
     finally:
         if embedded:
             embedded.stop()
     declared = [(c.id, c.device.profile) for c in coord.engine.clients]
-    return _export_after(cfg, Path(args.out), classes, reporter.console, declared)
+    return max(_export_after(cfg, Path(args.out), classes, reporter.console, declared), _exit_status(report))
 
 
 def cmd_emulate(args) -> int:
@@ -175,7 +240,9 @@ def cmd_emulate(args) -> int:
     reporter = ConsoleReporter()
     reporter.console.print(f"[b]fedlora emulate[/b]: method {cfg.method}, model {cfg.model}, fleet {cfg.fleet}, "
                            f"{cfg.rounds} rounds x {cfg.clients_per_round} devices, one process per device")
-    report = emulate(cfg, args.out, _broker_from_args(args), reporter, log=reporter.console.print)
+    report = emulate(cfg, args.out, broker=None if args.broker in (None, "embedded") else args.broker,
+                     registry=args.registry, tls=args.tls, ca_file=args.ca_file, insecure=args.insecure_broker,
+                     reporter=reporter, log=reporter.console.print)
     from rich.table import Table
 
     t = Table(title="per-device timings (emulated: threads, memory cap, compute slow-down, bandwidth)")
@@ -188,7 +255,67 @@ def cmd_emulate(args) -> int:
                   "-" if d["mean_local_seconds"] is None else f"{d['mean_local_seconds']:.1f}", str(d["exit_code"]))
     reporter.console.print(t)
     reporter.console.print(f"report: {Path(args.out) / 'report.json'}; device logs: {Path(args.out) / 'devices'}")
-    return _export_after(cfg, Path(args.out), classes, reporter.console)
+    return max(_export_after(cfg, Path(args.out), classes, reporter.console), _exit_status(report))
+
+
+def cmd_devices(args) -> int:
+    from .registry import Registry, RegistryError, default_registry
+
+    folder = Path(args.registry).expanduser() if args.registry else default_registry()
+    try:
+        if args.action == "init":
+            reg = Registry.create(folder)
+            print(f"created the device registry in {reg.folder}: the coordinator's identity ({reg.folder}/coordinator.json, "
+                  f"keep it private) and a TLS authority ({reg.folder}/ca.pem)")
+            return 0
+        reg = Registry(folder)
+        if args.action == "add":
+            from edge_client.identity import save_credentials
+
+            creds = reg.add(args.id, max_examples=args.max_examples, client_cert=args.client_cert,
+                            replace=args.replace)
+            out = Path(args.out or f"{args.id}.credentials.json")
+            save_credentials(out, creds)
+            print(f"enrolled {args.id}; its credentials are in {out} (mode 0600): move the file to the device and "
+                  f"start it with `fedlora client --credentials {out.name} ...`. It holds the device's secret key and "
+                  "broker password: nobody else needs it, and the registry keeps only the public key and a hash.")
+            return 0
+        if args.action == "revoke":
+            e = reg.revoke(args.id)
+            print(f"revoked {args.id} at {e.revoked_at}: the coordinator and the embedded broker refuse it from its next "
+                  "message; for Mosquitto or EMQX run `fedlora broker-config` again and reload the broker")
+            return 0
+        rows = sorted(reg.devices.values(), key=lambda e: e.id)
+        print(f"{'device':24s} {'state':8s} {'max examples':>12s}  enrolled              public key")
+        for e in rows:
+            from edge_client.identity import b64
+
+            print(f"{e.id:24s} {'active' if e.active else 'revoked':8s} "
+                  f"{(str(e.max_examples) if e.max_examples else 'default'):>12s}  {e.enrolled_at:20s}  "
+                  f"{b64(e.public_key)[:16]}...")
+        print(f"{len(rows)} device(s) in {reg.folder}")
+        return 0
+    except RegistryError as exc:
+        from .config import ConfigError
+
+        raise ConfigError(str(exc)) from None
+
+
+def cmd_broker_config(args) -> int:
+    from . import brokerconf
+
+    reg = _registry(args)
+    write = brokerconf.mosquitto if args.kind == "mosquitto" else brokerconf.emqx
+    hosts = args.tls_host or None
+    conf = write(reg, args.out, port=args.port or (8883 if not args.no_tls else 1883), bind=args.bind,
+                 tls=not args.no_tls, hosts=hosts, mtls=args.mtls)
+    print(f"wrote {conf} and its files in {Path(args.out)}")
+    if args.kind == "mosquitto":
+        print(f"start it with `mosquitto -c {conf}`; after `fedlora devices add|revoke`, run this again and "
+              "`kill -HUP` the broker")
+    else:
+        print(f"include {conf} from emqx.conf (EMQX 5); see docs/security.md")
+    return 0
 
 
 def cmd_plan(args) -> int:
@@ -334,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "slow-down, bandwidth). Writes the same outputs as simulate, plus per-device timings.")
     _add_run_args(p)
     _add_broker_args(p)
+    p.add_argument("--tls", action="store_true", help="embedded broker over TLS, with a certificate issued from the "
+                   "registry's CA (the devices get the CA)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--export", action="store_true", help="after the run, export the global adapter merged into "
                    "the base once per device class of the fleet (each profile's runtime and quant), with parity "
@@ -354,6 +483,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_coordinator)
     p = sub.add_parser("client", help="run an edge device (see `fedlora client --help`)", add_help=False)
     p.set_defaults(fn=None)
+    p = sub.add_parser("devices", help="enrol, list and revoke devices (the registry)",
+                       description="The device registry: `init` makes one (the coordinator's identity and a TLS "
+                       "authority); `add ID` enrols a device and writes its credentials file; `revoke ID` refuses it "
+                       "from its next message; `list` shows them. The registry keeps public keys and password "
+                       "hashes only.")
+    p.add_argument("action", choices=["init", "add", "list", "revoke"])
+    p.add_argument("id", nargs="?", help="device id (add, revoke)")
+    p.add_argument("--registry", help="the registry folder (default: $FEDLORA_REGISTRY or ~/.fedlora/registry)")
+    p.add_argument("--out", help="add: where to write the credentials file (default: ID.credentials.json)")
+    p.add_argument("--max-examples", type=int, help="add: the most examples this device's updates may weigh "
+                   "(default: the run's weights.max_examples)")
+    p.add_argument("--client-cert", action="store_true", help="add: issue a client certificate for mutual TLS")
+    p.add_argument("--replace", action="store_true", help="add: re-issue credentials of an enrolled device")
+    p.set_defaults(fn=cmd_devices)
+    p = sub.add_parser("broker-config", help="write Mosquitto or EMQX configuration from the registry",
+                       description="Write a broker's configuration for the registry's devices: password file (hashes), "
+                       "per-device topic ACL, client id bound to the user name, TLS with a server certificate from "
+                       "the registry's CA, optionally mutual TLS. Run it again after devices are added or revoked.")
+    p.add_argument("kind", choices=["mosquitto", "emqx"])
+    p.add_argument("--registry", help="the registry folder (default: $FEDLORA_REGISTRY or ~/.fedlora/registry)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the broker's files")
+    p.add_argument("--port", type=int, help="listener port (default 8883 with TLS, 1883 without)")
+    p.add_argument("--bind", default="0.0.0.0", help="listener address (default 0.0.0.0)")
+    p.add_argument("--tls-host", action="append", help="a host name or address the server certificate is for "
+                   "(repeat; default: localhost, 127.0.0.1 and this host's name)")
+    p.add_argument("--no-tls", action="store_true", help="plain MQTT (not for networks you do not control)")
+    p.add_argument("--mtls", action="store_true", help="mutual TLS: every client shows a certificate from the CA")
+    p.set_defaults(fn=cmd_broker_config)
     p = sub.add_parser("profile", help="measure this machine and write a device profile",
                        description="Measure memory (psutil) and float32 matmul throughput; bandwidth is given.")
     p.add_argument("--out", help="YAML file to write")
@@ -392,21 +549,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edge_client.data import DataFormatError
-    from edge_client.models import ModelNotFoundError
-    from edge_client.mqtt import BrokerAuthError
-    from edge_client.profile import ProfileError
-
-    from .config import ConfigError
-    from .emulate import DeviceProcessError
-
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["client"]:  # the edge client has its own parser and imports nothing of coordinator/
         from edge_client.client import main as client_main
 
         return client_main(argv[1:])
+    from edge_client.data import DataFormatError
+    from edge_client.models import ModelNotFoundError
+    from edge_client.mqtt import BrokerAuthError, BrokerTLSError
+    from edge_client.profile import ProfileError
     from export.parity import ParityError
     from export.runners import ExportError
+
+    from .config import ConfigError
+    from .emulate import DeviceProcessError
+    from .service import EXIT_STORAGE, EXIT_TOO_FEW_DEVICES, StorageError, TooFewDevices
 
     args = build_parser().parse_args(argv)
     try:
@@ -414,8 +571,14 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as exc:
         print(f"fedlora: parity broken: {exc}", file=sys.stderr)
         return 3
-    except (ConfigError, ExportError, ModelNotFoundError, ProfileError, DataFormatError, BrokerAuthError, TimeoutError,
-            DeviceProcessError) as exc:
+    except TooFewDevices as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return EXIT_TOO_FEW_DEVICES
+    except StorageError as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
+    except (ConfigError, ExportError, ModelNotFoundError, ProfileError, DataFormatError, BrokerAuthError,
+            BrokerTLSError, TimeoutError, DeviceProcessError) as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
 

@@ -105,6 +105,14 @@ class ContaminationSettings:
 
 
 @dataclass(frozen=True)
+class WeightSettings:
+    """Aggregation weights: the coordinator's policy, never a number a device picks."""
+
+    policy: str = "examples"   # examples: a client's claimed example count, capped; equal: every client weighs 1
+    max_examples: int = 1024   # the cap of a device enrolled without its own (``fedlora devices add --max-examples``)
+
+
+@dataclass(frozen=True)
 class TransportSettings:
     """The MQTT deployment (``fedlora coordinator``, ``client``, ``emulate``)."""
 
@@ -112,8 +120,10 @@ class TransportSettings:
     round_timeout_s: float = 600.0    # wall-clock deadline of a round: updates not in by then are missing
     wait_for_devices_s: float = 300.0  # how long the coordinator waits for devices before round 1
     min_devices: int = 0              # devices that must have said hello before round 1 (0: the whole fleet)
-    chunk_bytes: int = 900 * 1024     # fits a 1 MB broker message limit with the header
+    open_enrolment: bool = False      # an enrolled device not listed in the fleet may join (planned from its hello)
+    chunk_bytes: int = 900 * 1024     # fits a 1 MB broker message limit with the header and signature
     max_update_bytes: int = 256 * 2**20  # a larger transfer is refused before anything is buffered
+    plan_ack_s: float = 60.0          # a plan no device acknowledges this long is reported (dropped by the broker?)
     max_slowdown: float = 2.0         # emulate: a device runs at most this many times slower than the host
     # (2 by default: on a small host the concurrent devices already share its cores)
 
@@ -135,6 +145,7 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
+    weights: WeightSettings = field(default_factory=WeightSettings)
     hafl: HaflSettings = field(default_factory=HaflSettings)
     fslora: FsloraSettings = field(default_factory=FsloraSettings)
     clair: ClairSettings = field(default_factory=ClairSettings)
@@ -280,6 +291,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(4096 <= tr.chunk_bytes <= 256 * 2**20, "transport.chunk_bytes", "must be between 4 KiB and 256 MiB")
     _check(tr.max_update_bytes >= tr.chunk_bytes, "transport.max_update_bytes", "must be at least chunk_bytes")
     _check(tr.max_slowdown >= 1.0, "transport.max_slowdown", "must be at least 1")
+    _check(tr.plan_ack_s > 0, "transport.plan_ack_s", "must be positive")
+    _check(cfg.weights.policy in ("examples", "equal"), "weights.policy", "must be 'examples' or 'equal'")
+    _check(cfg.weights.max_examples >= 1, "weights.max_examples", "must be at least 1")
     _check(cfg.hafl.variant in ("freeze", "truncate"), "hafl.variant", "must be 'freeze' or 'truncate'")
     for name in ("beta1", "beta2"):
         _check(0.0 <= getattr(cfg.hafl, name) < 1.0, f"hafl.{name}", "must be in [0, 1)")

@@ -18,6 +18,7 @@ end with the same global adapter, to floating-point tolerance.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,11 +26,14 @@ import time
 from pathlib import Path
 
 from edge_client.data import write_jsonl
-from edge_client.mqtt import BrokerAddress
+from edge_client.identity import save_credentials
+from edge_client.mqtt import BrokerAddress, parse_broker
 from edge_client.profile import measure_gflops, save_profile
 
 from .broker import EmbeddedBroker
 from .config import RunConfig
+from .pki import issue_server, load_ca
+from .registry import Registry
 from .service import Coordinator
 
 
@@ -38,52 +42,86 @@ class DeviceProcessError(RuntimeError):
 
 
 def device_command(address: BrokerAddress, run_id: str, device: str, folder: Path, profile, host_gflops: float,
-                   max_slowdown: float, max_threads: int) -> tuple[list[str], dict]:
+                   max_slowdown: float, max_threads: int, ca_file: str | None = None) -> tuple[list[str], dict]:
+    """The command line of one emulated device: its credentials file is ``folder/credentials.json``
+    (no secret is on the command line)."""
     slowdown = min(max_slowdown, max(1.0, host_gflops / profile.compute_gflops))
     threads = max(1, min(profile.threads, max_threads))
-    cmd = [sys.executable, "-m", "edge_client.client", "--broker", address.url, "--device-id", device,
-           "--data", str(folder / "data.jsonl"), "--profile", str(folder / "profile.yaml"), "--run", run_id,
-           "--state-dir", str(folder / "state"), "--threads", str(threads), "--slowdown", f"{slowdown:.3f}",
-           "--uplink-mbps", str(profile.uplink_mbps), "--downlink-mbps", str(profile.downlink_mbps),
-           "--memory-gb", str(profile.memory_usable_gb)]
-    if address.username:
-        cmd += ["--username", address.username, "--password", address.password or ""]
+    cmd = [sys.executable, "-m", "edge_client.client", "--broker", address.url, "--credentials",
+           str(folder / "credentials.json"), "--data", str(folder / "data.jsonl"), "--profile",
+           str(folder / "profile.yaml"), "--run", run_id, "--state-dir", str(folder / "state"), "--threads",
+           str(threads), "--slowdown", f"{slowdown:.3f}", "--uplink-mbps", str(profile.uplink_mbps),
+           "--downlink-mbps", str(profile.downlink_mbps), "--memory-gb", str(profile.memory_usable_gb)]
+    if ca_file:
+        cmd += ["--ca-file", str(ca_file)]
     return cmd, {"threads": threads, "slowdown": round(slowdown, 3), "memory_cap_gb": profile.memory_usable_gb,
                  "uplink_mbps": profile.uplink_mbps, "downlink_mbps": profile.downlink_mbps}
 
 
-def emulate(cfg: RunConfig, out_dir: str | Path, broker: BrokerAddress | None = None, reporter=None,
-            log=print) -> dict:
+def enrol_fleet(registry: Registry, engine, out: Path) -> None:
+    """Each device of the fleet enrolled, its credentials in ``OUT/devices/<id>/credentials.json``,
+    granted the weight of its data (so that emulate weighs devices as simulate does)."""
+    for c in engine.clients:
+        creds_file = out / "devices" / c.id / "credentials.json"
+        e = registry.active(c.id)
+        if e is None or not creds_file.is_file() or e.max_examples != len(c.train):
+            save_credentials(creds_file, registry.add(c.id, max_examples=len(c.train), replace=True))
+
+
+def coordinator_address(registry: Registry, broker: BrokerAddress, ca_file: str | None = None) -> BrokerAddress:
+    """``broker`` logged in as the registry's coordinator, trusting ``ca_file`` or the registry's CA."""
+    creds = registry.coordinator_credentials()
+    ca_pem = None if ca_file else (registry.folder / "ca.pem").read_text()
+    return dataclasses.replace(broker, username=creds.mqtt_username, password=creds.mqtt_password, ca_file=ca_file,
+                               ca_pem=ca_pem if broker.tls else None)
+
+
+def emulate(cfg: RunConfig, out_dir: str | Path, broker: str | BrokerAddress | None = None,
+            registry: str | Path | None = None, tls: bool = False, ca_file: str | None = None,
+            insecure: bool = False, reporter=None, log=print) -> dict:
+    """Run the deployment (see the module text).  ``registry``: the device registry to use (default
+    ``OUT/registry``, made if missing); ``tls``: the embedded broker serves TLS with a certificate
+    from the registry's CA; ``broker``: a real broker's URL instead of the embedded one."""
     out = Path(out_dir)
+    reg_dir = Path(registry) if registry else out / "registry"
+    reg = Registry(reg_dir) if (reg_dir / "registry.json").is_file() else Registry.create(reg_dir)
     embedded = None
     if broker is None:
-        embedded = EmbeddedBroker().start()
-        broker = embedded.address
-        log(f"embedded MQTT broker on {broker.url}")
+        tls_files = None
+        if tls:
+            tls_files = (reg_dir / "broker-server.pem", reg_dir / "broker-server.key")
+            issue_server(load_ca(reg_dir), ["127.0.0.1", "localhost"], *tls_files)
+        embedded = EmbeddedBroker(registry=reg, tls_cert=tls_files and tls_files[0], tls_key=tls_files and tls_files[1],
+                                  insecure=insecure, log=log).start()
+        address = embedded.address
+        log(f"embedded MQTT broker on {address.url}")
+    else:
+        address = parse_broker(broker, ca_file=ca_file) if isinstance(broker, str) else broker
     procs: dict[str, subprocess.Popen] = {}
     try:
         def watch(ready: set[str]) -> None:
             for cid, p in procs.items():
                 if cid not in ready and p.poll() is not None:
                     raise DeviceProcessError(f"device {cid} exited with code {p.returncode} before saying hello; "
-                                       f"see {out / 'devices' / cid / 'client.log'}")
+                                             f"see {out / 'devices' / cid / 'client.log'}")
 
-        coord = Coordinator(cfg, out, broker, reporter, log=log, watch=watch)
+        coord = Coordinator(cfg, out, coordinator_address(reg, address, ca_file), reg, reporter, log=log,
+                            watch=watch, enrol=lambda engine: enrol_fleet(reg, engine, out))
         host = measure_gflops(seconds=0.5)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         share = max(1, cores // max(1, min(cfg.clients_per_round, len(coord.engine.clients))))
         limits = {}
+        coord.connect()  # the broker accepts the coordinator: the devices can come
         for c in coord.engine.clients:
             folder = out / "devices" / c.id
             folder.mkdir(parents=True, exist_ok=True)
             write_jsonl(folder / "data.jsonl", c.train)
             save_profile(c.device.profile, folder / "profile.yaml")
-            cmd, limits[c.id] = device_command(broker, cfg.transport.run_id, c.id, folder, c.device.profile, host,
-                                               cfg.transport.max_slowdown, share)
+            cmd, limits[c.id] = device_command(address, cfg.transport.run_id, c.id, folder, c.device.profile, host,
+                                               cfg.transport.max_slowdown, share, ca_file)
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
             with (folder / "client.log").open("w") as fh:
                 procs[c.id] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-            time.sleep(0.2)  # staggered: amqtt 0.12 can drop a connection when many arrive at once
         log(f"started {len(procs)} device processes (host {host:.0f} GFLOPS); logs in {out / 'devices'}")
         report = coord.run()
         deadline = time.monotonic() + 30

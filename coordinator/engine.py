@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import random
-import shutil
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,17 +42,19 @@ from edge_client.lora import (
 from edge_client.models import default_target_modules, load_model, resolve_model
 from edge_client.partial import split_update, update_shapes
 from edge_client.trainer import TrainSettings
-from edge_client.wire import decode_tensors, encode_tensors, write_factors_file
+from edge_client.wire import PayloadError, decode_tensors, encode_tensors
 from edge_client.work import assignment_meta, trainer_of
 
 from .aggregate import Contribution
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate, mix_accuracy
+from .faults import crash_point
 from .fleet import Device, load_fleet
 from .methods import MethodContext, footprint, get_method, personal_model, start_extras
 from .partition import builtin_client_data, domain_mix, split_pool
 from .planner import NO_FOOTPRINT, Capacity, Footprint, ModelShape, plan_capacity
-from .validate import UpdateRejected, capped_weight, validate_update
+from .runstate import RoundJournal, SnapshotStore, StateError, state_files
+from .validate import UpdateRejected, capped_weight, check_report, validate_update
 
 GLOBAL, CLIENT = "global", "personal"
 MAX_UPDATE_BYTES = 512 * 2**20
@@ -67,13 +69,8 @@ class ClientData:
     train: list[Example]
     mix: dict[str, float]
     capacity: Capacity | None = None
-    declared_examples: int | None = None  # what a real device said in its hello
-
-    @property
-    def num_examples(self) -> int:
-        """The most examples this device can claim per update: aggregation weights are capped by
-        it.  Over MQTT, the count the device declared when it said hello; in simulation, its data."""
-        return self.declared_examples if self.declared_examples is not None else len(self.train)
+    declared_examples: int | None = None  # what a real device said in its hello (shown, never trusted)
+    max_examples: int | None = None  # the weight cap the coordinator grants it (its enrolment); None: its data
 
 
 @dataclass(frozen=True)
@@ -91,12 +88,14 @@ class Assignment:
 
 @dataclass(frozen=True)
 class Returned:
-    """What came back for an assignment: the update and its report, or a failure reason."""
+    """What came back for an assignment: the update and its report, or a failure reason.
+    ``contribution`` is the update already validated (over MQTT it is checked before the ack)."""
 
     assignment: Assignment
     update: bytes | None = None
     report: dict | None = None
     failure: str | None = None
+    contribution: Contribution | None = None
 
 
 @dataclass
@@ -217,6 +216,9 @@ class Engine:
         gplan = uniform_plan(self.dims, self.R, cfg.lora.scale)
         self.model = get_peft_model(self.model, lora_config(gplan, targets, cfg.lora.dropout), adapter_name=GLOBAL)
         self.state = RunState(init_global_factors(self.dims, self.R, cfg.seed))
+        self.nonce = secrets.token_hex(16)  # this run's identity on the wire (kept by a resume)
+        self.store = SnapshotStore(self.out / "state", log=self.reporter.status)
+        self.journal = RoundJournal(self.out / "state", log=self.reporter.status)
 
     def _capacity(self, profile) -> Capacity:
         return capacity_for(self.cfg, self.shape, profile, footprint(self.method, self.ctx))
@@ -224,49 +226,52 @@ class Engine:
     # ----------------------------------------------------------------------------- state on disk
 
     def save_state(self) -> None:
-        """The run's state after the last completed round: global adapter, per-client adapters,
-        round records, base accuracy.  Written to a temporary folder, then swapped in."""
-        final, tmp = self.out / "state", self.out / "state.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "personal").mkdir(parents=True)
-        write_factors_file(tmp / "global.safetensors", to_state_dict(self.state.global_factors))
-        for cid, f in self.state.method_state.get("personal", {}).items():
-            write_factors_file(tmp / "personal" / f"{cid}.safetensors", to_state_dict(f))
-        if self.state.method_state.get("tensors"):
-            write_factors_file(tmp / "method.safetensors", self.state.method_state["tensors"])
-        other = {k: v for k, v in self.state.method_state.items() if k not in ("personal", "tensors")}
-        (tmp / "run.json").write_text(json.dumps({
-            "method": self.cfg.method, "model": self.cfg.model, "seed": self.cfg.seed,
-            "completed_round": len(self.state.rounds), "rounds": self.state.rounds,
-            "base_accuracy": getattr(self, "base_accuracy", None), "method_state": other}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        """Snapshot the run after its last completed round (global adapter, per-client adapters,
+        round records, base accuracy, method state, nonce), crash-safely (:mod:`.runstate`)."""
+        ms = self.state.method_state
+        run = {"method": self.cfg.method, "model": self.cfg.model, "seed": self.cfg.seed, "nonce": self.nonce,
+               "completed_round": len(self.state.rounds), "rounds": self.state.rounds,
+               "base_accuracy": getattr(self, "base_accuracy", None),
+               "method_state": {k: v for k, v in ms.items() if k not in ("personal", "tensors")}}
+        files = state_files(run, to_state_dict(self.state.global_factors),
+                            {cid: to_state_dict(f) for cid, f in ms.get("personal", {}).items()}, ms.get("tensors"))
+        done = len(self.state.rounds)
+        self.store.write(done, files)
+        self.journal.prune(done)
 
     def load_state(self) -> int:
-        """Restore the state saved by :meth:`save_state`; returns the last completed round."""
-        from safetensors.torch import load_file
-
-        folder = self.out / "state"
-        if not (folder / "run.json").is_file():
-            raise ConfigError(f"--resume: no saved run state in {folder}")
-        saved = json.loads((folder / "run.json").read_text())
-        for key in ("method", "model", "seed"):
-            if saved[key] != getattr(self.cfg, key):
-                raise ConfigError(f"--resume: the saved run has {key}={saved[key]!r}, the config says "
-                                  f"{getattr(self.cfg, key)!r}")
-        self.state.global_factors = from_state_dict(load_file(str(folder / "global.safetensors")))
-        personal = {p.stem: from_state_dict(load_file(str(p))) for p in (folder / "personal").glob("*.safetensors")}
-        self.state.method_state = dict(saved["method_state"])
-        if personal:
-            self.state.method_state["personal"] = personal
-        if (folder / "method.safetensors").is_file():
-            self.state.method_state["tensors"] = dict(load_file(str(folder / "method.safetensors")))
-        self.state.rounds = saved["rounds"]
-        if saved.get("base_accuracy"):
-            self.base_accuracy = saved["base_accuracy"]
-        return int(saved["completed_round"])
+        """Restore the newest usable snapshot; returns the last completed round."""
+        try:
+            loaded = self.store.load()
+        except StateError as exc:
+            raise ConfigError(f"--resume: {exc}") from None
+        if loaded is None:
+            raise ConfigError(f"--resume: no saved run state in {self.store.folder}")
+        _, files = loaded
+        try:
+            saved = json.loads(files["run.json"])
+            for key in ("method", "model", "seed"):
+                if saved[key] != getattr(self.cfg, key):
+                    raise ConfigError(f"--resume: the saved run has {key}={saved[key]!r}, the config says "
+                                      f"{getattr(self.cfg, key)!r}")
+            self.state.global_factors = from_state_dict(decode_tensors(files["global.safetensors"]))
+            personal = {name[len("personal/"):-len(".safetensors")]: from_state_dict(decode_tensors(data))
+                        for name, data in files.items() if name.startswith("personal/")}
+            self.state.method_state = dict(saved["method_state"])
+            if personal:
+                self.state.method_state["personal"] = personal
+            if "method.safetensors" in files:
+                self.state.method_state["tensors"] = dict(decode_tensors(files["method.safetensors"]))
+            self.state.rounds = saved["rounds"]
+            self.nonce = str(saved["nonce"])
+            if saved.get("base_accuracy"):
+                self.base_accuracy = saved["base_accuracy"]
+            return int(saved["completed_round"])
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"--resume: the saved state in {self.store.folder} is not one this version "
+                              f"reads ({type(exc).__name__}: {exc})") from None
 
     # ------------------------------------------------------------------------------------ rounds
 
@@ -287,6 +292,17 @@ class Engine:
         c.capacity = self._capacity(profile)
         if not self.method.pooled:
             self.participants = self._eligible()
+
+    def add_client(self, client: str, profile, examples: int, domains: dict[str, int]) -> ClientData:
+        """A device not in the fleet joins (open enrolment): planned from its hello; its domain mix
+        is the one it declared (used only to report accuracy on its own mix)."""
+        total = sum(domains.values())
+        mix = {d: n / total for d, n in domains.items()} if total else {}
+        c = ClientData(client, Device(client, profile), [], mix)
+        self.clients.append(c)
+        self.by_id[client] = c
+        self.set_profile(client, profile, examples)
+        return c
 
     def _eligible(self) -> list[ClientData]:
         """Devices the method can give a plan; the others are reported and never sampled."""
@@ -328,26 +344,39 @@ class Engine:
                                   4 * sum(t.numel() for t in tensors.values())))
         return out, skipped
 
-    def _accept(self, ret: Returned) -> Contribution:
-        """Decode and validate one update against its assignment's plan; UpdateRejected if bad."""
-        a = ret.assignment
-        tensors = decode_tensors(ret.update or b"", MAX_UPDATE_BYTES)
+    def accept(self, a: Assignment, update: bytes, report) -> Contribution:
+        """Decode and validate one update against its assignment's plan, and its report; the
+        weight is the coordinator's (:meth:`weight`).  UpdateRejected, naming the client, if bad."""
+        rep = check_report(a.client, report, a.round, int(a.meta["train"]["steps"]))
+        try:
+            tensors = decode_tensors(update, MAX_UPDATE_BYTES)
+        except PayloadError as exc:
+            raise UpdateRejected(f"client {a.client}: {exc}") from None
         validate_update(a.client, tensors, update_shapes(self.dims, a.plan))
         tensors, importance, extras = split_update(tensors)
         for module, scores in importance.items():
             if bool((scores < 0).any()):
                 raise UpdateRejected(f"client {a.client}: importance scores of '{module}' are negative")
-        claimed = _report_of(ret).get("num_examples")
-        if not isinstance(claimed, int):
-            raise UpdateRejected(f"client {a.client}: report has no integer num_examples")
-        cap = self.by_id[a.client].num_examples
-        return Contribution(a.client, a.plan, from_state_dict(tensors), float(capped_weight(claimed, cap)), importance,
-                            extras)
+        return Contribution(a.client, a.plan, from_state_dict(tensors), self.weight(a.client, rep["num_examples"]),
+                            importance, extras)
 
-    def close_round(self, round_idx: int, returned: list[Returned], skipped: list[dict], t0: float) -> dict:
-        """Validate, aggregate, evaluate and record round ``round_idx``; returns its record."""
+    def weight(self, client: str, claimed: int) -> float:
+        """A client's aggregation weight: 1 under ``weights.policy: equal``; else its claimed example
+        count capped by what the coordinator grants it (its enrolment's ``max_examples``, or in
+        simulation its data), never more."""
+        if self.cfg.weights.policy == "equal":
+            return 1.0
+        c = self.by_id[client]
+        cap = c.max_examples if c.max_examples is not None else (len(c.train) or self.cfg.weights.max_examples)
+        return float(capped_weight(claimed, cap))
+
+    def close_round(self, round_idx: int, returned: list[Returned], skipped: list[dict], t0: float,
+                    rejected: list[dict] | None = None) -> dict:
+        """Validate, aggregate, evaluate and record round ``round_idx``; returns its record.
+        ``rejected``: updates the transport already refused (over MQTT, at arrival)."""
         cfg = self.cfg
-        rows, rejected, failed, contribs = [], [], [], []
+        rows, failed, contribs = [], [], []
+        rejected = list(rejected or [])
         for ret in returned:
             a, c = ret.assignment, self.by_id[ret.assignment.client]
             if ret.failure is not None:
@@ -366,13 +395,14 @@ class Engine:
                          "downlink_tensor_bytes": a.start_tensor_bytes,
                          "predicted_round_seconds": round(c.capacity.round_s, 1) if c.capacity else None})
             try:
-                contribs.append(self._accept(ret))
+                contribs.append(ret.contribution or self.accept(a, ret.update or b"", ret.report))
             except (UpdateRejected, ValueError) as exc:
                 rejected.append({"client": a.client, "reason": str(exc)})
         ok = len(contribs) >= cfg.min_updates
         if ok:
             self.state.global_factors = self.method.aggregate(self.state.global_factors, contribs, self.ctx,
                                                               self.state.method_state)
+        crash_point("aggregate")
         record = {"round": round_idx, "status": "ok" if ok else "failed", "clients": rows,
                   "skipped": skipped, "failed": failed, "rejected": rejected, "valid_updates": len(contribs)}
         note = self.state.method_state.pop("round_note", None)  # what the method says of this round

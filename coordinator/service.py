@@ -1,186 +1,186 @@
 """``fedlora coordinator``: the engine driven over an MQTT broker (protocol: docs/protocol.md).
 
-Per round: publish the round (retained), send each sampled online device its assignment in
-chunks, collect updates until all are in or the round's deadline passes, acknowledge each
-(accepted, rejected, stale or duplicate), then let the engine validate and aggregate, and save
-the run's state.  Idempotent per (run, round, device, update id): a re-sent update is
-acknowledged again and counted once.  A message that breaks the protocol is logged with the
-device and the reason, and the round goes on.
+Per round: journal the round's assignments (:mod:`.runstate`), publish the round (signed,
+retained), send each sampled online device its plan in signed chunks, and collect updates until
+every sampled device has answered, gone offline, or the deadline passes.  Each complete update is
+checked at once against that device's plan and its report; a valid one is written to the
+journal and fsynced, *then* acknowledged ``accepted``; a bad one is acknowledged ``rejected``
+with the reason, and the device may send a corrected one within the round.  The engine then
+aggregates what was accepted, and the run's state is snapshotted.
+
+Nothing a device sends can stop the coordinator: every message is verified (signature, run,
+nonce, counter, device) before it is looked at, and any failure is a logged rejection with its
+reason (``events`` in the round's record).  What one device may have in flight is capped.
+
+Crash consistency: a coordinator killed at any point and started again with ``--resume``
+re-opens the round it was in from the journal, keeps what it had accepted, accepts the updates
+the devices still hold, sends plans only to the devices whose update is missing, and ends with
+the same adapter as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_client.framing import ProtocolError, Reassembler, chunk_transfer, decode_json, encode_json
+from edge_client.durable import write_bytes
+from edge_client.framing import ProtocolError, Reassembler, Transfer
+from edge_client.identity import Counter, ReplayGuard, Signer, Verifier
+from edge_client.lora import ClientPlan
+from edge_client.messages import Outbox, read_message
 from edge_client.mqtt import BrokerAddress, Link, device_topic, publish_packet_bytes, topic
+from edge_client.partial import update_shapes
 from edge_client.profile import DeviceProfile, ProfileError
 
 from .config import ConfigError, RunConfig
-from .engine import Engine, Returned
+from .engine import Assignment, Engine, Returned
+from .faults import crash_point
+from .registry import COORDINATOR_ID, Registry
+from .validate import UpdateRejected
+
+# exit statuses of `fedlora coordinator` and `fedlora emulate` (README, docs/protocol.md)
+EXIT_ROUNDS_FAILED = 4
+EXIT_TOO_FEW_DEVICES = 5
+EXIT_STORAGE = 6
+
+
+class TooFewDevices(TimeoutError):
+    """Fewer devices than needed said hello in time; the message says who is missing."""
+
+
+class StorageError(RuntimeError):
+    """The run's state cannot be written (disk full, read-only): the run stops, having acknowledged
+    nothing that is not on disk; free the space and ``--resume``."""
+
+
+@dataclass
+class OpenRound:
+    """The round in progress: what was assigned, and what came back so far."""
+
+    index: int
+    assignments: dict[str, Assignment]
+    skipped: list[dict]
+    t0: float
+    deadline: float
+    accepted: dict[str, tuple[str, Returned]] = field(default_factory=dict)  # device -> (update id, returned)
+    failed: dict[str, str] = field(default_factory=dict)       # device -> reason it gave
+    gone: set[str] = field(default_factory=set)                # went offline (its Last Will) before answering
+    rejected: list[dict] = field(default_factory=list)         # updates refused at arrival
+    plan_sent: dict[str, float] = field(default_factory=dict)  # device -> when its plan last went out
+    plan_received: set[str] = field(default_factory=set)       # devices that acknowledged their plan
+    plan_warned: set[str] = field(default_factory=set)
+    plan_sessions: dict[str, str] = field(default_factory=dict)  # device -> session its plan went to
+
+    def waiting_for(self) -> list[str]:
+        return [d for d in self.assignments if d not in self.accepted and d not in self.failed and d not in self.gone]
 
 
 class Coordinator:
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, broker: BrokerAddress, reporter=None,
-                 resume: bool = False, log=print, watch=None):
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, broker: BrokerAddress, registry: Registry,
+                 reporter=None, resume: bool = False, log=print, watch=None, enrol=None):
         if cfg.contamination.attack != "none":
             raise ConfigError("contamination: made-up contamination is a `fedlora simulate` feature; over MQTT "
                               "the devices send what they send (set contamination.attack: none)")
         self.cfg = cfg
+        self.out = Path(out_dir)
+        check_writable(self.out / "state")
         self.engine = Engine(cfg, out_dir, reporter)
+        if enrol is not None:  # emulate enrols its fleet once the engine has dealt out the data
+            enrol(self.engine)
+        self.registry = registry
         self.run_id = cfg.transport.run_id
         self.log = log
         self.watch = watch  # called while waiting for devices; may raise (emulate: a device process died)
+        missing = [c.id for c in self.engine.clients if registry.active(c.id) is None]
+        if missing:
+            raise ConfigError(f"fleet {cfg.fleet}: device(s) {', '.join(missing)} are not enrolled (or revoked) in the "
+                              f"registry {registry.folder}; enrol each with `fedlora devices add ID --registry "
+                              f"{registry.folder}`")
+        for c in self.engine.clients:
+            c.max_examples = self._grant(c.id)
         self.first_round = 1
+        self.resume = resume
         if resume:
             self.first_round = self.engine.load_state() + 1
             self.log(f"resuming run '{self.run_id}' after round {self.first_round - 1}")
-        self.online: set[str] = set()
-        self.hello: set[str] = set()
+        else:
+            set_aside_state(self.out / "state", log)
+        creds = registry.coordinator_credentials()
+        self.outbox = Outbox(Signer(creds.signing_key), Counter(registry.folder / "coordinator.ctr"), self.run_id,
+                             self.engine.nonce)
+        self.verifier = Verifier(registry.key_of)
+        self.guard = ReplayGuard()
+        self.sessions: dict[str, str] = {}  # device -> session of its latest hello in this run (it is online)
+        self.offline_sessions: dict[str, str] = {}  # device -> session its latest Last Will closed
         self.programs_held: dict[str, set[str]] = {}  # device -> training programs it holds (executorch trainer)
-        self.seen_updates: dict[tuple[str, str], str] = {}  # (device, update id) -> ack status
+        self.decided: dict[tuple[str, str], tuple[int, str, str]] = {}  # (device, update id) -> (round, status, reason)
         self.duplicates: list[tuple[str, str]] = []  # re-sent updates, acknowledged and not counted
-        self.events: list[dict] = []  # protocol violations and other rejections, for the report
+        self.events: list[dict] = []  # refused messages, for the report
         self.reassembler = Reassembler(cfg.transport.max_update_bytes)
         self.wire_up: dict[str, int] = {}  # device -> MQTT bytes received on its up topic this round
-        self.link = Link(broker, f"fedlora-{self.run_id}-coordinator")
+        self.round: OpenRound | None = None
+        self.completed = self.first_round - 1
+        self.announce = False  # (re)publish the round state: set by every (re)connect
+        self.link = Link(broker, f"{COORDINATOR_ID}-{self.run_id}", log=log)
+        self.link.on_connect_hooks.append(lambda: setattr(self, "announce", True))
+        self._connected = False
         for leaf in ("status", "hello", "up", "event"):
             self.link.subscribe(topic(self.run_id, "dev", "+", leaf))
 
-    # ------------------------------------------------------------------------------- messages
+    @property
+    def online(self) -> set[str]:
+        return set(self.sessions)
 
-    def _device_of(self, t: str) -> tuple[str, str]:
-        parts = t.split("/")  # fedlora/<run>/dev/<id>/<leaf>
-        return parts[3], parts[4]
+    def _grant(self, device: str) -> int:
+        e = self.registry.active(device)
+        return e.max_examples if e is not None and e.max_examples else self.cfg.weights.max_examples
 
-    def _reject(self, device: str, reason: str, round_idx: int | None = None) -> None:
-        self.events.append({"device": device, "round": round_idx, "reason": reason})
-        self.log(f"rejected from {device}: {reason}")
+    # ------------------------------------------------------------------------------- sending
+
+    def _publish(self, t: str, payload: bytes, retain: bool = False) -> bool:
+        """Publish, waiting a bounded time for a lost broker; False (logged) if it did not go out:
+        whatever it was is sent again when the device or the broker comes back."""
+        try:
+            self.link.publish(t, payload, retain=retain, timeout_s=10.0)
+            return True
+        except TimeoutError as exc:
+            self.log(f"broker unreachable, not sent: {exc}")
+            return False
+
+    def _json(self, t: str, obj: dict, retain: bool = False) -> bool:
+        return self._publish(t, self.outbox.json(t, obj), retain)
+
+    def _publish_round(self, round_idx: int, state: str) -> None:
+        self._json(topic(self.run_id, "round"), {"type": "round", "round": round_idx, "state": state}, retain=True)
 
     def _ack(self, device: str, round_idx: int, update_id: str, status: str, reason: str = "") -> None:
-        self.link.publish(device_topic(self.run_id, device, "ack"), encode_json(
-            {"type": "ack", "round": round_idx, "update_id": update_id, "status": status, "reason": reason}))
+        self._json(device_topic(self.run_id, device, "ack"), {"type": "ack", "device": device, "round": round_idx,
+                                                               "update_id": update_id, "status": status,
+                                                               "reason": reason})
 
-    def handle(self, t: str, payload: bytes, round_idx: int, pending: dict, returned: dict) -> None:
-        """One incoming message.  ``pending``: device -> Assignment of this round; ``returned``:
-        device -> Returned, filled as updates arrive."""
-        device, leaf = self._device_of(t)
-        if device not in self.engine.by_id:
-            self._reject(device, f"unknown device '{device}' (not in fleet {self.cfg.fleet})", round_idx)
-            return
-        try:
-            if leaf == "status":
-                state = decode_json(payload).get("state")
-                (self.online.add if state == "online" else self.online.discard)(device)
-                if state == "offline":
-                    self.log(f"{device} is offline")
-            elif leaf == "hello":
-                msg = decode_json(payload)
-                profile = DeviceProfile.from_dict(msg.get("profile"), f"hello from {device}")
-                examples = msg.get("examples")
-                if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
-                    raise ProtocolError(f"hello from {device}: 'examples' must be a positive integer")
-                self.engine.set_profile(device, profile, examples)
-                have = msg.get("programs", [])
-                self.programs_held[device] = {str(k) for k in have} if isinstance(have, list) else set()
-                self.hello.add(device)
-            elif leaf == "event":
-                msg = decode_json(payload)
-                if msg.get("type") == "failure" and msg.get("round") == round_idx and device in pending:
-                    returned[device] = Returned(pending[device], failure=str(msg.get("reason")))
-                    self.log(f"{device} failed round {round_idx}: {msg.get('reason')}")
-            elif leaf == "up":
-                self.wire_up[device] = self.wire_up.get(device, 0) + publish_packet_bytes(t, len(payload))
-                tr = self.reassembler.add(payload, device_from_topic=device)
-                if tr is not None:
-                    self._update(device, tr, round_idx, pending, returned)
-        except (ProtocolError, ProfileError) as exc:
-            self._reject(device, str(exc), round_idx)
+    def _decide(self, device: str, round_idx: int, uid: str, status: str, reason: str = "") -> None:
+        """Acknowledge an update, and remember the answer for a re-send of it (at most 10000 kept)."""
+        self.decided[(device, uid)] = (round_idx, status, reason)
+        if len(self.decided) > 10000:
+            self.decided.pop(next(iter(self.decided)))
+        self._ack(device, round_idx, uid, status, reason)
 
-    def _update(self, device: str, tr, round_idx: int, pending: dict, returned: dict) -> None:
-        meta = tr.meta or {}
-        uid = str(meta.get("update_id") or tr.transfer)
-        key = (device, uid)
-        if key in self.seen_updates:
-            self.duplicates.append(key)
-            self._ack(device, tr.round, uid, "duplicate")
-            return
-        if tr.round != round_idx or device not in pending or device in returned:
-            status = "stale" if tr.round < round_idx else "rejected"
-            reason = (f"update for round {tr.round}, the run is at round {round_idx}" if tr.round != round_idx
-                      else "no assignment pending for this device")
-            self.seen_updates[key] = status
-            self._reject(device, reason, round_idx)
-            self._ack(device, tr.round, uid, status, reason)
-            return
-        self.seen_updates[key] = "received"
-        returned[device] = Returned(pending[device], tr.data, meta.get("report") or {})
-        self._ack(device, tr.round, uid, "received")
+    def send_plan(self, a: Assignment) -> None:
+        r = self.round
+        self.send_program(a)
+        t = device_topic(self.run_id, a.client, "down")
+        for chunk in self.outbox.chunks(t, a.start, kind="plan", round_idx=a.round, device=a.client,
+                                        transfer=f"plan-{a.round}-{a.client}", meta=a.meta,
+                                        chunk_bytes=self.cfg.transport.chunk_bytes):
+            if not self._publish(t, chunk):
+                return
+        r.plan_sent[a.client] = time.monotonic()
+        r.plan_sessions[a.client] = self.sessions.get(a.client, "")
 
-    # ---------------------------------------------------------------------------------- rounds
-
-    def wait_for_devices(self) -> None:
-        need = self.cfg.transport.min_devices or len(self.engine.clients)
-        deadline = time.monotonic() + self.cfg.transport.wait_for_devices_s
-        self.log(f"waiting for {need} device(s) to say hello on run '{self.run_id}'")
-        while len(self.hello & self.online) < need:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"only {len(self.hello & self.online)} of {need} devices are online within "
-                                   f"{self.cfg.transport.wait_for_devices_s:.0f} s: {sorted(self.hello & self.online)}")
-            msg = self.link.get(min(left, 1.0))
-            if msg:
-                self.handle(*msg, round_idx=0, pending={}, returned={})
-            if self.watch:
-                self.watch(self.hello & self.online)
-
-    def run_round(self, round_idx: int) -> dict:
-        e, tr = self.engine, self.cfg.transport
-        t0 = time.perf_counter()
-        self.link.publish(topic(self.run_id, "round"), encode_json(
-            {"type": "round", "run": self.run_id, "round": round_idx, "state": "training"}), retain=True)
-        assignments, skipped = e.open_round(round_idx, available=self.online)
-        pending = {a.client: a for a in assignments}
-        returned: dict[str, Returned] = {}
-        e.reporter.round_start(round_idx, len(assignments))
-        self.wire_up = {}
-        t_send = time.perf_counter()
-        for a in assignments:
-            self.send_program(a, round_idx)
-            for chunk in chunk_transfer(a.start, kind="plan", run=self.run_id, round_idx=round_idx, device=a.client,
-                                        transfer=f"plan-{round_idx}-{a.client}", meta=a.meta,
-                                        chunk_bytes=tr.chunk_bytes):
-                self.link.publish(device_topic(self.run_id, a.client, "down"), chunk)
-        deadline = time.monotonic() + tr.round_timeout_s
-        while len(returned) < len(pending) and time.monotonic() < deadline:
-            msg = self.link.get(min(1.0, max(0.0, deadline - time.monotonic())))
-            if msg:
-                before = len(returned)
-                self.handle(*msg, round_idx=round_idx, pending=pending, returned=returned)
-                if len(returned) > before:
-                    last = list(returned.values())[-1]
-                    e.reporter.client_done(last.assignment.client, last.report, last.assignment.plan.rank)
-        exchange_s = time.perf_counter() - t_send
-        for cid, a in pending.items():
-            if cid not in returned:
-                returned[cid] = Returned(a, failure=f"no complete update by the round's deadline "
-                                                    f"({tr.round_timeout_s:.0f} s)")
-        dropped = self.reassembler.drop_incomplete()
-        for device, transfer in dropped:
-            self._reject(device, f"transfer {transfer} incomplete at the deadline: discarded", round_idx)
-        record = e.close_round(round_idx, [returned[a.client] for a in assignments], skipped, t0)
-        record["protocol_rejections"] = [x for x in self.events if x["round"] == round_idx]
-        record["exchange_seconds"] = round(exchange_s, 4)  # first plan sent -> last update in
-        for row in record["clients"]:
-            row["uplink_wire_bytes"] = self.wire_up.get(row["client"], 0)
-        for r in record["rejected"]:
-            self.log(f"round {round_idx}: rejected {r['reason']}")
-        e.save_state()
-        return record
-
-    def send_program(self, a, round_idx: int) -> None:
+    def send_program(self, a: Assignment) -> None:
         """Before an executorch plan, the training program it names, unless the device holds it."""
         key = (a.meta.get("trainer") or {}).get("program")
         held = self.programs_held.setdefault(a.client, set())
@@ -189,33 +189,368 @@ class Coordinator:
         path = self.engine.programs.path(key)
         side = json.loads(path.with_suffix(".json").read_text())
         self.log(f"sending training program {key} ({side['bytes'] / 2**20:.1f} MiB) to {a.client}")
-        for chunk in chunk_transfer(path.read_bytes(), kind="program", run=self.run_id, round_idx=round_idx,
-                                    device=a.client, transfer=f"program-{key}-{a.client}", meta=side,
-                                    chunk_bytes=self.cfg.transport.chunk_bytes):
-            self.link.publish(device_topic(self.run_id, a.client, "down"), chunk)
+        t = device_topic(self.run_id, a.client, "down")
+        for chunk in self.outbox.chunks(t, path.read_bytes(), kind="program", round_idx=a.round, device=a.client,
+                                        transfer=f"program-{key}-{a.client}", meta=side,
+                                        chunk_bytes=self.cfg.transport.chunk_bytes):
+            if not self._publish(t, chunk):
+                return
         held.add(key)
 
-    def run(self) -> dict:
-        self.link.connect()
+    # ------------------------------------------------------------------------------- messages
+
+    def _reject(self, device: str, reason: str) -> None:
+        rnd = self.round.index if self.round else self.completed
+        self.events.append({"device": device, "round": rnd, "reason": reason})
+        if len(self.events) > 10000:
+            del self.events[:1000]
+        self.log(f"refused a message from {device}: {reason}")
+
+    def handle(self, t: str, payload: bytes) -> None:
+        """One incoming message.  Whatever is wrong with it is a logged rejection; the only
+        exception that leaves is StorageError (the run cannot keep its promises without a disk)."""
+        parts = t.split("/")
+        device = parts[3][:80] if len(parts) == 5 else "?"
+        if not payload:
+            return  # a retained message being cleared
         try:
-            # replaces a retained "done" of an earlier run with this id on a persistent broker
-            self.link.publish(topic(self.run_id, "round"), encode_json(
-                {"type": "round", "run": self.run_id, "round": self.first_round - 1, "state": "waiting"}), retain=True)
+            _, leaf, msg, data = read_message(self.verifier, self.guard, self.run_id, t, payload)
+            if leaf == "status":
+                self._status(device, msg)
+                return
+            if msg["nonce"] != self.engine.nonce:
+                if leaf == "hello":
+                    self.log(f"{device} said hello for another run (nonce {msg['nonce'][:8]}); waiting for its hello "
+                             "in this one")
+                    return
+                raise ProtocolError(f"for another run (nonce {msg['nonce'][:8]}), not this one")
+            if leaf == "hello":
+                self._hello(device, msg)
+            elif leaf == "event":
+                self._event(device, msg)
+            else:
+                self._chunk(device, t, payload, msg, data)
+        except (ProtocolError, ProfileError, UpdateRejected) as exc:
+            self._reject(device, str(exc))
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug must not let one message end the run
+            self._reject(device, f"could not handle the message ({type(exc).__name__}: {str(exc)[:200]})")
+
+    def _status(self, device: str, msg: dict) -> None:
+        if msg.get("state") != "offline" or not isinstance(msg.get("session"), str):
+            return
+        self.offline_sessions[device] = msg["session"][:64]
+        if msg["session"] != self.sessions.get(device):
+            return  # the end of an earlier connection (a retained Last Will may arrive before the hello)
+        del self.sessions[device]
+        self.log(f"{device} is offline")
+        r = self.round
+        if r is not None and device in r.waiting_for():
+            r.gone.add(device)
+
+    def _hello(self, device: str, msg: dict) -> None:
+        profile = DeviceProfile.from_dict(msg.get("profile"), f"hello from {device}")
+        examples, session, have = msg.get("examples"), msg.get("session"), msg.get("programs", [])
+        if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
+            raise ProtocolError(f"hello from {device}: 'examples' must be a positive integer")
+        if not isinstance(session, str) or not 1 <= len(session) <= 64:
+            raise ProtocolError(f"hello from {device}: 'session' must be a string of 1-64 characters")
+        if not isinstance(have, list) or not all(isinstance(k, str) for k in have):
+            raise ProtocolError(f"hello from {device}: 'programs' must be a list of strings")
+        domains = msg.get("domains") or {}
+        if not isinstance(domains, dict) or not all(isinstance(v, int) and v >= 0 for v in domains.values()):
+            raise ProtocolError(f"hello from {device}: 'domains' must map names to example counts")
+        if device not in self.engine.by_id:
+            if not self.cfg.transport.open_enrolment:
+                raise ProtocolError(f"{device} is enrolled but not in fleet {self.cfg.fleet} (set "
+                                    "transport.open_enrolment: true to let enrolled devices join)")
+            self.engine.add_client(device, profile, examples, {str(k)[:100]: v for k, v in list(domains.items())[:100]})
+            self.engine.by_id[device].max_examples = self._grant(device)
+            self.log(f"{device} joined (open enrolment)")
+        else:
+            self.engine.set_profile(device, profile, examples)
+        self.programs_held[device] = set(have)
+        if self.offline_sessions.get(device) == session:
+            return  # its Last Will for this very connection came first: it is gone
+        new_session = self.sessions.get(device) != session
+        self.sessions[device] = session
+        r = self.round
+        if r is not None and new_session and device in r.assignments and device not in r.accepted \
+                and device not in r.failed:
+            r.gone.discard(device)
+            if r.plan_sessions.get(device) != session:
+                self.send_plan(r.assignments[device])  # it (re)connected: its plan may never have reached it
+
+    def _event(self, device: str, msg: dict) -> None:
+        r = self.round
+        if r is None or msg.get("round") != r.index or device not in r.assignments:
+            return  # about a round that is not open, or not this device's: nothing to do
+        if msg["type"] == "received":
+            r.plan_received.add(device)
+        elif device not in r.accepted and device not in r.failed:
+            reason = str(msg.get("reason"))[:500]
+            self._store(lambda: self.engine.journal.fail(r.index, device, reason))
+            r.failed[device] = reason
+            self.log(f"{device} failed round {r.index}: {reason}")
+
+    def _chunk(self, device: str, t: str, payload: bytes, header: dict, data: bytes) -> None:
+        if header["kind"] != "update":
+            raise ProtocolError(f"a '{header['kind'][:40]}' transfer on the update topic")
+        uid, rnd, r = header["transfer"], header["round"], self.round
+        self.wire_up[device] = self.wire_up.get(device, 0) + publish_packet_bytes(t, len(payload))
+        if (device, uid) in self.decided:  # a re-send of an update already answered: answer the same
+            if header["seq"] == 0:
+                first_round, status, reason = self.decided[(device, uid)]
+                self.duplicates.append((device, uid))
+                self._ack(device, first_round, uid, "duplicate" if status == "accepted" else status, reason)
+            return
+        current = r.index if r is not None else self.completed + 1
+        if r is None or rnd != r.index or device not in r.assignments:
+            status = "stale" if rnd < current else "rejected"
+            reason = (f"update for round {rnd}, the run is at round {current}" if rnd != current
+                      else f"no assignment for {device} in round {rnd}")
+            self._decide(device, rnd, uid, status, reason)
+            raise ProtocolError(reason)
+        if device in r.accepted:
+            reason = f"an update from {device} was already accepted in round {rnd}"
+            self._decide(device, rnd, uid, "rejected", reason)
+            raise ProtocolError(reason)
+        try:
+            tr = self.reassembler.add(header, data, limit=self._expected_bytes(r.assignments[device]))
+        except ProtocolError as exc:
+            self._refuse_update(device, rnd, uid, str(exc))
+            return
+        if tr is not None:
+            self._update(device, tr)
+
+    def _expected_bytes(self, a: Assignment) -> int:
+        """The largest update this device's plan allows: its tensors plus a generous safetensors header."""
+        shapes = update_shapes(self.engine.dims, a.plan)
+        return 4 * sum(math.prod(s) for s in shapes.values()) + 256 * len(shapes) + 65536
+
+    def _refuse_update(self, device: str, rnd: int, uid: str, reason: str) -> None:
+        r = self.round
+        r.rejected.append({"client": device, "reason": reason})
+        self._decide(device, rnd, uid, "rejected", reason)
+        self._reject(device, f"update {uid[:12]}: {reason}")
+
+    def _update(self, device: str, tr: Transfer) -> None:
+        """A complete update: check it, make it durable, then acknowledge it."""
+        r, meta, uid = self.round, tr.meta, tr.transfer
+        a = r.assignments[device]
+        try:
+            if meta.get("update_id") != uid or meta.get("round") != r.index:
+                raise UpdateRejected(f"client {device}: update meta (update_id {str(meta.get('update_id'))[:40]}, round "
+                                     f"{str(meta.get('round'))[:20]}) disagrees with its chunks ({uid[:40]}, {r.index})")
+            contribution = self.engine.accept(a, tr.data, meta.get("report"))
+        except UpdateRejected as exc:
+            self._refuse_update(device, r.index, uid, str(exc))
+            return
+        report = dict(meta["report"])
+        self._store(lambda: self.engine.journal.accept(r.index, device, uid, tr.data, report))
+        r.accepted[device] = (uid, Returned(a, tr.data, report, contribution=contribution))
+        r.gone.discard(device)
+        self._decide(device, r.index, uid, "accepted")
+        crash_point("ack")
+        self.engine.reporter.client_done(device, report, a.plan.rank)
+
+    def _store(self, write) -> None:
+        try:
+            write()
+        except OSError as exc:
+            raise StorageError(f"cannot write the round journal in {self.engine.journal.folder}: "
+                               f"{exc.strerror or exc}; nothing that is not on disk was acknowledged: free the "
+                               "space (or make it writable) and run again with --resume") from None
+
+    def _pump(self, timeout_s: float) -> None:
+        """Handle what arrives within ``timeout_s``, and republish the round after a reconnect."""
+        if self.announce:
+            self.announce = False
+            r = self.round
+            self._publish_round(r.index if r else self.completed, "training" if r else "waiting")
+        msg = self.link.get(timeout_s)
+        if msg:
+            self.handle(*msg)
+
+    # ---------------------------------------------------------------------------------- rounds
+
+    def wait_for_devices(self) -> None:
+        need = self.cfg.transport.min_devices or len(self.engine.clients)
+        wait_s = self.cfg.transport.wait_for_devices_s
+        deadline = time.monotonic() + wait_s
+        said = 0.0
+        self.log(f"waiting for {need} device(s) to say hello on run '{self.run_id}'")
+        while len(self.online) < need:
+            now = time.monotonic()
+            missing = sorted(set(self.engine.by_id) - self.online)
+            if now >= deadline:
+                raise TooFewDevices(f"only {len(self.online)} of the {need} devices needed said hello within "
+                                    f"{wait_s:.0f} s; online: {', '.join(sorted(self.online)) or 'none'}; missing: "
+                                    f"{', '.join(missing)}")
+            if now - said >= 10:
+                self.log(f"waiting: {len(self.online)}/{need} online ({', '.join(sorted(self.online)) or 'none'}); "
+                         f"missing: {', '.join(missing) or 'none'}")
+                said = now
+            self._pump(min(deadline - now, 1.0))
+            if self.watch:
+                self.watch(self.online)
+
+    def _reopen(self, round_idx: int) -> bool:
+        """Re-open round ``round_idx`` from its journal, if it was open when the coordinator stopped."""
+        jr = self.engine.journal.load(round_idx)
+        if jr is None or jr.nonce != self.engine.nonce:
+            return False
+        assignments = {c: Assignment(c, round_idx, ClientPlan.from_json(meta["plan"]), meta, start, nbytes)
+                       for c, (meta, start, nbytes) in jr.assignments.items()}
+        r = self.round = OpenRound(round_idx, assignments, jr.skipped, time.perf_counter(),
+                                   time.monotonic() + self.cfg.transport.round_timeout_s)
+        for c, (uid, data, report) in jr.updates.items():
+            a = assignments[c]
+            try:
+                contribution = self.engine.accept(a, data, report)
+            except UpdateRejected as exc:  # cannot happen for what was accepted; say so if it does
+                self.log(f"warning: the journal's update of {c} no longer validates ({exc}); asking again")
+                continue
+            r.accepted[c] = (uid, Returned(a, data, report, contribution=contribution))
+            self.decided[(c, uid)] = (round_idx, "accepted", "")
+        r.failed.update(jr.failures)
+        self.log(f"re-opened round {round_idx}: {len(r.accepted)} of {len(assignments)} update(s) already accepted; "
+                 f"waiting for {', '.join(r.waiting_for()) or 'nobody'}")
+        return True
+
+    def run_round(self, round_idx: int, reopen: bool = False) -> dict:
+        e, tr = self.engine, self.cfg.transport
+        if not (reopen and self._reopen(round_idx)):
+            assignments, skipped = e.open_round(round_idx, available=self.online)
+            self._store(lambda: e.journal.open(round_idx, e.nonce, assignments, skipped))
+            self.round = OpenRound(round_idx, {a.client: a for a in assignments}, skipped, time.perf_counter(),
+                                   time.monotonic() + tr.round_timeout_s)
+        r = self.round
+        self._publish_round(round_idx, "training")
+        e.reporter.round_start(round_idx, len(r.assignments))
+        self.wire_up = {}
+        t_send = time.perf_counter()
+        for c in r.waiting_for():
+            if c in self.online:
+                self.send_plan(r.assignments[c])
+        crash_point("plans-sent")
+        while r.waiting_for() and time.monotonic() < r.deadline:
+            self._pump(min(1.0, max(0.0, r.deadline - time.monotonic())))
+            self._check_plan_acks(r)
+        exchange_s = time.perf_counter() - t_send
+        return self._close(r, exchange_s)
+
+    def _check_plan_acks(self, r: OpenRound) -> None:
+        now = time.monotonic()
+        for c, sent in r.plan_sent.items():
+            if c not in r.plan_received and c not in r.plan_warned and c in r.waiting_for() \
+                    and now - sent > self.cfg.transport.plan_ack_s:
+                r.plan_warned.add(c)
+                self.log(f"warning: {c} has not acknowledged its plan for round {r.index} after "
+                         f"{self.cfg.transport.plan_ack_s:.0f} s: dropped by the broker? check its message size limit "
+                         f"(plan chunks are up to {self.cfg.transport.chunk_bytes + 4096} bytes)")
+
+    def _close(self, r: OpenRound, exchange_s: float) -> dict:
+        e, tr = self.engine, self.cfg.transport
+        returned = []
+        last_rejection = {x["client"]: x["reason"] for x in r.rejected}
+        for c, a in r.assignments.items():
+            if c in r.accepted:
+                returned.append(r.accepted[c][1])
+                continue
+            why = r.failed.get(c) or ("went offline during the round (its Last Will)" if c in r.gone else
+                                      f"no complete update by the round's deadline ({tr.round_timeout_s:.0f} s)")
+            if c in last_rejection and c not in r.failed:
+                why += f"; its last update was rejected: {last_rejection[c]}"
+            returned.append(Returned(a, failure=why))
+        for device, transfer in self.reassembler.drop_incomplete():
+            self._reject(device, f"transfer {transfer[:12]} incomplete at the end of the round: discarded")
+        record = e.close_round(r.index, returned, r.skipped, r.t0, rejected=r.rejected)
+        record["protocol_rejections"] = [x for x in self.events if x["round"] == r.index]
+        record["exchange_seconds"] = round(exchange_s, 4)  # first plan sent -> last update in
+        for row in record["clients"]:
+            row["uplink_wire_bytes"] = self.wire_up.get(row["client"], 0)
+        for x in record["rejected"]:
+            self.log(f"round {r.index}: rejected {x['reason']}")
+        try:
+            e.save_state()
+        except OSError as exc:
+            raise StorageError(f"cannot write the run state in {e.store.folder}: {exc.strerror or exc}; round "
+                               f"{r.index}'s updates are in its journal: free the space and run again with "
+                               "--resume") from None
+        self.completed, self.round = r.index, None
+        return record
+
+    def connect(self) -> None:
+        """Connect to the broker (once): a refused login or a TLS mistake fails here, with its cause."""
+        if not self._connected:
+            self.link.connect()
+            self._connected = True
+
+    def run(self) -> dict:
+        self.connect()
+        try:
+            state = "training" if self.resume and self.engine.journal.load(self.first_round) else "waiting"
+            self._publish_round(self.first_round if state == "training" else self.completed, state)
+            self.announce = False
+            if state == "training":  # the round the coordinator was in when it stopped: finish it first
+                self.run_round(self.first_round, reopen=True)
+                self.first_round += 1
             self.wait_for_devices()
-            if self.first_round == 1:
+            if not self.engine.store.numbers():
                 self.engine.begin()
+                self._save_initial()
             elif not hasattr(self.engine, "base_accuracy"):
                 self.engine.base_accuracy = self.engine.evaluate_base()
             for r in range(self.first_round, self.cfg.rounds + 1):
                 self.run_round(r)
-            self.link.publish(topic(self.run_id, "round"), encode_json(
-                {"type": "round", "run": self.run_id, "round": self.cfg.rounds, "state": "done"}), retain=True)
-            report = self.engine.finish()
-            return report
+            t_round = topic(self.run_id, "round")
+            self._json(t_round, {"type": "round", "round": self.cfg.rounds, "state": "done"})
+            self._publish(t_round, b"", retain=True)  # the run is over: clear its retained round
+            return self.engine.finish()
         finally:
             self.link.close()
 
+    def _save_initial(self) -> None:
+        try:
+            self.engine.save_state()  # snapshot 0: the state before round 1, with the base accuracy and nonce
+        except OSError as exc:
+            raise StorageError(f"cannot write the run state in {self.engine.store.folder}: {exc.strerror or exc}") from None
+
+
+def set_aside_state(folder: Path, log) -> None:
+    """A new run in a folder that holds an earlier run's state: keep that state as ``state.previous``
+    (replacing an older one) rather than mixing the two."""
+    from .runstate import SnapshotStore
+
+    if not SnapshotStore(folder).numbers() and not any(folder.glob("round-*")):
+        return
+    prev = folder.with_name("state.previous")
+    if prev.exists():
+        import shutil
+
+        shutil.rmtree(prev)
+    folder.rename(prev)
+    folder.mkdir()
+    log(f"a new run: the earlier run's state is kept in {prev} (use --resume to continue a run)")
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before anything starts when the run's state cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        write_bytes(probe, b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"the run's state folder {folder} is not writable: {exc.strerror or exc}") from None
+
 
 def check_resume(out_dir: str | Path, resume: bool) -> None:
-    if resume and not (Path(out_dir) / "state" / "run.json").is_file():
-        raise ConfigError(f"--resume: no saved run state in {Path(out_dir) / 'state'}")
+    from .runstate import SnapshotStore
+
+    folder = Path(out_dir) / "state"
+    if resume and not SnapshotStore(folder).numbers():
+        hint = " (it holds a state of protocol 1, which this version cannot resume)" if (folder / "run.json").is_file() else ""
+        raise ConfigError(f"--resume: no saved run state in {folder}{hint}")

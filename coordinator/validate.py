@@ -7,6 +7,7 @@ A claimed example count is capped (a client cannot buy weight by lying).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -45,3 +46,27 @@ def capped_weight(claimed: int, cap: int) -> int:
     if claimed < 1:
         raise UpdateRejected(f"example count must be positive, got {claimed}")
     return min(int(claimed), int(cap))
+
+
+def check_report(client: str, report, round_idx: int, max_steps: int) -> dict:
+    """The device's JSON report of one update, checked: the round it names, a positive integer
+    example count, 1..``max_steps`` steps, finite non-negative losses and seconds.  Returns the
+    fields the coordinator keeps; UpdateRejected naming the client and the field otherwise."""
+    if not isinstance(report, dict):
+        raise UpdateRejected(f"client {client}: the update's report is not a JSON object")
+
+    def number(key: str, integer: bool = False, low: float = 0.0, high: float | None = None):
+        v = report.get(key)
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if not ok or isinstance(v, bool) or not math.isfinite(v) or v < low or (high is not None and v > high):
+            bound = f" <= {high:g}" if high is not None else ""
+            raise UpdateRejected(f"client {client}: report field '{key}' must be a finite "
+                                 f"{'integer' if integer else 'number'} >= {low:g}{bound}, got {str(v)[:40]!r}")
+        return v
+
+    if report.get("round", round_idx) != round_idx:
+        raise UpdateRejected(f"client {client}: report names round {str(report.get('round'))[:20]}, "
+                             f"the update is for round {round_idx}")
+    return {"round": round_idx, "num_examples": number("num_examples", True, 1),
+            "steps": number("steps", True, 1, max_steps), "first_loss": float(number("first_loss")),
+            "last_loss": float(number("last_loss")), "seconds": float(number("seconds"))}

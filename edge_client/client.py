@@ -1,47 +1,61 @@
-"""The edge client: what a device runs.  ``fedlora client --broker URL --device-id ID --data FILE``
+"""The edge client: what a device runs.  ``fedlora client --broker URL --credentials FILE --data FILE``
 
-Read it top to bottom; one round is: connect, say hello with the device's profile, wait for a
-plan, train it, upload the update, wait for the acknowledgement, repeat.  The messages are
-specified in docs/protocol.md.
+Read it top to bottom; one round is: connect, learn the run from its signed ``round`` message,
+say hello with the device's profile, wait for a plan, train it, upload the update, wait for the
+acknowledgement, repeat.  The messages are specified in docs/protocol.md.
 
-Reliability: an update that was produced is written to ``--state-dir`` before it is sent and
-deleted only when the coordinator acknowledges it, so a reconnect or a restart re-sends it (with
-the same update id: the coordinator counts it once).  A plan for a round this device already
-trained is not trained again.  Reconnects back off up to 30 s; refused credentials stop the
-client at once with an error.
+Identity: the credentials file (``fedlora devices add``) holds this device's signing key, its
+broker login and the coordinator's public key.  Everything the device sends is signed;
+everything it acts on must carry the coordinator's signature, this run's nonce and a counter
+above the last one seen (:mod:`edge_client.messages`).  Anything else is logged and ignored.
+
+Reliability: an update is written to ``--state-dir`` before it is sent and deleted only when the
+coordinator acknowledges it (accepted, rejected with a reason, stale or duplicate), so a
+reconnect, a restart or a restarted coordinator re-sends it, with the same update id (counted
+once).  A plan for a round this device already trained is answered with the update it still
+holds, never trained again.  The device keeps trying to reach the broker; refused credentials
+or a TLS mistake stop it at once with the cause.  Exit status: 0 the run is done; 2 bad input
+(data, profile, credentials); 3 the broker refused the login or TLS cannot work; 4 out of memory.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import secrets
 import sys
 import time
 import uuid
 from pathlib import Path
 
 from . import __version__
-from .data import domain_counts, load_jsonl
-from .framing import ProtocolError, Reassembler, chunk_transfer, decode_json, encode_json
-from .mqtt import BrokerAuthError, Link, device_topic, parse_broker, topic
-from .profile import load_profile, measure_profile
+from .data import DataFormatError, domain_counts, load_jsonl
+from .device_state import DeviceState
+from .framing import ProtocolError, Reassembler
+from .identity import Counter, ReplayGuard, Signer, Verifier, load_credentials
+from .messages import Outbox, read_message
+from .mqtt import BrokerAddress, BrokerAuthError, BrokerTLSError, Link, device_topic, parse_broker, topic
+from .profile import ProfileError, load_profile, measure_profile
 
-MAX_PLAN_BYTES = 1 << 30
+MAX_PLAN_BYTES = 1 << 30  # a training program is about the size of the base model
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedlora client", description="Run a fedlora-edge device: train the plans "
-                                 "the coordinator sends on local data, upload the updates.")
-    ap.add_argument("--broker", required=True, help="mqtt://[user:pass@]host:port or mqtts://... (TLS)")
-    ap.add_argument("--device-id", required=True, help="this device's id (no '/', '+', '#')")
+                                 "the coordinator sends on local data, upload the updates.",
+                                 epilog="Secrets never go on the command line: the broker password and the "
+                                 "signing key come from the credentials file (FEDLORA_MQTT_PASSWORD overrides the "
+                                 "password). Exit status: 0 done, 2 bad input, 3 login or TLS refused, 4 out of memory.")
+    ap.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port (TLS)")
+    ap.add_argument("--credentials", default=os.environ.get("FEDLORA_CREDENTIALS"),
+                    help="this device's credentials file from `fedlora devices add` (default: $FEDLORA_CREDENTIALS)")
+    ap.add_argument("--device-id", help="this device's id (default: the one in the credentials file; must match it)")
     ap.add_argument("--data", required=True, help="JSONL of {prompt, response[, domain]}: the local data")
     ap.add_argument("--profile", help="device profile YAML (default: measure this machine at start)")
     ap.add_argument("--run", default="default", help="run id shared with the coordinator (default: default)")
-    ap.add_argument("--state-dir", help="where unacknowledged updates are kept (default: ~/.fedlora/<run>/<id>)")
-    ap.add_argument("--username")
-    ap.add_argument("--password")
-    ap.add_argument("--ca-file", help="CA certificate for mqtts://")
+    ap.add_argument("--state-dir", help="where unacknowledged updates and the run state are kept "
+                    "(default: ~/.fedlora/<run>/<id>)")
+    ap.add_argument("--ca-file", help="CA certificate for mqtts:// (default: the CA in the credentials file)")
     ap.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
     emu = ap.add_argument_group("emulation (what `fedlora emulate` sets to hold a process to a profile)")
     emu.add_argument("--threads", type=int, help="torch threads")
@@ -57,96 +71,134 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except BrokerAuthError as exc:
-        print(f"fedlora client {args.device_id}: {exc}", file=sys.stderr)
+    except (BrokerAuthError, BrokerTLSError) as exc:
+        print(f"fedlora client {args.device_id or ''}: {exc}", file=sys.stderr)
         return 3
-    except (TimeoutError, ValueError) as exc:
-        print(f"fedlora client {args.device_id}: error: {exc}", file=sys.stderr)
+    except (ValueError, DataFormatError, ProfileError) as exc:
+        print(f"fedlora client {args.device_id or ''}: error: {exc}", file=sys.stderr)
         return 2
 
 
 def run(args) -> int:
-    me, run_id = args.device_id, args.run
-
-    # 1. What this device brings: its data and its profile.
+    # 1. Who this device is, what it brings (its data and profile), and what it kept from before.
+    if not args.credentials:
+        raise ValueError("no credentials: pass --credentials FILE (from `fedlora devices add`) or set "
+                         "FEDLORA_CREDENTIALS")
+    creds = load_credentials(args.credentials, role="device")
+    me, run_id = creds.id, args.run
+    if args.device_id and args.device_id != me:
+        raise ValueError(f"--device-id {args.device_id} but the credentials file is for device '{me}'")
+    args.device_id = me
     examples = load_jsonl(args.data)
     profile = load_profile(args.profile) if args.profile else measure_profile(me)
-    state_dir = Path(args.state_dir or Path.home() / ".fedlora" / run_id / me)
-    pending_dir = state_dir / "pending"
-    pending_dir.mkdir(parents=True, exist_ok=True)
-    trained_file = state_dir / "trained_rounds.json"
-    trained: set[int] = set(json.loads(trained_file.read_text())) if trained_file.is_file() else set()
-    programs_dir = state_dir / "programs"  # executorch training programs received (trainer: executorch)
+    state = DeviceState(args.state_dir or Path.home() / ".fedlora" / run_id / me, log=lambda m: log(me, m))
+    counter = Counter(state.folder / "counter", log=lambda m: log(me, m))
+    outbox = Outbox(Signer(creds.signing_key), counter, run_id, state.nonce)
+    verifier = Verifier(lambda sender: creds.coordinator_key if sender == "coordinator" else None)
+    t_round = topic(run_id, "round")
+    guard = ReplayGuard({t_round: state.round_ctr} if state.round_ctr is not None else {})
+    programs_dir = state.folder / "programs"  # executorch training programs received (trainer: executorch)
     programs = None  # their store, made with the first one (it imports torch)
 
-    # 2. Connect, with a Last Will that tells the coordinator when this device drops off.
-    t_status, t_down = device_topic(run_id, me, "status"), device_topic(run_id, me, "down")
+    # 2. Connect, with a Last Will (signed, one session per connection) that tells the
+    #    coordinator when this device drops off.  Keep trying until the broker answers.
+    t_status, t_hello, t_down = (device_topic(run_id, me, x) for x in ("status", "hello", "down"))
     t_up, t_ack, t_event = (device_topic(run_id, me, x) for x in ("up", "ack", "event"))
-    link = Link(parse_broker(args.broker, args.username, args.password, args.ca_file), f"fedlora-{run_id}-{me}",
-                will=(t_status, encode_json({"type": "status", "device": me, "state": "offline"})),
-                uplink_mbps=args.uplink_mbps)
-    for t in (t_down, t_ack, topic(run_id, "round")):
+    session = [""]
+
+    def last_will() -> tuple[str, bytes]:
+        session[0] = secrets.token_hex(8)
+        return t_status, outbox.json(t_status, {"type": "status", "device": me, "session": session[0],
+                                                "state": "offline"}, nonce=False)
+
+    link = Link(broker_address(args, creds), me, will=last_will, uplink_mbps=args.uplink_mbps,
+                log=lambda m: log(me, m))
+    for t in (t_down, t_ack, t_round):
         link.subscribe(t)
     reconnected = [True]  # set by every (re)connect: announce ourselves and re-send what is unacknowledged
     link.on_connect_hooks.append(lambda: reconnected.__setitem__(0, True))
-    link.connect()
+    link.connect(timeout_s=None)
     log(me, f"connected to {link.address.url}, run '{run_id}', {len(examples)} examples")
     current_round = [0]  # the round being worked on, for a failure report
+
+    def send(t: str, payload: bytes, retain: bool = False) -> bool:
+        try:
+            link.publish(t, payload, retain=retain)
+            return True
+        except TimeoutError as exc:  # the broker is gone for now: what matters is re-sent after the reconnect
+            log(me, f"not sent ({exc}); it goes again after the reconnect")
+            return False
+
+    def event(kind: str, **fields) -> None:
+        send(t_event, outbox.json(t_event, {"type": kind, "device": me, **fields}))
+
     if args.memory_gb:
-        watch_memory(args.memory_gb, lambda why: link.publish(t_event, encode_json(
-            {"type": "failure", "device": me, "round": current_round[0], "reason": why})), me)
+        watch_memory(args.memory_gb, lambda why: event("failure", round=current_round[0], reason=why), me)
 
     def announce() -> None:
-        link.publish(t_status, encode_json({"type": "status", "device": me, "state": "online"}), retain=True)
-        link.publish(device_topic(run_id, me, "hello"), encode_json({
-            "type": "hello", "device": me, "profile": profile.to_dict(), "examples": len(examples),
-            "domains": domain_counts(examples), "client_version": __version__,
+        """Hello (retained) in the run this device is in, then every update it still holds for it."""
+        send(t_hello, outbox.json(t_hello, {
+            "type": "hello", "device": me, "session": session[0], "profile": profile.to_dict(),
+            "examples": len(examples), "domains": domain_counts(examples), "client_version": __version__,
             "programs": sorted(p.stem for p in programs_dir.glob("*.pte"))}), retain=True)
-        for meta_file in sorted(pending_dir.glob("*.json")):
-            send_update(json.loads(meta_file.read_text()), meta_file.with_suffix(".safetensors").read_bytes())
+        for p in state.pending():
+            if p.nonce == state.nonce:
+                send_update(p.meta, p.data())
 
     def send_update(meta: dict, data: bytes) -> None:
-        for chunk in chunk_transfer(data, kind="update", run=run_id, round_idx=meta["round"], device=me,
-                                    transfer=meta["update_id"], meta=meta):
-            link.publish(t_up, chunk)
+        for chunk in outbox.chunks(t_up, data, kind="update", round_idx=meta["round"], device=me,
+                                   transfer=meta["update_id"], meta=meta):
+            if not send(t_up, chunk):
+                return
 
     # 3. Wait for plans; train each; upload; drop the update from disk once acknowledged.
-    reassembler = Reassembler(MAX_PLAN_BYTES)
+    reassembler = Reassembler(MAX_PLAN_BYTES, max_open=4)
     peft_model = tokenizer = None
-    live = False  # seen this run waiting or training: a "done" after that ends it, plan or not
+    live = False  # saw this run waiting or training: its "done" ends this device, plan or not
     while True:
-        if reconnected[0]:
+        if reconnected[0] and state.nonce:
             reconnected[0] = False
             announce()
         msg = link.get(1.0)
         if msg is None:
             continue
         t, payload = msg
+        if not payload:
+            continue  # a retained message being cleared
         try:
-            if t == topic(run_id, "round"):
-                state = decode_json(payload).get("state")
-                if state != "done":
+            _, leaf, fields, data = read_message(verifier, guard, run_id, t, payload)
+            if leaf == "round":
+                if fields["nonce"] != state.nonce:
+                    if fields.get("state") == "done":
+                        continue  # the end of a run this device was never part of
+                    dropped = state.join(fields["nonce"])
+                    outbox.nonce, live = state.nonce, False
+                    log(me, f"run '{run_id}' is live (nonce {state.nonce[:8]})"
+                        + (f"; dropped {dropped} update(s) of an earlier run" if dropped else ""))
+                    reconnected[0] = True  # say hello in this run
+                state.round_ctr = fields["ctr"]
+                state.save()
+                if fields.get("state") != "done":
                     live = True
-                elif not trained and not live:
-                    log(me, "a run with this id is marked done (a previous one?): waiting for plans")
-                else:
-                    left = list(pending_dir.glob("*.safetensors"))
-                    for f in pending_dir.iterdir():
-                        f.unlink()  # the run is over: nothing unacknowledged can count any more
-                    log(me, "the run is done" + (f"; dropped {len(left)} unacknowledged update(s)" if left else ""))
+                elif live or state.trained:
+                    left = state.drop_all()  # the run is over: nothing unacknowledged can count any more
+                    log(me, "the run is done" + (f"; dropped {left} unacknowledged update(s)" if left else ""))
+                    for t_own in (t_hello, t_status):  # clear this device's retained messages
+                        send(t_own, b"", retain=True)
                     link.close()
                     return 0
                 continue
-            if t == t_ack:
-                ack = decode_json(payload)
-                for f in pending_dir.glob(f"{ack.get('update_id')}.*"):
-                    f.unlink()
-                log(me, f"round {ack.get('round')}: update {ack.get('status')}"
-                        + (f" ({ack['reason']})" if ack.get("reason") else ""))
+            if fields["nonce"] != state.nonce:
+                raise ProtocolError(f"for another run (nonce {str(fields['nonce'])[:8]}), not this one")
+            if leaf == "ack":
+                held = state.drop(fields.get("update_id"))
+                log(me, f"round {fields.get('round')}: update {fields.get('status')}"
+                        + (f" ({str(fields['reason'])[:300]})" if fields.get("reason") else "")
+                        + ("" if held else " (not held here)"))
                 continue
-            plan = reassembler.add(payload, device_from_topic=me)
+            plan = reassembler.add(fields, data)
         except ProtocolError as exc:
-            log(me, f"ignored a bad message on {t}: {exc}")
+            log(me, f"ignored a message on {t[:120]}: {exc}")
             continue
         if plan is None:
             continue  # more chunks to come
@@ -160,10 +212,17 @@ def run(args) -> int:
             except ValueError as exc:
                 log(me, f"refused a training program: {exc}")
             continue
-        meta, round_idx = plan.meta, int(plan.meta["round"])
+        meta, round_idx = plan.meta, plan.round
+        if plan.kind != "plan" or meta.get("round") != round_idx:
+            log(me, f"ignored a transfer of kind '{plan.kind}' for round {round_idx} (meta round {meta.get('round')})")
+            continue
+        event("received", round=round_idx, transfer=plan.transfer)
         current_round[0] = round_idx
-        if round_idx in trained:
-            continue  # a re-delivered plan: its update is on disk or acknowledged
+        if round_idx in state.trained:  # a plan sent again (the coordinator restarted?): answer with what we hold
+            for p in state.pending():
+                if p.round == round_idx and p.nonce == state.nonce:
+                    send_update(p.meta, p.data())
+            continue
         if args.downlink_mbps:
             time.sleep(len(plan.data) * 8 / (args.downlink_mbps * 1e6))
 
@@ -179,24 +238,32 @@ def run(args) -> int:
                 peft_model, tokenizer = load_for_training(meta, args.threads, args.device)
             update, report = run_assignment(peft_model, tokenizer, examples, meta, plan.data, args.device,
                                             slowdown=args.slowdown, programs=programs)
-        except (MemoryError, RuntimeError, OSError, ImportError, ValueError, KeyError) as exc:
+        except (MemoryError, RuntimeError, OSError, ImportError, ValueError, KeyError, TypeError) as exc:
             oom = isinstance(exc, (MemoryError, OSError, ImportError)) or "alloc" in str(exc).lower()
             reason = f"out of memory while training round {round_idx}: {str(exc).splitlines()[0][:200]}" if oom \
-                else f"training failed in round {round_idx}: {str(exc).splitlines()[0][:200]}"
+                else f"training failed in round {round_idx}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
             log(me, reason)
-            link.publish(t_event, encode_json({"type": "failure", "device": me, "round": round_idx, "reason": reason}))
+            event("failure", round=round_idx, reason=reason)
             if oom:
                 return 4
             continue
 
         up_meta = {"round": round_idx, "update_id": uuid.uuid4().hex, "report": report}
-        (pending_dir / f"{up_meta['update_id']}.safetensors").write_bytes(update)
-        (pending_dir / f"{up_meta['update_id']}.json").write_text(json.dumps(up_meta))
-        trained.add(round_idx)
-        trained_file.write_text(json.dumps(sorted(trained)))
+        state.add(up_meta, update)  # durable before it is sent
         send_update(up_meta, update)
         log(me, f"round {round_idx}: trained rank {meta['plan'].get('rank')} in {report['seconds']:.1f} s, "
                 f"loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}, sent {len(update)} bytes")
+
+
+def broker_address(args, creds) -> BrokerAddress:
+    """The broker, logged in as this device: the password from FEDLORA_MQTT_PASSWORD or the
+    credentials file, the CA from --ca-file or the credentials file, a client certificate if it has one."""
+    import dataclasses
+
+    address = parse_broker(args.broker, creds.mqtt_username or creds.id,
+                           os.environ.get("FEDLORA_MQTT_PASSWORD") or creds.mqtt_password, args.ca_file)
+    return dataclasses.replace(address, ca_pem=None if args.ca_file else creds.ca_pem, cert_pem=creds.cert_pem,
+                               key_pem=creds.key_pem)
 
 
 def watch_memory(cap_gb: float, report, device: str) -> None:

@@ -1,17 +1,18 @@
 """Chunked transfers over MQTT: framing, checksums and reassembly (protocol: docs/protocol.md).
 
-Every chunk is one MQTT message whose payload is
+Every chunk is one MQTT message whose body (under the signature, see :mod:`edge_client.identity`) is
 
     4 bytes: big-endian length L of the header
     L bytes: UTF-8 JSON header
     the rest: this chunk's slice of the transfer's bytes
 
-The header carries ``schema``, ``type: "chunk"``, ``kind``, ``run``, ``round``, ``device``,
-``transfer`` (an id unique per transfer), ``seq``/``total`` (0-based chunk index and count),
-``nbytes`` (the whole transfer's size) and ``sha256`` (of the whole transfer); chunk 0 also
-carries ``meta``, the transfer's JSON metadata.  A :class:`Reassembler` accepts chunks in any
-order, ignores duplicates, refuses a transfer larger than its limit *before* buffering anything,
-and yields the bytes only when every chunk is in and the checksum matches.
+The header carries ``schema``, ``type: "chunk"``, ``kind``, ``run``, ``nonce``, ``ctr``,
+``round``, ``device``, ``transfer`` (an id unique per transfer), ``seq``/``total`` (0-based chunk
+index and count), ``nbytes`` (the whole transfer's size) and ``sha256`` (of the whole transfer);
+chunk 0 also carries ``meta``, the transfer's JSON metadata.  A :class:`Reassembler` accepts
+chunks in any order, ignores duplicates, refuses a transfer larger than its limit *before*
+buffering anything, caps what one sender may have in flight, and yields the bytes only when
+every chunk is in and the checksum matches.
 """
 
 from __future__ import annotations
@@ -19,75 +20,99 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = "1.0"
-SCHEMA_MAJOR = 1
-DEFAULT_CHUNK_BYTES = 900 * 1024  # leaves room for the header under a 1 MB broker message limit
+SCHEMA_VERSION = "2.0"
+SCHEMA_MAJOR = 2
+DEFAULT_CHUNK_BYTES = 900 * 1024  # leaves room for the header and signature under a 1 MB broker message limit
 _LEN = struct.Struct(">I")
-MAX_HEADER_BYTES = 256 * 1024
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class ProtocolError(ValueError):
     """A message breaks the protocol: the text says how (bad schema, truncated, oversize...)."""
 
 
+_VERSION = re.compile(r"^([0-9]{1,4})\.([0-9]{1,4})$")
+
+
 def check_schema(obj: dict) -> None:
     """Refuse a message whose schema major version this implementation does not speak."""
     version = obj.get("schema")
-    if not isinstance(version, str) or not version.split(".")[0].isdigit():
-        raise ProtocolError(f"message has no valid 'schema' version (got {version!r})")
-    if int(version.split(".")[0]) != SCHEMA_MAJOR:
+    m = _VERSION.match(version) if isinstance(version, str) else None
+    if m is None:
+        raise ProtocolError(f"message has no valid 'schema' version (got {str(version)[:40]!r})")
+    if int(m.group(1)) != SCHEMA_MAJOR:
         raise ProtocolError(f"unsupported schema version {version} (this side speaks {SCHEMA_VERSION})")
 
 
 def encode_json(obj: dict) -> bytes:
-    return json.dumps({"schema": SCHEMA_VERSION, **obj}, separators=(",", ":")).encode()
+    return json.dumps({"schema": SCHEMA_VERSION, **obj}, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def decode_json(payload: bytes) -> dict:
+    """A JSON object with a schema this side speaks; NaN and Infinity are refused (JSON has none)."""
     try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"not a JSON message ({exc})") from None
+        obj = json.loads(payload, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"not a JSON message ({str(exc)[:120]})") from None
     if not isinstance(obj, dict):
         raise ProtocolError("JSON message is not an object")
     check_schema(obj)
     return obj
 
 
-def chunk_transfer(data: bytes, *, kind: str, run: str, round_idx: int, device: str, transfer: str,
-                   meta: dict, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
-    """The chunk payloads of one transfer, in order."""
+def chunk_transfer(data: bytes, *, kind: str, run: str, nonce: str, round_idx: int, device: str, transfer: str,
+                   meta: dict, next_ctr: Callable[[], int], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """The chunk bodies of one transfer, in order (each is signed by the sender before it goes out)."""
     total = max(1, math.ceil(len(data) / chunk_bytes))
     digest = hashlib.sha256(data).hexdigest()
     for seq in range(total):
-        header = {"type": "chunk", "kind": kind, "run": run, "round": round_idx, "device": device,
-                  "transfer": transfer, "seq": seq, "total": total, "nbytes": len(data), "sha256": digest}
+        header = {"type": "chunk", "kind": kind, "run": run, "nonce": nonce, "ctr": next_ctr(), "round": round_idx,
+                  "device": device, "transfer": transfer, "seq": seq, "total": total, "nbytes": len(data),
+                  "sha256": digest}
         if seq == 0:
             header["meta"] = meta
         h = encode_json(header)
         yield _LEN.pack(len(h)) + h + data[seq * chunk_bytes:(seq + 1) * chunk_bytes]
 
 
-def parse_chunk(payload: bytes) -> tuple[dict, bytes]:
-    """(header, body) of a chunk payload; ProtocolError if it is malformed."""
-    if len(payload) < _LEN.size:
+_CHUNK_FIELDS = (("kind", str), ("run", str), ("nonce", str), ("transfer", str), ("device", str), ("seq", int),
+                 ("total", int), ("nbytes", int), ("sha256", str), ("round", int), ("ctr", int))
+
+
+def parse_chunk(body: bytes) -> tuple[dict, bytes]:
+    """(header, data) of a chunk body; ProtocolError if it is malformed."""
+    if len(body) < _LEN.size:
         raise ProtocolError("truncated chunk: no header length")
-    (n,) = _LEN.unpack_from(payload)
-    if n > MAX_HEADER_BYTES or _LEN.size + n > len(payload):
-        raise ProtocolError(f"truncated chunk: header of {n} bytes does not fit a {len(payload)}-byte message")
-    header = decode_json(payload[_LEN.size:_LEN.size + n])
-    for key, typ in (("kind", str), ("transfer", str), ("device", str), ("seq", int), ("total", int),
-                     ("nbytes", int), ("sha256", str), ("round", int)):
-        if not isinstance(header.get(key), typ):
+    (n,) = _LEN.unpack_from(body)
+    if n > MAX_HEADER_BYTES or _LEN.size + n > len(body):
+        raise ProtocolError(f"truncated chunk: header of {n} bytes does not fit a {len(body)}-byte message")
+    header = decode_json(body[_LEN.size:_LEN.size + n])
+    if header.get("type") != "chunk":
+        raise ProtocolError(f"chunk header has type {header.get('type')!r}, expected 'chunk'")
+    for key, typ in _CHUNK_FIELDS:
+        v = header.get(key)
+        if not isinstance(v, typ) or isinstance(v, bool):
             raise ProtocolError(f"chunk header field '{key}' missing or not {typ.__name__}")
-    if not 0 <= header["seq"] < header["total"]:
-        raise ProtocolError(f"chunk seq {header['seq']} outside 0..{header['total'] - 1}")
-    return header, payload[_LEN.size + n:]
+    if not 1 <= header["total"] <= 1 << 20 or not 0 <= header["seq"] < header["total"]:
+        raise ProtocolError(f"chunk seq {header['seq']} of {header['total']}: outside 0..total-1")
+    if header["nbytes"] < 0 or header["round"] < 0:
+        raise ProtocolError("chunk header: negative nbytes or round")
+    if len(header["sha256"]) != 64:
+        raise ProtocolError("chunk header field 'sha256' is not a hex SHA-256")
+    if header["seq"] == 0 and not isinstance(header.get("meta"), dict):
+        raise ProtocolError("chunk 0 has no 'meta' object")
+    return header, body[_LEN.size + n:]
 
 
 @dataclass
@@ -95,6 +120,7 @@ class _Partial:
     header: dict
     chunks: dict = field(default_factory=dict)
     meta: dict | None = None
+    size: int = 0  # bytes buffered
     started: float = field(default_factory=time.monotonic)
     repeat: bool = False  # the transfer completed before: this is a re-send (or a stray re-delivery)
 
@@ -112,53 +138,83 @@ class Transfer:
     data: bytes
 
 
+_SAME = ("total", "nbytes", "sha256", "kind", "round", "run", "nonce")
+
+
 class Reassembler:
     """Collects chunks into transfers.  ``add`` returns a Transfer when one completes, else None;
-    it raises ProtocolError for a chunk that can never be part of a valid transfer.
+    it raises ProtocolError for a chunk that can never be part of a valid transfer, and forgets
+    the transfer it belonged to.
+
+    Memory is bounded: a transfer larger than ``max_bytes`` (or the ``limit`` given with its
+    chunk) is refused at its first chunk, before anything is buffered; one sender may have at
+    most ``max_open`` transfers in flight; a transfer whose chunks add up to more than its
+    ``nbytes`` is dropped.  So what is buffered never exceeds ``max_open x max_bytes`` per sender.
 
     A transfer sent again whole (a client re-sending an unacknowledged update) completes again
     and is returned again: idempotency is the receiver's business (it knows the update id).  A
     stray re-delivered chunk of a completed transfer is dropped quietly at the deadline."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, max_open: int = 2):
         self.max_bytes = max_bytes
+        self.max_open = max_open
         self._open: dict[tuple[str, str], _Partial] = {}
-        self._done: set[tuple[str, str]] = set()
+        self._done: OrderedDict[tuple[str, str], None] = OrderedDict()  # the last completed, for `repeat`
+        self.buffered = 0       # bytes held now, over all open transfers
+        self.peak_buffered = 0  # the most ever held at once
 
-    def add(self, payload: bytes, device_from_topic: str | None = None) -> Transfer | None:
-        header, body = parse_chunk(payload)
-        if device_from_topic is not None and header["device"] != device_from_topic:
-            raise ProtocolError(f"chunk names device '{header['device']}' but came on the topic of "
-                                f"'{device_from_topic}'")
-        if header["nbytes"] > self.max_bytes:
-            raise ProtocolError(f"transfer of {header['nbytes']} bytes exceeds the limit of {self.max_bytes}")
+    def add(self, header: dict, body: bytes, limit: int | None = None) -> Transfer | None:
+        """Add one parsed chunk (:func:`parse_chunk`); ``limit`` caps this transfer's size."""
+        cap = self.max_bytes if limit is None else min(limit, self.max_bytes)
+        if header["nbytes"] > cap:
+            raise ProtocolError(f"transfer of {header['nbytes']} bytes exceeds the limit of {cap} bytes")
         key = (header["device"], header["transfer"])
         part = self._open.get(key)
         if part is None:
+            in_flight = sum(1 for k in self._open if k[0] == header["device"])
+            if in_flight >= self.max_open:
+                raise ProtocolError(f"{in_flight} transfers from '{header['device']}' are already in flight "
+                                    f"(at most {self.max_open}): refused")
             part = self._open[key] = _Partial(header, repeat=key in self._done)
-        elif any(part.header[k] != header[k] for k in ("total", "nbytes", "sha256", "kind", "round")):
-            del self._open[key]
-            raise ProtocolError(f"chunks of transfer {header['transfer']} disagree on its size or checksum")
-        if "meta" in header:
+        elif any(part.header[k] != header[k] for k in _SAME):
+            self._forget(key)
+            raise ProtocolError(f"chunks of transfer {header['transfer']} disagree on its size, checksum or round")
+        if "meta" in header and part.meta is None:
             part.meta = header["meta"]
-        part.chunks[header["seq"]] = body
+        if header["seq"] not in part.chunks:
+            if part.size + len(body) > header["nbytes"]:
+                self._forget(key)
+                raise ProtocolError(f"transfer {header['transfer']}: chunks add up to more than its "
+                                    f"{header['nbytes']} bytes")
+            part.chunks[header["seq"]] = body
+            part.size += len(body)
+            self.buffered += len(body)
+            self.peak_buffered = max(self.peak_buffered, self.buffered)
         if len(part.chunks) < header["total"] or part.meta is None:
             return None
-        del self._open[key]
+        self._forget(key)
         data = b"".join(part.chunks[i] for i in range(header["total"]))
         if len(data) != header["nbytes"] or hashlib.sha256(data).hexdigest() != header["sha256"]:
             raise ProtocolError(f"transfer {header['transfer']} from {header['device']} fails its checksum "
                                 f"({len(data)} of {header['nbytes']} bytes)")
-        self._done.add(key)
-        return Transfer(header["kind"], str(header.get("run", "")), header["round"], header["device"],
-                        header["transfer"], part.meta, data)
+        self._done[key] = None
+        if len(self._done) > 4096:
+            self._done.popitem(last=False)
+        return Transfer(header["kind"], header["run"], header["round"], header["device"], header["transfer"],
+                        part.meta, data)
 
-    def drop_incomplete(self, older_than_s: float = 0.0) -> list[tuple[str, str]]:
-        """Forget transfers still missing chunks (at a deadline); returns the (device, transfer)
-        of those that were not re-sends of a completed transfer."""
+    def _forget(self, key) -> None:
+        part = self._open.pop(key, None)
+        if part is not None:
+            self.buffered -= part.size
+
+    def drop_incomplete(self, older_than_s: float = 0.0, device: str | None = None) -> list[tuple[str, str]]:
+        """Forget transfers still missing chunks (at a deadline), all or one device's; returns the
+        (device, transfer) of those that were not re-sends of a completed transfer."""
         now = time.monotonic()
-        gone = [k for k, p in self._open.items() if now - p.started >= older_than_s]
+        gone = [k for k, p in self._open.items()
+                if now - p.started >= older_than_s and (device is None or k[0] == device)]
         report = [k for k in gone if not self._open[k].repeat]
         for k in gone:
-            del self._open[k]
+            self._forget(k)
         return report

@@ -94,6 +94,11 @@ class DeviceProfile:
         missing = [f for f in ("name", *_NUMERIC) if f not in obj]
         if missing:
             raise ProfileError(f"{where}: missing field(s) {missing}")
+        for f in ("name", "trainer", "trainer_base", "runtime", "quant", "description"):
+            if f in obj and (not isinstance(obj[f], str) or len(obj[f]) > 2000):
+                raise ProfileError(f"{where}: {f} must be a string (at most 2000 characters)")
+        if "sources" in obj and not isinstance(obj["sources"], dict):
+            raise ProfileError(f"{where}: sources must be a mapping")
         try:
             return cls(**obj)
         except ProfileError as exc:

@@ -1,5 +1,6 @@
 """`simulate` end to end on tiny-llama: every method, the report, the saved adapter, determinism."""
 
+import dataclasses
 import json
 
 import pytest
@@ -180,7 +181,7 @@ def test_a_report_that_is_not_a_mapping_is_rejected_not_a_crash(tmp_path, monkey
     monkeypatch.setattr(simmod.Simulation, "carry_out", junk)
     _, report = run(tmp_path, "fedit", clients_per_round=8, rounds=1)
     rej = report["rounds"][0]["rejected"]
-    assert [r["client"] for r in rej] == ["pi5"] and "num_examples" in rej[0]["reason"]
+    assert [r["client"] for r in rej] == ["pi5"] and "report is not a JSON object" in rej[0]["reason"]
 
 
 def test_below_min_updates_the_global_adapter_is_kept(tmp_path, monkeypatch):
@@ -231,14 +232,16 @@ def test_runs_on_cuda_with_the_same_report_shape(tmp_path):
     assert report["device"] == "cuda" and report["rounds"][-1]["status"] == "ok"
 
 
-def test_a_devices_declared_example_count_caps_its_weight(tmp_path):
-    from coordinator.engine import Returned
-
+def test_the_weight_is_the_coordinators_grant_never_what_a_device_declares(tmp_path):
     sim, _ = run(tmp_path, "fedit", rounds=1)
     e = sim.engine
     c = e.participants[0]
-    e.set_profile(c.id, c.device.profile, examples=5)
-    assert e.by_id[c.id].num_examples == 5
     (a, *_), _ = e.open_round(2)
-    ret = Returned(a, a.start, {"num_examples": 10_000})
-    assert e._accept(ret).weight == 5.0
+    report = {"round": 2, "num_examples": 10_000, "steps": 1, "first_loss": 1.0, "last_loss": 1.0, "seconds": 0.1}
+    assert e.accept(a, a.start, report).weight == len(c.train)  # simulation: capped by its data
+    e.set_profile(c.id, c.device.profile, examples=10**9)  # a hello that declares a billion examples
+    assert e.accept(a, a.start, report).weight == len(c.train)  # buys nothing
+    c.max_examples = 5  # what the coordinator granted it at enrolment
+    assert e.accept(a, a.start, report).weight == 5.0
+    e.cfg = dataclasses.replace(e.cfg, weights=dataclasses.replace(e.cfg.weights, policy="equal"))
+    assert e.accept(a, a.start, report).weight == 1.0

@@ -1,0 +1,264 @@
+"""The device registry: who may take part in a run, and how each party proves who it is.
+
+``fedlora devices init`` makes a registry folder; ``fedlora devices add ID`` enrols a device
+and writes its credentials file (``edge_client.identity``); ``revoke`` and ``list`` do what
+they say.  The folder holds:
+
+- ``registry.json``: per device its Ed25519 *public* key, a hash of its MQTT password (PBKDF2-
+  HMAC-SHA512, in Mosquitto's ``$7$`` format, so ``fedlora broker-config`` can hand it to the
+  broker as is), the aggregation-weight cap the coordinator grants it (``max_examples``), when it
+  was enrolled and, once revoked, when.  No secret is in it.
+- ``coordinator.json`` (mode 0600): the coordinator's own credentials: its signing key and its
+  broker password.  It is the one secret the coordinator's host keeps.
+- ``ca.pem`` and ``ca.key`` (0600): a certificate authority for the run's TLS: the broker's
+  server certificate and, for mutual TLS, the devices' client certificates are issued from it.
+
+The registry is read again whenever its file changes, so a device revoked with ``fedlora
+devices revoke`` is refused at its next message, by the coordinator and the embedded broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_client import durable
+from edge_client.identity import (
+    Credentials,
+    b64,
+    load_credentials,
+    new_secret,
+    new_signing_key,
+    save_credentials,
+    unb64,
+)
+
+REGISTRY_FILE = "registry.json"
+COORDINATOR_FILE = "coordinator.json"
+REGISTRY_VERSION = 1
+COORDINATOR_ID = "coordinator"
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PBKDF2_ITERATIONS = 1000  # the secrets are 256-bit random tokens: the hash need not be slow
+DEFAULT_REGISTRY = Path("~/.fedlora/registry")
+
+
+class RegistryError(ValueError):
+    """The registry is missing, unreadable or asked something it cannot do; the text says what."""
+
+
+def default_registry() -> Path:
+    return Path(os.environ.get("FEDLORA_REGISTRY") or DEFAULT_REGISTRY).expanduser()
+
+
+def check_device_id(device: str) -> str:
+    if not isinstance(device, str) or not DEVICE_ID.match(device) or device == COORDINATOR_ID:
+        raise RegistryError(f"device id {device!r}: use 1-64 letters, digits, '.', '_' or '-' (starting with a "
+                            f"letter or digit), not '{COORDINATOR_ID}'")
+    return device
+
+
+def hash_password(password: str, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """PBKDF2-HMAC-SHA512 in Mosquitto's ``$7$iterations$salt$hash`` format (base64 fields).  The
+    salt is 12 bytes (Mosquitto takes no other length), chosen as 12 URL-safe characters so that
+    EMQX can take the same hash (salt as text, hash as hex)."""
+    salt = secrets.token_urlsafe(9).encode()
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def parse_hash(stored: str) -> tuple[int, bytes, bytes]:
+    """(iterations, salt, digest) of a ``$7$`` hash."""
+    parts = stored.split("$")
+    if len(parts) != 5 or parts[1] != "7":
+        raise RegistryError("password hash is not in the $7$ (PBKDF2-SHA512) format")
+    return int(parts[2]), base64.b64decode(parts[3]), base64.b64decode(parts[4])
+
+
+def verify_password(password: str | bytes | None, stored: str) -> bool:
+    if password is None:
+        return False
+    pw = password.encode() if isinstance(password, str) else bytes(password)
+    try:
+        iterations, salt, digest = parse_hash(stored)
+    except (RegistryError, ValueError):
+        return False
+    return hmac.compare_digest(hashlib.pbkdf2_hmac("sha512", pw, salt, iterations), digest)
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    id: str
+    public_key: bytes
+    password_hash: str
+    max_examples: int | None = None  # the aggregation-weight cap granted at enrolment (None: the run's default)
+    enrolled_at: str = ""
+    revoked_at: str | None = None
+    cert_serial: int | None = None   # the client certificate issued for mutual TLS, if any
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def to_json(self) -> dict:
+        return {"public_key": b64(self.public_key), "password_hash": self.password_hash,
+                "max_examples": self.max_examples, "enrolled_at": self.enrolled_at, "revoked_at": self.revoked_at,
+                "cert_serial": self.cert_serial}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Registry:
+    """The enrolled devices of one deployment and the coordinator's identity (see the module text)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser()
+        self.file = self.folder / REGISTRY_FILE
+        if not self.file.is_file():
+            raise RegistryError(f"no device registry in {self.folder}: create one with `fedlora devices init "
+                                f"--registry {self.folder}`, then enrol devices with `fedlora devices add ID`")
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self.coordinator_key = b""
+        self.coordinator_password_hash = ""
+        self.devices: dict[str, Enrolled] = {}
+        self.reload()
+
+    # ------------------------------------------------------------------------------- on disk
+
+    @classmethod
+    def create(cls, folder: str | Path) -> Registry:
+        """A new registry with a fresh coordinator identity and TLS authority."""
+        from .pki import create_ca
+
+        folder = Path(folder).expanduser()
+        if (folder / REGISTRY_FILE).exists():
+            raise RegistryError(f"{folder} already holds a registry (use it, or choose another folder)")
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        password = new_secret()
+        creds = Credentials(COORDINATOR_ID, "coordinator", new_signing_key(), None, COORDINATOR_ID, password)
+        save_credentials(folder / COORDINATOR_FILE, creds)
+        create_ca(folder)
+        durable.write_json(folder / REGISTRY_FILE, {
+            "fedlora_registry": REGISTRY_VERSION,
+            "coordinator": {"id": COORDINATOR_ID, "public_key": b64(creds.public_key),
+                            "password_hash": hash_password(password)},
+            "devices": {}})
+        return cls(folder)
+
+    def reload(self) -> None:
+        try:
+            obj = durable.read_json(self.file)
+        except durable.CorruptFile as exc:
+            raise RegistryError(f"registry: {exc}") from None
+        if obj.get("fedlora_registry") != REGISTRY_VERSION:
+            raise RegistryError(f"{self.file}: not a fedlora-edge registry of version {REGISTRY_VERSION}")
+        try:
+            coord = obj["coordinator"]
+            devices = {d: Enrolled(d, unb64(v["public_key"], f"device {d} public_key"), v["password_hash"],
+                                   v.get("max_examples"), v.get("enrolled_at", ""), v.get("revoked_at"),
+                                   v.get("cert_serial"))
+                       for d, v in obj["devices"].items()}
+            key = unb64(coord["public_key"], "coordinator public_key")
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise RegistryError(f"{self.file}: malformed ({exc})") from None
+        st = self.file.stat()
+        with self._lock:
+            self.coordinator_key, self.coordinator_password_hash = key, coord["password_hash"]
+            self.devices = devices
+            self._stamp = (st.st_mtime_ns, st.st_size)
+
+    def refresh(self) -> None:
+        """Read the file again if it changed since it was last read (a revocation, an enrolment)."""
+        try:
+            st = self.file.stat()
+        except OSError:
+            return
+        if (st.st_mtime_ns, st.st_size) != self._stamp:
+            try:
+                self.reload()
+            except RegistryError:
+                pass  # a file caught mid-edit by hand: keep the last good view
+
+    def _save(self) -> None:
+        durable.write_json(self.file, {
+            "fedlora_registry": REGISTRY_VERSION,
+            "coordinator": {"id": COORDINATOR_ID, "public_key": b64(self.coordinator_key),
+                            "password_hash": self.coordinator_password_hash},
+            "devices": {d: e.to_json() for d, e in sorted(self.devices.items())}})
+        self.reload()
+
+    # ----------------------------------------------------------------------------- enrolment
+
+    def add(self, device: str, max_examples: int | None = None, client_cert: bool = False,
+            replace: bool = False) -> Credentials:
+        """Enrol ``device``: a new key pair and broker password; returns its credentials (to be
+        written to a file for that device: the registry keeps only the public half and a hash)."""
+        check_device_id(device)
+        if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
+            raise RegistryError(f"max_examples must be a positive integer, got {max_examples!r}")
+        old = self.devices.get(device)
+        if old is not None and old.active and not replace:
+            raise RegistryError(f"device '{device}' is already enrolled (revoke it first, or re-issue with --replace)")
+        from .pki import issue_client, load_ca
+
+        key, password = new_signing_key(), new_secret()
+        ca_pem = (self.folder / "ca.pem").read_text() if (self.folder / "ca.pem").is_file() else None
+        cert_pem = key_pem = serial = None
+        if client_cert:
+            cert_pem, key_pem, serial = issue_client(load_ca(self.folder), device)
+        creds = Credentials(device, "device", key, self.coordinator_key, device, password, ca_pem, cert_pem, key_pem)
+        self.devices[device] = Enrolled(device, creds.public_key, hash_password(password), max_examples, _now(),
+                                        None, serial)
+        self._save()
+        return creds
+
+    def revoke(self, device: str) -> Enrolled:
+        e = self.devices.get(device)
+        if e is None:
+            raise RegistryError(f"device '{device}' is not enrolled; enrolled: {', '.join(sorted(self.devices)) or 'none'}")
+        if e.active:
+            self.devices[device] = Enrolled(e.id, e.public_key, e.password_hash, e.max_examples, e.enrolled_at, _now(),
+                                            e.cert_serial)
+            self._save()
+        return self.devices[device]
+
+    # -------------------------------------------------------------------------------- lookups
+
+    def active(self, device: str) -> Enrolled | None:
+        self.refresh()
+        e = self.devices.get(device)
+        return e if e is not None and e.active else None
+
+    def key_of(self, sender: str) -> bytes | None:
+        """The public key that signs ``sender``'s messages; None if unknown or revoked."""
+        if sender == COORDINATOR_ID:
+            return self.coordinator_key
+        e = self.active(sender)
+        return e.public_key if e else None
+
+    def check_login(self, username: str | None, password: str | bytes | None) -> bool:
+        """Does this broker login belong to the coordinator or an active enrolled device?"""
+        if not username:
+            return False
+        if username == COORDINATOR_ID:
+            self.refresh()
+            return verify_password(password, self.coordinator_password_hash)
+        e = self.active(username)
+        return e is not None and verify_password(password, e.password_hash)
+
+    def coordinator_credentials(self) -> Credentials:
+        try:
+            return load_credentials(self.folder / COORDINATOR_FILE, role="coordinator")
+        except ValueError as exc:
+            raise RegistryError(str(exc)) from None
