@@ -123,6 +123,7 @@ class TransportSettings:
     open_enrolment: bool = False      # an enrolled device not listed in the fleet may join (planned from its hello)
     chunk_bytes: int = 900 * 1024     # fits a 1 MB broker message limit with the header and signature
     max_update_bytes: int = 256 * 2**20  # a larger transfer is refused before anything is buffered
+    offline_grace_s: float = 30.0     # a device that goes offline mid-round may come back this long, then the round stops waiting
     plan_ack_s: float = 60.0          # a plan no device acknowledges this long is reported (dropped by the broker?)
     max_slowdown: float = 2.0         # emulate: a device runs at most this many times slower than the host
     # (2 by default: on a small host the concurrent devices already share its cores)
@@ -292,6 +293,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(tr.max_update_bytes >= tr.chunk_bytes, "transport.max_update_bytes", "must be at least chunk_bytes")
     _check(tr.max_slowdown >= 1.0, "transport.max_slowdown", "must be at least 1")
     _check(tr.plan_ack_s > 0, "transport.plan_ack_s", "must be positive")
+    _check(tr.offline_grace_s >= 0, "transport.offline_grace_s", "must be non-negative")
     _check(cfg.weights.policy in ("examples", "equal"), "weights.policy", "must be 'examples' or 'equal'")
     _check(cfg.weights.max_examples >= 1, "weights.max_examples", "must be at least 1")
     _check(cfg.hafl.variant in ("freeze", "truncate"), "hafl.variant", "must be 'freeze' or 'truncate'")

@@ -41,9 +41,12 @@ def _pem_cert(cert) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def create_ca(folder: str | Path, name: str = "fedlora-edge run CA") -> Authority:
+def create_ca(folder: str | Path, name: str | None = None) -> Authority:
+    import secrets
+
     x509, hashes, _, ec, NameOID, _ = _x509()
     folder = Path(folder)
+    name = name or f"fedlora-edge CA {secrets.token_hex(4)}"  # a name of its own: two registries' CAs differ
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)

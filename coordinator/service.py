@@ -67,15 +67,20 @@ class OpenRound:
     deadline: float
     accepted: dict[str, tuple[str, Returned]] = field(default_factory=dict)  # device -> (update id, returned)
     failed: dict[str, str] = field(default_factory=dict)       # device -> reason it gave
-    gone: set[str] = field(default_factory=set)                # went offline (its Last Will) before answering
+    gone: dict[str, float] = field(default_factory=dict)       # went offline (its Last Will) before answering: when
     rejected: list[dict] = field(default_factory=list)         # updates refused at arrival
     plan_sent: dict[str, float] = field(default_factory=dict)  # device -> when its plan last went out
     plan_received: set[str] = field(default_factory=set)       # devices that acknowledged their plan
     plan_warned: set[str] = field(default_factory=set)
     plan_sessions: dict[str, str] = field(default_factory=dict)  # device -> session its plan went to
 
+    grace_s: float = 30.0  # how long a device that went offline may take to come back
+
     def waiting_for(self) -> list[str]:
-        return [d for d in self.assignments if d not in self.accepted and d not in self.failed and d not in self.gone]
+        """The devices the round still waits for: not answered, and not offline for longer than the grace."""
+        now = time.monotonic()
+        return [d for d in self.assignments if d not in self.accepted and d not in self.failed
+                and (d not in self.gone or now - self.gone[d] < self.grace_s)]
 
 
 class Coordinator:
@@ -247,7 +252,7 @@ class Coordinator:
         self.log(f"{device} is offline")
         r = self.round
         if r is not None and device in r.waiting_for():
-            r.gone.add(device)
+            r.gone[device] = time.monotonic()
 
     def _hello(self, device: str, msg: dict) -> None:
         profile = DeviceProfile.from_dict(msg.get("profile"), f"hello from {device}")
@@ -278,7 +283,7 @@ class Coordinator:
         r = self.round
         if r is not None and new_session and device in r.assignments and device not in r.accepted \
                 and device not in r.failed:
-            r.gone.discard(device)
+            r.gone.pop(device, None)
             if r.plan_sessions.get(device) != session:
                 self.send_plan(r.assignments[device])  # it (re)connected: its plan may never have reached it
 
@@ -350,7 +355,7 @@ class Coordinator:
         report = dict(meta["report"])
         self._store(lambda: self.engine.journal.accept(r.index, device, uid, tr.data, report))
         r.accepted[device] = (uid, Returned(a, tr.data, report, contribution=contribution))
-        r.gone.discard(device)
+        r.gone.pop(device, None)
         self._decide(device, r.index, uid, "accepted")
         crash_point("ack")
         self.engine.reporter.client_done(device, report, a.plan.rank)
@@ -427,6 +432,7 @@ class Coordinator:
             self.round = OpenRound(round_idx, {a.client: a for a in assignments}, skipped, time.perf_counter(),
                                    time.monotonic() + tr.round_timeout_s)
         r = self.round
+        r.grace_s = tr.offline_grace_s
         self._publish_round(round_idx, "training")
         e.reporter.round_start(round_idx, len(r.assignments))
         self.wire_up = {}
@@ -459,7 +465,8 @@ class Coordinator:
             if c in r.accepted:
                 returned.append(r.accepted[c][1])
                 continue
-            why = r.failed.get(c) or ("went offline during the round (its Last Will)" if c in r.gone else
+            why = r.failed.get(c) or (f"went offline during the round (its Last Will) and was not back within "
+                                      f"{tr.offline_grace_s:.0f} s" if c in r.gone else
                                       f"no complete update by the round's deadline ({tr.round_timeout_s:.0f} s)")
             if c in last_rejection and c not in r.failed:
                 why += f"; its last update was rejected: {last_rejection[c]}"

@@ -125,7 +125,7 @@ def _tls_context(address: BrokerAddress) -> ssl.SSLContext:
 def describe_tls_error(address: BrokerAddress, exc: ssl.SSLError) -> str:
     text = str(exc)
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return (f"TLS: the certificate of {address.url} was not accepted ({exc.verify_message}): is the CA file the one "
+        return (f"TLS: certificate verify failed for {address.url} ({exc.verify_message}): is the CA file the one "
                 "that signed the broker's certificate, and the host name one the certificate names?")
     if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text or "record layer failure" in text:
         return f"TLS: {address.url} does not speak TLS on port {address.port} (a plain MQTT port? use mqtt://)"
@@ -221,7 +221,7 @@ class Link:
         """Connect (see the class text); the first attempt runs here, so its error is ours to name."""
         start = time.monotonic()
         deadline = None if timeout_s is None else start + timeout_s
-        cause, said, delay = "", start, 0.5
+        cause, said, delay, resets = "", start, 0.5, 0
         while True:
             try:
                 self._client.connect(self.address.host, self.address.port, keepalive=self._keepalive)
@@ -231,6 +231,12 @@ class Link:
             except (ssl.CertificateError, ValueError) as exc:
                 raise BrokerTLSError(f"TLS: {exc}") from None
             except OSError as exc:
+                if self.address.tls and isinstance(exc, (ConnectionResetError, ConnectionAbortedError)):
+                    resets += 1  # the TCP connection was taken, the TLS handshake was not
+                    if resets >= 3:
+                        raise BrokerTLSError(f"TLS: {self.address.url} does not speak TLS on port {self.address.port}, "
+                                             f"it seems (it reset the TLS handshake {resets} times): a plain MQTT "
+                                             "port? use mqtt://") from None
                 cause = (f"connection refused (nothing listening on {self.address.host}:{self.address.port}?)"
                          if isinstance(exc, ConnectionRefusedError) else
                          f"no answer ({exc.strerror or type(exc).__name__})" if isinstance(exc, (socket.timeout, TimeoutError))
