@@ -137,7 +137,8 @@ class Coordinator:
 
     @property
     def online(self) -> set[str]:
-        return set(self.sessions)
+        """Devices that said hello in this run, are connected, and are still enrolled."""
+        return {d for d in self.sessions if self.registry.active(d) is not None}
 
     def _grant(self, device: str) -> int:
         e = self.registry.active(device)

@@ -209,7 +209,9 @@ class Link:
             self.inbox.put((msg.topic, msg.payload))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        if not self._connected.is_set() and not self._fatal:
+        if self._fatal:
+            return  # a refused login: connect() reports it (clearing here would race with its wait)
+        if not self._connected.is_set():
             self._early_drops += 1
         self._connected.clear()
 
@@ -252,7 +254,7 @@ class Link:
             delay = min(5.0, delay * 2)
         self._client.loop_start()
         said = time.monotonic()
-        while not self._connected.wait(0.5):
+        while not self._connected.wait(0.5) and not self._fatal:
             now = time.monotonic()
             if self._early_drops >= 3:
                 self._client.loop_stop()

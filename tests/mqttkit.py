@@ -26,7 +26,7 @@ from coordinator.emulate import coordinator_address, device_command
 from coordinator.registry import Registry
 from coordinator.service import Coordinator
 from edge_client.data import generate_task, write_jsonl
-from edge_client.framing import Reassembler, parse_chunk
+from edge_client.framing import ProtocolError, Reassembler, parse_chunk
 from edge_client.identity import Counter, ReplayGuard, Signer, Verifier, save_credentials
 from edge_client.messages import Outbox, read_message
 from edge_client.mqtt import BrokerAddress, Link, device_topic, topic
@@ -105,6 +105,19 @@ class Deployment:
     registry: Registry
     address: BrokerAddress  # the broker, logged in as nobody
     broker: object
+    links: list = dataclasses.field(default_factory=list)  # every client a test opened: closed at the end
+
+    def link(self, address: BrokerAddress, client_id: str) -> Link:
+        link = Link(address, client_id)
+        self.links.append(link)
+        return link
+
+    def close(self) -> None:
+        """Close the test's clients (a client left reconnecting could find a later test's broker on a
+        reused port, under the same client id), then stop the broker."""
+        for link in self.links:
+            link.close()
+        self.broker.stop()
 
     @property
     def coordinator(self) -> BrokerAddress:
@@ -121,8 +134,8 @@ class Deployment:
 
 def deployment(kind: str, tmp: Path):
     reg = Registry.create(tmp / "registry")
-    if kind == "embedded":
-        b = EmbeddedBroker(registry=reg, log=lambda *_: None).start()
+    if kind in ("embedded", "open"):  # open: anyone may connect and publish anywhere; only signatures hold
+        b = EmbeddedBroker(registry=reg, insecure=kind == "open", log=lambda *_: None).start()
         return Deployment(kind, reg, b.address, b)
     m = Mosquitto(reg, tmp / "mosquitto")
     return Deployment(kind, reg, m.address, m)
@@ -179,7 +192,7 @@ class FakeDevice:
         self.session = uuid.uuid4().hex[:8]
         address = dataclasses.replace(dep.address, username=username or self.creds.mqtt_username,
                                       password=password or self.creds.mqtt_password, ca_pem=self.creds.ca_pem)
-        self.link = Link(address, self.creds.mqtt_username)
+        self.link = dep.link(address, self.creds.mqtt_username)
         for leaf in ("down", "ack"):
             self.link.subscribe(device_topic(run, device_id, leaf))
         self.link.subscribe(topic(run, "round"))
@@ -187,16 +200,24 @@ class FakeDevice:
         self.reasm = Reassembler(1 << 30)
         self.acks: list[dict] = []
         self.rounds: list[dict] = []
+        self.refused: list[str] = []
         self.examples = examples
         if hello:
             self.wait_round()
             self.say_hello()
 
+    def close(self):
+        self.link.close()
+
     def _read(self, timeout):
         msg = self.link.get(timeout)
         if msg is None or not msg[1]:
             return None
-        _, leaf, fields, data = read_message(self.verifier, self.guard, self.run, *msg)
+        try:
+            _, leaf, fields, data = read_message(self.verifier, self.guard, self.run, *msg)
+        except ProtocolError as exc:  # what the real client does too: log, ignore, go on
+            self.refused.append(str(exc))
+            return None
         if leaf == "round":
             self.outbox.nonce = fields["nonce"]
             self.rounds.append(fields)

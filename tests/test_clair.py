@@ -147,7 +147,7 @@ def test_contamination_is_simulate_only_and_validated():
     cfg = load_config(overrides={"model": "tiny-llama", "contamination.attack": "sign_flip",
                                  "contamination.fraction": 0.25})
     with pytest.raises(ConfigError, match="contamination"):
-        Coordinator(cfg, "/tmp/unused", None)
+        Coordinator(cfg, "/tmp/unused", None, None)
     with pytest.raises(ConfigError, match="contamination.attack"):
         load_config(overrides={"contamination.attack": "bribe"})
     with pytest.raises(ConfigError, match="contamination.fraction"):

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.integration
 def dep(request, tmp_path):
     d = deployment(request.param, tmp_path)
     yield d
-    d.broker.stop()
+    d.close()
 
 
 def tweak(data: bytes, fn) -> bytes:
