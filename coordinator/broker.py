@@ -121,6 +121,41 @@ def _make_binding_handler():
     ab.BrokerProtocolHandler = _Binding
 
 
+class _CopyOnIterate(dict):
+    """amqtt 0.12 iterates its subscriptions across awaits while a new subscription can change them,
+    and loses that message ("dictionary changed size during iteration"): iterate over a copy."""
+
+    def items(self):
+        return list(super().items())
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+
+def _broker_class():
+    from amqtt.broker import Broker
+    from amqtt.contexts import Action
+
+    class _Broker(Broker):
+        async def _publish_retained_messages_for_subscription(self, subscription, session) -> None:
+            """amqtt 0.12 calls this at every connection for *every* client's subscription filter and
+            sends what matches, unchecked: a device would receive others' retained hellos.  Here each
+            retained message goes only where the receive ACL allows."""
+            topic_filter, qos = subscription
+            tasks = []
+            for t, retained in list(self._retained_messages.items()):
+                if self._matches(t, topic_filter) and await self._topic_filtering(session, t, Action.RECEIVE):
+                    handler = self._get_handler(session)
+                    if handler:
+                        tasks.append(asyncio.ensure_future(
+                            handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos),
+                                                 retain=True)))
+            if tasks:
+                await asyncio.wait(tasks)
+
+    return _Broker
+
+
 class EmbeddedBroker:
     """``with EmbeddedBroker(registry=...) as b: ... b.address`` runs an amqtt broker on a thread."""
 
@@ -177,12 +212,13 @@ class EmbeddedBroker:
         cfg = {"listeners": {"default": listener}, "plugins": plugins}
 
         def serve():
-            from amqtt.broker import Broker
+            Broker = _broker_class()
 
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
             try:
                 self._broker = Broker(cfg, loop=self._loop)
+                self._broker._subscriptions = _CopyOnIterate(self._broker._subscriptions)
                 if not self.insecure:
                     self._broker.fedlora_bind = self._bind
                 self._loop.run_until_complete(self._broker.start())
@@ -199,9 +235,7 @@ class EmbeddedBroker:
             raise RuntimeError(f"the embedded MQTT broker did not start on {self.host}:{self.port} within 120 s")
         if self._error:
             raise RuntimeError(f"the embedded MQTT broker could not start on {self.host}:{self.port}: {self._error}")
-        with socket.create_connection((self.host, self.port), timeout=10):
-            pass  # it accepts connections: clients may come
-        return self
+        return self  # its listener is bound and serving: clients may come
 
     def stop(self) -> None:
         if self._loop and self._broker:

@@ -160,9 +160,11 @@ def test_an_enrolled_device_cannot_eavesdrop_on_another(closed, tmp_path):
     run = cfg.transport.run_id
     th = CoordThread(coordinator(closed, cfg, tmp_path / "out"))
     th.start()
+    victim = FakeDevice(closed, run, "victim", creds=creds["victim"])  # its hello is retained now
     wanted = [device_topic(run, "victim", x) for x in ("down", "ack", "hello", "up", "event", "status")]
     evil = attacker_link(closed, creds["evil"], subscribe=["fedlora/#", "#", f"fedlora/{run}/dev/+/down", *wanted])
-    victim = FakeDevice(closed, run, "victim", creds=creds["victim"])
+    evil._on_message = lambda client, userdata, msg: evil.inbox.put((msg.topic, msg.payload))  # no client-side filter
+    evil._client.on_message = evil._on_message
     run_honest_round({"victim": victim}, 1)
     th.result()
     victim.wait_round("done")

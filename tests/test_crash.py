@@ -1,0 +1,131 @@
+"""SIGKILL the real coordinator process, then ``--resume``: nothing is lost.
+
+The coordinator runs as `fedlora coordinator` with its embedded broker (which dies with it), three
+real `fedlora client` processes train tiny-llama with one thread each.  The coordinator is killed
+at a named point (``FEDLORA_CRASH_AT``, :mod:`coordinator.faults`): while the devices train, after
+some acks, after aggregation, half-way through a state write, or from outside once an update is
+in the round's journal; then started again with ``--resume``.  The run must end with a final
+adapter bitwise equal to an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fleets import FAST_PROFILE, fleet
+from mqttkit import wait_for
+from safetensors.torch import load_file
+
+from coordinator.broker import free_port
+from coordinator.emulate import device_command
+from coordinator.registry import Registry
+from edge_client.data import generate_task, write_jsonl
+from edge_client.identity import save_credentials
+from edge_client.profile import DeviceProfile, save_profile
+
+pytestmark = pytest.mark.integration
+IDS = ["d1", "d2", "d3"]
+RUN_ID = "crash-test"
+
+
+def _setup(tmp: Path):
+    reg = Registry.create(tmp / "registry")
+    f = fleet(tmp, IDS)
+    for k, cid in enumerate(IDS):
+        folder = tmp / cid
+        folder.mkdir()
+        write_jsonl(folder / "data.jsonl", generate_task(["add", "upper", "add"][k], 8, k))
+        save_profile(DeviceProfile(name="p", **FAST_PROFILE), folder / "profile.yaml")
+        save_credentials(folder / "credentials.json", reg.add(cid, max_examples=8))
+    return reg, f
+
+
+def _coordinator(tmp: Path, f: str, port: int, resume=False, crash=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "coordinator.cli", "coordinator", "--model", "tiny-llama", "--method", "fedit",
+           "--fleet", f, "--rounds", "3", "--clients-per-round", "3", "--registry", str(tmp / "registry"),
+           "--port", str(port), "--out", str(tmp / "out"), "--set", f"transport.run_id={RUN_ID}",
+           "--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "data.tasks=[add,upper]",
+           "--set", "data.samples_per_client=8", "--set", "data.eval_per_domain=2", "--set", "max_new_tokens=2",
+           "--set", "lora.rank=2", "--set", "lora.max_rank=4", "--set", "transport.round_timeout_s=300"]
+    if resume:
+        cmd.append("--resume")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("FEDLORA_CRASH_AT", None)
+    if crash:
+        env["FEDLORA_CRASH_AT"] = crash
+    log = (tmp / "coordinator.log").open("a")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _devices(tmp: Path, port: int) -> dict[str, subprocess.Popen]:
+    from edge_client.mqtt import BrokerAddress
+
+    procs = {}
+    for cid in IDS:
+        cmd, _ = device_command(BrokerAddress("127.0.0.1", port), RUN_ID, cid, tmp / cid,
+                                DeviceProfile(name="p", **FAST_PROFILE), 1.0, 1.0, 1)
+        procs[cid] = subprocess.Popen(cmd, stdout=(tmp / cid / "client.log").open("a"), stderr=subprocess.STDOUT,
+                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return procs
+
+
+def _run(tmp: Path, crash: str | None = None, kill_when=None) -> dict[str, torch.Tensor]:
+    """One run; with ``crash`` (or ``kill_when``, a condition after which the test kills it) the
+    coordinator dies once and is resumed.  Returns the final adapter."""
+    _, f = _setup(tmp)
+    port = free_port()
+    devices = _devices(tmp, port)
+    try:
+        coord = _coordinator(tmp, f, port, crash=crash)
+        if crash or kill_when:
+            if kill_when:
+                wait_for(lambda: kill_when(tmp) or coord.poll() is not None, timeout=300, what="the kill point")
+                coord.send_signal(signal.SIGKILL)
+            assert coord.wait(300) == -signal.SIGKILL, (tmp / "coordinator.log").read_text()[-3000:]
+            coord = _coordinator(tmp, f, port, resume=True)
+        assert coord.wait(600) == 0, (tmp / "coordinator.log").read_text()[-3000:]
+        for cid, p in devices.items():
+            assert p.wait(120) == 0, (tmp / cid / "client.log").read_text()[-2000:]
+    finally:
+        for p in devices.values():
+            p.kill()
+    return load_file(str(tmp / "out" / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("uninterrupted"))
+
+
+def _update_in_journal(round_idx: int):
+    return lambda tmp: bool(list((tmp / "out" / "state" / f"round-{round_idx:06d}").glob("update-*.json")))
+
+
+@pytest.mark.parametrize("point", [
+    "ack:5",            # round 2: after two of its three updates were acknowledged
+    "state-write:3",    # round 2's snapshot half-written (snapshot 0 is the first write)
+    pytest.param("plans-sent:2", marks=pytest.mark.slow),   # round 2's plans out, the devices training
+    pytest.param("aggregate:2", marks=pytest.mark.slow),    # round 2 aggregated, nothing written yet
+    pytest.param("outside", marks=pytest.mark.slow),        # the test's own SIGKILL, once round 3 has an update
+])
+def test_sigkill_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, uninterrupted, point):
+    if point == "outside":
+        got = _run(tmp_path, kill_when=_update_in_journal(3))
+    else:
+        got = _run(tmp_path, crash=point)
+    log = (tmp_path / "coordinator.log").read_text()
+    assert "resuming run" in log
+    assert got.keys() == uninterrupted.keys()
+    assert all(torch.equal(got[k], uninterrupted[k]) for k in got), {
+        k: float((got[k] - uninterrupted[k]).abs().max()) for k in got}
+    import json
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["status"] for r in report["rounds"]] == ["ok"] * 3
+    assert [r["valid_updates"] for r in report["rounds"]] == [3, 3, 3]
