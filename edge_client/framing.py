@@ -150,6 +150,8 @@ class Reassembler:
     chunk) is refused at its first chunk, before anything is buffered; one sender may have at
     most ``max_open`` transfers in flight; a transfer whose chunks add up to more than its
     ``nbytes`` is dropped.  So what is buffered never exceeds ``max_open x max_bytes`` per sender.
+    A sender's transfer beyond ``max_open`` evicts its oldest incomplete one: a device that left
+    broken transfers behind (or an enrolled device sending junk) can always send a good one.
 
     A transfer sent again whole (a client re-sending an unacknowledged update) completes again
     and is returned again: idempotency is the receiver's business (it knows the update id).  A
@@ -162,6 +164,7 @@ class Reassembler:
         self._done: OrderedDict[tuple[str, str], None] = OrderedDict()  # the last completed, for `repeat`
         self.buffered = 0       # bytes held now, over all open transfers
         self.peak_buffered = 0  # the most ever held at once
+        self.evicted = 0        # incomplete transfers dropped to make room for a newer one of their sender
 
     def add(self, header: dict, body: bytes, limit: int | None = None) -> Transfer | None:
         """Add one parsed chunk (:func:`parse_chunk`); ``limit`` caps this transfer's size."""
@@ -171,10 +174,10 @@ class Reassembler:
         key = (header["device"], header["transfer"])
         part = self._open.get(key)
         if part is None:
-            in_flight = sum(1 for k in self._open if k[0] == header["device"])
-            if in_flight >= self.max_open:
-                raise ProtocolError(f"{in_flight} transfers from '{header['device']}' are already in flight "
-                                    f"(at most {self.max_open}): refused")
+            mine = [k for k in self._open if k[0] == header["device"]]  # oldest first (insertion order)
+            while len(mine) >= self.max_open:  # the newest transfer wins: a sender's stale partial ones go
+                self._forget(mine.pop(0))
+                self.evicted += 1
             part = self._open[key] = _Partial(header, repeat=key in self._done)
         elif any(part.header[k] != header[k] for k in _SAME):
             self._forget(key)
