@@ -142,25 +142,12 @@ def _registry(args, create: bool = False):
 
 
 def _coordinator_address(args, registry):
-    """The broker the coordinator uses (None: start the embedded one), logged in as the coordinator:
-    the registry's password unless FEDLORA_MQTT_PASSWORD says otherwise; the registry's client
-    certificate, when `broker-config --mtls` issued one."""
-    import dataclasses
-    import os
-
+    """The broker the coordinator uses (None: start the embedded one), logged in as the coordinator."""
     from edge_client.mqtt import parse_broker
 
-    creds = registry.coordinator_credentials()
-    password = os.environ.get("FEDLORA_MQTT_PASSWORD") or creds.mqtt_password
     if args.broker in (None, "embedded"):
         return None
-    address = parse_broker(args.broker, args.username or creds.mqtt_username, password, args.ca_file)
-    cert, key = registry.folder / "coordinator-client.pem", registry.folder / "coordinator-client.key"
-    if address.tls and cert.is_file() and key.is_file():
-        address = dataclasses.replace(address, cert_pem=cert.read_text(), key_pem=key.read_text())
-    if address.tls and not args.ca_file:
-        address = dataclasses.replace(address, ca_pem=(registry.folder / "ca.pem").read_text())
-    return address
+    return registry.coordinator_login(parse_broker(args.broker, args.username, ca_file=args.ca_file), args.ca_file)
 
 
 def _add_broker_args(p: argparse.ArgumentParser, default_embedded: bool = True) -> None:
@@ -201,8 +188,6 @@ def _exit_status(report: dict) -> int:
 
 
 def cmd_coordinator(args) -> int:
-    import dataclasses
-
     from .report import ConsoleReporter
     from .service import Coordinator, check_resume
 
@@ -215,10 +200,7 @@ def cmd_coordinator(args) -> int:
     embedded = None
     if address is None:
         embedded = _embedded(args, registry, reporter.console, args.bind, args.port)
-        creds = registry.coordinator_credentials()
-        address = dataclasses.replace(embedded.address, username=creds.mqtt_username, password=creds.mqtt_password,
-                                      ca_file=args.ca_file, ca_pem=None if args.ca_file else
-                                      (registry.folder / "ca.pem").read_text())
+        address = registry.coordinator_login(embedded.address, args.ca_file)
         reporter.console.print(f"embedded MQTT broker listening on {address.url}")
     try:
         coord = Coordinator(cfg, args.out, address, registry, reporter, resume=args.resume,

@@ -18,7 +18,6 @@ end with the same global adapter, to floating-point tolerance.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -68,14 +67,6 @@ def enrol_fleet(registry: Registry, engine, out: Path) -> None:
             save_credentials(creds_file, registry.add(c.id, max_examples=len(c.train), replace=True))
 
 
-def coordinator_address(registry: Registry, broker: BrokerAddress, ca_file: str | None = None) -> BrokerAddress:
-    """``broker`` logged in as the registry's coordinator, trusting ``ca_file`` or the registry's CA."""
-    creds = registry.coordinator_credentials()
-    ca_pem = None if ca_file else (registry.folder / "ca.pem").read_text()
-    return dataclasses.replace(broker, username=creds.mqtt_username, password=creds.mqtt_password, ca_file=ca_file,
-                               ca_pem=ca_pem if broker.tls else None)
-
-
 def emulate(cfg: RunConfig, out_dir: str | Path, broker: str | BrokerAddress | None = None,
             registry: str | Path | None = None, tls: bool = False, ca_file: str | None = None,
             insecure: bool = False, reporter=None, log=print) -> dict:
@@ -105,7 +96,7 @@ def emulate(cfg: RunConfig, out_dir: str | Path, broker: str | BrokerAddress | N
                     raise DeviceProcessError(f"device {cid} exited with code {p.returncode} before saying hello; "
                                              f"see {out / 'devices' / cid / 'client.log'}")
 
-        coord = Coordinator(cfg, out, coordinator_address(reg, address, ca_file), reg, reporter, log=log,
+        coord = Coordinator(cfg, out, reg.coordinator_login(address, ca_file), reg, reporter, log=log,
                             watch=watch, enrol=lambda engine: enrol_fleet(reg, engine, out))
         host = measure_gflops(seconds=0.5)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

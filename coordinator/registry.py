@@ -257,6 +257,23 @@ class Registry:
         e = self.active(username)
         return e is not None and verify_password(password, e.password_hash)
 
+    def coordinator_login(self, broker, ca_file: str | None = None):
+        """``broker`` (a BrokerAddress) logged in as the coordinator: its password (or
+        $FEDLORA_MQTT_PASSWORD), the registry's CA unless ``ca_file`` is given, and its client
+        certificate when `broker-config --mtls` issued one."""
+        import dataclasses
+
+        creds = self.coordinator_credentials()
+        address = dataclasses.replace(broker, username=broker.username or creds.mqtt_username,
+                                      password=os.environ.get("FEDLORA_MQTT_PASSWORD") or creds.mqtt_password,
+                                      ca_file=ca_file)
+        if address.tls:
+            cert, key = self.folder / "coordinator-client.pem", self.folder / "coordinator-client.key"
+            address = dataclasses.replace(address, ca_pem=None if ca_file else (self.folder / "ca.pem").read_text(),
+                                          cert_pem=cert.read_text() if cert.is_file() else None,
+                                          key_pem=key.read_text() if key.is_file() else None)
+        return address
+
     def coordinator_credentials(self) -> Credentials:
         try:
             return load_credentials(self.folder / COORDINATOR_FILE, role="coordinator")

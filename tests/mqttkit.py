@@ -22,7 +22,7 @@ from fleets import FAST_PROFILE, fleet
 from coordinator.broker import EmbeddedBroker, free_port
 from coordinator.brokerconf import mosquitto as mosquitto_conf
 from coordinator.config import load_config
-from coordinator.emulate import coordinator_address, device_command
+from coordinator.emulate import device_command
 from coordinator.registry import Registry
 from coordinator.service import Coordinator
 from edge_client.data import generate_task, write_jsonl
@@ -121,7 +121,7 @@ class Deployment:
 
     @property
     def coordinator(self) -> BrokerAddress:
-        return coordinator_address(self.registry, self.address)
+        return self.registry.coordinator_login(self.address)
 
     def enrol(self, *ids: str, **kw) -> dict:
         """Enrol devices (Mosquitto: its password file written again and the broker restarted, before

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from edge_client.identity import Counter, Signer
 from edge_client.messages import Outbox
-from edge_client.mqtt import BrokerAuthError, device_topic, topic
+from edge_client.mqtt import BrokerAuthError, Link, device_topic, topic
 from edge_client.profile import DeviceProfile
 from edge_client.wire import decode_tensors, encode_tensors
 
@@ -224,3 +224,34 @@ def test_a_revoked_device_is_refused_from_its_next_message(closed, tmp_path):
     else:  # Mosquitto still has its password until broker-config runs again: the signature check refuses it
         assert any("revoked" in e["reason"] for e in coord.events if e["device"] == "victim")
     assert all(x["client"] != "victim" for x in r2["rejected"])
+
+
+def test_mutual_tls_on_mosquitto_needs_a_certificate_from_the_run_ca(tmp_path):
+    from mqttkit import Mosquitto
+
+    from coordinator.registry import Registry
+    from edge_client.mqtt import BrokerTLSError
+
+    reg = Registry.create(tmp_path / "registry")
+    with_cert, without = reg.add("pi5", client_cert=True), reg.add("pi4")
+    m = Mosquitto(reg, tmp_path / "m", mtls=True)
+    try:
+        def login(creds, cert=True):
+            return dataclasses.replace(m.address, username=creds.mqtt_username, password=creds.mqtt_password,
+                                       ca_pem=creds.ca_pem, cert_pem=creds.cert_pem if cert else None,
+                                       key_pem=creds.key_pem if cert else None)
+
+        ok = Link(login(with_cert), "pi5")
+        ok.connect(timeout_s=30)  # its certificate and its password
+        ok.close()
+        with pytest.raises((BrokerTLSError, TimeoutError)):
+            Link(login(without), "pi4").connect(timeout_s=30)  # a password alone is not enough
+        from cryptography import x509
+
+        assert x509.load_pem_x509_certificate(with_cert.cert_pem.encode()).subject.rfc4514_string() == "CN=pi5"
+        # the coordinator's own client certificate (issued by broker-config --mtls) is used for it
+        coord = Link(reg.coordinator_login(m.address), "coordinator")
+        coord.connect(timeout_s=30)
+        coord.close()
+    finally:
+        m.stop()
