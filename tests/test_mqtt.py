@@ -379,3 +379,28 @@ def test_the_coordinator_clears_its_retained_round_when_the_run_ends(dep, tmp_pa
     dev.wait_round("done")
     late = FakeDevice(dep, cfg.transport.run_id, "late", creds=creds["late"], hello=False)
     assert not late.link.get(2.0)  # nothing retained on the round topic any more
+
+
+@pytest.mark.parametrize("open_enrolment", [False, True])
+def test_an_enrolled_device_outside_the_fleet_joins_only_with_open_enrolment(tmp_path, open_enrolment):
+    d = deployment("embedded", tmp_path)
+    try:
+        cfg = config(tmp_path, ["d1"], clients_per_round=2, **{"transport.open_enrolment": open_enrolment,
+                                                              "transport.min_devices": 2 if open_enrolment else 1})
+        creds = d.enrol("d1", "newcomer")
+        coord = coordinator(d, cfg, tmp_path / "out")
+        th = CoordThread(coord)
+        th.start()
+        devs = {i: FakeDevice(d, cfg.transport.run_id, i, creds=creds[i]) for i in ("d1", "newcomer")}
+        for i in (("d1", "newcomer") if open_enrolment else ("d1",)):
+            plan = devs[i].next_plan()
+            assert devs[i].wait_ack(devs[i].send(1, plan.data))["status"] == "accepted"
+        report = th.result()
+    finally:
+        d.close()
+    clients = [c["client"] for c in report["rounds"][0]["clients"]]
+    if open_enrolment:
+        assert clients == ["d1", "newcomer"] and any(f["client"] == "newcomer" for f in report["fleet"])
+    else:
+        assert clients == ["d1"]
+        assert any("not in fleet" in e["reason"] for e in coord.events if e["device"] == "newcomer")
