@@ -244,6 +244,10 @@ def cmd_devices(args) -> int:
     from .registry import Registry, RegistryError, default_registry
 
     folder = Path(args.registry).expanduser() if args.registry else default_registry()
+    if args.action in ("add", "revoke") and not args.id:
+        from .config import ConfigError
+
+        raise ConfigError(f"devices {args.action}: give the device id, e.g. `fedlora devices {args.action} pi5`")
     try:
         if args.action == "init":
             reg = Registry.create(folder)
@@ -452,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_emulate)
     p = sub.add_parser("coordinator", help="run the coordinator over an MQTT broker",
                        description="Wait for the fleet's devices to say hello, then run the rounds over MQTT. "
-                       "The run's state is saved after every round; --resume continues a stopped run.")
+                       "The run's state is saved after every round; --resume continues a stopped run.",
+                       epilog="exit status: 0 all rounds ok; 2 bad config or broker connection; 3 export parity "
+                       "broken; 4 a round failed; 5 too few devices in time; 6 the state could not be written")
     _add_run_args(p)
     _add_broker_args(p)
     p.add_argument("--bind", default="127.0.0.1", help="embedded broker: address to listen on (default 127.0.0.1)")

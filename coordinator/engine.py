@@ -72,6 +72,11 @@ class ClientData:
     declared_examples: int | None = None  # what a real device said in its hello (shown, never trusted)
     max_examples: int | None = None  # the weight cap the coordinator grants it (its enrolment); None: its data
 
+    @property
+    def examples(self) -> int:
+        """Its example count as shown: what a real device declared, else its simulated data."""
+        return self.declared_examples if self.declared_examples is not None else len(self.train)
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -497,7 +502,7 @@ class Engine:
                        "usable_memory_gb": c.capacity.usable_gb,
                        "predicted_round_seconds": round(c.capacity.round_s, 1),
                        "reason": c.capacity.reason, "eligible": c in self.participants or self.method.pooled,
-                       "train_examples": len(c.train),
+                       "train_examples": c.examples,
                        "domain_mix": {k: round(v, 3) for k, v in c.mix.items()}} for c in self.clients],
             "base_accuracy": base,
             "rounds": rounds,

@@ -96,7 +96,7 @@ class ConsoleReporter:
         for c in clients:
             cap = c.capacity
             t.add_row(c.id, c.device.profile.name, str(cap.rank) if cap.rank else f"[red]0: {cap.reason}[/red]",
-                      f"{cap.memory_gb:.2f}", f"{cap.usable_gb:.2f}", f"{cap.round_s:.0f}", str(len(c.train)))
+                      f"{cap.memory_gb:.2f}", f"{cap.usable_gb:.2f}", f"{cap.round_s:.0f}", str(c.examples))
         self.console.print(t)
         self.console.print(f"global rank R = {global_rank}; base model accuracy {_pct(acc['overall'])}% "
                            + " ".join(f"{d}={_pct(v)}" for d, v in acc["per_domain"].items()))

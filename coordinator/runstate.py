@@ -11,9 +11,9 @@
   named and skipped, and the one before it is used.
 - ``round-NNNNNN/``: the journal of round N while it is open: ``open.json`` (its nonce, sampled
   devices, skipped ones) and each assignment exactly as sent (``assign-<client>.json`` and
-  ``.safetensors``), then every update the coordinator accepted (``update-<client>.safetensors``,
-  then ``update-<client>.json`` with its sha256: written and fsynced *before* the device's ack goes
-  out) and every failure a device reported.  A resumed coordinator re-opens the round from it,
+  ``.safetensors``), then every update the coordinator accepted (``update-<client>.bin``: a JSON
+  header with its report and sha256, then its bytes, written and fsynced *before* the device's ack
+  goes out) and every failure a device reported.  A resumed coordinator re-opens the round from it,
   keeping what it had accepted.  The journal of round N is kept until snapshot N+1 exists, so a
   fall-back to snapshot N-1 can re-close round N from the same updates.
 
@@ -176,11 +176,11 @@ class RoundJournal:
                                              "clients": [a.client for a in assignments], "skipped": skipped})
 
     def accept(self, round_idx: int, client: str, update_id: str, data: bytes, report: dict) -> None:
-        """Make an accepted update durable; only then may it be acknowledged."""
-        d = self._dir(round_idx)
-        durable.write_bytes(d / f"update-{client}.safetensors", data)
-        durable.write_json(d / f"update-{client}.json", {"update_id": update_id, "report": report,
-                                                         "sha256": hashlib.sha256(data).hexdigest()})
+        """Make an accepted update durable (one file: a JSON header with its sha256, then its bytes,
+        written and fsynced in one step); only then may it be acknowledged."""
+        head = json.dumps({"update_id": update_id, "report": report, "sha256": hashlib.sha256(data).hexdigest(),
+                           "bytes": len(data)}).encode()
+        durable.write_bytes(self._dir(round_idx) / f"update-{client}.bin", len(head).to_bytes(4, "big") + head + data)
 
     def fail(self, round_idx: int, client: str, reason: str) -> None:
         durable.write_json(self._dir(round_idx) / f"failure-{client}.json", {"reason": reason})
@@ -206,15 +206,16 @@ class RoundJournal:
             assignments[client] = (meta["meta"], start, int(meta["tensor_bytes"]))
         jr = JournalRound(round_idx, info["nonce"], list(info["clients"]), list(info["skipped"]), assignments)
         for client in info["clients"]:
-            meta_file, data_file = d / f"update-{client}.json", d / f"update-{client}.safetensors"
-            if meta_file.is_file():
+            path = d / f"update-{client}.bin"
+            if path.is_file():
                 try:
-                    meta = durable.read_json(meta_file)
-                    data = data_file.read_bytes()
-                    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                        raise durable.CorruptFile(f"{data_file}: fails its checksum")
+                    raw = path.read_bytes()
+                    n = int.from_bytes(raw[:4], "big")
+                    meta, data = json.loads(raw[4:4 + n]), raw[4 + n:]
+                    if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                        raise durable.CorruptFile(f"{path}: fails its checksum")
                     jr.updates[client] = (str(meta["update_id"]), data, dict(meta["report"]))
-                except (OSError, KeyError, TypeError, durable.CorruptFile) as exc:
+                except (OSError, KeyError, TypeError, ValueError, durable.CorruptFile) as exc:
                     self.log(f"warning: accepted update of {client} in round {round_idx} is unreadable ({exc}); "
                              "it is taken again when the device re-sends it")
             fail_file = d / f"failure-{client}.json"

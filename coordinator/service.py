@@ -146,26 +146,27 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------- sending
 
-    def _publish(self, t: str, payload: bytes, retain: bool = False) -> bool:
+    def _publish(self, t: str, payload: bytes, retain: bool = False, wait: bool = True) -> bool:
         """Publish, waiting a bounded time for a lost broker; False (logged) if it did not go out:
         whatever it was is sent again when the device or the broker comes back."""
         try:
-            self.link.publish(t, payload, retain=retain, timeout_s=10.0)
+            self.link.publish(t, payload, retain=retain, timeout_s=10.0, wait=wait)
             return True
         except TimeoutError as exc:
             self.log(f"broker unreachable, not sent: {exc}")
             return False
 
-    def _json(self, t: str, obj: dict, retain: bool = False) -> bool:
-        return self._publish(t, self.outbox.json(t, obj), retain)
+    def _json(self, t: str, obj: dict, retain: bool = False, wait: bool = True) -> bool:
+        return self._publish(t, self.outbox.json(t, obj), retain, wait)
 
     def _publish_round(self, round_idx: int, state: str) -> None:
         self._json(topic(self.run_id, "round"), {"type": "round", "round": round_idx, "state": state}, retain=True)
 
     def _ack(self, device: str, round_idx: int, update_id: str, status: str, reason: str = "") -> None:
+        # not waiting for the PUBACK: a lost ack costs a re-send of the update, answered again
         self._json(device_topic(self.run_id, device, "ack"), {"type": "ack", "device": device, "round": round_idx,
                                                                "update_id": update_id, "status": status,
-                                                               "reason": reason})
+                                                               "reason": reason}, wait=False)
 
     def _decide(self, device: str, round_idx: int, uid: str, status: str, reason: str = "") -> None:
         """Acknowledge an update, and remember the answer for a re-send of it (at most 10000 kept)."""

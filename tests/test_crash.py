@@ -104,7 +104,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def _update_in_journal(round_idx: int):
-    return lambda tmp: bool(list((tmp / "out" / "state" / f"round-{round_idx:06d}").glob("update-*.json")))
+    return lambda tmp: bool(list((tmp / "out" / "state" / f"round-{round_idx:06d}").glob("update-*.bin")))
 
 
 @pytest.mark.parametrize("point", [

@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -404,3 +405,27 @@ def test_an_enrolled_device_outside_the_fleet_joins_only_with_open_enrolment(tmp
     else:
         assert clients == ["d1"]
         assert any("not in fleet" in e["reason"] for e in coord.events if e["device"] == "newcomer")
+
+
+def test_a_client_written_from_the_protocol_document_alone_takes_part(tmp_path):
+    # tests/independent_client.py was written from docs/protocol.md only (no project imports, no
+    # torch): a stranger's client, which must join, be accepted, and leave at the run's done
+    d = deployment("embedded", tmp_path)
+    try:
+        cfg = config(tmp_path, ["ind"], rounds=2)
+        creds = d.enrol("ind", max_examples=8)["ind"]
+        save_credentials(tmp_path / "ind.json", creds)
+        coord = coordinator(d, cfg, tmp_path / "out")
+        th = CoordThread(coord)
+        th.start()
+        log = (tmp_path / "ind.log").open("w")
+        p = subprocess.Popen([sys.executable, str(Path(__file__).parent / "independent_client.py"), "--broker",
+                              d.address.url, "--credentials", str(tmp_path / "ind.json"), "--run",
+                              cfg.transport.run_id, "--state-dir", str(tmp_path / "ind-state"), "--examples", "8"],
+                             stdout=log, stderr=subprocess.STDOUT)
+        report = th.result()
+        assert p.wait(120) == 0, (tmp_path / "ind.log").read_text()[-3000:]
+    finally:
+        d.close()
+    assert [(r["status"], r["valid_updates"]) for r in report["rounds"]] == [("ok", 1), ("ok", 1)]
+    assert not coord.events, coord.events  # nothing it sent was refused
