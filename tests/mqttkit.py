@@ -174,6 +174,25 @@ class CoordThread(threading.Thread):
         return self.report
 
 
+def start_run(dep: Deployment, cfg, out: Path, creds: dict, ids=None):
+    """A coordinator on a thread and hand-driven devices that said hello: (coordinator, thread, devices)."""
+    coord = coordinator(dep, cfg, out)
+    th = CoordThread(coord)
+    th.start()
+    devs = {i: FakeDevice(dep, cfg.transport.run_id, i, creds=creds[i]) for i in (ids or creds)}
+    return coord, th, devs
+
+
+def trained(data: bytes, k: int) -> bytes:
+    """A deterministic stand-in for local training: every factor moved by a device-specific amount."""
+    import torch
+
+    from edge_client.wire import decode_tensors, encode_tensors
+
+    t = decode_tensors(data)
+    return encode_tensors({key: v + 0.01 * (k + 1) * torch.ones_like(v) for key, v in t.items()})
+
+
 def report_of(r: int, n: int = 8) -> dict:
     return {"round": r, "num_examples": n, "steps": 1, "first_loss": 1.0, "last_loss": 1.0, "seconds": 0.1}
 

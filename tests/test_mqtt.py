@@ -23,6 +23,7 @@ from mqttkit import (
     log_of,
     report_of,
     spawn,
+    start_run,
     wait_for,
 )
 from safetensors.torch import load_file
@@ -56,11 +57,7 @@ def tweak(data: bytes, fn) -> bytes:
 def test_bad_updates_are_rejected_before_the_ack_and_a_corrected_one_counts(dep, tmp_path):
     ids = ["good", "dup", "shape", "nan"]
     cfg = config(tmp_path, ids, rounds=2, **{"transport.max_update_bytes": 1 << 20})
-    creds = dep.enrol(*ids)
-    coord = coordinator(dep, cfg, tmp_path / "out")
-    th = CoordThread(coord)
-    th.start()
-    devs = {i: FakeDevice(dep, cfg.transport.run_id, i, creds=creds[i]) for i in ids}
+    coord, th, devs = start_run(dep, cfg, tmp_path / "out", dep.enrol(*ids))
     plans = {i: d.next_plan() for i, d in devs.items()}
     good = devs["good"]
     # junk first: garbage, a truncated chunk, an unsigned message, a report with NaN loss and -1 steps

@@ -13,14 +13,13 @@ import uuid
 import pytest
 import torch
 from fleets import FAST_PROFILE
-from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment, report_of
+from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment, report_of, start_run, trained
 from safetensors.torch import load_file
 
 from edge_client.identity import Counter, Signer
 from edge_client.messages import Outbox
 from edge_client.mqtt import BrokerAuthError, Link, device_topic, topic
 from edge_client.profile import DeviceProfile
-from edge_client.wire import decode_tensors, encode_tensors
 
 pytestmark = pytest.mark.integration
 
@@ -39,10 +38,6 @@ def closed(request, tmp_path):
     d.close()
 
 
-def trained(data: bytes, k: int) -> bytes:
-    """A deterministic stand-in for local training: every factor moved by a device-specific amount."""
-    t = decode_tensors(data)
-    return encode_tensors({key: v + 0.01 * (k + 1) * torch.ones_like(v) for key, v in t.items()})
 
 
 def run_honest_round(devs: dict, r: int, plans=None) -> None:
@@ -59,9 +54,7 @@ def adapter(out):
 def reference(dep, tmp_path, ids, creds, rounds=2):
     """The same run without an attacker: the adapter every attacked run must end with."""
     cfg = config(tmp_path, ids, rounds=rounds)
-    th = CoordThread(coordinator(dep, cfg, tmp_path / "ref"))
-    th.start()
-    devs = {i: FakeDevice(dep, cfg.transport.run_id, i, creds=creds[i]) for i in ids}
+    _, th, devs = start_run(dep, cfg, tmp_path / "ref", creds, ids)
     for r in range(1, rounds + 1):
         run_honest_round(devs, r)
     th.result()
@@ -206,10 +199,7 @@ def test_a_revoked_device_is_refused_from_its_next_message(closed, tmp_path):
     ids = ["victim", "other"]
     creds = closed.enrol(*ids)
     cfg = config(tmp_path, ids, rounds=2)
-    coord = coordinator(closed, cfg, tmp_path / "out")
-    th = CoordThread(coord)
-    th.start()
-    devs = {i: FakeDevice(closed, cfg.transport.run_id, i, creds=creds[i]) for i in ids}
+    coord, th, devs = start_run(closed, cfg, tmp_path / "out", creds)
     plans = {i: d.next_plan() for i, d in devs.items()}
     v = devs["victim"]
     assert v.wait_ack(v.send(1, trained(plans["victim"].data, 0)))["status"] == "accepted"
