@@ -309,7 +309,7 @@ def cmd_plan(args) -> int:
 
     from .engine import capacity_for, method_context
     from .fleet import load_fleet
-    from .methods import footprint, get_method
+    from .methods import get_method
     from .planner import meta_shape
     from .report import make_console
 
@@ -319,8 +319,8 @@ def cmd_plan(args) -> int:
     shape = meta_shape(cfg.model, list(cfg.lora.target_modules) or None)
     ctx = method_context(cfg, shape.adapted)
     big_r = method.global_rank(ctx)
-    fp = footprint(method, ctx)
-    knob_name = getattr(method, "knob", "rank")
+    fp = method.footprint(ctx)
+    knob_name = method.knob
     t = cfg.train
     table = Table(title=f"plan: {cfg.model} ({shape.n_params / 1e6:.1f} M params), method {cfg.method}, "
                         f"batch {t.batch_size} x seq {t.max_seq_len}, {t.steps} steps, deadline "
@@ -336,7 +336,7 @@ def cmd_plan(args) -> int:
     for dev in fleet:
         cap = capacity_for(cfg, shape, dev.profile, fp)  # memory and times are at its rank (rank 1 when 0)
         plan = method.plan(dev.id, cap.rank, ctx, 1)
-        knob = (f"{plan.rank}" + (f" of {big_r}" if big_r != plan.rank and not method.pooled else "")
+        knob = (f"{plan.rank}" + (f" of {big_r}" if big_r != plan.rank and not method.pools_data else "")
                 if plan else "[red]cannot take part[/red]")
         cap_s = str(cap.rank) if cap.rank else f"[red]0 ({cap.reason})[/red]"
         trainer = dev.profile.trainer + (f" ({dev.profile.trainer_base} base)" if dev.profile.trainer_base != "fp32" else "")

@@ -16,9 +16,8 @@ import json
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, validate
-from .methods import get_method, method_names
+from .methods import get_method, method_names, settings_classes
 
-METHOD_SECTIONS = ("hafl", "fslora", "clair", "fedlease")  # config sections read by one method each
 DEFAULT_METHODS = ("fedit@min", "fedit@max", "hetlora", "flexlora", "hafl", "fslora", "fed-plora", "local",
                    "centralized")
 
@@ -87,8 +86,9 @@ def reusable(folder: Path, cfg: RunConfig) -> dict | None:
     saved = {k: {**v, **report.get("config", {}).get(k, {})} if isinstance(v, dict)
              else report.get("config", {}).get(k, v) for k, v in defaults.items()}
     want = _plain(cfg.to_dict())
-    # a method's own section (hafl:, fslora:, clair:, fedlease:) matters to that method's runs only
-    ignore = {"device"} | {sec for sec in METHOD_SECTIONS if sec != cfg.method}
+    # a method's own section (hafl:, clair:...) matters to that method's runs only
+    own = get_method(cfg.method).section
+    ignore = {"device"} | {sec for sec in settings_classes() if sec != own}
     same = all(saved.get(k) == v for k, v in want.items() if k not in ignore)
     return report if same else None
 

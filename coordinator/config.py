@@ -18,12 +18,11 @@ import yaml
 from edge_client.data import TASKS
 from edge_client.trainer import OPTIMIZERS, TrainSettings
 
+from .errors import ConfigError
+from .methods import get_method, method_names, settings_classes
+
 PARTITIONS = ("by_domain", "dirichlet", "iid")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or out of range; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -52,44 +51,6 @@ class PlannerSettings:
     round_deadline_s: float = 1800.0  # device time a round may take: download, local steps, upload
     transfer_budget_s: float = 10.0   # time a device may spend moving its adapter (down + up) per round
     runtime_overhead_gb: float = 0.35  # interpreter, torch, tokenizer and allocator slack
-
-
-@dataclass(frozen=True)
-class HaflSettings:
-    """HAFL (method ``hafl``): which variant, and the smoothing of the sensitivity scores."""
-
-    variant: str = "freeze"   # freeze: all hold rank R, train the top r_i; truncate: hold and train the top r_i
-    beta1: float = 0.85       # AdaLoRA's smoothing of the sensitivity I = |w·grad|
-    beta2: float = 0.85       # and of its uncertainty |I − Ī|
-
-
-@dataclass(frozen=True)
-class FsloraSettings:
-    """FSLoRA (method ``fslora``): the optional server-side optimiser of the official code."""
-
-    server_optimizer: str = "none"  # none: B ← B + mean ΔB (the paper); adamw: the mean delta as a pseudo-gradient
-    server_lr: float = 3e-4
-    server_betas: tuple[float, ...] = (0.9, 0.999)
-
-
-@dataclass(frozen=True)
-class ClairSettings:
-    """CLAIR (method ``clair``): the decomposition's weight and the detection thresholds."""
-
-    side: str = "input"            # the shared subspace: input (row space of ΔW = BA) or output (column space)
-    lam_scale: float = 0.75        # λ = lam_scale · sqrt(the updates' mean stable rank) on the block-sparse part
-    threshold: float = 0.5         # flag a client whose update is more than this share block-sparse
-    consistency: bool = True       # also flag updates that point away or are far larger (not in the paper)
-    cosine_ratio: float = 0.25     # ... agreement (median cosine with the others) below this share of the typical one
-    max_norm_ratio: float = 3.0    # ... or norm above this multiple of the unflagged median
-
-
-@dataclass(frozen=True)
-class FedleaseSettings:
-    """FedLEASE (method ``fedlease``): the warm-up, and the most experts the clustering may choose."""
-
-    warmup_rounds: int = 2   # rounds of purely local single-LoRA training before the clients are clustered
-    max_experts: int = 4     # M_max: the clustering tries k = 2..M_max experts and keeps the best silhouette
 
 
 ATTACKS = ("none", "random_labels", "random_update", "sign_flip", "scaled")
@@ -147,14 +108,17 @@ class RunConfig:
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
     weights: WeightSettings = field(default_factory=WeightSettings)
-    hafl: HaflSettings = field(default_factory=HaflSettings)
-    fslora: FsloraSettings = field(default_factory=FsloraSettings)
-    clair: ClairSettings = field(default_factory=ClairSettings)
-    fedlease: FedleaseSettings = field(default_factory=FedleaseSettings)
     contamination: ContaminationSettings = field(default_factory=ContaminationSettings)
+    # each method's own settings, by config section (``hafl:``, ``clair:``...): the sections come
+    # from the methods' ``Settings`` classes (coordinator/methods), not from this file
+    method_settings: dict[str, Any] = field(default_factory=lambda: {sec: cls() for sec, cls in
+                                                                      settings_classes().items()})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field, the methods' sections at the top level (as the YAML has them)."""
+        d = dataclasses.asdict(self)
+        d.update(d.pop("method_settings"))
+        return d
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -207,14 +171,15 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported type {tp}")
 
 
-def _build(cls, obj: dict, prefix: str = ""):
+def _build(cls, obj: dict, prefix: str = "", extra_known=()):
     if not isinstance(obj, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {obj!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls)} - {"method_settings"}
     unknown = sorted(set(obj) - known)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; known fields: {', '.join(sorted(known))}")
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; known fields: "
+                          f"{', '.join(sorted(known | set(extra_known)))}")
     kwargs = {}
     for f in fields(cls):
         if f.name not in obj:
@@ -237,9 +202,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Range checks that need more than a type; returns ``cfg``."""
-    from .methods import method_names
-
+    """Range checks that need more than a type; returns ``cfg``.  (Each method's own section is
+    checked by its settings class when it is built.)"""
     _check(cfg.method in method_names(), "method",
            f"unknown method '{cfg.method}'; valid methods: {', '.join(method_names())}")
     _check(cfg.rounds >= 1, "rounds", "must be at least 1")
@@ -296,25 +260,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(tr.offline_grace_s >= 0, "transport.offline_grace_s", "must be non-negative")
     _check(cfg.weights.policy in ("examples", "equal"), "weights.policy", "must be 'examples' or 'equal'")
     _check(cfg.weights.max_examples >= 1, "weights.max_examples", "must be at least 1")
-    _check(cfg.hafl.variant in ("freeze", "truncate"), "hafl.variant", "must be 'freeze' or 'truncate'")
-    for name in ("beta1", "beta2"):
-        _check(0.0 <= getattr(cfg.hafl, name) < 1.0, f"hafl.{name}", "must be in [0, 1)")
-    fs = cfg.fslora
-    _check(fs.server_optimizer in ("none", "adamw"), "fslora.server_optimizer", "must be 'none' or 'adamw'")
-    _check(fs.server_lr > 0, "fslora.server_lr", "must be positive")
-    _check(len(fs.server_betas) == 2 and all(0.0 <= b < 1.0 for b in fs.server_betas), "fslora.server_betas",
-           "must be two numbers in [0, 1)")
-    cl = cfg.clair
-    _check(cl.side in ("input", "output"), "clair.side", "must be 'input' or 'output'")
-    _check(cl.lam_scale > 0, "clair.lam_scale", "must be positive")
-    _check(0.0 < cl.threshold < 1.0, "clair.threshold", "must be in (0, 1)")
-    _check(0.0 < cl.cosine_ratio < 1.0, "clair.cosine_ratio", "must be in (0, 1)")
-    _check(cl.max_norm_ratio > 1.0, "clair.max_norm_ratio", "must be above 1")
-    fl = cfg.fedlease
-    _check(fl.warmup_rounds >= 1, "fedlease.warmup_rounds", "must be at least 1")
-    _check(fl.max_experts >= 2, "fedlease.max_experts", "must be at least 2 (the clustering tries k = 2..max_experts)")
-    _check(cfg.method != "fedlease" or fl.warmup_rounds < cfg.rounds, "fedlease.warmup_rounds",
-           f"({fl.warmup_rounds}) must be below rounds ({cfg.rounds}), or no round trains the experts")
+    get_method(cfg.method).check_config(cfg)
     co = cfg.contamination
     _check(co.attack in ATTACKS, "contamination.attack", f"must be one of {', '.join(ATTACKS)}")
     _check(0.0 <= co.fraction < 1.0, "contamination.fraction", "must be in [0, 1)")
@@ -347,7 +293,14 @@ def load_config(path: str | Path | None = None, preset: str = "default",
         _merge(tree, loaded)
     for k, v in (overrides or {}).items():
         _set_dotted(tree, k, v)
-    return validate(_build(RunConfig, tree))
+    sections = settings_classes()
+    given = {sec: tree.pop(sec) for sec in list(tree) if sec in sections}
+    if "method_settings" in tree:
+        raise ConfigError("method_settings: not a config field; a method's settings go in its own section "
+                          f"({', '.join(sorted(sections))})")
+    cfg = _build(RunConfig, tree, extra_known=sections)
+    settings = {sec: _build(cls, given[sec], f"{sec}.") if sec in given else cls() for sec, cls in sections.items()}
+    return validate(dataclasses.replace(cfg, method_settings=settings))
 
 
 def _merge(into: dict, new: dict) -> None:

@@ -41,7 +41,6 @@ from edge_client.lora import (
 )
 from edge_client.models import default_target_modules, load_model, resolve_model
 from edge_client.partial import split_update, update_shapes
-from edge_client.trainer import TrainSettings
 from edge_client.wire import PayloadError, decode_tensors, encode_tensors
 from edge_client.work import assignment_meta, trainer_of
 
@@ -50,7 +49,7 @@ from .config import ConfigError, RunConfig
 from .evaluate import evaluate, mix_accuracy
 from .faults import crash_point
 from .fleet import Device, load_fleet
-from .methods import MethodContext, footprint, get_method, personal_model, start_extras
+from .methods import MethodContext, get_method
 from .partition import builtin_client_data, domain_mix, split_pool
 from .planner import NO_FOOTPRINT, Capacity, Footprint, ModelShape, plan_capacity
 from .runstate import RoundJournal, SnapshotStore, StateError, state_files
@@ -114,8 +113,9 @@ class RunState:
 
 
 def method_context(cfg: RunConfig, dims) -> MethodContext:
-    return MethodContext(dims, cfg.lora.scale, cfg.lora.rank, cfg.lora.max_rank, cfg.seed, cfg.hafl, cfg.fslora,
-                         cfg.clair, cfg.fedlease)
+    method = get_method(cfg.method)
+    return MethodContext(dims, cfg.lora.scale, cfg.lora.rank, cfg.lora.max_rank, cfg.seed,
+                         cfg.method_settings.get(method.section))
 
 
 def capacity_for(cfg: RunConfig, shape: ModelShape, profile, fp: Footprint = NO_FOOTPRINT) -> Capacity:
@@ -183,26 +183,27 @@ class Engine:
         # training programs for devices with the executorch trainer, built when first planned
         self.programs = ProgramStore(self.out / "programs", log=self.reporter.status)
         on_et = [c.id for c in able if c.device.profile.trainer == "executorch"]
-        if on_et and not getattr(self.method, "plain_plans", True):
+        if on_et and not self.method.plain_plans:
             raise ConfigError(f"method {cfg.method}: its plans hold frozen components, score importance or route "
                               f"experts, which the executorch trainer cannot carry; devices {on_et} run it "
                               "(their profiles say trainer: executorch)")
-        if self.method.pooled and cfg.contamination.attack not in ("none", "random_labels"):
+        # a method that pools every client's data (the centralized reference, `pools_data`) is a run
+        # of one pooled client per round, with the step budget of the round's federated clients,
+        # and nothing crosses a wire; the rest of the engine only sees its participants
+        self.pooled = self.method.pools_data
+        if self.pooled and cfg.contamination.attack not in ("none", "random_labels"):
             raise ConfigError(f"contamination.attack: {cfg.contamination.attack} corrupts a device's update, and "
                               f"method {cfg.method} sends none (its data is pooled); use random_labels")
         self.contaminated = contaminated_clients(cfg, [c.id for c in able])
         for c in self.clients:
             if c.id in self.contaminated and cfg.contamination.attack == "random_labels":
                 c.train = poison(c.train, cfg.seed, c.id)
-        if self.method.pooled:
-            pooled = [ex for c in self.clients for ex in c.train]
-            self.participants = [ClientData("pooled", None, pooled, {})]
-            self.by_id["pooled"] = self.participants[0]
-        else:
-            self.participants = able
-        # clients that can train in a round: the federated step budget centralized is held to
-        self.per_round = min(cfg.clients_per_round, len(able))
-        reachable = 1 if self.method.pooled else self.per_round
+        self.per_round = min(cfg.clients_per_round, len(able))  # devices that can train in a round
+        self.round_steps = cfg.train.steps * (self.per_round if self.pooled else 1)
+        self.participants = ([ClientData("pooled", None, [ex for c in self.clients for ex in c.train], {})]
+                             if self.pooled else able)
+        self.by_id.update({c.id: c for c in self.participants})
+        reachable = min(cfg.clients_per_round, len(self.participants))
         if reachable < cfg.min_updates:
             raise ConfigError(
                 f"min_updates: {cfg.min_updates} valid updates per round cannot be reached: "
@@ -226,7 +227,7 @@ class Engine:
         self.journal = RoundJournal(self.out / "state", log=self.reporter.status)
 
     def _capacity(self, profile) -> Capacity:
-        return capacity_for(self.cfg, self.shape, profile, footprint(self.method, self.ctx))
+        return capacity_for(self.cfg, self.shape, profile, self.method.footprint(self.ctx))
 
     # ----------------------------------------------------------------------------- state on disk
 
@@ -283,8 +284,6 @@ class Engine:
     def sample(self, round_idx: int, available: set[str] | None = None) -> list[ClientData]:
         """This round's devices: ``clients_per_round`` of the eligible (and available) ones, from
         the seed; with every device available, the same choice in simulation and over MQTT."""
-        if self.method.pooled:
-            return self.participants
         pool = [c for c in self.participants if available is None or c.id in available]
         rng = random.Random(f"sample|{self.cfg.seed}|{round_idx}")
         return sorted(rng.sample(pool, min(self.cfg.clients_per_round, len(pool))), key=lambda c: c.id)
@@ -295,8 +294,7 @@ class Engine:
         c.declared_examples = examples
         c.device = Device(client, profile)
         c.capacity = self._capacity(profile)
-        if not self.method.pooled:
-            self.participants = self._eligible()
+        self.participants = self._eligible()
 
     def add_client(self, client: str, profile, examples: int, domains: dict[str, int]) -> ClientData:
         """A device not in the fleet joins (open enrolment): planned from its hello; its domain mix
@@ -316,8 +314,7 @@ class Engine:
     def open_round(self, round_idx: int, available: set[str] | None = None) -> tuple[list[Assignment], list[dict]]:
         """(assignments, skipped) for the sampled devices of round ``round_idx``."""
         t = self.cfg.train
-        steps = t.steps * (self.per_round if self.method.pooled else 1)
-        settings = TrainSettings(steps, t.batch_size, t.lr, t.weight_decay, t.max_seq_len, t.grad_clip, t.optimizer)
+        settings = dataclasses.replace(t, steps=self.round_steps)
         out, skipped = [], []
         for c in self.sample(round_idx, available):
             capacity = c.capacity.rank if c.capacity else self.R
@@ -344,7 +341,7 @@ class Engine:
                                    model=self.cfg.model)
             if trainer:
                 meta["trainer"] = trainer
-            tensors = {**to_state_dict(start), **start_extras(self.method, c.id, plan, self.state.method_state)}
+            tensors = {**to_state_dict(start), **self.method.start_extras(c.id, plan, self.state.method_state)}
             out.append(Assignment(c.id, round_idx, plan, meta, encode_tensors(tensors),
                                   4 * sum(t.numel() for t in tensors.values())))
         return out, skipped
@@ -391,8 +388,8 @@ class Engine:
             rows.append({"client": a.client, "device": c.device.profile.name if c.device else "server",
                          "rank": a.plan.rank, "capacity": c.capacity.rank if c.capacity else self.R,
                          "trainer": trainer_of(a.meta),
-                         "uplink_bytes": 0 if self.method.pooled else len(ret.update or b""),
-                         "downlink_bytes": 0 if self.method.pooled else len(a.start),
+                         "uplink_bytes": 0 if self.pooled else len(ret.update or b""),
+                         "downlink_bytes": 0 if self.pooled else len(a.start),
                          "local_seconds": rep.get("seconds"), "steps": rep.get("steps"),
                          "loss_first": rep.get("first_loss"), "loss_last": rep.get("last_loss"),
                          "num_examples": rep.get("num_examples"),
@@ -404,16 +401,14 @@ class Engine:
             except (UpdateRejected, ValueError) as exc:
                 rejected.append({"client": a.client, "reason": str(exc)})
         ok = len(contribs) >= cfg.min_updates
+        said = {}
         if ok:
-            self.state.global_factors = self.method.aggregate(self.state.global_factors, contribs, self.ctx,
-                                                              self.state.method_state)
+            self.state.global_factors, said = self.method.aggregate(self.state.global_factors, contribs, self.ctx,
+                                                                    self.state.method_state)
         crash_point("aggregate")
         record = {"round": round_idx, "status": "ok" if ok else "failed", "clients": rows,
                   "skipped": skipped, "failed": failed, "rejected": rejected, "valid_updates": len(contribs)}
-        note = self.state.method_state.pop("round_note", None)  # what the method says of this round
-        if note is not None:
-            record["detection"] = note
-        record.update(self.state.method_state.pop("round_record", None) or {})  # e.g. FedLEASE's allocation
+        record.update(said)  # what the method says of this round (CLAIR's detection, FedLEASE's allocation)
         # a method without a global model (local, fedlease) has nothing to score per round
         if self.method.global_model and (round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds):
             record["accuracy"] = self.evaluate_global()
@@ -447,7 +442,7 @@ class Engine:
         whose such clients use it), else on the base model (its starting adapter has B = 0)."""
         per_client, shared = {}, {}
         for c in self.clients:
-            own = personal_model(self.method, c.id, self.ctx, self.state.method_state)
+            own = self.method.personal_model(c.id, self.ctx, self.state.method_state)
             if own is None:
                 acc = fallback or base
             elif own[2] is not None and own[2] in shared:
@@ -479,7 +474,7 @@ class Engine:
         """Final evaluation, report, adapters and plots on disk; returns the report."""
         base = self.base_accuracy
         final = self.state.rounds[-1].get("accuracy") or self.evaluate_global()
-        fallback = final if getattr(self.method, "personal_fallback", "base") == "global" else None
+        fallback = final if self.method.personal_fallback == "global" else None
         personal = self.evaluate_personal(base, fallback) if self.method.personalised else {}
         own_mix = (personal.get("own_mix") if personal else
                    sum(mix_accuracy(final["per_domain"], c.mix) for c in self.clients) / len(self.clients))
@@ -501,7 +496,7 @@ class Engine:
                        "predicted_memory_gb": round(c.capacity.memory_gb, 3),
                        "usable_memory_gb": c.capacity.usable_gb,
                        "predicted_round_seconds": round(c.capacity.round_s, 1),
-                       "reason": c.capacity.reason, "eligible": c in self.participants or self.method.pooled,
+                       "reason": c.capacity.reason, "eligible": self.pooled or c in self.participants,
                        "train_examples": c.examples,
                        "domain_mix": {k: round(v, 3) for k, v in c.mix.items()}} for c in self.clients],
             "base_accuracy": base,
@@ -516,8 +511,7 @@ class Engine:
                        "failed_rounds": sum(x["status"] == "failed" for x in rounds),
                        "rejected_updates": sum(len(x["rejected"]) for x in rounds)},
             "contamination": self._contamination_report(final, personal),
-            "method_summary": (self.method.summary(self.state.method_state)
-                               if hasattr(self.method, "summary") else None),
+            "method_summary": self.method.summary(self.state.method_state),
             "wall_seconds": round(time.perf_counter() - self.t_start, 1),
         }
 
@@ -553,7 +547,7 @@ class Engine:
             save_adapter(self.out / "adapter", self.state.global_factors, self.cfg.lora.scale, self.targets,
                          self.cfg.model)
         for c in self.clients:
-            own = personal_model(self.method, c.id, self.ctx, self.state.method_state)
+            own = self.method.personal_model(c.id, self.ctx, self.state.method_state)
             if own is None:
                 continue
             plan, tensors, _ = own

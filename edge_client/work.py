@@ -8,6 +8,7 @@ edge client both call it, so the two paths train with the same code.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from .data import Example
@@ -32,10 +33,7 @@ def assignment_meta(*, round_idx: int, plan: ClientPlan, seed: int, settings: Tr
                     dropout: float, model: str) -> dict:
     """The JSON a device needs, beside the start factors, to carry out one round."""
     return {"round": round_idx, "plan": plan.to_json(), "seed": seed, "model": model,
-            "targets": list(targets), "dropout": dropout,
-            "train": {"steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr,
-                      "weight_decay": settings.weight_decay, "max_seq_len": settings.max_seq_len,
-                      "grad_clip": settings.grad_clip, "optimizer": settings.optimizer}}
+            "targets": list(targets), "dropout": dropout, "train": dataclasses.asdict(settings)}
 
 
 def wrap(model, meta: dict):

@@ -27,7 +27,7 @@ def test_fedit_is_data_weighted_average_of_factors():
     c1 = Contribution("a", plan(0), fac([[1, 2, 3]], [[4, 8]]), 1.0)
     c2 = Contribution("b", plan(0), fac([[5, 6, 7]], [[0, 4]]), 3.0)
     # Execute
-    out = get_method("fedit").aggregate(g, [c1, c2], MethodContext(DIMS, 1.0, 1, 1), {})
+    out, _ = get_method("fedit").aggregate(g, [c1, c2], MethodContext(DIMS, 1.0, 1, 1), {})
     # Assert: A = (1*[1,2,3] + 3*[5,6,7]) / 4, B likewise
     a, b = out[M]
     assert torch.allclose(a, torch.tensor([[4.0, 5.0, 6.0]]))
@@ -39,7 +39,7 @@ def test_hetlora_zero_padding_dilutes_components_few_clients_trained():
     g = fac([[0, 0, 0], [0, 0, 0]], [[0, 0], [0, 0]])
     ca = Contribution("a", plan(0, 1), fac([[2, 2, 2], [4, 4, 4]], [[2, 2], [4, 4]]), 1.0)
     cb = Contribution("b", plan(0), fac([[6, 6, 6]], [[6, 6]]), 1.0)
-    out = get_method("hetlora").aggregate(g, [ca, cb], MethodContext(DIMS, 1.0, 1, 2), {})
+    out, _ = get_method("hetlora").aggregate(g, [ca, cb], MethodContext(DIMS, 1.0, 1, 2), {})
     a, b = out[M]
     # component 0: (2 + 6) / 2 = 4; component 1: only a trained it, zero-padded: (4 + 0) / 2 = 2
     assert torch.allclose(a, torch.tensor([[4.0] * 3, [2.0] * 3]))
@@ -67,7 +67,7 @@ def test_flexlora_averages_products_then_redistributes_by_svd():
     ca = Contribution("a", plan(0), fac([[1, 0, 0]], [[3, 0]]), 1.0)   # ΔW_a = 3 e1 e1ᵀ
     cb = Contribution("b", plan(0), fac([[0, 1, 0]], [[0, 1]]), 1.0)   # ΔW_b = 1 e2 e2ᵀ
     g = fac([[0, 0, 0], [0, 0, 0]], [[0, 0], [0, 0]])
-    out = get_method("flexlora").aggregate(g, [ca, cb], MethodContext(DIMS, 1.0, 1, 2), {})
+    out, _ = get_method("flexlora").aggregate(g, [ca, cb], MethodContext(DIMS, 1.0, 1, 2), {})
     a, b = out[M]
     expected = torch.tensor([[1.5, 0, 0], [0, 0.5, 0]])  # (ΔW_a + ΔW_b) / 2
     assert torch.allclose(b @ a, expected, atol=1e-6)
@@ -91,7 +91,7 @@ def test_all_clients_equal_in_same_out(name):
     g = fac(torch.randn(2, 3).tolist(), torch.randn(2, 2).tolist())
     contribs = [Contribution(c, m.plan(c, 2, ctx, 1), same, w) for c, w in (("a", 1.0), ("b", 2.0), ("c", 5.0))]
     state: dict = {}
-    out = m.aggregate(g, contribs, ctx, state)
+    out, _ = m.aggregate(g, contribs, ctx, state)
     if m.personalised:  # each client's own adapter is its (identical) update, up to refactoring
         for c in "abc":
             pa, pb = state["personal"][c][M]
@@ -128,7 +128,7 @@ def test_every_method_is_deterministic(name):
         g = fac(torch.randn(2, 3).tolist(), torch.randn(2, 2).tolist())
         cs = [Contribution(c, m.plan(c, 2, ctx, 1), fac(torch.randn(2, 3).tolist(), torch.randn(2, 2).tolist()), 1.0)
               for c in "ab"]
-        return m.aggregate(g, cs, ctx, {})[M]
+        return m.aggregate(g, cs, ctx, {})[0][M]
 
     (a1, b1), (a2, b2) = once(), once()
     assert torch.equal(a1, a2) and torch.equal(b1, b2)

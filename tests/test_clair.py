@@ -115,9 +115,9 @@ def test_nobody_contaminated_nobody_flagged_and_the_global_is_plain_averaging():
                 for i, (c, f) in enumerate(sorted(ups.items()))]
     g = {m: (torch.zeros(3, 30), torch.zeros(20, 3)) for m in (M, M2)}
     state: dict = {}
-    out = get_method("clair").aggregate(g, contribs, ctx, state)
-    assert state["round_note"]["flagged"] == []
-    plain = get_method("flexlora").aggregate(g, contribs, ctx, {})  # Σ p_k B_k A_k refactored to rank R
+    out, record = get_method("clair").aggregate(g, contribs, ctx, state)
+    assert record["detection"]["flagged"] == []
+    plain, _ = get_method("flexlora").aggregate(g, contribs, ctx, {})  # Σ p_k B_k A_k refactored to rank R
     for m in (M, M2):
         a, b = out[m]
         pa, pb = plain[m]
@@ -133,8 +133,8 @@ def test_flagged_clients_do_not_touch_the_global_adapter():
                 for c, f in sorted(ups.items())]
     g = {m: (torch.zeros(3, 30), torch.zeros(20, 3)) for m in (M, M2)}
     state: dict = {}
-    out = get_method("clair").aggregate(g, contribs, ctx, state)
-    assert state["round_note"]["flagged"] == ["c2", "c5"]
+    out, record = get_method("clair").aggregate(g, contribs, ctx, state)
+    assert record["detection"]["flagged"] == ["c2", "c5"]
     benign = [c for c in contribs if c.client not in ("c2", "c5")]
     a, b = out[M]
     assert torch.allclose(b @ a, weighted_delta_w(benign, M), atol=1e-4)

@@ -8,10 +8,11 @@ import torch
 from peft import get_peft_model
 
 from coordinator.aggregate import Contribution
-from coordinator.config import ConfigError, FedleaseSettings, load_config
+from coordinator.config import ConfigError, load_config
 from coordinator.methods import MethodContext, get_method
 from coordinator.methods.fedlease import (
     CLUSTER_ROUTER,
+    FedleaseSettings,
     adjusted_rand_index,
     average_linkage,
     b_distance,
@@ -187,7 +188,7 @@ def test_routed_layer_is_the_gated_sum_of_experts(peft_tiny):
 
 
 def ctx_for(dims, rank=2, max_experts=4):
-    return MethodContext(dims, 1.0, rank, 8, seed=0, fedlease=FedleaseSettings(warmup_rounds=1,
+    return MethodContext(dims, 1.0, rank, 8, seed=0, settings=FedleaseSettings(warmup_rounds=1,
                                                                              max_experts=max_experts))
 
 
@@ -231,10 +232,10 @@ def test_warm_up_then_allocation_then_experts():
     assert method.plan("x", 3, ctx, 1, state) is None  # below the expert rank
     warm = [Contribution(cid, plans[cid], {m: (torch.full((4, 4), float(i)), bs[i][m]) for m in dims}, 1.0)
             for i, cid in enumerate(groups)]
-    method.aggregate({}, warm, ctx, state)
+    _, record = method.aggregate({}, warm, ctx, state)
     st = state["fedlease"]
     assert st["experts"] == 2 and adjusted_rand_index(list(st["clusters"].values()), list(groups.values())) == 1.0
-    assert state["round_record"]["allocation"]["experts"] == 2
+    assert record["allocation"]["experts"] == 2
     own = st["clusters"]["c"]
     # Eq. 3: each expert starts as its cluster's mean warm-up LoRA
     assert torch.allclose(state["tensors"][expert_key(own, "l0", "A")], torch.full((4, 4), 3.0))
@@ -251,9 +252,9 @@ def test_warm_up_then_allocation_then_experts():
     late = method.plan("f", 8, ctx, 2, state)
     assert "experts" not in late.extra and "cluster_after" not in late.extra
     b_like_a = {m: bs[0][m] * 1.01 for m in dims}
-    method.aggregate({}, [Contribution("f", late, {m: (torch.zeros(4, 4), b_like_a[m]) for m in dims}, 1.0)],
-                     ctx, state)
-    assert st["clusters"]["f"] == st["clusters"]["a"]
+    _, record = method.aggregate({}, [Contribution("f", late, {m: (torch.zeros(4, 4), b_like_a[m]) for m in dims},
+                                                   1.0)], ctx, state)
+    assert st["clusters"]["f"] == st["clusters"]["a"] == record["joined"]["f"]
 
 
 def test_a_device_trains_its_own_expert_and_router_and_sends_only_those(peft_tiny, tiny):

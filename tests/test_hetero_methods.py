@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from coordinator.aggregate import Contribution
-from coordinator.config import FsloraSettings, HaflSettings, load_config
+from coordinator.config import load_config
 from coordinator.methods import MethodContext, get_method
-from coordinator.methods.fslora import sketch_product
-from coordinator.methods.hafl import top_components
+from coordinator.methods.fslora import FsloraSettings, sketch_product
+from coordinator.methods.hafl import HaflSettings, top_components
 from edge_client.lora import ClientPlan, ModulePlan, install_adapter, slice_factors, uniform_plan
 from edge_client.partial import PartialTraining, folded
 from edge_client.wire import decode_tensors
@@ -46,7 +46,7 @@ def test_fed_plora_averages_each_index_over_its_trainers_and_keeps_untrained_one
     ca = Contribution("a", plan_of([0, 2]), comps([[1, 1, 1], [2, 2, 2]], [[1, 1], [2, 2]]), 1.0)
     cb = Contribution("b", plan_of([2, 3]), comps([[5, 5, 5], [7, 7, 7]], [[5, 5], [7, 7]]), 3.0)
     ctx = MethodContext(DIMS, 1.0, 1, 4)
-    a, b = get_method("fed-plora").aggregate(g, [ca, cb], ctx, {})[M]
+    a, b = get_method("fed-plora").aggregate(g, [ca, cb], ctx, {})[0][M]
     assert torch.equal(a[0], torch.tensor([1.0, 1, 1]))           # only a trained 0
     assert torch.equal(a[1], g[M][0][1])                           # nobody trained 1
     assert torch.allclose(a[2], torch.tensor([4.25, 4.25, 4.25]))  # (1·2 + 3·5) / 4
@@ -141,7 +141,7 @@ def test_fslora_averages_deltas_over_all_sampled_clients():
     g = global4()
     ca = Contribution("a", plan_of([0, 2]), comps([[1, 1, 1], [2, 2, 2]], [[1, 1], [2, 2]]), 1.0)
     cb = Contribution("b", plan_of([2, 3]), comps([[5, 5, 5], [7, 7, 7]], [[5, 5], [7, 7]]), 3.0)
-    a, _ = get_method("fslora").aggregate(g, [ca, cb], MethodContext(DIMS, 1.0, 1, 4), {})[M]
+    a, _ = get_method("fslora").aggregate(g, [ca, cb], MethodContext(DIMS, 1.0, 1, 4), {})[0][M]
     ga = g[M][0]
     assert torch.allclose(a[0], ga[0] + 0.25 * (1 - ga[0]))
     assert torch.allclose(a[2], ga[2] + 0.25 * (2 - ga[2]) + 0.75 * (5 - ga[2]))
@@ -152,9 +152,9 @@ def test_fslora_averages_deltas_over_all_sampled_clients():
 def test_fslora_server_adam_takes_a_sign_step_first_and_keeps_its_moments():
     g = global4()
     ca = Contribution("a", plan_of([0, 1, 2, 3]), comps([[9, 9, 9]] * 4, [[9, 9]] * 4), 1.0)
-    ctx = MethodContext(DIMS, 1.0, 1, 4, fslora=FsloraSettings(server_optimizer="adamw", server_lr=0.01))
+    ctx = MethodContext(DIMS, 1.0, 1, 4, settings=FsloraSettings(server_optimizer="adamw", server_lr=0.01))
     state: dict = {}
-    a, b = get_method("fslora").aggregate(g, [ca], ctx, state)[M]
+    a, b = get_method("fslora").aggregate(g, [ca], ctx, state)[0][M]
     # first bias-corrected Adam step: p - lr * sign(pseudo-gradient); the delta is towards 9
     assert torch.allclose(a, g[M][0] + 0.01, atol=1e-6) and torch.allclose(b, g[M][1] + 0.01, atol=1e-6)
     assert state["server_step"] == 1 and f"adam.m.{M}.A" in state["tensors"]
@@ -170,7 +170,7 @@ def test_top_components_by_score_with_ties_to_the_lower_index():
 
 def test_hafl_aggregates_per_component_and_plans_from_reported_importance():
     m = get_method("hafl")
-    ctx = MethodContext(DIMS, 1.0, 1, 4, hafl=HaflSettings(variant="truncate"))
+    ctx = MethodContext(DIMS, 1.0, 1, 4, settings=HaflSettings(variant="truncate"))
     state: dict = {}
     p = m.plan("a", 2, ctx, 1, state)
     assert p.modules[M].components == (0, 1) and "hold" not in p.extra  # no scores yet: the first r
@@ -179,7 +179,7 @@ def test_hafl_aggregates_per_component_and_plans_from_reported_importance():
                       {M: torch.tensor([0.1, 0.2])})
     cb = Contribution("b", plan_of([1, 3]), comps([[4, 4, 4], [6, 6, 6]], [[4, 4], [6, 6]]), 1.0,
                       {M: torch.tensor([0.4, 0.9])})
-    a, b = m.aggregate(g, [ca, cb], ctx, state)[M]
+    a, b = m.aggregate(g, [ca, cb], ctx, state)[0][M]
     assert torch.equal(a[0], torch.tensor([1.0, 1, 1])) and torch.equal(a[3], torch.tensor([6.0, 6, 6]))
     assert torch.allclose(a[1], torch.tensor([3.0, 3, 3]))  # mean over its two trainers, not diluted
     assert torch.equal(a[2], g[M][0][2])

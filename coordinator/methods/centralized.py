@@ -11,18 +11,16 @@ from __future__ import annotations
 from edge_client.lora import uniform_plan
 
 from ..aggregate import average_components
-from . import GlobalRankR, register
+from .base import register
 
 
-class Centralized(GlobalRankR):
+@register
+class Centralized:
     name = "centralized"
-    pooled = True
+    pools_data = True
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return uniform_plan(ctx.modules, ctx.max_rank, ctx.scale)
 
     def aggregate(self, global_factors, contributions, ctx, state):
-        return average_components(global_factors, contributions, "trainers")
-
-
-register("centralized")(Centralized)
+        return average_components(global_factors, contributions, "trainers"), {}

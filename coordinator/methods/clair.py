@@ -35,8 +35,8 @@ variation within it".  **Everything below that makes this concrete is a reconstr
    points away from the others' or whose norm exceeds ``clair.max_norm_ratio`` times the unflagged
    median.  A client's agreement is the median of its cosines with the other unflagged clients
    (robust to the bad ones among them); it is flagged below ``clair.cosine_ratio`` times the
-   median agreement of all (how much clients agree varies: on SmolLM2 benign updates agreed at
-   0.17-0.36 in round 1 and 0.03-0.07 in round 2, random ones at 0.001), and always below 0.
+   median agreement of all (how much clients agree varies from run to run and round to round), and
+   always below 0.
 4. ``Û``: the left singular vectors of ``L̂`` restricted to the benign clients, with singular value
    above 1e-3 of the largest.  Benign client ``k``'s refined change is
    ``Δ̃_k = Û Ûᵀ Δ_k + (I − Û Ûᵀ) Σ_{j∈C} p_j Δ_j``; its own adapter becomes ``B0_k A0_k + Δ̃_k``
@@ -46,10 +46,8 @@ variation within it".  **Everything below that makes this concrete is a reconstr
    reads one-shot; a federated run is many rounds).
 
 The thresholds' defaults come from synthetic updates (the tests) and tiny-llama runs with 2 of 8
-clients contaminated.  On SmolLM2 (10 clients, 0/20/30% contaminated, every attack; docs/results.md)
-they flag every random, sign-flipped and scaled update and no benign client; there the flags come
-from the consistency check (the block-sparse share of a random update reaches 0.36, below 0.5), and
-shuffled-response data poisoning is mostly missed.
+clients contaminated; what they catch on SmolLM2 is measured in docs/results.md ("CLAIR under
+contamination").
 
 Planner mapping: as FlexLoRA, rank ``r_k = min(capacity_k, R)``.  The report lists, per round, the
 flagged clients and every client's scores.
@@ -66,11 +64,36 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..aggregate import Contribution, svd_factors, weighted_delta_w
-from . import GlobalRankR, capacity_plan, own_or_global, register
+from ..errors import ConfigError
+from .base import capacity_plan, own_or_global, register
+
+
+@dataclass(frozen=True)
+class ClairSettings:
+    """``clair:``: the decomposition's weight and the detection thresholds."""
+
+    side: str = "input"            # the shared subspace: input (row space of ΔW = BA) or output (column space)
+    lam_scale: float = 0.75        # λ = lam_scale · sqrt(the updates' mean stable rank) on the block-sparse part
+    threshold: float = 0.5         # flag a client whose update is more than this share block-sparse
+    consistency: bool = True       # also flag updates that point away or are far larger (not in the paper)
+    cosine_ratio: float = 0.25     # ... agreement (median cosine with the others) below this share of the typical one
+    max_norm_ratio: float = 3.0    # ... or norm above this multiple of the unflagged median
+
+    def __post_init__(self):
+        if self.side not in ("input", "output"):
+            raise ConfigError("clair.side: must be 'input' or 'output'")
+        if not self.lam_scale > 0:
+            raise ConfigError("clair.lam_scale: must be positive")
+        for name in ("threshold", "cosine_ratio"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"clair.{name}: must be in (0, 1)")
+        if not self.max_norm_ratio > 1.0:
+            raise ConfigError("clair.max_norm_ratio: must be above 1")
 
 
 def compress(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -199,8 +222,10 @@ def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
     return result
 
 
-class CLAIR(GlobalRankR):
+@register
+class CLAIR:
     name = "clair"
+    Settings = ClairSettings
     personalised = True
     personal_fallback = "global"  # a client with no refined adapter (never trained, or flagged) uses the global one
 
@@ -210,21 +235,21 @@ class CLAIR(GlobalRankR):
     start_factors = staticmethod(own_or_global)
 
     def aggregate(self, global_factors, contributions: Sequence[Contribution], ctx, state):
-        cfg = ctx.clair
+        cfg = ctx.settings
         # what each client started from (what it was sent: its own adapter, or the global slice)
-        starts = {c.client: self.start_factors(c.client, global_factors, c.plan, state) for c in contributions}
+        starts = {c.client: own_or_global(c.client, global_factors, c.plan, state) for c in contributions}
         res = clair_round({c.client: round_change(c.factors, starts[c.client]) for c in contributions},
                           {c.client: c.weight for c in contributions},
                           cfg.lam_scale, cfg.threshold, cfg.consistency, cfg.cosine_ratio, cfg.max_norm_ratio,
                           cfg.side)
-        state["round_note"] = {  # the engine moves it into this round's record
-            "flagged": res["flagged"],
-            "scores": {c: {k: round(v, 4) for k, v in s.items()} for c, s in res["scores"].items()}}
+        detection = {"flagged": res["flagged"],
+                     "scores": {c: {k: round(v, 4) for k, v in s.items()} for c, s in res["scores"].items()}}
         alone = alone_at_top_rank({c.client: c.plan.rank for c in contributions}, res["flagged"])
         if alone:
-            state["round_note"]["caution"] = alone
+            detection["caution"] = alone
+        record = {"detection": detection}
         if not res["benign"]:
-            return global_factors
+            return global_factors, record
         personal = state.setdefault("personal", {})
         by_client = {c.client: c for c in contributions}
         for c, refined in res["refined"].items():
@@ -235,8 +260,8 @@ class CLAIR(GlobalRankR):
             personal.pop(c, None)
         # Σ_C p_j (start_j + Δ̃_j) = Σ_C p_j (start_j + Δ_j): the benign clients' adapters, averaged
         benign = [c for c in contributions if c.client in res["benign"]]
-        return {m: _refactor(weighted_delta_w(benign, m).double(), self.global_rank(ctx), a)
-                for m, (a, _) in global_factors.items()}
+        return {m: _refactor(weighted_delta_w(benign, m).double(), ctx.max_rank, a)
+                for m, (a, _) in global_factors.items()}, record
 
 
 def alone_at_top_rank(ranks: dict[str, int], flagged: Sequence[str]) -> str | None:
@@ -267,6 +292,3 @@ def _product(ab: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 
 def _refactor(delta_w: torch.Tensor, rank: int, fill_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(t.to(torch.float32) for t in svd_factors(delta_w, rank, fill_a=fill_a))
-
-
-register("clair")(CLAIR)

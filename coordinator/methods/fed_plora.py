@@ -24,12 +24,13 @@ from __future__ import annotations
 
 from ..aggregate import average_components
 from ..planner import Footprint
-from . import GlobalRankR, MethodContext, global_copy, random_plan, register
+from .base import MethodContext, global_copy, random_plan, register, trained_rank
 
 
-class FedPLoRA(GlobalRankR):
-    plain_plans = False  # its plans hold, score or route: the executorch trainer cannot carry them
+@register
+class FedPLoRA:
     name = "fed-plora"
+    plain_plans = False  # its plans hold the R modules and fold the untrained ones
     knob = "modules r"
     start_factors = staticmethod(global_copy)
 
@@ -37,13 +38,10 @@ class FedPLoRA(GlobalRankR):
         return Footprint(down_rank=ctx.max_rank, fold=True)
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
-        r = min(capacity, ctx.max_rank)
+        r = trained_rank(capacity, ctx)
         if r < 1:
             return None
         return random_plan(ctx, "fed-plora", client, round_idx, r, ctx.scale, {"hold": ctx.max_rank, "frozen": "fold"})
 
     def aggregate(self, global_factors, contributions, ctx, state):
-        return average_components(global_factors, contributions, "trainers")
-
-
-register("fed-plora")(FedPLoRA)
+        return average_components(global_factors, contributions, "trainers"), {}

@@ -13,10 +13,11 @@ from __future__ import annotations
 from edge_client.lora import uniform_plan
 
 from ..aggregate import average_components
-from . import GlobalRankR, MethodContext, register
+from .base import MethodContext, register
 
 
-class FedIT(GlobalRankR):
+@register
+class FedIT:
     name = "fedit"
 
     def global_rank(self, ctx: MethodContext) -> int:
@@ -26,7 +27,4 @@ class FedIT(GlobalRankR):
         return uniform_plan(ctx.modules, ctx.rank, ctx.scale) if capacity >= ctx.rank else None
 
     def aggregate(self, global_factors, contributions, ctx, state):
-        return average_components(global_factors, contributions, "trainers")
-
-
-register("fedit")(FedIT)
+        return average_components(global_factors, contributions, "trainers"), {}

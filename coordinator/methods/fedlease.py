@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,8 +51,23 @@ import torch
 from edge_client.experts import expert_key, init_router, mixture_of, router_key
 from edge_client.lora import Factors, to_state_dict, uniform_plan
 
+from ..errors import ConfigError
 from ..planner import Footprint
-from . import MethodContext, own_or_global, register
+from .base import MethodContext, own_or_global, register
+
+
+@dataclass(frozen=True)
+class FedleaseSettings:
+    """``fedlease:``: the warm-up, and the most experts the clustering may choose."""
+
+    warmup_rounds: int = 2   # rounds of purely local single-LoRA training before the clients are clustered
+    max_experts: int = 4     # M_max: the clustering tries k = 2..M_max experts and keeps the best silhouette
+
+    def __post_init__(self):
+        if self.warmup_rounds < 1:
+            raise ConfigError("fedlease.warmup_rounds: must be at least 1")
+        if self.max_experts < 2:
+            raise ConfigError("fedlease.max_experts: must be at least 2 (the clustering tries k = 2..max_experts)")
 
 CLUSTER_ROUTER = "cluster_router."
 
@@ -146,19 +162,25 @@ def router_rank(ctx: MethodContext, m: int) -> int:
     return math.ceil(router / sum(n + o for n, o in ctx.modules.values()))
 
 
+@register
 class FedLEASE:
-    plain_plans = False  # its plans hold, score or route: the executorch trainer cannot carry them
     name = "fedlease"
+    Settings = FedleaseSettings
+    plain_plans = False  # its plans route experts
     personalised = True
     global_model = False  # the experts, not one adapter, are the model
-    pooled = False
     knob = "expert rank (lora.rank)"
+
+    def check_config(self, cfg) -> None:
+        if run_settings(cfg).warmup_rounds >= cfg.rounds:
+            raise ConfigError(f"fedlease.warmup_rounds: ({run_settings(cfg).warmup_rounds}) must be below rounds "
+                              f"({cfg.rounds}), or no round trains the experts")
 
     def global_rank(self, ctx: MethodContext) -> int:
         return ctx.rank  # the warm-up's common initialisation
 
     def footprint(self, ctx: MethodContext) -> Footprint:
-        m = ctx.fedlease.max_experts
+        m = ctx.settings.max_experts
         return Footprint(down_rank=m * ctx.rank + router_rank(ctx, m), hold_rank=m * ctx.rank)
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
@@ -170,7 +192,7 @@ class FedLEASE:
         if clusters and client in clusters:
             return uniform_plan(ctx.modules, r, ctx.scale, experts={"count": st["experts"], "own": clusters[client]})
         extra = {"phase": "warmup"}
-        if not clusters and round_idx >= ctx.fedlease.warmup_rounds:
+        if not clusters and round_idx >= ctx.settings.warmup_rounds:
             extra["cluster_after"] = True
         return uniform_plan(ctx.modules, r, ctx.scale, **extra)
 
@@ -231,13 +253,14 @@ class FedLEASE:
             for m in ctx.modules:
                 set_expert(tensors, j, m, [c.factors[m] for c in members])
                 tensors[f"{CLUSTER_ROUTER}{j}.{m}"] = torch.stack([c.extras[router_key(m)] for c in members]).mean(0)
+        record: dict = {}
         if not st.get("clusters") and any(c.plan.extra.get("cluster_after") for c in warm):
-            allocate(state, ctx)
+            record["allocation"] = allocate(state, ctx)
         elif st.get("clusters"):
             for c in warm:
                 if c.client not in st["clusters"]:
-                    join_nearest(state, ctx, c.client, c.factors)
-        return global_factors
+                    record.setdefault("joined", {})[c.client] = join_nearest(state, ctx, c.client, c.factors)
+        return global_factors, record
 
 
 def set_expert(tensors: dict, j: int, module: str, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -246,12 +269,13 @@ def set_expert(tensors: dict, j: int, module: str, factors: Sequence[tuple[torch
     tensors[expert_key(j, module, "B")] = torch.stack([b for _, b in factors]).mean(0)
 
 
-def allocate(state: dict, ctx: MethodContext) -> None:
-    """Cluster the clients with a warm-up LoRA, and start each cluster's expert and router."""
+def allocate(state: dict, ctx: MethodContext) -> dict:
+    """Cluster the clients with a warm-up LoRA, and start each cluster's expert and router; returns
+    the allocation (for the round's record)."""
     personal, st, tensors = state["personal"], state["fedlease"], state["tensors"]
     ids = sorted(personal)
     dist = distance_matrix([{m: personal[cid][m][1] for m in ctx.modules} for cid in ids])
-    labels, m_count, scores = choose_experts(dist, ctx.fedlease.max_experts)
+    labels, m_count, scores = choose_experts(dist, ctx.settings.max_experts)
     st.update({"clusters": {cid: int(j) for cid, j in zip(ids, labels)}, "experts": m_count,
                "silhouette": {str(k): round(v, 4) for k, v in scores.items()}})
     # its own stream: seeded with the run's seed alone it would replay the warm-up's initial A
@@ -263,18 +287,19 @@ def allocate(state: dict, ctx: MethodContext) -> None:
             tensors[f"{CLUSTER_ROUTER}{j}.{m}"] = init_router(ctx.modules[m][0], m_count, gen)
     for cid in ids:  # the warm-up LoRAs live on in the experts
         del personal[cid]
-    state["round_record"] = {"allocation": {"experts": m_count, "clusters": dict(st["clusters"]),
-                                            "silhouette": dict(st["silhouette"])}}
+    return {"experts": m_count, "clusters": dict(st["clusters"]), "silhouette": dict(st["silhouette"])}
 
 
-def join_nearest(state: dict, ctx: MethodContext, client: str, factors: Factors) -> None:
-    """A client first seen after the allocation joins the expert whose B is nearest to its warm-up B."""
+def join_nearest(state: dict, ctx: MethodContext, client: str, factors: Factors) -> int:
+    """A client first seen after the allocation joins the expert whose B is nearest to its warm-up B;
+    returns that expert."""
     st, tensors = state["fedlease"], state["tensors"]
     mine = {m: factors[m][1] for m in ctx.modules}
     dists = [b_distance(mine, {m: tensors[expert_key(j, m, "B")] for m in ctx.modules}) for j in range(st["experts"])]
     st["clusters"][client] = int(np.argmin(dists))
     state["personal"].pop(client, None)
-    state.setdefault("round_record", {}).setdefault("joined", {})[client] = st["clusters"][client]
+    return st["clusters"][client]
 
 
-register("fedlease")(FedLEASE)
+def run_settings(cfg) -> FedleaseSettings:
+    return cfg.method_settings["fedlease"]

@@ -14,19 +14,16 @@ Round 1 starts from the common random initialisation (A random, B = 0), as plain
 from __future__ import annotations
 
 from ..aggregate import svd_factors, weighted_delta_w
-from . import GlobalRankR, capacity_plan, register
+from .base import capacity_plan, register
 
 
-class FlexLoRA(GlobalRankR):
+@register
+class FlexLoRA:
     name = "flexlora"
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return capacity_plan(capacity, ctx)
 
     def aggregate(self, global_factors, contributions, ctx, state):
-        rank = self.global_rank(ctx)
-        return {m: svd_factors(weighted_delta_w(contributions, m), rank, fill_a=a)
-                for m, (a, _) in global_factors.items()}
-
-
-register("flexlora")(FlexLoRA)
+        return {m: svd_factors(weighted_delta_w(contributions, m), ctx.max_rank, fill_a=a)
+                for m, (a, _) in global_factors.items()}, {}

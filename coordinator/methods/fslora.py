@@ -26,10 +26,30 @@ implementation follows the paper, not that behaviour.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..aggregate import average_components
-from . import GlobalRankR, random_plan, register
+from ..errors import ConfigError
+from .base import random_plan, register, trained_rank
+
+
+@dataclass(frozen=True)
+class FsloraSettings:
+    """``fslora:``: the optional server-side optimiser of the official code."""
+
+    server_optimizer: str = "none"  # none: B ← B + mean ΔB (the paper); adamw: the mean delta as a pseudo-gradient
+    server_lr: float = 3e-4
+    server_betas: tuple[float, ...] = (0.9, 0.999)
+
+    def __post_init__(self):
+        if self.server_optimizer not in ("none", "adamw"):
+            raise ConfigError("fslora.server_optimizer: must be 'none' or 'adamw'")
+        if not self.server_lr > 0:
+            raise ConfigError("fslora.server_lr: must be positive")
+        if len(self.server_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.server_betas):
+            raise ConfigError("fslora.server_betas: must be two numbers in [0, 1)")
 
 
 def sketch_product(a: torch.Tensor, b: torch.Tensor, components, total: int) -> torch.Tensor:
@@ -48,13 +68,15 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch
     return param - lr * m_hat / (v_hat.sqrt() + eps)
 
 
-class FSLoRA(GlobalRankR):
+@register
+class FSLoRA:
     name = "fslora"
+    Settings = FsloraSettings
     knob = "sketch size k"
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         big_r = ctx.max_rank
-        k = min(capacity, big_r)
+        k = trained_rank(capacity, ctx)
         if k < 1:
             return None
         return random_plan(ctx, "fslora", client, round_idx, k, ctx.scale * big_r / k,
@@ -62,8 +84,9 @@ class FSLoRA(GlobalRankR):
 
     def aggregate(self, global_factors, contributions, ctx, state):
         mean = average_components(global_factors, contributions, "all")
-        if ctx.fslora.server_optimizer == "none":
-            return mean
+        st = ctx.settings
+        if st.server_optimizer == "none":
+            return mean, {}
         tensors = state.setdefault("tensors", {})
         step = int(state.get("server_step", 0)) + 1
         state["server_step"] = step
@@ -73,10 +96,6 @@ class FSLoRA(GlobalRankR):
             for which, g, avg in (("A", ga, mean[module][0]), ("B", gb, mean[module][1])):
                 m = tensors.setdefault(f"adam.m.{module}.{which}", torch.zeros_like(g))
                 v = tensors.setdefault(f"adam.v.{module}.{which}", torch.zeros_like(g))
-                new.append(adam_step(g, g - avg, m, v, step, ctx.fslora.server_lr,
-                                     tuple(ctx.fslora.server_betas)))
+                new.append(adam_step(g, g - avg, m, v, step, st.server_lr, tuple(st.server_betas)))
             out[module] = (new[0], new[1])
-        return out
-
-
-register("fslora")(FSLoRA)
+        return out, {}

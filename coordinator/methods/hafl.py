@@ -35,11 +35,30 @@ Reconstructed (only the abstract is public, and no official code was found):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from edge_client.lora import ClientPlan, ModulePlan
 
 from ..aggregate import average_components
+from ..errors import ConfigError
 from ..planner import Footprint
-from . import GlobalRankR, MethodContext, global_copy, global_slice, register
+from .base import MethodContext, global_copy, global_slice, register, trained_rank
+
+
+@dataclass(frozen=True)
+class HaflSettings:
+    """``hafl:``: which variant, and the smoothing of the sensitivity scores."""
+
+    variant: str = "freeze"   # freeze: all hold rank R, train the top r_i; truncate: hold and train the top r_i
+    beta1: float = 0.85       # AdaLoRA's smoothing of the sensitivity I = |w·grad|
+    beta2: float = 0.85       # and of its uncertainty |I − Ī|
+
+    def __post_init__(self):
+        if self.variant not in ("freeze", "truncate"):
+            raise ConfigError("hafl.variant: must be 'freeze' or 'truncate'")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"hafl.{name}: must be in [0, 1)")
 
 
 def top_components(scores: list[float], r: int) -> tuple[int, ...]:
@@ -58,24 +77,27 @@ def ranking_scores(state: dict | None, client: str, module: str, total: int) -> 
     return scores
 
 
-class HAFL(GlobalRankR):
-    plain_plans = False  # its plans hold, score or route: the executorch trainer cannot carry them
+@register
+class HAFL:
     name = "hafl"
+    Settings = HaflSettings
+    plain_plans = False  # its plans score importance (and with freeze hold frozen components)
 
     def footprint(self, ctx: MethodContext) -> Footprint:
-        if ctx.hafl.variant == "freeze":
+        if ctx.settings.variant == "freeze":
             return Footprint(down_rank=ctx.max_rank, hold_rank=ctx.max_rank)
         return Footprint()
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         big_r = ctx.max_rank
-        r = min(capacity, big_r)
+        r = trained_rank(capacity, ctx)
         if r < 1:
             return None
         modules = {m: ModulePlan(top_components(ranking_scores(state, client, m, big_r), r))
                    for m in sorted(ctx.modules)}
-        extra = {"importance": {"beta1": ctx.hafl.beta1, "beta2": ctx.hafl.beta2}, "variant": ctx.hafl.variant}
-        if ctx.hafl.variant == "freeze":
+        st = ctx.settings
+        extra = {"importance": {"beta1": st.beta1, "beta2": st.beta2}, "variant": st.variant}
+        if st.variant == "freeze":
             extra.update({"hold": big_r, "frozen": "forward"})
         return ClientPlan(modules, ctx.scale, r, extra)
 
@@ -85,7 +107,7 @@ class HAFL(GlobalRankR):
 
     def aggregate(self, global_factors, contributions, ctx, state):
         update_importance(state, contributions, ctx.max_rank)
-        return average_components(global_factors, contributions, "trainers")
+        return average_components(global_factors, contributions, "trainers"), {}
 
 
 def update_importance(state: dict, contributions, total: int) -> None:
@@ -110,6 +132,3 @@ def update_importance(state: dict, contributions, total: int) -> None:
         for j in range(total):
             if weights[module][j] > 0:
                 g[j] = s[j] / weights[module][j]
-
-
-register("hafl")(HAFL)

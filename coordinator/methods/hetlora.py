@@ -16,17 +16,15 @@ self-pruning and norm-based weights are not implemented.
 from __future__ import annotations
 
 from ..aggregate import average_components
-from . import GlobalRankR, capacity_plan, register
+from .base import capacity_plan, register
 
 
-class HetLoRA(GlobalRankR):
+@register
+class HetLoRA:
     name = "hetlora"
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return capacity_plan(capacity, ctx)
 
     def aggregate(self, global_factors, contributions, ctx, state):
-        return average_components(global_factors, contributions, "all")
-
-
-register("hetlora")(HetLoRA)
+        return average_components(global_factors, contributions, "all"), {}

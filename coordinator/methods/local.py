@@ -8,17 +8,14 @@ stays at its initialisation and is not meaningful for this method.
 
 from __future__ import annotations
 
-from . import MethodContext, capacity_plan, own_or_global, register
+from .base import capacity_plan, own_or_global, register
 
 
+@register
 class Local:
     name = "local"
     personalised = True
     global_model = False
-    pooled = False
-
-    def global_rank(self, ctx: MethodContext) -> int:
-        return ctx.max_rank
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return capacity_plan(capacity, ctx)
@@ -29,7 +26,4 @@ class Local:
         personal = state.setdefault("personal", {})
         for c in contributions:
             personal[c.client] = c.factors
-        return global_factors
-
-
-register("local")(Local)
+        return global_factors, {}

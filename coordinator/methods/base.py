@@ -1,0 +1,257 @@
+"""What a method is: the one interface every method implements, its defaults, the registry, and the
+helpers methods share.
+
+A method is a class in its own module under ``coordinator/methods/`` (or anywhere: a test registers
+one from outside the package) with a ``name``, a ``plan`` policy and an ``aggregate`` rule, and
+whichever optional hooks of :class:`Method` it needs; what it leaves out takes the default written
+there.  ``@register`` adds it to the registry under its ``name``.  Its settings, if any, are a frozen
+dataclass ``Settings`` (validated in its ``__post_init__``, errors naming ``<section>.<field>``) that
+the config loader reads from the YAML section ``section`` (default: the name with ``-`` as ``_``),
+and ``--set <section>.<field>=...`` overrides; the method finds them as ``ctx.settings``.  Nothing
+outside its module names the method.
+
+The engine never calls a method's class directly: :func:`get_method` returns a :class:`Bound`,
+which has every hook, the method's own or the default, so the defaults live in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from edge_client.lora import ClientPlan, Factors, ModulePlan, slice_factors, to_state_dict, uniform_plan
+
+from ..aggregate import Contribution
+from ..planner import NO_FOOTPRINT, Footprint
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method knows of the run: adapted module dims (in, out), scale, ranks, seed, and its
+    own settings (an instance of its ``Settings``, or None when it has none)."""
+
+    modules: Mapping[str, tuple[int, int]]
+    scale: float
+    rank: int       # the homogeneous rank (lora.rank)
+    max_rank: int   # lora.max_rank
+    seed: int = 0   # the run's seed: methods that draw at random (FSLoRA, Fed-PLoRA) draw from it
+    settings: Any = None
+
+
+class Method(Protocol):
+    """Every hook a method may have.  ``name``, ``plan`` and ``aggregate`` are required; each other
+    hook says its default, which is what :class:`Bound` uses when the method leaves it out."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type | None]   # default None: no settings (a frozen dataclass otherwise)
+    section: ClassVar[str]            # default: name with "-" as "_"; the config section of Settings
+    personalised: ClassVar[bool]      # default False: keeps a per-client model that evaluation uses
+    global_model: ClassVar[bool]      # default True: its global adapter is a model worth saving
+    plain_plans: ClassVar[bool]       # default True: plans are plain LoRA factors (an executorch device
+    # can train them); False for plans that hold frozen components, score importance or route experts
+    pools_data: ClassVar[bool]        # default False: True trains on all clients' data pooled on the
+    # server (the centralized reference): no device takes part, so only `simulate` runs it
+    knob: ClassVar[str]               # default "rank": what `fedlora plan` calls the method's knob
+    personal_fallback: ClassVar[str]  # default "base": what a client without a model of its own is
+    # scored on: "base" (the base model) or "global" (the global adapter)
+
+    def plan(self, client: str, capacity: int, ctx: MethodContext, round_idx: int,
+             state: dict | None = None) -> ClientPlan | None:
+        """The client's plan for this round, or None when its capacity cannot hold the method's
+        minimum (the caller reports it as skipped, with the capacity).  ``capacity`` is the
+        planner's rank for the device; each method's docstring says how it maps to its knob.
+        ``state`` is the method's state (None when planning outside a run, as ``fedlora plan``)."""
+        ...
+
+    def aggregate(self, global_factors: Factors, contributions: Sequence[Contribution], ctx: MethodContext,
+                  state: dict) -> tuple[Factors, dict]:
+        """(the new global factors, this round's record) from the round's valid contributions (at
+        least one).  The record's keys go into the round's entry of the report (e.g. CLAIR's
+        ``detection``, FedLEASE's ``allocation``); ``{}`` when there is nothing to say."""
+        ...
+
+    def global_rank(self, ctx: MethodContext) -> int:
+        """R, the number of global components per module.  Default: ``lora.max_rank``."""
+        ...
+
+    def start_factors(self, client: str, global_factors: Factors, plan: ClientPlan, state: dict) -> Factors:
+        """The factors the client starts from (what is sent to it).  Default: the plan's components
+        of the global adapter (:func:`global_slice`)."""
+        ...
+
+    def start_extras(self, client: str, plan: ClientPlan, state: dict) -> dict:
+        """Tensors sent with the start factors beyond the plan's own.  Default: none."""
+        ...
+
+    def footprint(self, ctx: MethodContext) -> Footprint:
+        """What a device carries beyond the rank it trains (the planner charges it).  Default:
+        nothing."""
+        ...
+
+    def personal_model(self, client: str, ctx: MethodContext, state: dict) -> tuple[ClientPlan, dict, object] | None:
+        """``(plan, tensors, key)`` of a personalised method's model of ``client`` (None when it has
+        none yet); clients with equal non-None ``key`` share one model (evaluated once).  Default:
+        its adapter in ``state["personal"]`` (:func:`own_adapter`)."""
+        ...
+
+    def summary(self, state: dict) -> dict | None:
+        """What the report says of the method at the end of the run.  Default: None."""
+        ...
+
+    def check_config(self, cfg) -> None:
+        """Checks across config sections, for a run of this method (ConfigError naming the field).
+        Default: none."""
+        ...
+
+
+# --------------------------------------------------------------------------------- helpers
+
+def global_slice(client: str, global_factors: Factors, plan: ClientPlan, state: dict) -> Factors:
+    """The default start: the plan's components of the global adapter."""
+    return slice_factors(global_factors, plan)
+
+
+def own_or_global(client: str, global_factors: Factors, plan: ClientPlan, state: dict) -> Factors:
+    """The client's own adapter (``state["personal"]``) when it has one of the plan's rank, else the
+    plan's components of the global adapter: the start of the personalised methods."""
+    own = state.get("personal", {}).get(client)
+    if own is not None and next(iter(own.values()))[0].shape[0] == plan.rank:
+        return {m: (a.clone(), b.clone()) for m, (a, b) in own.items()}
+    return slice_factors(global_factors, plan)
+
+
+def global_copy(client: str, global_factors: Factors, plan: ClientPlan, state: dict) -> Factors:
+    """All R components of the global adapter (for plans that hold more than they train)."""
+    return {m: (a.clone(), b.clone()) for m, (a, b) in global_factors.items()}
+
+
+def own_adapter(client: str, ctx: MethodContext, state: dict) -> tuple[ClientPlan, dict, None] | None:
+    """The default personal model: the client's adapter in ``state["personal"]``, if any."""
+    factors = state.get("personal", {}).get(client)
+    if factors is None:
+        return None
+    rank = next(iter(factors.values()))[0].shape[0]
+    return uniform_plan(ctx.modules, rank, ctx.scale), to_state_dict(factors), None
+
+
+def trained_rank(capacity: int, ctx: MethodContext) -> int:
+    """``min(capacity, R)`` with R = ``lora.max_rank``: the rank (or modules, or sketch size) a
+    device of this capacity trains; 0 when it cannot train one."""
+    return max(0, min(capacity, ctx.max_rank))
+
+
+def capacity_plan(capacity: int, ctx: MethodContext) -> ClientPlan | None:
+    """The first ``min(capacity, R)`` components of every module, or None when the capacity is 0:
+    the planner-driven rank of HetLoRA, FlexLoRA and local training."""
+    r = trained_rank(capacity, ctx)
+    return uniform_plan(ctx.modules, r, ctx.scale) if r >= 1 else None
+
+
+def random_plan(ctx: MethodContext, tag: str, client: str, round_idx: int, k: int, scale: float,
+                extra: dict) -> ClientPlan:
+    """``k`` of the R global components per adapted matrix, uniformly without replacement, drawn
+    independently per matrix and afresh per round from ``(tag, seed, round, client)``."""
+    rng = random.Random(f"{tag}|{ctx.seed}|{round_idx}|{client}")
+    modules = {m: ModulePlan(tuple(sorted(rng.sample(range(ctx.max_rank), k)))) for m in sorted(ctx.modules)}
+    return ClientPlan(modules, scale, k, extra)
+
+
+# ------------------------------------------------------------------------------- the binding
+
+_FLAGS = {"Settings": None, "personalised": False, "global_model": True, "plain_plans": True, "pools_data": False,
+          "knob": "rank", "personal_fallback": "base"}
+
+
+class Bound:
+    """A method with every hook of :class:`Method`: its own, or the default."""
+
+    def __init__(self, impl):
+        self.impl = impl
+        self.name: str = impl.name
+        for flag, default in _FLAGS.items():
+            setattr(self, flag, getattr(impl, flag, default))
+        self.section: str = getattr(impl, "section", None) or section_of(impl)
+
+    def _own(self, hook: str):
+        return getattr(self.impl, hook, None)
+
+    def _ctx(self, ctx: MethodContext) -> MethodContext:
+        """``ctx`` with the method's default settings when it carries none (a context made by hand)."""
+        if ctx.settings is None and self.Settings is not None:
+            return dataclasses.replace(ctx, settings=self.Settings())
+        return ctx
+
+    def plan(self, client, capacity, ctx, round_idx, state=None):
+        return self.impl.plan(client, capacity, self._ctx(ctx), round_idx, state)
+
+    def aggregate(self, global_factors, contributions, ctx, state) -> tuple[Factors, dict]:
+        factors, record = self.impl.aggregate(global_factors, contributions, self._ctx(ctx), state)
+        return factors, dict(record or {})
+
+    def global_rank(self, ctx) -> int:
+        f = self._own("global_rank")
+        return f(self._ctx(ctx)) if f else ctx.max_rank
+
+    def start_factors(self, client, global_factors, plan, state) -> Factors:
+        return (self._own("start_factors") or global_slice)(client, global_factors, plan, state)
+
+    def start_extras(self, client, plan, state) -> dict:
+        f = self._own("start_extras")
+        return f(client, plan, state) if f else {}
+
+    def footprint(self, ctx) -> Footprint:
+        f = self._own("footprint")
+        return f(self._ctx(ctx)) if f else NO_FOOTPRINT
+
+    def personal_model(self, client, ctx, state):
+        return (self._own("personal_model") or own_adapter)(client, self._ctx(ctx), state)
+
+    def summary(self, state):
+        f = self._own("summary")
+        return f(state) if f else None
+
+    def check_config(self, cfg) -> None:
+        f = self._own("check_config")
+        if f:
+            f(cfg)
+
+
+# --------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type] = {}
+
+
+def section_of(cls) -> str:
+    return getattr(cls, "section", None) or cls.name.replace("-", "_")
+
+
+def register(cls: type) -> type:
+    """Class decorator: add a method under its ``name`` (twice is an error)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"method class {cls.__name__} has no 'name'")
+    for hook in ("plan", "aggregate"):
+        if not callable(getattr(cls, hook, None)):
+            raise ValueError(f"method '{name}' has no '{hook}'")
+    if name in _REGISTRY:
+        raise ValueError(f"method '{name}' is registered twice")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> Bound:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method '{name}'; valid methods: {', '.join(method_names())}")
+    return Bound(_REGISTRY[name]())
+
+
+def settings_classes() -> dict[str, type]:
+    """Config section -> settings dataclass, of every registered method that has settings."""
+    return {section_of(cls): cls.Settings for cls in _REGISTRY.values() if getattr(cls, "Settings", None)}
