@@ -189,9 +189,10 @@ def _exit_status(report: dict) -> int:
 
 def cmd_coordinator(args) -> int:
     from .report import ConsoleReporter
-    from .service import Coordinator, check_resume
+    from .service import Coordinator, check_deployable, check_resume
 
     cfg = _config_from_args(args)
+    check_deployable(cfg)
     check_resume(args.out, args.resume)
     classes = _export_classes(args, cfg)
     reporter = ConsoleReporter()

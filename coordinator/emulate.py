@@ -33,7 +33,7 @@ from .broker import EmbeddedBroker
 from .config import RunConfig
 from .pki import issue_server, load_ca
 from .registry import Registry
-from .service import Coordinator
+from .service import Coordinator, check_deployable
 
 
 class DeviceProcessError(RuntimeError):
@@ -73,6 +73,7 @@ def emulate(cfg: RunConfig, out_dir: str | Path, broker: str | BrokerAddress | N
     """Run the deployment (see the module text).  ``registry``: the device registry to use (default
     ``OUT/registry``, made if missing); ``tls``: the embedded broker serves TLS with a certificate
     from the registry's CA; ``broker``: a real broker's URL instead of the embedded one."""
+    check_deployable(cfg)
     out = Path(out_dir)
     reg_dir = Path(registry) if registry else out / "registry"
     reg = Registry(reg_dir) if (reg_dir / "registry.json").is_file() else Registry.create(reg_dir)

@@ -38,6 +38,7 @@ from edge_client.profile import DeviceProfile, ProfileError
 from .config import ConfigError, RunConfig
 from .engine import Assignment, Engine, Returned
 from .faults import crash_point
+from .methods import get_method
 from .registry import COORDINATOR_ID, Registry
 from .validate import UpdateRejected
 
@@ -86,9 +87,7 @@ class OpenRound:
 class Coordinator:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, broker: BrokerAddress, registry: Registry,
                  reporter=None, resume: bool = False, log=print, watch=None, enrol=None):
-        if cfg.contamination.attack != "none":
-            raise ConfigError("contamination: made-up contamination is a `fedlora simulate` feature; over MQTT "
-                              "the devices send what they send (set contamination.attack: none)")
+        check_deployable(cfg)
         self.cfg = cfg
         self.out = Path(out_dir)
         check_writable(self.out / "state")
@@ -526,6 +525,17 @@ class Coordinator:
             self.engine.save_state()  # snapshot 0: the state before round 1, with the base accuracy and nonce
         except OSError as exc:
             raise StorageError(f"cannot write the run state in {self.engine.store.folder}: {exc.strerror or exc}") from None
+
+
+def check_deployable(cfg: RunConfig) -> None:
+    """What only ``simulate`` can run is refused before a deployment starts."""
+    if cfg.contamination.attack != "none":
+        raise ConfigError("contamination: made-up contamination is a `fedlora simulate` feature; over MQTT "
+                          "the devices send what they send (set contamination.attack: none)")
+    if get_method(cfg.method).pools_data:
+        raise ConfigError(f"method {cfg.method}: trains on every client's data pooled on the server, the reference "
+                          "point of `fedlora simulate`; over MQTT the data stays on the devices, so no device could "
+                          f"take part (use `fedlora simulate --method {cfg.method}`)")
 
 
 def set_aside_state(folder: Path, log) -> None:

@@ -41,6 +41,10 @@ def test_profile_measures_this_machine_and_writes_a_loadable_file(tmp_path, caps
     (["simulate", "--out", "x", "--set", "train.lr=-1"], "train.lr"),
     (["simulate", "--out", "x", "--fleet", "nowhere"], "fleet 'nowhere' not found"),
     (["simulate", "--out", "x", "--config", "/no/run.yaml"], "no such file"),
+    (["simulate", "--out", "x", "--set", "hafl.variant=melt"], "hafl.variant"),
+    (["simulate", "--out", "x", "--method", "fedlease", "--rounds", "2"], "fedlease.warmup_rounds"),
+    (["emulate", "--out", "x", "--model", "tiny-llama", "--method", "centralized"], "fedlora simulate --method centralized"),
+    (["coordinator", "--out", "x", "--model", "tiny-llama", "--method", "centralized"], "pooled on the server"),
 ])
 def test_bad_input_fails_with_exit_2_and_a_message(tmp_path, capsys, argv, needle):
     argv = [a if a != "x" else str(tmp_path / "out") for a in argv]
