@@ -406,7 +406,8 @@ def cmd_methods(args) -> int:
     from .methods import get_method, method_names
 
     for n in method_names():
-        doc = (sys.modules[type(get_method(n)).__module__].__doc__ or "").strip().split("\n\n")[0]
+        impl = type(get_method(n).impl)
+        doc = (sys.modules[impl.__module__].__doc__ or impl.__doc__ or "").strip().split("\n\n")[0]
         print(f"{n:12s} {' '.join(doc.split())}")
     return 0
 

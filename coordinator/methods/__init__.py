@@ -19,4 +19,5 @@ from .base import (  # noqa: F401  (the public names of the methods' layer)
     register,
     settings_classes,
     trained_rank,
+    unregister,
 )

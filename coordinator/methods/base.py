@@ -242,6 +242,11 @@ def register(cls: type) -> type:
     return cls
 
 
+def unregister(name: str) -> None:
+    """Remove a method (a test's throw-away one); unknown names are ignored."""
+    _REGISTRY.pop(name, None)
+
+
 def method_names() -> list[str]:
     return sorted(_REGISTRY)
 
