@@ -26,7 +26,7 @@ from pathlib import Path
 
 from coordinator.compare import compare
 from coordinator.config import load_config, parse_override
-from coordinator.engine import contaminated_clients
+from coordinator.contamination import contaminated_clients
 
 DEFAULTS = {"fleet": "mixed10", "clients_per_round": 10, "rounds": 3}
 

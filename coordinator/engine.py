@@ -11,28 +11,30 @@ drives the same engine over a broker.  A round is
 3. :meth:`Engine.close_round`: decode and validate each update against *that device's* plan,
    aggregate the valid ones (below ``min_updates`` the global adapter is kept and the round is
    marked failed), evaluate, record.
+
+Around it: the data each client gets is :mod:`.partition`'s, made-up contamination
+:mod:`.contamination`'s, the run's state on disk :mod:`.runstate`'s, the report and the saved
+adapters :mod:`.report`'s.  What a method does is its own module's (:mod:`.methods`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import random
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from edge_client.data import Example, domain_counts, generate_task, load_jsonl, prompt_ids
+from edge_client.data import Example, prompt_ids
 from edge_client.et_train import ProgramStore, program_spec, unsupported
-from edge_client.experts import mixture_model, mixture_of, save_mixture
+from edge_client.experts import mixture_model
 from edge_client.lora import (
     ClientPlan,
-    Factors,
     adapted_modules,
     from_state_dict,
     install_adapter,
@@ -46,13 +48,15 @@ from edge_client.work import assignment_meta, trainer_of
 
 from .aggregate import Contribution
 from .config import ConfigError, RunConfig
+from .contamination import contaminated_clients, poison
 from .evaluate import evaluate, mix_accuracy
 from .faults import crash_point
 from .fleet import Device, load_fleet
 from .methods import MethodContext, get_method
-from .partition import builtin_client_data, domain_mix, split_pool
+from .partition import build_data
 from .planner import NO_FOOTPRINT, Capacity, Footprint, ModelShape, plan_capacity
-from .runstate import RoundJournal, SnapshotStore, StateError, state_files
+from .report import build_report, save_outputs, write_report
+from .runstate import RoundJournal, RunState, SnapshotStore, restore, snapshot_files
 from .validate import UpdateRejected, capped_weight, check_report, validate_update
 
 GLOBAL, CLIENT = "global", "personal"
@@ -102,16 +106,6 @@ class Returned:
     contribution: Contribution | None = None
 
 
-@dataclass
-class RunState:
-    """Everything a run carries from round to round."""
-
-    global_factors: Factors
-    # JSON-able values, plus "personal" (client -> factors) and "tensors" (name -> tensor), saved as safetensors
-    method_state: dict = field(default_factory=dict)
-    rounds: list[dict] = field(default_factory=list)
-
-
 def method_context(cfg: RunConfig, dims) -> MethodContext:
     method = get_method(cfg.method)
     return MethodContext(dims, cfg.lora.scale, cfg.lora.rank, cfg.lora.max_rank, cfg.seed,
@@ -131,22 +125,6 @@ def pick_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: 'cuda' was asked for but torch sees no CUDA device")
     return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
-
-
-def build_data(cfg: RunConfig, n_clients: int) -> tuple[list[list[Example]], list[dict], list[Example]]:
-    """(per-client training examples, per-client domain mix, held-out eval examples)."""
-    d = cfg.data
-    if d.train_file:
-        pool = load_jsonl(d.train_file)
-        evals = load_jsonl(str(d.eval_file))
-        domains = sorted(domain_counts(pool))
-        mixes = domain_mix(n_clients, domains, d.partition, skew=d.skew, alpha=d.alpha, seed=cfg.seed)
-        return split_pool(pool, mixes, d.samples_per_client, cfg.seed), mixes, evals
-    domains = list(d.tasks)
-    mixes = domain_mix(n_clients, domains, d.partition, skew=d.skew, alpha=d.alpha, seed=cfg.seed)
-    train = builtin_client_data(mixes, d.samples_per_client, cfg.seed)
-    evals = [ex for t in domains for ex in generate_task(t, d.eval_per_domain, seed=cfg.seed, split="eval")]
-    return train, mixes, evals
 
 
 class Engine:
@@ -232,52 +210,17 @@ class Engine:
     # ----------------------------------------------------------------------------- state on disk
 
     def save_state(self) -> None:
-        """Snapshot the run after its last completed round (global adapter, per-client adapters,
-        round records, base accuracy, method state, nonce), crash-safely (:mod:`.runstate`)."""
-        ms = self.state.method_state
-        run = {"method": self.cfg.method, "model": self.cfg.model, "seed": self.cfg.seed, "nonce": self.nonce,
-               "completed_round": len(self.state.rounds), "rounds": self.state.rounds,
-               "base_accuracy": getattr(self, "base_accuracy", None),
-               "method_state": {k: v for k, v in ms.items() if k not in ("personal", "tensors")}}
-        files = state_files(run, to_state_dict(self.state.global_factors),
-                            {cid: to_state_dict(f) for cid, f in ms.get("personal", {}).items()}, ms.get("tensors"))
+        """Snapshot the run after its last completed round, crash-safely (:mod:`.runstate`)."""
         done = len(self.state.rounds)
-        self.store.write(done, files)
+        self.store.write(done, snapshot_files(self.cfg, self.nonce, self.state, getattr(self, "base_accuracy", None)))
         self.journal.prune(done)
 
     def load_state(self) -> int:
         """Restore the newest usable snapshot; returns the last completed round."""
-        try:
-            loaded = self.store.load()
-        except StateError as exc:
-            raise ConfigError(f"--resume: {exc}") from None
-        if loaded is None:
-            raise ConfigError(f"--resume: no saved run state in {self.store.folder}")
-        _, files = loaded
-        try:
-            saved = json.loads(files["run.json"])
-            for key in ("method", "model", "seed"):
-                if saved[key] != getattr(self.cfg, key):
-                    raise ConfigError(f"--resume: the saved run has {key}={saved[key]!r}, the config says "
-                                      f"{getattr(self.cfg, key)!r}")
-            self.state.global_factors = from_state_dict(decode_tensors(files["global.safetensors"]))
-            personal = {name[len("personal/"):-len(".safetensors")]: from_state_dict(decode_tensors(data))
-                        for name, data in files.items() if name.startswith("personal/")}
-            self.state.method_state = dict(saved["method_state"])
-            if personal:
-                self.state.method_state["personal"] = personal
-            if "method.safetensors" in files:
-                self.state.method_state["tensors"] = dict(decode_tensors(files["method.safetensors"]))
-            self.state.rounds = saved["rounds"]
-            self.nonce = str(saved["nonce"])
-            if saved.get("base_accuracy"):
-                self.base_accuracy = saved["base_accuracy"]
-            return int(saved["completed_round"])
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"--resume: the saved state in {self.store.folder} is not one this version "
-                              f"reads ({type(exc).__name__}: {exc})") from None
+        self.state, self.nonce, base, done = restore(self.store, self.cfg)
+        if base:
+            self.base_accuracy = base
+        return done
 
     # ------------------------------------------------------------------------------------ rounds
 
@@ -478,106 +421,19 @@ class Engine:
         personal = self.evaluate_personal(base, fallback) if self.method.personalised else {}
         own_mix = (personal.get("own_mix") if personal else
                    sum(mix_accuracy(final["per_domain"], c.mix) for c in self.clients) / len(self.clients))
-        report = self._report(base, final, personal, own_mix)
-        self.save(report)
+        report = build_report(self, base, final, personal, own_mix)
+        save_outputs(self, report)
         self.reporter.final(report)
         return report
 
-    def _report(self, base: dict, final: dict, personal: dict, own_mix: float) -> dict:
-        from edge_client import __version__
-
-        rounds = self.state.rounds
-        headline = personal if personal else final
-        return {
-            "fedlora_edge_version": __version__,
-            "method": self.cfg.method, "model": self.cfg.model, "device": self.device,
-            "config": self.cfg.to_dict(), "global_rank": self.R, "target_modules": self.targets,
-            "fleet": [{"client": c.id, "profile": c.device.profile.name, "capacity": c.capacity.rank,
-                       "predicted_memory_gb": round(c.capacity.memory_gb, 3),
-                       "usable_memory_gb": c.capacity.usable_gb,
-                       "predicted_round_seconds": round(c.capacity.round_s, 1),
-                       "reason": c.capacity.reason, "eligible": self.pooled or c in self.participants,
-                       "train_examples": c.examples,
-                       "domain_mix": {k: round(v, 3) for k, v in c.mix.items()}} for c in self.clients],
-            "base_accuracy": base,
-            "rounds": rounds,
-            "final_accuracy": {"overall": headline["overall"], "per_domain": headline["per_domain"],
-                               "own_mix": own_mix,
-                               "evaluated": "each client's own adapter" if personal else "the global adapter"},
-            "global_adapter_accuracy": final,
-            "personalised": personal,
-            "totals": {"uplink_bytes": sum(r["uplink_bytes"] for x in rounds for r in x["clients"]),
-                       "downlink_bytes": sum(r["downlink_bytes"] for x in rounds for r in x["clients"]),
-                       "failed_rounds": sum(x["status"] == "failed" for x in rounds),
-                       "rejected_updates": sum(len(x["rejected"]) for x in rounds)},
-            "contamination": self._contamination_report(final, personal),
-            "method_summary": self.method.summary(self.state.method_state),
-            "wall_seconds": round(time.perf_counter() - self.t_start, 1),
-        }
-
-    def _contamination_report(self, final: dict, personal: dict) -> dict:
-        """Who was contaminated, how, the benign clients' accuracy, and detection precision/recall
-        over every (round, client) the method judged."""
-        co = self.cfg.contamination
-        benign = [c for c in self.clients if c.id not in self.contaminated]
-        acc = [personal["clients"][c.id] if personal else
-               {"overall": final["overall"], "own_mix": mix_accuracy(final["per_domain"], c.mix)} for c in benign]
-        out = {"attack": co.attack, "fraction": co.fraction, "clients": sorted(self.contaminated),
-               "benign_accuracy": sum(a["overall"] for a in acc) / len(acc) if acc else None,
-               "benign_own_mix": sum(a["own_mix"] for a in acc) / len(acc) if acc else None}
-        judged = [(x["round"], cid, cid in x["detection"]["flagged"]) for x in self.state.rounds
-                  if "detection" in x for cid in x["detection"]["scores"]]
-        if judged:
-            tp = sum(f and cid in self.contaminated for _, cid, f in judged)
-            fp = sum(f and cid not in self.contaminated for _, cid, f in judged)
-            fn = sum(not f and cid in self.contaminated for _, cid, f in judged)
-            out["detection"] = {"true_positives": tp, "false_positives": fp, "false_negatives": fn,
-                                "precision": tp / (tp + fp) if tp + fp else None,
-                                "recall": tp / (tp + fn) if tp + fn else None}
-        return out
-
     def write_report(self, report: dict) -> None:
-        (self.out / "report.json").write_text(json.dumps(report, indent=1))
-
-    def save(self, report: dict) -> None:
-        from .report import save_adapter, save_plots
-
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.method.global_model:
-            save_adapter(self.out / "adapter", self.state.global_factors, self.cfg.lora.scale, self.targets,
-                         self.cfg.model)
-        for c in self.clients:
-            own = self.method.personal_model(c.id, self.ctx, self.state.method_state)
-            if own is None:
-                continue
-            plan, tensors, _ = own
-            folder = self.out / "clients" / c.id
-            if mixture_of(plan) is not None:
-                save_mixture(folder / "model", plan, tensors, self.cfg.model, self.targets)
-            else:
-                save_adapter(folder / "adapter", from_state_dict(tensors), self.cfg.lora.scale, self.targets,
-                             self.cfg.model)
-        self.write_report(report)
-        save_plots(report, self.out)
+        write_report(self.out, report)
 
 
 def _report_of(ret: Returned) -> dict:
     """The device's JSON report, or {} when it sent none or not a mapping (its update is then
     rejected for want of an example count)."""
     return ret.report if isinstance(ret.report, dict) else {}
-
-
-def contaminated_clients(cfg: RunConfig, ids: list[str]) -> set[str]:
-    """``round(fraction × len(ids))`` of ``ids`` (the devices that can train), chosen from the seed."""
-    n = round(cfg.contamination.fraction * len(ids)) if cfg.contamination.attack != "none" else 0
-    return set(random.Random(f"contaminate|{cfg.seed}").sample(sorted(ids), n))
-
-
-def poison(examples: list[Example], seed: int, client: str) -> list[Example]:
-    """Data poisoning: every response replaced by another example's response, at random."""
-    rng = random.Random(f"poison|{seed}|{client}")
-    responses = [e.response for e in examples]
-    return [dataclasses.replace(e, response=rng.choice(responses)) for e in examples]
 
 
 def hash_seed(seed: int, round_idx: int, client: str) -> int:

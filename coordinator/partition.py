@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edge_client.data import Example, generate_task
+from edge_client.data import Example, domain_counts, generate_task, load_jsonl
 
 
 def domain_mix(n_clients: int, domains: Sequence[str], partition: str, *, skew: float, alpha: float,
@@ -82,3 +82,19 @@ def split_pool(pool: Sequence[Example], mixes: Sequence[dict[str, float]], n_per
             exs = [pool[rng.randrange(len(pool))]]
         out.append(exs)
     return out
+
+
+def build_data(cfg, n_clients: int) -> tuple[list[list[Example]], list[dict], list[Example]]:
+    """(per-client training examples, per-client domain mix, held-out eval examples)."""
+    d = cfg.data
+    if d.train_file:
+        pool = load_jsonl(d.train_file)
+        evals = load_jsonl(str(d.eval_file))
+        domains = sorted(domain_counts(pool))
+        mixes = domain_mix(n_clients, domains, d.partition, skew=d.skew, alpha=d.alpha, seed=cfg.seed)
+        return split_pool(pool, mixes, d.samples_per_client, cfg.seed), mixes, evals
+    domains = list(d.tasks)
+    mixes = domain_mix(n_clients, domains, d.partition, skew=d.skew, alpha=d.alpha, seed=cfg.seed)
+    train = builtin_client_data(mixes, d.samples_per_client, cfg.seed)
+    evals = [ex for t in domains for ex in generate_task(t, d.eval_per_domain, seed=cfg.seed, split="eval")]
+    return train, mixes, evals

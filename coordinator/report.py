@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from edge_client.lora import Factors, adapter_config_json, to_state_dict
@@ -62,6 +63,71 @@ def save_plots(report: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "bytes.png", dpi=110)
     plt.close(fig)
+
+
+def build_report(e, base: dict, final: dict, personal: dict, own_mix: float) -> dict:
+    """The run's report (report.json) from engine ``e`` at the end of the run."""
+    from edge_client import __version__
+
+    from .contamination import contamination_report
+
+    rounds = e.state.rounds
+    headline = personal if personal else final
+    return {
+        "fedlora_edge_version": __version__,
+        "method": e.cfg.method, "model": e.cfg.model, "device": e.device,
+        "config": e.cfg.to_dict(), "global_rank": e.R, "target_modules": e.targets,
+        "fleet": [{"client": c.id, "profile": c.device.profile.name, "capacity": c.capacity.rank,
+                   "predicted_memory_gb": round(c.capacity.memory_gb, 3),
+                   "usable_memory_gb": c.capacity.usable_gb,
+                   "predicted_round_seconds": round(c.capacity.round_s, 1),
+                   "reason": c.capacity.reason, "eligible": e.pooled or c in e.participants,
+                   "train_examples": c.examples,
+                   "domain_mix": {k: round(v, 3) for k, v in c.mix.items()}} for c in e.clients],
+        "base_accuracy": base,
+        "rounds": rounds,
+        "final_accuracy": {"overall": headline["overall"], "per_domain": headline["per_domain"],
+                           "own_mix": own_mix,
+                           "evaluated": "each client's own adapter" if personal else "the global adapter"},
+        "global_adapter_accuracy": final,
+        "personalised": personal,
+        "totals": {"uplink_bytes": sum(r["uplink_bytes"] for x in rounds for r in x["clients"]),
+                   "downlink_bytes": sum(r["downlink_bytes"] for x in rounds for r in x["clients"]),
+                   "failed_rounds": sum(x["status"] == "failed" for x in rounds),
+                   "rejected_updates": sum(len(x["rejected"]) for x in rounds)},
+        "contamination": contamination_report(e.cfg, e.contaminated, e.clients, rounds, final, personal),
+        "method_summary": e.method.summary(e.state.method_state),
+        "wall_seconds": round(time.perf_counter() - e.t_start, 1),
+    }
+
+
+def write_report(out: Path, report: dict) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+
+
+def save_outputs(e, report: dict) -> None:
+    """Everything a run leaves in its output folder: the global adapter, each client's model, the
+    report, the plots."""
+    from edge_client.experts import mixture_of, save_mixture
+    from edge_client.lora import from_state_dict
+
+    e.out.mkdir(parents=True, exist_ok=True)
+    if e.method.global_model:
+        save_adapter(e.out / "adapter", e.state.global_factors, e.cfg.lora.scale, e.targets,
+                     e.cfg.model)
+    for c in e.clients:
+        own = e.method.personal_model(c.id, e.ctx, e.state.method_state)
+        if own is None:
+            continue
+        plan, tensors, _ = own
+        folder = e.out / "clients" / c.id
+        if mixture_of(plan) is not None:
+            save_mixture(folder / "model", plan, tensors, e.cfg.model, e.targets)
+        else:
+            save_adapter(folder / "adapter", from_state_dict(tensors), e.cfg.lora.scale, e.targets,
+                         e.cfg.model)
+    write_report(e.out, report)
+    save_plots(report, e.out)
 
 
 def make_console():

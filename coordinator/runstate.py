@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_client import durable
+from edge_client.lora import Factors
 
 MANIFEST = "manifest.json"
 _SNAP = re.compile(r"^snap-(\d{6})$")
@@ -236,15 +237,68 @@ class RoundJournal:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def state_files(run: dict, global_sd: dict, personal: dict, method_tensors: dict | None) -> dict[str, bytes]:
-    """The files of a snapshot: ``run`` (JSON-able), the global adapter and per-client adapters
-    (state dicts in peft's keys), the method's own tensors."""
+@dataclass
+class RunState:
+    """Everything a run carries from round to round."""
+
+    global_factors: Factors
+    # JSON-able values, plus "personal" (client -> factors) and "tensors" (name -> tensor), saved as safetensors
+    method_state: dict = field(default_factory=dict)
+    rounds: list[dict] = field(default_factory=list)
+
+
+def snapshot_files(cfg, nonce: str, state: RunState, base_accuracy: dict | None) -> dict[str, bytes]:
+    """The files of a snapshot: ``run.json`` (config identity, nonce, round records, base accuracy,
+    the method's JSON state), the global adapter, per-client adapters (peft's keys) and the method's
+    own tensors."""
+    from edge_client.lora import to_state_dict
     from edge_client.wire import encode_tensors
 
+    ms = state.method_state
+    run = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "nonce": nonce,
+           "completed_round": len(state.rounds), "rounds": state.rounds, "base_accuracy": base_accuracy,
+           "method_state": {k: v for k, v in ms.items() if k not in ("personal", "tensors")}}
     files = {"run.json": json.dumps(run, indent=1).encode(),
-             "global.safetensors": encode_tensors(global_sd, {"format": "pt"})}
-    for cid, sd in personal.items():
-        files[f"personal/{cid}.safetensors"] = encode_tensors(sd, {"format": "pt"})
-    if method_tensors:
-        files["method.safetensors"] = encode_tensors(method_tensors, {"format": "pt"})
+             "global.safetensors": encode_tensors(to_state_dict(state.global_factors), {"format": "pt"})}
+    for cid, f in ms.get("personal", {}).items():
+        files[f"personal/{cid}.safetensors"] = encode_tensors(to_state_dict(f), {"format": "pt"})
+    if ms.get("tensors"):
+        files["method.safetensors"] = encode_tensors(ms["tensors"], {"format": "pt"})
     return files
+
+
+def restore(store: SnapshotStore, cfg) -> tuple[RunState, str, dict | None, int]:
+    """(state, nonce, base accuracy, last completed round) of the newest usable snapshot; ConfigError
+    naming what is wrong when there is none or it is another run's."""
+    from edge_client.lora import from_state_dict
+    from edge_client.wire import decode_tensors
+
+    from .errors import ConfigError
+
+    try:
+        loaded = store.load()
+    except StateError as exc:
+        raise ConfigError(f"--resume: {exc}") from None
+    if loaded is None:
+        raise ConfigError(f"--resume: no saved run state in {store.folder}")
+    _, files = loaded
+    try:
+        saved = json.loads(files["run.json"])
+        for key in ("method", "model", "seed"):
+            if saved[key] != getattr(cfg, key):
+                raise ConfigError(f"--resume: the saved run has {key}={saved[key]!r}, the config says "
+                                  f"{getattr(cfg, key)!r}")
+        state = RunState(from_state_dict(decode_tensors(files["global.safetensors"])), dict(saved["method_state"]),
+                         saved["rounds"])
+        personal = {name[len("personal/"):-len(".safetensors")]: from_state_dict(decode_tensors(data))
+                    for name, data in files.items() if name.startswith("personal/")}
+        if personal:
+            state.method_state["personal"] = personal
+        if "method.safetensors" in files:
+            state.method_state["tensors"] = dict(decode_tensors(files["method.safetensors"]))
+        return state, str(saved["nonce"]), saved.get("base_accuracy"), int(saved["completed_round"])
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"--resume: the saved state in {store.folder} is not one this version "
+                          f"reads ({type(exc).__name__}: {exc})") from None

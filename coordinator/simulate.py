@@ -11,42 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from edge_client.work import run_assignment
 
 from .config import RunConfig
+from .contamination import UPDATE_ATTACKS, attack_update
 from .engine import Assignment, Engine, Returned, hash_seed
-
-UPDATE_ATTACKS = ("random_update", "sign_flip", "scaled")
-
-
-def attack_update(update: bytes, a: Assignment, attack: str, scale: float, seed: int) -> bytes:
-    """What a contaminated client sends instead of its trained factors ``f``, with ``f0`` the start
-    factors of the components it trained and ``δ = f − f0`` its round's change: ``sign_flip``:
-    ``f0 − δ``; ``scaled``: ``f0 + scale·δ``; ``random_update``: ``f0 + g``, ``g`` Gaussian with the
-    norm of ``δ`` (per tensor, drawn in key order: the same seed gives the same update).  Importance
-    scores and routers, if any, go as they were."""
-    from edge_client.experts import split_tensors
-    from edge_client.lora import from_state_dict, slice_factors, to_state_dict
-    from edge_client.partial import held_count
-    from edge_client.wire import decode_tensors, encode_tensors
-
-    start = from_state_dict(split_tensors(decode_tensors(a.start))[0])
-    if held_count(a.plan) is not None:  # it held all R components and sends the ones it trained
-        start = slice_factors(start, a.plan)
-    sent = decode_tensors(update)
-    gen = torch.Generator().manual_seed(seed)
-    for key, f0 in sorted(to_state_dict(start).items()):  # sorted: a blob's keys come in no fixed order
-        delta = sent[key] - f0
-        if attack == "sign_flip":
-            sent[key] = f0 - delta
-        elif attack == "scaled":
-            sent[key] = f0 + scale * delta
-        else:
-            g = torch.randn(delta.shape, generator=gen)
-            sent[key] = f0 + g * (delta.norm() / g.norm().clamp_min(1e-12))
-    return encode_tensors(sent)
 
 
 class Simulation:

@@ -160,8 +160,8 @@ def test_update_attacks_follow_their_definition_whatever_the_key_order(monkeypat
     """A blob's keys come back in no fixed order; the attack must not depend on it (a random update
     drawn in key order once made the same seed give different updates from one process to the next)."""
     import edge_client.wire as wire
+    from coordinator.contamination import attack_update
     from coordinator.engine import Assignment
-    from coordinator.simulate import attack_update
     from edge_client.lora import to_state_dict
 
     g = torch.Generator().manual_seed(3)
