@@ -40,6 +40,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="override any config field, e.g. --set train.lr=1e-3 --set data.partition=iid")
 
 
+def _add_export_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--export", action="store_true", help="after the run, export the global adapter merged into "
+                   "the base once per device class of the fleet (each profile's runtime and quant), with parity "
+                   "reports, to DIR/export/")
+
+
 def _config_from_args(args):
     from .config import load_config, parse_override
 
@@ -76,17 +82,9 @@ def _export_after(cfg, out: Path, classes, console, profiles=None) -> int:
         classes = device_classes(profiles)
     rows = export_fleet(cfg.model, out / "adapter", classes, out / "export", log=console.print,
                         max_seq_len=max(256, cfg.train.max_seq_len))
-    from rich.table import Table
+    from .report import export_table
 
-    t = Table(title=f"exports per device class ({out / 'export'})")
-    for col in ("format", "quant", "devices", "MB", "max |Δlogits|", "top-1", "accuracy torch/artifact", "parity"):
-        t.add_column(col)
-    for r in rows:
-        has = "size_bytes" in r
-        t.add_row(r["format"], r["quant"], ", ".join(r["devices"]), f"{r['size_bytes'] / 1e6:.1f}" if has else "-",
-                  f"{r['max_abs_logits_diff']:.2g}" if has else "-", f"{r['top1_agreement']:.3f}" if has else "-",
-                  f"{r['accuracy_torch']:.1%} / {r['accuracy_artifact']:.1%}" if has else "-", r["parity"])
-    console.print(t)
+    console.print(export_table(rows, out / "export"))
     return 3 if any(r["parity"] != "ok" for r in rows) else 0
 
 
@@ -226,17 +224,9 @@ def cmd_emulate(args) -> int:
     report = emulate(cfg, args.out, broker=None if args.broker in (None, "embedded") else args.broker,
                      registry=args.registry, tls=args.tls, ca_file=args.ca_file, insecure=args.insecure_broker,
                      reporter=reporter, log=reporter.console.print)
-    from rich.table import Table
+    from .report import device_timings_table
 
-    t = Table(title="per-device timings (emulated: threads, memory cap, compute slow-down, bandwidth)")
-    for col in ("device", "threads", "slow-down", "memory cap GB", "up/down Mbit/s", "rounds", "missing",
-                "mean local s", "exit"):
-        t.add_column(col)
-    for cid, d in report["devices"].items():
-        t.add_row(cid, str(d["threads"]), f"{d['slowdown']:.2f}", f"{d['memory_cap_gb']:.2f}",
-                  f"{d['uplink_mbps']:g}/{d['downlink_mbps']:g}", str(d["rounds_trained"]), str(d["rounds_failed"]),
-                  "-" if d["mean_local_seconds"] is None else f"{d['mean_local_seconds']:.1f}", str(d["exit_code"]))
-    reporter.console.print(t)
+    reporter.console.print(device_timings_table(report["devices"]))
     reporter.console.print(f"report: {Path(args.out) / 'report.json'}; device logs: {Path(args.out) / 'devices'}")
     return max(_export_after(cfg, Path(args.out), classes, reporter.console), _exit_status(report))
 
@@ -306,45 +296,9 @@ def cmd_broker_config(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from rich.table import Table
+    from .report import make_console, plan_table
 
-    from .engine import capacity_for, method_context
-    from .fleet import load_fleet
-    from .methods import get_method
-    from .planner import meta_shape
-    from .report import make_console
-
-    cfg = _config_from_args(args)
-    method = get_method(cfg.method)
-    fleet = load_fleet(cfg.fleet)
-    shape = meta_shape(cfg.model, list(cfg.lora.target_modules) or None)
-    ctx = method_context(cfg, shape.adapted)
-    big_r = method.global_rank(ctx)
-    fp = method.footprint(ctx)
-    knob_name = method.knob
-    t = cfg.train
-    table = Table(title=f"plan: {cfg.model} ({shape.n_params / 1e6:.1f} M params), method {cfg.method}, "
-                        f"batch {t.batch_size} x seq {t.max_seq_len}, {t.steps} steps, deadline "
-                        f"{cfg.planner.round_deadline_s:.0f} s")
-    if fp.down_rank is not None:
-        table.caption = (f"{cfg.method} sends every device more than it trains: capacity is planned "
-                         f"with a rank-{fp.down_rank} download"
-                         + (f" and a rank-{fp.hold_rank} adapter in memory" if fp.hold_rank else "")
-                         + (" and a copy of the adapted base weights" if fp.fold else ""))
-    for col in ("device", "profile", "trainer", "usable GB", "capacity (rank)", "memory GB", "s/step", "round s",
-                f"{cfg.method} {knob_name}"):
-        table.add_column(col, justify="right" if col != "device" else "left")
-    for dev in fleet:
-        cap = capacity_for(cfg, shape, dev.profile, fp)  # memory and times are at its rank (rank 1 when 0)
-        plan = method.plan(dev.id, cap.rank, ctx, 1)
-        knob = (f"{plan.rank}" + (f" of {big_r}" if big_r != plan.rank and not method.pools_data else "")
-                if plan else "[red]cannot take part[/red]")
-        cap_s = str(cap.rank) if cap.rank else f"[red]0 ({cap.reason})[/red]"
-        trainer = dev.profile.trainer + (f" ({dev.profile.trainer_base} base)" if dev.profile.trainer_base != "fp32" else "")
-        table.add_row(dev.id, dev.profile.name, trainer, f"{dev.profile.memory_usable_gb:.1f}", cap_s,
-                      f"{cap.memory_gb:.2f}",
-                      f"{cap.step_s:.2f}", f"{cap.round_s:.0f}", knob)
-    make_console().print(table)
+    make_console().print(plan_table(_config_from_args(args)))
     return 0
 
 
@@ -422,9 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(peft format) and DIR/*.png.")
     _add_run_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--export", action="store_true", help="after the run, export the global adapter merged into "
-                   "the base once per device class of the fleet (each profile's runtime and quant), with parity "
-                   "reports, to DIR/export/")
+    _add_export_arg(p)
     p.set_defaults(fn=cmd_simulate)
     p = sub.add_parser("compare", help="run several methods on the same fleet, seed, data and rounds; one table",
                        description="Run each method of --methods with `simulate` on the same settings and print "
@@ -452,9 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="embedded broker over TLS, with a certificate issued from the "
                    "registry's CA (the devices get the CA)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--export", action="store_true", help="after the run, export the global adapter merged into "
-                   "the base once per device class of the fleet (each profile's runtime and quant), with parity "
-                   "reports, to DIR/export/")
+    _add_export_arg(p)
     p.set_defaults(fn=cmd_emulate)
     p = sub.add_parser("coordinator", help="run the coordinator over an MQTT broker",
                        description="Wait for the fleet's devices to say hello, then run the rounds over MQTT. "
@@ -467,9 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=1883, help="embedded broker: port (default 1883)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (and the run's state)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--export", action="store_true", help="after the run, export the global adapter merged into "
-                   "the base once per device class of the fleet (each profile's runtime and quant), with parity "
-                   "reports, to DIR/export/")
+    _add_export_arg(p)
     p.set_defaults(fn=cmd_coordinator)
     p = sub.add_parser("client", help="run an edge device (see `fedlora client --help`)", add_help=False)
     p.set_defaults(fn=None)

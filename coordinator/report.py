@@ -130,6 +130,77 @@ def save_outputs(e, report: dict) -> None:
     save_plots(report, e.out)
 
 
+def export_table(rows: list[dict], folder: Path):
+    """The exports per device class of a run (`--export`)."""
+    from rich.table import Table
+
+    t = Table(title=f"exports per device class ({folder})")
+    for col in ("format", "quant", "devices", "MB", "max |Δlogits|", "top-1", "accuracy torch/artifact", "parity"):
+        t.add_column(col)
+    for r in rows:
+        has = "size_bytes" in r
+        t.add_row(r["format"], r["quant"], ", ".join(r["devices"]), f"{r['size_bytes'] / 1e6:.1f}" if has else "-",
+                  f"{r['max_abs_logits_diff']:.2g}" if has else "-", f"{r['top1_agreement']:.3f}" if has else "-",
+                  f"{r['accuracy_torch']:.1%} / {r['accuracy_artifact']:.1%}" if has else "-", r["parity"])
+    return t
+
+
+def device_timings_table(devices: dict):
+    """`fedlora emulate`'s per-device limits and timings."""
+    from rich.table import Table
+
+    t = Table(title="per-device timings (emulated: threads, memory cap, compute slow-down, bandwidth)")
+    for col in ("device", "threads", "slow-down", "memory cap GB", "up/down Mbit/s", "rounds", "missing",
+                "mean local s", "exit"):
+        t.add_column(col)
+    for cid, d in devices.items():
+        t.add_row(cid, str(d["threads"]), f"{d['slowdown']:.2f}", f"{d['memory_cap_gb']:.2f}",
+                  f"{d['uplink_mbps']:g}/{d['downlink_mbps']:g}", str(d["rounds_trained"]), str(d["rounds_failed"]),
+                  "-" if d["mean_local_seconds"] is None else f"{d['mean_local_seconds']:.1f}", str(d["exit_code"]))
+    return t
+
+
+def plan_table(cfg):
+    """`fedlora plan`: per device of the fleet, the planner's capacity and the method's knob."""
+    from rich.table import Table
+
+    from .engine import capacity_for, method_context
+    from .fleet import load_fleet
+    from .methods import get_method
+    from .planner import meta_shape
+
+    method = get_method(cfg.method)
+    fleet = load_fleet(cfg.fleet)
+    shape = meta_shape(cfg.model, list(cfg.lora.target_modules) or None)
+    ctx = method_context(cfg, shape.adapted)
+    big_r = method.global_rank(ctx)
+    fp = method.footprint(ctx)
+    knob_name = method.knob
+    t = cfg.train
+    table = Table(title=f"plan: {cfg.model} ({shape.n_params / 1e6:.1f} M params), method {cfg.method}, "
+                        f"batch {t.batch_size} x seq {t.max_seq_len}, {t.steps} steps, deadline "
+                        f"{cfg.planner.round_deadline_s:.0f} s")
+    if fp.down_rank is not None:
+        table.caption = (f"{cfg.method} sends every device more than it trains: capacity is planned "
+                         f"with a rank-{fp.down_rank} download"
+                         + (f" and a rank-{fp.hold_rank} adapter in memory" if fp.hold_rank else "")
+                         + (" and a copy of the adapted base weights" if fp.fold else ""))
+    for col in ("device", "profile", "trainer", "usable GB", "capacity (rank)", "memory GB", "s/step", "round s",
+                f"{cfg.method} {knob_name}"):
+        table.add_column(col, justify="right" if col != "device" else "left")
+    for dev in fleet:
+        cap = capacity_for(cfg, shape, dev.profile, fp)  # memory and times are at its rank (rank 1 when 0)
+        plan = method.plan(dev.id, cap.rank, ctx, 1)
+        knob = (f"{plan.rank}" + (f" of {big_r}" if big_r != plan.rank and not method.pools_data else "")
+                if plan else "[red]cannot take part[/red]")
+        cap_s = str(cap.rank) if cap.rank else f"[red]0 ({cap.reason})[/red]"
+        trainer = dev.profile.trainer + (f" ({dev.profile.trainer_base} base)" if dev.profile.trainer_base != "fp32" else "")
+        table.add_row(dev.id, dev.profile.name, trainer, f"{dev.profile.memory_usable_gb:.1f}", cap_s,
+                      f"{cap.memory_gb:.2f}",
+                      f"{cap.step_s:.2f}", f"{cap.round_s:.0f}", knob)
+    return table
+
+
 def make_console():
     """A rich console; 140 columns when output is not a terminal (logs, CI), so tables are not cut."""
     from rich.console import Console
