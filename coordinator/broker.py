@@ -41,10 +41,34 @@ INSECURE_WARNING = ("WARNING: the embedded broker is OPEN (--insecure-broker): a
                     "this for development on a closed machine only.")
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of source ports for outgoing connections (Linux; the usual default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free TCP port for a broker to listen on, outside the ephemeral range.
+
+    A port handed out by ``bind(0)`` lies inside the range the kernel draws source ports from, so
+    while the broker is not yet listening (starting, or restarting after a crash) a device that
+    retries its connection can be given that very port as its own source port and connect to
+    itself, and then the broker cannot bind.  A port outside the range is never a source port."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(20000, 32768) if not low <= p <= high] or list(range(1024, 65536))
+    pick = secrets.SystemRandom()
+    for _ in range(200):
+        port = pick.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port on {host} outside the ephemeral range {low}-{high}")
 
 
 def device_may(action: str, device: str, topic_name: str) -> bool:

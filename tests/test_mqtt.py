@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -426,3 +427,17 @@ def test_a_client_written_from_the_protocol_document_alone_takes_part(tmp_path):
         d.close()
     assert [(r["status"], r["valid_updates"]) for r in report["rounds"]] == [("ok", 1), ("ok", 1)]
     assert not coord.events, coord.events  # nothing it sent was refused
+
+
+def test_a_broker_port_is_never_one_the_kernel_gives_a_connecting_device():
+    # Devices retry their connection while the broker is down (starting, or restarting after a
+    # crash); a port inside the source-port range can be handed to such a retry, which then
+    # connects to itself and holds the port the broker is about to bind.
+    from coordinator.broker import _ephemeral_range, free_port
+
+    low, high = _ephemeral_range()
+    for _ in range(20):
+        port = free_port()
+        assert not low <= port <= high
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
