@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["client"]:  # the edge client has its own parser and imports nothing of coordinator/
+    if argv[:1] == ["client"]:  # `fedlora client` normally starts in edge_client/cli.py, without this module
         from edge_client.client import main as client_main
 
         return client_main(argv[1:])

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from edge_client.data import Example, exact_match, prompt_ids
+from edge_client.data import Example, prompt_ids, score
 
 
 @torch.no_grad()
@@ -29,15 +29,6 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
                              use_cache=True)
         out.extend(tokenizer.decode(g[width:], skip_special_tokens=True) for g in gen)
     return out
-
-
-def score(examples: Sequence[Example], answers: Sequence[str]) -> dict:
-    """``{"overall": acc, "per_domain": {domain: acc}}``; overall is the mean over domains."""
-    hits: dict[str, list[int]] = {}
-    for ex, ans in zip(examples, answers):
-        hits.setdefault(ex.domain, []).append(int(exact_match(ans, ex.response)))
-    per = {d: sum(v) / len(v) for d, v in sorted(hits.items())}
-    return {"overall": sum(per.values()) / len(per) if per else 0.0, "per_domain": per}
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, device,

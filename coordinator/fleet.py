@@ -7,6 +7,7 @@ A fleet file lists devices, each ``{id, profile}`` where ``profile`` names a fil
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,17 @@ import yaml
 
 from edge_client.profile import DeviceProfile, ProfileError, load_profile
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+def _profiles_dir() -> Path:
+    """The built-in profiles: the installed package ``fedlora_profiles`` (the repository's
+    ``profiles/``), or that folder beside this package in a checkout that is not installed."""
+    spec = importlib.util.find_spec("fedlora_profiles")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "profiles"
+
+
+PROFILES_DIR = _profiles_dir()
 
 
 @dataclass(frozen=True)

@@ -197,3 +197,12 @@ def domain_counts(examples: Iterable[Example]) -> dict[str, int]:
     for ex in examples:
         counts[ex.domain] = counts.get(ex.domain, 0) + 1
     return counts
+
+
+def score(examples: Sequence[Example], answers: Sequence[str]) -> dict:
+    """``{"overall": acc, "per_domain": {domain: acc}}``; overall is the mean over domains."""
+    hits: dict[str, list[int]] = {}
+    for ex, ans in zip(examples, answers):
+        hits.setdefault(ex.domain, []).append(int(exact_match(ans, ex.response)))
+    per = {d: sum(v) / len(v) for d, v in sorted(hits.items())}
+    return {"overall": sum(per.values()) / len(per) if per else 0.0, "per_domain": per}

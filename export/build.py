@@ -1,9 +1,10 @@
 """Merge an adapter into its base and write an inference artifact for an edge runtime.
 
-Recipes and their workarounds are those measured in ``EDGE_STACK.md`` §2-§3a: the ONNX export
-uses an example batch of 2 (a batch of 1 specialises the batch dimension to 1); quantization for
-ExecuTorch goes through torchao's ``quantize_`` (the PT2E quantizer breaks on the causal-mask
-code), and 8da4w skips linear layers whose input size is not a multiple of its group size.
+The recipes and their workarounds were measured on the pinned versions of the ``export`` extra
+(pyproject.toml): the ONNX export uses an example batch of 2 (a batch of 1 specialises the batch
+dimension to 1); quantization for ExecuTorch goes through torchao's ``quantize_`` (the PT2E
+quantizer breaks on the causal-mask code), and 8da4w skips linear layers whose input size is not
+a multiple of its group size.
 """
 
 from __future__ import annotations

@@ -54,8 +54,7 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
                   tolerance: Tolerance | None = None, threads: int = 0) -> dict:
     """Compare ``artifact`` with ``reference``; write ``parity.json`` and ``parity.md`` beside it.
     Raises :class:`ParityError` (after writing the report) when a tolerance is not met."""
-    from coordinator.evaluate import score
-    from edge_client.data import prompt_ids
+    from edge_client.data import prompt_ids, score
 
     from .runners import load_runner
 
