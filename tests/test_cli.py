@@ -61,3 +61,36 @@ def test_edge_client_never_imports_coordinator():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] == "coordinator" for n in names), f"{f} imports coordinator"
+
+
+def test_fedlora_client_runs_without_loading_the_coordinator():
+    # A device install is the base package: `fedlora client` must not need rich, amqtt or the
+    # coordinator's modules, so it must not import them.
+    import subprocess
+    import sys
+
+    code = ("import sys; from edge_client.cli import main\n"
+            "try: main(['client', '--help'])\n"
+            "except SystemExit: pass\n"
+            "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'coordinator', 'rich', 'amqtt', 'export'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--credentials" in out and "LOADED []" in out
+
+
+@pytest.mark.integration
+def test_an_installed_package_carries_the_built_in_fleets_and_profiles(tmp_path):
+    # not an editable checkout: the built-in fleets must come from the installed package data
+    import os
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(tmp_path / "site"), str(root)], check=True, capture_output=True,
+                   cwd=tmp_path)
+    code = ("import coordinator.fleet as f, sys; print(f.PROFILES_DIR);"
+            "from edge_client.cli import main; sys.exit(main(['plan', '--fleet', 'mixed8', '--model', 'tiny-llama']))")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith(str(tmp_path / "site")) and "pi4-wifi" in r.stdout
