@@ -62,7 +62,7 @@ def _export_classes(args, cfg):
     """With --export: the fleet's device classes, checked before anything starts (None without)."""
     if not getattr(args, "export", False):
         return None
-    from export.fleet import check_ready, device_classes
+    from export.device_classes import check_ready, device_classes
 
     from .fleet import load_fleet
     from .methods import get_method
@@ -76,7 +76,7 @@ def _export_after(cfg, out: Path, classes, console, profiles=None) -> int:
     """Export the run's adapter per device class; 3 if any class's parity is broken, else 0."""
     if classes is None:
         return 0
-    from export.fleet import device_classes, export_fleet
+    from export.device_classes import device_classes, export_fleet
 
     if profiles is not None:  # the profiles the devices declared (coordinator), not the fleet file's
         classes = device_classes(profiles)

@@ -36,7 +36,7 @@ def fleet_rank_range(cfg: RunConfig) -> tuple[int, int]:
 
     shape = meta_shape(cfg.model, list(cfg.lora.target_modules) or None)
     caps = [min(c.rank, cfg.lora.max_rank) for c in (capacity_for(cfg, shape, d.profile) for d in load_fleet(cfg.fleet))
-            if c.rank > 0]
+            if c.can_train]
     if not caps:
         raise ConfigError(f"fleet {cfg.fleet}: no device can train rank 1")
     return min(caps), max(caps)

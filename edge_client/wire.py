@@ -39,7 +39,3 @@ def write_factors_file(path, tensors: Mapping[str, torch.Tensor]) -> None:
 
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path),
               metadata={"format": "pt"})
-
-
-def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    return len(encode_tensors(tensors))

@@ -90,13 +90,13 @@ def test_same_seed_same_adapter_other_seed_differs(tmp_path):
 
 def test_bytes_are_the_safetensors_payloads_of_the_planned_ranks(tmp_path):
     from edge_client.lora import slice_factors, to_state_dict, uniform_plan
-    from edge_client.wire import payload_bytes
+    from edge_client.wire import encode_tensors
 
     sim, report = run(tmp_path, "hetlora", fleet="mixed8")
     for r in report["rounds"]:
         for c in r["clients"]:
             plan = uniform_plan(sim.engine.dims, c["rank"], sim.engine.cfg.lora.scale)
-            down = payload_bytes(to_state_dict(slice_factors(sim.engine.state.global_factors, plan)))
+            down = len(encode_tensors(to_state_dict(slice_factors(sim.engine.state.global_factors, plan))))
             assert c["downlink_bytes"] == down
             # the update carries the same tensors back: the same bytes
             assert c["uplink_bytes"] == down
