@@ -343,13 +343,14 @@ def cmd_export(args) -> int:
 def cmd_generate(args) -> int:
     from transformers import AutoTokenizer
 
-    from edge_client.data import prompt_ids
+    from edge_client.data import SYSTEM_PROMPT, Example, prompt_ids
     from export.runners import greedy, load_runner, read_meta
 
     meta = read_meta(args.artifact)
     tok = AutoTokenizer.from_pretrained(str(Path(args.artifact).parent / meta["tokenizer"]))
     run = load_runner(args.artifact)
-    ids = prompt_ids(tok, args.prompt, meta["max_seq_len"] - args.max_new_tokens)
+    system = meta.get("system_prompt", SYSTEM_PROMPT) if args.system is None else (args.system or None)
+    ids = prompt_ids(tok, Example(args.prompt, "", system=system), meta["max_seq_len"] - args.max_new_tokens)
     new, secs = greedy(run, ids, args.max_new_tokens, tok.eos_token_id)
     print(tok.decode(new, skip_special_tokens=True))
     print(f"({len(new)} tokens, {1000 * secs / max(1, len(new)):.1f} ms per token)", file=sys.stderr)
@@ -479,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokenizer beside it) and print the greedy answer to --prompt.")
     p.add_argument("--artifact", required=True, help="the .onnx or .pte file")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None, help="the system prompt ('' for none; default: the one the run "
+                   "trained with, recorded in the export)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("methods", help="list the registered methods")

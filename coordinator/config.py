@@ -31,10 +31,21 @@ class DataConfig:
     partition: str = "by_domain"
     skew: float = 0.8          # by_domain: fraction of a client's data from its main domain
     alpha: float = 0.5         # dirichlet concentration
-    samples_per_client: int = 64
-    eval_per_domain: int = 20
-    train_file: str | None = None  # JSONL; replaces the built-in tasks when given
-    eval_file: str | None = None
+    samples_per_client: int = 64   # built-in tasks: examples generated per client; user data: the most a client gets
+    eval_per_domain: int = 20      # built-in tasks: held-out prompts per domain
+    # Your own data (any one replaces the built-in tasks; edge_client/data.py lists the row forms):
+    train_file: str | None = None  # a JSONL pool, split across the clients by `partition`
+    train_dir: str | None = None   # a folder of <device id>.jsonl, one file per device, used as it is
+    dataset: str | None = None     # a Hugging Face dataset: a save_to_disk folder, a json/jsonl/csv/parquet file, a Hub id
+    dataset_split: str = "train"   # the dataset's split to train on
+    eval_file: str | None = None   # the held-out examples (JSONL)
+    eval_split: str | None = None  # or the dataset's held-out split; with neither, 1 prompt in 5 (by hash) is held out
+    columns: dict[str, str] = field(default_factory=dict)  # field -> your column: prompt, response, domain, device...
+    system_prompt: str | None = None  # for your data (none by default); the built-in tasks carry their own
+
+    @property
+    def user_data(self) -> bool:
+        return bool(self.train_file or self.train_dir or self.dataset)
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,15 @@ class TransportSettings:
 
 
 @dataclass(frozen=True)
+class EvalSettings:
+    """Held-out evaluation: every run scores loss and perplexity (teacher-forced on the responses)
+    and exact match of greedy answers; ``metric`` picks the one that leads the summary."""
+
+    metric: str = "auto"      # auto (exact match for short answers, else loss) | exact_match | loss | rouge_l
+    rouge_l: bool = False     # also score ROUGE-L of the greedy answers (free text; the rouge-score package)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: str = "smollm2-135m"
     method: str = "hetlora"
@@ -103,6 +123,7 @@ class RunConfig:
     eval_every: int = 1
     max_new_tokens: int = 8
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     planner: PlannerSettings = field(default_factory=PlannerSettings)
@@ -150,6 +171,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         _check(isinstance(value, (list, tuple)), name, f"expected a list, got {value!r}")
         (inner,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
         return tuple(_coerce(v, inner, f"{name}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        _check(isinstance(value, dict), name, f"expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, f"{name}.{k}"): _coerce(v, vt, f"{name}.{k}") for k, v in value.items()}
     if tp is bool:
         _check(isinstance(value, bool), name, f"expected true or false, got {value!r}")
         return value
@@ -220,16 +245,31 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(d.alpha > 0, "data.alpha", "must be positive")
     _check(d.samples_per_client >= 1, "data.samples_per_client", "must be at least 1")
     _check(d.eval_per_domain >= 1, "data.eval_per_domain", "must be at least 1")
-    if d.train_file is None:
+    sources = [k for k in ("train_file", "train_dir", "dataset") if getattr(d, k)]
+    _check(len(sources) <= 1, f"data.{sources[-1] if sources else ''}",
+           f"give one of data.train_file, data.train_dir, data.dataset, not {' and '.join(sources)}")
+    if not sources:
         _check(len(d.tasks) >= 1, "data.tasks", "needs at least one task")
         for i, t in enumerate(d.tasks):
             _check(t in TASKS, f"data.tasks[{i}]", f"unknown task '{t}'; built-in tasks: {', '.join(TASKS)}")
             _check(t not in d.tasks[:i], f"data.tasks[{i}]", f"task '{t}' is listed twice")
-        _check(d.eval_file is None, "data.eval_file", "needs data.train_file too")
+        for k in ("eval_file", "eval_split"):
+            _check(getattr(d, k) is None, f"data.{k}", "is for your own data (data.train_file, train_dir or dataset)")
     else:
-        _check(Path(d.train_file).is_file(), "data.train_file", f"no such file: {d.train_file}")
-        _check(d.eval_file is not None, "data.eval_file", "is required with data.train_file")
-        _check(Path(str(d.eval_file)).is_file(), "data.eval_file", f"no such file: {d.eval_file}")
+        if d.train_file:
+            _check(Path(d.train_file).is_file(), "data.train_file", f"no such file: {d.train_file}")
+        if d.train_dir:
+            _check(Path(d.train_dir).is_dir(), "data.train_dir", f"no such folder: {d.train_dir}")
+        _check(d.eval_file is None or Path(d.eval_file).is_file(), "data.eval_file", f"no such file: {d.eval_file}")
+        _check(not (d.eval_file and d.eval_split), "data.eval_split", "give data.eval_file or data.eval_split, not both")
+        _check(d.eval_split is None or bool(d.dataset), "data.eval_split", "is a split of data.dataset")
+    from edge_client.data import FIELDS
+
+    for k in d.columns:
+        _check(k in FIELDS, f"data.columns.{k}", f"unknown field; fields: {', '.join(FIELDS)}")
+    from .evaluate import METRICS
+
+    _check(cfg.eval.metric in METRICS, "eval.metric", f"must be one of {', '.join(METRICS)}")
     lo = cfg.lora
     _check(lo.rank >= 1, "lora.rank", "must be at least 1")
     _check(lo.max_rank >= 1, "lora.max_rank", "must be at least 1")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from edge_client.data import Example, prompt_ids
-from edge_client.et_train import ProgramStore, program_spec, unsupported
+from edge_client.et_train import ProgramStore, program_spec, schedule_unsupported, unsupported
 from edge_client.experts import mixture_model
 from edge_client.lora import (
     ClientPlan,
@@ -49,7 +49,7 @@ from edge_client.work import assignment_meta, trainer_of
 from .aggregate import Contribution
 from .config import ConfigError, RunConfig
 from .contamination import contaminated_clients, poison
-from .evaluate import evaluate, mix_accuracy
+from .evaluate import evaluate, lead_metric, mix_accuracy
 from .faults import crash_point
 from .fleet import Device, load_fleet
 from .methods import MethodContext, get_method
@@ -150,7 +150,12 @@ class Engine:
         self.shape = ModelShape.from_model(self.model, self.dims)
         self.R = self.method.global_rank(self.ctx)
 
-        train, mixes, self.eval_examples = build_data(cfg, len(self.fleet))
+        self.data_notes: list[str] = []
+        train, mixes, self.eval_examples = build_data(cfg, [d.id for d in self.fleet], self.data_notes)
+        for note in self.data_notes:
+            self.reporter.status(f"note: {note}")
+        self.lead, self.lead_reason = lead_metric(cfg.eval.metric, self.tok, self.eval_examples, cfg.max_new_tokens,
+                                                  builtin=not cfg.data.user_data)
         self.clients = [ClientData(dev.id, dev, tr, mix) for dev, tr, mix in zip(self.fleet, train, mixes)]
         self.by_id = {c.id: c for c in self.clients}
         for c in self.clients:
@@ -161,6 +166,9 @@ class Engine:
         # training programs for devices with the executorch trainer, built when first planned
         self.programs = ProgramStore(self.out / "programs", log=self.reporter.status)
         on_et = [c.id for c in able if c.device.profile.trainer == "executorch"]
+        why = schedule_unsupported(cfg.train)
+        if on_et and why:
+            raise ConfigError(f"devices {on_et} train with executorch (their profiles say trainer: executorch): {why}")
         if on_et and not self.method.plain_plans:
             raise ConfigError(f"method {cfg.method}: its plans hold frozen components, score importance or route "
                               f"experts, which the executorch trainer cannot carry; devices {on_et} run it "
@@ -187,7 +195,7 @@ class Engine:
                 f"min_updates: {cfg.min_updates} valid updates per round cannot be reached: "
                 f"{reachable} client(s) per round can train with method {cfg.method} on fleet {cfg.fleet} "
                 f"({len(able)} of {len(self.clients)} devices have the capacity)")
-        cut = sum(len(prompt_ids(self.tok, e.prompt)) >= cfg.train.max_seq_len for e in self.eval_examples)
+        cut = sum(len(prompt_ids(self.tok, e)) >= cfg.train.max_seq_len for e in self.eval_examples)
         if cut:
             self.reporter.status(f"note: {cut} of {len(self.eval_examples)} chat-formatted eval prompts are longer "
                                  f"than train.max_seq_len ({cfg.train.max_seq_len}) and are cut from the left, "
@@ -252,7 +260,8 @@ class Engine:
 
     def _eligible(self) -> list[ClientData]:
         """Devices the method can give a plan; the others are reported and never sampled."""
-        return [c for c in self.clients if self.method.plan(c.id, c.capacity.rank, self.ctx, 1, None) is not None]
+        return [c for c in self.clients if c.examples > 0
+                and self.method.plan(c.id, c.capacity.rank, self.ctx, 1, None) is not None]
 
     def open_round(self, round_idx: int, available: set[str] | None = None) -> tuple[list[Assignment], list[dict]]:
         """(assignments, skipped) for the sampled devices of round ``round_idx``."""
@@ -281,7 +290,7 @@ class Engine:
             start = self.method.start_factors(c.id, self.state.global_factors, plan, self.state.method_state)
             meta = assignment_meta(round_idx=round_idx, plan=plan, seed=hash_seed(self.cfg.seed, round_idx, c.id),
                                    settings=device_settings, targets=self.targets, dropout=self.cfg.lora.dropout,
-                                   model=self.cfg.model)
+                                   model=self.cfg.model, system_prompt=self.cfg.data.system_prompt)
             if trainer:
                 meta["trainer"] = trainer
             tensors = {**to_state_dict(start), **self.method.start_extras(c.id, plan, self.state.method_state)}
@@ -335,6 +344,7 @@ class Engine:
                          "downlink_bytes": 0 if self.pooled else len(a.start),
                          "local_seconds": rep.get("seconds"), "steps": rep.get("steps"),
                          "loss_first": rep.get("first_loss"), "loss_last": rep.get("last_loss"),
+                         "losses": rep.get("losses"),
                          "num_examples": rep.get("num_examples"),
                          "tensor_bytes": 4 * sum(math.prod(s) for s in update_shapes(self.dims, a.plan).values()),
                          "downlink_tensor_bytes": a.start_tensor_bytes,
@@ -369,7 +379,7 @@ class Engine:
 
     def _evaluate(self) -> dict:
         return evaluate(self.model, self.tok, self.eval_examples, self.cfg.max_new_tokens, self.device,
-                        self.cfg.train.max_seq_len)
+                        self.cfg.train.max_seq_len, with_rouge=self.cfg.eval.rouge_l or self.lead == "rouge_l")
 
     def evaluate_global(self) -> dict:
         self._install_global()
@@ -397,13 +407,22 @@ class Engine:
                 if key is not None:
                     shared[key] = acc
             per_client[c.id] = {"overall": acc["overall"], "per_domain": acc["per_domain"],
-                                "own_mix": mix_accuracy(acc["per_domain"], c.mix), "trained": own is not None}
+                                "own_mix": mix_accuracy(acc["per_domain"], c.mix), "trained": own is not None,
+                                "loss": acc["loss"], "own_mix_loss": mix_accuracy(acc["loss"]["per_domain"], c.mix)}
         n = len(per_client)
-        domains = next(iter(per_client.values()))["per_domain"]
-        return {"clients": per_client, "clients_trained": sum(v["trained"] for v in per_client.values()),
-                "overall": sum(v["overall"] for v in per_client.values()) / n,
-                "own_mix": sum(v["own_mix"] for v in per_client.values()) / n,
-                "per_domain": {d: sum(v["per_domain"][d] for v in per_client.values()) / n for d in domains}}
+        vals = list(per_client.values())
+        domains = vals[0]["per_domain"]
+
+        def mean(get):
+            return sum(get(v) for v in vals) / n
+
+        return {"clients": per_client, "clients_trained": sum(v["trained"] for v in vals),
+                "overall": mean(lambda v: v["overall"]), "own_mix": mean(lambda v: v["own_mix"]),
+                "per_domain": {d: mean(lambda v, d=d: v["per_domain"][d]) for d in domains},
+                "loss": {"overall": mean(lambda v: v["loss"]["overall"]),
+                         "per_domain": {d: mean(lambda v, d=d: v["loss"]["per_domain"][d])
+                                        for d in vals[0]["loss"]["per_domain"]}},
+                "own_mix_loss": mean(lambda v: v["own_mix_loss"])}
 
     # --------------------------------------------------------------------------------------- run
 
@@ -421,7 +440,9 @@ class Engine:
         personal = self.evaluate_personal(base, fallback) if self.method.personalised else {}
         own_mix = (personal.get("own_mix") if personal else
                    sum(mix_accuracy(final["per_domain"], c.mix) for c in self.clients) / len(self.clients))
-        report = build_report(self, base, final, personal, own_mix)
+        own_mix_loss = (personal.get("own_mix_loss") if personal else
+                        sum(mix_accuracy(final["loss"]["per_domain"], c.mix) for c in self.clients) / len(self.clients))
+        report = build_report(self, base, final, personal, own_mix, own_mix_loss)
         save_outputs(self, report)
         self.reporter.final(report)
         return report

@@ -1,23 +1,33 @@
-"""Exact-match evaluation by greedy generation on the held-out split of every domain."""
+"""Held-out evaluation: teacher-forced loss on the responses, and greedy answers scored by exact
+match (and, when asked, ROUGE-L), per domain.
+
+Loss is the mean negative log-likelihood per response token (nats), over each domain's tokens;
+perplexity is its exponential.  ``overall`` of every metric is the mean over domains, so a small
+domain counts as much as a large one.  Which metric leads a run is :func:`lead_metric`'s choice.
+"""
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
 
 import torch
 
-from edge_client.data import Example, prompt_ids, score
+from edge_client.data import Example, collate, encode_examples, prompt_ids, response_ids, score
+
+METRICS = ("auto", "exact_match", "loss", "rouge_l")
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, device,
+def generate_answers(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, device,
                      batch_size: int = 32, max_prompt_len: int | None = None) -> list[str]:
-    """Greedy answers to ``prompts`` (chat-formatted here, cut from the left like training when
-    longer than ``max_prompt_len``), batched with left padding."""
+    """Greedy answers to the prompts of ``examples`` (chat-formatted here, cut from the left like
+    training when longer than ``max_prompt_len``), batched with left padding."""
     out: list[str] = []
     eos = tokenizer.eos_token_id
-    for i in range(0, len(prompts), batch_size):
-        chunk = [prompt_ids(tokenizer, p, max_prompt_len) for p in prompts[i: i + batch_size]]
+    for i in range(0, len(examples), batch_size):
+        chunk = [prompt_ids(tokenizer, ex, max_prompt_len) for ex in examples[i: i + batch_size]]
         width = max(len(x) for x in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -31,14 +41,80 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     return out
 
 
+@torch.no_grad()
+def response_nll(model, tokenizer, examples: Sequence[Example], max_seq_len: int, device,
+                 batch_size: int = 16) -> list[tuple[float, int]]:
+    """Per example, the summed negative log-likelihood of its response tokens (teacher-forced, the
+    sequence cut as training cuts it) and their count."""
+    encoded = encode_examples(tokenizer, examples, max_seq_len)
+    out = []
+    for i in range(0, len(encoded), batch_size):
+        batch = collate(encoded[i: i + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        labels = batch["labels"][:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100,
+                                                reduction="none")
+        mask = labels != -100
+        out.extend(zip((nll * mask).sum(1).tolist(), mask.sum(1).tolist()))
+    return out
+
+
+def loss_scores(examples: Sequence[Example], nll: Sequence[tuple[float, int]]) -> dict:
+    """``{"loss": {overall, per_domain}, "perplexity": {overall, per_domain}}`` from :func:`response_nll`."""
+    sums: dict[str, list[float]] = {}
+    for ex, (s, n) in zip(examples, nll):
+        acc = sums.setdefault(ex.domain, [0.0, 0])
+        acc[0] += s
+        acc[1] += n
+    per = {d: v[0] / v[1] for d, v in sorted(sums.items()) if v[1]}
+    overall = sum(per.values()) / len(per) if per else float("nan")
+    return {"loss": {"overall": overall, "per_domain": per},
+            "perplexity": {"overall": math.exp(overall) if per else float("nan"),
+                           "per_domain": {d: math.exp(v) for d, v in per.items()}}}
+
+
+def rouge_l(examples: Sequence[Example], answers: Sequence[str]) -> dict:
+    """ROUGE-L F1 of each answer against its reference (Google's ``rouge-score``), per domain."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise RuntimeError("eval.rouge_l needs the rouge-score package: pip install rouge-score") from None
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    per: dict[str, list[float]] = {}
+    for ex, ans in zip(examples, answers):
+        per.setdefault(ex.domain, []).append(scorer.score(ex.response, ans)["rougeL"].fmeasure)
+    per_domain = {d: sum(v) / len(v) for d, v in sorted(per.items())}
+    return {"overall": sum(per_domain.values()) / len(per_domain) if per_domain else 0.0, "per_domain": per_domain}
+
+
 def evaluate(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, device,
-             max_prompt_len: int | None = None) -> dict:
-    answers = generate_answers(model, tokenizer, [e.prompt for e in examples], max_new_tokens, device,
-                               max_prompt_len=max_prompt_len)
-    return score(examples, answers)
+             max_prompt_len: int | None = None, with_rouge: bool = False) -> dict:
+    """Exact match (``overall``, ``per_domain``), ``loss`` and ``perplexity`` (and ``rouge_l``)."""
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens, device, max_prompt_len=max_prompt_len)
+    out = score(examples, answers)
+    out.update(loss_scores(examples, response_nll(model, tokenizer, examples, max_prompt_len or 64, device)))
+    if with_rouge:
+        out["rouge_l"] = rouge_l(examples, answers)
+    return out
+
+
+def lead_metric(choice: str, tokenizer, examples: Sequence[Example], max_new_tokens: int,
+                builtin: bool) -> tuple[str, str]:
+    """The metric that leads a run's summary, and why: ``exact_match`` where the answers are short
+    enough to be generated whole (the built-in tasks; user data whose median answer fits
+    ``max_new_tokens``), else ``loss`` (exact match of free text is near 0 whatever the model)."""
+    if choice != "auto":
+        return choice, "set by eval.metric"
+    if builtin:
+        return "exact_match", "the built-in tasks have short exact answers"
+    median = statistics.median(len(response_ids(tokenizer, ex)) - 1 for ex in examples)
+    if median <= max_new_tokens:
+        return "exact_match", f"the answers are short (median {median:g} tokens <= max_new_tokens {max_new_tokens})"
+    return "loss", (f"the answers are free text (median {median:g} tokens > max_new_tokens {max_new_tokens}): "
+                    "exact match would be near 0 whatever the model learnt")
 
 
 def mix_accuracy(per_domain: dict[str, float], mix: dict[str, float]) -> float:
-    """Accuracy on a client's own data distribution: per-domain accuracy weighted by its mix."""
+    """A metric on a client's own data distribution: its per-domain values weighted by the mix."""
     total = sum(w for d, w in mix.items() if d in per_domain)
     return sum(per_domain[d] * w for d, w in mix.items() if d in per_domain) / total if total else 0.0

@@ -1,7 +1,9 @@
 """Splitting examples across clients: by domain (with a skew), Dirichlet(α) over domains, IID.
 
-Built-in tasks are generated per client from the domain mix (so each client's data is distinct);
-user data is split from a fixed pool.  Everything is deterministic in the seed.
+Built-in tasks are generated per client from the domain mix (so each client's data is distinct).
+User data is either per device (a folder of ``<device>.jsonl``, or a ``device`` column), used as
+it is, or a pool dealt to the clients by the same mixes without ever using an example twice.
+Everything is deterministic in the seed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edge_client.data import Example, domain_counts, generate_task, load_jsonl
+from edge_client.data import Example, domain_counts, generate_task, is_eval_prompt, with_system
+
+from .errors import ConfigError
 
 
 def domain_mix(n_clients: int, domains: Sequence[str], partition: str, *, skew: float, alpha: float,
@@ -60,41 +64,104 @@ def builtin_client_data(mixes: Sequence[dict[str, float]], n_per_client: int, se
 
 
 def split_pool(pool: Sequence[Example], mixes: Sequence[dict[str, float]], n_per_client: int,
-               seed: int) -> list[list[Example]]:
-    """Deal user examples to clients following their domain mixes, without replacement while the
-    pool lasts (then with replacement); a client never gets an empty set."""
+               seed: int, notes: list[str] | None = None) -> list[list[Example]]:
+    """Deal user examples to clients following their domain mixes, at most ``n_per_client`` each,
+    never one example twice (to one client or to two).  Where a domain has fewer examples than the
+    clients ask of it, each gets its share of what there is, and ``notes`` says so."""
     rng = random.Random(f"pool|{seed}")
     by_domain: dict[str, list[Example]] = {}
     for ex in pool:
         by_domain.setdefault(ex.domain, []).append(ex)
     for v in by_domain.values():
         rng.shuffle(v)
-    cursor = dict.fromkeys(by_domain, 0)
-    out = []
-    for mix in mixes:
-        exs = []
-        for dom, k in counts_from_mix(mix, n_per_client).items():
-            items = by_domain.get(dom, [])
-            for _ in range(k if items else 0):
-                exs.append(items[cursor[dom] % len(items)])
-                cursor[dom] += 1
-        if not exs:
-            exs = [pool[rng.randrange(len(pool))]]
-        out.append(exs)
+    wants = [counts_from_mix(mix, n_per_client) for mix in mixes]
+    out: list[list[Example]] = [[] for _ in mixes]
+    short = []
+    for dom, items in by_domain.items():
+        asked = [w.get(dom, 0) for w in wants]
+        total = sum(asked)
+        if total > len(items):
+            short.append(f"'{dom}' has {len(items)} for {total} asked")
+            shares = counts_from_mix({i: a / total for i, a in enumerate(asked)}, len(items)) if total else {}
+            asked = [shares.get(i, 0) for i in range(len(asked))]
+        cursor = 0
+        for i, k in enumerate(asked):
+            out[i].extend(items[cursor: cursor + k])
+            cursor += k
+    for i, exs in enumerate(out):
+        random.Random(f"shuffle|{seed}|{i}").shuffle(exs)
+    if short and notes is not None:
+        notes.append(f"the data cannot give {len(mixes)} clients {n_per_client} examples each without using one "
+                     f"twice ({'; '.join(short)}): each client gets its share of what there is, "
+                     f"{min(map(len, out))}-{max(map(len, out))} examples (data.samples_per_client is the most)")
     return out
 
 
-def build_data(cfg, n_clients: int) -> tuple[list[list[Example]], list[dict], list[Example]]:
-    """(per-client training examples, per-client domain mix, held-out eval examples)."""
+def hold_out(pool: Sequence[Example]) -> tuple[list[Example], list[Example]]:
+    """(train, eval) of a pool without its own held-out set: one prompt in five, by a hash of the
+    prompt (the same rule as the built-in tasks), so the split does not depend on the seed."""
+    train = [ex for ex in pool if not is_eval_prompt(ex.prompt)]
+    return train, [ex for ex in pool if is_eval_prompt(ex.prompt)]
+
+
+def _mix_of(examples: Sequence[Example], domains: Sequence[str]) -> dict[str, float]:
+    counts = domain_counts(examples)
+    n = max(1, sum(counts.values()))
+    return {d: counts.get(d, 0) / n for d in domains}
+
+
+def _per_device(examples_of: dict[str, list[Example]], ids: Sequence[str], where: str,
+                notes: list[str]) -> list[list[Example]]:
+    missing = [c for c in ids if c not in examples_of]
+    if missing:
+        raise ConfigError(f"{where}: no data for device(s) {', '.join(missing)} of the fleet "
+                          f"(the data names {', '.join(sorted(examples_of)) or 'none'})")
+    extra = sorted(set(examples_of) - set(ids))
+    if extra:
+        notes.append(f"{where}: data of {len(extra)} device(s) not in the fleet is not used: {', '.join(extra)}")
+    return [examples_of[c] for c in ids]
+
+
+def build_data(cfg, ids: Sequence[str], notes: list[str] | None = None
+               ) -> tuple[list[list[Example]], list[dict], list[Example]]:
+    """(per-client training examples, per-client domain mix, held-out eval examples) for the
+    fleet's devices ``ids``; what a user should know about the split is appended to ``notes``."""
     d = cfg.data
-    if d.train_file:
-        pool = load_jsonl(d.train_file)
-        evals = load_jsonl(str(d.eval_file))
-        domains = sorted(domain_counts(pool))
-        mixes = domain_mix(n_clients, domains, d.partition, skew=d.skew, alpha=d.alpha, seed=cfg.seed)
-        return split_pool(pool, mixes, d.samples_per_client, cfg.seed), mixes, evals
-    domains = list(d.tasks)
-    mixes = domain_mix(n_clients, domains, d.partition, skew=d.skew, alpha=d.alpha, seed=cfg.seed)
-    train = builtin_client_data(mixes, d.samples_per_client, cfg.seed)
-    evals = [ex for t in domains for ex in generate_task(t, d.eval_per_domain, seed=cfg.seed, split="eval")]
+    notes = notes if notes is not None else []
+    if not d.user_data:
+        domains = list(d.tasks)
+        mixes = domain_mix(len(ids), domains, d.partition, skew=d.skew, alpha=d.alpha, seed=cfg.seed)
+        train = builtin_client_data(mixes, d.samples_per_client, cfg.seed)
+        evals = [ex for t in domains for ex in generate_task(t, d.eval_per_domain, seed=cfg.seed, split="eval")]
+        return train, mixes, evals
+    from .userdata import load_user_data
+
+    pool, evals, per_device, where = load_user_data(d)
+    if evals is None:
+        if per_device is not None:
+            split = {c: hold_out(v) for c, v in per_device.items()}
+            per_device = {c: tr for c, (tr, _) in split.items()}
+            evals = [ex for _, ev in split.values() for ex in ev]
+        else:
+            pool, evals = hold_out(pool)
+        notes.append(f"{where}: no held-out set given (data.eval_file or data.eval_split): {len(evals)} examples "
+                     "(one prompt in five, by a hash of the prompt) are held out for evaluation")
+    if not evals:
+        raise ConfigError(f"{where}: the held-out set is empty; give data.eval_file or data.eval_split")
+    if per_device is None and any(ex.device for ex in pool):
+        per_device = {}
+        for ex in pool:
+            if not ex.device:
+                raise ConfigError(f"{where}: some rows name their device and some do not; name it in every row "
+                                  "(or in none, to split the pool by data.partition)")
+            per_device.setdefault(ex.device, []).append(ex)
+    if evals is not None and d.system_prompt is not None:
+        evals = with_system(evals, d.system_prompt)
+    if per_device is not None:
+        train = [with_system(v, d.system_prompt) for v in _per_device(per_device, ids, where, notes)]
+        domains = sorted({ex.domain for v in train for ex in v} | {ex.domain for ex in evals})
+        return train, [_mix_of(v, domains) for v in train], evals
+    domains = sorted(domain_counts(pool))
+    mixes = domain_mix(len(ids), domains, d.partition, skew=d.skew, alpha=d.alpha, seed=cfg.seed)
+    train = split_pool(with_system(pool, d.system_prompt), mixes, d.samples_per_client, cfg.seed, notes)
     return train, mixes, evals

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def save_plots(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def build_report(e, base: dict, final: dict, personal: dict, own_mix: float) -> dict:
+def build_report(e, base: dict, final: dict, personal: dict, own_mix: float, own_mix_loss: float) -> dict:
     """The run's report (report.json) from engine ``e`` at the end of the run."""
     from edge_client import __version__
 
@@ -84,10 +85,17 @@ def build_report(e, base: dict, final: dict, personal: dict, own_mix: float) -> 
                    "reason": c.capacity.reason, "eligible": e.pooled or c in e.participants,
                    "train_examples": c.examples,
                    "domain_mix": {k: round(v, 3) for k, v in c.mix.items()}} for c in e.clients],
+        "metrics": {"lead": e.lead, "reason": e.lead_reason,
+                    "loss": "held-out negative log-likelihood per response token (nats), teacher-forced; "
+                            "overall is the mean over domains; perplexity is exp(loss)",
+                    "exact_match": "greedy answer of at most max_new_tokens tokens equals the reference"},
+        "data_notes": e.data_notes,
         "base_accuracy": base,
         "rounds": rounds,
         "final_accuracy": {"overall": headline["overall"], "per_domain": headline["per_domain"],
-                           "own_mix": own_mix,
+                           "own_mix": own_mix, "loss": headline["loss"], "own_mix_loss": own_mix_loss,
+                           "perplexity": headline.get("perplexity") or _ppl(headline["loss"]),
+                           **({"rouge_l": headline["rouge_l"]} if "rouge_l" in headline else {}),
                            "evaluated": "each client's own adapter" if personal else "the global adapter"},
         "global_adapter_accuracy": final,
         "personalised": personal,
@@ -99,6 +107,10 @@ def build_report(e, base: dict, final: dict, personal: dict, own_mix: float) -> 
         "method_summary": e.method.summary(e.state.method_state),
         "wall_seconds": round(time.perf_counter() - e.t_start, 1),
     }
+
+
+def _ppl(loss: dict) -> dict:
+    return {"overall": math.exp(loss["overall"]), "per_domain": {d: math.exp(v) for d, v in loss["per_domain"].items()}}
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -235,8 +247,9 @@ class ConsoleReporter:
             t.add_row(c.id, c.device.profile.name, str(cap.rank) if cap.rank else f"[red]0: {cap.reason}[/red]",
                       f"{cap.memory_gb:.2f}", f"{cap.usable_gb:.2f}", f"{cap.round_s:.0f}", str(c.examples))
         self.console.print(t)
-        self.console.print(f"global rank R = {global_rank}; base model accuracy {_pct(acc['overall'])}% "
-                           + " ".join(f"{d}={_pct(v)}" for d, v in acc["per_domain"].items()))
+        self.console.print(f"global rank R = {global_rank}; base model: exact match {_pct(acc['overall'])}% "
+                           + " ".join(f"{d}={_pct(v)}" for d, v in acc["per_domain"].items())
+                           + (f"; held-out loss {acc['loss']['overall']:.3f}" if "loss" in acc else ""))
 
     def round_start(self, round_idx: int, n: int) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -273,8 +286,9 @@ class ConsoleReporter:
         if det and det.get("caution"):
             extra += f" [yellow]({det['caution']})[/yellow]"
         status = "" if rec["status"] == "ok" else " [red]FAILED (below min_updates, global kept)[/red]"
-        self.console.print(f"round {rec['round']:>2} | {ranks} | loss {loss:.3f} | "
-                           f"acc {_pct(acc['overall']) if acc else '-'}% | up {up:.2f} MB down {down:.2f} MB | "
+        held = f"{acc['loss']['overall']:.3f}" if acc and "loss" in acc else "-"
+        self.console.print(f"round {rec['round']:>2} | {ranks} | train loss {loss:.3f} | held-out loss {held} | "
+                           f"exact {_pct(acc['overall']) if acc else '-'}% | up {up:.2f} MB down {down:.2f} MB | "
                            f"{rec['seconds']:.1f} s{extra}{status}")
 
     def final(self, report: dict) -> None:
@@ -282,14 +296,32 @@ class ConsoleReporter:
 
         fa = report["final_accuracy"]
         base = report["base_accuracy"]
-        t = Table(title=f"{report['method']} on {report['model']}: exact-match accuracy (%), {fa['evaluated']}")
+        lead = report.get("metrics", {}).get("lead", "exact_match")
+        t = Table(title=f"{report['method']} on {report['model']}, held-out, {fa['evaluated']}")
         t.add_column("domain")
-        t.add_column("base model", justify="right")
-        t.add_column("after federated training", justify="right")
-        for d in fa["per_domain"]:
-            t.add_row(d, _pct(base["per_domain"].get(d)), _pct(fa["per_domain"][d]))
-        t.add_row("[b]overall[/b]", _pct(base["overall"]), f"[b]{_pct(fa['overall'])}[/b]")
+        cols = [("loss", "held-out loss", lambda x: "-" if x is None else f"{x:.3f}"),
+                ("exact_match", "exact match %", _pct)]
+        if "rouge_l" in fa:
+            cols.append(("rouge_l", "ROUGE-L %", _pct))
+        cols.sort(key=lambda c: c[0] != lead)  # the leading metric first
+        for _, name, _ in cols:
+            t.add_column(f"{name}: base", justify="right")
+            t.add_column("after", justify="right")
+
+        def pick(acc: dict, key: str) -> dict:
+            return acc if key == "exact_match" else acc.get(key, {})
+
+        for d in list(fa["per_domain"]) + ["overall"]:
+            cells = []
+            for key, _, fmt in cols:
+                b, a = pick(base, key), pick(fa, key)
+                get = (lambda m: m.get("overall")) if d == "overall" else (lambda m, d=d: m.get("per_domain", {}).get(d))
+                cells += [fmt(get(b)), fmt(get(a))]
+            t.add_row("[b]overall[/b]" if d == "overall" else d, *cells)
         self.console.print(t)
+        why = report.get("metrics", {}).get("reason")
+        if why:
+            self.console.print(f"leading metric: {lead.replace('_', ' ')} ({why})")
         tot = report["totals"]
         self.console.print(f"uplink {tot['uplink_bytes'] / 1e6:.2f} MB, downlink {tot['downlink_bytes'] / 1e6:.2f} MB, "
                            f"wall {report['wall_seconds']:.0f} s; failed rounds {tot['failed_rounds']}, "

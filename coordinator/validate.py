@@ -67,6 +67,15 @@ def check_report(client: str, report, round_idx: int, max_steps: int) -> dict:
     if report.get("round", round_idx) != round_idx:
         raise UpdateRejected(f"client {client}: report names round {str(report.get('round'))[:20]}, "
                              f"the update is for round {round_idx}")
-    return {"round": round_idx, "num_examples": number("num_examples", True, 1),
+    kept = {"round": round_idx, "num_examples": number("num_examples", True, 1),
             "steps": number("steps", True, 1, max_steps), "first_loss": float(number("first_loss")),
             "last_loss": float(number("last_loss")), "seconds": float(number("seconds"))}
+    losses = report.get("losses")  # optional: every step's loss
+    if losses is not None:
+        if (not isinstance(losses, list) or len(losses) != kept["steps"]
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+                           for x in losses)):
+            raise UpdateRejected(f"client {client}: report field 'losses' must list {kept['steps']} finite "
+                                 "non-negative numbers, one per step")
+        kept["losses"] = [float(x) for x in losses]
+    return kept

@@ -1,9 +1,15 @@
-"""Examples, built-in tasks, JSONL data, chat formatting and exact-match scoring.
+"""Examples, built-in tasks, data files in the forms people have, chat formatting and scoring.
 
-An :class:`Example` is a ``(prompt, response, domain)`` triple.  The built-in tasks are
-heterogeneous domains whose answers are checked exactly, generated from a seed.  A prompt belongs
-to the held-out evaluation split of its domain iff a hash of the prompt says so, so train and
-eval never share a prompt whatever the seeds.
+An :class:`Example` is a prompt and its response, with a domain, an optional system prompt and
+optional earlier turns of a conversation.  The built-in tasks are heterogeneous domains whose
+answers are checked exactly, generated from a seed; they carry their own system prompt
+(:data:`SYSTEM_PROMPT`).  A prompt belongs to the held-out evaluation split of its domain iff a
+hash of the prompt says so, so train and eval never share a prompt whatever the seeds.
+
+A data file is JSONL, one example per line, in any of three forms (:func:`parse_row`):
+``{"prompt", "response"}``; Alpaca's ``{"instruction", "input", "output"}``; or chat
+``{"messages": [{"role", "content"}, ...]}`` ending with the assistant's turn.  Each may carry
+``domain`` (default ``default``), ``system`` and ``device``.
 """
 
 from __future__ import annotations
@@ -11,11 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-SYSTEM_PROMPT = "Reply with the answer only."
+SYSTEM_PROMPT = "Reply with the answer only."  # the built-in tasks' instruction
 EVAL_FRACTION = 5  # one prompt in five belongs to the held-out split
 
 
@@ -24,6 +30,16 @@ class Example:
     prompt: str
     response: str
     domain: str = "default"
+    system: str | None = None                    # the system prompt (None: none)
+    context: tuple[tuple[str, str], ...] = ()    # earlier (role, content) turns before the prompt
+    device: str | None = None                    # the device the example belongs to, when the data says
+
+
+def with_system(examples: Sequence[Example], system: str | None) -> list[Example]:
+    """``examples`` with ``system`` as the system prompt of those that have none of their own."""
+    if system is None:
+        return list(examples)
+    return [ex if ex.system is not None else replace(ex, system=system) for ex in examples]
 
 
 def _word(rng: random.Random, lo: int = 3, hi: int = 6) -> str:
@@ -84,16 +100,75 @@ def generate_task(task: str, n: int, seed: int, split: str = "train") -> list[Ex
         if is_eval_prompt(ex.prompt) != want_eval or (want_eval and ex.prompt in seen):
             continue
         seen.add(ex.prompt)
-        out.append(ex)
+        out.append(replace(ex, system=SYSTEM_PROMPT))
     raise ValueError(f"task '{task}' cannot supply {n} distinct {split} examples")
 
 
 class DataFormatError(ValueError):
-    """A line of a user's JSONL file is not a valid example; the message names file and line."""
+    """A row of a user's data is not a valid example; the message names the file and line."""
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    """Read ``{"prompt", "response"[, "domain"]}`` objects, one per line; blank lines are skipped."""
+FIELDS = ("prompt", "response", "domain", "system", "device", "instruction", "input", "output", "messages")
+
+
+def _text(obj: Mapping, key: str, where: str, required: bool = True) -> str | None:
+    v = obj.get(key)
+    if v is None and not required:
+        return None
+    if not isinstance(v, str) or (required and not v.strip()):
+        raise DataFormatError(f"{where}: field '{key}' must be a non-empty string")
+    return v
+
+
+def parse_row(obj, where: str, columns: Mapping[str, str] | None = None) -> Example:
+    """One example from a row in any of the three forms (module text).  ``columns`` maps this
+    module's field names to the row's (``{"prompt": "question", "domain": "category"}``)."""
+    if not isinstance(obj, Mapping):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if columns:
+        missing = [c for f, c in columns.items() if c not in obj and f in ("prompt", "response", "messages",
+                                                                           "instruction", "output")]
+        obj = {**{k: v for k, v in obj.items() if k not in columns.values()},
+               **{f: obj[c] for f, c in columns.items() if c in obj}}
+        if missing and not any(k in obj for k in ("prompt", "messages", "instruction")):
+            raise DataFormatError(f"{where}: no column {missing[0]!r} (data.columns); the row has "
+                                  f"{', '.join(sorted(map(str, obj)))}")
+    domain = obj.get("domain", "default")
+    if not isinstance(domain, str) or not domain:
+        raise DataFormatError(f"{where}: field 'domain' must be a non-empty string")
+    device = _text(obj, "device", where, required=False)
+    system = _text(obj, "system", where, required=False)
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or len(msgs) < 2:
+            raise DataFormatError(f"{where}: 'messages' must be a list of at least a user and an assistant turn")
+        turns = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, Mapping) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise DataFormatError(f"{where}: messages[{i}] must be {{role: system|user|assistant, content: str}}")
+            turns.append((m["role"], m["content"]))
+        if turns[-1][0] != "assistant" or turns[-2][0] != "user" or not turns[-1][1].strip():
+            raise DataFormatError(f"{where}: 'messages' must end with a user turn and a non-empty assistant turn")
+        if turns[0][0] == "system":
+            system = turns[0][1]
+            turns = turns[1:]
+        if any(r == "system" for r, _ in turns):
+            raise DataFormatError(f"{where}: a system turn may only come first in 'messages'")
+        return Example(turns[-2][1], turns[-1][1], domain, system, tuple(turns[:-2]), device)
+    if "instruction" in obj:
+        instruction = _text(obj, "instruction", where)
+        extra = _text(obj, "input", where, required=False)
+        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        return Example(prompt, _text(obj, "output", where), domain, system, (), device)
+    if "prompt" not in obj and "response" not in obj:
+        raise DataFormatError(f"{where}: a row needs 'prompt' and 'response', 'instruction' and 'output', or "
+                              f"'messages'; this one has {', '.join(sorted(map(str, obj))) or 'no fields'}")
+    return Example(_text(obj, "prompt", where), _text(obj, "response", where), domain, system, (), device)
+
+
+def load_jsonl(path: str | Path, columns: Mapping[str, str] | None = None) -> list[Example]:
+    """Read one example per line in any of the forms of :func:`parse_row`; blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: no such file")
@@ -107,43 +182,57 @@ def load_jsonl(path: str | Path) -> list[Example]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataFormatError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for field in ("prompt", "response"):
-                if not isinstance(obj.get(field), str) or not obj[field].strip():
-                    raise DataFormatError(f"{where}: field '{field}' must be a non-empty string")
-            domain = obj.get("domain", "default")
-            if not isinstance(domain, str) or not domain:
-                raise DataFormatError(f"{where}: field 'domain' must be a non-empty string")
-            out.append(Example(obj["prompt"], obj["response"], domain))
+            out.append(parse_row(obj, where, columns))
     if not out:
         raise DataFormatError(f"{path}: no examples")
     return out
 
 
+def example_row(ex: Example) -> dict:
+    """The JSON row of ``ex`` that :func:`parse_row` reads back as ``ex``."""
+    if ex.context:
+        row: dict = {"messages": [{"role": r, "content": c} for r, c in ex.context]
+                     + [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.response}]}
+    else:
+        row = {"prompt": ex.prompt, "response": ex.response}
+    row["domain"] = ex.domain
+    if ex.system is not None:
+        row["system"] = ex.system
+    if ex.device is not None:
+        row["device"] = ex.device
+    return row
+
+
 def write_jsonl(path: str | Path, examples: Iterable[Example]) -> None:
     with Path(path).open("w", encoding="utf-8") as fh:
         for ex in examples:
-            fh.write(json.dumps({"prompt": ex.prompt, "response": ex.response, "domain": ex.domain}) + "\n")
+            fh.write(json.dumps(example_row(ex)) + "\n")
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
+def chat_prompt(tokenizer, ex: Example) -> str:
     """The prompt as the model sees it: its chat template where it has one, else plain text."""
     if getattr(tokenizer, "chat_template", None):
-        msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+        msgs = [{"role": "system", "content": ex.system}] if ex.system is not None else []
+        msgs += [{"role": r, "content": c} for r, c in ex.context] + [{"role": "user", "content": ex.prompt}]
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return f"{SYSTEM_PROMPT}\nQuestion: {prompt}\nAnswer: "
+    head = f"{ex.system}\n" if ex.system is not None else ""
+    turns = "".join(f"{'Question' if r == 'user' else 'Answer'}: {c}\n" for r, c in ex.context)
+    return f"{head}{turns}Question: {ex.prompt}\nAnswer: "
 
 
 def _response_suffix(tokenizer) -> str:
     return tokenizer.eos_token or ""
 
 
-def prompt_ids(tokenizer, prompt: str, max_len: int | None = None) -> list[int]:
+def prompt_ids(tokenizer, ex: Example, max_len: int | None = None) -> list[int]:
     """Token ids of the chat-formatted prompt, cut from the left to ``max_len - 1`` when longer
     (the same cut training makes, so evaluation sees what training saw)."""
-    ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+    ids = tokenizer(chat_prompt(tokenizer, ex), add_special_tokens=False).input_ids
     return ids[-(max_len - 1):] if max_len and len(ids) > max_len - 1 else ids
+
+
+def response_ids(tokenizer, ex: Example) -> list[int]:
+    return tokenizer(ex.response + _response_suffix(tokenizer), add_special_tokens=False).input_ids
 
 
 def encode_examples(tokenizer, examples: Sequence[Example], max_len: int) -> list[tuple[list[int], int]]:
@@ -153,8 +242,8 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_len: int) -> lis
     """
     out = []
     for ex in examples:
-        p = prompt_ids(tokenizer, ex.prompt)
-        r = tokenizer(ex.response + _response_suffix(tokenizer), add_special_tokens=False).input_ids
+        p = prompt_ids(tokenizer, ex)
+        r = response_ids(tokenizer, ex)
         if len(r) >= max_len:
             r = r[: max_len - 1]
         p = p[-(max_len - len(r)):]

@@ -300,10 +300,24 @@ def train_program(trainer: ProgramTrainer, tokenizer, examples: Sequence[Example
                            f"{settings.batch_size}x{settings.max_seq_len}")
     if settings.optimizer != "sgd":
         raise ProgramError(f"the executorch trainer runs SGD only; the assignment asks for {settings.optimizer}")
+    why = schedule_unsupported(settings)
+    if why:
+        raise ProgramError(why)
     trainer.set_factors(to_state_dict(from_state_dict(start)))
     t0 = time.perf_counter()
     losses = trainer.train(program_batches(tokenizer, examples, settings, seed, spec["seq_len"]), settings.steps,
                            settings.lr, settings.weight_decay, settings.grad_clip, slowdown)
     seconds = time.perf_counter() - t0
-    res = TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses), seconds, len(examples))
+    res = TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses), seconds, len(examples),
+                      tuple(losses))
     return trainer.factors(), res
+
+
+def schedule_unsupported(settings: TrainSettings) -> str | None:
+    """Why the executorch trainer cannot run ``settings``' schedule or accumulation, or None."""
+    if settings.lr_schedule != "constant" or settings.warmup_steps:
+        return (f"the executorch trainer runs SGD at a constant rate; train.lr_schedule {settings.lr_schedule} "
+                f"with train.warmup_steps {settings.warmup_steps} needs the torch trainer")
+    if settings.grad_accum > 1:
+        return f"the executorch trainer steps on every batch; train.grad_accum {settings.grad_accum} needs the torch trainer"
+    return None

@@ -54,6 +54,35 @@ class ModelSource:
     gguf_file: str | None = None
 
 
+HUB_PROBE_S = 3.0
+
+
+def check_hub_reachable(repo_id: str, what: str, error=ValueError) -> None:
+    """Fail at once, with a hint, where the Hugging Face Hub cannot be reached and nothing is
+    cached for ``repo_id``, instead of after the hub client's retries (about 25 s).  With
+    ``HF_HUB_OFFLINE=1``, or the repository in the local cache, the hub client is left to it."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        if any(r.repo_id == repo_id for r in scan_cache_dir().repos):
+            return
+    except Exception:  # noqa: BLE001 - no cache yet, or an unreadable one: probe the network
+        pass
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_S).close()
+    except OSError as exc:
+        raise error(f"{what}: the Hugging Face Hub ({host}:{port}) cannot be reached ({exc}) and {repo_id} is "
+                    "not in the local cache; give a local path (a model folder or a .gguf file; a dataset "
+                    "folder or file), or set HF_HUB_OFFLINE=1 to use what is cached") from None
+
+
 def resolve_model(spec: str) -> ModelSource:
     """Find the model named by ``spec`` without loading its weights; raise ModelNotFoundError."""
     if spec in TINY_CONFIGS:
@@ -81,6 +110,7 @@ def resolve_model(spec: str) -> ModelSource:
     if path.exists():
         raise ModelNotFoundError(f"model '{spec}': {path} is a file but not a .gguf file")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        check_hub_reachable(spec, f"model '{spec}'", ModelNotFoundError)
         try:
             from transformers import AutoConfig
 

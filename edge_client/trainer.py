@@ -1,7 +1,10 @@
 """Local training: AdamW (or SGD) on the active LoRA adapter, loss on the response tokens only.
 
-The loop is deliberately plain (one forward, one backward, one step) so that its cost is the
-model's: ``bench/client_overhead.py`` compares it with a bare peft loop.
+The loop is deliberately plain (forward, backward, step) so that its cost is the model's:
+``bench/client_overhead.py`` compares it with a bare peft loop.  A step may accumulate the
+gradients of ``grad_accum`` batches; the learning rate follows ``lr_schedule`` (transformers'
+schedulers) with ``warmup_steps`` of linear warm-up, over the round's local steps (each round's
+local training starts its schedule again, as a fresh trainer per round does).
 """
 
 from __future__ import annotations
@@ -26,9 +29,24 @@ class TrainSettings:
     grad_clip: float = 1.0
     optimizer: str = "adamw"  # or "sgd"; the executorch trainer runs SGD whatever this says
     sgd_lr: float = 0.05      # the learning rate of devices that run SGD (the executorch trainer)
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over the round's steps)
+    warmup_steps: int = 0     # linear warm-up from 0 over the first steps of each round's training
+    grad_accum: int = 1       # batches whose gradients make one step (the effective batch is batch_size x this)
 
 
 OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_scheduler(opt, schedule: str, warmup_steps: int, steps: int):
+    """transformers' scheduler for ``schedule`` with warm-up (``constant`` with warm-up 0 keeps
+    the rate as it is)."""
+    from transformers import get_scheduler
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got '{schedule}'")
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    return get_scheduler(name, opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
 
 
 @dataclass(frozen=True)
@@ -39,6 +57,7 @@ class TrainResult:
     mean_loss: float
     seconds: float
     num_examples: int
+    losses: tuple[float, ...] = ()  # every step's loss
 
 
 def batches(encoded: Sequence, batch_size: int, seed: int) -> Iterator[list]:
@@ -57,8 +76,10 @@ def batches(encoded: Sequence, batch_size: int, seed: int) -> Iterator[list]:
 
 def train_steps(model, params: list[torch.nn.Parameter], batch_iter: Iterator[dict], steps: int,
                 lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0, slowdown: float = 1.0,
-                hooks=None, optimizer: str = "adamw") -> list[float]:
-    """Run ``steps`` AdamW (or plain SGD) steps of ``model`` on ``params``; returns each step's loss.
+                hooks=None, optimizer: str = "adamw", schedule: str = "constant", warmup_steps: int = 0,
+                grad_accum: int = 1) -> list[float]:
+    """Run ``steps`` AdamW (or plain SGD) steps of ``model`` on ``params``, each on ``grad_accum``
+    batches; returns each step's loss (the mean over its batches).
 
     ``slowdown > 1`` stretches every step to that multiple of its time (emulating a slower device).
     ``hooks`` (e.g. :class:`edge_client.partial.PartialTraining`) has ``after_backward()``, called
@@ -68,23 +89,29 @@ def train_steps(model, params: list[torch.nn.Parameter], batch_iter: Iterator[di
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
     opt = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
            else torch.optim.SGD(params, lr=lr, weight_decay=weight_decay))
+    sched = None if schedule == "constant" and warmup_steps == 0 else lr_scheduler(opt, schedule, warmup_steps, steps)
     losses = []
     model.train()
     try:
         for _ in range(steps):
             t0 = time.perf_counter()
-            batch = next(batch_iter)
-            loss = model(**batch).loss
-            loss.backward()
+            total = 0.0
+            for _ in range(grad_accum):
+                loss = model(**next(batch_iter)).loss
+                (loss / grad_accum if grad_accum > 1 else loss).backward()
+                total += float(loss.detach())
+            loss = total / grad_accum
             if hooks is not None:
                 hooks.after_backward()
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
+            if sched is not None:
+                sched.step()
             opt.zero_grad(set_to_none=True)
             if hooks is not None:
                 hooks.after_step()
-            losses.append(float(loss.detach()))
+            losses.append(loss)
             if slowdown > 1.0:
                 time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
     finally:
@@ -114,6 +141,8 @@ def train_local(peft_model, tokenizer, examples: Sequence[Example], settings: Tr
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     losses = train_steps(peft_model, params, to_device(), settings.steps, settings.lr,
-                         settings.weight_decay, settings.grad_clip, slowdown, hooks, settings.optimizer)
+                         settings.weight_decay, settings.grad_clip, slowdown, hooks, settings.optimizer,
+                         settings.lr_schedule, settings.warmup_steps, settings.grad_accum)
     seconds = time.perf_counter() - t0
-    return TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses), seconds, len(examples))
+    return TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses), seconds, len(examples),
+                       tuple(losses))

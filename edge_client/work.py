@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from .data import Example
+from .data import Example, with_system
 from .experts import mixture_model, mixture_of
 from .lora import (
     ClientPlan,
@@ -30,10 +30,12 @@ ADAPTER = "client"
 
 
 def assignment_meta(*, round_idx: int, plan: ClientPlan, seed: int, settings: TrainSettings, targets: list[str],
-                    dropout: float, model: str) -> dict:
-    """The JSON a device needs, beside the start factors, to carry out one round."""
+                    dropout: float, model: str, system_prompt: str | None = None) -> dict:
+    """The JSON a device needs, beside the start factors, to carry out one round.  ``system_prompt``
+    is the run's, for the device's examples that carry none of their own."""
     return {"round": round_idx, "plan": plan.to_json(), "seed": seed, "model": model,
-            "targets": list(targets), "dropout": dropout, "train": dataclasses.asdict(settings)}
+            "targets": list(targets), "dropout": dropout, "train": dataclasses.asdict(settings),
+            "system_prompt": system_prompt}
 
 
 def wrap(model, meta: dict):
@@ -65,6 +67,7 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
     plan = ClientPlan.from_json(meta["plan"])
     received = decode_tensors(start, max_bytes)
     settings = TrainSettings(**meta["train"])
+    examples = with_system(examples, meta.get("system_prompt"))
     seed = int(meta["seed"])
     if trainer_of(meta) == "executorch":
         from .et_train import ProgramError, train_program
@@ -108,5 +111,6 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
 
 def _finish(meta: dict, tensors: dict, res) -> tuple[bytes, dict]:
     report = {"round": meta["round"], "num_examples": res.num_examples, "steps": res.steps,
-              "first_loss": res.first_loss, "last_loss": res.last_loss, "seconds": round(res.seconds, 3)}
+              "first_loss": res.first_loss, "last_loss": res.last_loss, "seconds": round(res.seconds, 3),
+              "losses": [round(x, 5) for x in res.losses]}
     return encode_tensors(tensors), report

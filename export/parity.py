@@ -66,10 +66,10 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
     answers = {"torch": [], "artifact": []}
     seconds = {"torch": 0.0, "artifact": 0.0}
     tokens = {"torch": 0, "artifact": 0}
-    warm = np.array([prompt_ids(tokenizer, examples[0].prompt, meta["max_seq_len"] - max_new_tokens)], dtype=np.int64)
+    warm = np.array([prompt_ids(tokenizer, examples[0], meta["max_seq_len"] - max_new_tokens)], dtype=np.int64)
     ref(warm), art(warm)  # first calls pay one-off set-up costs; keep them out of the latencies
     for ex in examples:
-        ids = prompt_ids(tokenizer, ex.prompt, meta["max_seq_len"] - max_new_tokens)
+        ids = prompt_ids(tokenizer, ex, meta["max_seq_len"] - max_new_tokens)
         x = np.array([ids], dtype=np.int64)
         a, b = ref(x), art(x)
         max_abs = max(max_abs, float(np.abs(a - b).max()))

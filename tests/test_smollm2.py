@@ -9,10 +9,12 @@ pytestmark = pytest.mark.slow
 def test_smollm2_loads_offline_and_knows_the_capital_of_france(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from coordinator.evaluate import generate_answers
+    from edge_client.data import SYSTEM_PROMPT, Example
     from edge_client.models import load_model
 
     model, tok = load_model("smollm2-135m")
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert model.dtype == torch.float32
-    (answer,) = generate_answers(model, tok, ["What is the capital of France?"], 12, "cpu")
+    question = Example("What is the capital of France?", "", system=SYSTEM_PROMPT)
+    (answer,) = generate_answers(model, tok, [question], 12, "cpu")
     assert "Paris" in answer
