@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from edge_client import __version__
+
 EXAMPLES = """\
 examples:
   fedlora simulate --out runs/demo                       # SmolLM2, mixed fleet of 8, about 10 min on 2 cores
@@ -25,19 +27,34 @@ examples:
 """
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="run config YAML (flags below override it)")
+def _add_run_args(p: argparse.ArgumentParser, running: bool = True) -> None:
+    from .config import RunConfig
+
+    d = RunConfig()
+    p.add_argument("--config", help="run config YAML (flags below override it; examples/run.yaml lists every field)")
     p.add_argument("--preset", default="default", help="starting values: default or quick (default: default)")
-    p.add_argument("--method", help="aggregation method (see `fedlora methods`)")
-    p.add_argument("--model", help="smollm2-135m, tiny-llama, a .gguf file, a model directory or a HF id")
-    p.add_argument("--fleet", help="fleet name under profiles/fleets/ or a path (default: mixed8)")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--clients-per-round", type=int, dest="clients_per_round")
-    p.add_argument("--local-steps", type=int, dest="local_steps")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--method", help=f"aggregation method, see `fedlora methods` (default: {d.method})")
+    p.add_argument("--model", help="smollm2-135m, tiny-llama, a .gguf file, a model directory or a HF id "
+                   f"(default: {d.model})")
+    p.add_argument("--fleet", help=f"fleet name under profiles/fleets/ or a path (default: {d.fleet})")
+    p.add_argument("--rounds", type=int, help=f"federated rounds (default: {d.rounds})")
+    p.add_argument("--clients-per-round", type=int, dest="clients_per_round",
+                   help=f"devices sampled per round, from the seed (default: {d.clients_per_round})")
+    p.add_argument("--local-steps", type=int, dest="local_steps",
+                   help=f"optimiser steps each device trains per round, train.steps (default: {d.train.steps})")
+    p.add_argument("--seed", type=int, help=f"seed of the data split, sampling and training (default: {d.seed})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"where the coordinator computes "
+                   f"(default: {d.device}: CUDA when present)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.lr=1e-3 --set data.partition=iid")
+    if running:
+        p.add_argument("--log", choices=["none", "tensorboard", "mlflow"], default="none",
+                       help="also log per-step losses per client, per-round metrics and bytes: tensorboard "
+                       "(to DIR/tensorboard) or mlflow ($MLFLOW_TRACKING_URI, else DIR/mlruns) (default: none)")
+        p.add_argument("--progress-every", type=float, default=30.0, metavar="S", dest="progress_every",
+                       help="when the output is not a terminal (a log file), a progress line every S seconds "
+                       "while a round runs (default: 30)")
+    p.add_argument("--verbose", action="store_true", help="keep third-party warnings (torch, torchao, transformers)")
 
 
 def _add_export_arg(p: argparse.ArgumentParser) -> None:
@@ -91,10 +108,11 @@ def _export_after(cfg, out: Path, classes, console, profiles=None) -> int:
 def cmd_simulate(args) -> int:
     from .report import ConsoleReporter
     from .simulate import Simulation
+    from .tracking import tracked
 
     cfg = _config_from_args(args)
     classes = _export_classes(args, cfg)
-    reporter = ConsoleReporter()
+    reporter = tracked(ConsoleReporter(progress_every=args.progress_every), args.log, args.out, cfg)
     reporter.console.print(f"[b]fedlora simulate[/b]: method {cfg.method}, model {cfg.model}, fleet {cfg.fleet}, "
                            f"{cfg.rounds} rounds x {cfg.clients_per_round} clients, {cfg.train.steps} local steps")
     sim = Simulation(cfg, args.out, reporter)
@@ -102,7 +120,7 @@ def cmd_simulate(args) -> int:
     out = Path(args.out)
     adapters = out / "adapter" if sim.engine.method.global_model else out / "clients" / "*" / "adapter"
     reporter.console.print(f"report: {out / 'report.json'}; adapter: {adapters}; "
-                           f"plots: {out / 'accuracy.png'}, {out / 'bytes.png'}")
+                           f"plots: {out / 'accuracy.png'}, {out / 'loss.png'}, {out / 'bytes.png'}")
     return _export_after(cfg, out, classes, reporter.console)
 
 
@@ -117,7 +135,7 @@ def cmd_compare(args) -> int:
     console = make_console()
     console.print(f"[b]fedlora compare[/b]: {len(specs)} runs ({', '.join(specs)}) on model {cfg.model}, fleet "
                   f"{cfg.fleet}, {cfg.rounds} rounds x {cfg.clients_per_round} clients, seed {cfg.seed}")
-    compare(cfg, specs, args.out, fresh=args.fresh, console=console)
+    compare(cfg, specs, args.out, fresh=args.fresh, console=console, log=args.log)
     out = Path(args.out)
     console.print(Markdown((out / "compare.md").read_text()))
     console.print(f"table: {out / 'compare.md'}; numbers: {out / 'compare.json'}; plot: {out / 'compare.png'}; "
@@ -188,12 +206,13 @@ def _exit_status(report: dict) -> int:
 def cmd_coordinator(args) -> int:
     from .report import ConsoleReporter
     from .service import Coordinator, check_deployable, check_resume
+    from .tracking import tracked
 
     cfg = _config_from_args(args)
     check_deployable(cfg)
     check_resume(args.out, args.resume)
     classes = _export_classes(args, cfg)
-    reporter = ConsoleReporter()
+    reporter = tracked(ConsoleReporter(progress_every=args.progress_every), args.log, args.out, cfg)
     registry = _registry(args)
     address = _coordinator_address(args, registry)
     embedded = None
@@ -215,10 +234,11 @@ def cmd_coordinator(args) -> int:
 def cmd_emulate(args) -> int:
     from .emulate import emulate
     from .report import ConsoleReporter
+    from .tracking import tracked
 
     cfg = _config_from_args(args)
     classes = _export_classes(args, cfg)
-    reporter = ConsoleReporter()
+    reporter = tracked(ConsoleReporter(progress_every=args.progress_every), args.log, args.out, cfg)
     reporter.console.print(f"[b]fedlora emulate[/b]: method {cfg.method}, model {cfg.model}, fleet {cfg.fleet}, "
                            f"{cfg.rounds} rounds x {cfg.clients_per_round} devices, one process per device")
     report = emulate(cfg, args.out, broker=None if args.broker in (None, "embedded") else args.broker,
@@ -370,6 +390,7 @@ def cmd_methods(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning across heterogeneous "
                                  "edge devices.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"fedlora-edge {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = sub.add_parser("simulate", help="run a federated job in one process over an emulated fleet",
                        description="Run a federated LoRA job in one process: one shared frozen base model, "
@@ -394,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print what each device of a fleet can train",
                        description="Print, per device of the fleet, the planner's capacity (largest LoRA rank "
                        "whose predicted memory fits and whose round fits the deadline) and the method's knob.")
-    _add_run_args(p)
+    _add_run_args(p, running=False)
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("emulate", help="a deployment on this machine: broker, coordinator, one process per device",
                        description="Start a broker (embedded unless --broker is given), the coordinator, and one OS "
@@ -499,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_client.models import ModelNotFoundError
     from edge_client.mqtt import BrokerAuthError, BrokerTLSError
     from edge_client.profile import ProfileError
+    from edge_client.quiet import quiet_third_party
     from export.parity import ParityError
     from export.runners import ExportError
 
@@ -507,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     from .service import EXIT_STORAGE, EXIT_TOO_FEW_DEVICES, StorageError, TooFewDevices
 
     args = build_parser().parse_args(argv)
+    quiet_third_party(getattr(args, "verbose", False))
     try:
         return args.fn(args)
     except ParityError as exc:

@@ -100,6 +100,8 @@ def summary(label: str, r: dict) -> dict:
     ranks = sorted({c["rank"] for x in r["rounds"] for c in x["clients"]})
     return {"run": label, "method": r["method"], "ranks": ranks, "accuracy": fa["overall"],
             "per_domain": fa["per_domain"], "own_mix": fa["own_mix"], "evaluated": fa.get("evaluated"),
+            "loss": (fa.get("loss") or {}).get("overall"), "own_mix_loss": fa.get("own_mix_loss"),
+            "lead": (r.get("metrics") or {}).get("lead", "exact_match"),
             "mb_up_per_round": r["totals"]["uplink_bytes"] / n / 1e6,
             "mb_down_per_round": r["totals"]["downlink_bytes"] / n / 1e6,
             "wall_seconds": r["wall_seconds"], "base_accuracy": r["base_accuracy"],
@@ -112,21 +114,23 @@ def summary(label: str, r: dict) -> dict:
 def markdown(rows: list[dict]) -> str:
     """The comparison as a markdown table (the base model first)."""
     domains = list(rows[0]["per_domain"])
-    head = ["run", "method", "ranks", "accuracy %"] + [f"{d} %" for d in domains] + [
-        "own-mix %", "MB up/round", "MB down/round", "wall s"]
+    head = ["run", "method", "ranks", "held-out loss", "accuracy %"] + [f"{d} %" for d in domains] + [
+        "own-mix loss", "own-mix %", "MB up/round", "MB down/round", "wall s"]
     contaminated = any((s.get("contamination") or {}).get("attack", "none") != "none" for s in rows)
     if contaminated:
         head += ["contaminated", "benign %", "detection precision", "recall"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = rows[0]["base_accuracy"]
-    lines.append("| base model | - | - | " + f"{100 * base['overall']:.1f} | "
-                 + " | ".join(f"{100 * base['per_domain'][d]:.1f}" for d in domains) + " | - | - | - | -"
+    base_loss = (base.get("loss") or {}).get("overall")
+    lines.append("| base model | - | - | " + f"{_num(base_loss, 3)} | {100 * base['overall']:.1f} | "
+                 + " | ".join(f"{100 * base['per_domain'][d]:.1f}" for d in domains) + " | - | - | - | - | -"
                  + " | - | - | - | -" * contaminated + " |")
     for s in rows:
-        cells = [s["run"], s["method"], ",".join(map(str, s["ranks"])), f"{100 * s['accuracy']:.1f}"]
+        cells = [s["run"], s["method"], ",".join(map(str, s["ranks"])), _num(s.get("loss"), 3),
+                 f"{100 * s['accuracy']:.1f}"]
         cells += [f"{100 * s['per_domain'][d]:.1f}" for d in domains]
-        cells += [f"{100 * s['own_mix']:.1f}", f"{s['mb_up_per_round']:.2f}", f"{s['mb_down_per_round']:.2f}",
-                  f"{s['wall_seconds']:.0f}"]
+        cells += [_num(s.get("own_mix_loss"), 3), f"{100 * s['own_mix']:.1f}", f"{s['mb_up_per_round']:.2f}",
+                  f"{s['mb_down_per_round']:.2f}", f"{s['wall_seconds']:.0f}"]
         if contaminated:
             co = s.get("contamination") or {}
             det = co.get("detection") or {}
@@ -140,8 +144,8 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def _num(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -171,24 +175,27 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def compare(base: RunConfig, specs: list[str], out: str | Path, fresh: bool = False, console=None) -> list[dict]:
-    """Run (or reuse) every spec's run under ``out``; write and return the comparison rows."""
+def compare(base: RunConfig, specs: list[str], out: str | Path, fresh: bool = False, console=None,
+            log: str = "none") -> list[dict]:
+    """Run (or reuse) every spec's run under ``out``; write and return the comparison rows.
+    ``log``: each run also logged to tensorboard or mlflow (:mod:`.tracking`)."""
     from .report import ConsoleReporter
     from .simulate import Simulation
+    from .tracking import tracked
 
     out = Path(out)
     todo = entries(base, specs)
-    reporter = ConsoleReporter(console)
+    console_reporter = ConsoleReporter(console)
     rows = []
     for i, e in enumerate(todo, 1):
         folder = out / e.label
         report = None if fresh else reusable(folder, e.cfg)
         head = f"[b][{i}/{len(todo)}] {e.label}[/b]"
         if report is not None:
-            reporter.console.print(f"{head}: reusing {folder / 'report.json'}")
+            console_reporter.console.print(f"{head}: reusing {folder / 'report.json'}")
         else:
-            reporter.console.print(head)
-            report = Simulation(e.cfg, folder, reporter).run()
+            console_reporter.console.print(head)
+            report = Simulation(e.cfg, folder, tracked(console_reporter, log, folder, e.cfg)).run()
         rows.append(summary(e.label, report))
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -22,28 +23,73 @@ def save_adapter(folder: Path, factors: Factors, scale: float, targets: list[str
     (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
 
 
+def _rounds_axis(ax, label: str = "round (0 = base model)") -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(label)
+
+
+def _legend_outside(ax) -> None:
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def save_plots(report: dict, out: Path) -> None:
-    """``accuracy.png`` (per round, overall and per domain) and ``bytes.png`` (per client)."""
+    """``accuracy.png`` (exact match per round, overall and per domain), ``loss.png`` (held-out
+    loss per round per domain, and every client's training loss per step) and ``bytes.png``
+    (per client)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rounds = [r for r in report["rounds"] if "accuracy" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
     xs = [0] + [r["round"] for r in rounds]
     base = report["base_accuracy"]
+    fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(xs, [base["overall"]] + [r["accuracy"]["overall"] for r in rounds], "k-o", lw=2, label="overall")
     for d in base["per_domain"]:
         ax.plot(xs, [base["per_domain"][d]] + [r["accuracy"]["per_domain"].get(d, 0) for r in rounds],
-                "--", alpha=0.7, label=d)
-    ax.set_xlabel("round (0 = base model)")
-    ax.set_ylabel("exact-match accuracy (global adapter)")
+                "--", marker=".", alpha=0.8, label=d)
+    _rounds_axis(ax)
+    ax.set_ylabel("exact match (global adapter)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{report['method']} on {report['model']}")
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.2))
+    if "loss" in base:
+        held = [r for r in rounds if "loss" in r["accuracy"]]
+        hx = [0] + [r["round"] for r in held]
+        ax1.plot(hx, [base["loss"]["overall"]] + [r["accuracy"]["loss"]["overall"] for r in held], "k-o", lw=2,
+                 label="overall")
+        for d in base["loss"]["per_domain"]:
+            ax1.plot(hx, [base["loss"]["per_domain"][d]] + [r["accuracy"]["loss"]["per_domain"].get(d) for r in held],
+                     "--", marker=".", alpha=0.8, label=d)
+        _legend_outside(ax1)
+    _rounds_axis(ax1)
+    ax1.set_ylabel("held-out loss, nats per response token")
+    ax1.set_title("held-out loss (global adapter)")
+    colour: dict[str, int] = {}
+    for r in report["rounds"]:
+        for c in r["clients"]:
+            ls = c.get("losses") or []
+            if not ls:
+                continue
+            first = c["client"] not in colour
+            k = colour.setdefault(c["client"], len(colour))
+            ax2.plot([(r["round"] - 1) + (i + 1) / len(ls) for i in range(len(ls))], ls, lw=1, alpha=0.7,
+                     color=f"C{k % 10}", label=c["client"] if first else None)
+    if colour:
+        _legend_outside(ax2)
+    _rounds_axis(ax2, "round (each client's local steps within it)")
+    ax2.set_ylabel("training loss per step")
+    ax2.set_title("local training loss, per client")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
 
     up: dict[str, int] = {}
@@ -53,14 +99,14 @@ def save_plots(report: dict, out: Path) -> None:
             up[c["client"]] = up.get(c["client"], 0) + c["uplink_bytes"]
             down[c["client"]] = down.get(c["client"], 0) + c["downlink_bytes"]
     names = sorted(up)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     x = range(len(names))
     ax.bar([i - 0.2 for i in x], [up[n] / 1e6 for n in names], 0.4, label="uplink")
     ax.bar([i + 0.2 for i in x], [down[n] / 1e6 for n in names], 0.4, label="downlink")
     ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("MB over the run")
     ax.set_title("bytes per client (safetensors payloads)")
-    ax.legend()
+    _legend_outside(ax)
     fig.tight_layout()
     fig.savefig(out / "bytes.png", dpi=110)
     plt.close(fig)
@@ -226,12 +272,17 @@ def _pct(x: float | None) -> str:
 
 
 class ConsoleReporter:
-    """Progress per round and tables, with rich."""
+    """Progress per round and tables, with rich.  On a terminal a round shows a live bar; in a log
+    file (no terminal) each client's result is a line, and while a round runs a line every
+    ``progress_every`` seconds says how far it is."""
 
-    def __init__(self, console=None):
+    def __init__(self, console=None, progress_every: float = 30.0):
         self.console = console or make_console()
+        self.progress_every = progress_every
         self.progress = None
         self.task = None
+        self._beat: threading.Event | None = None
+        self._round = (0, 0, 0, 0.0)  # round, clients done, clients, start time
 
     def status(self, text: str) -> None:
         self.console.print(f"[dim]{text}...[/dim]")
@@ -252,6 +303,13 @@ class ConsoleReporter:
                            + (f"; held-out loss {acc['loss']['overall']:.3f}" if "loss" in acc else ""))
 
     def round_start(self, round_idx: int, n: int) -> None:
+        self._round = (round_idx, 0, n, time.monotonic())
+        if not self.console.is_terminal:
+            self.console.print(f"round {round_idx}: {n} clients training")
+            if self.progress_every > 0:
+                self._beat = threading.Event()
+                threading.Thread(target=self._heartbeat, args=(self._beat,), daemon=True).start()
+            return
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(TextColumn("round {task.fields[r]}"), BarColumn(), TextColumn("{task.completed}/{task.total} clients"),
@@ -260,13 +318,28 @@ class ConsoleReporter:
         self.progress.start()
         self.task = self.progress.add_task("round", total=n, r=round_idx, last="")
 
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.progress_every):
+            r, done, n, t0 = self._round
+            self.console.print(f"round {r}: {done}/{n} clients in after {time.monotonic() - t0:.0f} s")
+
     def client_done(self, client: str, report: dict | None, rank: int) -> None:
         last = (f"{client}: failed" if not report else
                 f"{client}: r={rank} loss {report['first_loss']:.2f}->{report['last_loss']:.2f}")
-        self.progress.update(self.task, advance=1, last=last)
+        r, done, n, t0 = self._round
+        self._round = (r, done + 1, n, t0)
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, last=last)
+        else:
+            self.console.print(f"  round {r} [{done + 1}/{n}] {last} ({time.monotonic() - t0:.0f} s)")
 
     def round_end(self, rec: dict) -> None:
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if self._beat is not None:
+            self._beat.set()
+            self._beat = None
         cl = rec["clients"]
         acc = rec.get("accuracy")
         up = sum(c["uplink_bytes"] for c in cl) / 1e6

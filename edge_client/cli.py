@@ -14,6 +14,11 @@ def main(argv: list[str] | None = None) -> int:
         from .client import main as client_main
 
         return client_main(argv[1:])
+    if argv[:1] == ["--version"]:
+        from . import __version__
+
+        print(f"fedlora-edge {__version__}")
+        return 0
     try:
         coordinator_cli = importlib.import_module("coordinator.cli")
         return coordinator_cli.main(argv)

@@ -36,6 +36,7 @@ from .identity import Counter, ReplayGuard, Signer, Verifier, load_credentials
 from .messages import Outbox, read_message
 from .mqtt import BrokerAddress, BrokerAuthError, BrokerTLSError, Link, device_topic, parse_broker, topic
 from .profile import ProfileError, load_profile, measure_profile
+from .quiet import quiet_third_party
 
 MAX_PLAN_BYTES = 1 << 30  # a training program is about the size of the base model
 
@@ -50,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--credentials", default=os.environ.get("FEDLORA_CREDENTIALS"),
                     help="this device's credentials file from `fedlora devices add` (default: $FEDLORA_CREDENTIALS)")
     ap.add_argument("--device-id", help="this device's id (default: the one in the credentials file; must match it)")
-    ap.add_argument("--data", required=True, help="JSONL of {prompt, response[, domain]}: the local data")
+    ap.add_argument("--data", required=True, help="the local data, JSONL: one example per line, "
+                    "{prompt, response}, Alpaca {instruction, input, output} or chat {messages}, each with an "
+                    "optional domain")
     ap.add_argument("--profile", help="device profile YAML (default: measure this machine at start)")
     ap.add_argument("--run", default="default", help="run id shared with the coordinator (default: default)")
     ap.add_argument("--state-dir", help="where unacknowledged updates and the run state are kept "
@@ -64,11 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--slowdown", type=float, default=1.0, help="stretch each training step by this factor")
     emu.add_argument("--uplink-mbps", type=float, help="cap the upload rate")
     emu.add_argument("--downlink-mbps", type=float, help="cap the download rate")
+    ap.add_argument("--verbose", action="store_true", help="keep third-party warnings (torch, torchao, transformers)")
+    ap.add_argument("--version", action="version", version=f"fedlora-edge {__version__}")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_third_party(args.verbose)
     try:
         return run(args)
     except (BrokerAuthError, BrokerTLSError) as exc:
