@@ -342,6 +342,10 @@ def cmd_export(args) -> int:
     from .report import make_console
 
     check_format(args.format, args.quant)
+    if args.model is None:
+        from edge_client.models import adapter_base
+
+        args.model = (adapter_base(args.adapter) if args.adapter else None) or "smollm2-135m"
     console = make_console()
     console.print(f"[b]fedlora export[/b]: {args.model} + {args.adapter or 'no adapter'} -> {args.format} "
                   f"({args.quant}) in {args.out}")
@@ -484,8 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(parity.json, parity.md) against PyTorch: max |Δlogits|, top-1 agreement, exact-match "
                        "accuracy on the built-in tasks, file size, latency per token. Fails (exit 3) when parity "
                        "is broken beyond the format's tolerance.")
-    p.add_argument("--model", default="smollm2-135m", help="the base model the adapter was trained on "
-                   "(default: smollm2-135m)")
+    p.add_argument("--model", help="the base model the adapter was trained on (default: the one the adapter "
+                   "names in its fedlora.json or adapter_config.json; smollm2-135m without an adapter)")
     p.add_argument("--adapter", help="a peft adapter folder, e.g. runs/demo/adapter (default: the base alone)")
     p.add_argument("--format", required=True, choices=["onnx", "executorch"])
     p.add_argument("--quant", default="fp32", help="onnx: fp32 | int8 (dynamic); executorch: fp32 | 8da8w | 8da4w "
@@ -517,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return client_main(argv[1:])
     from edge_client.data import DataFormatError
+    from edge_client.lora import TargetModulesError
     from edge_client.models import ModelNotFoundError
     from edge_client.mqtt import BrokerAuthError, BrokerTLSError
     from edge_client.profile import ProfileError
@@ -542,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return EXIT_STORAGE
     except (ConfigError, ExportError, ModelNotFoundError, ProfileError, DataFormatError, BrokerAuthError,
-            BrokerTLSError, TimeoutError, DeviceProcessError) as exc:
+            BrokerTLSError, TimeoutError, DeviceProcessError, TargetModulesError) as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
 

@@ -141,6 +141,15 @@ class Engine:
         self.reporter = reporter or _Silent()
         self.t_start = time.perf_counter()
 
+        if cfg.lora.target_modules:  # checked on the model's shape alone, before its weights load
+            from edge_client.lora import TargetModulesError
+
+            from .planner import meta_shape
+
+            try:
+                meta_shape(cfg.model, list(cfg.lora.target_modules))
+            except TargetModulesError as exc:
+                raise ConfigError(str(exc)) from None
         self.reporter.status(f"loading model {cfg.model}")
         self.model, self.tok = load_model(self.source, self.device)
         targets = list(cfg.lora.target_modules) or default_target_modules(self.model)

@@ -12,15 +12,22 @@ from edge_client.lora import Factors, adapter_config_json, to_state_dict
 from edge_client.wire import write_factors_file
 
 
-def save_adapter(folder: Path, factors: Factors, scale: float, targets: list[str], base_model: str) -> None:
+def save_adapter(folder: Path, factors: Factors, scale: float, targets: list[str], base_model: str,
+                 model_spec: str | None = None, system_prompt: str | None = None) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` that stock
-    ``peft.PeftModel.from_pretrained(base, folder)`` loads (per-module ranks via rank_pattern)."""
+    ``peft.PeftModel.from_pretrained(base, folder)`` loads (per-module ranks via rank_pattern), and
+    ``AutoPeftModelForCausalLM.from_pretrained(folder)`` where ``base_model`` is what transformers
+    loads; ``fedlora.json`` keeps the run's model spec and system prompt (for ``fedlora export``)."""
+    from edge_client.models import ADAPTER_SIDECAR
+
     folder.mkdir(parents=True, exist_ok=True)
     dims = {m: (a.shape[1], b.shape[0]) for m, (a, b) in factors.items()}
     ranks = {m: a.shape[0] for m, (a, _) in factors.items()}
     write_factors_file(folder / "adapter_model.safetensors", to_state_dict(factors))
     cfg = adapter_config_json(dims, ranks, scale, targets, base_model)
     (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
+    (folder / ADAPTER_SIDECAR).write_text(json.dumps({"model": model_spec or base_model,
+                                                       "system_prompt": system_prompt}, indent=1))
 
 
 def _rounds_axis(ax, label: str = "round (0 = base model)") -> None:
@@ -168,11 +175,13 @@ def save_outputs(e, report: dict) -> None:
     report, the plots."""
     from edge_client.experts import mixture_of, save_mixture
     from edge_client.lora import from_state_dict
+    from edge_client.models import base_reference
 
     e.out.mkdir(parents=True, exist_ok=True)
+    base = base_reference(e.source)
     if e.method.global_model:
-        save_adapter(e.out / "adapter", e.state.global_factors, e.cfg.lora.scale, e.targets,
-                     e.cfg.model)
+        save_adapter(e.out / "adapter", e.state.global_factors, e.cfg.lora.scale, e.targets, base,
+                     e.cfg.model, e.cfg.data.system_prompt)
     for c in e.clients:
         own = e.method.personal_model(c.id, e.ctx, e.state.method_state)
         if own is None:
@@ -182,8 +191,8 @@ def save_outputs(e, report: dict) -> None:
         if mixture_of(plan) is not None:
             save_mixture(folder / "model", plan, tensors, e.cfg.model, e.targets)
         else:
-            save_adapter(folder / "adapter", from_state_dict(tensors), e.cfg.lora.scale, e.targets,
-                         e.cfg.model)
+            save_adapter(folder / "adapter", from_state_dict(tensors), e.cfg.lora.scale, e.targets, base,
+                         e.cfg.model, e.cfg.data.system_prompt)
     write_report(e.out, report)
     save_plots(report, e.out)
 

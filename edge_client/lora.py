@@ -175,13 +175,25 @@ def install_adapter(peft_model, adapter: str, plan: ClientPlan, factors: Factors
 
 def adapted_modules(model, target_modules: list[str]) -> dict[str, tuple[int, int]]:
     """Path -> (in_features, out_features) of every Linear that LoRA with ``target_modules`` adapts."""
-    out = {}
+    out, found = {}, set()
+    candidates: set[str] = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules:
-            out[name] = (mod.in_features, mod.out_features)
-    if not out:
-        raise ValueError(f"no Linear module named any of {target_modules} in {type(model).__name__}")
+        if isinstance(mod, torch.nn.Linear):
+            leaf = name.rsplit(".", 1)[-1]
+            candidates.add(leaf)
+            if leaf in target_modules:
+                out[name] = (mod.in_features, mod.out_features)
+                found.add(leaf)
+    missing = [t for t in target_modules if t not in found]
+    if missing or not out:
+        raise TargetModulesError(f"lora.target_modules: {type(model).__name__} has no Linear module named "
+                                 f"{', '.join(missing or target_modules)}; its Linear modules are "
+                                 f"{', '.join(sorted(candidates))}")
     return out
+
+
+class TargetModulesError(ValueError):
+    """A LoRA target module names no Linear module of the model; the message lists the candidates."""
 
 
 def init_global_factors(module_dims: Mapping[str, tuple[int, int]], rank: int, seed: int) -> Factors:

@@ -216,6 +216,36 @@ def _load_gguf(src: ModelSource):
     return model, tok
 
 
+def base_reference(src: ModelSource) -> str:
+    """What stock transformers loads as this base (an adapter's ``base_model_name_or_path``): the
+    Hub id or model folder; for a GGUF source the folder of its dequantised weights (the weights
+    the adapter was trained on) once they are cached, else the .gguf file; a tiny test model has
+    no such form and keeps its name."""
+    if src.kind == "tiny":
+        return src.spec
+    if src.gguf_file:
+        cache = _gguf_cache_dir(src)
+        return str(cache) if (cache / "complete.json").is_file() else str(Path(src.location) / src.gguf_file)
+    return src.location
+
+
+ADAPTER_SIDECAR = "fedlora.json"  # beside an adapter: the model spec it was trained on, and its prompt format
+
+
+def adapter_base(folder: str | Path) -> str | None:
+    """The model an adapter folder was trained on: its ``fedlora.json`` model spec, else peft's
+    ``base_model_name_or_path``; None when neither says."""
+    folder = Path(folder)
+    for name, key in ((ADAPTER_SIDECAR, "model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            value = json.loads((folder / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def load_tokenizer(spec: str | ModelSource):
     """The model's tokenizer alone (what a device that trains in a program needs), pad token set."""
     from transformers import AutoTokenizer

@@ -28,6 +28,21 @@ def check_format(fmt: str, quant: str) -> None:
         raise ExportError(f"--quant: '{quant}' is not available for {fmt}; {fmt} takes {', '.join(FORMATS[fmt])}")
 
 
+def _system_prompt_of(adapter) -> str | None:
+    """The system prompt the adapter's run trained with (its ``fedlora.json``); the built-in
+    tasks' for the base alone or an adapter that does not say."""
+    from edge_client.data import SYSTEM_PROMPT
+    from edge_client.models import ADAPTER_SIDECAR
+
+    if adapter is None:
+        return SYSTEM_PROMPT
+    try:
+        side = json.loads((Path(adapter) / ADAPTER_SIDECAR).read_text())
+    except (OSError, ValueError):
+        return SYSTEM_PROMPT
+    return side.get("system_prompt", SYSTEM_PROMPT) if isinstance(side, dict) else SYSTEM_PROMPT
+
+
 def merged_model(model_spec: str, adapter: str | Path | None = None):
     """``(model, tokenizer)``: the base with the adapter in ``adapter`` (a peft folder, as
     ``simulate`` writes under ``adapter/`` and ``clients/<id>/adapter/``) merged into its weights."""
@@ -44,7 +59,17 @@ def merged_model(model_spec: str, adapter: str | Path | None = None):
                 raise ExportError(f"--adapter {folder}: no {name} (expected a peft adapter folder, e.g. RUN/adapter)")
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        try:
+            model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        except (RuntimeError, ValueError, KeyError) as exc:
+            from edge_client.models import adapter_base
+
+            trained_on = adapter_base(folder)
+            hint = (f"it was trained on {trained_on} (its fedlora.json or adapter_config.json), not on {model_spec}; "
+                    f"give --model {trained_on} or leave --model out" if trained_on and trained_on != model_spec
+                    else f"it does not fit {model_spec}")
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ExportError(f"--adapter {folder}: cannot be loaded onto --model {model_spec}: {hint} ({first})") from None
     model.config.use_cache = False
     return model.eval(), tok
 
@@ -124,6 +149,6 @@ def export(model_spec: str, adapter: str | Path | None, fmt: str, quant: str, ou
     tok.save_pretrained(str(out / "tokenizer"))
     meta = {"format": fmt, "quant": quant, "artifact": artifact.name, "base_model": model_spec,
             "adapter": str(adapter) if adapter else None, "tokenizer": "tokenizer", "max_seq_len": max_seq_len,
-            "skipped_layers": skipped}
+            "skipped_layers": skipped, "system_prompt": _system_prompt_of(adapter)}
     (out / "export.json").write_text(json.dumps(meta, indent=1))
     return artifact, meta, reference, tok
