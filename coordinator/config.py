@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from edge_client.data import TASKS
-from edge_client.trainer import OPTIMIZERS, TrainSettings
+from edge_client.trainer import OPTIMIZERS, SCHEDULES, TrainSettings
 
 from .errors import ConfigError
 from .methods import get_method, method_names, settings_classes
@@ -285,6 +285,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
     _check(t.sgd_lr > 0, "train.sgd_lr", "must be positive")
     _check(t.max_seq_len >= 8, "train.max_seq_len", "must be at least 8")
+    _check(t.lr_schedule in SCHEDULES, "train.lr_schedule", f"must be one of {', '.join(SCHEDULES)}")
+    _check(0 <= t.warmup_steps < t.steps or t.warmup_steps == 0, "train.warmup_steps",
+           f"must be non-negative and below train.steps ({t.steps})")
+    _check(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
     _check(cfg.planner.round_deadline_s > 0, "planner.round_deadline_s", "must be positive")
     _check(cfg.planner.transfer_budget_s > 0, "planner.transfer_budget_s", "must be positive")
     tr = cfg.transport

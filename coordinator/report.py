@@ -330,7 +330,8 @@ class ConsoleReporter:
     def _heartbeat(self, stop: threading.Event) -> None:
         while not stop.wait(self.progress_every):
             r, done, n, t0 = self._round
-            self.console.print(f"round {r}: {done}/{n} clients in after {time.monotonic() - t0:.0f} s")
+            where = (f"all {n} clients in, aggregating and evaluating" if done >= n else f"{done}/{n} clients in")
+            self.console.print(f"round {r}: {where} after {time.monotonic() - t0:.0f} s")
 
     def client_done(self, client: str, report: dict | None, rank: int) -> None:
         last = (f"{client}: failed" if not report else

@@ -2,7 +2,7 @@
 and ``compare``.
 
 What is logged, at the round as step (the base model is step 0): the held-out loss, perplexity
-and exact match, overall and per domain (``heldout/...``), the mean training loss, valid updates
+and exact match, overall and per domain (``heldout/<metric>/overall``, ``heldout/<metric>/<domain>``), the mean training loss, valid updates
 and the MB up and down of the round; and every client's every step's loss (``train_loss/<client>``,
 at step ``(round - 1) x local steps + i``), from the device's report.  TensorBoard writes to
 ``OUT/tensorboard``; MLflow to ``$MLFLOW_TRACKING_URI`` where it is set, else a local file store
@@ -57,11 +57,11 @@ class Tracker:
             self._ml.log_metrics({k.replace("@", "_"): v for k, v in values.items()}, step=step)
 
     def evaluation(self, acc: dict, step: int) -> None:
-        vals = {"heldout/exact_match": acc.get("overall")}
+        vals = {"heldout/exact_match/overall": acc.get("overall")}
         vals.update({f"heldout/exact_match/{d}": v for d, v in acc.get("per_domain", {}).items()})
         for key in ("loss", "perplexity", "rouge_l"):
             if key in acc:
-                vals[f"heldout/{key}"] = acc[key]["overall"]
+                vals[f"heldout/{key}/overall"] = acc[key]["overall"]
                 vals.update({f"heldout/{key}/{d}": v for d, v in acc[key]["per_domain"].items()})
         self.scalars(vals, step)
 

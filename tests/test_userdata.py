@@ -1,0 +1,193 @@
+"""Users' own data: the row forms, column mapping, per-device files and columns, Hugging Face
+datasets, a pool dealt without reuse, the held-out split, the system prompt, and evaluation that
+fits free text (held-out loss, the leading metric)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from coordinator.config import ConfigError, load_config
+from coordinator.partition import build_data, split_pool
+from edge_client.data import (
+    SYSTEM_PROMPT,
+    DataFormatError,
+    Example,
+    chat_prompt,
+    load_jsonl,
+    parse_row,
+    write_jsonl,
+)
+
+IDS = ["agx-orin", "orin-nano", "jetson-nano", "pi5", "pi4-wifi", "pi4-lte", "phone-1", "phone-2"]  # mixed8
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_the_three_row_forms_read_as_the_same_kind_of_example():
+    plain = parse_row({"prompt": "Hi?", "response": "Hello.", "domain": "greet"}, "x")
+    alpaca = parse_row({"instruction": "Translate", "input": "chat", "output": "cat", "domain": "fr"}, "x")
+    chat = parse_row({"messages": [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                                   {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]},
+                     "x")
+    assert (plain.prompt, plain.response, plain.domain, plain.system) == ("Hi?", "Hello.", "greet", None)
+    assert (alpaca.prompt, alpaca.response) == ("Translate\n\nchat", "cat")
+    assert (chat.prompt, chat.response, chat.system) == ("and 3+3?", "6", "Be brief.")
+    assert chat.context == (("user", "2+2?"), ("assistant", "4"))
+
+
+def test_a_chat_row_is_formatted_with_its_history_and_written_back_the_same(tiny, tmp_path):
+    _, tok = tiny
+    ex = parse_row({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                                 {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}],
+                    "device": "pi5"}, "x")
+    text = chat_prompt(tok, ex)
+    assert text.index("2+2?") < text.index("4") < text.index("and 3+3?") and "system" not in text
+    write_jsonl(tmp_path / "d.jsonl", [ex])
+    assert load_jsonl(tmp_path / "d.jsonl") == [ex]
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"prompt": "x"}, "field 'response' must be a non-empty string"),
+    ({"question": "x", "answer": "y"}, "a row needs 'prompt' and 'response'"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "at least a user and an assistant turn"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}, "must end with a user"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}, "role: system|user"),
+])
+def test_bad_rows_name_file_line_and_what_is_wrong(tmp_path, row, needle):
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "ok", "response": "fine"}, row])
+    with pytest.raises(DataFormatError, match=rf"d.jsonl:2: .*{needle}"):
+        load_jsonl(path)
+
+
+def test_columns_map_a_users_names(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [{"question": "Q", "answer": "A", "category": "c1", "site": "pi5"}])
+    (ex,) = load_jsonl(path, {"prompt": "question", "response": "answer", "domain": "category", "device": "site"})
+    assert (ex.prompt, ex.response, ex.domain, ex.device) == ("Q", "A", "c1", "pi5")
+    with pytest.raises(DataFormatError, match="no column 'query'"):
+        load_jsonl(path, {"prompt": "query", "response": "answer"})
+
+
+def test_a_small_pool_is_never_reused_and_the_shortfall_is_said():
+    pool = [Example(f"p{i}", f"r{i}", "a" if i % 2 else "b") for i in range(80)]
+    notes: list[str] = []
+    mixes = [{"a": 0.8, "b": 0.2}, {"a": 0.2, "b": 0.8}] * 4
+    parts = split_pool(pool, mixes, 64, seed=0, notes=notes)
+    dealt = [ex for p in parts for ex in p]
+    assert len(dealt) == len(set(dealt)) == 80  # every example used once, by one client
+    assert all(len(p) == len(set(p)) for p in parts)
+    assert len(notes) == 1 and "without using one twice" in notes[0] and "'a' has 40 for" in notes[0]
+    roomy = split_pool(pool, mixes[:2], 10, seed=0, notes=notes)
+    assert [len(p) for p in roomy] == [10, 10] and len(notes) == 1
+
+
+def test_per_device_files_are_each_devices_data_as_it_is(tmp_path):
+    folder = tmp_path / "devices"
+    folder.mkdir()
+    for k, cid in enumerate(IDS):
+        write_jsonl(folder / f"{cid}.jsonl", [Example(f"{cid} q{j}", "a", f"d{k % 2}") for j in range(k + 1)])
+    write_jsonl(folder / "retired.jsonl", [Example("old", "a")])
+    _jsonl(tmp_path / "eval.jsonl", [{"prompt": "e", "response": "a", "domain": "d0"}])
+    cfg = load_config(overrides={"model": "tiny-llama", "data.train_dir": str(folder),
+                                 "data.eval_file": str(tmp_path / "eval.jsonl")})
+    notes: list[str] = []
+    train, mixes, evals = build_data(cfg, IDS, notes)
+    assert [len(t) for t in train] == list(range(1, 9))
+    assert all(ex.prompt.startswith(cid) for cid, t in zip(IDS, train) for ex in t)
+    assert mixes[0] == {"d0": 1.0, "d1": 0.0} and any("retired" in n for n in notes)
+    with pytest.raises(ConfigError, match="no data for device"):
+        build_data(cfg, IDS + ["pi-zero"], [])
+
+
+def test_a_device_column_splits_a_pool_by_device_and_a_missing_eval_is_held_out_by_hash(tmp_path):
+    rows = [{"prompt": f"question {i} of {cid}", "response": "answer", "device": cid} for cid in IDS for i in range(10)]
+    cfg = load_config(overrides={"model": "tiny-llama", "data.train_file": str(_jsonl(tmp_path / "t.jsonl", rows))})
+    notes: list[str] = []
+    train, _, evals = build_data(cfg, IDS, notes)
+    assert all({ex.device for ex in t} == {cid} for cid, t in zip(IDS, train))
+    assert evals and not {ex.prompt for ex in evals} & {ex.prompt for t in train for ex in t}
+    assert sum(map(len, train)) + len(evals) == 80 and any("held out for evaluation" in n for n in notes)
+
+
+def test_system_prompt_none_for_user_data_unless_set_and_kept_by_the_built_in_tasks(tmp_path):
+    path = _jsonl(tmp_path / "t.jsonl", [{"prompt": f"q{i}", "response": "a"} for i in range(40)])
+    cfg = load_config(overrides={"model": "tiny-llama", "data.train_file": str(path)})
+    train, _, evals = build_data(cfg, IDS[:2])
+    assert all(ex.system is None for t in train for ex in t + evals)
+    cfg = load_config(overrides={"model": "tiny-llama", "data.train_file": str(path),
+                                 "data.system_prompt": "You are a support agent."})
+    train, _, evals = build_data(cfg, IDS[:2])
+    assert {ex.system for t in train for ex in t + evals} == {"You are a support agent."}
+    builtin, _, _ = build_data(load_config(overrides={"model": "tiny-llama"}), IDS[:2])
+    assert {ex.system for ex in builtin[0]} == {SYSTEM_PROMPT}
+
+
+def test_a_hugging_face_dataset_from_disk_and_from_a_csv_file(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"instruction": [f"Name colour {i}" for i in range(30)], "output": ["red", "blue", "green"] * 10,
+            "topic": ["colours"] * 30}
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                               "test": datasets.Dataset.from_dict({k: v[:5] for k, v in rows.items()})})
+    dd.save_to_disk(str(tmp_path / "ds"))
+    cfg = load_config(overrides={"model": "tiny-llama", "data.dataset": str(tmp_path / "ds"),
+                                 "data.eval_split": "test", "data.columns": {"domain": "topic"}})
+    train, _, evals = build_data(cfg, IDS[:3])
+    assert len(evals) == 5 and {ex.domain for t in train for ex in t} == {"colours"}
+    assert sum(map(len, train)) == 30 and train[0][0].response in ("red", "blue", "green")
+    (tmp_path / "d.csv").write_text("question,answer\n" + "".join(f"q{i},a{i}\n" for i in range(20)))
+    cfg = load_config(overrides={"model": "tiny-llama", "data.dataset": str(tmp_path / "d.csv"),
+                                 "data.columns": {"prompt": "question", "response": "answer"}})
+    train, _, evals = build_data(cfg, IDS[:2])
+    assert sum(map(len, train)) + len(evals) == 20
+    cfg = load_config(overrides={"model": "tiny-llama", "data.dataset": str(tmp_path / "ds"),
+                                 "data.dataset_split": "validation"})
+    with pytest.raises(ConfigError, match="has no split 'validation'; it has train, test"):
+        build_data(cfg, IDS[:2])
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"data.train_file": "t.jsonl", "data.dataset": "x"}, "give one of data.train_file"),
+    ({"data.eval_file": "e.jsonl"}, "is for your own data"),
+    ({"data.columns": {"answer": "a"}}, "data.columns.answer: unknown field"),
+    ({"eval.metric": "bleu"}, "eval.metric: must be one of"),
+    ({"train.lr_schedule": "step"}, "train.lr_schedule: must be one of"),
+    ({"train.grad_accum": 0}, "train.grad_accum: must be at least 1"),
+])
+def test_bad_data_and_training_settings_fail_before_anything_starts(tmp_path, monkeypatch, overrides, needle):
+    monkeypatch.chdir(tmp_path)
+    _jsonl(tmp_path / "t.jsonl", [{"prompt": "q", "response": "a"}])
+    with pytest.raises(ConfigError, match=needle):
+        load_config(overrides={"model": "tiny-llama", **overrides})
+
+
+def test_held_out_loss_is_the_token_mean_per_domain_and_free_text_leads_with_it(tiny):
+    from coordinator.evaluate import lead_metric, loss_scores, response_nll
+
+    model, tok = tiny
+    exs = [Example("Say a long sentence", "the quick brown fox jumps over the lazy dog " * 2, "prose"),
+           Example("What is 1 + 1?", "2", "math"), Example("What is 2 + 2?", "4", "math")]
+    nll = response_nll(model, tok, exs, 128, "cpu")
+    assert [n for _, n in nll] == [len(tok(e.response + tok.eos_token, add_special_tokens=False).input_ids)
+                                   for e in exs]
+    scores = loss_scores(exs, nll)
+    assert scores["loss"]["per_domain"]["math"] == pytest.approx((nll[1][0] + nll[2][0]) / (nll[1][1] + nll[2][1]))
+    assert scores["perplexity"]["overall"] == pytest.approx(math.exp(scores["loss"]["overall"]))
+    assert lead_metric("auto", tok, exs[:1], 8, builtin=False)[0] == "loss"
+    assert lead_metric("auto", tok, exs[1:], 8, builtin=False)[0] == "exact_match"
+    assert lead_metric("rouge_l", tok, exs, 8, builtin=False) == ("rouge_l", "set by eval.metric")
+
+
+def test_rouge_l_scores_free_text_answers_per_domain():
+    pytest.importorskip("rouge_score")
+    from coordinator.evaluate import rouge_l
+
+    exs = [Example("q1", "the cat sat on the mat", "a"), Example("q2", "a dog ran", "b")]
+    got = rouge_l(exs, ["the cat sat on a mat", "nothing alike"])
+    assert got["per_domain"]["a"] == pytest.approx(5 / 6) and got["per_domain"]["b"] == 0.0
+    assert got["overall"] == pytest.approx((5 / 6) / 2)
