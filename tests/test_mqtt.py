@@ -210,6 +210,29 @@ def test_emulate_ends_with_the_same_adapter_as_simulate(tmp_path, method):
     assert all(d["exit_code"] == 0 for d in rep["devices"].values())
 
 
+def test_emulate_with_per_device_chat_files_a_system_prompt_and_a_schedule_matches_simulate(tmp_path):
+    # each device's own file (chat rows), the run's system prompt sent in the plan, warm-up,
+    # cosine decay and accumulation on the device: the same adapter as simulate
+    folder = tmp_path / "devices"
+    folder.mkdir()
+    for k, cid in enumerate(["d1", "d2", "d3"]):
+        rows = [{"messages": [{"role": "user", "content": f"{cid} asks {j}"},
+                              {"role": "assistant", "content": f"answer {j * k}"}], "domain": f"t{k % 2}"}
+                for j in range(10)]
+        (folder / f"{cid}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(tmp_path, ["d1", "d2", "d3"], rounds=2, clients_per_round=2,
+                 **{"data.train_dir": str(folder), "data.system_prompt": "Answer briefly.", "train.steps": 3,
+                    "train.warmup_steps": 1, "train.lr_schedule": "cosine", "train.grad_accum": 2})
+    rep = emulate(cfg, tmp_path / "emu", log=lambda *_: None)
+    sim = Simulation(cfg, tmp_path / "sim").run()
+    a = load_file(str(tmp_path / "emu" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "sim" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a) and any(a[k].abs().sum() > 0 for k in a)
+    assert [x for r in rep["rounds"] for c in r["clients"] for x in c["losses"]] == pytest.approx(
+        [x for r in sim["rounds"] for c in r["clients"] for x in c["losses"]], abs=1e-4)
+    assert rep["metrics"]["lead"] == "loss" and any("held out" in n for n in rep["data_notes"])  # answers > 3 tokens
+
+
 def test_emulate_over_tls_with_each_device_its_own_credentials(tmp_path):
     cfg = config(tmp_path, ["d1", "d2"], rounds=1)
     rep = emulate(cfg, tmp_path / "emu", tls=True, log=lambda *_: None)
