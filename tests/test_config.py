@@ -53,3 +53,23 @@ def test_missing_config_file_and_bad_preset():
         load_config("/no/such.yaml")
     with pytest.raises(ConfigError, match="preset"):
         load_config(preset="huge")
+
+
+def test_examples_run_yaml_lists_every_field_with_its_default():
+    import pathlib
+
+    import yaml
+
+    from coordinator.config import RunConfig, load_config
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "run.yaml"
+    listed = yaml.safe_load(path.read_text())
+
+    def keys(tree, prefix=""):
+        out = set()
+        for k, v in tree.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"}
+        return out
+
+    assert keys(listed) == keys(RunConfig().to_dict())
+    assert load_config(path) == RunConfig()
