@@ -30,7 +30,7 @@ from edge_client.data import Example, write_jsonl
 
 PACKAGES = ("asyncio", "email", "importlib", "logging", "multiprocessing", "tkinter", "urllib", "xml")
 DEFAULTS = {"method": "fedit", "rounds": 3, "clients_per_round": 4, "train.steps": 10, "train.batch_size": 8,
-            "train.max_seq_len": 128, "max_new_tokens": 16, "data.samples_per_client": 48}
+            "train.max_seq_len": 128, "max_new_tokens": 32, "eval.rouge_l": True, "data.samples_per_client": 48}
 PER_DOMAIN = 60  # examples per package at most (before the held-out split)
 
 
@@ -75,6 +75,9 @@ def _importable(name: str) -> bool:
 
 
 def main() -> int:
+    from edge_client.quiet import quiet_third_party
+
+    quiet_third_party()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -95,7 +98,7 @@ def main() -> int:
     report = Simulation(cfg, out / "run", ConsoleReporter()).run()
     base, fa = report["base_accuracy"], report["final_accuracy"]
     rows = ["| domain | held-out examples | loss, base | loss, after | perplexity, base | perplexity, after "
-            "| exact match %, base | after |", "|---|---|---|---|---|---|---|---|"]
+            "| ROUGE-L %, base | after | exact match %, base | after |", "|---|---|---|---|---|---|---|---|---|---|"]
     counts = {d: sum(ex.domain == d for ex in evals) for d in fa["loss"]["per_domain"]}
     import math
 
@@ -104,9 +107,11 @@ def main() -> int:
         al = fa["loss"]["overall"] if d == "overall" else fa["loss"]["per_domain"][d]
         be = base["overall"] if d == "overall" else base["per_domain"][d]
         ae = fa["overall"] if d == "overall" else fa["per_domain"][d]
+        br = base["rouge_l"]["overall"] if d == "overall" else base["rouge_l"]["per_domain"][d]
+        ar = fa["rouge_l"]["overall"] if d == "overall" else fa["rouge_l"]["per_domain"][d]
         n = sum(counts.values()) if d == "overall" else counts[d]
         rows.append(f"| {d} | {n} | {bl:.3f} | {al:.3f} | {math.exp(bl):.1f} | {math.exp(al):.1f} | "
-                    f"{100 * be:.1f} | {100 * ae:.1f} |")
+                    f"{100 * br:.1f} | {100 * ar:.1f} | {100 * be:.1f} | {100 * ae:.1f} |")
     per_round = " → ".join(f"{x['accuracy']['loss']['overall']:.3f}" for x in report["rounds"] if "accuracy" in x)
     print("\n".join(rows))
     print(f"\nheld-out loss per round (overall): {base['loss']['overall']:.3f} → {per_round}; leading metric: "

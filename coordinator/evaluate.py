@@ -98,20 +98,26 @@ def evaluate(model, tokenizer, examples: Sequence[Example], max_new_tokens: int,
     return out
 
 
+SHORT_ANSWER_WORDS = 3  # exact match leads where the median answer has at most this many words
+
+
 def lead_metric(choice: str, tokenizer, examples: Sequence[Example], max_new_tokens: int,
                 builtin: bool) -> tuple[str, str]:
     """The metric that leads a run's summary, and why: ``exact_match`` where the answers are short
-    enough to be generated whole (the built-in tasks; user data whose median answer fits
-    ``max_new_tokens``), else ``loss`` (exact match of free text is near 0 whatever the model)."""
+    exact answers (the built-in tasks; user data whose median answer has at most
+    :data:`SHORT_ANSWER_WORDS` words and fits ``max_new_tokens``), else ``loss`` (exact match of
+    free text is near 0 whatever the model learnt)."""
     if choice != "auto":
         return choice, "set by eval.metric"
     if builtin:
         return "exact_match", "the built-in tasks have short exact answers"
-    median = statistics.median(len(response_ids(tokenizer, ex)) - 1 for ex in examples)
-    if median <= max_new_tokens:
-        return "exact_match", f"the answers are short (median {median:g} tokens <= max_new_tokens {max_new_tokens})"
-    return "loss", (f"the answers are free text (median {median:g} tokens > max_new_tokens {max_new_tokens}): "
-                    "exact match would be near 0 whatever the model learnt")
+    words = statistics.median(len(ex.response.split()) for ex in examples)
+    tokens = statistics.median(len(response_ids(tokenizer, ex)) - 1 for ex in examples)
+    if words <= SHORT_ANSWER_WORDS and tokens <= max_new_tokens:
+        return "exact_match", (f"the answers are short (median {words:g} words, {tokens:g} tokens <= "
+                               f"max_new_tokens {max_new_tokens})")
+    return "loss", (f"the answers are free text (median {words:g} words, {tokens:g} tokens): exact match "
+                    "would be near 0 whatever the model learnt")
 
 
 def mix_accuracy(per_domain: dict[str, float], mix: dict[str, float]) -> float:
