@@ -96,3 +96,48 @@ def svd_factors(delta_w: torch.Tensor, rank: int, fill_a: torch.Tensor | None = 
     if k < rank and fill_a is not None:
         a[k:] = fill_a[k:rank]
     return a, b
+
+
+def stacked_factors(contributions: Sequence[Contribution], module: str,
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B_s, A_s)`` with ``B_s A_s = Σ_k p_k B_k A_k`` (``p_k = w_k / Σ w``): the clients' B
+    factors side by side, each scaled by its weight, over their A factors stacked.  Their width
+    ``Σ r_k`` bounds the rank of the weighted update."""
+    total = sum(c.weight for c in contributions)
+    if not contributions:
+        raise ValueError("no contribution")
+    bs = torch.cat([(c.weight / total) * c.factors[module][1].to(dtype or c.factors[module][1].dtype)
+                    for c in contributions], dim=1)
+    as_ = torch.cat([c.factors[module][0].to(dtype or c.factors[module][0].dtype) for c in contributions], dim=0)
+    return bs, as_
+
+
+def product_svd_factors(b: torch.Tensor, a: torch.Tensor, rank: int, fill_a: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`svd_factors` of ``b @ a`` without forming it where the inner width ``S`` is below
+    ``min(m, n)``: with ``b = Q_b R_b`` and ``aᵀ = Q_a R_a`` (reduced QR), ``b a = Q_b (R_b R_aᵀ) Q_aᵀ``,
+    so the SVD of the ``S x S`` core gives the exact singular triplets (``U = Q_b U_c``,
+    ``V = Q_a V_c``).  Components past ``S`` (where ``rank > S``) take ``B = 0`` and orthonormal ``A``
+    rows: ``fill_a``'s rows with the span of the others projected out.  Where ``S >= min(m, n)`` the
+    product is formed in one matrix product and its SVD taken.  Singular vectors are defined up
+    to sign, so compare products ``B[:, :r] A[:r]``, not factors, with the dense result."""
+    m, width = b.shape
+    n = a.shape[1]
+    if width >= min(m, n):
+        return svd_factors(b @ a, rank, fill_a)
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    uc, s, vch = torch.linalg.svd(rb @ ra.T)
+    k = min(rank, width)
+    out_b = torch.zeros((m, rank), dtype=b.dtype)
+    out_a = torch.zeros((rank, n), dtype=a.dtype)
+    out_b[:, :k] = (qb @ uc[:, :k]) * s[:k]
+    out_a[:k] = (qa @ vch[:k].T).T
+    if k < rank:
+        if fill_a is None:
+            fill = torch.eye(n, dtype=a.dtype)[: rank - k]
+        else:
+            fill = fill_a[k:rank].to(a.dtype)
+        basis, _ = torch.linalg.qr(torch.cat([out_a[:k].T, fill.T], dim=1))
+        out_a[k:] = basis[:, k:rank].T
+    return out_a, out_b

@@ -417,7 +417,8 @@ class Engine:
                     shared[key] = acc
             per_client[c.id] = {"overall": acc["overall"], "per_domain": acc["per_domain"],
                                 "own_mix": mix_accuracy(acc["per_domain"], c.mix), "trained": own is not None,
-                                "loss": acc["loss"], "own_mix_loss": mix_accuracy(acc["loss"]["per_domain"], c.mix)}
+                                "loss": acc["loss"], "own_mix_loss": mix_accuracy(acc["loss"]["per_domain"], c.mix),
+                                **({"rouge_l": acc["rouge_l"]} if "rouge_l" in acc else {})}
         n = len(per_client)
         vals = list(per_client.values())
         domains = vals[0]["per_domain"]
@@ -431,7 +432,11 @@ class Engine:
                 "loss": {"overall": mean(lambda v: v["loss"]["overall"]),
                          "per_domain": {d: mean(lambda v, d=d: v["loss"]["per_domain"][d])
                                         for d in vals[0]["loss"]["per_domain"]}},
-                "own_mix_loss": mean(lambda v: v["own_mix_loss"])}
+                "own_mix_loss": mean(lambda v: v["own_mix_loss"]),
+                **({"rouge_l": {"overall": mean(lambda v: v["rouge_l"]["overall"]),
+                                "per_domain": {d: mean(lambda v, d=d: v["rouge_l"]["per_domain"][d])
+                                               for d in vals[0]["rouge_l"]["per_domain"]}}}
+                   if "rouge_l" in vals[0] else {})}
 
     # --------------------------------------------------------------------------------------- run
 

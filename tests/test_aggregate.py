@@ -183,3 +183,26 @@ def test_absurd_values_are_rejected():
     shapes = expected_shapes(DIMS, plan(0))
     with pytest.raises(UpdateRejected, match="not a trained LoRA factor"):
         validate_update("x", {k: torch.full(s, 1e30) for k, s in shapes.items()}, shapes)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_factored_svd_is_the_dense_one_without_forming_the_product(seed):
+    from coordinator.aggregate import product_svd_factors, stacked_factors, svd_factors, weighted_delta_w
+
+    gen = torch.Generator().manual_seed(seed)
+    m, n = [(48, 48), (64, 24), (20, 70)][seed % 3]
+    ranks = [1 + int(x) for x in torch.randint(0, 6, (2 + seed % 4,), generator=gen)]
+    plan = lambda r: ClientPlan({"w": ModulePlan(tuple(range(r)))}, 1.0)  # noqa: E731
+    contribs = [Contribution(f"c{i}", plan(r), {"w": (torch.randn(r, n, generator=gen),
+                                                      torch.randn(m, r, generator=gen) * 0.1)}, float(i + 1))
+                for i, r in enumerate(ranks)]
+    rank = sum(ranks) + 3  # past the stacks' width: the extra components are B = 0, A orthonormal
+    fill = torch.randn(rank, n, generator=gen)
+    ref_a, ref_b = svd_factors(weighted_delta_w(contribs, "w").double(), rank)
+    a, b = product_svd_factors(*stacked_factors(contribs, "w"), rank, fill_a=fill)
+    scale = (ref_b @ ref_a).abs().max()
+    for r in range(1, sum(ranks) + 1):  # every truncation: the best rank-r approximation
+        got = (b[:, :r] @ a[:r]).double()
+        assert (got - ref_b[:, :r] @ ref_a[:r]).abs().max() <= 1e-5 * scale
+    assert torch.all(b[:, sum(ranks):] == 0)
+    assert torch.allclose(a @ a.T, torch.eye(rank), atol=1e-5)
