@@ -68,7 +68,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..aggregate import Contribution, svd_factors, weighted_delta_w
+from ..aggregate import Contribution, product_svd_factors, stacked_factors, svd_factors
 from ..errors import ConfigError
 from .base import capacity_plan, own_or_global, register
 
@@ -260,7 +260,8 @@ class CLAIR:
             personal.pop(c, None)
         # Σ_C p_j (start_j + Δ̃_j) = Σ_C p_j (start_j + Δ_j): the benign clients' adapters, averaged
         benign = [c for c in contributions if c.client in res["benign"]]
-        return {m: _refactor(weighted_delta_w(benign, m).double(), ctx.max_rank, a)
+        return {m: tuple(t.to(torch.float32) for t in
+                         product_svd_factors(*stacked_factors(benign, m, torch.float64), ctx.max_rank, fill_a=a))
                 for m, (a, _) in global_factors.items()}, record
 
 

@@ -9,11 +9,16 @@ rank r receives the first r components: the best rank-r approximation of ΔW.  T
 beyond rank(ΔW) (B = 0) still receive gradient.
 
 Round 1 starts from the common random initialisation (A random, B = 0), as plain LoRA does.
+
+Aggregation needs every update of the round (the SVD is of their sum), but only in factored
+form: the clients' factors are stacked (``Σ r_k`` wide) and the exact truncated SVD comes from a
+QR of each stack and the SVD of a small core (:func:`coordinator.aggregate.product_svd_factors`);
+no ``m x n`` matrix is formed while ``Σ r_k < min(m, n)``.
 """
 
 from __future__ import annotations
 
-from ..aggregate import svd_factors, weighted_delta_w
+from ..aggregate import product_svd_factors, stacked_factors
 from .base import capacity_plan, register
 
 
@@ -25,5 +30,5 @@ class FlexLoRA:
         return capacity_plan(capacity, ctx)
 
     def aggregate(self, global_factors, contributions, ctx, state):
-        return {m: svd_factors(weighted_delta_w(contributions, m), ctx.max_rank, fill_a=a)
+        return {m: product_svd_factors(*stacked_factors(contributions, m), ctx.max_rank, fill_a=a)
                 for m, (a, _) in global_factors.items()}, {}
