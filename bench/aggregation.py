@@ -14,6 +14,11 @@ on the same tensors:
 
 Prints per K the seconds of each (best of 3), the ratio, and the largest difference of the rank-R
 results ``B A`` relative to the largest entry.
+
+A second table: FedIT's averaging (``average_components``, every client training every
+component) against a plain ``torch.add_`` loop over the same tensors (the bandwidth floor of any
+weighted sum), and decoding + validating the same updates from their safetensors bytes
+(``decode_tensors`` + ``validate_update``), as MB of update per second and as a ratio to the add loop.
 """
 
 from __future__ import annotations
@@ -77,7 +82,44 @@ def main() -> int:
         diff = max(((d[m][1] @ d[m][0]) - (f[m][1] @ f[m][0])).abs().max().item()
                    / (d[m][1] @ d[m][0]).abs().max().item() for m, _, _ in SHAPES)
         print(f"| {k} | {k * args.rank} | {td:.3f} | {tf:.3f} | {td / tf:.1f}x | {diff:.1e} |")
+    print()
+    print("| clients K | MB of updates | add_ loop MB/s | averaging MB/s | ratio | decode+validate MB/s | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for k in (int(x) for x in args.clients.split(",")):
+        averaging_row(k, args.rank)
     return 0
+
+
+def averaging_row(k: int, rank: int) -> None:
+    from coordinator.aggregate import average_components
+    from coordinator.validate import validate_update
+    from edge_client.lora import to_state_dict
+    from edge_client.wire import decode_tensors, encode_tensors
+
+    contribs = contributions(k, rank, seed=1)
+    glob = contributions(1, rank, seed=2)[0].factors
+    mb = sum(a.numel() + b.numel() for c in contribs for a, b in c.factors.values()) * 4 / 1e6
+
+    def add_loop():
+        acc = {m: (torch.zeros_like(a), torch.zeros_like(b)) for m, (a, b) in glob.items()}
+        for c in contribs:
+            for m, (a, b) in c.factors.items():
+                acc[m][0].add_(a)
+                acc[m][1].add_(b)
+        return acc
+
+    blobs = [encode_tensors(to_state_dict(c.factors)) for c in contribs]
+    shapes = {key: tuple(t.shape) for key, t in to_state_dict(contribs[0].factors).items()}
+
+    def decode_validate():
+        for i, blob in enumerate(blobs):
+            validate_update(f"c{i}", decode_tensors(blob), shapes)
+
+    t_add, _ = best_of(add_loop)
+    t_avg, _ = best_of(average_components, glob, contribs, "trainers")
+    t_dec, _ = best_of(decode_validate)
+    print(f"| {k} | {mb:.0f} | {mb / t_add:.0f} | {mb / t_avg:.0f} | {t_add / t_avg:.2f}x | {mb / t_dec:.0f} | "
+          f"{t_add / t_dec:.2f}x |")
 
 
 if __name__ == "__main__":

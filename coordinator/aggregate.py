@@ -52,8 +52,15 @@ def average_components(global_factors: Mapping[str, tuple[torch.Tensor, torch.Te
             if max(mp.components) >= ga.shape[0]:
                 raise ValueError(f"client {c.client}: plan trains component {max(mp.components)} of "
                                  f"'{module}', which has {ga.shape[0]}")
-            idx = torch.tensor(mp.components, dtype=torch.long)
             a, b = c.factors[module]
+            if len(mp.components) == ga.shape[0] and list(mp.components) == list(range(ga.shape[0])):
+                # the plan covers every component in order: no gather or scatter (the same
+                # arithmetic as below, so the same bits)
+                num_a += c.weight * (a - ga)
+                num_b += c.weight * (b - gb)
+                z += float(c.weight)
+                continue
+            idx = torch.tensor(mp.components, dtype=torch.long)
             num_a.index_add_(0, idx, c.weight * (a - ga.index_select(0, idx)))
             num_b.index_add_(1, idx, c.weight * (b - gb.index_select(1, idx)))
             z.index_add_(0, idx, torch.full((len(idx),), float(c.weight), dtype=ga.dtype))
