@@ -44,6 +44,7 @@ def average_components(global_factors: Mapping[str, tuple[torch.Tensor, torch.Te
     out: Factors = {}
     for module, (ga, gb) in global_factors.items():
         num_a, num_b = torch.zeros_like(ga), torch.zeros_like(gb)
+        tmp_a, tmp_b = torch.empty_like(ga), torch.empty_like(gb)  # reused: no allocation per client
         z = torch.zeros(ga.shape[0], dtype=ga.dtype)
         for c in contributions:
             mp = c.plan.modules.get(module)
@@ -56,8 +57,9 @@ def average_components(global_factors: Mapping[str, tuple[torch.Tensor, torch.Te
             if len(mp.components) == ga.shape[0] and list(mp.components) == list(range(ga.shape[0])):
                 # the plan covers every component in order: no gather or scatter (the same
                 # arithmetic as below, so the same bits)
-                num_a += c.weight * (a - ga)
-                num_b += c.weight * (b - gb)
+                for num, x, g, tmp in ((num_a, a, ga, tmp_a), (num_b, b, gb, tmp_b)):
+                    torch.sub(x, g, out=tmp)
+                    num.add_(tmp.mul_(c.weight))
                 z += float(c.weight)
                 continue
             idx = torch.tensor(mp.components, dtype=torch.long)
