@@ -45,8 +45,10 @@ def load_dataset_split(spec: str, split: str):
             raise ConfigError(f"data.dataset: {spec} is neither a save_to_disk folder nor a data file")
         from edge_client.models import check_hub_reachable
 
-        check_hub_reachable(spec, "data.dataset")
+        check_hub_reachable(spec, f"data.dataset {spec}", ConfigError)
         return ds.load_dataset(spec, split=split)
+    except ConfigError:
+        raise
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"data.dataset: {spec} split '{split}': {exc}") from None
 

@@ -191,3 +191,15 @@ def test_rouge_l_scores_free_text_answers_per_domain():
     got = rouge_l(exs, ["the cat sat on a mat", "nothing alike"])
     assert got["per_domain"]["a"] == pytest.approx(5 / 6) and got["per_domain"]["b"] == 0.0
     assert got["overall"] == pytest.approx((5 / 6) / 2)
+
+
+def test_a_hub_that_cannot_be_reached_fails_at_once_with_a_hint(monkeypatch):
+    from edge_client.models import ModelNotFoundError, resolve_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    with pytest.raises(ModelNotFoundError, match="cannot be reached.*HF_HUB_OFFLINE=1"):
+        resolve_model("someone/no-such-model-here")
+    cfg = load_config(overrides={"model": "tiny-llama", "data.dataset": "someone/no-such-dataset"})
+    with pytest.raises(ConfigError, match="data.dataset someone/no-such-dataset: the Hugging Face Hub .* cannot be reached"):
+        build_data(cfg, IDS[:2])
