@@ -92,6 +92,15 @@ class Assignment:
     meta: dict
     start: bytes
     start_tensor_bytes: int = 0  # the float32 payload of ``start`` (the closed form of what was sent)
+    start_len: int | None = None  # ``len(start)`` once ``start`` is released (simulate, after training)
+
+    @property
+    def downlink_bytes(self) -> int:
+        return len(self.start) if self.start_len is None else self.start_len
+
+    def released(self) -> Assignment:
+        """This assignment without its start blob (what a round keeps once the device trained)."""
+        return dataclasses.replace(self, start=b"", start_len=self.downlink_bytes)
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,11 @@ class Returned:
     report: dict | None = None
     failure: str | None = None
     contribution: Contribution | None = None
+    update_len: int | None = None  # ``len(update)`` where the bytes were released once validated
+
+    @property
+    def uplink_bytes(self) -> int:
+        return len(self.update or b"") if self.update_len is None else self.update_len
 
 
 def method_context(cfg: RunConfig, dims) -> MethodContext:
@@ -349,8 +363,8 @@ class Engine:
             rows.append({"client": a.client, "device": c.device.profile.name if c.device else "server",
                          "rank": a.plan.rank, "capacity": c.capacity.rank if c.capacity else self.R,
                          "trainer": trainer_of(a.meta),
-                         "uplink_bytes": 0 if self.pooled else len(ret.update or b""),
-                         "downlink_bytes": 0 if self.pooled else len(a.start),
+                         "uplink_bytes": 0 if self.pooled else ret.uplink_bytes,
+                         "downlink_bytes": 0 if self.pooled else a.downlink_bytes,
                          "local_seconds": rep.get("seconds"), "steps": rep.get("steps"),
                          "loss_first": rep.get("first_loss"), "loss_last": rep.get("last_loss"),
                          "losses": rep.get("losses"),

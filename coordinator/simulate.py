@@ -42,11 +42,25 @@ class Simulation:
         assignments, skipped = e.open_round(round_idx)
         e.reporter.round_start(round_idx, len(assignments))
         returned = []
-        for a in assignments:
+        for i, a in enumerate(assignments):
             ret = self.carry_out(a)
-            returned.append(ret)
             e.reporter.client_done(a.client, ret.report, a.plan.rank)
+            returned.append(self._settle(ret))
+            assignments[i] = None  # its start blob is released with it
         return e.close_round(round_idx, returned, skipped, t0)
+
+    def _settle(self, ret: Returned) -> Returned:
+        """Validate an update as soon as it is trained and keep only its decoded factors (not its
+        bytes, nor the start blob), so a round holds one adapter-sized copy per participant.  A
+        rejected update is kept as it came, for the round to record its rejection."""
+        from .validate import UpdateRejected
+
+        a = ret.assignment
+        try:
+            contribution = self.engine.accept(a, ret.update or b"", ret.report)
+        except (UpdateRejected, ValueError):
+            return ret
+        return Returned(a.released(), None, ret.report, contribution=contribution, update_len=len(ret.update or b""))
 
     def run(self) -> dict:
         self.engine.begin()

@@ -1,0 +1,77 @@
+"""What `simulate` holds per participant: peak RSS at N = 8, 32, 100 clients in one round.
+
+    python bench/simulate_memory.py [--model smollm2-135m] [--clients 8,32,100]
+
+Each run is a fresh process (peak RSS is per process): a fleet of N Jetson AGX Orins (every one
+trains rank 32 on q/v), one round of N clients, one local step of batch 1, tiny evaluation. It
+runs twice per N: as `simulate` runs now (each update validated as soon as it is trained, only its
+decoded factors kept, its bytes and start blob released) and with that release turned off (every
+update's bytes, its start blob and then its decoded copy held to the round's end, as before).
+Prints the peak RSS, and the growth per participant over N = 8 in units of one update's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def child(model: str, n: int, keep: bool, folder: Path) -> None:
+    from coordinator.config import load_config
+    from coordinator.simulate import Simulation
+    from edge_client.quiet import quiet_third_party
+
+    quiet_third_party()
+    fleet = folder / "fleet.yaml"
+    fleet.write_text("devices:\n" + "".join(f"  - {{id: d{i:03d}, profile: jetson-agx-orin}}\n" for i in range(n)))
+    cfg = load_config(overrides={"model": model, "method": "fedit", "fleet": str(fleet), "rounds": 1,
+                                 "clients_per_round": n, "train.steps": 1, "train.batch_size": 1,
+                                 "train.max_seq_len": 16, "data.samples_per_client": 1, "data.eval_per_domain": 1,
+                                 "data.tasks": ["add"], "max_new_tokens": 1, "lora.rank": 32, "lora.max_rank": 32})
+    sim = Simulation(cfg, folder / "out")
+    if keep:
+        sim._settle = lambda ret: ret  # noqa: SLF001 - the behaviour before the release, for the comparison
+    report = sim.run()
+    up = report["rounds"][0]["clients"][0]["uplink_bytes"]
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "update_mb": up / 1e6}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--clients", default="8,32,100")
+    ap.add_argument("--child", nargs=2, metavar=("N", "KEEP"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        with tempfile.TemporaryDirectory() as tmp:
+            child(args.model, int(args.child[0]), args.child[1] == "1", Path(tmp))
+        return 0
+    ns = [int(x) for x in args.clients.split(",")]
+    rows = {}
+    for keep in (False, True):
+        for n in ns:
+            out = subprocess.run([sys.executable, __file__, "--model", args.model, "--child", str(n), str(int(keep))],
+                                 capture_output=True, text=True, check=True).stdout
+            rows[(keep, n)] = json.loads(out.strip().splitlines()[-1])
+            print(f"done: N={n} {'held' if keep else 'released'}", file=sys.stderr)
+    up = rows[(False, ns[0])]["update_mb"]
+    print(f"model {args.model}, one update {up:.2f} MB")
+    print("| N | peak RSS MB, released | per extra participant (x update) | peak RSS MB, held | per extra participant (x update) |")
+    print("|---|---|---|---|---|")
+    for n in ns:
+        cells = [str(n)]
+        for keep in (False, True):
+            peak = rows[(keep, n)]["peak_rss_mb"]
+            per = "-" if n == ns[0] else f"{(peak - rows[(keep, ns[0])]['peak_rss_mb']) / (n - ns[0]) / up:.2f}"
+            cells += [f"{peak:.0f}", per]
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
