@@ -134,8 +134,9 @@ def cmd_compare(args) -> int:
     specs = [m.strip() for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m.strip()]
     console = make_console()
     console.print(f"[b]fedlora compare[/b]: {len(specs)} runs ({', '.join(specs)}) on model {cfg.model}, fleet "
-                  f"{cfg.fleet}, {cfg.rounds} rounds x {cfg.clients_per_round} clients, seed {cfg.seed}")
-    compare(cfg, specs, args.out, fresh=args.fresh, console=console, log=args.log)
+                  f"{cfg.fleet}, {cfg.rounds} rounds x {cfg.clients_per_round} clients, "
+                  + (f"seed {cfg.seed}" if args.seeds == 1 else f"seeds {cfg.seed}..{cfg.seed + args.seeds - 1}"))
+    compare(cfg, specs, args.out, fresh=args.fresh, console=console, log=args.log, seeds=args.seeds)
     out = Path(args.out)
     console.print(Markdown((out / "compare.md").read_text()))
     console.print(f"table: {out / 'compare.md'}; numbers: {out / 'compare.json'}; plot: {out / 'compare.png'}; "
@@ -415,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "fedit@min,fedit@max,hetlora,flexlora,hafl,fslora,fed-plora,local,centralized")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--fresh", action="store_true", help="re-run methods whose finished run is already in DIR")
+    p.add_argument("--seeds", type=int, default=1, help="run every method on this many seeds (--seed, --seed+1, "
+                   "...): the table gives means with 95%% intervals and paired differences between methods, "
+                   "marking those not within noise (default: 1)")
     p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("plan", help="print what each device of a fleet can train",
                        description="Print, per device of the fleet, the planner's capacity (largest LoRA rank "

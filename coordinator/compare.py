@@ -148,19 +148,35 @@ def _num(x, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, intervals: list[dict] | None = None) -> None:
+    """Accuracy per round (the first seed) and MB per round; with several seeds, a third panel:
+    each run's final exact match and held-out loss, mean and 95 % interval over the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if intervals:
+        fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.5))
+        x = list(range(len(intervals)))
+        for offset, key, scale, colour, name in ((-0.2, "accuracy", 100.0, "C0", "exact match %"),
+                                                 (0.2, "loss", 10.0, "C1", "held-out loss x 10")):
+            means = [scale * r[key]["mean"] for r in intervals]
+            err = [[scale * (r[key]["mean"] - r[key]["low"]) if r[key]["low"] is not None else 0 for r in intervals],
+                   [scale * (r[key]["high"] - r[key]["mean"]) if r[key]["high"] is not None else 0 for r in intervals]]
+            ax3.bar([i + offset for i in x], means, 0.4, yerr=err, capsize=3, color=colour, label=name)
+        ax3.set_xticks(x, [r["run"] for r in intervals], rotation=45, ha="right", fontsize=8)
+        ax3.set_title(f"final, mean and 95 % interval over {intervals[0]['seeds']} seeds")
+        ax3.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for s in rows:
         xs = [i + 1 for i, v in enumerate(s["curve"]) if v is not None]
         if not xs:
             continue
         ax1.plot(xs, [100 * v for v in s["curve"] if v is not None], marker="o", label=s["run"])
-    ax1.set(xlabel="round", ylabel="exact match %", title="global adapter accuracy per round")
+    ax1.set(xlabel="round", ylabel="exact match %", title="global adapter accuracy per round"
+            + (" (first seed)" if intervals else ""))
     ax1.xaxis.get_major_locator().set_params(integer=True)
     ax1.legend(fontsize=7)
     labels = [s["run"] for s in rows]
@@ -176,30 +192,125 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def compare(base: RunConfig, specs: list[str], out: str | Path, fresh: bool = False, console=None,
-            log: str = "none") -> list[dict]:
+            log: str = "none", seeds: int = 1) -> list[dict]:
     """Run (or reuse) every spec's run under ``out``; write and return the comparison rows.
-    ``log``: each run also logged to tensorboard or mlflow (:mod:`.tracking`)."""
+    ``log``: each run also logged to tensorboard or mlflow (:mod:`.tracking`).  ``seeds > 1``:
+    every spec on seeds ``base.seed .. base.seed + seeds - 1`` (runs in ``out/seed-<s>/``), and the
+    table gives each metric's mean with its 95 % interval over the seeds, and paired differences
+    between methods (:func:`paired`)."""
     from .report import ConsoleReporter
     from .simulate import Simulation
     from .tracking import tracked
 
+    if seeds < 1:
+        raise ConfigError(f"--seeds: must be at least 1, got {seeds}")
     out = Path(out)
-    todo = entries(base, specs)
+    seed_list = [base.seed + i for i in range(seeds)]
+    todo = [(s, e) for s in seed_list for e in entries(dataclasses.replace(base, seed=s), specs)]
     console_reporter = ConsoleReporter(console)
-    rows = []
-    for i, e in enumerate(todo, 1):
-        folder = out / e.label
+    per_seed: dict[int, list[dict]] = {s: [] for s in seed_list}
+    for i, (seed, e) in enumerate(todo, 1):
+        folder = (out / e.label) if seeds == 1 else (out / f"seed-{seed}" / e.label)
         report = None if fresh else reusable(folder, e.cfg)
-        head = f"[b][{i}/{len(todo)}] {e.label}[/b]"
+        head = f"[b][{i}/{len(todo)}] {e.label}[/b]" + (f" seed {seed}" if seeds > 1 else "")
         if report is not None:
             console_reporter.console.print(f"{head}: reusing {folder / 'report.json'}")
         else:
             console_reporter.console.print(head)
             report = Simulation(e.cfg, folder, tracked(console_reporter, log, folder, e.cfg)).run()
-        rows.append(summary(e.label, report))
+        per_seed[seed].append(summary(e.label, report) | {"per_example": report["final_accuracy"].get("per_example")})
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows)
+    rows = per_seed[seed_list[0]]
+    table = markdown(rows) if seeds == 1 else ""
+    result: dict = {"specs": specs, "seeds": seed_list, "rows": [_without_examples(r) for r in rows]}
+    if seeds > 1:
+        result["per_seed"] = {str(s): [_without_examples(r) for r in v] for s, v in per_seed.items()}
+        result["intervals"] = intervals(per_seed)
+        result["pairs"] = paired(per_seed)
+        table = seeds_markdown(result["intervals"], result["pairs"], seed_list)
     (out / "compare.md").write_text(table)
-    (out / "compare.json").write_text(json.dumps({"specs": specs, "rows": rows}, indent=1))
-    plot(rows, out / "compare.png")
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    plot(rows, out / "compare.png", result.get("intervals"))
     return rows
+
+
+def _without_examples(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "per_example"}
+
+
+METRICS = (("accuracy", "exact match %", 100.0), ("loss", "held-out loss", 1.0), ("own_mix", "own-mix %", 100.0),
+           ("own_mix_loss", "own-mix loss", 1.0))
+
+
+def intervals(per_seed: dict[int, list[dict]]) -> list[dict]:
+    """Per run: each metric's mean over the seeds with its 95 % t-interval."""
+    from .stats import mean_interval
+
+    labels = [r["run"] for r in next(iter(per_seed.values()))]
+    out = []
+    for label in labels:
+        runs = [next(r for r in rows if r["run"] == label) for rows in per_seed.values()]
+        row = {"run": label, "method": runs[0]["method"], "seeds": len(runs)}
+        for key, _, _ in METRICS:
+            m, lo, hi = mean_interval([r.get(key) for r in runs])
+            row[key] = {"mean": m, "low": lo, "high": hi}
+        row["mb_up_per_round"] = sum(r["mb_up_per_round"] for r in runs) / len(runs)
+        out.append(row)
+    return out
+
+
+def paired(per_seed: dict[int, list[dict]]) -> list[dict]:
+    """Every pair of runs, compared on the same seeds and prompts: the mean difference of each
+    prompt's exact match (points) and loss, with a 95 % interval from a bootstrap over seeds and
+    prompts; ``separated`` when the interval excludes 0 (the gap is not within noise)."""
+    from .stats import paired_bootstrap, separated
+
+    labels = [r["run"] for r in next(iter(per_seed.values()))]
+    by = {(s, r["run"]): r["per_example"] for s, rows in per_seed.items() for r in rows}
+    out = []
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            row = {"a": a, "b": b}
+            for key, scale in (("exact", 100.0), ("loss", 1.0)):
+                diffs = []
+                for s in per_seed:
+                    ea, eb = by.get((s, a)), by.get((s, b))
+                    if not ea or not eb or len(ea[key]) != len(eb[key]):
+                        break
+                    diffs.append([scale * (x - y) for x, y in zip(ea[key], eb[key]) if x is not None and y is not None])
+                else:
+                    m, lo, hi = paired_bootstrap(diffs)
+                    row[key] = {"mean": m, "low": lo, "high": hi, "separated": separated(lo, hi)}
+            out.append(row)
+    return out
+
+
+def _ci(x: dict, scale: float = 1.0, digits: int = 1) -> str:
+    if x["low"] is None:
+        return f"{scale * x['mean']:.{digits}f}"
+    return f"{scale * x['mean']:.{digits}f} [{scale * x['low']:.{digits}f}, {scale * x['high']:.{digits}f}]"
+
+
+def seeds_markdown(rows: list[dict], pairs: list[dict], seeds: list[int]) -> str:
+    """The multi-seed comparison: means and 95 % intervals, then the paired differences."""
+    head = ["run", "method", "seeds"] + [name for _, name, _ in METRICS] + ["MB up/round"]
+    lines = [f"Mean over seeds {', '.join(map(str, seeds))} with the 95 % interval over the seeds (Student's t).",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["run"], r["method"], str(r["seeds"])]
+        cells += [_ci(r[key], scale, 1 if scale == 100.0 else 3) for key, _, scale in METRICS]
+        cells.append(f"{r['mb_up_per_round']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences A - B on the same seeds and held-out prompts, 95 % interval from a "
+              "bootstrap over seeds and prompts; **bold**: the interval excludes 0 (not within noise).", "",
+              "| A | B | exact match, points | held-out loss |", "|---|---|---|---|"]
+    for p in pairs:
+        cells = [p["a"], p["b"]]
+        for key, digits in (("exact", 1), ("loss", 3)):
+            if key not in p:
+                cells.append("-")
+                continue
+            text = _ci(p[key], 1.0, digits)
+            cells.append(f"**{text}**" if p[key]["separated"] else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -388,6 +388,8 @@ class Engine:
         # a method without a global model (local, fedlease) has nothing to score per round
         if self.method.global_model and (round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds):
             record["accuracy"] = self.evaluate_global()
+            if round_idx != cfg.rounds:  # each prompt's scores: kept for the final evaluation only
+                record["accuracy"].pop("per_example", None)
         record["seconds"] = round(time.perf_counter() - t0, 2)
         self.state.rounds.append(record)
         self.reporter.round_end(record)
@@ -416,7 +418,7 @@ class Engine:
         """Each client's own model on the held-out set, and on its own domain mix.  A client with no
         model of its own is scored on ``fallback`` (the global adapter's accuracy, for methods
         whose such clients use it), else on the base model (its starting adapter has B = 0)."""
-        per_client, shared = {}, {}
+        per_client, shared, examples = {}, {}, []
         for c in self.clients:
             own = self.method.personal_model(c.id, self.ctx, self.state.method_state)
             if own is None:
@@ -429,6 +431,7 @@ class Engine:
                     acc = self._evaluate()
                 if key is not None:
                     shared[key] = acc
+            examples.append(acc.get("per_example"))
             per_client[c.id] = {"overall": acc["overall"], "per_domain": acc["per_domain"],
                                 "own_mix": mix_accuracy(acc["per_domain"], c.mix), "trained": own is not None,
                                 "loss": acc["loss"], "own_mix_loss": mix_accuracy(acc["loss"]["per_domain"], c.mix),
@@ -450,7 +453,8 @@ class Engine:
                 **({"rouge_l": {"overall": mean(lambda v: v["rouge_l"]["overall"]),
                                 "per_domain": {d: mean(lambda v, d=d: v["rouge_l"]["per_domain"][d])
                                                for d in vals[0]["rouge_l"]["per_domain"]}}}
-                   if "rouge_l" in vals[0] else {})}
+                   if "rouge_l" in vals[0] else {}),
+                **({"per_example": _mean_per_example(examples)} if all(examples) else {})}
 
     # --------------------------------------------------------------------------------------- run
 
@@ -477,6 +481,12 @@ class Engine:
 
     def write_report(self, report: dict) -> None:
         write_report(self.out, report)
+
+
+def _mean_per_example(per_client: list[dict]) -> dict:
+    """Each prompt's scores averaged over the clients' own models."""
+    return {k: [sum(v) / len(v) if None not in v else None for v in zip(*(d[k] for d in per_client))]
+            for k in per_client[0]}
 
 
 def _report_of(ret: Returned) -> dict:

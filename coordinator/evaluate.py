@@ -89,12 +89,19 @@ def rouge_l(examples: Sequence[Example], answers: Sequence[str]) -> dict:
 
 def evaluate(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, device,
              max_prompt_len: int | None = None, with_rouge: bool = False) -> dict:
-    """Exact match (``overall``, ``per_domain``), ``loss`` and ``perplexity`` (and ``rouge_l``)."""
+    """Exact match (``overall``, ``per_domain``), ``loss`` and ``perplexity`` (and ``rouge_l``), and
+    ``per_example``: each prompt's exact match (0/1) and loss per token, in the examples' order (what
+    paired comparisons of methods resample)."""
+    from edge_client.data import exact_match
+
     answers = generate_answers(model, tokenizer, examples, max_new_tokens, device, max_prompt_len=max_prompt_len)
     out = score(examples, answers)
-    out.update(loss_scores(examples, response_nll(model, tokenizer, examples, max_prompt_len or 64, device)))
+    nll = response_nll(model, tokenizer, examples, max_prompt_len or 64, device)
+    out.update(loss_scores(examples, nll))
     if with_rouge:
         out["rouge_l"] = rouge_l(examples, answers)
+    out["per_example"] = {"exact": [int(exact_match(a, ex.response)) for ex, a in zip(examples, answers)],
+                          "loss": [round(s / n, 5) if n else None for s, n in nll]}
     return out
 
 

@@ -60,3 +60,31 @@ def test_a_run_saved_before_a_config_field_existed_is_reused_when_the_field_is_a
     (tmp_path / "report.json").write_text(json.dumps({"config": saved}))
     assert cmp.reusable(tmp_path, cfg)
     assert not cmp.reusable(tmp_path, load_config(overrides={**FAST, "method": "fedit", "train.sgd_lr": 0.2}))
+
+
+def test_intervals_over_seeds_and_a_paired_bootstrap_in_closed_form():
+    from coordinator.stats import mean_interval, paired_bootstrap, separated
+
+    m, lo, hi = mean_interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(4.303 / 3 ** 0.5) and m - lo == pytest.approx(hi - m)
+    assert mean_interval([5.0]) == (5.0, None, None)
+    # every prompt of every seed 2 points apart: the interval is the point itself
+    assert paired_bootstrap([[2.0] * 10, [2.0] * 7]) == (2.0, 2.0, 2.0)
+    mean, lo, hi = paired_bootstrap([[1.0, -1.0] * 20, [1.0, -1.0] * 20])
+    assert mean == 0.0 and lo < 0 < hi and not separated(lo, hi) and separated(0.1, 0.4)
+
+
+@pytest.mark.integration
+def test_compare_on_several_seeds_gives_intervals_and_paired_differences(tmp_path):
+    cfg = load_config(overrides=FAST)
+    cmp.compare(cfg, ["fedit@min", "local"], tmp_path, seeds=2)
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["seeds"] == [0, 1] and {p.name for p in tmp_path.iterdir()} >= {"seed-0", "seed-1"}
+    (fedit, local) = saved["intervals"]
+    assert fedit["seeds"] == 2 and fedit["loss"]["low"] <= fedit["loss"]["mean"] <= fedit["loss"]["high"]
+    per_seed = [next(r for r in saved["per_seed"][s] if r["run"] == fedit["run"])["loss"] for s in ("0", "1")]
+    assert fedit["loss"]["mean"] == pytest.approx(sum(per_seed) / 2)
+    (pair,) = saved["pairs"]
+    assert (pair["a"], pair["b"]) == (fedit["run"], "local") and pair["loss"]["low"] <= pair["loss"]["high"]
+    table = (tmp_path / "compare.md").read_text()
+    assert "95 % interval" in table and f"| {fedit['run']} | local |" in table
