@@ -126,3 +126,15 @@ def test_shipped_profiles_and_default_fleet_load():
 def test_unknown_fleet_lists_the_available_ones():
     with pytest.raises(ProfileError, match="mixed8"):
         load_fleet("no-such-fleet")
+
+
+def test_the_spread_fleet_mixes_low_and_high_ranks():
+    from coordinator.compare import fleet_rank_range
+    from coordinator.config import load_config
+    from coordinator.engine import capacity_for
+    from coordinator.planner import meta_shape
+
+    cfg = load_config(overrides={"fleet": "spread10"})
+    shape = meta_shape(cfg.model, None)
+    ranks = sorted(min(capacity_for(cfg, shape, d.profile).rank, 32) for d in load_fleet("spread10"))
+    assert fleet_rank_range(cfg) == (2, 32) and len(set(ranks)) >= 5 and ranks.count(32) <= len(ranks) // 2
