@@ -140,7 +140,7 @@ def cmd_compare(args) -> int:
     out = Path(args.out)
     console.print(Markdown((out / "compare.md").read_text()))
     console.print(f"table: {out / 'compare.md'}; numbers: {out / 'compare.json'}; plot: {out / 'compare.png'}; "
-                  f"each run: {out}/<run>/report.json")
+                  f"each run: {out}/{'seed-<seed>/' if args.seeds > 1 else ''}<run>/report.json")
     return 0
 
 
