@@ -177,7 +177,9 @@ def plot(rows: list[dict], path: Path, intervals: list[dict] | None = None) -> N
         ax1.plot(xs, [100 * v for v in s["curve"] if v is not None], marker="o", label=s["run"])
     ax1.set(xlabel="round", ylabel="exact match %", title="global adapter accuracy per round"
             + (" (first seed)" if intervals else ""))
-    ax1.xaxis.get_major_locator().set_params(integer=True)
+    from matplotlib.ticker import MaxNLocator
+
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.legend(fontsize=7)
     labels = [s["run"] for s in rows]
     x = range(len(rows))
