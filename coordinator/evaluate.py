@@ -14,7 +14,15 @@ from collections.abc import Sequence
 
 import torch
 
-from edge_client.data import Example, collate, encode_examples, prompt_ids, response_ids, score
+from edge_client.data import (
+    Example,
+    collate,
+    domain_means,
+    encode_examples,
+    exact_hits,
+    prompt_ids,
+    response_ids,
+)
 
 METRICS = ("auto", "exact_match", "loss", "rouge_l")
 
@@ -67,10 +75,13 @@ def loss_scores(examples: Sequence[Example], nll: Sequence[tuple[float, int]]) -
         acc[0] += s
         acc[1] += n
     per = {d: v[0] / v[1] for d, v in sorted(sums.items()) if v[1]}
-    overall = sum(per.values()) / len(per) if per else float("nan")
-    return {"loss": {"overall": overall, "per_domain": per},
-            "perplexity": {"overall": math.exp(overall) if per else float("nan"),
-                           "per_domain": {d: math.exp(v) for d, v in per.items()}}}
+    loss = {"overall": sum(per.values()) / len(per) if per else float("nan"), "per_domain": per}
+    return {"loss": loss, "perplexity": perplexity(loss)}
+
+
+def perplexity(loss: dict) -> dict:
+    """``exp`` of a ``{"overall", "per_domain"}`` loss."""
+    return {"overall": math.exp(loss["overall"]), "per_domain": {d: math.exp(v) for d, v in loss["per_domain"].items()}}
 
 
 def rouge_l(examples: Sequence[Example], answers: Sequence[str]) -> dict:
@@ -80,11 +91,8 @@ def rouge_l(examples: Sequence[Example], answers: Sequence[str]) -> dict:
     except ImportError:
         raise RuntimeError("eval.rouge_l needs the rouge-score package: pip install rouge-score") from None
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    per: dict[str, list[float]] = {}
-    for ex, ans in zip(examples, answers):
-        per.setdefault(ex.domain, []).append(scorer.score(ex.response, ans)["rougeL"].fmeasure)
-    per_domain = {d: sum(v) / len(v) for d, v in sorted(per.items())}
-    return {"overall": sum(per_domain.values()) / len(per_domain) if per_domain else 0.0, "per_domain": per_domain}
+    return domain_means(examples, [scorer.score(ex.response, ans)["rougeL"].fmeasure
+                                   for ex, ans in zip(examples, answers)])
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, device,
@@ -92,15 +100,14 @@ def evaluate(model, tokenizer, examples: Sequence[Example], max_new_tokens: int,
     """Exact match (``overall``, ``per_domain``), ``loss`` and ``perplexity`` (and ``rouge_l``), and
     ``per_example``: each prompt's exact match (0/1) and loss per token, in the examples' order (what
     paired comparisons of methods resample)."""
-    from edge_client.data import exact_match
-
     answers = generate_answers(model, tokenizer, examples, max_new_tokens, device, max_prompt_len=max_prompt_len)
-    out = score(examples, answers)
+    hits = exact_hits(examples, answers)
+    out = domain_means(examples, hits)
     nll = response_nll(model, tokenizer, examples, max_prompt_len or 64, device)
     out.update(loss_scores(examples, nll))
     if with_rouge:
         out["rouge_l"] = rouge_l(examples, answers)
-    out["per_example"] = {"exact": [int(exact_match(a, ex.response)) for ex, a in zip(examples, answers)],
+    out["per_example"] = {"exact": hits,
                           "loss": [round(s / n, 5) if n else None for s, n in nll]}
     return out
 

@@ -155,8 +155,7 @@ def build_data(cfg, ids: Sequence[str], notes: list[str] | None = None
                 raise ConfigError(f"{where}: some rows name their device and some do not; name it in every row "
                                   "(or in none, to split the pool by data.partition)")
             per_device.setdefault(ex.device, []).append(ex)
-    if evals is not None and d.system_prompt is not None:
-        evals = with_system(evals, d.system_prompt)
+    evals = with_system(evals, d.system_prompt)
     if per_device is not None:
         train = [with_system(v, d.system_prompt) for v in _per_device(per_device, ids, where, notes)]
         domains = sorted({ex.domain for v in train for ex in v} | {ex.domain for ex in evals})

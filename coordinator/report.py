@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from pathlib import Path
@@ -124,6 +123,7 @@ def build_report(e, base: dict, final: dict, personal: dict, own_mix: float, own
     from edge_client import __version__
 
     from .contamination import contamination_report
+    from .evaluate import perplexity
 
     rounds = e.state.rounds
     headline = personal if personal else final
@@ -147,7 +147,7 @@ def build_report(e, base: dict, final: dict, personal: dict, own_mix: float, own
         "rounds": rounds,
         "final_accuracy": {"overall": headline["overall"], "per_domain": headline["per_domain"],
                            "own_mix": own_mix, "loss": headline["loss"], "own_mix_loss": own_mix_loss,
-                           "perplexity": headline.get("perplexity") or _ppl(headline["loss"]),
+                           "perplexity": perplexity(headline["loss"]),
                            **({"rouge_l": headline["rouge_l"]} if "rouge_l" in headline else {}),
                            **({"per_example": headline["per_example"]} if "per_example" in headline else {}),
                            "evaluated": "each client's own adapter" if personal else "the global adapter"},
@@ -161,10 +161,6 @@ def build_report(e, base: dict, final: dict, personal: dict, own_mix: float, own
         "method_summary": e.method.summary(e.state.method_state),
         "wall_seconds": round(time.perf_counter() - e.t_start, 1),
     }
-
-
-def _ppl(loss: dict) -> dict:
-    return {"overall": math.exp(loss["overall"]), "per_domain": {d: math.exp(v) for d, v in loss["per_domain"].items()}}
 
 
 def write_report(out: Path, report: dict) -> None:

@@ -288,10 +288,20 @@ def domain_counts(examples: Iterable[Example]) -> dict[str, int]:
     return counts
 
 
-def score(examples: Sequence[Example], answers: Sequence[str]) -> dict:
-    """``{"overall": acc, "per_domain": {domain: acc}}``; overall is the mean over domains."""
-    hits: dict[str, list[int]] = {}
-    for ex, ans in zip(examples, answers):
-        hits.setdefault(ex.domain, []).append(int(exact_match(ans, ex.response)))
-    per = {d: sum(v) / len(v) for d, v in sorted(hits.items())}
+def domain_means(examples: Sequence[Example], values: Sequence[float]) -> dict:
+    """``{"overall", "per_domain"}`` of one value per example: the mean per domain, and overall
+    the mean over domains (a small domain counts as much as a large one)."""
+    by: dict[str, list[float]] = {}
+    for ex, v in zip(examples, values):
+        by.setdefault(ex.domain, []).append(v)
+    per = {d: sum(v) / len(v) for d, v in sorted(by.items())}
     return {"overall": sum(per.values()) / len(per) if per else 0.0, "per_domain": per}
+
+
+def exact_hits(examples: Sequence[Example], answers: Sequence[str]) -> list[int]:
+    return [int(exact_match(ans, ex.response)) for ex, ans in zip(examples, answers)]
+
+
+def score(examples: Sequence[Example], answers: Sequence[str]) -> dict:
+    """Exact match: ``{"overall": acc, "per_domain": {domain: acc}}`` (:func:`domain_means`)."""
+    return domain_means(examples, exact_hits(examples, answers))

@@ -232,15 +232,24 @@ def base_reference(src: ModelSource) -> str:
 ADAPTER_SIDECAR = "fedlora.json"  # beside an adapter: the model spec it was trained on, and its prompt format
 
 
+def _json_of(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def adapter_sidecar(folder: str | Path) -> dict:
+    """An adapter folder's ``fedlora.json`` (``model``, ``system_prompt``), or {} without one."""
+    return _json_of(Path(folder) / ADAPTER_SIDECAR)
+
+
 def adapter_base(folder: str | Path) -> str | None:
     """The model an adapter folder was trained on: its ``fedlora.json`` model spec, else peft's
     ``base_model_name_or_path``; None when neither says."""
-    folder = Path(folder)
-    for name, key in ((ADAPTER_SIDECAR, "model"), ("adapter_config.json", "base_model_name_or_path")):
-        try:
-            value = json.loads((folder / name).read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            continue
+    for value in (adapter_sidecar(folder).get("model"),
+                  _json_of(Path(folder) / "adapter_config.json").get("base_model_name_or_path")):
         if isinstance(value, str) and value:
             return value
     return None

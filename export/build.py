@@ -32,15 +32,10 @@ def _system_prompt_of(adapter) -> str | None:
     """The system prompt the adapter's run trained with (its ``fedlora.json``); the built-in
     tasks' for the base alone or an adapter that does not say."""
     from edge_client.data import SYSTEM_PROMPT
-    from edge_client.models import ADAPTER_SIDECAR
+    from edge_client.models import adapter_sidecar
 
-    if adapter is None:
-        return SYSTEM_PROMPT
-    try:
-        side = json.loads((Path(adapter) / ADAPTER_SIDECAR).read_text())
-    except (OSError, ValueError):
-        return SYSTEM_PROMPT
-    return side.get("system_prompt", SYSTEM_PROMPT) if isinstance(side, dict) else SYSTEM_PROMPT
+    side = adapter_sidecar(adapter) if adapter is not None else {}
+    return side.get("system_prompt", SYSTEM_PROMPT)
 
 
 def merged_model(model_spec: str, adapter: str | Path | None = None):
