@@ -25,6 +25,65 @@ class Contribution:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> tensor, e.g. FedLEASE's routers
 
 
+class ComponentAverager:
+    """:func:`average_components` as a running sum: :meth:`add` folds one contribution into
+    per-component numerators and weight totals (then the contribution can be dropped),
+    :meth:`result` gives the new factors.  Memory: three adapter-sized buffers, whatever the
+    number of contributions.  The arithmetic per element is that of the one-shot loop, in the
+    order the contributions are added, so the same order gives the same bits."""
+
+    def __init__(self, global_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], normalise: str):
+        if normalise not in ("trainers", "all"):
+            raise ValueError(f"normalise must be 'trainers' or 'all', not {normalise!r}")
+        self.global_factors = global_factors
+        self.normalise = normalise
+        self.total = 0.0
+        self.count = 0
+        self._num = {m: (torch.zeros_like(ga), torch.zeros_like(gb)) for m, (ga, gb) in global_factors.items()}
+        self._z = {m: torch.zeros(ga.shape[0], dtype=ga.dtype) for m, (ga, _) in global_factors.items()}
+        self._tmp: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # reused: no allocation per client
+
+    def add(self, c: Contribution) -> None:
+        for module, mp in c.plan.modules.items():
+            if module in self.global_factors and max(mp.components) >= self.global_factors[module][0].shape[0]:
+                raise ValueError(f"client {c.client}: plan trains component {max(mp.components)} of "
+                                 f"'{module}', which has {self.global_factors[module][0].shape[0]}")
+        self.total += c.weight
+        self.count += 1
+        for module, (ga, gb) in self.global_factors.items():
+            mp = c.plan.modules.get(module)
+            if mp is None:
+                continue
+            num_a, num_b = self._num[module]
+            z = self._z[module]
+            a, b = c.factors[module]
+            if len(mp.components) == ga.shape[0] and list(mp.components) == list(range(ga.shape[0])):
+                # the plan covers every component in order: no gather or scatter (the same
+                # arithmetic as below, so the same bits)
+                if module not in self._tmp:
+                    self._tmp[module] = (torch.empty_like(ga), torch.empty_like(gb))
+                for num, x, g, tmp in ((num_a, a, ga, self._tmp[module][0]), (num_b, b, gb, self._tmp[module][1])):
+                    torch.sub(x, g, out=tmp)
+                    num.add_(tmp.mul_(c.weight))
+                z += float(c.weight)
+                continue
+            idx = torch.tensor(mp.components, dtype=torch.long)
+            num_a.index_add_(0, idx, c.weight * (a - ga.index_select(0, idx)))
+            num_b.index_add_(1, idx, c.weight * (b - gb.index_select(1, idx)))
+            z.index_add_(0, idx, torch.full((len(idx),), float(c.weight), dtype=ga.dtype))
+
+    def result(self) -> Factors:
+        out: Factors = {}
+        for module, (ga, gb) in self.global_factors.items():
+            num_a, num_b = self._num[module]
+            z = self._z[module]
+            if self.normalise == "all":
+                z = torch.where(z > 0, torch.full_like(z, float(self.total)), z)
+            denom = torch.where(z > 0, z, torch.ones_like(z))
+            out[module] = (ga + num_a / denom[:, None], gb + num_b / denom[None, :])
+        return out
+
+
 def average_components(global_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                        contributions: Sequence[Contribution], normalise: str) -> Factors:
     """Per module and per global component ``j``, move the global value by the weighted client
@@ -37,40 +96,84 @@ def average_components(global_factors: Mapping[str, tuple[torch.Tensor, torch.Te
     ``Z_j = Σ_k w_k`` over all contributions (``normalise="all"``: HetLoRA's zero-padding, where
     a component trained by few clients moves only part of the way).  A component nobody trained
     keeps its value.  With no contribution the global factors are returned unchanged (copied).
+    The one-shot form of :class:`ComponentAverager`.
     """
-    if normalise not in ("trainers", "all"):
-        raise ValueError(f"normalise must be 'trainers' or 'all', not {normalise!r}")
-    total = sum(c.weight for c in contributions)
-    out: Factors = {}
-    for module, (ga, gb) in global_factors.items():
-        num_a, num_b = torch.zeros_like(ga), torch.zeros_like(gb)
-        tmp_a, tmp_b = torch.empty_like(ga), torch.empty_like(gb)  # reused: no allocation per client
-        z = torch.zeros(ga.shape[0], dtype=ga.dtype)
-        for c in contributions:
-            mp = c.plan.modules.get(module)
-            if mp is None:
+    avg = ComponentAverager(global_factors, normalise)
+    for c in contributions:
+        avg.add(c)
+    return avg.result()
+
+
+class OrderedFold:
+    """A round's aggregation fed while the round runs, in a fixed order whatever the arrival order.
+
+    ``order`` is the round's devices in assignment order.  ``offer(client, contribution, reload)``
+    hands over a validated contribution: when it is the next in ``order`` it is folded into the
+    method's accumulator at once (and so is every parked one that follows); otherwise it is
+    *parked*: with a ``reload`` (a callable giving the contribution again, e.g. from the round's
+    journal on disk) nothing of it stays in memory, without one it is kept until its turn.
+    A reload that returns None (its copy on disk no longer reads) leaves the device out (``lost``).
+    ``finish()`` folds what is parked, in order, skipping devices that sent nothing valid, and
+    returns the accumulator's ``(factors, record)``.
+
+    So the result depends on the set of contributions, never on the order they arrived in: the
+    fold is the one-shot aggregation over the contributions in ``order``, bit for bit.
+    """
+
+    def __init__(self, accumulator, order: Sequence[str]):
+        self.acc = accumulator
+        self.order = list(order)
+        self.pos = 0
+        self.parked: dict = {}   # client -> Contribution (kept) or a reload callable
+        self.folded: list[str] = []
+        self.lost: list[str] = []  # parked, but its reload gave nothing back
+
+    @property
+    def count(self) -> int:
+        """Contributions offered so far (folded or parked)."""
+        return len(self.folded) + len(self.parked)
+
+    @property
+    def held(self) -> int:
+        """Parked contributions kept in memory (those offered without a reload)."""
+        return sum(isinstance(v, Contribution) for v in self.parked.values())
+
+    def offer(self, client: str, contribution: Contribution, reload=None) -> None:
+        if client not in self.order[self.pos:] or client in self.parked:
+            raise ValueError(f"client {client}: not expected in this round's fold (already offered, or not assigned)")
+        if client == self.order[self.pos]:
+            self._fold(client, contribution)
+            self._advance()
+        else:
+            self.parked[client] = reload if reload is not None else contribution
+
+    def _fold(self, client: str, contribution: Contribution) -> None:
+        self.acc.add(contribution)
+        self.folded.append(client)
+        self.pos += 1
+
+    def _advance(self) -> None:
+        while self.pos < len(self.order) and self.order[self.pos] in self.parked:
+            client = self.order[self.pos]
+            got = self.parked.pop(client)
+            got = got if isinstance(got, Contribution) else got()
+            if got is None:  # its reload failed (and said why): nothing of it is folded
+                self.lost.append(client)
+                self.pos += 1
                 continue
-            if max(mp.components) >= ga.shape[0]:
-                raise ValueError(f"client {c.client}: plan trains component {max(mp.components)} of "
-                                 f"'{module}', which has {ga.shape[0]}")
-            a, b = c.factors[module]
-            if len(mp.components) == ga.shape[0] and list(mp.components) == list(range(ga.shape[0])):
-                # the plan covers every component in order: no gather or scatter (the same
-                # arithmetic as below, so the same bits)
-                for num, x, g, tmp in ((num_a, a, ga, tmp_a), (num_b, b, gb, tmp_b)):
-                    torch.sub(x, g, out=tmp)
-                    num.add_(tmp.mul_(c.weight))
-                z += float(c.weight)
-                continue
-            idx = torch.tensor(mp.components, dtype=torch.long)
-            num_a.index_add_(0, idx, c.weight * (a - ga.index_select(0, idx)))
-            num_b.index_add_(1, idx, c.weight * (b - gb.index_select(1, idx)))
-            z.index_add_(0, idx, torch.full((len(idx),), float(c.weight), dtype=ga.dtype))
-        if normalise == "all":
-            z = torch.where(z > 0, torch.full_like(z, float(total)), z)
-        denom = torch.where(z > 0, z, torch.ones_like(z))
-        out[module] = (ga + num_a / denom[:, None], gb + num_b / denom[None, :])
-    return out
+            self._fold(client, got)
+
+    def drain(self) -> None:
+        """Fold everything parked, in order (the round is over: a device not offered sent nothing valid)."""
+        while self.pos < len(self.order):
+            if self.order[self.pos] in self.parked:
+                self._advance()
+            else:
+                self.pos += 1
+
+    def finish(self):
+        self.drain()
+        return self.acc.finish()
 
 
 def weighted_delta_w(contributions: Sequence[Contribution], module: str) -> torch.Tensor:

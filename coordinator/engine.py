@@ -12,6 +12,12 @@ drives the same engine over a broker.  A round is
    aggregate the valid ones (below ``min_updates`` the global adapter is kept and the round is
    marked failed), evaluate, record.
 
+Aggregation streams: the round's :class:`~coordinator.aggregate.OrderedFold` (``engine.fold``,
+opened with the round) takes each update as soon as it is validated (:meth:`Engine.offer`) and
+folds it into the method's accumulator in the round's assignment order, so the result never
+depends on arrival order; an update that arrives early is parked on disk (its journal copy) and
+reloaded in its turn.  A method whose rule is a running sum then holds adapter-sized sums only.
+
 Around it: the data each client gets is :mod:`.partition`'s, made-up contamination
 :mod:`.contamination`'s, the run's state on disk :mod:`.runstate`'s, the report and the saved
 adapters :mod:`.report`'s.  What a method does is its own module's (:mod:`.methods`).
@@ -46,7 +52,7 @@ from edge_client.partial import split_update, update_shapes
 from edge_client.wire import PayloadError, decode_tensors, encode_tensors
 from edge_client.work import assignment_meta, trainer_of
 
-from .aggregate import Contribution
+from .aggregate import Contribution, OrderedFold
 from .config import ConfigError, RunConfig
 from .contamination import contaminated_clients, poison
 from .evaluate import evaluate, lead_metric, mix_accuracy
@@ -114,6 +120,7 @@ class Returned:
     failure: str | None = None
     contribution: Contribution | None = None
     update_len: int | None = None  # ``len(update)`` where the bytes were released once validated
+    folded: bool = False  # validated and offered to the round's fold already (:meth:`Engine.offer`)
 
     @property
     def uplink_bytes(self) -> int:
@@ -319,7 +326,20 @@ class Engine:
             tensors = {**to_state_dict(start), **self.method.start_extras(c.id, plan, self.state.method_state)}
             out.append(Assignment(c.id, round_idx, plan, meta, encode_tensors(tensors),
                                   4 * sum(t.numel() for t in tensors.values())))
+        self.start_fold([a.client for a in out])
         return out, skipped
+
+    def start_fold(self, order: list[str]) -> OrderedFold:
+        """The round's fold over ``order`` (its devices in assignment order), from the global adapter
+        as it is now; :meth:`open_round` calls it, a transport re-opening a round calls it itself."""
+        acc = self.method.accumulator(self.state.global_factors, self.ctx, self.state.method_state)
+        self.fold = OrderedFold(acc, order)
+        return self.fold
+
+    def offer(self, client: str, contribution: Contribution, reload=None) -> None:
+        """Hand a validated update to the round's fold (see :class:`OrderedFold`: ``reload`` gives it
+        back from disk, so an early one is not held in memory meanwhile)."""
+        self.fold.offer(client, contribution, reload)
 
     def accept(self, a: Assignment, update: bytes, report) -> Contribution:
         """Decode and validate one update against its assignment's plan, and its report; the
@@ -352,8 +372,9 @@ class Engine:
         """Validate, aggregate, evaluate and record round ``round_idx``; returns its record.
         ``rejected``: updates the transport already refused (over MQTT, at arrival)."""
         cfg = self.cfg
-        rows, failed, contribs = [], [], []
+        rows, failed = [], []
         rejected = list(rejected or [])
+        fold = self.fold
         for ret in returned:
             a, c = ret.assignment, self.by_id[ret.assignment.client]
             if ret.failure is not None:
@@ -372,18 +393,25 @@ class Engine:
                          "tensor_bytes": 4 * sum(math.prod(s) for s in update_shapes(self.dims, a.plan).values()),
                          "downlink_tensor_bytes": a.start_tensor_bytes,
                          "predicted_round_seconds": round(c.capacity.round_s, 1) if c.capacity else None})
+            if ret.folded:
+                continue
             try:
-                contribs.append(ret.contribution or self.accept(a, ret.update or b"", ret.report))
+                fold.offer(a.client, ret.contribution or self.accept(a, ret.update or b"", ret.report))
             except (UpdateRejected, ValueError) as exc:
                 rejected.append({"client": a.client, "reason": str(exc)})
-        ok = len(contribs) >= cfg.min_updates
+        fold.drain()
+        for client in fold.lost:
+            rejected.append({"client": client, "reason": "its accepted update no longer reads back from the round's "
+                                                         "journal (see the warning above)"})
+        valid = len(fold.folded)
+        ok = valid >= cfg.min_updates
         said = {}
         if ok:
-            self.state.global_factors, said = self.method.aggregate(self.state.global_factors, contribs, self.ctx,
-                                                                    self.state.method_state)
+            self.state.global_factors, said = fold.finish()
+            said = dict(said or {})
         crash_point("aggregate")
         record = {"round": round_idx, "status": "ok" if ok else "failed", "clients": rows,
-                  "skipped": skipped, "failed": failed, "rejected": rejected, "valid_updates": len(contribs)}
+                  "skipped": skipped, "failed": failed, "rejected": rejected, "valid_updates": valid}
         record.update(said)  # what the method says of this round (CLAIR's detection, FedLEASE's allocation)
         # a method without a global model (local, fedlease) has nothing to score per round
         if self.method.global_model and (round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds):

@@ -204,6 +204,17 @@ class Registry:
             replace: bool = False) -> Credentials:
         """Enrol ``device``: a new key pair and broker password; returns its credentials (to be
         written to a file for that device: the registry keeps only the public half and a hash)."""
+        creds = self._enrol(device, max_examples, client_cert, replace)
+        self._save()
+        return creds
+
+    def add_many(self, devices, max_examples: int | None = None, replace: bool = False) -> list[Credentials]:
+        """:meth:`add` for many devices, the registry written once (enrolling a fleet of thousands)."""
+        creds = [self._enrol(d, max_examples, False, replace) for d in devices]
+        self._save()
+        return creds
+
+    def _enrol(self, device: str, max_examples: int | None, client_cert: bool, replace: bool) -> Credentials:
         check_device_id(device)
         if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
             raise RegistryError(f"max_examples must be a positive integer, got {max_examples!r}")
@@ -220,7 +231,6 @@ class Registry:
         creds = Credentials(device, "device", key, self.coordinator_key, device, password, ca_pem, cert_pem, key_pem)
         self.devices[device] = Enrolled(device, creds.public_key, hash_password(password), max_examples, _now(),
                                         None, serial)
-        self._save()
         return creds
 
     def revoke(self, device: str) -> Enrolled:

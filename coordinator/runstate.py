@@ -207,15 +207,9 @@ class RoundJournal:
             assignments[client] = (meta["meta"], start, int(meta["tensor_bytes"]))
         jr = JournalRound(round_idx, info["nonce"], list(info["clients"]), list(info["skipped"]), assignments)
         for client in info["clients"]:
-            path = d / f"update-{client}.bin"
-            if path.is_file():
+            if (d / f"update-{client}.bin").is_file():
                 try:
-                    raw = path.read_bytes()
-                    n = int.from_bytes(raw[:4], "big")
-                    meta, data = json.loads(raw[4:4 + n]), raw[4 + n:]
-                    if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                        raise durable.CorruptFile(f"{path}: fails its checksum")
-                    jr.updates[client] = (str(meta["update_id"]), data, dict(meta["report"]))
+                    jr.updates[client] = self.read_update(round_idx, client)
                 except (OSError, KeyError, TypeError, ValueError, durable.CorruptFile) as exc:
                     self.log(f"warning: accepted update of {client} in round {round_idx} is unreadable ({exc}); "
                              "it is taken again when the device re-sends it")
@@ -226,6 +220,17 @@ class RoundJournal:
                 except (KeyError, durable.CorruptFile):
                     pass
         return jr
+
+    def read_update(self, round_idx: int, client: str) -> tuple[str, bytes, dict]:
+        """``(update id, bytes, report)`` of an accepted update, checked against its sha256 (OSError,
+        ValueError or CorruptFile when it does not read)."""
+        path = self._dir(round_idx) / f"update-{client}.bin"
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:4], "big")
+        meta, data = json.loads(raw[4:4 + n]), raw[4 + n:]
+        if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise durable.CorruptFile(f"{path}: fails its checksum")
+        return str(meta["update_id"]), data, dict(meta["report"])
 
     def prune(self, completed: int) -> None:
         """Drop journals of rounds before ``completed`` (round ``completed`` stays for a fall-back)."""

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_client import durable
 from edge_client.durable import write_bytes
 from edge_client.framing import ProtocolError, Reassembler, Transfer
 from edge_client.identity import Counter, ReplayGuard, Signer, Verifier
@@ -355,11 +356,26 @@ class Coordinator:
             return
         report = dict(meta["report"])
         self._store(lambda: self.engine.journal.accept(r.index, device, uid, tr.data, report))
-        r.accepted[device] = (uid, Returned(a, tr.data, report, contribution=contribution))
+        self.engine.offer(device, contribution, self._reloader(r.index, a))
+        r.accepted[device] = (uid, Returned(a, None, report, update_len=len(tr.data), folded=True))
         r.gone.pop(device, None)
         self._decide(device, r.index, uid, "accepted")
         crash_point("ack")
         self.engine.reporter.client_done(device, report, a.plan.rank)
+
+    def _reloader(self, round_idx: int, a: Assignment):
+        """What gives an accepted update back from the round's journal when the fold reaches it (so
+        an update that arrived early is not held in memory); None, with a warning, if it no longer
+        reads or validates."""
+        def reload():
+            try:
+                _, data, report = self.engine.journal.read_update(round_idx, a.client)
+                return self.engine.accept(a, data, report)
+            except (OSError, ValueError, KeyError, TypeError, durable.CorruptFile, UpdateRejected) as exc:
+                self.log(f"warning: the accepted update of {a.client} in round {round_idx} no longer reads back from "
+                         f"the journal ({exc}); it is left out of the round")
+                return None
+        return reload
 
     def _store(self, write) -> None:
         try:
@@ -411,6 +427,7 @@ class Coordinator:
                        for c, (meta, start, nbytes) in jr.assignments.items()}
         r = self.round = OpenRound(round_idx, assignments, jr.skipped, time.perf_counter(),
                                    time.monotonic() + self.cfg.transport.round_timeout_s)
+        self.engine.start_fold(list(jr.clients))
         for c, (uid, data, report) in jr.updates.items():
             a = assignments[c]
             try:
@@ -418,7 +435,8 @@ class Coordinator:
             except UpdateRejected as exc:  # cannot happen for what was accepted; say so if it does
                 self.log(f"warning: the journal's update of {c} no longer validates ({exc}); asking again")
                 continue
-            r.accepted[c] = (uid, Returned(a, data, report, contribution=contribution))
+            self.engine.offer(c, contribution, self._reloader(round_idx, a))
+            r.accepted[c] = (uid, Returned(a, None, report, update_len=len(data), folded=True))
             self.decided[(c, uid)] = (round_idx, "accepted", "")
         r.failed.update(jr.failures)
         self.log(f"re-opened round {round_idx}: {len(r.accepted)} of {len(assignments)} update(s) already accepted; "

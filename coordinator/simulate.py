@@ -50,9 +50,10 @@ class Simulation:
         return e.close_round(round_idx, returned, skipped, t0)
 
     def _settle(self, ret: Returned) -> Returned:
-        """Validate an update as soon as it is trained and keep only its decoded factors (not its
-        bytes, nor the start blob), so a round holds one adapter-sized copy per participant.  A
-        rejected update is kept as it came, for the round to record its rejection."""
+        """Validate an update as soon as it is trained and fold it into the round's aggregation
+        (:meth:`Engine.offer`); keep neither its bytes nor its start blob, so a round of a
+        streaming method holds its running sums only, and any other one the decoded factors its
+        maths needs.  A rejected update is kept as it came, for the round to record its rejection."""
         from .validate import UpdateRejected
 
         a = ret.assignment
@@ -60,7 +61,8 @@ class Simulation:
             contribution = self.engine.accept(a, ret.update or b"", ret.report)
         except (UpdateRejected, ValueError):
             return ret
-        return Returned(a.released(), None, ret.report, contribution=contribution, update_len=len(ret.update or b""))
+        self.engine.offer(a.client, contribution)  # devices train in assignment order: folded at once
+        return Returned(a.released(), None, ret.report, update_len=len(ret.update or b""), folded=True)
 
     def run(self) -> dict:
         self.engine.begin()

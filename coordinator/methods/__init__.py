@@ -6,7 +6,10 @@ built-in methods; a method defined elsewhere registers itself with ``@register``
 
 from . import centralized, clair, fed_plora, fedit, fedlease, flexlora, fslora, hafl, hetlora, local  # noqa: F401  (importing them registers them)
 from .base import (  # noqa: F401  (the public names of the methods' layer)
+    Accumulator,
+    Averaging,
     Bound,
+    Collected,
     Method,
     MethodContext,
     capacity_plan,

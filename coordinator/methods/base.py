@@ -2,7 +2,7 @@
 helpers methods share.
 
 A method is a class in its own module under ``coordinator/methods/`` (or anywhere: a test registers
-one from outside the package) with a ``name``, a ``plan`` policy and an ``aggregate`` rule, and
+one from outside the package) with a ``name``, a ``plan`` policy and an aggregation rule, and
 whichever optional hooks of :class:`Method` it needs; what it leaves out takes the default written
 there.  ``@register`` adds it to the registry under its ``name``.  Its settings, if any, are a frozen
 dataclass ``Settings`` (validated in its ``__post_init__``, errors naming ``<section>.<field>``) that
@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol
 
 from edge_client.lora import ClientPlan, Factors, ModulePlan, slice_factors, to_state_dict, uniform_plan
 
-from ..aggregate import Contribution
+from ..aggregate import ComponentAverager, Contribution
 from ..planner import NO_FOOTPRINT, Footprint
 
 
@@ -70,7 +70,17 @@ class Method(Protocol):
                   state: dict) -> tuple[Factors, dict]:
         """(the new global factors, this round's record) from the round's valid contributions (at
         least one).  The record's keys go into the round's entry of the report (e.g. CLAIR's
-        ``detection``, FedLEASE's ``allocation``); ``{}`` when there is nothing to say."""
+        ``detection``, FedLEASE's ``allocation``); ``{}`` when there is nothing to say.  A method
+        whose rule needs every update at once (an SVD of their sum, a clustering) has this hook;
+        a method whose rule is a running sum has :meth:`accumulator` instead (one of the two is
+        required)."""
+        ...
+
+    def accumulator(self, global_factors: Factors, ctx: MethodContext, state: dict) -> Accumulator:
+        """A streaming aggregation: an :class:`Accumulator` that folds each update as it arrives
+        (then the update is dropped) and gives ``(factors, record)`` at the end, so the round's
+        memory does not grow with its number of updates.  Default: one that keeps the updates and
+        calls :meth:`aggregate` at the end (:class:`Collected`)."""
         ...
 
     def global_rank(self, ctx: MethodContext) -> int:
@@ -105,6 +115,51 @@ class Method(Protocol):
         """Checks across config sections, for a run of this method (ConfigError naming the field).
         Default: none."""
         ...
+
+
+class Accumulator(Protocol):
+    """One round's aggregation as it is fed: ``add`` each valid contribution (in the round's order),
+    then ``finish`` once for ``(the new global factors, the round's record)``.  ``add`` must not
+    change the method's state (a round below ``min_updates`` is dropped unfinished); ``finish`` may."""
+
+    def add(self, contribution: Contribution) -> None: ...
+
+    def finish(self) -> tuple[Factors, dict]: ...
+
+
+class Collected:
+    """The accumulator of a method that needs every update at once: it keeps them (one decoded
+    adapter each, the factors its maths works on) and calls ``rule(contributions)`` at the end."""
+
+    def __init__(self, rule):
+        self.rule = rule
+        self.contributions: list[Contribution] = []
+
+    def add(self, contribution: Contribution) -> None:
+        self.contributions.append(contribution)
+
+    def finish(self) -> tuple[Factors, dict]:
+        return self.rule(self.contributions)
+
+
+class Averaging:
+    """The streaming accumulator of the averaging methods (:class:`~coordinator.aggregate.ComponentAverager`
+    under ``normalise``); ``then(factors)`` post-processes the mean at the end (FSLoRA's server
+    optimiser), ``keep(contribution)`` sees each contribution as it is folded (HAFL's scores)."""
+
+    def __init__(self, global_factors: Factors, normalise: str, then=None, keep=None):
+        self.avg = ComponentAverager(global_factors, normalise)
+        self.then = then
+        self.keep = keep
+
+    def add(self, contribution: Contribution) -> None:
+        self.avg.add(contribution)
+        if self.keep is not None:
+            self.keep(contribution)
+
+    def finish(self) -> tuple[Factors, dict]:
+        mean = self.avg.result()
+        return (self.then(mean) if self.then else mean), {}
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -187,8 +242,24 @@ class Bound:
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return self.impl.plan(client, capacity, self._ctx(ctx), round_idx, state)
 
+    @property
+    def streams(self) -> bool:
+        """True when the method aggregates as a running sum (its own ``accumulator``)."""
+        return self._own("accumulator") is not None
+
+    def accumulator(self, global_factors, ctx, state) -> Accumulator:
+        own = self._own("accumulator")
+        if own:
+            return own(global_factors, self._ctx(ctx), state)
+        ctx = self._ctx(ctx)
+        return Collected(lambda contributions: self.impl.aggregate(global_factors, contributions, ctx, state))
+
     def aggregate(self, global_factors, contributions, ctx, state) -> tuple[Factors, dict]:
-        factors, record = self.impl.aggregate(global_factors, contributions, self._ctx(ctx), state)
+        """The round's aggregation in one call: every contribution through :meth:`accumulator`."""
+        acc = self.accumulator(global_factors, ctx, state)
+        for c in contributions:
+            acc.add(c)
+        factors, record = acc.finish()
         return factors, dict(record or {})
 
     def global_rank(self, ctx) -> int:
@@ -233,9 +304,10 @@ def register(cls: type) -> type:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"method class {cls.__name__} has no 'name'")
-    for hook in ("plan", "aggregate"):
-        if not callable(getattr(cls, hook, None)):
-            raise ValueError(f"method '{name}' has no '{hook}'")
+    if not callable(getattr(cls, "plan", None)):
+        raise ValueError(f"method '{name}' has no 'plan'")
+    if not (callable(getattr(cls, "aggregate", None)) or callable(getattr(cls, "accumulator", None))):
+        raise ValueError(f"method '{name}' has neither 'aggregate' nor 'accumulator'")
     if name in _REGISTRY:
         raise ValueError(f"method '{name}' is registered twice")
     _REGISTRY[name] = cls

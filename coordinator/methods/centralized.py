@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from edge_client.lora import uniform_plan
 
-from ..aggregate import average_components
-from .base import register
+from .base import Averaging, register
 
 
 @register
@@ -22,5 +21,5 @@ class Centralized:
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return uniform_plan(ctx.modules, ctx.max_rank, ctx.scale)
 
-    def aggregate(self, global_factors, contributions, ctx, state):
-        return average_components(global_factors, contributions, "trainers"), {}
+    def accumulator(self, global_factors, ctx, state):
+        return Averaging(global_factors, "trainers")

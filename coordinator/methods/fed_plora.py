@@ -22,9 +22,8 @@ keeps its previous value.
 
 from __future__ import annotations
 
-from ..aggregate import average_components
 from ..planner import Footprint
-from .base import MethodContext, global_copy, random_plan, register, trained_rank
+from .base import Averaging, MethodContext, global_copy, random_plan, register, trained_rank
 
 
 @register
@@ -43,5 +42,5 @@ class FedPLoRA:
             return None
         return random_plan(ctx, "fed-plora", client, round_idx, r, ctx.scale, {"hold": ctx.max_rank, "frozen": "fold"})
 
-    def aggregate(self, global_factors, contributions, ctx, state):
-        return average_components(global_factors, contributions, "trainers"), {}
+    def accumulator(self, global_factors, ctx, state):
+        return Averaging(global_factors, "trainers")

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from edge_client.lora import uniform_plan
 
-from ..aggregate import average_components
-from .base import MethodContext, register
+from .base import Averaging, MethodContext, register
 
 
 @register
@@ -26,5 +25,5 @@ class FedIT:
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return uniform_plan(ctx.modules, ctx.rank, ctx.scale) if capacity >= ctx.rank else None
 
-    def aggregate(self, global_factors, contributions, ctx, state):
-        return average_components(global_factors, contributions, "trainers"), {}
+    def accumulator(self, global_factors, ctx, state):
+        return Averaging(global_factors, "trainers")

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..aggregate import average_components
 from ..errors import ConfigError
-from .base import random_plan, register, trained_rank
+from .base import Averaging, random_plan, register, trained_rank
 
 
 @dataclass(frozen=True)
@@ -82,20 +81,25 @@ class FSLoRA:
         return random_plan(ctx, "fslora", client, round_idx, k, ctx.scale * big_r / k,
                            {"sketch": k, "sketch_ratio": round(k / big_r, 4)})
 
-    def aggregate(self, global_factors, contributions, ctx, state):
-        mean = average_components(global_factors, contributions, "all")
+    def accumulator(self, global_factors, ctx, state):
         st = ctx.settings
         if st.server_optimizer == "none":
-            return mean, {}
-        tensors = state.setdefault("tensors", {})
-        step = int(state.get("server_step", 0)) + 1
-        state["server_step"] = step
-        out = {}
-        for module, (ga, gb) in global_factors.items():
-            new = []
-            for which, g, avg in (("A", ga, mean[module][0]), ("B", gb, mean[module][1])):
-                m = tensors.setdefault(f"adam.m.{module}.{which}", torch.zeros_like(g))
-                v = tensors.setdefault(f"adam.v.{module}.{which}", torch.zeros_like(g))
-                new.append(adam_step(g, g - avg, m, v, step, st.server_lr, tuple(st.server_betas)))
-            out[module] = (new[0], new[1])
-        return out, {}
+            return Averaging(global_factors, "all")
+        return Averaging(global_factors, "all", then=lambda mean: server_step(global_factors, mean, st, state))
+
+
+def server_step(global_factors, mean, st: FsloraSettings, state: dict):
+    """The server optimiser's step: the negative mean delta as a pseudo-gradient to Adam (its
+    moments and step count in the method's state)."""
+    tensors = state.setdefault("tensors", {})
+    step = int(state.get("server_step", 0)) + 1
+    state["server_step"] = step
+    out = {}
+    for module, (ga, gb) in global_factors.items():
+        new = []
+        for which, g, avg in (("A", ga, mean[module][0]), ("B", gb, mean[module][1])):
+            m = tensors.setdefault(f"adam.m.{module}.{which}", torch.zeros_like(g))
+            v = tensors.setdefault(f"adam.v.{module}.{which}", torch.zeros_like(g))
+            new.append(adam_step(g, g - avg, m, v, step, st.server_lr, tuple(st.server_betas)))
+        out[module] = (new[0], new[1])
+    return out

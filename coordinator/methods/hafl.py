@@ -35,14 +35,15 @@ Reconstructed (only the abstract is public, and no official code was found):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from edge_client.lora import ClientPlan, ModulePlan
 
-from ..aggregate import average_components
+from ..aggregate import Contribution
 from ..errors import ConfigError
 from ..planner import Footprint
-from .base import MethodContext, global_copy, global_slice, register, trained_rank
+from .base import Averaging, MethodContext, global_copy, global_slice, register, trained_rank
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,15 @@ class HAFL:
         starter = global_copy if plan.extra.get("hold") is not None else global_slice
         return starter(client, global_factors, plan, state)
 
-    def aggregate(self, global_factors, contributions, ctx, state):
-        update_importance(state, contributions, ctx.max_rank)
-        return average_components(global_factors, contributions, "trainers"), {}
+    def accumulator(self, global_factors, ctx, state):
+        scored: list[Contribution] = []  # each contribution's scores and plan, without its factors
+
+        def then(mean):
+            update_importance(state, scored, ctx.max_rank)
+            return mean
+
+        return Averaging(global_factors, "trainers", then=then,
+                         keep=lambda c: scored.append(dataclasses.replace(c, factors={})))
 
 
 def update_importance(state: dict, contributions, total: int) -> None:

@@ -15,8 +15,7 @@ self-pruning and norm-based weights are not implemented.
 
 from __future__ import annotations
 
-from ..aggregate import average_components
-from .base import capacity_plan, register
+from .base import Averaging, capacity_plan, register
 
 
 @register
@@ -26,5 +25,5 @@ class HetLoRA:
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return capacity_plan(capacity, ctx)
 
-    def aggregate(self, global_factors, contributions, ctx, state):
-        return average_components(global_factors, contributions, "all"), {}
+    def accumulator(self, global_factors, ctx, state):
+        return Averaging(global_factors, "all")
