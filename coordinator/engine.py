@@ -275,7 +275,7 @@ class Engine:
         c.declared_examples = examples
         c.device = Device(client, profile)
         c.capacity = self._capacity(profile)
-        self.participants = self._eligible()
+        self.participants = self._eligible(changed=c)
 
     def add_client(self, client: str, profile, examples: int, domains: dict[str, int]) -> ClientData:
         """A device not in the fleet joins (open enrolment): planned from its hello; its domain mix
@@ -288,10 +288,14 @@ class Engine:
         self.set_profile(client, profile, examples)
         return c
 
-    def _eligible(self) -> list[ClientData]:
-        """Devices the method can give a plan; the others are reported and never sampled."""
-        return [c for c in self.clients if c.examples > 0
-                and self.method.plan(c.id, c.capacity.rank, self.ctx, 1, None) is not None]
+    def _eligible(self, changed: ClientData | None = None) -> list[ClientData]:
+        """Devices the method can give a plan; the others are reported and never sampled.  With
+        ``changed`` only that device is planned again (a hello: no scan of the fleet's plans)."""
+        able = getattr(self, "_able", {})
+        for c in ([changed] if changed is not None and able else self.clients):
+            able[c.id] = c.examples > 0 and self.method.plan(c.id, c.capacity.rank, self.ctx, 1, None) is not None
+        self._able = able
+        return [c for c in self.clients if able.get(c.id)]
 
     def open_round(self, round_idx: int, available: set[str] | None = None) -> tuple[list[Assignment], list[dict]]:
         """(assignments, skipped) for the sampled devices of round ``round_idx``."""

@@ -245,8 +245,11 @@ class Registry:
 
     # -------------------------------------------------------------------------------- lookups
 
-    def active(self, device: str) -> Enrolled | None:
-        self.refresh()
+    def active(self, device: str, fresh: bool = True) -> Enrolled | None:
+        """The device's enrolment if it is active; ``fresh=False`` skips re-checking the file (for a
+        scan over many devices after one :meth:`refresh`)."""
+        if fresh:
+            self.refresh()
         e = self.devices.get(device)
         return e if e is not None and e.active else None
 

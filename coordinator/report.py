@@ -282,6 +282,9 @@ class ConsoleReporter:
     file (no terminal) each client's result is a line, and while a round runs a line every
     ``progress_every`` seconds says how far it is."""
 
+    FLEET_ROWS = 50  # past this many devices the fleet table has a row per kind of device, and a log
+    # file gets a line per 5% of a round's clients instead of one per client
+
     def __init__(self, console=None, progress_every: float = 30.0):
         self.console = console or make_console()
         self.progress_every = progress_every
@@ -299,10 +302,19 @@ class ConsoleReporter:
         t = Table(title="Fleet and plans", show_lines=False)
         for col in ("client", "profile", "capacity (rank)", "pred. memory GB", "usable GB", "pred. round s", "examples"):
             t.add_column(col)
+        rows: dict[tuple, list[str]] = {}  # the row's cells but the id -> the clients it stands for
         for c in clients:
             cap = c.capacity
-            t.add_row(c.id, c.device.profile.name, str(cap.rank) if cap.rank else f"[red]0: {cap.reason}[/red]",
-                      f"{cap.memory_gb:.2f}", f"{cap.usable_gb:.2f}", f"{cap.round_s:.0f}", str(c.examples))
+            cells = (c.device.profile.name, str(cap.rank) if cap.rank else f"[red]0: {cap.reason}[/red]",
+                     f"{cap.memory_gb:.2f}", f"{cap.usable_gb:.2f}", f"{cap.round_s:.0f}", str(c.examples))
+            rows.setdefault(cells, []).append(c.id)
+        if len(clients) <= self.FLEET_ROWS:
+            for cells, ids in rows.items():
+                for i in ids:
+                    t.add_row(i, *cells)
+        else:  # a large fleet: one row per kind of device
+            for cells, ids in rows.items():
+                t.add_row(f"{len(ids)} devices ({ids[0]} ...)" if len(ids) > 1 else ids[0], *cells)
         self.console.print(t)
         self.console.print(f"global rank R = {global_rank}; base model: exact match {_pct(acc['overall'])}% "
                            + " ".join(f"{d}={_pct(v)}" for d, v in acc["per_domain"].items())
@@ -337,7 +349,7 @@ class ConsoleReporter:
         self._round = (r, done + 1, n, t0)
         if self.progress is not None:
             self.progress.update(self.task, advance=1, last=last)
-        else:
+        elif n <= self.FLEET_ROWS or (done + 1) % max(1, n // 20) == 0 or done + 1 == n:
             self.console.print(f"  round {r} [{done + 1}/{n}] {last} ({time.monotonic() - t0:.0f} s)")
 
     def round_end(self, rec: dict) -> None:

@@ -84,6 +84,13 @@ class OpenRound:
         return [d for d in self.assignments if d not in self.accepted and d not in self.failed
                 and (d not in self.gone or now - self.gone[d] < self.grace_s)]
 
+    def any_waiting(self) -> bool:
+        """``bool(waiting_for())`` without a scan of the round's devices (checked after every message)."""
+        unanswered = len(self.assignments) - len(self.accepted) - len(self.failed.keys() - self.accepted.keys())
+        if unanswered > len(self.gone):
+            return True
+        return bool(self.waiting_for())
+
 
 class Coordinator:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, broker: BrokerAddress, registry: Registry,
@@ -138,7 +145,8 @@ class Coordinator:
     @property
     def online(self) -> set[str]:
         """Devices that said hello in this run, are connected, and are still enrolled."""
-        return {d for d in self.sessions if self.registry.active(d) is not None}
+        self.registry.refresh()
+        return {d for d in self.sessions if self.registry.active(d, fresh=False) is not None}
 
     def _grant(self, device: str) -> int:
         e = self.registry.active(device)
@@ -403,16 +411,18 @@ class Coordinator:
         deadline = time.monotonic() + wait_s
         said = 0.0
         self.log(f"waiting for {need} device(s) to say hello on run '{self.run_id}'")
-        while len(self.online) < need:
+        while True:
+            online = self.online
+            if len(online) >= need:
+                break
             now = time.monotonic()
-            missing = sorted(set(self.engine.by_id) - self.online)
-            if now >= deadline:
-                raise TooFewDevices(f"only {len(self.online)} of the {need} devices needed said hello within "
-                                    f"{wait_s:.0f} s; online: {', '.join(sorted(self.online)) or 'none'}; missing: "
-                                    f"{', '.join(missing)}")
-            if now - said >= 10:
-                self.log(f"waiting: {len(self.online)}/{need} online ({', '.join(sorted(self.online)) or 'none'}); "
-                         f"missing: {', '.join(missing) or 'none'}")
+            if now >= deadline or now - said >= 10:
+                missing = sorted(set(self.engine.by_id) - online)
+                listed = f"online: {_some(sorted(online))}; missing: {_some(missing)}"
+                if now >= deadline:
+                    raise TooFewDevices(f"only {len(online)} of the {need} devices needed said hello within "
+                                        f"{wait_s:.0f} s; {listed}")
+                self.log(f"waiting: {len(online)}/{need} online; {listed}")
                 said = now
             self._pump(min(deadline - now, 1.0))
             if self.watch:
@@ -456,21 +466,27 @@ class Coordinator:
         e.reporter.round_start(round_idx, len(r.assignments))
         self.wire_up = {}
         t_send = time.perf_counter()
+        online = self.online
         for c in r.waiting_for():
-            if c in self.online:
+            if c in online:
                 self.send_plan(r.assignments[c])
         crash_point("plans-sent")
-        while r.waiting_for() and time.monotonic() < r.deadline:
+        checked = 0.0
+        while r.any_waiting() and time.monotonic() < r.deadline:
             self._pump(min(1.0, max(0.0, r.deadline - time.monotonic())))
-            self._check_plan_acks(r)
+            if time.monotonic() - checked >= 1.0:  # a scan of the round's devices: once a second, not per message
+                checked = time.monotonic()
+                self._check_plan_acks(r)
         exchange_s = time.perf_counter() - t_send
         return self._close(r, exchange_s)
 
     def _check_plan_acks(self, r: OpenRound) -> None:
         now = time.monotonic()
-        for c, sent in r.plan_sent.items():
-            if c not in r.plan_received and c not in r.plan_warned and c in r.waiting_for() \
-                    and now - sent > self.cfg.transport.plan_ack_s:
+        late = [c for c, sent in r.plan_sent.items() if now - sent > self.cfg.transport.plan_ack_s
+                and c not in r.plan_received and c not in r.plan_warned]
+        waiting = set(r.waiting_for()) if late else set()
+        for c in late:
+            if c in waiting:
                 r.plan_warned.add(c)
                 self.log(f"warning: {c} has not acknowledged its plan for round {r.index} after "
                          f"{self.cfg.transport.plan_ack_s:.0f} s: dropped by the broker? check its message size limit "
@@ -591,3 +607,10 @@ def check_resume(out_dir: str | Path, resume: bool) -> None:
     if resume and not SnapshotStore(folder).numbers():
         hint = " (it holds a state of protocol 1, which this version cannot resume)" if (folder / "run.json").is_file() else ""
         raise ConfigError(f"--resume: no saved run state in {folder}{hint}")
+
+
+def _some(names: list[str], most: int = 20) -> str:
+    """Up to ``most`` names, then how many more (a log line per thousand devices stays readable)."""
+    if not names:
+        return "none"
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")

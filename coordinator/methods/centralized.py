@@ -4,6 +4,10 @@ One pseudo-client holding all the training data trains rank ``R = lora.max_rank`
 ``train.steps × clients_per_round`` steps per round (the federated methods' total step budget);
 its result replaces the global adapter.  No adapter crosses a wire, so bytes are zero; the data
 itself would have to, which is what federated training avoids.
+
+Aggregation streams: each update is folded into running sums as it is validated, then dropped
+(:class:`~coordinator.methods.base.Averaging`), so a round holds adapter-sized sums whatever its
+number of updates.
 """
 
 from __future__ import annotations

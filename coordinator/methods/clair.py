@@ -57,6 +57,9 @@ several clients are no trouble.  A client alone above every other's rank is: the
 trains have no company and read as its own sparse block, so it is flagged though benign (measured
 on tiny-llama, :func:`alone_at_top_rank`).  The round's record then carries a ``caution`` that says
 so; the fix is a fleet where a second device reaches that rank, or a lower ``lora.max_rank``.
+
+Aggregation needs every update at once (the decomposition is over the whole fleet's updates): a
+round keeps each update's decoded factors.
 """
 
 from __future__ import annotations

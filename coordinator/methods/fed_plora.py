@@ -18,6 +18,10 @@ Reconstructed (the official code could not be read; the paper's equations were r
 summaries): the selection is drawn independently per adapted matrix (the paper's notation has one
 set per client); weights are data sizes (the paper's mean may be uniform); an untrained index
 keeps its previous value.
+
+Aggregation streams: each update is folded into running sums as it is validated, then dropped
+(:class:`~coordinator.methods.base.Averaging`), so a round holds adapter-sized sums whatever its
+number of updates.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ data-size weights: ``A ← Σ_k p_k A_k``, ``B ← Σ_k p_k B_k``, ``p_k = n_k /
 
 Planner mapping: none; a device whose capacity is below ``r`` cannot take part and is skipped
 (reported with its capacity).  With zero valid updates the caller keeps the global adapter.
+
+Aggregation streams: each update is folded into running sums as it is validated, then dropped
+(:class:`~coordinator.methods.base.Averaging`), so a round holds adapter-sized sums whatever its
+number of updates.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ Planner mapping: the knob is fixed (every expert has rank ``r``, so that experts
 a device must hold ``M_max`` experts in its forward pass and download them with a router
 (``(2M−1)·n_in`` floats per layer, counted as rank-1 components' worth by :func:`router_rank`), and
 the planner charges that worst case; a device whose capacity is below ``r`` is skipped.
+
+Aggregation needs every update at once (the clustering compares them): a round keeps each
+update's decoded factors.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ Aggregation needs every update of the round (the SVD is of their sum), but only 
 form: the clients' factors are stacked (``Σ r_k`` wide) and the exact truncated SVD comes from a
 QR of each stack and the SVD of a small core (:func:`coordinator.aggregate.product_svd_factors`);
 no ``m x n`` matrix is formed while ``Σ r_k < min(m, n)``.
+
+Aggregation needs every update at once (the SVD of their weighted sum): a round keeps each
+update's decoded factors, the factored form the re-factorisation works on, and no dense ΔW.
 """
 
 from __future__ import annotations

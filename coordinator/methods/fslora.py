@@ -22,6 +22,10 @@ multiplying its gradient by ``S²``, equivalent to training the slices with SGD 
 here the slices are trained directly (the paper's description).  The code's ``'lora_B' == n``
 name test looks like it never selects the sketch branch (full names are longer); this
 implementation follows the paper, not that behaviour.
+
+Aggregation streams: each update is folded into running sums as it is validated, then dropped
+(:class:`~coordinator.methods.base.Averaging`), so a round holds adapter-sized sums whatever its
+number of updates.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ Reconstructed (only the abstract is public, and no official code was found):
   components it has never scored.  Before any report all scores are 0 and ties go to the lower
   index, so round 1 trains the first ``r_i`` components, as HetLoRA does;
 - rank-1 aggregation weights are data sizes.
+
+Aggregation streams: each update is folded into running sums as it is validated, then dropped
+(:class:`~coordinator.methods.base.Averaging`), so a round holds adapter-sized sums whatever its
+number of updates.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ so component j moves by the fraction of weight that trained it (the "information
 complains of).  Padding deltas rather than factors (as the FSLoRA authors' baseline does) keeps a
 component that no sampled client trained instead of zeroing it.  The original paper's rank
 self-pruning and norm-based weights are not implemented.
+
+Aggregation streams: each update is folded into running sums as it is validated, then dropped
+(:class:`~coordinator.methods.base.Averaging`), so a round holds adapter-sized sums whatever its
+number of updates.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Each client trains its own adapter at its planner rank ``min(capacity, R)`` ever
 sampled, starting from the common initialisation and then from its own previous adapter; nothing
 is averaged.  Evaluation uses each client's own adapter (``personalised``); the global adapter
 stays at its initialisation and is not meaningful for this method.
+
+Aggregation keeps each update (it becomes that client's own adapter): no sum is formed.
 """
 
 from __future__ import annotations
