@@ -147,13 +147,41 @@ def _make_binding_handler():
 
 class _CopyOnIterate(dict):
     """amqtt 0.12 iterates its subscriptions across awaits while a new subscription can change them,
-    and loses that message ("dictionary changed size during iteration"): iterate over a copy."""
+    and loses that message ("dictionary changed size during iteration"): iterate over a copy.  It
+    also keeps the filters with wildcards apart, so a message is matched against its own topic's
+    filter and those, not against every device's (:meth:`candidates`)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.wild = {k for k in self if "+" in k or "#" in k}
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if "+" in key or "#" in key:
+            self.wild.add(key)
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self.wild.discard(key)
+
+    def pop(self, key, *default):
+        self.wild.discard(key)
+        return super().pop(key, *default)
+
+    def clear(self):
+        super().clear()
+        self.wild.clear()
 
     def items(self):
         return list(super().items())
 
     def __iter__(self):
         return iter(list(super().keys()))
+
+    def candidates(self, topic_name: str) -> list:
+        """(filter, subscriptions) that can match ``topic_name``: its exact filter and the wildcard ones."""
+        keys = ([topic_name] if dict.__contains__(self, topic_name) else []) + sorted(self.wild)
+        return [(k, dict.__getitem__(self, k)) for k in keys if dict.__contains__(self, k)]
 
 
 def _broker_class():
@@ -176,6 +204,33 @@ def _broker_class():
                                                  retain=True)))
             if tasks:
                 await asyncio.wait(tasks)
+
+        async def _run_broadcast(self, running_tasks) -> None:
+            """amqtt 0.12's broadcast, the same steps, but over the filters that can match the topic
+            (:meth:`_CopyOnIterate.candidates`): it matched every filter of every client against
+            every message, which grows with the square of the fleet."""
+            from amqtt.mqtt.constants import QOS_1, QOS_2
+
+            broadcast = await self._broadcast_queue.get()
+            subs = self._subscriptions
+            pairs = subs.candidates(broadcast["topic"]) if isinstance(subs, _CopyOnIterate) else subs.items()
+            for k_filter, subscriptions in pairs:
+                if not self._matches(broadcast["topic"], k_filter):
+                    continue
+                for target_session, sub_qos in list(subscriptions):
+                    qos = broadcast.get("qos", sub_qos)
+                    if not await self._topic_filtering(target_session, topic=broadcast["topic"], action=Action.RECEIVE):
+                        continue
+                    if (target_session.transitions.state != "connected" and not target_session.clean_session
+                            and qos in (QOS_1, QOS_2) and not target_session.is_anonymous):
+                        await self._retain_broadcast_message(broadcast, qos, target_session)
+                        continue
+                    if target_session.transitions.state != "connected":
+                        continue
+                    handler = self._get_handler(target_session)
+                    if handler:
+                        running_tasks.append(asyncio.ensure_future(
+                            handler.mqtt_publish(broadcast["topic"], broadcast["data"], qos, retain=False)))
 
     return _Broker
 

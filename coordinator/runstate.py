@@ -10,10 +10,12 @@
   are kept.  Loading takes the newest snapshot whose manifest verifies; a torn or corrupt one is
   named and skipped, and the one before it is used.
 - ``round-NNNNNN/``: the journal of round N while it is open: ``open.json`` (its nonce, sampled
-  devices, skipped ones) and each assignment exactly as sent (``assign-<client>.json`` and
-  ``.safetensors``), then every update the coordinator accepted (``update-<client>.bin``: a JSON
-  header with its report and sha256, then its bytes, written and fsynced *before* the device's ack
-  goes out) and every failure a device reported.  A resumed coordinator re-opens the round from it,
+  devices, skipped ones) and each assignment exactly as sent (``assign.json``: per device its meta
+  and the sha256 of its start blob, ``start-<sha256>.safetensors`` once per distinct blob), then
+  every update the coordinator accepted, appended to ``updates.log`` (per record: a magic, the
+  lengths, a JSON header with the device, its report and sha256, then its bytes), fsynced *before*
+  the device's ack goes out (updates arriving together share one fsync: a group commit), and
+  every failure a device reported.  A resumed coordinator re-opens the round from it,
   keeping what it had accepted.  The journal of round N is kept until snapshot N+1 exists, so a
   fall-back to snapshot N-1 can re-close round N from the same updates.
 
@@ -156,40 +158,141 @@ class JournalRound:
 class RoundJournal:
     """``round-NNNNNN`` directories under ``folder`` (see the module text)."""
 
+    LOG = "updates.log"
+    MAGIC = b"FLU1"
+
     def __init__(self, folder: str | Path, log=print):
         self.folder = Path(folder)
         self.log = log
+        self._fh = None  # the open round's update log, appended to
+        self._fh_round = None
+        self._index: dict[tuple[int, str], tuple[int, int]] = {}  # (round, client) -> (offset, length) of its record
+        self._dirty = False
 
     def _dir(self, round_idx: int) -> Path:
         return self.folder / f"round-{round_idx:06d}"
 
     def open(self, round_idx: int, nonce: str, assignments, skipped: list[dict]) -> None:
-        """Record round ``round_idx``'s assignments (``open.json`` last: its presence commits them)."""
+        """Record round ``round_idx``'s assignments (``open.json`` last: its presence commits them).
+        A start blob that several devices share (every FedIT device starts from the same global
+        adapter) is stored once."""
+        self.close()
         d = self._dir(round_idx)
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
+        index, written = {}, set()
         for a in assignments:
-            durable.write_bytes(d / f"assign-{a.client}.safetensors", a.start)
-            durable.write_json(d / f"assign-{a.client}.json", {
-                "meta": a.meta, "sha256": hashlib.sha256(a.start).hexdigest(), "tensor_bytes": a.start_tensor_bytes})
+            sha = hashlib.sha256(a.start).hexdigest()
+            if sha not in written:
+                durable.write_bytes(d / f"start-{sha}.safetensors", a.start)
+                written.add(sha)
+            index[a.client] = {"meta": a.meta, "sha256": sha, "tensor_bytes": a.start_tensor_bytes}
+        durable.write_json(d / "assign.json", index)
         durable.write_json(d / "open.json", {"round": round_idx, "nonce": nonce,
                                              "clients": [a.client for a in assignments], "skipped": skipped})
 
-    def accept(self, round_idx: int, client: str, update_id: str, data: bytes, report: dict) -> None:
-        """Make an accepted update durable (one file: a JSON header with its sha256, then its bytes,
-        written and fsynced in one step); only then may it be acknowledged."""
-        head = json.dumps({"update_id": update_id, "report": report, "sha256": hashlib.sha256(data).hexdigest(),
-                           "bytes": len(data)}).encode()
-        durable.write_bytes(self._dir(round_idx) / f"update-{client}.bin", len(head).to_bytes(4, "big") + head + data)
+    def accept(self, round_idx: int, client: str, update_id: str, data: bytes, report: dict,
+               sync: bool = True) -> None:
+        """Append an accepted update to the round's log (a JSON header with its sha256, then its
+        bytes).  It may be acknowledged only once it is on disk: with ``sync`` (the default) this
+        returns after an fsync; otherwise the caller calls :meth:`sync` before it sends the acks
+        (one fsync for a batch of updates: a group commit)."""
+        head = json.dumps({"client": client, "update_id": update_id, "report": report,
+                           "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}).encode()
+        if self._fh is None or self._fh_round != round_idx:
+            self.close()
+            path = self._dir(round_idx) / self.LOG
+            self._fh = open(path, "ab")
+            self._fh_round = round_idx
+            durable.fsync_dir(path.parent)  # the log's own name is on disk
+        offset = self._fh.tell()
+        record = self.MAGIC + len(head).to_bytes(4, "big") + len(data).to_bytes(8, "big") + head + data
+        try:
+            self._fh.write(record)
+            self._fh.flush()
+        except OSError:
+            self._fh.truncate(offset)  # no half record stays behind a full disk
+            raise
+        self._index[(round_idx, client)] = (offset, len(record))
+        self._dirty = True
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync the update log: every update appended so far is on disk."""
+        if self._fh is not None and self._dirty:
+            os.fsync(self._fh.fileno())
+            self._dirty = False
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self.sync()
+            self._fh.close()
+            self._fh = None
 
     def fail(self, round_idx: int, client: str, reason: str) -> None:
         durable.write_json(self._dir(round_idx) / f"failure-{client}.json", {"reason": reason})
 
+    def read_update(self, round_idx: int, client: str) -> tuple[str, bytes, dict]:
+        """``(update id, bytes, report)`` of an accepted update, checked against its sha256 (OSError,
+        KeyError, ValueError or CorruptFile when it does not read)."""
+        where = self._index.get((round_idx, client))
+        if where is None:
+            for c, got in self._records(round_idx):
+                if c == client:
+                    return got
+            raise KeyError(f"no accepted update of {client} in the journal of round {round_idx}")
+        with open(self._dir(round_idx) / self.LOG, "rb") as fh:
+            fh.seek(where[0])
+            _, got = self._parse(fh.read(where[1]), 0)
+        if got is None or got[3] != client:
+            raise durable.CorruptFile(f"{self._dir(round_idx) / self.LOG}: the update of {client} fails its checksum")
+        return got[:3]
+
+    def _parse(self, raw: bytes, at: int) -> tuple[int, tuple[str, bytes, dict] | None]:
+        """(offset of the next record, this record's (update id, bytes, report) or None if it fails its
+        checksum); CorruptFile where the record cannot even be framed (a torn tail)."""
+        if raw[at:at + 4] != self.MAGIC or len(raw) < at + 16:
+            raise durable.CorruptFile(f"no update record at offset {at}")
+        n_head, n_data = int.from_bytes(raw[at + 4:at + 8], "big"), int.from_bytes(raw[at + 8:at + 16], "big")
+        end = at + 16 + n_head + n_data
+        if end > len(raw):
+            raise durable.CorruptFile(f"the update record at offset {at} is torn ({len(raw) - at} of {end - at} bytes)")
+        try:
+            meta = json.loads(raw[at + 16:at + 16 + n_head])
+            data = raw[at + 16 + n_head:end]
+            if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                return end, None
+            return end, (str(meta["update_id"]), data, dict(meta["report"]), str(meta["client"]))
+        except (ValueError, KeyError, TypeError):
+            return end, None
+
+    def _records(self, round_idx: int):
+        """(client, (update id, bytes, report)) of every update record that verifies, in order; a
+        record that fails its checksum or a torn tail is left out with a warning: it was never
+        acknowledged, so its device still holds it and sends it again."""
+        path = self._dir(round_idx) / self.LOG
+        if not path.is_file():
+            return
+        raw, at = path.read_bytes(), 0
+        while at < len(raw):
+            try:
+                nxt, got = self._parse(raw, at)
+            except durable.CorruptFile as exc:
+                self.log(f"warning: {path}: {exc}; what it held is taken again when the devices re-send it")
+                return
+            if got is None:
+                self.log(f"warning: {path}: the update record at offset {at} fails its checksum; it is taken again "
+                         "when its device re-sends it")
+            else:
+                yield got[3], got[:3]
+            at = nxt
+
     def load(self, round_idx: int) -> JournalRound | None:
         """The journal of round ``round_idx``, or None when it was never opened (or opened only in
-        part: nothing of it was sent).  An update file that does not verify is left out with a
-        warning: it was never acknowledged, so its device still holds it and sends it again."""
+        part: nothing of it was sent).  An update that does not verify is left out with a warning:
+        it was never acknowledged, so its device still holds it and sends it again."""
         d = self._dir(round_idx)
         try:
             info = durable.read_json(d / "open.json")
@@ -198,21 +301,27 @@ class RoundJournal:
         except durable.CorruptFile as exc:
             self.log(f"warning: {exc}; the round is planned again")
             return None
-        assignments = {}
+        try:
+            index = durable.read_json(d / "assign.json")
+        except (FileNotFoundError, durable.CorruptFile) as exc:
+            self.log(f"warning: the journal of round {round_idx} has no readable assign.json ({exc}); the round is "
+                     "planned again")
+            return None
+        assignments, blobs = {}, {}
         for client in info["clients"]:
-            meta = durable.read_json(d / f"assign-{client}.json")
-            start = (d / f"assign-{client}.safetensors").read_bytes()
-            if hashlib.sha256(start).hexdigest() != meta["sha256"]:
-                raise StateError(f"{d / f'assign-{client}.safetensors'}: fails its checksum")
-            assignments[client] = (meta["meta"], start, int(meta["tensor_bytes"]))
+            e = index[client]
+            if e["sha256"] not in blobs:
+                path = d / f"start-{e['sha256']}.safetensors"
+                start = path.read_bytes()
+                if hashlib.sha256(start).hexdigest() != e["sha256"]:
+                    raise StateError(f"{path}: fails its checksum")
+                blobs[e["sha256"]] = start
+            assignments[client] = (e["meta"], blobs[e["sha256"]], int(e["tensor_bytes"]))
         jr = JournalRound(round_idx, info["nonce"], list(info["clients"]), list(info["skipped"]), assignments)
+        for client, got in self._records(round_idx):
+            if client in assignments and client not in jr.updates:
+                jr.updates[client] = got
         for client in info["clients"]:
-            if (d / f"update-{client}.bin").is_file():
-                try:
-                    jr.updates[client] = self.read_update(round_idx, client)
-                except (OSError, KeyError, TypeError, ValueError, durable.CorruptFile) as exc:
-                    self.log(f"warning: accepted update of {client} in round {round_idx} is unreadable ({exc}); "
-                             "it is taken again when the device re-sends it")
             fail_file = d / f"failure-{client}.json"
             if client not in jr.updates and fail_file.is_file():
                 try:
@@ -221,19 +330,11 @@ class RoundJournal:
                     pass
         return jr
 
-    def read_update(self, round_idx: int, client: str) -> tuple[str, bytes, dict]:
-        """``(update id, bytes, report)`` of an accepted update, checked against its sha256 (OSError,
-        ValueError or CorruptFile when it does not read)."""
-        path = self._dir(round_idx) / f"update-{client}.bin"
-        raw = path.read_bytes()
-        n = int.from_bytes(raw[:4], "big")
-        meta, data = json.loads(raw[4:4 + n]), raw[4 + n:]
-        if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise durable.CorruptFile(f"{path}: fails its checksum")
-        return str(meta["update_id"]), data, dict(meta["report"])
-
     def prune(self, completed: int) -> None:
         """Drop journals of rounds before ``completed`` (round ``completed`` stays for a fall-back)."""
+        if self._fh_round is not None and self._fh_round < completed:
+            self.close()
+        self._index = {k: v for k, v in self._index.items() if k[0] >= completed}
         if not self.folder.is_dir():
             return
         for p in self.folder.iterdir():

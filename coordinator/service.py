@@ -20,6 +20,7 @@ the same adapter as a run that was never interrupted.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import time
@@ -130,6 +131,9 @@ class Coordinator:
         self.programs_held: dict[str, set[str]] = {}  # device -> training programs it holds (executorch trainer)
         self.decided: dict[tuple[str, str], tuple[int, str, str]] = {}  # (device, update id) -> (round, status, reason)
         self.duplicates: list[tuple[str, str]] = []  # re-sent updates, acknowledged and not counted
+        self._outstanding: collections.deque = collections.deque()  # (paho message info, bytes) not waited for
+        self._outstanding_bytes = 0
+        self._unsynced: dict[str, tuple] = {}  # device -> its accepted update awaiting the journal's fsync and ack
         self.events: list[dict] = []  # refused messages, for the report
         self.reassembler = Reassembler(cfg.transport.max_update_bytes)
         self.wire_up: dict[str, int] = {}  # device -> MQTT bytes received on its up topic this round
@@ -158,11 +162,28 @@ class Coordinator:
         """Publish, waiting a bounded time for a lost broker; False (logged) if it did not go out:
         whatever it was is sent again when the device or the broker comes back."""
         try:
-            self.link.publish(t, payload, retain=retain, timeout_s=10.0, wait=wait)
-            return True
+            info = self.link.publish(t, payload, retain=retain, timeout_s=10.0, wait=wait)
         except TimeoutError as exc:
             self.log(f"broker unreachable, not sent: {exc}")
             return False
+        if info is not None:  # not waited for: paho delivers it; the window bounds what is outstanding
+            self._outstanding.append((info, len(payload)))
+            self._outstanding_bytes += len(payload)
+            self._settle(self.WINDOW_MESSAGES, self.WINDOW_BYTES)
+        return True
+
+    WINDOW_MESSAGES, WINDOW_BYTES = 256, 64 * 2**20  # messages handed to paho and not yet acknowledged
+
+    def _settle(self, messages: int, nbytes: int) -> None:
+        """Wait for the oldest outstanding publishes until at most ``messages`` / ``nbytes`` are left
+        (0, 0: all of them): plans go out pipelined, not one broker round trip each."""
+        while self._outstanding and (len(self._outstanding) > messages or self._outstanding_bytes > nbytes):
+            info, n = self._outstanding.popleft()
+            self._outstanding_bytes -= n
+            try:
+                info.wait_for_publish(10.0)
+            except (RuntimeError, ValueError):
+                pass  # the connection dropped under it: paho sends it again when it is back
 
     def _json(self, t: str, obj: dict, retain: bool = False, wait: bool = True) -> bool:
         return self._publish(t, self.outbox.json(t, obj), retain, wait)
@@ -190,7 +211,7 @@ class Coordinator:
         for chunk in self.outbox.chunks(t, a.start, kind="plan", round_idx=a.round, device=a.client,
                                         transfer=f"plan-{a.round}-{a.client}", meta=a.meta,
                                         chunk_bytes=self.cfg.transport.chunk_bytes):
-            if not self._publish(t, chunk):
+            if not self._publish(t, chunk, wait=False):
                 return
         r.plan_sent[a.client] = time.monotonic()
         r.plan_sessions[a.client] = self.sessions.get(a.client, "")
@@ -312,6 +333,8 @@ class Coordinator:
     def _chunk(self, device: str, t: str, payload: bytes, header: dict, data: bytes) -> None:
         if header["kind"] != "update":
             raise ProtocolError(f"a '{header['kind'][:40]}' transfer on the update topic")
+        if device in self._unsynced:  # its update awaits the commit: nothing about it is answered before
+            self._commit()
         uid, rnd, r = header["transfer"], header["round"], self.round
         self.wire_up[device] = self.wire_up.get(device, 0) + publish_packet_bytes(t, len(payload))
         if (device, uid) in self.decided:  # a re-send of an update already answered: answer the same
@@ -363,13 +386,23 @@ class Coordinator:
             self._refuse_update(device, r.index, uid, str(exc))
             return
         report = dict(meta["report"])
-        self._store(lambda: self.engine.journal.accept(r.index, device, uid, tr.data, report))
+        self._store(lambda: self.engine.journal.accept(r.index, device, uid, tr.data, report, sync=False))
         self.engine.offer(device, contribution, self._reloader(r.index, a))
         r.accepted[device] = (uid, Returned(a, None, report, update_len=len(tr.data), folded=True))
         r.gone.pop(device, None)
-        self._decide(device, r.index, uid, "accepted")
-        crash_point("ack")
-        self.engine.reporter.client_done(device, report, a.plan.rank)
+        self._unsynced[device] = (r.index, uid, report, a.plan.rank)  # acknowledged by the next _commit
+
+    def _commit(self) -> None:
+        """Make the updates accepted since the last commit durable (one fsync of the round's log),
+        then acknowledge them: a group commit, so a burst of updates costs one fsync, not one each."""
+        if not self._unsynced:
+            return
+        self._store(self.engine.journal.sync)
+        done, self._unsynced = self._unsynced, {}
+        for device, (round_idx, uid, report, rank) in done.items():
+            self._decide(device, round_idx, uid, "accepted")
+            crash_point("ack")
+            self.engine.reporter.client_done(device, report, rank)
 
     def _reloader(self, round_idx: int, a: Assignment):
         """What gives an accepted update back from the round's journal when the fold reaches it (so
@@ -402,6 +435,14 @@ class Coordinator:
         msg = self.link.get(timeout_s)
         if msg:
             self.handle(*msg)
+            # what else is already here joins this batch (bounded), then one commit answers it all
+            t_end = time.monotonic() + 0.05
+            for _ in range(500):
+                msg = self.link.get(0.0) if time.monotonic() < t_end else None
+                if msg is None:
+                    break
+                self.handle(*msg)
+        self._commit()
 
     # ---------------------------------------------------------------------------------- rounds
 
@@ -470,6 +511,7 @@ class Coordinator:
         for c in r.waiting_for():
             if c in online:
                 self.send_plan(r.assignments[c])
+        self._settle(0, 0)  # every plan acknowledged by the broker
         crash_point("plans-sent")
         checked = 0.0
         while r.any_waiting() and time.monotonic() < r.deadline:
@@ -477,6 +519,7 @@ class Coordinator:
             if time.monotonic() - checked >= 1.0:  # a scan of the round's devices: once a second, not per message
                 checked = time.monotonic()
                 self._check_plan_acks(r)
+        self._commit()
         exchange_s = time.perf_counter() - t_send
         return self._close(r, exchange_s)
 

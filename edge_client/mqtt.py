@@ -280,14 +280,15 @@ class Link:
             self._client.subscribe(topic_filter, qos=1)
 
     def publish(self, topic_name: str, payload: bytes, *, retain: bool = False, timeout_s: float = 120.0,
-                wait: bool = True) -> None:
+                wait: bool = True):
         """Publish at QoS 1 and wait for the broker's PUBACK; the uplink cap (if any) is paid first.
 
         A connection lost on the way is waited out (paho reconnects) and the message sent again:
         at least once, as QoS 1 promises, so receivers must be idempotent (they are).  TimeoutError
         when no connection comes back within ``timeout_s``.  ``wait=False`` hands the message to
         paho (which delivers it at QoS 1) without waiting for the PUBACK: for messages whose loss
-        the protocol recovers anyway (an ack: the device sends its update again).
+        the protocol recovers anyway (an ack: the device sends its update again), or that the
+        caller waits for later (it gets paho's message info back, ``wait_for_publish`` on it).
         """
         deadline = time.monotonic() + timeout_s
         paid = False
@@ -303,7 +304,7 @@ class Link:
                     paid = True
                 info = self._client.publish(topic_name, payload, qos=1, retain=retain)
             if not wait:
-                return
+                return info
             try:
                 while not info.is_published():
                     if self._fatal:

@@ -50,9 +50,18 @@ def test_the_journal_reopens_a_round_with_what_was_accepted(tmp_path):
     jr = j.load(3)
     assert jr.nonce == "nonce" and jr.clients == ["a", "b"] and jr.skipped[0]["client"] == "c"
     assert jr.updates == {"a": ("u1", b"update-a", {"num_examples": 4})} and jr.failures == {"b": "out of memory"}
-    f = tmp_path / "round-000003" / "update-a.bin"
-    f.write_bytes(f.read_bytes()[:-2])  # torn
-    assert j.load(3).updates == {}  # a torn update is left out: it was never acknowledged
+    j.accept(3, "b", "u2", b"update-b", {"num_examples": 2})
+    assert j.read_update(3, "b") == ("u2", b"update-b", {"num_examples": 2})
+    assert RoundJournal(tmp_path, log=lambda *_: None).read_update(3, "a")[0] == "u1"  # found by a scan, too
+    j.close()
+    f = tmp_path / "round-000003" / "updates.log"
+    good = f.read_bytes()
+    raw = bytearray(good)
+    raw[30] ^= 0xFF  # a's record corrupt, its framing intact: left out, b's after it still read
+    f.write_bytes(bytes(raw))
+    assert j.load(3).updates == {"b": ("u2", b"update-b", {"num_examples": 2})}
+    f.write_bytes(good[:-2])  # b's record torn (a crash mid-append): left out, it was never acknowledged
+    assert j.load(3).updates == {"a": ("u1", b"update-a", {"num_examples": 4})}
     assert j.load(4) is None
     j.prune(4)
     assert j.load(3) is None
