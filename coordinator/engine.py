@@ -302,6 +302,7 @@ class Engine:
         t = self.cfg.train
         settings = dataclasses.replace(t, steps=self.round_steps)
         out, skipped = [], []
+        blobs: dict[bytes, bytes] = {}  # equal start blobs (every FedIT device's) held once, not once per device
         for c in self.sample(round_idx, available):
             capacity = c.capacity.rank if c.capacity else self.R
             plan = self.method.plan(c.id, capacity, self.ctx, round_idx, self.state.method_state)
@@ -328,7 +329,8 @@ class Engine:
             if trainer:
                 meta["trainer"] = trainer
             tensors = {**to_state_dict(start), **self.method.start_extras(c.id, plan, self.state.method_state)}
-            out.append(Assignment(c.id, round_idx, plan, meta, encode_tensors(tensors),
+            blob = encode_tensors(tensors)
+            out.append(Assignment(c.id, round_idx, plan, meta, blobs.setdefault(blob, blob),
                                   4 * sum(t.numel() for t in tensors.values())))
         self.start_fold([a.client for a in out])
         return out, skipped
