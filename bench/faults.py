@@ -329,7 +329,8 @@ def broker_sigkill(b, ref):
     devs = b.devices(url, b.tmp / "state-bkill")
     try:
         coord = b.coordinator(out, 0, broker=url)
-        wait_for(lambda: list((out / "state").glob("round-000002/update-*.bin")))
+        log = out / "state" / "round-000002" / "updates.log"
+        wait_for(lambda: log.is_file() and log.stat().st_size > 0)
         m.stop(signal.SIGKILL)
         time.sleep(3)
         m.start()

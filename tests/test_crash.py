@@ -104,7 +104,10 @@ def uninterrupted(tmp_path_factory):
 
 
 def _update_in_journal(round_idx: int):
-    return lambda tmp: bool(list((tmp / "out" / "state" / f"round-{round_idx:06d}").glob("update-*.bin")))
+    def seen(tmp) -> bool:  # an accepted update is in the round's log (and acknowledged: it is fsynced first)
+        log = tmp / "out" / "state" / f"round-{round_idx:06d}" / "updates.log"
+        return log.is_file() and log.stat().st_size > 0
+    return seen
 
 
 @pytest.mark.parametrize("point", [
