@@ -4,7 +4,22 @@
 built-in methods; a method defined elsewhere registers itself with ``@register`` (docs/methods.md).
 """
 
-from . import centralized, clair, fed_plora, fedit, fedlease, flexlora, fslora, hafl, hetlora, local  # noqa: F401  (importing them registers them)
+from . import (  # noqa: F401  (importing them registers them)
+    centralized,
+    clair,
+    fed_plora,
+    fedit,
+    fedlease,
+    flexlora,
+    fslora,
+    hafl,
+    hetlora,
+    local,
+    median,
+    multi_krum,
+    norm_bound,
+    trimmed_mean,
+)
 from .base import (  # noqa: F401  (the public names of the methods' layer)
     Accumulator,
     Averaging,
