@@ -38,7 +38,6 @@ class ComponentAverager:
         self.global_factors = global_factors
         self.normalise = normalise
         self.total = 0.0
-        self.count = 0
         self._num = {m: (torch.zeros_like(ga), torch.zeros_like(gb)) for m, (ga, gb) in global_factors.items()}
         self._z = {m: torch.zeros(ga.shape[0], dtype=ga.dtype) for m, (ga, _) in global_factors.items()}
         self._tmp: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # reused: no allocation per client
@@ -49,7 +48,6 @@ class ComponentAverager:
                 raise ValueError(f"client {c.client}: plan trains component {max(mp.components)} of "
                                  f"'{module}', which has {self.global_factors[module][0].shape[0]}")
         self.total += c.weight
-        self.count += 1
         for module, (ga, gb) in self.global_factors.items():
             mp = c.plan.modules.get(module)
             if mp is None:

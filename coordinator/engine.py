@@ -192,6 +192,7 @@ class Engine:
             c.capacity = self._capacity(c.device.profile)
         # devices the method can give a plan; the others are reported (fleet table, report) and
         # never sampled, so every round gets clients_per_round devices that can train
+        self._able: dict[str, bool] = {}  # device -> the method can plan it (kept per device: a hello re-plans one)
         able = self._eligible()
         # training programs for devices with the executorch trainer, built when first planned
         self.programs = ProgramStore(self.out / "programs", log=self.reporter.status)
@@ -291,11 +292,9 @@ class Engine:
     def _eligible(self, changed: ClientData | None = None) -> list[ClientData]:
         """Devices the method can give a plan; the others are reported and never sampled.  With
         ``changed`` only that device is planned again (a hello: no scan of the fleet's plans)."""
-        able = getattr(self, "_able", {})
-        for c in ([changed] if changed is not None and able else self.clients):
-            able[c.id] = c.examples > 0 and self.method.plan(c.id, c.capacity.rank, self.ctx, 1, None) is not None
-        self._able = able
-        return [c for c in self.clients if able.get(c.id)]
+        for c in ([changed] if changed is not None and self._able else self.clients):
+            self._able[c.id] = c.examples > 0 and self.method.plan(c.id, c.capacity.rank, self.ctx, 1, None) is not None
+        return [c for c in self.clients if self._able.get(c.id)]
 
     def open_round(self, round_idx: int, available: set[str] | None = None) -> tuple[list[Assignment], list[dict]]:
         """(assignments, skipped) for the sampled devices of round ``round_idx``."""
