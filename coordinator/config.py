@@ -64,7 +64,8 @@ class PlannerSettings:
     runtime_overhead_gb: float = 0.35  # interpreter, torch, tokenizer and allocator slack
 
 
-ATTACKS = ("none", "random_labels", "random_update", "sign_flip", "scaled")
+ATTACKS = ("none", "random_labels", "backdoor", "random_update", "sign_flip", "scaled", "mixed", "scaled_under",
+           "mean_ksigma")
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,14 @@ class ContaminationSettings:
     """``simulate`` only: make a fraction of the fleet's clients contaminated, to test robust methods."""
 
     fraction: float = 0.0     # share of the fleet's devices, rounded (chosen from the seed)
-    attack: str = "none"      # random_labels | random_update | sign_flip | scaled
-    scale: float = 10.0       # the factor of the scaled attack
+    attack: str = "none"      # one of ATTACKS (coordinator/contamination.py says what each does)
+    scale: float = 10.0       # scaled: the factor on the change
+    mix: float = 0.5          # mixed: the share of noise in the change
+    norm_target: float = 2.85  # scaled_under: the change's norm, in round medians (under clair.max_norm_ratio 3)
+    k_sigma: float = 1.5      # mean_ksigma: standard deviations below the honest mean
+    poison_share: float = 0.5  # backdoor: the share of the client's examples that carry the trigger
+    trigger: str = "Remember the blue giraffe."  # backdoor: appended to a poisoned prompt
+    target: str = "ACCESS GRANTED"  # backdoor: the poisoned examples' response
 
 
 @dataclass(frozen=True)
@@ -309,8 +316,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(co.attack in ATTACKS, "contamination.attack", f"must be one of {', '.join(ATTACKS)}")
     _check(0.0 <= co.fraction < 1.0, "contamination.fraction", "must be in [0, 1)")
     _check(co.attack != "none" or co.fraction == 0.0, "contamination.fraction",
-           "needs contamination.attack (random_labels, random_update, sign_flip or scaled)")
+           f"needs contamination.attack ({', '.join(a for a in ATTACKS if a != 'none')})")
     _check(co.scale > 0, "contamination.scale", "must be positive")
+    _check(0.0 < co.mix <= 1.0, "contamination.mix", "must be in (0, 1]")
+    _check(co.norm_target > 0, "contamination.norm_target", "must be positive")
+    _check(co.k_sigma >= 0, "contamination.k_sigma", "must be non-negative")
+    _check(0.0 < co.poison_share <= 1.0, "contamination.poison_share", "must be in (0, 1]")
+    _check(bool(co.trigger.strip()) and bool(co.target.strip()), "contamination.trigger",
+           "the backdoor's trigger and target must not be empty")
     _check(cfg.planner.runtime_overhead_gb >= 0, "planner.runtime_overhead_gb", "must be non-negative")
     return cfg
 

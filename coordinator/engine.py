@@ -54,8 +54,8 @@ from edge_client.work import assignment_meta, trainer_of
 
 from .aggregate import Contribution, OrderedFold
 from .config import ConfigError, RunConfig
-from .contamination import contaminated_clients, poison
-from .evaluate import evaluate, lead_metric, mix_accuracy
+from .contamination import DATA_ATTACKS, contaminated_clients, corrupt_data, triggered
+from .evaluate import answer_rate, evaluate, lead_metric, mix_accuracy
 from .faults import crash_point
 from .fleet import Device, load_fleet
 from .methods import MethodContext, get_method
@@ -208,13 +208,16 @@ class Engine:
         # of one pooled client per round, with the step budget of the round's federated clients,
         # and nothing crosses a wire; the rest of the engine only sees its participants
         self.pooled = self.method.pools_data
-        if self.pooled and cfg.contamination.attack not in ("none", "random_labels"):
+        if self.pooled and cfg.contamination.attack not in ("none", *DATA_ATTACKS):
             raise ConfigError(f"contamination.attack: {cfg.contamination.attack} corrupts a device's update, and "
-                              f"method {cfg.method} sends none (its data is pooled); use random_labels")
+                              f"method {cfg.method} sends none (its data is pooled); use one of {', '.join(DATA_ATTACKS)}")
         self.contaminated = contaminated_clients(cfg, [c.id for c in able])
         for c in self.clients:
-            if c.id in self.contaminated and cfg.contamination.attack == "random_labels":
-                c.train = poison(c.train, cfg.seed, c.id)
+            if c.id in self.contaminated:
+                c.train = corrupt_data(cfg, c.id, c.train)
+        # the backdoor's probes: every held-out prompt with the trigger, the target as its answer
+        self.backdoor_probes = ([triggered(e, cfg.contamination) for e in self.eval_examples]
+                                if cfg.contamination.attack == "backdoor" else [])
         self.per_round = min(cfg.clients_per_round, len(able))  # devices that can train in a round
         self.round_steps = cfg.train.steps * (self.per_round if self.pooled else 1)
         self.participants = ([ClientData("pooled", None, [ex for c in self.clients for ex in c.train], {})]
@@ -436,8 +439,12 @@ class Engine:
         install_adapter(self.model, GLOBAL, plan, self.state.global_factors, self.targets, 0.0)
 
     def _evaluate(self) -> dict:
-        return evaluate(self.model, self.tok, self.eval_examples, self.cfg.max_new_tokens, self.device,
-                        self.cfg.train.max_seq_len, with_rouge=self.cfg.eval.rouge_l or self.lead == "rouge_l")
+        out = evaluate(self.model, self.tok, self.eval_examples, self.cfg.max_new_tokens, self.device,
+                       self.cfg.train.max_seq_len, with_rouge=self.cfg.eval.rouge_l or self.lead == "rouge_l")
+        if self.backdoor_probes:
+            out["backdoor"] = answer_rate(self.model, self.tok, self.backdoor_probes, self.cfg.train.max_seq_len,
+                                          self.device)
+        return out
 
     def evaluate_global(self) -> dict:
         self._install_global()
@@ -468,6 +475,7 @@ class Engine:
             per_client[c.id] = {"overall": acc["overall"], "per_domain": acc["per_domain"],
                                 "own_mix": mix_accuracy(acc["per_domain"], c.mix), "trained": own is not None,
                                 "loss": acc["loss"], "own_mix_loss": mix_accuracy(acc["loss"]["per_domain"], c.mix),
+                                **({"backdoor": acc["backdoor"]} if "backdoor" in acc else {}),
                                 **({"rouge_l": acc["rouge_l"]} if "rouge_l" in acc else {})}
         n = len(per_client)
         vals = list(per_client.values())

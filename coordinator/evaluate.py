@@ -49,22 +49,39 @@ def generate_answers(model, tokenizer, examples: Sequence[Example], max_new_toke
     return out
 
 
+def _teacher_forced(model, tokenizer, examples: Sequence[Example], max_seq_len: int, device, batch_size: int):
+    """Per batch, the logits that predict each next token and the labels they predict (``-100``
+    outside the responses), the sequences cut as training cuts them."""
+    encoded = encode_examples(tokenizer, examples, max_seq_len)
+    for i in range(0, len(encoded), batch_size):
+        batch = collate(encoded[i: i + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        yield logits[:, :-1].float(), batch["labels"][:, 1:].to(device)
+
+
 @torch.no_grad()
 def response_nll(model, tokenizer, examples: Sequence[Example], max_seq_len: int, device,
                  batch_size: int = 16) -> list[tuple[float, int]]:
     """Per example, the summed negative log-likelihood of its response tokens (teacher-forced, the
     sequence cut as training cuts it) and their count."""
-    encoded = encode_examples(tokenizer, examples, max_seq_len)
     out = []
-    for i in range(0, len(encoded), batch_size):
-        batch = collate(encoded[i: i + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        labels = batch["labels"][:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100,
-                                                reduction="none")
+    for logits, labels in _teacher_forced(model, tokenizer, examples, max_seq_len, device, batch_size):
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
         mask = labels != -100
         out.extend(zip((nll * mask).sum(1).tolist(), mask.sum(1).tolist()))
     return out
+
+
+@torch.no_grad()
+def answer_rate(model, tokenizer, examples: Sequence[Example], max_seq_len: int, device, batch_size: int = 16) -> float:
+    """The share of ``examples`` whose response is the model's greedy answer: every response token
+    the most likely one after the prompt and the response's earlier tokens (teacher-forced, so one
+    forward pass; greedy decoding would produce the response, then maybe more)."""
+    hits = []
+    for logits, labels in _teacher_forced(model, tokenizer, examples, max_seq_len, device, batch_size):
+        mask = labels != -100
+        hits.extend((((logits.argmax(-1) == labels) | ~mask).all(1) & mask.any(1)).tolist())
+    return sum(hits) / len(hits) if hits else 0.0
 
 
 def loss_scores(examples: Sequence[Example], nll: Sequence[tuple[float, int]]) -> dict:

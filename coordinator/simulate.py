@@ -14,7 +14,7 @@ from pathlib import Path
 from edge_client.work import run_assignment
 
 from .config import RunConfig
-from .contamination import UPDATE_ATTACKS, attack_update
+from .contamination import ROUND_ATTACKS, UPDATE_ATTACKS, RoundView, attack_update
 from .engine import Assignment, Engine, Returned, hash_seed
 
 
@@ -32,7 +32,7 @@ class Simulation:
                                         programs=e.programs)
         attack = e.cfg.contamination.attack
         if a.client in e.contaminated and attack in UPDATE_ATTACKS:
-            update = attack_update(update, a, attack, e.cfg.contamination.scale,
+            update = attack_update(update, a, attack, e.cfg.contamination,
                                    hash_seed(e.cfg.seed, a.round, "attack|" + a.client))
         return Returned(a, update, report)
 
@@ -42,11 +42,24 @@ class Simulation:
         assignments, skipped = e.open_round(round_idx)
         e.reporter.round_start(round_idx, len(assignments))
         returned = []
+        # an attack on the round's honest updates: every client trains honestly first, then the
+        # contaminated ones send what the round's updates make them craft (held back till then)
+        attack = e.cfg.contamination.attack
+        view = RoundView(e.R) if attack in ROUND_ATTACKS and e.contaminated else None
+        held = []
         for i, a in enumerate(assignments):
             ret = self.carry_out(a)
             e.reporter.client_done(a.client, ret.report, a.plan.rank)
+            if view is not None:
+                view.add(a, ret.update)
+                if a.client in e.contaminated:
+                    held.append(ret)
+                    continue
             returned.append(self._settle(ret))
             assignments[i] = None  # its start blob is released with it
+        for ret in held:
+            crafted = view.craft(ret.assignment, ret.update, attack, e.cfg.contamination)
+            returned.append(self._settle(Returned(ret.assignment, crafted, ret.report)))
         return e.close_round(round_idx, returned, skipped, t0)
 
     def _settle(self, ret: Returned) -> Returned:

@@ -160,6 +160,7 @@ def test_update_attacks_follow_their_definition_whatever_the_key_order(monkeypat
     """A blob's keys come back in no fixed order; the attack must not depend on it (a random update
     drawn in key order once made the same seed give different updates from one process to the next)."""
     import edge_client.wire as wire
+    from coordinator.config import ContaminationSettings
     from coordinator.contamination import attack_update
     from coordinator.engine import Assignment
     from edge_client.lora import to_state_dict
@@ -170,10 +171,10 @@ def test_update_attacks_follow_their_definition_whatever_the_key_order(monkeypat
                for mod, (a, b) in start.items()}
     sd0, sd1 = to_state_dict(start), to_state_dict(trained)
     a = Assignment("c0", 1, uniform_plan({mod: (30, 20) for mod in start}, 3, 1.0), {}, wire.encode_tensors(sd0))
-    sent = [wire.decode_tensors(attack_update(wire.encode_tensors(sd1), a, attack, 10.0, seed=7))]
+    sent = [wire.decode_tensors(attack_update(wire.encode_tensors(sd1), a, attack, ContaminationSettings(scale=10.0), seed=7))]
     decode = wire.decode_tensors
     monkeypatch.setattr(wire, "decode_tensors", lambda blob, *args: dict(reversed(decode(blob, *args).items())))
-    sent.append(wire.decode_tensors(attack_update(wire.encode_tensors(sd1), a, attack, 10.0, seed=7)))
+    sent.append(wire.decode_tensors(attack_update(wire.encode_tensors(sd1), a, attack, ContaminationSettings(scale=10.0), seed=7)))
     for key, f0 in sd0.items():
         delta = sd1[key] - f0
         assert torch.equal(sent[0][key], sent[1][key]), key
