@@ -27,8 +27,9 @@ does not keep) detection precision and recall over every (round, client) of ever
 honest clients set aside per round (mean over seeds, rounds in order).
 
 The defaults are this project's measured setting for a 2-core machine (SmolLM2-135M, fleet
-mixed10 with all 10 devices every round, 5 rounds of 3 local steps, batch 4, 24 examples per
-client, 8 held-out prompts per task, evaluated after the last round); ``--set`` changes any of it.
+mixed10 with all 10 devices every round, 5 rounds of 2 local steps, batch 4, 16 examples per
+client, 6 held-out prompts per task, evaluated after the last round; a cell takes about 2 minutes
+on one core); ``--set`` changes any of it.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from coordinator.compare import reusable
 from coordinator.config import load_config, parse_override
 from coordinator.stats import mean_interval
 
-SETTINGS = {"fleet": "mixed10", "clients_per_round": 10, "rounds": 5, "train.steps": 3, "train.batch_size": 4,
-            "data.samples_per_client": 24, "data.eval_per_domain": 8, "max_new_tokens": 4, "eval_every": 5,
+SETTINGS = {"fleet": "mixed10", "clients_per_round": 10, "rounds": 5, "train.steps": 2, "train.batch_size": 4,
+            "data.samples_per_client": 16, "data.eval_per_domain": 6, "max_new_tokens": 4, "eval_every": 5,
             "multi_krum.byzantine": 3}  # multi-krum told to survive the grid's largest fraction, 3 of 10
 FLEETS = {"iid": {"data.partition": "iid"}, "non-iid": {"data.partition": "by_domain", "data.skew": 1.0}}
 METHODS = "clair,median,trimmed-mean,multi-krum,norm-bound,fedit,local"

@@ -84,17 +84,18 @@ class ClairSettings:
     lam_scale: float = 0.75        # λ = lam_scale · sqrt(the updates' mean stable rank) on the block-sparse part
     threshold: float = 0.5         # flag a client whose update is more than this share block-sparse
     consistency: bool = True       # also flag updates that point away or are far larger (not in the paper)
-    cosine_ratio: float = 0.25     # ... agreement (median cosine with the others) below this share of the typical one
-    max_norm_ratio: float = 3.0    # ... or norm above this multiple of the unflagged median
+    z: float = 3.5                 # ... by more than this many robust spreads of the fleet's own (pointing away: and cosine < 0)
+    max_norm_ratio: float = 3.0    # ... and a norm above at least this multiple of the unflagged median
 
     def __post_init__(self):
         if self.side not in ("input", "output"):
             raise ConfigError("clair.side: must be 'input' or 'output'")
         if not self.lam_scale > 0:
             raise ConfigError("clair.lam_scale: must be positive")
-        for name in ("threshold", "cosine_ratio"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ConfigError(f"clair.{name}: must be in (0, 1)")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError("clair.threshold: must be in (0, 1)")
+        if not self.z > 0:
+            raise ConfigError("clair.z: must be positive (robust spreads, 3.5 by default)")
         if not self.max_norm_ratio > 1.0:
             raise ConfigError("clair.max_norm_ratio: must be above 1")
 
@@ -147,30 +148,103 @@ def outlier_pursuit(blocks: Sequence[torch.Tensor], lam: float | Sequence[float]
 
 
 def block_lambda(blocks: Sequence[torch.Tensor], lam_scale: float) -> list[float]:
-    """Each block's weight ``λ_k = lam_scale · sqrt(ρ_k)``, ``ρ_k = (‖Y_k‖_* / ‖Y_k‖_F)²`` its
-    stable rank.
+    """Each block's weight ``λ_k = lam_scale · sqrt(min(ρ_k, ρ̄))``: ``ρ_k = (‖Y_k‖_* / ‖Y_k‖_F)²``
+    its stable rank, ``ρ̄`` the blocks' mean.
 
-    A block off the others' subspace costs ``‖Y_k‖_* = sqrt(ρ_k)·‖Y_k‖_F`` in ``L`` and
-    ``λ_k·‖Y_k‖_F`` in ``S``, so ``λ_k < sqrt(ρ_k)`` sends it to ``S`` whatever its rank; a block
-    inside the shared subspace adds far less to ``‖L‖_*`` and stays there.  One weight for all
-    (from the blocks' mean stable rank) let a rank-1 or rank-2 outlier among higher ranks cost
-    less in ``L`` than in ``S`` and pass unseen; per block it does not.  On synthetic fleets
-    (4 to 32 clients, ranks 1 to 16, noise up to 20%) ``lam_scale`` 0.75 is the default."""
-    out = []
+    A block off the others' subspace costs up to ``‖Y_k‖_* = sqrt(ρ_k)·‖Y_k‖_F`` in ``L`` and
+    ``λ_k·‖Y_k‖_F`` in ``S``, so ``λ_k`` must stay below ``sqrt(ρ_k)`` for it to go to ``S``; a
+    block inside the shared subspace adds far less to ``‖L‖_*`` and stays there.  One weight for
+    all, ``lam_scale · sqrt(ρ̄)``, let a rank-1 or rank-2 outlier among higher ranks (``ρ_k < ρ̄``)
+    cost less in ``L`` than in ``S`` and pass unseen: its own stable rank caps its weight.  The
+    cap is one way only: a block of high stable rank (a random update, in real adapters whose
+    honest updates are dominated by a few directions) keeps the common weight, as its marginal cost
+    in ``L`` is below ``sqrt(ρ_k)·‖Y_k‖_F`` once the fleet's blocks fill the input space.  On
+    generated fleets (4 to 32 clients, ranks 1 to 16, noise up to 20%; tests/test_clair_fleets.py)
+    and tiny-llama runs ``lam_scale`` 0.75 holds; it is the default."""
+    rhos = []
     for blk in blocks:
         fro = float(blk.norm())
-        rho = (float(torch.linalg.matrix_norm(blk, ord="nuc")) / fro) ** 2 if fro > 0 else 1.0
-        out.append(lam_scale * math.sqrt(rho))
-    return out
+        rhos.append((float(torch.linalg.matrix_norm(blk, ord="nuc")) / fro) ** 2 if fro > 0 else 1.0)
+    mean = sum(rhos) / len(rhos) if rhos else 1.0
+    return [lam_scale * math.sqrt(min(r, mean)) for r in rhos]
 
 
-def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
-    d = float(x.norm() * y.norm())
-    return float((x * y).sum()) / d if d > 0 else 0.0
+MAD_TO_SD = 1.4826  # a normal sample's standard deviation over its median absolute deviation
+MIN_SPREAD = 5      # unflagged clients the consistency check needs to measure a spread (fewer: it does not run)
+
+
+def robust_spread(values: Sequence[float]) -> tuple[float, float]:
+    """``(median, 1.4826 · median absolute deviation)``: a centre and a scale that a minority of
+    outliers cannot move."""
+    med = statistics.median(values)
+    return med, MAD_TO_SD * statistics.median(abs(v - med) for v in values)
+
+
+def rank_trend(log_norms: dict[str, float], log_ranks: dict[str, float], ok: Sequence[str]) -> float:
+    """The slope of log norm on log rank among ``ok`` (Theil-Sen: the median of the pairwise
+    slopes, robust to a minority of odd clients), kept in [0, 1]; 0 when every rank is the same."""
+    slopes = [(log_norms[c] - log_norms[d]) / (log_ranks[c] - log_ranks[d])
+              for i, c in enumerate(ok) for d in ok[i + 1:] if log_ranks[c] != log_ranks[d]]
+    return min(1.0, max(0.0, statistics.median(slopes))) if slopes else 0.0
+
+
+def consistency_check(flat: dict[str, torch.Tensor], ok: Sequence[str], z: float, max_norm_ratio: float,
+                      ranks: dict[str, int] | None = None) -> tuple[dict[str, dict[str, float]], set[str]]:
+    """The in-subspace check (not from the paper): per client, its ``cosine`` (the median of its
+    cosines with the unflagged others) and ``norm_ratio`` (its norm over their median), and the
+    clients it flags.  Both are judged against the fleet's own spread, measured on the unflagged
+    clients ``ok`` with medians and median absolute deviations (robust to a minority of bad ones):
+
+    - *pointing away*: a cosine below 0 **and** more than ``z`` spreads below the typical one.  The
+      spread is the larger of the clients' cosines' and of the pairwise cosines' among the agreeing
+      half of ``ok`` (those at or above the typical cosine; a minority of bad clients cannot be all
+      of it): whether one honest client may point against another is a property of the fleet, and
+      a client is flagged only when its agreement with the others is further out than a pair's.  Honest
+      clients of a non-IID fleet point their own ways (typical cosine near 0, a wide spread): nobody
+      is flagged, and a sign-flipped update is then one more direction among theirs;
+    - *far larger*: a norm above ``max_norm_ratio`` times the median for its rank, or above
+      ``exp(z · s)`` times it when the fleet's norms spread more (``s`` the robust spread of the
+      log-norms): a wide honest spread widens the bar, never narrows it below the ratio.  "For its
+      rank": with ``ranks``, log norms are first compared along the fleet's own trend with log rank
+      (:func:`rank_trend`; higher ranks train larger updates), so a low-rank client scaled up
+      stands out against its rank, not against the whole fleet's spread.
+    """
+    cos = {}
+    pair: dict[tuple[str, str], float] = {}
+    for i, c in enumerate(ok):
+        for d in ok[i + 1:]:
+            den = float(flat[c].norm() * flat[d].norm())
+            pair[c, d] = pair[d, c] = float((flat[c] * flat[d]).sum()) / den if den > 0 else 0.0
+    for c in flat:
+        if c in ok:
+            cos[c] = statistics.median(pair[c, d] for d in ok if d != c)
+        else:
+            def cosine(d, c=c):
+                den = float(flat[c].norm() * flat[d].norm())
+                return float((flat[c] * flat[d]).sum()) / den if den > 0 else 0.0
+            cos[c] = statistics.median(cosine(d) for d in ok)
+    norms = {c: max(float(flat[c].norm()), 1e-300) for c in flat}
+    typical, spread = robust_spread([cos[c] for c in ok])
+    core = [c for c in ok if cos[c] >= typical]  # the agreeing half: a minority of bad ones cannot be in it
+    _, pair_spread = robust_spread([pair[c, d] for i, c in enumerate(core) for d in core[i + 1:]] or [0.0])
+    spread = max(spread, pair_spread)
+    log_n = {c: math.log(norms[c]) for c in flat}
+    log_r = {c: math.log((ranks or {}).get(c, 1)) for c in flat}
+    slope = rank_trend(log_n, log_r, ok)
+    resid = {c: log_n[c] - slope * log_r[c] for c in flat}
+    centre, log_spread = robust_spread([resid[c] for c in ok])
+    bar = max(max_norm_ratio, math.exp(z * log_spread))
+    scores, flagged = {}, set()
+    for c in flat:
+        ratio = math.exp(resid[c] - centre)
+        scores[c] = {"cosine": cos[c], "norm_ratio": ratio}
+        if (cos[c] < 0 and cos[c] < typical - z * spread) or ratio > bar:
+            flagged.add(c)
+    return scores, flagged
 
 
 def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], weights: dict[str, float],
-                lam_scale: float = 0.75, threshold: float = 0.5, consistency: bool = True, cosine_ratio: float = 0.25,
+                lam_scale: float = 0.75, threshold: float = 0.5, consistency: bool = True, z: float = 3.5,
                 max_norm_ratio: float = 3.0, side: str = "input") -> dict:
     """The numeric core: ``updates[client][module] = (A, B)``.  Returns ``{"flagged", "scores",
     "benign", "subspace" (module -> Û), "refined" (client -> module -> Δ̃)}``.  ``side="output"``: the shared subspace is a column space of ``Δ = BA``;
@@ -179,7 +253,7 @@ def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
         raise ValueError(f"side must be 'input' or 'output', not {side!r}")
     if side == "input":
         flipped = {c: {m: (b.T, a.T) for m, (a, b) in f.items()} for c, f in updates.items()}
-        res = clair_round(flipped, weights, lam_scale, threshold, consistency, cosine_ratio, max_norm_ratio, "output")
+        res = clair_round(flipped, weights, lam_scale, threshold, consistency, z, max_norm_ratio, "output")
         res["refined"] = {c: {m: d.T for m, d in f.items()} for c, f in res["refined"].items()}
         return res
     clients = sorted(updates)
@@ -198,18 +272,14 @@ def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
     scores = {c: {"sparse_share": math.sqrt(sparse2[c] / total2[c]) if total2[c] > 0 else 0.0} for c in clients}
     flagged = {c for c in clients if scores[c]["sparse_share"] > threshold}
     deltas = {c: {m: updates[c][m][1].double() @ updates[c][m][0].double() for m in modules} for c in clients}
-    if consistency and len(clients) - len(flagged) >= 3:
+    if consistency and len(clients) - len(flagged) >= MIN_SPREAD:
         ok = [c for c in clients if c not in flagged]
         flat = {c: torch.cat([deltas[c][m].flatten() for m in modules]) for c in clients}
-        norms = {c: float(flat[c].norm()) for c in clients}
-        med = statistics.median(norms[c] for c in ok)
+        ranks = {c: max(a.shape[0] for a, _ in updates[c].values()) for c in clients}
+        scores_c, moved = consistency_check(flat, ok, z, max_norm_ratio, ranks)
         for c in clients:
-            # the median of its cosines with the others: robust to a minority of bad updates among them
-            scores[c]["cosine"] = statistics.median(_cos(flat[c], flat[j]) for j in ok if j != c)
-            scores[c]["norm_ratio"] = norms[c] / med if med > 0 else 0.0
-        typical = statistics.median(scores[c]["cosine"] for c in clients)
-        floor = cosine_ratio * typical if typical > 0 else 0.0  # no agreement to measure against: sign only
-        flagged |= {c for c in clients if scores[c]["cosine"] < floor or scores[c]["norm_ratio"] > max_norm_ratio}
+            scores[c].update(scores_c[c])
+        flagged |= moved
     benign = [c for c in clients if c not in flagged]
     result = {"flagged": sorted(flagged), "scores": scores, "benign": benign, "subspace": {}, "refined": {}}
     if not benign:
@@ -247,7 +317,7 @@ class CLAIR:
         starts = {c.client: own_or_global(c.client, global_factors, c.plan, state) for c in contributions}
         res = clair_round({c.client: round_change(c.factors, starts[c.client]) for c in contributions},
                           {c.client: c.weight for c in contributions},
-                          cfg.lam_scale, cfg.threshold, cfg.consistency, cfg.cosine_ratio, cfg.max_norm_ratio,
+                          cfg.lam_scale, cfg.threshold, cfg.consistency, cfg.z, cfg.max_norm_ratio,
                           cfg.side)
         detection = {"flagged": res["flagged"],
                      "scores": {c: {k: round(v, 4) for k, v in s.items()} for c, s in res["scores"].items()}}
