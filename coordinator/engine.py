@@ -491,6 +491,7 @@ class Engine:
                          "per_domain": {d: mean(lambda v, d=d: v["loss"]["per_domain"][d])
                                         for d in vals[0]["loss"]["per_domain"]}},
                 "own_mix_loss": mean(lambda v: v["own_mix_loss"]),
+                **({"backdoor": mean(lambda v: v["backdoor"])} if "backdoor" in vals[0] else {}),
                 **({"rouge_l": {"overall": mean(lambda v: v["rouge_l"]["overall"]),
                                 "per_domain": {d: mean(lambda v, d=d: v["rouge_l"]["per_domain"][d])
                                                for d in vals[0]["rouge_l"]["per_domain"]}}}

@@ -149,6 +149,7 @@ def build_report(e, base: dict, final: dict, personal: dict, own_mix: float, own
                            "own_mix": own_mix, "loss": headline["loss"], "own_mix_loss": own_mix_loss,
                            "perplexity": perplexity(headline["loss"]),
                            **({"rouge_l": headline["rouge_l"]} if "rouge_l" in headline else {}),
+                           **({"backdoor": headline["backdoor"]} if "backdoor" in headline else {}),
                            **({"per_example": headline["per_example"]} if "per_example" in headline else {}),
                            "evaluated": "each client's own adapter" if personal else "the global adapter"},
         "global_adapter_accuracy": final,
