@@ -27,9 +27,11 @@ does not keep) detection precision and recall over every (round, client) of ever
 honest clients set aside per round (mean over seeds, rounds in order).
 
 The defaults are this project's measured setting for a 2-core machine (SmolLM2-135M, fleet
-mixed10 with all 10 devices every round, 5 rounds of 2 local steps, batch 4, 16 examples per
+mixed10 with all 10 devices every round at planner ranks 10 and 16 (``lora.max_rank`` 16: CLAIR's
+decomposition costs an SVD of a 576 x (2 x the ranks' sum) matrix per adapted matrix and
+iteration, about a minute a round at 32), 5 rounds of 2 local steps, batch 4, 16 examples per
 client, 6 held-out prompts per task, evaluated after the last round; a cell takes about 2 minutes
-on one core); ``--set`` changes any of it.
+on one core, clair's about 4); ``--set`` changes any of it.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from coordinator.compare import reusable
 from coordinator.config import load_config, parse_override
 from coordinator.stats import mean_interval
 
-SETTINGS = {"fleet": "mixed10", "clients_per_round": 10, "rounds": 5, "train.steps": 2, "train.batch_size": 4,
+SETTINGS = {"fleet": "mixed10", "clients_per_round": 10, "rounds": 5, "lora.max_rank": 16, "train.steps": 2,
+            "train.batch_size": 4,
             "data.samples_per_client": 16, "data.eval_per_domain": 6, "max_new_tokens": 4, "eval_every": 5,
             "multi_krum.byzantine": 3}  # multi-krum told to survive the grid's largest fraction, 3 of 10
 FLEETS = {"iid": {"data.partition": "iid"}, "non-iid": {"data.partition": "by_domain", "data.skew": 1.0}}
@@ -148,7 +151,8 @@ def table(cells: list[Cell], out: Path, extra: dict) -> str:
         if rep is not None:
             rows.setdefault(key, []).append(rep)
     lines = ["| fleet | contaminated | attack | method | seeds | benign loss | benign exact match % | backdoor % | "
-             "precision | recall | honest set aside per round |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "precision | recall | recall per round | honest set aside per round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (fleet, frac, attack, method), reps in rows.items():
         cos = [r["contamination"] for r in reps]
         if (fleet, frac, attack, method) in derived:
@@ -158,18 +162,24 @@ def table(cells: list[Cell], out: Path, extra: dict) -> str:
         bd = _interval([100 * co["backdoor_success"] for co in cos if "backdoor_success" in co], "{:.0f}")
         det = [co["detection"] for co in cos if co.get("detection")]
         tp, fp, fn = (sum(d[k] for d in det) for k in ("true_positives", "false_positives", "false_negatives"))
-        prec = f"{tp / (tp + fp):.2f}" if det and tp + fp else "-"
-        rec = f"{tp / (tp + fn):.2f}" if det and tp + fn else "-"
-        per_round = "-"
+        prec, rec = (_ratio(tp, tp + fp), _ratio(tp, tp + fn)) if det else ("-", "-")
+        per_round = recall_rounds = "-"
         if det:
-            n_rounds = max(len(d["per_round"]) for d in det)
-            per_round = " ".join(f"{sum(d['per_round'][i]['false_positives'] for d in det if i < len(d['per_round'])) / len(det):.1f}"
-                                 for i in range(n_rounds))
+            rounds = [[d["per_round"][i] for d in det if i < len(d["per_round"])]
+                      for i in range(max(len(d["per_round"]) for d in det))]
+            per_round = " ".join(f"{sum(x['false_positives'] for x in r) / len(r):.1f}" for r in rounds)
+            if tp + fn:
+                recall_rounds = " ".join(_ratio(sum(x["true_positives"] for x in r),
+                                                sum(x["true_positives"] + x["false_negatives"] for x in r)) for r in rounds)
         name = method + (" (= 0%)" if (fleet, frac, attack, method) in derived else "")
         n_bad = len(cos[0]["clients"])
         lines.append(f"| {fleet} | {frac:.0%} ({n_bad}) | {attack} | {name} | {len(reps)} | {loss} | {exact} | {bd} | "
-                     f"{prec} | {rec} | {per_round} |")
+                     f"{prec} | {rec} | {recall_rounds} | {per_round} |")
     return "\n".join(lines)
+
+
+def _ratio(num: int, den: int) -> str:
+    return f"{num / den:.2f}" if den else "-"
 
 
 def _interval(values: list[float], fmt: str) -> str:
