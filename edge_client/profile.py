@@ -13,7 +13,7 @@ Fields (all figures positive):
   program: ``fp32`` or ``int8`` (int8 Linear weights, about a quarter of the memory);
 - ``runtime`` / ``quant``: the inference runtime the device runs exported models in
   (``onnxruntime`` or ``executorch``) and the quantization it can hold (onnxruntime: ``fp32``,
-  ``int8``; executorch: ``fp32``, ``8da8w``, ``8da4w``); ``--export`` writes one artifact per
+  ``int8``, ``int4``, weight-only; executorch: ``fp32``, ``8da8w``, ``8da4w``); ``--export`` writes one artifact per
   (runtime, quant) class in the fleet;
 - ``threads``: CPU threads a training process may use;
 - ``sources``: for each figure, where it comes from.
@@ -32,7 +32,7 @@ import yaml
 TRAINERS = ("torch", "executorch")
 TRAINER_BASES = ("fp32", "int8")
 # inference runtime -> (export format, quantizations it can run)
-RUNTIMES = {"onnxruntime": ("onnx", ("fp32", "int8")), "executorch": ("executorch", ("fp32", "8da8w", "8da4w"))}
+RUNTIMES = {"onnxruntime": ("onnx", ("fp32", "int8", "int4")), "executorch": ("executorch", ("fp32", "8da8w", "8da4w"))}
 _NUMERIC = ("memory_total_gb", "memory_usable_gb", "compute_gflops", "uplink_mbps", "downlink_mbps")
 
 

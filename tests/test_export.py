@@ -62,6 +62,22 @@ def test_broken_parity_fails_loudly_after_writing_the_report(tmp_path):
 
 
 @pytest.mark.integration
+def test_onnx_int4_quantizes_every_constant_weight_matmul_in_blocks_of_32(tmp_path, adapter):
+    import onnx
+
+    from export.build import ONNX_BLOCK
+
+    artifact, meta, _, _ = export("tiny-llama", adapter, "onnx", "int4", tmp_path)
+    graph = onnx.load(str(artifact)).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
+    assert nbits and all(a["bits"] == 4 and a["block_size"] == ONNX_BLOCK for a in attrs)
+    assert meta["skipped_layers"] == []  # no MatMul with a constant weight is left in fp32
+    full, _, _, _ = export("tiny-llama", adapter, "onnx", "fp32", tmp_path / "fp32")
+    assert artifact.stat().st_size < full.stat().st_size
+
+
+@pytest.mark.integration
 def test_cli_export_onnx_int8_then_generate(tmp_path, adapter, capsys):
     out = tmp_path / "onnx"
     assert main(["export", "--model", "tiny-llama", "--adapter", str(adapter), "--format", "onnx", "--quant", "int8",
@@ -71,7 +87,7 @@ def test_cli_export_onnx_int8_then_generate(tmp_path, adapter, capsys):
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node}
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops  # int8 weights, activations quantized on the fly
+    assert "MatMulNBits" in ops and "MatMulInteger" not in ops  # weight-only int8; activations stay fp32
     capsys.readouterr()
     assert main(["generate", "--artifact", str(out / "model.int8.onnx"), "--prompt", "add 1 and 2",
                  "--max-new-tokens", "3"]) == 0
@@ -81,7 +97,7 @@ def test_cli_export_onnx_int8_then_generate(tmp_path, adapter, capsys):
 def test_bad_inputs_fail_with_a_clear_message(tmp_path, capsys):
     assert main(["export", "--model", "tiny-llama", "--format", "onnx", "--quant", "8da4w", "--out",
                  str(tmp_path)]) == 2
-    assert "'8da4w' is not available for onnx; onnx takes fp32, int8" in capsys.readouterr().err
+    assert "'8da4w' is not available for onnx; onnx takes fp32, int8, int4" in capsys.readouterr().err
     assert main(["generate", "--artifact", str(tmp_path / "nope.onnx"), "--prompt", "x"]) == 2
     assert "no export.json beside it" in capsys.readouterr().err
     with pytest.raises(ArtifactError, match="no such artifact file"):
