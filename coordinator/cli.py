@@ -27,6 +27,12 @@ examples:
 """
 
 
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _add_run_args(p: argparse.ArgumentParser, running: bool = True) -> None:
     from .config import RunConfig
 
@@ -359,7 +365,8 @@ def cmd_export(args) -> int:
     if args.min_top1 is not None:
         tol = Tolerance(tol.max_abs, args.min_top1, tol.max_accuracy_drop)
     with console.status("checking parity against PyTorch on held-out prompts"):
-        rep = parity_report(reference, tok, artifact, meta, per_task=args.prompts_per_task, tolerance=tol)
+        rep = parity_report(reference, tok, artifact, meta, per_task=args.prompts_per_task, tolerance=tol,
+                            threads=args.threads)
     console.print((artifact.parent / "parity.md").read_text())
     console.print(f"artifact: {artifact} ({rep['size_bytes'] / 1e6:.1f} MB); parity: {artifact.parent / 'parity.json'}")
     return 0
@@ -373,7 +380,7 @@ def cmd_generate(args) -> int:
 
     meta = read_meta(args.artifact)
     tok = AutoTokenizer.from_pretrained(str(Path(args.artifact).parent / meta["tokenizer"]))
-    run = load_runner(args.artifact)
+    run = load_runner(args.artifact, args.threads)
     system = meta.get("system_prompt", SYSTEM_PROMPT) if args.system is None else (args.system or None)
     ids = prompt_ids(tok, Example(args.prompt, "", system=system), meta["max_seq_len"] - args.max_new_tokens)
     new, secs = greedy(run, ids, args.max_new_tokens, tok.eos_token_id)
@@ -503,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-task", type=int, default=4, help="held-out prompts per built-in task for the "
                    "parity report (default 4)")
     p.add_argument("--min-top1", type=float, help="override the format's top-1 agreement tolerance")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of the runtime while the parity report "
+                   "times it (default 1: comparable across runtimes and machines)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("generate", help="run an exported model: greedy decoding of one prompt",
                        description="Load an artifact written by `fedlora export` (.onnx or .pte, with its "
@@ -512,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="the system prompt ('' for none; default: the one the run "
                    "trained with, recorded in the export)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=_cpus(), help="CPU threads of the runtime (default: the CPUs "
+                   f"this process may use, here {_cpus()}; ExecuTorch does not read OMP_NUM_THREADS)")
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(fn=cmd_methods)

@@ -58,7 +58,7 @@ def export_fleet(model_spec: str, adapter: str | Path, classes: dict[tuple[str, 
             artifact, meta, reference, tok = export(model_spec, adapter, fmt, quant, folder, max_seq_len)
             row.update(artifact=f"{folder.name}/{artifact.name}", skipped_layers=meta["skipped_layers"])
             try:
-                rep = parity_report(reference, tok, artifact, meta, per_task=per_task)
+                rep = parity_report(reference, tok, artifact, meta, per_task=per_task, threads=1)
                 row["parity"] = "ok"
             except ParityError as exc:
                 rep = json.loads((folder / "parity.json").read_text())

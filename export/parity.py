@@ -86,6 +86,7 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
     report = {
         "format": meta["format"], "quant": meta["quant"], "artifact": artifact.name,
         "size_bytes": artifact.stat().st_size, "skipped_layers": meta.get("skipped_layers", []),
+        "runtime_threads": threads or "runtime default",
         "prompts": len(examples), "positions": positions,
         "max_abs_logits_diff": max_abs, "top1_agreement": agree / positions,
         "same_greedy_answer": same_answers,

@@ -46,7 +46,9 @@ def torch_runner(model) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def load_runner(path: str | Path, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
-    """A runner for an exported ``.onnx`` or ``.pte`` file; ArtifactError names what is wrong."""
+    """A runner for an exported ``.onnx`` or ``.pte`` file; ArtifactError names what is wrong.
+    ``threads``: the runtime's CPU threads (0: its own default, which for ExecuTorch's thread pool
+    is not ``OMP_NUM_THREADS``; set it)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: no such artifact file")
@@ -70,6 +72,10 @@ def load_runner(path: str | Path, threads: int = 0) -> Callable[[np.ndarray], np
         return run
     from executorch.runtime import Runtime
 
+    if threads:
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(threads)  # before any method runs: nothing is executing
     try:
         method = Runtime.get().load_program(str(path)).load_method("forward")
     except Exception as exc:  # the runtime raises RuntimeError/ValueError with its own codes

@@ -122,7 +122,10 @@ def test_executorch_export_runs_in_the_runtime_with_parity(tmp_path, adapter, qu
     pytest.importorskip("executorch")
     artifact, meta, reference, tok = export("tiny-llama", adapter, "executorch", quant, tmp_path)
     assert artifact.name == f"model.{quant}.pte"
-    got = load_runner(artifact)(IDS[:1])
+    from executorch.extension.pybindings import portable_lib
+
+    got = load_runner(artifact, threads=1)(IDS[:1])
+    assert portable_lib._threadpool_get_thread_count() == 1  # set, not whatever the pool started with
     want = torch_runner(reference)(IDS[:1])
     assert np.abs(got - want).max() < (1e-4 if quant == "fp32" else 0.5)
     rep = parity_report(reference, tok, artifact, meta, per_task=1, tolerance=None if quant == "fp32" else LOOSE)
