@@ -10,96 +10,27 @@ alongside them stay rare.
 """
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
 from coordinator.methods.clair import clair_round
 
-MODULES = ("l.q", "l.v")
-N_IN, N_OUT = 256, 64
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-
-def covered_rank(ranks: list[int], rng: random.Random) -> int:
-    """A shared subspace rank the fleet can see: every client's directions also spanned by the
-    others' (else the directions only one client trains are its own, and no method that looks for
-    a shared subspace can tell them from contamination: see ``alone_at_top_rank``)."""
-    rs = rng.randint(1, max(ranks))
-    while rs > 1 and any(sum(min(r, rs) for j, r in enumerate(ranks) if j != i) < rs for i in range(len(ranks))):
-        rs -= 1
-    return rs
-
-
-def fleet(seed: int, ranks: list[int], rs: int, noise: float, agree: float, bad=(), attack="random_update"):
-    """``{client: {module: (A, B)}}``: honest client ``i`` has ``A_i = C_i Vᵀ`` plus noise off
-    ``V`` (a share ``noise`` of its norm) and its own ``B_i``; ``agree`` in [0, 1) mixes common
-    coefficients into every client's (0: each its own, a non-IID fleet).  Clients in ``bad`` send
-    ``attack`` instead: ``random_update`` (a random row space, same norm), ``mixed`` (half random),
-    ``sign_flip`` (``-B``), ``scaled`` (``10 B``)."""
-    g = torch.Generator().manual_seed(seed)
-    top = max(ranks)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    common = {}
-    for mod in MODULES:
-        v, _ = torch.linalg.qr(randn(N_IN, rs))
-        common[mod] = (v.T, randn(top, rs), randn(N_OUT, top))
-    out = {}
-    for i, r in enumerate(ranks):
-        f = {}
-        for mod in MODULES:
-            vt, c0, b0 = common[mod]
-            a = (agree * c0[:r] + (1 - agree) * randn(r, rs)) @ vt
-            b = agree * b0[:, :r] + (1 - agree) * randn(N_OUT, r)
-            if noise:
-                e = randn(r, N_IN)
-                e = e - (e @ vt.T) @ vt
-                a = a + noise * e * (a.norm() / e.norm())
-            if i in bad:
-                x = randn(r, N_IN)
-                x = x * (a.norm() / x.norm())
-                a = {"random_update": x, "mixed": 0.5 * a + 0.5 * x}.get(attack, a)
-                b = {"sign_flip": -b, "scaled": 10 * b}.get(attack, b)
-            f[mod] = (a, b)
-        out[f"c{i:02d}"] = f
-    return out
-
-
-def draw(rng: random.Random, counts=(4, 6, 8, 10, 16, 24, 32), top=16):
-    k = rng.choice(counts)
-    lo = rng.choice([1, 2, 4])
-    hi = rng.choice([r for r in (4, 8, 16) if r <= top] or [top])
-    ranks = [rng.randint(lo, max(lo, hi)) for _ in range(k)]
-    return k, ranks, covered_rank(ranks, rng), rng.choice([0.0, 0.05, 0.1, 0.2]), rng.choice([0.0, 0.0, 0.5, 0.8])
-
-
-def judge(n_fleets: int, seed: int, attack: str | None, share=(0.1, 0.2, 0.3), **draw_kw):
-    """Over ``n_fleets`` drawn fleets: (flagged honest, caught bad, missed bad, clean fleets with a flag)."""
-    rng = random.Random(seed)
-    fp = tp = fn = 0
-    for _ in range(n_fleets):
-        k, ranks, rs, noise, agree = draw(rng, **draw_kw)
-        bad = set(rng.sample(range(k), max(1, round(rng.choice(share) * k)))) if attack else set()
-        ups = fleet(rng.randrange(2**31), ranks, rs, noise, agree, bad, attack or "none")
-        flagged = set(clair_round(ups, dict.fromkeys(ups, 1.0))["flagged"])
-        bad_ids = {f"c{i:02d}" for i in bad}
-        fp += len(flagged - bad_ids)
-        tp += len(flagged & bad_ids)
-        fn += len(bad_ids - flagged)
-    return fp, tp, fn
+from clair_detection import covered_rank, fleet, judge  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_clean_fleets_have_no_honest_client_flagged(seed):
-    fp, _, _ = judge(25, seed, None)
+    fp, _, _, _ = judge(25, seed, None)
     assert fp == 0
 
 
 @pytest.mark.parametrize("attack", ["random_update", "mixed"])
 def test_off_subspace_updates_are_caught_at_precision_and_recall_095(attack):
-    fp, tp, fn = judge(25, 11, attack)
+    fp, tp, fn, _ = judge(25, 11, attack)
     assert tp / (tp + fp) >= 0.95 and tp / (tp + fn) >= 0.95, (tp, fp, fn)
 
 
@@ -156,8 +87,8 @@ def test_the_check_needs_a_spread_to_measure():
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_many_more_fleets(seed):
-    fp, _, _ = judge(100, 100 + seed, None)
+    fp, _, _, _ = judge(100, 100 + seed, None)
     assert fp == 0
     for attack in ("random_update", "mixed"):
-        fp, tp, fn = judge(60, 200 + seed, attack)
+        fp, tp, fn, _ = judge(60, 200 + seed, attack)
         assert tp / (tp + fp) >= 0.95 and tp / (tp + fn) >= 0.95, (attack, tp, fp, fn)
