@@ -19,9 +19,10 @@ seed.  ``local`` depends on a client's own data only, so under an update attack 
 clients' adapters are those of the clean cell, whose results it shows (marked "= 0%"); it runs
 under ``backdoor`` only, where the probes need measuring.
 
-The table, per fleet, fraction, attack and method: the benign clients' held-out loss and exact
-match (their own models for personalised methods, the global one otherwise), mean and 95 %
-t-interval over the seeds; the backdoor's success on them (triggered held-out prompts answered
+The table, per fleet, fraction, attack and method: the benign clients' held-out loss over all
+tasks and over their own task mix (each task's loss weighted by the client's share of it), and
+exact match over all tasks (their own models for personalised methods, the global one
+otherwise), mean and 95 % t-interval over the seeds; the backdoor's success on them (triggered held-out prompts answered
 with the target); and for methods that set clients aside (clair's flags, the clients multi-krum
 does not keep) detection precision and recall over every (round, client) of every seed, and the
 honest clients set aside per round (mean over seeds, rounds in order).
@@ -150,14 +151,15 @@ def table(cells: list[Cell], out: Path, extra: dict) -> str:
             rep = _finished(c, out, extra)
         if rep is not None:
             rows.setdefault(key, []).append(rep)
-    lines = ["| fleet | contaminated | attack | method | seeds | benign loss | benign exact match % | backdoor % | "
+    lines = ["| fleet | contaminated | attack | method | seeds | benign loss, all tasks | own tasks | "
+             "exact match % | backdoor % | "
              "precision | recall | recall per round | honest set aside per round |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (fleet, frac, attack, method), reps in rows.items():
-        cos = [r["contamination"] for r in reps]
-        if (fleet, frac, attack, method) in derived:
-            cos = [_local_from_clean(r, frac, attack, out, fleet) for r in reps]
+        cos = ([_local_from_clean(r, frac, attack) for r in reps] if (fleet, frac, attack, method) in derived
+               else [contamination_of(r) for r in reps])
         loss = _interval([co["benign_loss"] for co in cos], "{:.3f}")
+        own = _interval([co["benign_own_mix_loss"] for co in cos], "{:.3f}")
         exact = _interval([100 * co["benign_accuracy"] for co in cos], "{:.1f}")
         bd = _interval([100 * co["backdoor_success"] for co in cos if "backdoor_success" in co], "{:.0f}")
         det = [co["detection"] for co in cos if co.get("detection")]
@@ -173,7 +175,7 @@ def table(cells: list[Cell], out: Path, extra: dict) -> str:
                                                 sum(x["true_positives"] + x["false_negatives"] for x in r)) for r in rounds)
         name = method + (" (= 0%)" if (fleet, frac, attack, method) in derived else "")
         n_bad = len(cos[0]["clients"])
-        lines.append(f"| {fleet} | {frac:.0%} ({n_bad}) | {attack} | {name} | {len(reps)} | {loss} | {exact} | {bd} | "
+        lines.append(f"| {fleet} | {frac:.0%} ({n_bad}) | {attack} | {name} | {len(reps)} | {loss} | {own} | {exact} | {bd} | "
                      f"{prec} | {rec} | {recall_rounds} | {per_round} |")
     return "\n".join(lines)
 
@@ -189,20 +191,32 @@ def _interval(values: list[float], fmt: str) -> str:
     return fmt.format(m) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None else "")
 
 
-def _local_from_clean(report: dict, frac: float, attack: str, out: Path, fleet: str) -> dict:
-    """The local row of an update-attack cell from the clean cell's per-client results: the same
-    clients are contaminated at this fraction and seed (the choice depends on neither the attack
-    nor the method), and their data is untouched, so every benign client's adapter is the same."""
+def contamination_of(report: dict, contaminated: set[str] | None = None) -> dict:
+    """The report's ``contamination`` section computed again from what the report holds (so a
+    cell run before a measure was added still has it), with ``contaminated`` in place of the run's
+    own contaminated clients if given (and then no detection: the run judged other clients)."""
+    from types import SimpleNamespace
+
+    from coordinator.config import ContaminationSettings
+    from coordinator.contamination import contamination_report
+
+    co = ContaminationSettings(**report["config"]["contamination"])
+    clients = [SimpleNamespace(id=c["client"], mix=c["domain_mix"]) for c in report["fleet"]]
+    bad = set(report["contamination"]["clients"]) if contaminated is None else contaminated
+    return contamination_report(co, bad, clients, report["rounds"] if contaminated is None else [],
+                                report["global_adapter_accuracy"], report.get("personalised") or {})
+
+
+def _local_from_clean(report: dict, frac: float, attack: str) -> dict:
+    """The local row of an update-attack cell from the clean cell: the same clients are
+    contaminated at this fraction and seed (the choice depends on neither the attack nor the
+    method), and their data is untouched, so every benign client's adapter is the same."""
     from coordinator.contamination import contaminated_clients
 
     cfg = load_config(overrides={"seed": report["config"]["seed"], "contamination.fraction": frac,
                                  "contamination.attack": attack})
     eligible = [c["client"] for c in report["fleet"] if c["eligible"]]
-    bad = contaminated_clients(cfg, eligible)
-    per = report["personalised"]["clients"]
-    benign = [cid for cid in per if cid not in bad]
-    return {"clients": sorted(bad), "benign_accuracy": sum(per[c]["overall"] for c in benign) / len(benign),
-            "benign_loss": sum(per[c]["loss"]["overall"] for c in benign) / len(benign)}
+    return contamination_of(report, contaminated_clients(cfg, eligible))
 
 
 if __name__ == "__main__":

@@ -197,18 +197,19 @@ def corrupt_data(cfg, client: str, examples: list[Example]) -> list[Example]:
     return examples
 
 
-def contamination_report(cfg, contaminated: set[str], clients, rounds: list[dict], final: dict,
+def contamination_report(co, contaminated: set[str], clients, rounds: list[dict], final: dict,
                          personal: dict) -> dict:
     """Who was contaminated, how, the benign clients' accuracy and held-out loss (their own models
     for personalised methods, the global one otherwise), the backdoor's success on them, and
     detection precision/recall over every (round, client) the method judged, with each round's
     counts (``per_round``).  A method judges when its round record says whom it set aside:
-    ``detection.flagged`` (clair) or the clients ``krum`` did not keep (multi-krum)."""
-    co = cfg.contamination
+    ``detection.flagged`` (clair) or the clients ``krum`` did not keep (multi-krum).  ``co``: the
+    ``contamination`` settings; ``clients``: objects with ``id`` and ``mix`` (the domain mix)."""
     benign = [c for c in clients if c.id not in contaminated]
     acc = [personal["clients"][c.id] if personal else
            {"overall": final["overall"], "own_mix": mix_accuracy(final["per_domain"], c.mix),
-            "loss": final["loss"], **({"backdoor": final["backdoor"]} if "backdoor" in final else {})}
+            "loss": final["loss"], "own_mix_loss": mix_accuracy(final["loss"]["per_domain"], c.mix),
+            **({"backdoor": final["backdoor"]} if "backdoor" in final else {})}
            for c in benign]
 
     def mean(values):
@@ -218,7 +219,8 @@ def contamination_report(cfg, contaminated: set[str], clients, rounds: list[dict
     out = {"attack": co.attack, "fraction": co.fraction, "clients": sorted(contaminated),
            "benign_accuracy": mean(a["overall"] for a in acc),
            "benign_own_mix": mean(a["own_mix"] for a in acc),
-           "benign_loss": mean(a["loss"]["overall"] for a in acc)}
+           "benign_loss": mean(a["loss"]["overall"] for a in acc),
+           "benign_own_mix_loss": mean(a["own_mix_loss"] for a in acc)}
     if acc and all("backdoor" in a for a in acc):
         out["backdoor_success"] = mean(a["backdoor"] for a in acc)
     judged = [(x["round"], cid, cid in set_aside) for x in rounds for cid, set_aside in _judged(x)]

@@ -158,7 +158,7 @@ def build_report(e, base: dict, final: dict, personal: dict, own_mix: float, own
                    "downlink_bytes": sum(r["downlink_bytes"] for x in rounds for r in x["clients"]),
                    "failed_rounds": sum(x["status"] == "failed" for x in rounds),
                    "rejected_updates": sum(len(x["rejected"]) for x in rounds)},
-        "contamination": contamination_report(e.cfg, e.contaminated, e.clients, rounds, final, personal),
+        "contamination": contamination_report(e.cfg.contamination, e.contaminated, e.clients, rounds, final, personal),
         "method_summary": e.method.summary(e.state.method_state),
         "wall_seconds": round(time.perf_counter() - e.t_start, 1),
     }

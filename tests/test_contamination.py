@@ -116,12 +116,12 @@ def test_the_report_counts_detection_per_round_for_clair_and_multi_krum():
     final = {"overall": 0.5, "per_domain": {"add": 0.5}, "loss": {"overall": 1.0, "per_domain": {"add": 1.0}}}
     rounds = [{"round": 1, "detection": {"flagged": ["a"], "scores": {"a": {}, "b": {}, "c": {}}}},
               {"round": 2, "detection": {"flagged": ["b"], "scores": {"a": {}, "b": {}, "c": {}}}}]
-    co = contamination_report(cfg, {"a"}, clients, rounds, final, {})
+    co = contamination_report(cfg.contamination, {"a"}, clients, rounds, final, {})
     assert co["benign_loss"] == 1.0
     assert [(r["round"], r["true_positives"], r["false_positives"]) for r in co["detection"]["per_round"]] == [
         (1, 1, 0), (2, 0, 1)]
     krum = [{"round": 1, "krum": {"kept": ["b", "c"], "scores": {"a": 3.0, "b": 1.0, "c": 1.0}}}]
-    co = contamination_report(cfg, {"a"}, clients, krum, final, {})
+    co = contamination_report(cfg.contamination, {"a"}, clients, krum, final, {})
     assert co["detection"]["precision"] == 1.0 and co["detection"]["recall"] == 1.0
 
 
