@@ -180,6 +180,7 @@ def block_lambda(blocks: Sequence[torch.Tensor], lam_scale: float) -> list[float
 
 MAD_TO_SD = 1.4826  # a normal sample's standard deviation over its median absolute deviation
 MIN_SPREAD = 5      # unflagged clients the consistency check needs to measure a spread (fewer: it does not run)
+MIN_AWAY = 0.05     # pointing away needs a cosine below minus this, whatever the spread
 
 
 def robust_spread(values: Sequence[float]) -> tuple[float, float]:
@@ -204,7 +205,11 @@ def consistency_check(flat: dict[str, torch.Tensor], ok: Sequence[str], z: float
     clients it flags.  Both are judged against the fleet's own spread, measured on the unflagged
     clients ``ok`` with medians and median absolute deviations (robust to a minority of bad ones):
 
-    - *pointing away*: a cosine below 0 **and** more than ``z`` spreads below the typical one.  The
+    - *pointing away*: a cosine below ``-MIN_AWAY`` (-0.05) **and** more than ``z`` spreads below
+      the typical one.  Late in a run every client's update is nearly orthogonal to the others'
+      (cosines within ±0.06 by round 5 on SmolLM2), the spread shrinks with them, and an honest
+      client at -0.01 would stand out; an update that close to orthogonal moves the average by
+      almost nothing along it, flagged or not.  The
       spread is the larger of the clients' cosines' and of the pairwise cosines' among the agreeing
       half of ``ok`` (those at or above the typical cosine; a minority of bad clients cannot be all
       of it): whether one honest client may point against another is a property of the fleet, and
@@ -247,7 +252,7 @@ def consistency_check(flat: dict[str, torch.Tensor], ok: Sequence[str], z: float
     for c in flat:
         ratio = math.exp(resid[c] - centre)
         scores[c] = {"cosine": cos[c], "norm_ratio": ratio}
-        if (cos[c] < 0 and cos[c] < typical - z * spread) or ratio > bar:
+        if (cos[c] < -MIN_AWAY and cos[c] < typical - z * spread) or ratio > bar:
             flagged.add(c)
     return scores, flagged
 
