@@ -78,7 +78,7 @@ def test_a_sign_flip_among_clients_that_do_not_agree_is_out_of_reach():
 
 
 def test_the_check_needs_a_spread_to_measure():
-    # four clients: no robust spread from three others, so only the decomposition judges
+    # fewer than 8 clients: no robust spread to judge by, so only the decomposition judges
     ups = fleet(1, [4, 4, 4, 4], 4, 0.0, 0.8, bad={0}, attack="sign_flip")
     res = clair_round(ups, dict.fromkeys(ups, 1.0))
     assert res["flagged"] == [] and "cosine" not in res["scores"]["c00"]

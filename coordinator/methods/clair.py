@@ -37,7 +37,8 @@ variation within it".  **Everything below that makes this concrete is a reconstr
    spread with medians and median absolute deviations (:func:`consistency_check`:
    ``clair.z`` robust spreads, 3.5 by default; a norm bar of at least ``clair.max_norm_ratio``).
    Honest clients of a non-IID fleet point their own ways, and then nobody is flagged for it.
-   It needs 5 unflagged clients to measure a spread; with fewer only the decomposition judges.
+   It needs 8 unflagged clients to measure a spread (with 6, a non-IID fleet's spread came out too narrow);
+   with fewer only the decomposition judges, and in-subspace attacks are out of its reach.
 
    Out of reach of this detector, and of any that sees only updates: an update that looks like
    an honest client's.  Shuffled or backdoored data trained honestly gives such updates; so does
@@ -179,7 +180,7 @@ def block_lambda(blocks: Sequence[torch.Tensor], lam_scale: float) -> list[float
 
 
 MAD_TO_SD = 1.4826  # a normal sample's standard deviation over its median absolute deviation
-MIN_SPREAD = 5      # unflagged clients the consistency check needs to measure a spread (fewer: it does not run)
+MIN_SPREAD = 8      # unflagged clients the consistency check needs to measure a spread (fewer: it does not run)
 MIN_AWAY = 0.05     # pointing away needs a cosine below minus this, whatever the spread
 
 
