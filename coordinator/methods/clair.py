@@ -37,8 +37,9 @@ variation within it".  **Everything below that makes this concrete is a reconstr
    spread with medians and median absolute deviations (:func:`consistency_check`:
    ``clair.z`` robust spreads, 3.5 by default; a norm bar of at least ``clair.max_norm_ratio``).
    Honest clients of a non-IID fleet point their own ways, and then nobody is flagged for it.
-   It needs 8 unflagged clients to measure a spread (with 6, a non-IID fleet's spread came out too narrow);
-   with fewer only the decomposition judges, and in-subspace attacks are out of its reach.
+   It needs a fleet of 8 clients, 5 of them unflagged, to measure a spread (with 6, a non-IID
+   fleet's spread came out too narrow); in a smaller one only the decomposition judges, and
+   in-subspace attacks are out of its reach.
 
    Out of reach of this detector, and of any that sees only updates: an update that looks like
    an honest client's.  Shuffled or backdoored data trained honestly gives such updates; so does
@@ -180,7 +181,7 @@ def block_lambda(blocks: Sequence[torch.Tensor], lam_scale: float) -> list[float
 
 
 MAD_TO_SD = 1.4826  # a normal sample's standard deviation over its median absolute deviation
-MIN_SPREAD = 8      # unflagged clients the consistency check needs to measure a spread (fewer: it does not run)
+MIN_FLEET, MIN_SPREAD = 8, 5  # the consistency check needs this many clients, and this many of them unflagged
 MIN_AWAY = 0.05     # pointing away needs a cosine below minus this, whatever the spread
 
 
@@ -287,7 +288,7 @@ def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
     scores = {c: {"sparse_share": math.sqrt(sparse2[c] / total2[c]) if total2[c] > 0 else 0.0} for c in clients}
     flagged = {c for c in clients if scores[c]["sparse_share"] > threshold}
     deltas = {c: {m: updates[c][m][1].double() @ updates[c][m][0].double() for m in modules} for c in clients}
-    if consistency and len(clients) - len(flagged) >= MIN_SPREAD:
+    if consistency and len(clients) >= MIN_FLEET and len(clients) - len(flagged) >= MIN_SPREAD:
         ok = [c for c in clients if c not in flagged]
         flat = {c: torch.cat([deltas[c][m].flatten() for m in modules]) for c in clients}
         ranks = {c: max(a.shape[0] for a, _ in updates[c].values()) for c in clients}
