@@ -17,7 +17,7 @@ import pytest
 
 from coordinator.methods.clair import clair_round
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # after the packages: bench/export.py must not shadow export
 
 from clair_detection import covered_rank, fleet, judge  # noqa: E402
 
