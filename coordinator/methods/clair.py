@@ -225,20 +225,15 @@ def consistency_check(flat: dict[str, torch.Tensor], ok: Sequence[str], z: float
       (:func:`rank_trend`; higher ranks train larger updates), so a low-rank client scaled up
       stands out against its rank, not against the whole fleet's spread.
     """
-    cos = {}
+    def cosine(c: str, d: str) -> float:
+        den = float(flat[c].norm() * flat[d].norm())
+        return float((flat[c] * flat[d]).sum()) / den if den > 0 else 0.0
+
     pair: dict[tuple[str, str], float] = {}
     for i, c in enumerate(ok):
         for d in ok[i + 1:]:
-            den = float(flat[c].norm() * flat[d].norm())
-            pair[c, d] = pair[d, c] = float((flat[c] * flat[d]).sum()) / den if den > 0 else 0.0
-    for c in flat:
-        if c in ok:
-            cos[c] = statistics.median(pair[c, d] for d in ok if d != c)
-        else:
-            def cosine(d, c=c):
-                den = float(flat[c].norm() * flat[d].norm())
-                return float((flat[c] * flat[d]).sum()) / den if den > 0 else 0.0
-            cos[c] = statistics.median(cosine(d) for d in ok)
+            pair[c, d] = pair[d, c] = cosine(c, d)
+    cos = {c: statistics.median(pair[c, d] if c in ok else cosine(c, d) for d in ok if d != c) for c in flat}
     norms = {c: max(float(flat[c].norm()), 1e-300) for c in flat}
     typical, spread = robust_spread([cos[c] for c in ok])
     core = [c for c in ok if cos[c] >= typical]  # the agreeing half: a minority of bad ones cannot be in it
