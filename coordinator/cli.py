@@ -376,14 +376,15 @@ def cmd_generate(args) -> int:
     from transformers import AutoTokenizer
 
     from edge_client.data import SYSTEM_PROMPT, Example, prompt_ids
-    from export.runners import greedy, load_runner, read_meta
+    from export.runners import load_runner, read_meta
 
     meta = read_meta(args.artifact)
-    tok = AutoTokenizer.from_pretrained(str(Path(args.artifact).parent / meta["tokenizer"]))
-    run = load_runner(args.artifact, args.threads)
+    folder = Path(args.artifact) if Path(args.artifact).is_dir() else Path(args.artifact).parent
+    tok = AutoTokenizer.from_pretrained(str(folder / meta["tokenizer"]))
+    run = load_runner(args.artifact, args.threads, args.adapter_file)
     system = meta.get("system_prompt", SYSTEM_PROMPT) if args.system is None else (args.system or None)
     ids = prompt_ids(tok, Example(args.prompt, "", system=system), meta["max_seq_len"] - args.max_new_tokens)
-    new, secs = greedy(run, ids, args.max_new_tokens, tok.eos_token_id)
+    new, secs = run.generate(ids, args.max_new_tokens, tok.eos_token_id)
     print(tok.decode(new, skip_special_tokens=True))
     print(f"({len(new)} tokens, {1000 * secs / max(1, len(new)):.1f} ms per token)", file=sys.stderr)
     return 0
@@ -514,9 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "times it (default 1: comparable across runtimes and machines)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("generate", help="run an exported model: greedy decoding of one prompt",
-                       description="Load an artifact written by `fedlora export` (.onnx or .pte, with its "
-                       "tokenizer beside it) and print the greedy answer to --prompt.")
-    p.add_argument("--artifact", required=True, help="the .onnx or .pte file")
+                       description="Load an artifact written by `fedlora export` (an ONNX folder or a .pte, with "
+                       "its tokenizer beside it) and print the greedy answer to --prompt, decoded with the "
+                       "runtime's KV cache.")
+    p.add_argument("--artifact", required=True, help="the export's folder (ONNX), its model.onnx, or the .pte file")
+    p.add_argument("--adapter-file", help="ONNX: another run's adapter.onnx_adapter to apply to the same base "
+                   "(default: the one exported with it)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", default=None, help="the system prompt ('' for none; default: the one the run "
                    "trained with, recorded in the export)")

@@ -200,11 +200,13 @@ def export_table(rows: list[dict], folder: Path):
     from rich.table import Table
 
     t = Table(title=f"exports per device class ({folder})")
-    for col in ("format", "quant", "devices", "MB", "max |Δlogits|", "top-1", "accuracy torch/artifact", "parity"):
+    for col in ("format", "quant", "devices", "MB", "MB update", "max |Δlogits|", "top-1 answer", "accuracy torch/artifact",
+                "parity"):
         t.add_column(col)
     for r in rows:
         has = "size_bytes" in r
         t.add_row(r["format"], r["quant"], ", ".join(r["devices"]), f"{r['size_bytes'] / 1e6:.1f}" if has else "-",
+                  f"{r['update_bytes'] / 1e6:.2f}" if has else "-",
                   f"{r['max_abs_logits_diff']:.2g}" if has else "-", f"{r['top1_agreement']:.3f}" if has else "-",
                   f"{r['accuracy_torch']:.1%} / {r['accuracy_artifact']:.1%}" if has else "-", r["parity"])
     return t

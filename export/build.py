@@ -1,25 +1,29 @@
-"""Merge an adapter into its base and write an inference artifact for an edge runtime.
+"""Write an inference artifact with a KV cache for an edge runtime, from a base and an adapter.
 
-The recipes and their workarounds were measured on the pinned versions of the ``export`` extra
-(pyproject.toml): the ONNX export uses an example batch of 2 (a batch of 1 specialises the batch
-dimension to 1); quantization for ExecuTorch goes through torchao's ``quantize_`` (the PT2E
-quantizer breaks on the causal-mask code), and 8da4w skips linear layers whose input size is not
-a multiple of its group size.
+- ONNX (``export.onnx_genai``): the base built by onnxruntime-genai's model builder, the adapter
+  a separate file that onnxruntime applies at run time (a device keeps the base and receives only
+  the adapter after a run).
+- ExecuTorch: the adapter merged into the base, one ``.pte`` lowered to XNNPACK whose forward keeps
+  a static KV cache (:class:`KVCacheLM`).
+
+The recipes were measured on the pinned versions of the ``export`` extra (pyproject.toml):
+quantization for ExecuTorch goes through torchao's ``quantize_`` (the PT2E quantizer breaks on the
+causal-mask code), and 8da4w skips linear layers whose input size is not a multiple of its group size.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
-from .runners import ExportError, LogitsOnly
+from .runners import ExportError
 
 FORMATS = {"onnx": ("fp32", "int8", "int4"), "executorch": ("fp32", "8da8w", "8da4w")}
 GROUP = 32  # 8da4w weight group size
-ONNX_BLOCK = 32  # MatMulNBits block size of the weight-only ONNX formats (as onnxruntime-genai's builder)
 
 
 def check_format(fmt: str, quant: str) -> None:
@@ -39,75 +43,43 @@ def _system_prompt_of(adapter) -> str | None:
     return side.get("system_prompt", SYSTEM_PROMPT)
 
 
-def merged_model(model_spec: str, adapter: str | Path | None = None):
-    """``(model, tokenizer)``: the base with the adapter in ``adapter`` (a peft folder, as
-    ``simulate`` writes under ``adapter/`` and ``clients/<id>/adapter/``) merged into its weights."""
+def _with_adapter(model_spec: str, adapter: str | Path | None):
+    """``(model, tokenizer)``: the base with the peft adapter in ``adapter`` loaded on it (not merged)."""
     from edge_client.models import load_model
 
     model, tok = load_model(model_spec)
+    if adapter is None:
+        return model, tok
+    folder = Path(adapter)
+    if (folder / "mixture.json").is_file() or (folder / "model" / "mixture.json").is_file():
+        raise ExportError(f"{folder}: a FedLEASE client model routes between experts per token; it cannot be "
+                         "merged into the base weights (export a plain LoRA adapter folder)")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (folder / name).is_file():
+            raise ExportError(f"--adapter {folder}: no {name} (expected a peft adapter folder, e.g. RUN/adapter)")
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(folder)), tok
+    except (RuntimeError, ValueError, KeyError) as exc:
+        from edge_client.models import adapter_base
+
+        trained_on = adapter_base(folder)
+        hint = (f"it was trained on {trained_on} (its fedlora.json or adapter_config.json), not on {model_spec}; "
+                f"give --model {trained_on} or leave --model out" if trained_on and trained_on != model_spec
+                else f"it does not fit {model_spec}")
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ExportError(f"--adapter {folder}: cannot be loaded onto --model {model_spec}: {hint} ({first})") from None
+
+
+def merged_model(model_spec: str, adapter: str | Path | None = None):
+    """``(model, tokenizer)``: the base with the adapter in ``adapter`` (a peft folder, as
+    ``simulate`` writes under ``adapter/`` and ``clients/<id>/adapter/``) merged into its weights."""
+    model, tok = _with_adapter(model_spec, adapter)
     if adapter is not None:
-        folder = Path(adapter)
-        if (folder / "mixture.json").is_file() or (folder / "model" / "mixture.json").is_file():
-            raise ExportError(f"{folder}: a FedLEASE client model routes between experts per token; it cannot be "
-                             "merged into the base weights (export a plain LoRA adapter folder)")
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            if not (folder / name).is_file():
-                raise ExportError(f"--adapter {folder}: no {name} (expected a peft adapter folder, e.g. RUN/adapter)")
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-        except (RuntimeError, ValueError, KeyError) as exc:
-            from edge_client.models import adapter_base
-
-            trained_on = adapter_base(folder)
-            hint = (f"it was trained on {trained_on} (its fedlora.json or adapter_config.json), not on {model_spec}; "
-                    f"give --model {trained_on} or leave --model out" if trained_on and trained_on != model_spec
-                    else f"it does not fit {model_spec}")
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise ExportError(f"--adapter {folder}: cannot be loaded onto --model {model_spec}: {hint} ({first})") from None
+        model = model.merge_and_unload()
     model.config.use_cache = False
     return model.eval(), tok
-
-
-def export_onnx(model, out: Path, quant: str, max_seq_len: int) -> tuple[Path, list[str]]:
-    """``model.onnx`` (fp32), or ``model.int8.onnx`` / ``model.int4.onnx``: weight-only
-    quantization of every MatMul with a constant weight to onnxruntime's ``MatMulNBits`` (8 or 4
-    bits, symmetric, blocks of 32 along the input; activations stay fp32).  Dynamic int8
-    (``MatMulInteger``, activations quantized per tensor on the fly) was the earlier int8 and held
-    0.61 top-1 agreement on SmolLM2; weight-only int8 holds where that broke (docs/results.md)."""
-    from torch.export import Dim
-
-    vocab = model.config.vocab_size
-    path = out / "model.onnx"
-    example = torch.randint(0, vocab, (2, 8))
-    torch.onnx.export(LogitsOnly(model).eval(), (example,), str(path), dynamo=True, input_names=["input_ids"],
-                      output_names=["logits"], external_data=False, verbose=False,
-                      dynamic_shapes={"input_ids": {0: Dim("batch", min=1, max=64),
-                                                    1: Dim("seq", min=2, max=max_seq_len)}})
-    if quant == "fp32":
-        return path, []
-    import logging
-
-    import onnx
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    root.handlers[:], root.level = handlers, level  # its import configures the root logger at INFO
-
-    bits = 8 if quant == "int8" else 4
-    # accuracy_level 0: the kernel computes in fp32 (4 would quantize activations to int8 inside it)
-    q = MatMulNBitsQuantizer(onnx.load(str(path)), bits=bits, block_size=ONNX_BLOCK, is_symmetric=True,
-                             accuracy_level=0)
-    q.process()
-    qpath = out / f"model.{quant}.onnx"
-    q.model.save_model_to_file(str(qpath), False)
-    path.unlink()
-    left = [n.name for n in q.model.model.graph.node if n.op_type == "MatMul" and
-            any(i in {t.name for t in q.model.model.graph.initializer} for i in n.input)]
-    return qpath, left
 
 
 def quantize_linears(model, quant: str) -> list[str]:
@@ -130,39 +102,155 @@ def quantize_linears(model, quant: str) -> list[str]:
     return skipped
 
 
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class KVCacheLM(torch.nn.Module):
+    """A Llama-architecture causal LM with a static KV cache, for ExecuTorch:
+    ``forward(input_ids [1, S], cache_position [S]) -> logits [1, S, vocab]``, any ``S`` up to
+    ``max_len``.  The model's own modules (embedding, norms, projections, MLPs, rotary embedding,
+    head) are reused; only attention is written out, to keep one K and one V buffer per layer
+    (``[1, kv_heads, max_len, head_dim]``) that ``index_copy_`` fills at ``cache_position``.
+    ExecuTorch keeps them as mutable buffers across calls of one loaded method.  Attention runs over
+    the whole fixed-size cache with key ``j`` visible to query ``i`` iff ``j <= cache_position[i]``,
+    so a new prompt restarts at position 0 and what an earlier one left is never read."""
+
+    def __init__(self, model, max_len: int):
+        super().__init__()
+        cfg, inner = model.config, model.model
+        self.embed_tokens, self.layers, self.norm = inner.embed_tokens, inner.layers, inner.norm
+        self.rotary_emb, self.lm_head = inner.rotary_emb, model.lm_head
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_len = max_len
+        dt = next(model.parameters()).dtype
+        for i in range(len(self.layers)):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(1, self.n_kv, max_len, self.hd, dtype=dt), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(1, self.n_kv, max_len, self.hd, dtype=dt), persistent=False)
+        self.register_buffer("key_pos", torch.arange(max_len), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        s = input_ids.shape[1]
+        cos, sin = self.rotary_emb(x, cache_position.unsqueeze(0))
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        visible = self.key_pos.unsqueeze(0) <= cache_position.unsqueeze(1)
+        mask = torch.where(visible, 0.0, float("-inf")).to(x.dtype)
+        group = self.n_heads // self.n_kv
+        for i, layer in enumerate(self.layers):
+            att = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = att.q_proj(h).view(1, s, self.n_heads, self.hd).transpose(1, 2)
+            k = att.k_proj(h).view(1, s, self.n_kv, self.hd).transpose(1, 2)
+            v = att.v_proj(h).view(1, s, self.n_kv, self.hd).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            kc.index_copy_(2, cache_position, k)
+            vc.index_copy_(2, cache_position, v)
+            if group > 1:
+                shape = (1, self.n_kv, group, self.max_len, self.hd)
+                kk = kc.unsqueeze(2).expand(shape).reshape(1, self.n_heads, self.max_len, self.hd)
+                vv = vc.unsqueeze(2).expand(shape).reshape(1, self.n_heads, self.max_len, self.hd)
+            else:
+                kk, vv = kc, vc
+            o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=att.scaling)
+            x = x + att.o_proj(o.transpose(1, 2).reshape(1, s, self.n_heads * self.hd))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x))
+
+
+KV_ARCHITECTURES = ("llama", "mistral")  # q/k/v/o projections, rotary embedding, no attention extras
+
+
 def export_executorch(model, out: Path, quant: str, max_seq_len: int) -> tuple[Path, list[str]]:
-    """``model.<quant>.pte`` lowered to XNNPACK, batch 1, dynamic sequence length."""
+    """``model.<quant>.pte`` lowered to XNNPACK with a static KV cache of ``max_seq_len`` positions
+    (:class:`KVCacheLM`), batch 1, dynamic length.  The caches' zero start is written into the
+    program (else ExecuTorch leaves mutated buffers uninitialised, and a NaN there passes a masked
+    softmax as 0 x NaN), and updated in place (no copy of the cache per call)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
     from torch.export import Dim
 
+    kind = getattr(model.config, "model_type", "")
+    if kind not in KV_ARCHITECTURES:
+        raise ExportError(f"--format executorch: the KV-cached program is written for {', '.join(KV_ARCHITECTURES)} "
+                          f"models; this one is '{kind}' (use --format onnx)")
     skipped = [] if quant == "fp32" else quantize_linears(model, quant)
-    example = torch.randint(0, model.config.vocab_size, (1, 8))
+    wrapped = KVCacheLM(model, max_seq_len).eval()
+    seq = Dim("seq", min=1, max=max_seq_len)
     with torch.no_grad():
-        ep = torch.export.export(LogitsOnly(model).eval(), (example,),
-                                 dynamic_shapes={"input_ids": {1: Dim("seq", min=2, max=max_seq_len)}})
-        program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+        ep = torch.export.export(wrapped, (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)),
+                                 dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}}, strict=False)
+        program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch(
+            ExecutorchBackendConfig(passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
+                                    run_reinplace_pass=True))
     path = out / f"model.{quant}.pte"
     path.write_bytes(program.buffer)
     return path, skipped
 
 
+def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, max_seq_len: int):
+    """The KV-cached ONNX base (built once per model, adapted modules, quant and length, and cached)
+    and the adapter file beside it; returns ``(model.onnx, meta fields, merged reference, tok)``."""
+    from edge_client.lora import adapted_modules
+    from edge_client.models import default_target_modules, load_model
+
+    from . import onnx_genai
+
+    peft_or_base, tok = _with_adapter(model_spec, adapter)
+    factors = onnx_genai.lora_factors(peft_or_base) if adapter is not None else None
+    modules = ({m: (a.shape[0], b.shape[1]) for m, (a, b) in factors.items()} if factors is not None
+               else adapted_modules(peft_or_base, default_target_modules(peft_or_base)))
+    base_dir, cached = onnx_genai.cached_base(model_spec, modules, quant, max_seq_len,
+                                              lambda: load_model(model_spec), onnx_genai.weights_digest(peft_or_base))
+    for f in base_dir.iterdir():
+        if f.name.startswith(onnx_genai.MODEL_FILE):
+            onnx_genai.link_or_copy(f, out / f.name)
+        elif f.is_file() and f.name != onnx_genai.BASE_META:
+            shutil.copy2(f, out / f.name)
+    fields = {"base_sha256": json.loads((base_dir / onnx_genai.BASE_META).read_text())["sha256"],
+              "base_bytes": onnx_genai.base_bytes(out), "base_reused": cached,
+              "adapted_modules": len(modules)}
+    adapter_file = out / onnx_genai.ADAPTER_FILE
+    adapter_file.unlink(missing_ok=True)
+    if adapter is not None:
+        onnx_genai.write_adapter(factors, adapter_file)
+        reference = peft_or_base.merge_and_unload()
+        fields.update(adapter_file=adapter_file.name, adapter_bytes=adapter_file.stat().st_size)
+    else:
+        reference = peft_or_base
+    reference.config.use_cache = False
+    skipped = json.loads((base_dir / onnx_genai.BASE_META).read_text())["unquantized"]
+    return out / onnx_genai.MODEL_FILE, skipped, fields, reference.eval(), tok
+
+
 def export(model_spec: str, adapter: str | Path | None, fmt: str, quant: str, out: str | Path,
            max_seq_len: int = 256) -> tuple[Path, dict, object, object]:
-    """Merge and export; writes the artifact, the tokenizer and ``export.json`` under ``out``.
-    Returns ``(artifact, meta, reference model, tokenizer)``; the reference is the merged model in
-    fp32 (what was exported, before any in-place quantization)."""
+    """Export; writes the artifact, the tokenizer and ``export.json`` under ``out``.  Returns
+    ``(artifact, meta, reference model, tokenizer)``; the reference is the base with the adapter
+    merged, in fp32 (what the artifact must match).
+
+    ONNX: the base (KV cache, weight-only quantization) and the adapter as a separate
+    ``adapter.onnx_adapter`` that onnxruntime applies at run time.  ExecuTorch: the adapter merged
+    into the base, one ``.pte`` with a static KV cache."""
     check_format(fmt, quant)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    reference, tok = merged_model(model_spec, adapter)
-    # torchao quantizes the exported copy in place; the other exports leave the model as it was
-    model = copy.deepcopy(reference) if fmt == "executorch" and quant != "fp32" else reference
-    builder = export_onnx if fmt == "onnx" else export_executorch
-    artifact, skipped = builder(model, out, quant, max_seq_len)
+    extra: dict = {}
+    if fmt == "onnx":
+        artifact, skipped, extra, reference, tok = _onnx(model_spec, adapter, out, quant, max_seq_len)
+    else:
+        reference, tok = merged_model(model_spec, adapter)
+        # torchao quantizes the exported copy in place; the reference stays as it was
+        model = copy.deepcopy(reference) if quant != "fp32" else reference
+        artifact, skipped = export_executorch(model, out, quant, max_seq_len)
     tok.save_pretrained(str(out / "tokenizer"))
     meta = {"format": fmt, "quant": quant, "artifact": artifact.name, "base_model": model_spec,
             "adapter": str(adapter) if adapter else None, "tokenizer": "tokenizer", "max_seq_len": max_seq_len,
-            "skipped_layers": skipped, "system_prompt": _system_prompt_of(adapter)}
+            "skipped_layers": skipped, "system_prompt": _system_prompt_of(adapter), **extra}
     (out / "export.json").write_text(json.dumps(meta, indent=1))
     return artifact, meta, reference, tok

@@ -6,6 +6,11 @@ A device class is what a profile's ``runtime`` and ``quant`` name: the export fo
 for each class present (artifact, tokenizer, ``export.json``, parity report) and
 ``OUT/export/index.json``: per class, its devices, artifact, size and parity.  A class whose
 parity is broken is reported and the others are still exported; the command then exits 3.
+
+ONNX classes are a base and an adapter: the base (KV cache, quantized) is built once per model,
+adapted modules, quantization and length and cached, so the next run's export has the same base
+(the same ``base_sha256``) and a device that holds it downloads only ``update_bytes``, the new
+adapter.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 
 from .runners import ExportError
 
-MODULES = {"onnx": ("onnxruntime", "onnx", "onnxscript"), "executorch": ("executorch", "torchao")}
+MODULES = {"onnx": ("onnxruntime", "onnx", "onnxruntime_genai"), "executorch": ("executorch", "torchao")}
 
 
 def device_classes(devices: Iterable[tuple[str, object]]) -> dict[tuple[str, str], list[str]]:
@@ -64,7 +69,8 @@ def export_fleet(model_spec: str, adapter: str | Path, classes: dict[tuple[str, 
                 rep = json.loads((folder / "parity.json").read_text())
                 row["parity"] = f"broken: {exc}"
             row.update(size_bytes=rep["size_bytes"], max_abs_logits_diff=rep["max_abs_logits_diff"],
-                       top1_agreement=rep["top1_agreement"],
+                       top1_agreement=rep["top1_agreement"], base_sha256=meta.get("base_sha256"),
+                       update_bytes=meta.get("adapter_bytes", rep["size_bytes"]),
                        accuracy_torch=rep["accuracy_torch"]["overall"],
                        accuracy_artifact=rep["accuracy_artifact"]["overall"])
         except ExportError as exc:

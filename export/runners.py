@@ -1,19 +1,26 @@
-"""One interface over the runtimes: ``logits(ids) -> [batch, seq, vocab]`` (numpy), and greedy
-decoding on top of it (no KV cache: every step runs the whole sequence, as the exported graphs
-take ``input_ids`` alone)."""
+"""One interface over the runtimes, :class:`Runner`: ``logits(ids)`` over whole sequences (for
+parity) and ``generate(ids, n, eos)``, greedy decoding with the runtime's KV cache, so the cost of
+a new token does not grow with the sequence.
+
+- :class:`TorchRunner`: the merged PyTorch model, transformers' cache (the baseline every
+  artifact is measured against);
+- ONNX (``export.onnx_genai.GenaiRunner``): the base built by onnxruntime-genai's model builder,
+  the run's adapter applied by onnxruntime at run time, ``Generator`` for decoding;
+- ExecuTorch (:class:`ExecuTorchRunner`): a ``.pte`` whose ``forward(input_ids, cache_position)``
+  keeps a static KV cache in the program.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 META = "export.json"
-SUFFIXES = {".onnx": "onnx", ".pte": "executorch"}
 
 
 class ExportError(ValueError):
@@ -24,85 +31,120 @@ class ArtifactError(ExportError):
     """An artifact that is missing, of an unknown kind, or that its runtime cannot load."""
 
 
-class LogitsOnly(torch.nn.Module):
-    """``forward(input_ids) -> logits`` around a causal LM, without a cache (what is exported)."""
+class Runner(Protocol):
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """``[batch, seq, vocab]`` logits of whole sequences ``ids`` ``[batch, seq]`` (no cache kept)."""
+        ...
+
+    def generate(self, ids: list[int], max_new_tokens: int, eos: int | None) -> tuple[list[int], float]:
+        """(new token ids, seconds) of greedy decoding from prompt ``ids``, stopping at ``eos``."""
+        ...
+
+
+class TorchRunner:
+    """A causal LM in PyTorch eager; ``generate`` keeps transformers' KV cache."""
 
     def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, input_ids):
-        return self.m(input_ids=input_ids, use_cache=False).logits
-
-
-def torch_runner(model) -> Callable[[np.ndarray], np.ndarray]:
-    wrapped = LogitsOnly(model).eval()
+        self.model = model.eval()
 
     @torch.no_grad()
-    def run(ids: np.ndarray) -> np.ndarray:
-        return wrapped(torch.from_numpy(np.asarray(ids, dtype=np.int64))).float().numpy()
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        return self.model(input_ids=x, use_cache=False).logits.float().numpy()
 
-    return run
+    @torch.no_grad()
+    def generate(self, ids: list[int], max_new_tokens: int, eos: int | None) -> tuple[list[int], float]:
+        t0 = time.perf_counter()
+        x = torch.tensor([ids], dtype=torch.long)
+        out = self.model(input_ids=x, use_cache=True)
+        past, new = out.past_key_values, []
+        nxt = int(out.logits[0, -1].argmax())
+        while len(new) < max_new_tokens and nxt != eos:
+            new.append(nxt)
+            if len(new) == max_new_tokens:
+                break
+            out = self.model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+        return new, time.perf_counter() - t0
 
 
-def load_runner(path: str | Path, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
-    """A runner for an exported ``.onnx`` or ``.pte`` file; ArtifactError names what is wrong.
-    ``threads``: the runtime's CPU threads (0: its own default, which for ExecuTorch's thread pool
-    is not ``OMP_NUM_THREADS``; set it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no such artifact file")
-    kind = SUFFIXES.get(path.suffix)
-    if kind is None:
-        raise ArtifactError(f"{path}: unknown artifact type '{path.suffix}' (expected .onnx or .pte)")
-    if kind == "onnx":
-        import onnxruntime as ort
+def torch_runner(model) -> TorchRunner:
+    return TorchRunner(model)
 
-        so = ort.SessionOptions()
+
+class ExecuTorchRunner:
+    """A ``.pte`` exported by ``export.build.export_executorch``: ``forward(input_ids [1, s],
+    cache_position [s]) -> logits [1, s, vocab]`` with the KV cache as the program's own mutable
+    buffers.  A prompt fills the cache from position 0 in one call (positions past it are masked,
+    so what an earlier prompt left there is never read), then one call per new token."""
+
+    def __init__(self, path: Path, threads: int = 0, max_seq_len: int = 256):
+        from executorch.runtime import Runtime
+
         if threads:
-            so.intra_op_num_threads = threads
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(threads)  # before any method runs: nothing is executing
         try:
-            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ArtifactError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+            self.method = Runtime.get().load_program(str(path)).load_method("forward")
+        except Exception as exc:  # the runtime raises RuntimeError/ValueError with its own codes
+            raise ArtifactError(f"{path}: the ExecuTorch runtime cannot load it "
+                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        self.max_seq_len = max_seq_len
 
-        def run(ids: np.ndarray) -> np.ndarray:
-            return sess.run(["logits"], {"input_ids": np.asarray(ids, dtype=np.int64)})[0]
+    def _call(self, ids: list[int], start: int) -> torch.Tensor:
+        x = torch.tensor([ids], dtype=torch.long)
+        pos = torch.arange(start, start + len(ids), dtype=torch.long)
+        return self.method.execute([x, pos])[0]
 
-        return run
-    from executorch.runtime import Runtime
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        return np.stack([self._call([int(t) for t in row], 0)[0].float().numpy() for row in np.asarray(ids)])
 
-    if threads:
-        from executorch.extension.pybindings import portable_lib
-
-        portable_lib._unsafe_reset_threadpool(threads)  # before any method runs: nothing is executing
-    try:
-        method = Runtime.get().load_program(str(path)).load_method("forward")
-    except Exception as exc:  # the runtime raises RuntimeError/ValueError with its own codes
-        raise ArtifactError(f"{path}: the ExecuTorch runtime cannot load it ({str(exc).splitlines()[0]})") from None
-
-    def run_et(ids: np.ndarray) -> np.ndarray:
-        return method.execute([torch.from_numpy(np.asarray(ids, dtype=np.int64))])[0].float().numpy()
-
-    return run_et
-
-
-def greedy(run: Callable[[np.ndarray], np.ndarray], ids: list[int], max_new_tokens: int,
-           eos: int | None = None) -> tuple[list[int], float]:
-    """(new token ids, seconds) of greedy decoding from prompt ``ids``."""
-    out = list(ids)
-    t0 = time.perf_counter()
-    for _ in range(max_new_tokens):
-        nxt = int(run(np.array([out], dtype=np.int64))[0, -1].argmax())
-        if eos is not None and nxt == eos:
-            break
-        out.append(nxt)
-    return out[len(ids):], time.perf_counter() - t0
+    def generate(self, ids: list[int], max_new_tokens: int, eos: int | None) -> tuple[list[int], float]:
+        t0 = time.perf_counter()
+        budget = min(max_new_tokens, self.max_seq_len - len(ids))
+        nxt, new = int(self._call(list(ids), 0)[0, -1].argmax()), []
+        while len(new) < budget and nxt != eos:
+            new.append(nxt)
+            if len(new) == budget:
+                break
+            nxt = int(self._call([nxt], len(ids) + len(new) - 1)[0, -1].argmax())
+        return new, time.perf_counter() - t0
 
 
 def read_meta(artifact: str | Path) -> dict:
     """The ``export.json`` written beside an artifact (tokenizer folder, format, limits)."""
-    meta = Path(artifact).parent / META
+    folder = Path(artifact) if Path(artifact).is_dir() else Path(artifact).parent
+    meta = folder / META
     if not meta.is_file():
         raise ArtifactError(f"{artifact}: no {META} beside it (export it with `fedlora export`)")
     return json.loads(meta.read_text())
+
+
+def load_runner(path: str | Path, threads: int = 0, adapter: str | Path | None = None) -> Runner:
+    """A runner for an exported artifact: an ONNX folder or its ``model.onnx``, or a ``.pte``.
+    ``threads``: the runtime's CPU threads (0: its own default, which for ExecuTorch's thread pool
+    is not ``OMP_NUM_THREADS``; set it).  ``adapter``: for ONNX, an ``.onnx_adapter`` to apply
+    instead of the one the export wrote (the base is the same; only the adapter changes)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such artifact file")
+    if path.suffix == ".onnx":
+        from .onnx_genai import GenaiRunner
+
+        if not (path.parent / "genai_config.json").is_file():
+            raise ArtifactError(f"{path}: no genai_config.json beside it (export it again with `fedlora export`: "
+                                "ONNX artifacts are built by onnxruntime-genai's model builder)")
+        meta = read_meta(path) if (path.parent / META).is_file() else {}
+        if adapter is None and meta.get("adapter_file"):
+            adapter = path.parent / meta["adapter_file"]
+        return GenaiRunner(path.parent, Path(adapter) if adapter else None, threads)
+    if path.suffix == ".pte":
+        if adapter is not None:
+            raise ArtifactError(f"{path}: an ExecuTorch artifact has its adapter merged in; --adapter-file is "
+                                "for ONNX artifacts")
+        meta = read_meta(path) if (path.parent / META).is_file() else {}
+        return ExecuTorchRunner(path, threads, meta.get("max_seq_len", 256))
+    raise ArtifactError(f"{path}: unknown artifact type '{path.suffix}' (expected .onnx or .pte)")

@@ -1,5 +1,7 @@
-"""Exports for edge runtimes on the tiny model: ONNX (fp32, int8) and ExecuTorch (fp32, 8da8w),
-an adapter merged in, the parity report and its failure, `fedlora generate`, and clear errors."""
+"""Exports for edge runtimes on the tiny model: ONNX (a KV-cached base from onnxruntime-genai's
+builder, the adapter applied at run time, fp32/int8/int4) and ExecuTorch (fp32, 8da8w, a static
+KV cache, the adapter merged), the parity report and its failure, `fedlora generate`, adapters
+that swap on one base, and clear errors."""
 
 import json
 
@@ -35,24 +37,58 @@ def adapter(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """Built ONNX bases go to a cache of this test module's own, not the user's."""
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path_factory.getbasetemp() / "fedlora-cache"))
+
+
 @pytest.mark.integration
-def test_onnx_fp32_matches_the_merged_model_and_writes_its_parity_report(tmp_path, adapter):
+def test_onnx_fp32_base_plus_adapter_matches_the_merged_model_and_writes_its_parity_report(tmp_path, adapter):
+    pytest.importorskip("onnxruntime_genai")
     artifact, meta, reference, tok = export("tiny-llama", adapter, "onnx", "fp32", tmp_path)
     base, _ = merged_model("tiny-llama")
-    merged = torch_runner(reference)(IDS)
-    assert np.abs(merged - torch_runner(base)(IDS)).max() > 1e-3  # the adapter is in
-    got = load_runner(artifact)(IDS)  # batch 2, another length than the export's example
-    assert np.abs(got - merged).max() < 1e-4
+    merged = torch_runner(reference).logits(IDS)
+    assert np.abs(merged - torch_runner(base).logits(IDS)).max() > 1e-3  # the adapter is in
+    run = load_runner(artifact)
+    assert np.abs(run.logits(IDS) - merged).max() < 1e-4  # batch 2, any length: the adapter applied at run time
+    assert meta["adapter_file"] == "adapter.onnx_adapter" and meta["adapter_bytes"] < meta["base_bytes"] / 10
+    prompt = [3, 8, 1, 22, 9, 14, 2, 5]
+    assert run.generate(prompt, 6, None)[0] == torch_runner(reference).generate(prompt, 6, None)[0]  # KV cache
     rep = parity_report(reference, tok, artifact, meta, per_task=1)
     assert rep["ok"] and rep["top1_agreement"] == 1.0 and rep["max_abs_logits_diff"] < 1e-3
-    assert rep["accuracy_artifact"] == rep["accuracy_torch"]
-    assert rep["size_bytes"] == artifact.stat().st_size and rep["ms_per_token_artifact"] > 0
+    assert rep["accuracy_artifact"] == rep["accuracy_torch"] and rep["positions"] < rep["positions_all"]
+    assert rep["size_bytes"] == meta["base_bytes"] + meta["adapter_bytes"] and rep["ms_per_token_artifact"] > 0
     saved = json.loads((tmp_path / "parity.json").read_text())
     assert saved["top1_agreement"] == rep["top1_agreement"] and "Result: OK" in (tmp_path / "parity.md").read_text()
 
 
 @pytest.mark.integration
+def test_a_new_adapter_swaps_onto_the_same_base(tmp_path, adapter):
+    """A second run's export reuses the built base bit for bit (same sha256); only the adapter
+    differs, and a device applies it to the base it already has."""
+    pytest.importorskip("onnxruntime_genai")
+    from coordinator.report import save_adapter
+    from edge_client.models import load_model
+
+    first, meta1, _, _ = export("tiny-llama", adapter, "onnx", "fp32", tmp_path / "one")
+    model, _ = load_model("tiny-llama")
+    dims = adapted_modules(model, ["q_proj", "v_proj"])
+    gen = torch.Generator().manual_seed(1)
+    other = {m: (torch.randn(2, n, generator=gen) * 0.3, torch.randn(o, 2, generator=gen) * 0.3)  # another rank
+             for m, (n, o) in dims.items()}
+    save_adapter(tmp_path / "second", other, 2.0, ["q_proj", "v_proj"], "tiny-llama")
+    second, meta2, reference2, _ = export("tiny-llama", tmp_path / "second", "onnx", "fp32", tmp_path / "two")
+    assert meta2["base_reused"] and meta2["base_sha256"] == meta1["base_sha256"]
+    swapped = load_runner(first, adapter=second.parent / "adapter.onnx_adapter")  # the first folder's base
+    assert np.abs(swapped.logits(IDS) - torch_runner(reference2).logits(IDS)).max() < 1e-4
+    with pytest.raises(ArtifactError, match="no such adapter file"):
+        load_runner(first, adapter=tmp_path / "missing.onnx_adapter")
+
+
+@pytest.mark.integration
 def test_broken_parity_fails_loudly_after_writing_the_report(tmp_path):
+    pytest.importorskip("onnxruntime_genai")
     artifact, meta, reference, tok = export("tiny-llama", None, "onnx", "fp32", tmp_path)
     with torch.no_grad():  # the reference drifts from what was exported
         next(p for n, p in reference.named_parameters() if n.endswith("q_proj.weight")).add_(0.5)
@@ -62,36 +98,38 @@ def test_broken_parity_fails_loudly_after_writing_the_report(tmp_path):
 
 
 @pytest.mark.integration
-def test_onnx_int4_quantizes_every_constant_weight_matmul_in_blocks_of_32(tmp_path, adapter):
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_onnx_quantized_bases_are_weight_only_and_keep_the_adapter_in_fp32(tmp_path, adapter, quant):
     import onnx
 
-    from export.build import ONNX_BLOCK
-
-    artifact, meta, _, _ = export("tiny-llama", adapter, "onnx", "int4", tmp_path)
-    graph = onnx.load(str(artifact)).graph
+    pytest.importorskip("onnxruntime_genai")
+    artifact, meta, reference, _ = export("tiny-llama", adapter, "onnx", quant, tmp_path)
+    graph = onnx.load(str(artifact), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
-    assert nbits and all(a["bits"] == 4 and a["block_size"] == ONNX_BLOCK for a in attrs)
-    assert meta["skipped_layers"] == []  # no MatMul with a constant weight is left in fp32
-    full, _, _, _ = export("tiny-llama", adapter, "onnx", "fp32", tmp_path / "fp32")
-    assert artifact.stat().st_size < full.stat().st_size
+    assert nbits and all(a["block_size"] == 32 and a["accuracy_level"] == 1 for a in attrs)  # fp32 activations
+    assert {a["bits"] for a in attrs} == ({8} if quant == "int8" else {4, 8})  # int4: lm_head in int8
+    assert "MatMulInteger" not in {n.op_type for n in graph.node}
+    lora = [n for n in graph.node if "/lora_" in n.name]
+    assert lora and all(n.op_type == "MatMul" for n in lora)  # the adapter's branch stays fp32
+    assert meta["skipped_layers"] == []
+    run = load_runner(artifact)
+    want = torch_runner(reference).logits(IDS)
+    assert np.abs(run.logits(IDS) - want).max() < 0.5
 
 
 @pytest.mark.integration
 def test_cli_export_onnx_int8_then_generate(tmp_path, adapter, capsys):
+    pytest.importorskip("onnxruntime_genai")
     out = tmp_path / "onnx"
     assert main(["export", "--model", "tiny-llama", "--adapter", str(adapter), "--format", "onnx", "--quant", "int8",
                  "--out", str(out), "--prompts-per-task", "1", "--min-top1", "0"]) == 0
     rep = json.loads((out / "parity.json").read_text())
-    assert rep["quant"] == "int8" and rep["artifact"] == "model.int8.onnx" and not (out / "model.onnx").exists()
-    import onnx
-
-    ops = {n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node}
-    assert "MatMulNBits" in ops and "MatMulInteger" not in ops  # weight-only int8; activations stay fp32
+    assert rep["quant"] == "int8" and rep["artifact"] == "model.onnx" and rep["adapter_bytes"] > 0
     capsys.readouterr()
-    assert main(["generate", "--artifact", str(out / "model.int8.onnx"), "--prompt", "add 1 and 2",
-                 "--max-new-tokens", "3"]) == 0
-    assert "ms per token" in capsys.readouterr().err
+    for artifact in (out, out / "model.onnx"):
+        assert main(["generate", "--artifact", str(artifact), "--prompt", "add 1 and 2", "--max-new-tokens", "3"]) == 0
+        assert "ms per token" in capsys.readouterr().err
 
 
 def test_bad_inputs_fail_with_a_clear_message(tmp_path, capsys):
@@ -103,7 +141,10 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path, capsys):
     with pytest.raises(ArtifactError, match="no such artifact file"):
         load_runner(tmp_path / "nope.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
-    with pytest.raises(ArtifactError, match="onnxruntime cannot load it"):
+    with pytest.raises(ArtifactError, match="no genai_config.json beside it"):
+        load_runner(tmp_path / "junk.onnx")
+    (tmp_path / "genai_config.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="cannot load it"):
         load_runner(tmp_path / "junk.onnx")
     with pytest.raises(ArtifactError, match="unknown artifact type '.bin'"):
         (tmp_path / "m.bin").write_bytes(b"")
@@ -124,10 +165,13 @@ def test_executorch_export_runs_in_the_runtime_with_parity(tmp_path, adapter, qu
     assert artifact.name == f"model.{quant}.pte"
     from executorch.extension.pybindings import portable_lib
 
-    got = load_runner(artifact, threads=1)(IDS[:1])
+    run = load_runner(artifact, threads=1)
     assert portable_lib._threadpool_get_thread_count() == 1  # set, not whatever the pool started with
-    want = torch_runner(reference)(IDS[:1])
-    assert np.abs(got - want).max() < (1e-4 if quant == "fp32" else 0.5)
+    want = torch_runner(reference)
+    assert np.abs(run.logits(IDS[:1]) - want.logits(IDS[:1])).max() < (1e-4 if quant == "fp32" else 0.5)
+    if quant == "fp32":  # decoding with the program's KV cache, twice: a second prompt is not misled by the first
+        for prompt in ([3, 8, 1, 22, 9, 14, 2, 5], [7, 7, 2]):
+            assert run.generate(prompt, 6, None)[0] == want.generate(prompt, 6, None)[0]
     rep = parity_report(reference, tok, artifact, meta, per_task=1, tolerance=None if quant == "fp32" else LOOSE)
     assert rep["ok"] and rep["prompts"] == 5
     (tmp_path / "broken.pte").write_bytes(artifact.read_bytes()[:1000])
@@ -165,7 +209,7 @@ def test_simulate_export_writes_one_artifact_per_device_class(tmp_path, monkeypa
     assert set(rows) == {("onnx", "fp32"), ("onnx", "int8")}
     assert rows[("onnx", "fp32")]["devices"] == ["a", "c"] and rows[("onnx", "int8")]["devices"] == ["b"]
     assert rows[("onnx", "fp32")]["parity"].startswith("broken") and rows[("onnx", "int8")]["parity"] == "ok"
-    assert (out / "export" / "onnx-int8" / "model.int8.onnx").is_file()
+    assert (out / "export" / "onnx-int8" / "model.onnx").is_file()
     assert json.loads((out / "export" / "onnx-fp32" / "export.json").read_text())["adapter"] == str(out / "adapter")
 
 

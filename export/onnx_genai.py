@@ -1,0 +1,357 @@
+"""ONNX artifacts with a KV cache, and LoRA adapters that swap without the base.
+
+The base is built by onnxruntime-genai's model builder (``onnxruntime_genai.models.builder``): a
+decoder with a KV cache (``past_key_values.*`` in, ``present.*`` out), fused attention
+(``GroupQueryAttention``) and, for ``int8``/``int4``, weight-only ``MatMulNBits`` quantization.
+Its ``genai_config.json`` lets onnxruntime-genai's ``Generator`` run it.
+
+Every adapted projection then gets a LoRA branch ``x · A' · B'`` added to the output of its
+(possibly quantized) base matmul, where ``A'`` (``[in, r]``) and ``B'`` (``[r, out]``, the scale
+folded in) are graph *inputs* with a default of rank 0: with no adapter the model is the base; an
+``.onnx_adapter`` file (onnxruntime's adapter format, written by :func:`write_adapter`) supplies
+them at run time, at any rank per module.  So a device keeps one base and receives only the
+adapter after a run; the adapter's factors stay in fp32 whatever the base's quantization.
+
+The builder's file names the projections ``/model/layers.{i}/attn/{q,k,v,o}_proj/...`` and
+``/model/layers.{i}/mlp/{gate,up,down}_proj/...``; q/k/v fusion is turned off so that each
+projection keeps its own matmul to hang the branch on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .runners import ArtifactError, ExportError
+
+ADAPTER_FILE = "adapter.onnx_adapter"
+MODEL_FILE = "model.onnx"
+BASE_META = "base.json"
+FORMAT_VERSION = 1  # bump when the built base changes shape (a cached base of another version is not reused)
+_MODULE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>\w+)$")
+
+# The builder's weight-only quantization per --quant.  accuracy_level 1 keeps activations in fp32
+# inside MatMulNBits (the CPU default, 4, quantizes them to int8 and lost agreement on SmolLM2);
+# int4 keeps the largest, most output-sensitive matmul (lm_head) in int8 (docs/results.md).
+PRECISION = {
+    "fp32": ("fp32", {}),
+    "int8": ("int8", {"block_size": "32", "accuracy_level": "1", "is_symmetric": "true"}),
+    "int4": ("int4", {"block_size": "32", "accuracy_level": "1", "is_symmetric": "true",
+                      "algo_config": "k_quant", "matmul_mixed_precision": "last_matmul:int8"}),
+}
+
+
+def _input_names(module: str) -> tuple[str, str]:
+    return f"lora.{module}.A", f"lora.{module}.B"
+
+
+def _node_prefix(module: str) -> str:
+    m = _MODULE.match(module)
+    if m is None:
+        raise ExportError(f"LoRA on '{module}': the ONNX base only takes adapters on a decoder layer's "
+                          "attention or MLP projections (layers.N.self_attn.*_proj, layers.N.mlp.*_proj)")
+    block = "attn" if m["block"] == "self_attn" else "mlp"
+    return f"/model/layers.{m['layer']}/{block}/{m['proj']}/"
+
+
+def stage_model(model, tokenizer, folder: Path) -> None:
+    """The base as a transformers folder the builder reads (the GGUF loader leaves the config's
+    ``architectures`` empty; saving the loaded model fills it)."""
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+def run_builder(stage: Path, out: Path, quant: str, tied: bool, log_file: Path, defaults: bool = False) -> None:
+    """The builder in a child process (its progress output goes to ``log_file``).  ``defaults``:
+    the builder's own options for the precision, as its users run it (``bench/export.py``)."""
+    precision, extra = PRECISION[quant]
+    opts = {"hf_token": "false"} if defaults else {"fuse_qkv": "false", "hf_token": "false", **extra}
+    if tied and not defaults:
+        opts["shared_embeddings"] = "true"  # one copy of the tied embedding / lm_head weight
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(stage), "-o", str(out),
+           "-p", precision, "-e", "cpu", "-c", str(stage / "builder-cache"),
+           "--extra_options", *[f"{k}={v}" for k, v in opts.items()]]
+    with open(log_file, "w") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
+        raise ExportError(f"onnxruntime-genai's model builder failed ({quant}): {' | '.join(tail)} "
+                          f"(log: {log_file})")
+
+
+def add_lora_inputs(model_path: Path, modules: dict[str, tuple[int, int]]) -> None:
+    """Hang a LoRA branch with overridable rank-0 factors on each module's base matmul, in place."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    g = m.graph
+    by_prefix = {}
+    for i, n in enumerate(g.node):
+        if n.op_type in ("MatMul", "MatMulNBits"):
+            by_prefix.setdefault(n.name.rsplit("/", 1)[0] + "/", i)
+    after: dict[int, list] = {}
+    for module, (n_in, n_out) in sorted(modules.items()):
+        prefix = _node_prefix(module)
+        if prefix not in by_prefix:
+            raise ExportError(f"LoRA on '{module}': no matmul named {prefix}* in the built model")
+        node = g.node[by_prefix[prefix]]
+        a_name, b_name = _input_names(module)
+        rank = f"r.{module}"
+        g.input.extend([helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [n_in, rank]),
+                        helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [rank, n_out])])
+        g.initializer.extend([helper.make_tensor(a_name, TensorProto.FLOAT, [n_in, 0], []),
+                              helper.make_tensor(b_name, TensorProto.FLOAT, [0, n_out], [])])
+        base_out = node.output[0]
+        node.output[0] = f"{base_out}/base"
+        after[by_prefix[prefix]] = [
+            helper.make_node("MatMul", [node.input[0], a_name], [f"{prefix}lora_A/output_0"],
+                             name=f"{prefix}lora_A/MatMul"),
+            helper.make_node("MatMul", [f"{prefix}lora_A/output_0", b_name], [f"{prefix}lora_B/output_0"],
+                             name=f"{prefix}lora_B/MatMul"),
+            helper.make_node("Add", [node.output[0], f"{prefix}lora_B/output_0"], [base_out],
+                             name=f"{prefix}lora/Add"),
+        ]
+    # each branch goes right after its base matmul: the node list stays in topological order
+    nodes = []
+    for i, n in enumerate(g.node):
+        nodes.append(n)
+        nodes.extend(after.get(i, []))
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(m, str(model_path))
+
+
+def _tune_config(folder: Path, max_seq_len: int) -> None:
+    """Cap the KV cache at the export's ``max_seq_len`` (the builder sizes it to the model's whole
+    context, 8192 positions for SmolLM2: 380 MB of cache buffers on a device)."""
+    path = folder / "genai_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["search"]["max_length"] = max_seq_len
+    cfg["model"]["context_length"] = min(cfg["model"].get("context_length", max_seq_len), max_seq_len)
+    path.write_text(json.dumps(cfg, indent=4))
+
+
+def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path, quant: str,
+               max_seq_len: int) -> tuple[Path, list[str]]:
+    """Build the KV-cached base with LoRA inputs on ``modules`` into ``out``; returns
+    ``(model.onnx, layers left unquantized)``."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise ExportError("--format onnx needs onnxruntime-genai (pip install '.[export]')")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fedlora-onnx-") as tmp:
+        stage = Path(tmp) / "stage"
+        stage_model(model, tokenizer, stage)
+        built = Path(tmp) / "built"
+        run_builder(stage, built, quant, bool(getattr(model.config, "tie_word_embeddings", False)),
+                    Path(tmp) / "builder.log")
+        add_lora_inputs(built / MODEL_FILE, modules)
+        _tune_config(built, max_seq_len)
+        for f in built.iterdir():
+            if f.is_file():
+                shutil.move(str(f), str(out / f.name))
+    import onnx
+
+    g = onnx.load(str(out / MODEL_FILE), load_external_data=False).graph
+    consts = {t.name for t in g.initializer}
+    left = [n.name for n in g.node if n.op_type == "MatMul" and quant != "fp32"
+            and any(i in consts for i in n.input) and "/lora_" not in n.name]
+    return out / MODEL_FILE, left
+
+
+def weights_digest(model) -> str:
+    """sha256 of the base's weights (LoRA factors left out): what makes two bases the same."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            h.update(p.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (a base shared by many exports costs its bytes once), else a copy."""
+    import os
+
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def base_bytes(folder: Path) -> int:
+    """Bytes a device downloads for the base: the graph, its weights and the runtime's config."""
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.name.startswith(MODEL_FILE) or p.name == "genai_config.json")
+
+
+def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str, max_seq_len: int,
+                load, weights: str | None = None) -> tuple[Path, bool]:
+    """The built base for these settings from the cache (``FEDLORA_CACHE``, default
+    ``~/.cache/fedlora-edge``), building it on a miss; returns ``(folder, reused)``.  ``load``
+    gives ``(model, tokenizer)`` of the bare base; ``weights`` is its :func:`weights_digest`
+    (computed from ``load()`` when not given).  A folder is complete once renamed into place."""
+    import importlib.metadata
+
+    from edge_client.models import _cache_root
+
+    model = tok = None
+    if weights is None:
+        model, tok = load()
+        weights = weights_digest(model)
+    key_fields = {"weights": weights, "modules": sorted(f"{m}:{i}x{o}" for m, (i, o) in modules.items()),
+                  "quant": quant, "max_seq_len": max_seq_len, "format": FORMAT_VERSION,
+                  "builder": importlib.metadata.version("onnxruntime-genai")}
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
+    root = _cache_root() / "onnx-bases"
+    folder = root / f"{quant}-{key}"
+    if (folder / BASE_META).is_file():
+        return folder, True
+    if model is None:
+        model, tok = load()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{quant}-{key}-", dir=root))
+    try:
+        _, left = build_base(model, tok, modules, tmp, quant, max_seq_len)
+        (tmp / BASE_META).write_text(json.dumps({**key_fields, "model": model_spec, "sha256": base_digest(tmp),
+                                                 "unquantized": left}, indent=1))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished the same base first: use theirs
+            if not (folder / BASE_META).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, False
+
+
+def lora_factors(peft_model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Module -> (A' [in, r], B' [r, out]) with peft's own scale folded into B', from a loaded
+    (unmerged) ``PeftModel``."""
+    out = {}
+    for name, mod in peft_model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            module = name.split("base_model.model.", 1)[-1]
+            a = mod.lora_A["default"].weight.detach().float()
+            b = mod.lora_B["default"].weight.detach().float() * float(mod.scaling["default"])
+            out[module] = (a.T.contiguous().numpy(), b.T.contiguous().numpy())
+    return out
+
+
+def write_adapter(factors: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
+    """An ``.onnx_adapter`` file (onnxruntime's adapter format) holding the LoRA inputs."""
+    import onnxruntime as ort
+
+    params = {}
+    for module, (a, b) in factors.items():
+        a_name, b_name = _input_names(module)
+        params[a_name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        params[b_name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b, dtype=np.float32))
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters(params)
+    tmp = path.with_suffix(".tmp")
+    fmt.export_adapter(str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def base_digest(folder: Path) -> str:
+    """sha256 over the base's files (graph and weights): equal digests, the same base on a device."""
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in folder.iterdir() if p.name.startswith(MODEL_FILE)):
+        with open(folder / name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class GenaiRunner:
+    """The base and (optionally) an adapter in onnxruntime: ``logits(ids)`` over a whole sequence
+    (one pass from an empty cache, for parity) and ``generate`` with onnxruntime-genai's
+    ``Generator`` and its KV cache."""
+
+    def __init__(self, folder: Path, adapter: Path | None, threads: int = 0):
+        import onnxruntime as ort
+        import onnxruntime_genai as og
+
+        self.folder, self.threads = Path(folder), threads
+        if adapter is not None and not Path(adapter).is_file():
+            raise ArtifactError(f"{adapter}: no such adapter file")
+        try:
+            cfg = json.loads((self.folder / "genai_config.json").read_text())
+            dec = cfg["model"]["decoder"]
+            self.layers, self.kv_heads, self.head = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+            self.max_length = cfg["search"]["max_length"]
+            config = og.Config(str(self.folder))
+            # the folder's files are left as they are (a base may be shared by several exports)
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "log_severity_level": 3, **({"intra_op_num_threads": threads} if threads else {})}}}}))
+            self.model = og.Model(config)
+            self.adapters = None
+            if adapter is not None:
+                self.adapters = og.Adapters(self.model)
+                self.adapters.load(str(adapter), "run")
+        except Exception as exc:  # a broken config or model; onnxruntime-genai raises its own error type
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+            raise ArtifactError(f"{self.folder}: onnxruntime-genai cannot load it ({why})") from None
+        self._adapter, self._session, self._ort = adapter, None, ort
+
+    def _sess(self):
+        if self._session is None:
+            so = self._ort.SessionOptions()
+            so.log_severity_level = 3  # the LoRA inputs' defaults are meant to be overridable: no warning per input
+            if self.threads:
+                so.intra_op_num_threads = self.threads
+            self._session = self._ort.InferenceSession(str(self.folder / MODEL_FILE), so,
+                                                       providers=["CPUExecutionProvider"])
+            self._run_opts = self._ort.RunOptions()
+            if self._adapter is not None:
+                self._lora = self._ort.LoraAdapter()  # held: the run options keep only a pointer to it
+                self._lora.Load(str(self._adapter))
+                self._run_opts.add_active_adapter(self._lora)
+        return self._session
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        sess = self._sess()
+        ids = np.asarray(ids, dtype=np.int64)
+        batch, seq = ids.shape
+        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, seq), dtype=np.int64)}
+        empty = np.zeros((batch, self.kv_heads, 0, self.head), dtype=np.float32)
+        for i in range(self.layers):
+            feeds[f"past_key_values.{i}.key"] = empty
+            feeds[f"past_key_values.{i}.value"] = empty
+        return sess.run(["logits"], feeds, self._run_opts)[0]
+
+    def generate(self, ids: list[int], max_new_tokens: int, eos: int | None) -> tuple[list[int], float]:
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        length = min(self.max_length, len(ids) + max_new_tokens)
+        # eos None: decode all max_new_tokens (the runtime stops at the model's own eos otherwise)
+        params.set_search_options(max_length=length, do_sample=False, **({"min_length": length} if eos is None else {}))
+        t0 = time.perf_counter()
+        gen = og.Generator(self.model, params)
+        if self.adapters is not None:
+            gen.set_active_adapter(self.adapters, "run")
+        gen.append_tokens(np.asarray([ids], dtype=np.int32))
+        new: list[int] = []
+        while len(new) < max_new_tokens and not gen.is_done():
+            gen.generate_next_token()
+            tok = int(gen.get_next_tokens()[0])
+            if eos is not None and tok == eos:
+                break
+            new.append(tok)
+        return new, time.perf_counter() - t0
