@@ -23,7 +23,7 @@ import torch
 from .runners import ExportError
 
 FORMATS = {"onnx": ("fp32", "int8", "int4"), "executorch": ("fp32", "8da8w", "8da4w")}
-GROUP = 32  # 8da4w weight group size
+GROUP = 32  # 8da8w / 8da4w weight group size
 
 
 def check_format(fmt: str, quant: str) -> None:
@@ -83,8 +83,11 @@ def merged_model(model_spec: str, adapter: str | Path | None = None):
 
 
 def quantize_linears(model, quant: str) -> list[str]:
-    """Apply torchao's 8da8w (int8 per-channel weights) or 8da4w (int4, groups of 32) to the
-    linear layers in place; returns the names of the linear layers the scheme had to skip."""
+    """Apply torchao's 8da8w (int8 weights per output channel: XNNPACK takes groups only for
+    4-bit weights) or 8da4w (int4 weights in groups of 32 along the input), with int8 dynamic
+    activations, to the linear layers in place; returns the names of the linear layers left in
+    fp32: the output head (the most output-sensitive matmul, docs/results.md) and, for 8da4w, any
+    whose input size is not a multiple of the group."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
@@ -92,12 +95,13 @@ def quantize_linears(model, quant: str) -> list[str]:
         cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
     else:
         cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP))
-    skipped = [name for name, mod in model.named_modules()
-               if isinstance(mod, torch.nn.Linear) and quant == "8da4w" and mod.in_features % GROUP]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
     def take(mod, fqn):
-        return isinstance(mod, torch.nn.Linear) and (quant != "8da4w" or mod.in_features % GROUP == 0)
+        return (isinstance(mod, torch.nn.Linear) and mod is not head
+                and (quant == "8da8w" or mod.in_features % GROUP == 0))
 
+    skipped = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and not take(mod, name)]
     quantize_(model, cfg, filter_fn=take)
     return skipped
 
