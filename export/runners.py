@@ -45,7 +45,11 @@ class TorchRunner:
     """A causal LM in PyTorch eager; ``generate`` keeps transformers' KV cache."""
 
     def __init__(self, model):
+        import inspect
+
         self.model = model.eval()
+        # transformers renamed past_key_values to cache (5.2x); take whichever this version has
+        self._cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @torch.no_grad()
     def logits(self, ids: np.ndarray) -> np.ndarray:
@@ -57,14 +61,14 @@ class TorchRunner:
         t0 = time.perf_counter()
         x = torch.tensor([ids], dtype=torch.long)
         out = self.model(input_ids=x, use_cache=True)
-        past, new = out.past_key_values, []
+        past, new = getattr(out, self._cache), []
         nxt = int(out.logits[0, -1].argmax())
         while len(new) < max_new_tokens and nxt != eos:
             new.append(nxt)
             if len(new) == max_new_tokens:
                 break
-            out = self.model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+            out = self.model(input_ids=torch.tensor([[nxt]]), use_cache=True, **{self._cache: past})
+            past, nxt = getattr(out, self._cache), int(out.logits[0, -1].argmax())
         return new, time.perf_counter() - t0
 
 
