@@ -41,7 +41,9 @@ _MODULE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp
 
 # The builder's weight-only quantization per --quant.  accuracy_level 1 keeps activations in fp32
 # inside MatMulNBits (the CPU default, 4, quantizes them to int8 and lost agreement on SmolLM2);
-# int4 keeps the largest, most output-sensitive matmul (lm_head) in int8 (docs/results.md).
+# int4 keeps the largest, most output-sensitive matmul (lm_head) and the builder's "mixed layers"
+# (the first and last eighth of the layers and every third layer's v_proj/down_proj) in int8: of the
+# variants tried on SmolLM2 it kept the most agreement (docs/results.md), still short of 90%.
 PRECISION = {
     "fp32": ("fp32", {}),
     "int8": ("int8", {"block_size": "32", "accuracy_level": "1", "is_symmetric": "true"}),
@@ -211,7 +213,7 @@ def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str
         model, tok = load()
         weights = weights_digest(model)
     key_fields = {"weights": weights, "modules": sorted(f"{m}:{i}x{o}" for m, (i, o) in modules.items()),
-                  "quant": quant, "max_seq_len": max_seq_len, "format": FORMAT_VERSION,
+                  "quant": quant, "options": PRECISION[quant][1], "max_seq_len": max_seq_len, "format": FORMAT_VERSION,
                   "builder": importlib.metadata.version("onnxruntime-genai")}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     root = _cache_root() / "onnx-bases"
