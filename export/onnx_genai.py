@@ -46,8 +46,8 @@ _MODULE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp
 # variants tried on SmolLM2 it kept the most agreement (docs/results.md), still short of 90%.
 PRECISION = {
     "fp32": ("fp32", {}),
-    "int8": ("int8", {"block_size": "32", "accuracy_level": "1", "is_symmetric": "true"}),
-    "int4": ("int4", {"block_size": "32", "accuracy_level": "1", "is_symmetric": "true",
+    "int8": ("int8", {"block_size": "32", "accuracy_level": "4", "is_symmetric": "true"}),
+    "int4": ("int4", {"block_size": "32", "accuracy_level": "4", "is_symmetric": "true",
                       "algo_config": "k_quant", "matmul_mixed_precision": "last_matmul:int8"}),
 }
 

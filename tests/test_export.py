@@ -82,6 +82,10 @@ def test_a_new_adapter_swaps_onto_the_same_base(tmp_path, adapter):
     assert meta2["base_reused"] and meta2["base_sha256"] == meta1["base_sha256"]
     swapped = load_runner(first, adapter=second.parent / "adapter.onnx_adapter")  # the first folder's base
     assert np.abs(swapped.logits(IDS) - torch_runner(reference2).logits(IDS)).max() < 1e-4
+    from export.onnx_genai import GenaiRunner
+
+    bare = GenaiRunner(first.parent, None)  # no adapter: the LoRA inputs' rank-0 defaults, the base model itself
+    assert np.abs(bare.logits(IDS) - torch_runner(merged_model("tiny-llama")[0]).logits(IDS)).max() < 1e-4
     with pytest.raises(ArtifactError, match="no such adapter file"):
         load_runner(first, adapter=tmp_path / "missing.onnx_adapter")
 
