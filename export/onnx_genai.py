@@ -39,11 +39,11 @@ BASE_META = "base.json"
 FORMAT_VERSION = 1  # bump when the built base changes shape (a cached base of another version is not reused)
 _MODULE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>\w+)$")
 
-# The builder's weight-only quantization per --quant.  accuracy_level 1 keeps activations in fp32
-# inside MatMulNBits (the CPU default, 4, quantizes them to int8 and lost agreement on SmolLM2);
-# int4 keeps the largest, most output-sensitive matmul (lm_head) and the builder's "mixed layers"
-# (the first and last eighth of the layers and every third layer's v_proj/down_proj) in int8: of the
-# variants tried on SmolLM2 it kept the most agreement (docs/results.md), still short of 90%.
+# The builder's weight-only quantization per --quant, at the CPU kernel's accuracy level 4 (int8
+# activations inside MatMulNBits, the builder's CPU default): level 1 (fp32 activations) agreed no
+# better on the answer tokens of trained SmolLM2 adapters and decoded 30x slower.  int4 uses k-quant
+# and keeps the largest, most output-sensitive matmul (lm_head) in int8; no variant tried reached
+# 90% agreement (docs/results.md).
 PRECISION = {
     "fp32": ("fp32", {}),
     "int8": ("int8", {"block_size": "32", "accuracy_level": "4", "is_symmetric": "true"}),
