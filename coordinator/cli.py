@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "names in its fedlora.json or adapter_config.json; smollm2-135m without an adapter)")
     p.add_argument("--adapter", help="a peft adapter folder, e.g. runs/demo/adapter (default: the base alone)")
     p.add_argument("--format", required=True, choices=["onnx", "executorch"])
-    p.add_argument("--quant", default="fp32", help="onnx: fp32 | int8 | int4 (weight-only MatMulNBits, fp32 activations); "
+    p.add_argument("--quant", default="fp32", help="onnx: fp32 | int8 | int4 (weight-only MatMulNBits, blocks of 32); "
                    "executorch: fp32 | 8da8w | 8da4w (torchao, int8 dynamic activations) (default: fp32)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--max-seq-len", type=int, default=256, help="longest sequence the artifact takes, prompt and "
