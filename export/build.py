@@ -199,7 +199,8 @@ def export_executorch(model, out: Path, quant: str, max_seq_len: int) -> tuple[P
 
 def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, max_seq_len: int):
     """The KV-cached ONNX base (built once per model, adapted modules, quant and length, and cached)
-    and the adapter file beside it; returns ``(model.onnx, meta fields, merged reference, tok)``."""
+    and the adapter file beside it; returns ``(model.onnx, unquantized layers, meta fields, merged
+    reference, tokenizer)``."""
     from edge_client.lora import adapted_modules
     from edge_client.models import default_target_modules, load_model
 
@@ -210,12 +211,14 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
     modules = ({m: (a.shape[0], b.shape[1]) for m, (a, b) in factors.items()} if factors is not None
                else adapted_modules(peft_or_base, default_target_modules(peft_or_base)))
     base_dir, cached = onnx_genai.cached_base(model_spec, modules, quant, max_seq_len,
-                                              lambda: load_model(model_spec), onnx_genai.weights_digest(peft_or_base))
+                                              lambda: load_model(model_spec),
+                                              onnx_genai.weights_digest(peft_or_base, tok))
     for f in base_dir.iterdir():
         if f.name.startswith(onnx_genai.MODEL_FILE):
             onnx_genai.link_or_copy(f, out / f.name)
-        elif f.is_file() and f.name != onnx_genai.BASE_META:
-            shutil.copy2(f, out / f.name)
+        elif f.is_file() and f.name != onnx_genai.BASE_META:  # small files: copies of the export's own
+            (out / f.name).unlink(missing_ok=True)
+            shutil.copyfile(f, out / f.name)
     fields = {"base_sha256": json.loads((base_dir / onnx_genai.BASE_META).read_text())["sha256"],
               "base_bytes": onnx_genai.base_bytes(out), "base_reused": cached,
               "adapted_modules": len(modules)}

@@ -75,6 +75,8 @@ def export_fleet(model_spec: str, adapter: str | Path, classes: dict[tuple[str, 
                        accuracy_artifact=rep["accuracy_artifact"]["overall"])
         except ExportError as exc:
             row["parity"] = f"not exported: {exc}"
+        except Exception as exc:  # noqa: BLE001 - one class failing must not stop the others or the index
+            row["parity"] = f"not exported: {type(exc).__name__}: {str(exc)[:300]}"
         log(f"  {fmt} {quant}: {row['parity']}")
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ def _tune_config(folder: Path, max_seq_len: int) -> None:
 
 
 def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path, quant: str,
-               max_seq_len: int) -> tuple[Path, list[str]]:
+               max_seq_len: int, log_file: Path | None = None) -> tuple[Path, list[str]]:
     """Build the KV-cached base with LoRA inputs on ``modules`` into ``out``; returns
     ``(model.onnx, layers left unquantized)``."""
     import importlib.util
@@ -157,7 +157,7 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
         stage_model(model, tokenizer, stage)
         built = Path(tmp) / "built"
         run_builder(stage, built, quant, bool(getattr(model.config, "tie_word_embeddings", False)),
-                    Path(tmp) / "builder.log")
+                    log_file or out.parent / "builder.log")
         add_lora_inputs(built / MODEL_FILE, modules)
         _tune_config(built, max_seq_len)
         for f in built.iterdir():
@@ -172,12 +172,18 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
     return out / MODEL_FILE, left
 
 
-def weights_digest(model) -> str:
-    """sha256 of the base's weights (LoRA factors left out): what makes two bases the same."""
+def weights_digest(model, tokenizer=None) -> str:
+    """sha256 of what makes two bases the same: the weights (LoRA factors left out), the model's
+    config and the tokenizer's vocabulary and special tokens (the built folder carries both)."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         if "lora_" not in name:
             h.update(p.detach().float().contiguous().numpy().tobytes())
+    config = getattr(model, "config", None)
+    h.update((config.to_json_string(use_diff=False) if config is not None else "").encode())
+    if tokenizer is not None:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -198,41 +204,75 @@ def base_bytes(folder: Path) -> int:
                if p.name.startswith(MODEL_FILE) or p.name == "genai_config.json")
 
 
+def _intact(folder: Path) -> bool:
+    """The cached files are all there with the sizes recorded when the base was built."""
+    try:
+        sizes = json.loads((folder / BASE_META).read_text()).get("sizes", {})
+        return bool(sizes) and all((folder / n).is_file() and (folder / n).stat().st_size == z for n, z in sizes.items())
+    except (OSError, ValueError):
+        return False
+
+
+def _set_aside(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists():
+        folder.rename(folder.with_name(f".broken-{folder.name}-{time.time_ns()}"))
+
+
 def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str, max_seq_len: int,
                 load, weights: str | None = None) -> tuple[Path, bool]:
     """The built base for these settings from the cache (``FEDLORA_CACHE``, default
     ``~/.cache/fedlora-edge``), building it on a miss; returns ``(folder, reused)``.  ``load``
     gives ``(model, tokenizer)`` of the bare base; ``weights`` is its :func:`weights_digest`
     (computed from ``load()`` when not given).  A folder is complete once renamed into place."""
-    import importlib.metadata
+    import importlib.util
 
     from edge_client.models import _cache_root
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise ExportError("--format onnx needs onnxruntime-genai (pip install '.[export]')")
+    import onnx
+    import onnxruntime
+    import onnxruntime_genai
 
     model = tok = None
     if weights is None:
         model, tok = load()
-        weights = weights_digest(model)
+        weights = weights_digest(model, tok)
     key_fields = {"weights": weights, "modules": sorted(f"{m}:{i}x{o}" for m, (i, o) in modules.items()),
                   "quant": quant, "options": PRECISION[quant][1], "max_seq_len": max_seq_len, "format": FORMAT_VERSION,
-                  "builder": importlib.metadata.version("onnxruntime-genai")}
+                  "builder": onnxruntime_genai.__version__, "onnxruntime": onnxruntime.__version__,
+                  "onnx": onnx.__version__}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     root = _cache_root() / "onnx-bases"
     folder = root / f"{quant}-{key}"
     if (folder / BASE_META).is_file():
-        return folder, True
+        if _intact(folder):
+            return folder, True
+        _set_aside(folder)  # sizes differ from what was recorded: build it again
+    elif folder.exists():
+        _set_aside(folder)  # no base.json: an unfinished or damaged folder
     if model is None:
         model, tok = load()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{quant}-{key}-", dir=root))
     try:
-        _, left = build_base(model, tok, modules, tmp, quant, max_seq_len)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{quant}-{key}-", dir=root))
+    except OSError as exc:
+        raise ExportError(f"cannot write the ONNX base cache in {root}: {exc}") from None
+    try:
+        _, left = build_base(model, tok, modules, tmp, quant, max_seq_len, log_file=root / f"{quant}-{key}.builder.log")
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         (tmp / BASE_META).write_text(json.dumps({**key_fields, "model": model_spec, "sha256": base_digest(tmp),
-                                                 "unquantized": left}, indent=1))
+                                                 "unquantized": left, "sizes": sizes}, indent=1))
+        for p in tmp.iterdir():
+            p.chmod(0o444)  # exports hard-link these files: a write through a link would change the cache
         try:
             tmp.rename(folder)
         except OSError:  # another process finished the same base first: use theirs
             if not (folder / BASE_META).is_file():
                 raise
+    except OSError as exc:
+        raise ExportError(f"cannot write the ONNX base cache in {root}: {exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder, False
@@ -286,12 +326,19 @@ class GenaiRunner:
     ``Generator`` and its KV cache."""
 
     def __init__(self, folder: Path, adapter: Path | None, threads: int = 0):
+        import importlib.util
+
         import onnxruntime as ort
+
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            raise ArtifactError(f"{folder}: running an ONNX artifact needs onnxruntime-genai (pip install '.[export]')")
         import onnxruntime_genai as og
 
         self.folder, self.threads = Path(folder), threads
         if adapter is not None and not Path(adapter).is_file():
             raise ArtifactError(f"{adapter}: no such adapter file")
+        if adapter is not None:
+            self._check_adapter(Path(adapter))
         try:
             cfg = json.loads((self.folder / "genai_config.json").read_text())
             dec = cfg["model"]["decoder"]
@@ -311,7 +358,37 @@ class GenaiRunner:
             raise ArtifactError(f"{self.folder}: onnxruntime-genai cannot load it ({why})") from None
         self._adapter, self._session, self._ort = adapter, None, ort
 
+    def _check_adapter(self, adapter: Path) -> None:
+        """The adapter's factors are LoRA inputs of this base with fitting shapes, or ArtifactError."""
+        import onnx
+
+        try:
+            params = self._ort_adapter_params(adapter)
+            graph = onnx.load(str(self.folder / MODEL_FILE), load_external_data=False).graph
+        except Exception as exc:  # a file that is not an adapter or not a model: onnxruntime's own errors
+            raise ArtifactError(f"{adapter}: cannot be read as an adapter for {self.folder} ({str(exc)[:200]})") from None
+        inputs = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+                  for i in graph.input if i.name.startswith("lora.")}
+        for name, shape in params.items():
+            want = inputs.get(name)
+            fits = want is not None and len(want) == len(shape) and all(w is None or w == g for w, g in zip(want, shape))
+            if not fits:
+                raise ArtifactError(f"{adapter}: its factor {name} {list(shape)} is not a LoRA input of the base in "
+                                    f"{self.folder} (an adapter for another model or other modules)")
+
+    @staticmethod
+    def _ort_adapter_params(adapter: Path) -> dict[str, list[int]]:
+        import onnxruntime as ort
+
+        return {k: list(v.shape()) for k, v in ort.AdapterFormat.read_adapter(str(adapter)).get_parameters().items()}
+
     def _sess(self):
+        try:
+            return self._open_session()
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ArtifactError(f"{self.folder}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+
+    def _open_session(self):
         if self._session is None:
             so = self._ort.SessionOptions()
             so.log_severity_level = 3  # the LoRA inputs' defaults are meant to be overridable: no warning per input

@@ -88,6 +88,28 @@ def test_a_new_adapter_swaps_onto_the_same_base(tmp_path, adapter):
     assert np.abs(bare.logits(IDS) - torch_runner(merged_model("tiny-llama")[0]).logits(IDS)).max() < 1e-4
     with pytest.raises(ArtifactError, match="no such adapter file"):
         load_runner(first, adapter=tmp_path / "missing.onnx_adapter")
+    from export.onnx_genai import write_adapter
+
+    a, b = np.zeros((32, 2), np.float32), np.zeros((2, 32), np.float32)
+    write_adapter({"model.layers.0.self_attn.k_proj": (a, b)}, tmp_path / "other.onnx_adapter")  # k_proj: not adapted
+    with pytest.raises(ArtifactError, match="is not a LoRA input of the base"):
+        load_runner(first, adapter=tmp_path / "other.onnx_adapter")
+
+
+@pytest.mark.integration
+def test_a_damaged_cached_base_is_built_again(tmp_path, adapter):
+    pytest.importorskip("onnxruntime_genai")
+    from export.onnx_genai import BASE_META
+
+    _, meta1, _, _ = export("tiny-llama", adapter, "onnx", "int8", tmp_path / "one")
+    import os
+    from pathlib import Path
+
+    cached = next(p for p in (Path(os.environ["FEDLORA_CACHE"]) / "onnx-bases").glob("int8-*") if (p / BASE_META).is_file())
+    (cached / "model.onnx.data").unlink()  # a cleaner took a file away
+    artifact, meta2, reference, _ = export("tiny-llama", adapter, "onnx", "int8", tmp_path / "two")
+    assert not meta2["base_reused"] and meta2["base_sha256"] == meta1["base_sha256"]
+    assert np.abs(load_runner(artifact).logits(IDS) - torch_runner(reference).logits(IDS)).max() < 0.5
 
 
 @pytest.mark.integration
