@@ -56,7 +56,7 @@ def run_one(model: str, adapter: str | None, fmt: str, quant: str, out: Path, pe
 
 def run_vendor(model: str, adapter: str | None, quant: str, out: Path, per_task: int) -> dict:
     """onnxruntime-genai's builder on the merged model, as its users run it."""
-    from export.onnx_genai import run_builder, stage_model
+    from export.onnx_genai import base_bytes, run_builder, stage_model
 
     report_file = out / "parity.json"
     if report_file.is_file():
@@ -66,8 +66,6 @@ def run_vendor(model: str, adapter: str | None, quant: str, out: Path, per_task:
         stage_model(reference, tok, Path(tmp) / "stage")
         run_builder(Path(tmp) / "stage", out, quant, tied=False, log_file=Path(tmp) / "builder.log", defaults=True)
     tok.save_pretrained(str(out / "tokenizer"))
-    from export.onnx_genai import base_bytes
-
     meta = {"format": "onnx", "quant": quant, "artifact": "model.onnx", "tokenizer": "tokenizer", "max_seq_len": 256,
             "base_bytes": base_bytes(out), "skipped_layers": []}
     (out / "export.json").write_text(json.dumps(meta, indent=1))
@@ -94,7 +92,7 @@ def _child(kind: str, target: str, model: str, adapter: str | None, threads: int
 
     from edge_client.data import prompt_ids
     from export.parity import held_out
-    from export.runners import TorchRunner, load_runner
+    from export.runners import TorchRunner, artifact_folder, load_runner
 
     torch.set_num_threads(threads)
     if kind == "torch":
@@ -104,8 +102,7 @@ def _child(kind: str, target: str, model: str, adapter: str | None, threads: int
         from transformers import AutoTokenizer
 
         run = load_runner(target, threads)
-        folder = Path(target) if Path(target).is_dir() else Path(target).parent
-        tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        tok = AutoTokenizer.from_pretrained(str(artifact_folder(target) / "tokenizer"))
     prompts = [prompt_ids(tok, ex, 256 - new_tokens) for ex in held_out(1)]
     run.generate(prompts[0], 2, None)  # one-off set-up costs
     first, rest = [], []

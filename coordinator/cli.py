@@ -376,11 +376,10 @@ def cmd_generate(args) -> int:
     from transformers import AutoTokenizer
 
     from edge_client.data import SYSTEM_PROMPT, Example, prompt_ids
-    from export.runners import load_runner, read_meta
+    from export.runners import artifact_folder, load_runner, read_meta
 
     meta = read_meta(args.artifact)
-    folder = Path(args.artifact) if Path(args.artifact).is_dir() else Path(args.artifact).parent
-    tok = AutoTokenizer.from_pretrained(str(folder / meta["tokenizer"]))
+    tok = AutoTokenizer.from_pretrained(str(artifact_folder(args.artifact) / meta["tokenizer"]))
     run = load_runner(args.artifact, args.threads, args.adapter_file)
     system = meta.get("system_prompt", SYSTEM_PROMPT) if args.system is None else (args.system or None)
     ids = prompt_ids(tok, Example(args.prompt, "", system=system), meta["max_seq_len"] - args.max_new_tokens)

@@ -147,10 +147,6 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
                max_seq_len: int, log_file: Path | None = None) -> tuple[Path, list[str]]:
     """Build the KV-cached base with LoRA inputs on ``modules`` into ``out``; returns
     ``(model.onnx, layers left unquantized)``."""
-    import importlib.util
-
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        raise ExportError("--format onnx needs onnxruntime-genai (pip install '.[export]')")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedlora-onnx-") as tmp:
         stage = Path(tmp) / "stage"
@@ -172,18 +168,16 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
     return out / MODEL_FILE, left
 
 
-def weights_digest(model, tokenizer=None) -> str:
+def weights_digest(model, tokenizer) -> str:
     """sha256 of what makes two bases the same: the weights (LoRA factors left out), the model's
     config and the tokenizer's vocabulary and special tokens (the built folder carries both)."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         if "lora_" not in name:
             h.update(p.detach().float().contiguous().numpy().tobytes())
-    config = getattr(model, "config", None)
-    h.update((config.to_json_string(use_diff=False) if config is not None else "").encode())
-    if tokenizer is not None:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-        h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -220,11 +214,11 @@ def _set_aside(folder: Path) -> None:
 
 
 def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str, max_seq_len: int,
-                load, weights: str | None = None) -> tuple[Path, bool]:
+                load, weights: str) -> tuple[Path, bool]:
     """The built base for these settings from the cache (``FEDLORA_CACHE``, default
     ``~/.cache/fedlora-edge``), building it on a miss; returns ``(folder, reused)``.  ``load``
-    gives ``(model, tokenizer)`` of the bare base; ``weights`` is its :func:`weights_digest`
-    (computed from ``load()`` when not given).  A folder is complete once renamed into place."""
+    gives ``(model, tokenizer)`` of the bare base, called only on a miss; ``weights`` is its
+    :func:`weights_digest`.  A folder is complete once renamed into place."""
     import importlib.util
 
     from edge_client.models import _cache_root
@@ -235,10 +229,6 @@ def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str
     import onnxruntime
     import onnxruntime_genai
 
-    model = tok = None
-    if weights is None:
-        model, tok = load()
-        weights = weights_digest(model, tok)
     key_fields = {"weights": weights, "modules": sorted(f"{m}:{i}x{o}" for m, (i, o) in modules.items()),
                   "quant": quant, "options": PRECISION[quant][1], "max_seq_len": max_seq_len, "format": FORMAT_VERSION,
                   "builder": onnxruntime_genai.__version__, "onnxruntime": onnxruntime.__version__,
@@ -252,8 +242,7 @@ def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str
         _set_aside(folder)  # sizes differ from what was recorded: build it again
     elif folder.exists():
         _set_aside(folder)  # no base.json: an unfinished or damaged folder
-    if model is None:
-        model, tok = load()
+    model, tok = load()
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{quant}-{key}-", dir=root))

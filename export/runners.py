@@ -116,10 +116,14 @@ class ExecuTorchRunner:
         return new, time.perf_counter() - t0
 
 
+def artifact_folder(artifact: str | Path) -> Path:
+    """The export's folder: ``artifact`` itself (an ONNX export is a folder) or the one holding the file."""
+    return Path(artifact) if Path(artifact).is_dir() else Path(artifact).parent
+
+
 def read_meta(artifact: str | Path) -> dict:
     """The ``export.json`` written beside an artifact (tokenizer folder, format, limits)."""
-    folder = Path(artifact) if Path(artifact).is_dir() else Path(artifact).parent
-    meta = folder / META
+    meta = artifact_folder(artifact) / META
     if not meta.is_file():
         raise ArtifactError(f"{artifact}: no {META} beside it (export it with `fedlora export`)")
     return json.loads(meta.read_text())
