@@ -47,7 +47,7 @@ from edge_client.lora import (
     to_state_dict,
     uniform_plan,
 )
-from edge_client.models import default_target_modules, load_model, resolve_model
+from edge_client.models import cache_root, default_target_modules, load_model, resolve_model, weights_digest
 from edge_client.partial import split_update, update_shapes
 from edge_client.wire import PayloadError, decode_tensors, encode_tensors
 from edge_client.work import assignment_meta, trainer_of
@@ -195,7 +195,10 @@ class Engine:
         self._able: dict[str, bool] = {}  # device -> the method can plan it (kept per device: a hello re-plans one)
         able = self._eligible()
         # training programs for devices with the executorch trainer, built when first planned
-        self.programs = ProgramStore(self.out / "programs", log=self.reporter.status)
+        # (kept across runs in FEDLORA_CACHE/et-programs, keyed on the spec, the base's weights and versions)
+        self.programs = ProgramStore(self.out / "programs", log=self.reporter.status,
+                                     cache=cache_root() / "et-programs",
+                                     identity=lambda: weights_digest(self.model, self.tok))
         on_et = [c.id for c in able if c.device.profile.trainer == "executorch"]
         why = schedule_unsupported(cfg.train)
         if on_et and why:

@@ -8,11 +8,13 @@ domain counts as much as a large one.  Which metric leads a run is :func:`lead_m
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from collections.abc import Sequence
 
 import torch
+from transformers import DynamicCache
 
 from edge_client.data import (
     Example,
@@ -112,15 +114,75 @@ def rouge_l(examples: Sequence[Example], answers: Sequence[str]) -> dict:
                                    for ex, ans in zip(examples, answers)])
 
 
+@torch.no_grad()
+def answers_and_nll(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, device, max_seq_len: int,
+                    batch_size: int = 32) -> tuple[list[str], list[tuple[float, int]]]:
+    """Greedy answers and each response's summed negative log-likelihood and token count, from one
+    prefill of each prompt: the prompts' key-value cache is computed once and serves both the
+    teacher-forced pass over the responses and greedy decoding (what :func:`generate_answers` and
+    :func:`response_nll` each do with a prefill of their own).  The prompt is cut as training cuts
+    it (:func:`encode_examples`); batches group prompts of similar length (left-padded), and
+    results come back in the examples' order."""
+    encoded = encode_examples(tokenizer, examples, max_seq_len)
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i][1])
+    answers: list[str] = [""] * len(encoded)
+    nll: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    for i in range(0, len(order), batch_size):
+        rows = order[i: i + batch_size]
+        prompts = [encoded[j][0][: encoded[j][1]] for j in rows]
+        replies = [encoded[j][0][encoded[j][1]:] for j in rows]
+        b, width, rwidth = len(rows), max(map(len, prompts)), max(map(len, replies))
+        ids = torch.full((b, width), pad, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        rids = torch.full((b, rwidth), pad, dtype=torch.long)
+        rmask = torch.zeros((b, rwidth), dtype=torch.long)
+        for k, (p, r) in enumerate(zip(prompts, replies)):
+            ids[k, width - len(p):], mask[k, width - len(p):] = torch.tensor(p), 1
+            rids[k, : len(r)], rmask[k, : len(r)] = torch.tensor(r), 1
+        ids, mask, rids, rmask = ids.to(device), mask.to(device), rids.to(device), rmask.to(device)
+        last = mask.sum(1) - 1  # each prompt's last position (positions count real tokens only)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                    past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)  # no logits over the prompt
+        first = out.logits[:, -1].float()  # predicts each response's first token
+        cache = out.past_key_values
+        # teacher-forced over the responses, on a copy of the prompts' cache
+        tf = model(input_ids=rids, attention_mask=torch.cat([mask, rmask], 1),
+                   position_ids=last[:, None] + 1 + torch.arange(rwidth, device=ids.device)[None],
+                   past_key_values=copy.deepcopy(cache), use_cache=True)
+        logits = torch.cat([first[:, None], tf.logits[:, :-1].float()], 1)
+        labels = rids.masked_fill(rmask == 0, -100)
+        tok_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                                                    reduction="none")
+        for k, (s, n) in enumerate(zip(tok_nll.sum(1).tolist(), rmask.sum(1).tolist())):
+            nll[rows[k]] = (s, n)
+        # greedy decoding on the prompts' cache, as generate(do_sample=False) does
+        nxt, done, pos, att, steps = first.argmax(-1), torch.zeros(b, dtype=torch.bool, device=ids.device), last, mask, []
+        for step in range(max_new_tokens):
+            nxt = nxt.masked_fill(done, pad)
+            steps.append(nxt)
+            done = done | (nxt == eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            pos = pos + 1
+            att = torch.cat([att, torch.ones((b, 1), dtype=att.dtype, device=att.device)], 1)
+            nxt = model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos[:, None],
+                        past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+        gen = torch.stack(steps, 1) if steps else torch.zeros((b, 0), dtype=torch.long)
+        for k, g in enumerate(gen.tolist()):
+            answers[rows[k]] = tokenizer.decode(g, skip_special_tokens=True)
+    return answers, nll
+
+
 def evaluate(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, device,
-             max_prompt_len: int | None = None, with_rouge: bool = False) -> dict:
+             max_seq_len: int = 64, with_rouge: bool = False) -> dict:
     """Exact match (``overall``, ``per_domain``), ``loss`` and ``perplexity`` (and ``rouge_l``), and
     ``per_example``: each prompt's exact match (0/1) and loss per token, in the examples' order (what
-    paired comparisons of methods resample)."""
-    answers = generate_answers(model, tokenizer, examples, max_new_tokens, device, max_prompt_len=max_prompt_len)
+    paired comparisons of methods resample).  One prefill per prompt serves the greedy answers and
+    the loss (:func:`answers_and_nll`)."""
+    answers, nll = answers_and_nll(model, tokenizer, examples, max_new_tokens, device, max_seq_len)
     hits = exact_hits(examples, answers)
     out = domain_means(examples, hits)
-    nll = response_nll(model, tokenizer, examples, max_prompt_len or 64, device)
     out.update(loss_scores(examples, nll))
     if with_rouge:
         out["rouge_l"] = rouge_l(examples, answers)

@@ -3,8 +3,9 @@
 A device whose profile says ``trainer: executorch`` trains no PyTorch model.  The coordinator
 builds a *training program* (:func:`build_program`) for the device's plan: the base model frozen
 (float32, or int8 weights with ``trainer_base: int8``), the plan's LoRA factors the only trainable
-tensors, one fixed batch shape ``batch_size × max_seq_len``, and the loss as the program's first
-output.  The device runs it with ExecuTorch's training runtime (:func:`train_program`): SGD, the
+tensors, batches of ``batch_size`` sequences of any length up to ``max_seq_len`` (a dynamic
+dimension: a batch runs at its own longest sequence, as in torch), and the loss as the program's
+first output.  The device runs it with ExecuTorch's training runtime (:func:`train_program`): SGD, the
 only optimiser the runtime offers, on ``forward_backward`` gradients, with the same batches, the
 same gradient clipping and the same update format as the torch backend.
 
@@ -14,14 +15,15 @@ How the program is made (what this stack needs, see ``docs/edge.md``):
 - ``torch.export`` of a wrapper that returns ``(loss,)``, then ``_export_forward_backward``;
 - ``aten.empty_permuted`` (from SiLU's backward) rewritten to ``aten.empty.memory_format``: the
   portable kernels lack it; only the identity permutation it is emitted with is rewritten;
-- ``to_edge(..., _check_ir_validity=False)`` and ``to_executorch()``: portable kernels (the
-  XNNPACK delegate cannot lower a training graph);
+- ``to_edge(..., _check_ir_validity=False, _skip_dim_order=True)`` (the dim-order pass fixes a
+  dynamic length at its example value) and ``to_executorch`` with constraint-based shape
+  evaluation (memory planned for the longest batch): portable kernels, with the optimized ones
+  for matmul and linear (the XNNPACK delegate cannot lower a training graph);
 - an int8 base: torchao ``IntxWeightOnlyConfig`` on the base's Linear layers (not the LoRA factors,
   not ``lm_head``), then ``unwrap_tensor_subclass`` so that export sees plain tensors.
 
-Batches are right-padded to ``max_seq_len``: with a causal model and right padding, the real
-tokens see exactly what they see in the torch backend's shorter batch, and the loss (mean over
-response tokens) is the same.  The runtime names a trainable tensor
+Batches are the torch backend's, right-padded to their longest sequence: the same shapes, the
+same real tokens, the same loss (mean over response tokens).  The runtime names a trainable tensor
 ``m.base_model.model.<module>.lora_A.<adapter>.weight``; the program's JSON sidecar maps each
 name to the wire's peft key.
 
@@ -45,8 +47,9 @@ from .lora import ClientPlan, from_state_dict, lora_config, peft_key, to_state_d
 from .trainer import TrainResult, TrainSettings, batches
 
 ADAPTER = "client"
-PROGRAM_VERSION = 1
+PROGRAM_VERSION = 2  # 2: the sequence length is a dynamic dimension (up to seq_len)
 BASES = ("fp32", "int8")
+MIN_LEN = 3  # the shortest batch a program takes (the lower bound export allows for its length)
 
 
 class ProgramError(ValueError):
@@ -98,6 +101,7 @@ def build_program(spec: Mapping, path: str | Path, model=None) -> dict:
     Returns the sidecar."""
     import torch.nn.functional as F
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
     from peft import get_peft_model
     from torch.export.experimental import _export_forward_backward
 
@@ -135,10 +139,14 @@ def build_program(spec: Mapping, path: str | Path, model=None) -> dict:
     pm.eval()  # no dropout in the program
     b, s = spec["batch_size"], spec["seq_len"]
     ids, labels = torch.zeros((b, s), dtype=torch.long), torch.zeros((b, s), dtype=torch.long)  # distinct: not aliased
-    ep = _export_forward_backward(torch.export.export(TrainNet(pm), (ids, labels), strict=False))
+    # the length is dynamic (MIN_LEN..seq_len): a batch runs at its own longest sequence, as in torch
+    length = torch.export.Dim("seq_len", min=MIN_LEN, max=s)
+    ep = _export_forward_backward(torch.export.export(TrainNet(pm), (ids, labels), strict=False,
+                                                      dynamic_shapes={"input_ids": {1: length}, "labels": {1: length}}))
     _rewrite_empty_permuted(ep.graph_module)
-    et = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch(
-        config=ExecutorchBackendConfig())
+    # dim-order ops would fix the length at its example value; memory is planned for the upper bound
+    et = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)).to_executorch(
+        config=ExecutorchBackendConfig(sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -154,6 +162,20 @@ def build_program(spec: Mapping, path: str | Path, model=None) -> dict:
     return side
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a new name for ``src``'s bytes (a hard link, else a copy), swapped in by a rename."""
+    import os
+    import shutil
+
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def _wire_key(name: str) -> str:
     """peft parameter name (``...lora_A.<adapter>.weight``) -> the wire's key (``...lora_A.weight``)."""
     for which in ("A", "B"):
@@ -167,9 +189,16 @@ class ProgramStore:
     """Training programs on disk, by key: ``<dir>/<key>.pte`` and ``<key>.json``.  The coordinator
     builds into one (:meth:`get`); a device keeps the programs it received in one."""
 
-    def __init__(self, root: str | Path, log=None):
+    def __init__(self, root: str | Path, log=None, cache: str | Path | None = None, identity=None):
+        """``cache``: a folder shared across runs (the coordinator's: ``FEDLORA_CACHE/et-programs``)
+        where a built program is kept under a key of its spec, ``identity()`` (a digest of the
+        base's weights, computed on first use) and the versions of what builds it; a later run
+        with the same key copies it instead of building it again."""
         self.root = Path(root)
         self.log = log or (lambda text: None)
+        self.cache = Path(cache) if cache is not None else None
+        self._identity_fn = identity
+        self._identity: str | None = None
         self._loaded: dict[str, ProgramTrainer] = {}
 
     def path(self, key: str) -> Path:
@@ -182,13 +211,70 @@ class ProgramStore:
         side_file = path.with_suffix(".json")
         if path.is_file() and side_file.is_file():
             return path, json.loads(side_file.read_text())
+        reused = self._from_cache(spec, key)
+        if reused is not None:
+            return path, reused
         self.log(f"building the executorch training program {key} (ranks "
                  f"{sorted(set(spec['ranks'].values()))}, batch {spec['batch_size']}x{spec['seq_len']}, "
                  f"{spec['base']} base)")
         t0 = time.perf_counter()
         side = build_program(spec, path)
         self.log(f"program {key}: {side['bytes'] / 2**20:.1f} MiB in {time.perf_counter() - t0:.0f} s")
+        self._to_cache(spec, path, side)
         return path, side
+
+    def _cache_path(self, spec: Mapping) -> Path | None:
+        """Where the shared cache keeps ``spec``'s program (None without a cache)."""
+        if self.cache is None or self._identity_fn is None:
+            return None
+        if self._identity is None:
+            self._identity = str(self._identity_fn())
+        import executorch.version
+        import peft
+        import torchao
+        import transformers
+
+        fields = {"spec": dict(spec), "weights": self._identity, "torch": torch.__version__,
+                  "executorch": executorch.version.__version__, "torchao": torchao.__version__,
+                  "transformers": transformers.__version__, "peft": peft.__version__}
+        name = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+        return self.cache / f"{name}.pte"
+
+    def _from_cache(self, spec: Mapping, key: str) -> dict | None:
+        """Copy ``spec``'s program from the shared cache into this store when it is there and its
+        checksum holds; the sidecar, or None."""
+        from .durable import sha256_file, write_json
+
+        cached = self._cache_path(spec)
+        if cached is None or not cached.is_file() or not cached.with_suffix(".json").is_file():
+            return None
+        try:
+            side = json.loads(cached.with_suffix(".json").read_text())
+            if side.get("key") != key or sha256_file(cached) != side.get("sha256"):
+                self.log(f"the cached training program {cached.name} does not check out: building it again")
+                return None
+            self.root.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(cached, self.path(key))
+            write_json(self.path(key).with_suffix(".json"), side)
+        except (OSError, ValueError) as exc:
+            self.log(f"the cached training program {cached.name} cannot be read ({exc}): building it again")
+            return None
+        self.log(f"training program {key}: reused from {self.cache} (built by an earlier run)")
+        return side
+
+    def _to_cache(self, spec: Mapping, path: Path, side: dict) -> None:
+        """Keep a program just built in the shared cache (a failure there is logged, not raised)."""
+        from .durable import write_json
+
+        try:
+            cached = self._cache_path(spec)
+            if cached is None:
+                return
+            self.cache.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(path, cached)
+            write_json(cached.with_suffix(".json"), side)
+        except (OSError, ValueError) as exc:
+            self.log(f"training program {side['key']} not kept in the cache {self.cache}: {exc}")
 
     def trainer(self, key: str) -> ProgramTrainer:
         """The program ``key`` loaded, kept loaded for the next assignment (loading runs one
@@ -203,10 +289,12 @@ class ProgramStore:
             raise ProgramError("a training program whose metadata names no key")
         if hashlib.sha256(data).hexdigest() != side.get("sha256"):
             raise ProgramError(f"training program {side.get('key')}: checksum mismatch")
+        from .durable import write_bytes, write_json
+
         path = self.path(side["key"])
         self.root.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".json").write_text(json.dumps(side, indent=1))
-        path.write_bytes(data)
+        write_json(path.with_suffix(".json"), side)
+        write_bytes(path, data)  # a new file renamed into place: never written through a link
         return path
 
 
@@ -277,11 +365,12 @@ class ProgramTrainer:
         return losses
 
 
-def program_batches(tokenizer, examples: Sequence[Example], settings: TrainSettings, seed: int, seq_len: int):
-    """The torch backend's batches (same order, same seed), right-padded to ``seq_len``."""
+def program_batches(tokenizer, examples: Sequence[Example], settings: TrainSettings, seed: int):
+    """The torch backend's batches (same order, same seed, right-padded to the batch's longest
+    sequence, at least :data:`MIN_LEN`)."""
     encoded = encode_examples(tokenizer, examples, settings.max_seq_len)
     for b in batches(encoded, settings.batch_size, seed):
-        c = collate(b, tokenizer.pad_token_id, width=seq_len)
+        c = collate(b, tokenizer.pad_token_id, width=max(MIN_LEN, max(len(ids) for ids, _ in b)))
         yield c["input_ids"], c["labels"]
 
 
@@ -296,8 +385,8 @@ def train_program(trainer: ProgramTrainer, tokenizer, examples: Sequence[Example
         raise ProgramError(why)
     spec = trainer.spec
     if (spec["batch_size"], spec["seq_len"]) != (settings.batch_size, settings.max_seq_len):
-        raise ProgramError(f"the program takes batches of {spec['batch_size']}x{spec['seq_len']}, the assignment "
-                           f"{settings.batch_size}x{settings.max_seq_len}")
+        raise ProgramError(f"the program takes batches of {spec['batch_size']} sequences of up to {spec['seq_len']} "
+                           f"tokens, the assignment {settings.batch_size} of up to {settings.max_seq_len}")
     if settings.optimizer != "sgd":
         raise ProgramError(f"the executorch trainer runs SGD only; the assignment asks for {settings.optimizer}")
     why = schedule_unsupported(settings)
@@ -305,7 +394,7 @@ def train_program(trainer: ProgramTrainer, tokenizer, examples: Sequence[Example
         raise ProgramError(why)
     trainer.set_factors(to_state_dict(from_state_dict(start)))
     t0 = time.perf_counter()
-    losses = trainer.train(program_batches(tokenizer, examples, settings, seed, spec["seq_len"]), settings.steps,
+    losses = trainer.train(program_batches(tokenizer, examples, settings, seed), settings.steps,
                            settings.lr, settings.weight_decay, settings.grad_clip, slowdown)
     seconds = time.perf_counter() - t0
     res = TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses), seconds, len(examples),

@@ -170,7 +170,9 @@ def load_config(spec: str | ModelSource):
     return AutoConfig.from_pretrained(src.location)
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where fedlora-edge keeps what it builds once and reuses: ``FEDLORA_CACHE``, else
+    ``~/.cache/fedlora-edge``."""
     return Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora-edge"))
 
 
@@ -178,7 +180,7 @@ def _gguf_cache_dir(src: ModelSource) -> Path:
     gguf_path = Path(src.location) / str(src.gguf_file)
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return _cache_root() / f"{gguf_path.stem}-{key}"
+    return cache_root() / f"{gguf_path.stem}-{key}"
 
 
 def _load_gguf(src: ModelSource):
@@ -305,3 +307,17 @@ def default_target_modules(model) -> list[str]:
         if set(pair) <= names:
             return pair
     raise ValueError(f"cannot pick LoRA target modules for {type(model).__name__}; set lora.target_modules")
+
+
+def weights_digest(model, tokenizer) -> str:
+    """sha256 of what makes two bases the same: the weights (LoRA factors left out), the model's
+    config and the tokenizer's vocabulary and special tokens (what a built artifact carries).  Keys the
+    caches of built ONNX bases and ExecuTorch training programs."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            h.update(p.detach().float().contiguous().numpy().tobytes())
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()

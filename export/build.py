@@ -202,7 +202,7 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
     and the adapter file beside it; returns ``(model.onnx, unquantized layers, meta fields, merged
     reference, tokenizer)``."""
     from edge_client.lora import adapted_modules
-    from edge_client.models import default_target_modules, load_model
+    from edge_client.models import default_target_modules, load_model, weights_digest
 
     from . import onnx_genai
 
@@ -212,7 +212,7 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
                else adapted_modules(peft_or_base, default_target_modules(peft_or_base)))
     base_dir, cached = onnx_genai.cached_base(model_spec, modules, quant, max_seq_len,
                                               lambda: load_model(model_spec),
-                                              onnx_genai.weights_digest(peft_or_base, tok))
+                                              weights_digest(peft_or_base, tok))
     for f in base_dir.iterdir():
         if f.name.startswith(onnx_genai.MODEL_FILE):
             onnx_genai.link_or_copy(f, out / f.name)

@@ -168,19 +168,6 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
     return out / MODEL_FILE, left
 
 
-def weights_digest(model, tokenizer) -> str:
-    """sha256 of what makes two bases the same: the weights (LoRA factors left out), the model's
-    config and the tokenizer's vocabulary and special tokens (the built folder carries both)."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if "lora_" not in name:
-            h.update(p.detach().float().contiguous().numpy().tobytes())
-    h.update(model.config.to_json_string(use_diff=False).encode())
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
 def link_or_copy(src: Path, dst: Path) -> None:
     """``dst`` as a hard link to ``src`` (a base shared by many exports costs its bytes once), else a copy."""
     import os
@@ -218,10 +205,10 @@ def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str
     """The built base for these settings from the cache (``FEDLORA_CACHE``, default
     ``~/.cache/fedlora-edge``), building it on a miss; returns ``(folder, reused)``.  ``load``
     gives ``(model, tokenizer)`` of the bare base, called only on a miss; ``weights`` is its
-    :func:`weights_digest`.  A folder is complete once renamed into place."""
+    :func:`edge_client.models.weights_digest`.  A folder is complete once renamed into place."""
     import importlib.util
 
-    from edge_client.models import _cache_root
+    from edge_client.models import cache_root
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise ExportError("--format onnx needs onnxruntime-genai (pip install '.[export]')")
@@ -234,7 +221,7 @@ def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str
                   "builder": onnxruntime_genai.__version__, "onnxruntime": onnxruntime.__version__,
                   "onnx": onnx.__version__}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
-    root = _cache_root() / "onnx-bases"
+    root = cache_root() / "onnx-bases"
     folder = root / f"{quant}-{key}"
     if (folder / BASE_META).is_file():
         if _intact(folder):

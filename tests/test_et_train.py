@@ -93,7 +93,7 @@ def test_mismatched_inputs_fail_clearly(setup, tmp_path):
     bigger = {m: (torch.zeros(5, a.shape[1]), torch.zeros(b.shape[0], 5)) for m, (a, b) in start.items()}
     with pytest.raises(ProgramError, match="trains"):
         trainer.set_factors(to_state_dict(bigger))
-    with pytest.raises(ProgramError, match="batches of 4x48"):
+    with pytest.raises(ProgramError, match="batches of 4 sequences of up to 48"):
         train_program(trainer, tok, examples, plan, to_state_dict(start),
                       TrainSettings(steps=1, batch_size=2, max_seq_len=48, optimizer="sgd"), 0)
     with pytest.raises(ProgramError, match="SGD only"):
@@ -150,3 +150,40 @@ def test_a_method_the_program_cannot_carry_fails_before_anything_starts(tmp_path
     cfg = load_config(overrides={"model": "tiny-llama", "fleet": "edge-runtimes", "method": "hafl"})
     with pytest.raises(ConfigError, match="executorch trainer cannot carry.*phone-et"):
         Simulation(cfg, tmp_path)
+
+
+def test_programs_are_reused_across_runs_from_the_cache(setup, tmp_path, monkeypatch):
+    """A second run (another store, the same shared cache and base) copies the program built by
+    the first instead of building it; another base, or a damaged cached copy, builds again."""
+    import shutil
+
+    from edge_client import et_train
+
+    *_, path, side, _ = setup
+    built = []
+
+    def fake_build(spec, dest, model=None):
+        built.append(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+        shutil.copyfile(path.with_suffix(".json"), dest.with_suffix(".json"))
+        return json.loads(path.with_suffix(".json").read_text())
+
+    monkeypatch.setattr(et_train, "build_program", fake_build)
+    spec, cache = side["spec"], tmp_path / "cache"
+    logs = []
+    first = ProgramStore(tmp_path / "run1", log=logs.append, cache=cache, identity=lambda: "base-a")
+    first.get(spec)
+    assert len(built) == 1 and len(list(cache.glob("*.pte"))) == 1
+    p2, side2 = ProgramStore(tmp_path / "run2", log=logs.append, cache=cache, identity=lambda: "base-a").get(spec)
+    assert len(built) == 1 and side2["sha256"] == side["sha256"] and p2.read_bytes() == path.read_bytes()
+    assert any("reused from" in line for line in logs)
+    ProgramStore(tmp_path / "run3", cache=cache, identity=lambda: "base-b").get(spec)
+    assert len(built) == 2  # another base: another program
+    for p in cache.glob("*.pte"):  # damage every cached copy (replaced, not written through a link)
+        p.unlink()
+        p.write_bytes(b"damaged")
+    p4, side4 = ProgramStore(tmp_path / "run4", log=logs.append, cache=cache, identity=lambda: "base-a").get(spec)
+    assert len(built) == 3 and p4.read_bytes() == path.read_bytes()
+    assert any("does not check out" in line for line in logs)
+    assert (tmp_path / "run2" / path.name).read_bytes() == path.read_bytes()  # earlier runs' copies untouched

@@ -203,3 +203,30 @@ def test_a_hub_that_cannot_be_reached_fails_at_once_with_a_hint(monkeypatch):
     cfg = load_config(overrides={"model": "tiny-llama", "data.dataset": "someone/no-such-dataset"})
     with pytest.raises(ConfigError, match="data.dataset someone/no-such-dataset: the Hugging Face Hub .* cannot be reached"):
         build_data(cfg, IDS[:2])
+
+
+def test_one_prefill_gives_the_answers_and_losses_of_two(tiny):
+    """`evaluate`'s shared prefill (left-padded prompts, batches by length, the cache reused for
+    the teacher-forced loss and greedy decoding) gives what `generate` and a separate
+    teacher-forced pass give, in the examples' order."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from coordinator.evaluate import answers_and_nll, generate_answers, response_nll
+    from edge_client.data import generate_task
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # an adapter that changes the answers
+    exs = [ex for t in ("add", "reverse", "upper") for ex in generate_task(t, 7, seed=2, split="eval")]
+    exs.append(Example("Say a long sentence " * 3, "the quick brown fox", "prose"))  # lengths differ
+    for batch in (4, 32):
+        answers, nll = answers_and_nll(pm, tok, exs, 6, "cpu", 128, batch_size=batch)
+        assert answers == generate_answers(pm, tok, exs, 6, "cpu", max_prompt_len=128)
+        for (s, n), (s2, n2) in zip(nll, response_nll(pm, tok, exs, 128, "cpu")):
+            assert n == n2 and s == pytest.approx(s2, rel=1e-4, abs=1e-4)
+    assert len(set(answers)) > 1  # not one answer repeated: a test that can tell orders apart
+    pm.unload()
