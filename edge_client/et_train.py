@@ -365,12 +365,14 @@ class ProgramTrainer:
         return losses
 
 
-def program_batches(tokenizer, examples: Sequence[Example], settings: TrainSettings, seed: int):
+def program_batches(tokenizer, examples: Sequence[Example], settings: TrainSettings, seed: int,
+                    fixed_len: int | None = None):
     """The torch backend's batches (same order, same seed, right-padded to the batch's longest
-    sequence, at least :data:`MIN_LEN`)."""
+    sequence, at least :data:`MIN_LEN`; to ``fixed_len`` for a program of version 1, whose length
+    is fixed)."""
     encoded = encode_examples(tokenizer, examples, settings.max_seq_len)
     for b in batches(encoded, settings.batch_size, seed):
-        c = collate(b, tokenizer.pad_token_id, width=max(MIN_LEN, max(len(ids) for ids, _ in b)))
+        c = collate(b, tokenizer.pad_token_id, width=fixed_len or max(MIN_LEN, max(len(ids) for ids, _ in b)))
         yield c["input_ids"], c["labels"]
 
 
@@ -394,7 +396,8 @@ def train_program(trainer: ProgramTrainer, tokenizer, examples: Sequence[Example
         raise ProgramError(why)
     trainer.set_factors(to_state_dict(from_state_dict(start)))
     t0 = time.perf_counter()
-    losses = trainer.train(program_batches(tokenizer, examples, settings, seed), settings.steps,
+    fixed = spec["seq_len"] if spec.get("version", 1) < 2 else None  # version 1 programs: one fixed shape
+    losses = trainer.train(program_batches(tokenizer, examples, settings, seed, fixed), settings.steps,
                            settings.lr, settings.weight_decay, settings.grad_clip, slowdown)
     seconds = time.perf_counter() - t0
     res = TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses), seconds, len(examples),
