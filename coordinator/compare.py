@@ -264,8 +264,10 @@ def intervals(per_seed: dict[int, list[dict]]) -> list[dict]:
 def paired(per_seed: dict[int, list[dict]]) -> list[dict]:
     """Every pair of runs, compared on the same seeds and prompts: the mean difference of each
     prompt's exact match (points) and loss, with a 95 % interval from a bootstrap over seeds and
-    prompts; ``separated`` when the interval excludes 0 (the gap is not within noise)."""
-    from .stats import paired_bootstrap, separated
+    prompts; and the difference of the loss on each client's own domain mix (``own_mix_loss``: one
+    value per seed, a t-interval over the seeds); ``separated`` when the interval excludes 0 (the
+    gap is not within noise)."""
+    from .stats import mean_interval, paired_bootstrap, separated
 
     labels = [r["run"] for r in next(iter(per_seed.values()))]
     by = {(s, r["run"]): r["per_example"] for s, rows in per_seed.items() for r in rows}
@@ -283,6 +285,11 @@ def paired(per_seed: dict[int, list[dict]]) -> list[dict]:
                 else:
                     m, lo, hi = paired_bootstrap(diffs)
                     row[key] = {"mean": m, "low": lo, "high": hi, "separated": separated(lo, hi)}
+            own = {s: {r["run"]: r.get("own_mix_loss") for r in rows} for s, rows in per_seed.items()}
+            d = [own[s][a] - own[s][b] for s in per_seed if own[s].get(a) is not None and own[s].get(b) is not None]
+            if len(d) >= 2:
+                m, lo, hi = mean_interval(d)
+                row["own_mix_loss"] = {"mean": m, "low": lo, "high": hi, "separated": separated(lo, hi)}
             out.append(row)
     return out
 
@@ -304,11 +311,12 @@ def seeds_markdown(rows: list[dict], pairs: list[dict], seeds: list[int]) -> str
         cells.append(f"{r['mb_up_per_round']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Paired differences A - B on the same seeds and held-out prompts, 95 % interval from a "
-              "bootstrap over seeds and prompts; **bold**: the interval excludes 0 (not within noise).", "",
-              "| A | B | exact match, points | held-out loss |", "|---|---|---|---|"]
+              "bootstrap over seeds and prompts (own-mix loss: one difference per seed, a t-interval over "
+              "the seeds); **bold**: the interval excludes 0 (not within noise).", "",
+              "| A | B | exact match, points | held-out loss | own-mix loss |", "|---|---|---|---|---|"]
     for p in pairs:
         cells = [p["a"], p["b"]]
-        for key, digits in (("exact", 1), ("loss", 3)):
+        for key, digits in (("exact", 1), ("loss", 3), ("own_mix_loss", 3)):
             if key not in p:
                 cells.append("-")
                 continue

@@ -86,5 +86,8 @@ def test_compare_on_several_seeds_gives_intervals_and_paired_differences(tmp_pat
     assert fedit["loss"]["mean"] == pytest.approx(sum(per_seed) / 2)
     (pair,) = saved["pairs"]
     assert (pair["a"], pair["b"]) == (fedit["run"], "local") and pair["loss"]["low"] <= pair["loss"]["high"]
+    own = [next(r for r in saved["per_seed"][s] if r["run"] == fedit["run"])["own_mix_loss"]
+           - next(r for r in saved["per_seed"][s] if r["run"] == "local")["own_mix_loss"] for s in ("0", "1")]
+    assert pair["own_mix_loss"]["mean"] == pytest.approx(sum(own) / 2)
     table = (tmp_path / "compare.md").read_text()
     assert "95 % interval" in table and f"| {fedit['run']} | local |" in table
