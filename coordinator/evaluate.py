@@ -114,30 +114,50 @@ def rouge_l(examples: Sequence[Example], answers: Sequence[str]) -> dict:
                                    for ex, ans in zip(examples, answers)])
 
 
+# generation settings under which `generate(do_sample=False)` is not a plain argmax loop
+_PROCESSORS = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+               "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+               "min_new_tokens": None, "min_length": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
+               "sequence_bias": None, "exponential_decay_length_penalty": None}
+
+
+def _plain_greedy(model) -> bool:
+    """Whether the model's generation config adds no logits processor to greedy decoding."""
+    gc = getattr(model, "generation_config", None)
+    return gc is None or all(getattr(gc, k, v) in (v, None) for k, v in _PROCESSORS.items())
+
+
 @torch.no_grad()
 def answers_and_nll(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, device, max_seq_len: int,
                     batch_size: int = 32) -> tuple[list[str], list[tuple[float, int]]]:
-    """Greedy answers and each response's summed negative log-likelihood and token count, from one
-    prefill of each prompt: the prompts' key-value cache is computed once and serves both the
-    teacher-forced pass over the responses and greedy decoding (what :func:`generate_answers` and
-    :func:`response_nll` each do with a prefill of their own).  The prompt is cut as training cuts
-    it (:func:`encode_examples`); batches group prompts of similar length (left-padded), and
-    results come back in the examples' order."""
+    """Greedy answers (the prompt cut as :func:`generate_answers` cuts it) and each response's
+    summed negative log-likelihood and token count (the sequence cut as :func:`response_nll` and
+    training cut it), from one prefill of each prompt: the prompts' key-value cache is computed
+    once and serves both the teacher-forced pass over the responses and greedy decoding.  Where
+    the two cuts differ (a prompt and response longer than ``max_seq_len``) that example's loss
+    has its own pass; where the model's generation config adds logits processors (a repetition
+    penalty...), both come from :func:`generate_answers` and :func:`response_nll`.  Batches group
+    prompts of similar length (left-padded); results come back in the examples' order."""
+    if not _plain_greedy(model):
+        return (generate_answers(model, tokenizer, examples, max_new_tokens, device, max_prompt_len=max_seq_len),
+                response_nll(model, tokenizer, examples, max_seq_len, device))
     encoded = encode_examples(tokenizer, examples, max_seq_len)
-    order = sorted(range(len(encoded)), key=lambda i: encoded[i][1])
-    answers: list[str] = [""] * len(encoded)
-    nll: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    prompts = [prompt_ids(tokenizer, ex, max_seq_len) for ex in examples]
+    replies = [ids[plen:] for ids, plen in encoded]
+    apart = [i for i, (ids, plen) in enumerate(encoded) if ids[:plen] != prompts[i]]  # the cuts differ
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(examples)
+    nll: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     for i in range(0, len(order), batch_size):
         rows = order[i: i + batch_size]
-        prompts = [encoded[j][0][: encoded[j][1]] for j in rows]
-        replies = [encoded[j][0][encoded[j][1]:] for j in rows]
-        b, width, rwidth = len(rows), max(map(len, prompts)), max(map(len, replies))
+        b, width, rwidth = len(rows), max(len(prompts[j]) for j in rows), max(len(replies[j]) for j in rows)
         ids = torch.full((b, width), pad, dtype=torch.long)
         mask = torch.zeros((b, width), dtype=torch.long)
         rids = torch.full((b, rwidth), pad, dtype=torch.long)
         rmask = torch.zeros((b, rwidth), dtype=torch.long)
-        for k, (p, r) in enumerate(zip(prompts, replies)):
+        for k, j in enumerate(rows):
+            p, r = prompts[j], replies[j]
             ids[k, width - len(p):], mask[k, width - len(p):] = torch.tensor(p), 1
             rids[k, : len(r)], rmask[k, : len(r)] = torch.tensor(r), 1
         ids, mask, rids, rmask = ids.to(device), mask.to(device), rids.to(device), rmask.to(device)
@@ -150,11 +170,14 @@ def answers_and_nll(model, tokenizer, examples: Sequence[Example], max_new_token
         tf = model(input_ids=rids, attention_mask=torch.cat([mask, rmask], 1),
                    position_ids=last[:, None] + 1 + torch.arange(rwidth, device=ids.device)[None],
                    past_key_values=copy.deepcopy(cache), use_cache=True)
-        logits = torch.cat([first[:, None], tf.logits[:, :-1].float()], 1)
         labels = rids.masked_fill(rmask == 0, -100)
-        tok_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
-                                                    reduction="none")
-        for k, (s, n) in enumerate(zip(tok_nll.sum(1).tolist(), rmask.sum(1).tolist())):
+        ce = torch.nn.functional.cross_entropy
+        tok_nll = ce(first, labels[:, 0], ignore_index=-100, reduction="none")
+        if rwidth > 1:
+            tok_nll = tok_nll + ce(tf.logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                   reduction="none").sum(1)
+        del tf
+        for k, (s, n) in enumerate(zip(tok_nll.tolist(), rmask.sum(1).tolist())):
             nll[rows[k]] = (s, n)
         # greedy decoding on the prompts' cache, as generate(do_sample=False) does
         nxt, done, pos, att, steps = first.argmax(-1), torch.zeros(b, dtype=torch.bool, device=ids.device), last, mask, []
@@ -171,6 +194,9 @@ def answers_and_nll(model, tokenizer, examples: Sequence[Example], max_new_token
         gen = torch.stack(steps, 1) if steps else torch.zeros((b, 0), dtype=torch.long)
         for k, g in enumerate(gen.tolist()):
             answers[rows[k]] = tokenizer.decode(g, skip_special_tokens=True)
+    if apart:
+        for j, v in zip(apart, response_nll(model, tokenizer, [examples[j] for j in apart], max_seq_len, device)):
+            nll[j] = v
     return answers, nll
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -162,18 +163,23 @@ def build_program(spec: Mapping, path: str | Path, model=None) -> dict:
     return side
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` as a new name for ``src``'s bytes (a hard link, else a copy), swapped in by a rename."""
-    import os
+def _link_or_copy(src: Path, dst: Path) -> Path:
+    """``dst`` (a new name, never an existing file written through) for ``src``'s bytes: a hard
+    link, else a copy; returns ``dst``.  Files reached through such a link are only ever replaced
+    by a rename, never written in place."""
     import shutil
 
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+    dst.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
+        os.link(src, dst)
     except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        shutil.copyfile(src, dst)
+    return dst
+
+
+def _builder_digest() -> str:
+    """sha256 of this module's source: a change to how programs are built changes the cache key."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 def _wire_key(name: str) -> str:
@@ -234,7 +240,7 @@ class ProgramStore:
         import torchao
         import transformers
 
-        fields = {"spec": dict(spec), "weights": self._identity, "torch": torch.__version__,
+        fields = {"spec": dict(spec), "weights": self._identity, "builder": _builder_digest(), "torch": torch.__version__,
                   "executorch": executorch.version.__version__, "torchao": torchao.__version__,
                   "transformers": transformers.__version__, "peft": peft.__version__}
         name = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
@@ -245,19 +251,22 @@ class ProgramStore:
         checksum holds; the sidecar, or None."""
         from .durable import sha256_file, write_json
 
-        cached = self._cache_path(spec)
-        if cached is None or not cached.is_file() or not cached.with_suffix(".json").is_file():
-            return None
         try:
+            cached = self._cache_path(spec)
+            if cached is None or not cached.is_file() or not cached.with_suffix(".json").is_file():
+                return None
             side = json.loads(cached.with_suffix(".json").read_text())
-            if side.get("key") != key or sha256_file(cached) != side.get("sha256"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            dest = self.path(key)
+            tmp = _link_or_copy(cached, dest.with_name(f"{dest.name}.tmp-{os.getpid()}"))
+            if side.get("key") != key or sha256_file(tmp) != side.get("sha256"):  # the bytes now held, checked
+                tmp.unlink(missing_ok=True)
                 self.log(f"the cached training program {cached.name} does not check out: building it again")
                 return None
-            self.root.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(cached, self.path(key))
-            write_json(self.path(key).with_suffix(".json"), side)
-        except (OSError, ValueError) as exc:
-            self.log(f"the cached training program {cached.name} cannot be read ({exc}): building it again")
+            write_json(dest.with_suffix(".json"), side)
+            os.replace(tmp, dest)
+        except Exception as exc:  # noqa: BLE001 - a cache that cannot serve is a build, never a failed run
+            self.log(f"the cached training program for {key} cannot be read ({exc}): building it again")
             return None
         self.log(f"training program {key}: reused from {self.cache} (built by an earlier run)")
         return side
@@ -271,9 +280,11 @@ class ProgramStore:
             if cached is None:
                 return
             self.cache.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(path, cached)
+            # the sidecar first: a reader that finds a program finds the sidecar it was built with, or
+            # (two runs filling the same entry) another run's, which the checksum then refuses
             write_json(cached.with_suffix(".json"), side)
-        except (OSError, ValueError) as exc:
+            os.replace(_link_or_copy(path, cached.with_name(f"{cached.name}.tmp-{os.getpid()}")), cached)
+        except Exception as exc:  # noqa: BLE001 - the run goes on without caching
             self.log(f"training program {side['key']} not kept in the cache {self.cache}: {exc}")
 
     def trainer(self, key: str) -> ProgramTrainer:

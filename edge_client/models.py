@@ -316,7 +316,7 @@ def weights_digest(model, tokenizer) -> str:
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         if "lora_" not in name:
-            h.update(p.detach().float().contiguous().numpy().tobytes())
+            h.update(p.detach().cpu().float().contiguous().numpy().tobytes())
     h.update(model.config.to_json_string(use_diff=False).encode())
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())

@@ -223,10 +223,14 @@ def test_one_prefill_gives_the_answers_and_losses_of_two(tiny):
             torch.nn.init.normal_(p, std=0.5)  # an adapter that changes the answers
     exs = [ex for t in ("add", "reverse", "upper") for ex in generate_task(t, 7, seed=2, split="eval")]
     exs.append(Example("Say a long sentence " * 3, "the quick brown fox", "prose"))  # lengths differ
-    for batch in (4, 32):
-        answers, nll = answers_and_nll(pm, tok, exs, 6, "cpu", 128, batch_size=batch)
-        assert answers == generate_answers(pm, tok, exs, 6, "cpu", max_prompt_len=128)
-        for (s, n), (s2, n2) in zip(nll, response_nll(pm, tok, exs, 128, "cpu")):
+    for batch, max_len in ((4, 128), (32, 128), (8, 20)):  # 20: prompts cut, as generate and training cut them
+        answers, nll = answers_and_nll(pm, tok, exs, 6, "cpu", max_len, batch_size=batch)
+        assert answers == generate_answers(pm, tok, exs, 6, "cpu", max_prompt_len=max_len)
+        for (s, n), (s2, n2) in zip(nll, response_nll(pm, tok, exs, max_len, "cpu")):
             assert n == n2 and s == pytest.approx(s2, rel=1e-4, abs=1e-4)
-    assert len(set(answers)) > 1  # not one answer repeated: a test that can tell orders apart
+        assert len(set(answers)) > 1  # not one answer repeated: a test that can tell orders apart
+    pm.generation_config.repetition_penalty = 1.3  # a logits processor: both from generate and a separate pass
+    answers, _ = answers_and_nll(pm, tok, exs, 6, "cpu", 128)
+    assert answers == generate_answers(pm, tok, exs, 6, "cpu", max_prompt_len=128)
+    pm.generation_config.repetition_penalty = 1.0
     pm.unload()
