@@ -496,8 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a base and an adapter for an edge runtime, with a KV cache",
                        description="Write an artifact with a KV cache in --out: ONNX (a base built by "
                        "onnxruntime-genai's model builder, cached and reused across runs, and the adapter as a "
-                       "separate adapter.onnx_adapter that onnxruntime applies at run time) or an ExecuTorch .pte "
-                       "(XNNPACK, the adapter merged), with the tokenizer, export.json, and a parity report "
+                       "separate adapter.onnx_adapter that onnxruntime applies at run time) or ExecuTorch (XNNPACK: "
+                       "model.<quant>.pte, the program with the adapter's LoRA branches, and base.<quant>.ptd, the "
+                       "base's weights, the same bytes for every run's adapter), with the tokenizer, export.json, and a parity report "
                        "(parity.json, parity.md) against the merged PyTorch model: top-1 agreement on the answer "
                        "tokens of held-out prompts of the built-in tasks, max |Δlogits|, exact-match accuracy, size, "
                        "latency per token. Fails (exit 3) when parity is broken beyond the format's tolerance.",
@@ -524,8 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "its tokenizer beside it) and print the greedy answer to --prompt, decoded with the "
                        "runtime's KV cache.")
     p.add_argument("--artifact", required=True, help="the export's folder (ONNX), its model.onnx, or the .pte file")
-    p.add_argument("--adapter-file", help="ONNX: another run's adapter.onnx_adapter to apply to the same base "
-                   "(default: the one exported with it)")
+    p.add_argument("--adapter-file", help="another run's update to run on this export's base: ONNX, its "
+                   "adapter.onnx_adapter; ExecuTorch, its model.<quant>.pte (default: the one exported with it)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", default=None, help="the system prompt ('' for none; default: the one the run "
                    "trained with, recorded in the export)")

@@ -3,8 +3,11 @@
 - ONNX (``export.onnx_genai``): the base built by onnxruntime-genai's model builder, the adapter
   a separate file that onnxruntime applies at run time (a device keeps the base and receives only
   the adapter after a run).
-- ExecuTorch: the adapter merged into the base, one ``.pte`` lowered to XNNPACK whose forward keeps
-  a static KV cache (:class:`KVCacheLM`).
+- ExecuTorch: a ``.pte`` lowered to XNNPACK whose forward keeps a static KV cache
+  (:class:`KVCacheLM`) and runs the adapter's LoRA branches beside the base's layers, with the base's
+  weights in a separate ``base.<quant>.ptd`` (ExecuTorch's program-data separation).  The ``.pte`` is
+  the program and the adapter (kilobytes to a few MB); the ``.ptd`` is the same bytes for every
+  adapter of one base and quantization, so a device keeps it and downloads only the ``.pte``.
 
 The recipes were measured on the pinned versions of the ``export`` extra (pyproject.toml):
 quantization for ExecuTorch goes through torchao's ``quantize_`` (the PT2E quantizer breaks on the
@@ -14,8 +17,11 @@ causal-mask code), and 8da4w skips linear layers whose input size is not a multi
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -87,7 +93,8 @@ def quantize_linears(model, quant: str) -> list[str]:
     4-bit weights) or 8da4w (int4 weights in groups of 32 along the input), with int8 dynamic
     activations, to the linear layers in place; returns the names of the linear layers left in
     fp32: the output head (the most output-sensitive matmul, docs/results.md) and, for 8da4w, any
-    whose input size is not a multiple of the group."""
+    whose input size is not a multiple of the group.  An unmerged adapter's LoRA factors (peft's
+    ``lora_A``/``lora_B``) stay in fp32 and are not listed: they are the adapter, not the base."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
@@ -98,12 +105,25 @@ def quantize_linears(model, quant: str) -> list[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
     def take(mod, fqn):
-        return (isinstance(mod, torch.nn.Linear) and mod is not head
+        return (isinstance(mod, torch.nn.Linear) and mod is not head and not _is_lora(fqn)
                 and (quant == "8da8w" or mod.in_features % GROUP == 0))
 
-    skipped = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and not take(mod, name)]
+    skipped = [name for name, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear) and not _is_lora(name) and not take(mod, name)]
     quantize_(model, cfg, filter_fn=take)
     return skipped
+
+
+def _is_lora(name: str) -> bool:
+    """A peft LoRA factor's module, parameter or graph constant (``...q_proj.lora_A.default...``)."""
+    return "lora_" in name.lower()
+
+
+BASE_TAG = "base"  # the constants ExecuTorch writes to the base's .ptd (everything but the LoRA factors)
+
+
+def _base_constant(node) -> str | None:
+    return None if _is_lora(str(node.target)) else BASE_TAG
 
 
 def _rotate_half(x):
@@ -169,13 +189,17 @@ class KVCacheLM(torch.nn.Module):
 KV_ARCHITECTURES = ("llama", "mistral")  # q/k/v/o projections, rotary embedding, no attention extras
 
 
-def export_executorch(model, out: Path, quant: str, max_seq_len: int) -> tuple[Path, list[str]]:
+def export_executorch(model, out: Path, quant: str, max_seq_len: int) -> tuple[Path, list[str], dict]:
     """``model.<quant>.pte`` lowered to XNNPACK with a static KV cache of ``max_seq_len`` positions
-    (:class:`KVCacheLM`), batch 1, dynamic length.  The caches' zero start is written into the
-    program (else ExecuTorch leaves mutated buffers uninitialised, and a NaN there passes a masked
-    softmax as 0 x NaN), and updated in place (no copy of the cache per call)."""
+    (:class:`KVCacheLM`), batch 1, dynamic length, and ``base.<quant>.ptd`` beside it.  ``model`` is
+    the base, with an unmerged peft adapter on it or none.  The base's weights (every constant but
+    the LoRA factors, delegated or not) are tagged into the ``.ptd``; the program and the LoRA factors
+    stay in the ``.pte``.  The caches' zero start is written into the program (else ExecuTorch leaves
+    mutated buffers uninitialised, and a NaN there passes a masked softmax as 0 x NaN), and updated
+    in place (no copy of the cache per call).  Returns ``(pte, unquantized layers, meta fields)``."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
     from torch.export import Dim
 
@@ -183,18 +207,53 @@ def export_executorch(model, out: Path, quant: str, max_seq_len: int) -> tuple[P
     if kind not in KV_ARCHITECTURES:
         raise ExportError(f"--format executorch: the KV-cached program is written for {', '.join(KV_ARCHITECTURES)} "
                           f"models; this one is '{kind}' (use --format onnx)")
-    skipped = [] if quant == "fp32" else quantize_linears(model, quant)
+    skipped = []
+    if quant != "fp32":
+        from torchao.utils import unwrap_tensor_subclass
+
+        skipped = quantize_linears(model, quant)
+        # plain tensors (int weights, scales) as parametrizations, so that each can be tagged for the .ptd
+        unwrap_tensor_subclass(model)
     wrapped = KVCacheLM(model, max_seq_len).eval()
     seq = Dim("seq", min=1, max=max_seq_len)
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4))
+    dynamic = {"input_ids": {1: seq}, "cache_position": {0: seq}}
     with torch.no_grad():
-        ep = torch.export.export(wrapped, (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)),
-                                 dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}}, strict=False)
+        # the delegate's constants are tagged on the unlifted graph (get_attr nodes), which is then exported again
+        unlifted = torch.export.export(wrapped, example, dynamic_shapes=dynamic, strict=False).module()
+        delegate_external_constants_pass_unlifted(unlifted, _base_constant)
+        ep = torch.export.export(unlifted, example, dynamic_shapes=dynamic, strict=False)
         program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch(
             ExecutorchBackendConfig(passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
-                                    run_reinplace_pass=True))
-    path = out / f"model.{quant}.pte"
-    path.write_bytes(program.buffer)
-    return path, skipped
+                                    run_reinplace_pass=True, external_constants=_base_constant))
+    path, base = out / f"model.{quant}.pte", out / f"base.{quant}.ptd"
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        program.write_tensor_data_to_file(tmp)
+        written = Path(tmp) / f"{BASE_TAG}.ptd"
+        if not written.is_file():
+            raise ExportError(f"--format executorch: the installed ExecuTorch wrote no {BASE_TAG}.ptd "
+                              f"(it wrote {sorted(p.name for p in Path(tmp).iterdir())})")
+        _replace(written, base)
+        (Path(tmp) / path.name).write_bytes(program.buffer)
+        _replace(Path(tmp) / path.name, path)
+    fields = {"base_file": base.name, "base_bytes": base.stat().st_size, "base_sha256": _sha256(base),
+              "adapter_file": path.name, "adapter_bytes": path.stat().st_size}
+    return path, skipped, fields
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """``src`` fsynced and renamed over ``dst`` (what was there stays until the rename)."""
+    with open(src, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(src, dst)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, max_seq_len: int):
@@ -242,8 +301,9 @@ def export(model_spec: str, adapter: str | Path | None, fmt: str, quant: str, ou
     merged, in fp32 (what the artifact must match).
 
     ONNX: the base (KV cache, weight-only quantization) and the adapter as a separate
-    ``adapter.onnx_adapter`` that onnxruntime applies at run time.  ExecuTorch: the adapter merged
-    into the base, one ``.pte`` with a static KV cache."""
+    ``adapter.onnx_adapter`` that onnxruntime applies at run time.  ExecuTorch: the program with a
+    static KV cache and the adapter's LoRA branches in ``model.<quant>.pte``, the base's weights in
+    ``base.<quant>.ptd``."""
     check_format(fmt, quant)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -251,10 +311,15 @@ def export(model_spec: str, adapter: str | Path | None, fmt: str, quant: str, ou
     if fmt == "onnx":
         artifact, skipped, extra, reference, tok = _onnx(model_spec, adapter, out, quant, max_seq_len)
     else:
-        reference, tok = merged_model(model_spec, adapter)
-        # torchao quantizes the exported copy in place; the reference stays as it was
-        model = copy.deepcopy(reference) if quant != "fp32" else reference
-        artifact, skipped = export_executorch(model, out, quant, max_seq_len)
+        peft_or_base, tok = _with_adapter(model_spec, adapter)
+        # the program is built from a copy (torchao quantizes in place, the wrapper takes its modules);
+        # the reference is the adapter merged into the fp32 base
+        model = copy.deepcopy(peft_or_base.get_base_model() if adapter is not None else peft_or_base)
+        model.config.use_cache = False
+        artifact, skipped, extra = export_executorch(model.eval(), out, quant, max_seq_len)
+        reference = peft_or_base.merge_and_unload() if adapter is not None else peft_or_base
+        reference.config.use_cache = False
+        reference.eval()
     tok.save_pretrained(str(out / "tokenizer"))
     meta = {"format": fmt, "quant": quant, "artifact": artifact.name, "base_model": model_spec,
             "adapter": str(adapter) if adapter else None, "tokenizer": "tokenizer", "max_seq_len": max_seq_len,

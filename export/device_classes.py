@@ -7,10 +7,11 @@ for each class present (artifact, tokenizer, ``export.json``, parity report) and
 ``OUT/export/index.json``: per class, its devices, artifact, size and parity.  A class whose
 parity is broken is reported and the others are still exported; the command then exits 3.
 
-ONNX classes are a base and an adapter: the base (KV cache, quantized) is built once per model,
-adapted modules, quantization and length and cached, so the next run's export has the same base
-(the same ``base_sha256``) and a device that holds it downloads only ``update_bytes``, the new
-adapter.
+Every class is a base and an update.  ONNX: the base (KV cache, quantized) is built once per
+model, adapted modules, quantization and length and cached, and the update is the adapter file.
+ExecuTorch: the base's weights are a ``.ptd`` and the update is the ``.pte`` (the program with the
+adapter's LoRA branches).  The next run's export has the same base (the same ``base_sha256``), so
+a device that holds it downloads only ``update_bytes``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def check_ready(method, classes: Iterable[tuple[str, str]]) -> None:
 
 def export_fleet(model_spec: str, adapter: str | Path, classes: dict[tuple[str, str], list[str]],
                  out: str | Path, log=print, max_seq_len: int = 256, per_task: int = 4) -> list[dict]:
-    """Export ``adapter`` merged into ``model_spec`` for every class; returns the index rows."""
+    """Export ``adapter`` on ``model_spec`` for every class; returns the index rows."""
     from .build import export
     from .parity import ParityError, parity_report
 

@@ -94,6 +94,7 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
         "format": meta["format"], "quant": meta["quant"], "artifact": artifact.name,
         "size_bytes": meta.get("base_bytes", artifact.stat().st_size) + meta.get("adapter_bytes", 0),
         "base_bytes": meta.get("base_bytes"), "adapter_bytes": meta.get("adapter_bytes"),
+        "adapter_file": meta.get("adapter_file"),
         "skipped_layers": meta.get("skipped_layers", []),
         "runtime_threads": threads or "runtime default",
         "prompts": len(examples), "positions": positions, "positions_all": positions_all,
@@ -129,7 +130,8 @@ def markdown(r: dict) -> str:
              f"| ms per generated token | {r['ms_per_token_torch']:.2f} | {r['ms_per_token_artifact']:.2f} |",
              f"| file size MB | - | {r['size_bytes'] / 1e6:.2f} |"]
     if r.get("adapter_bytes"):
-        lines += [f"| of which the adapter (what a device with this base downloads after a run) MB | - | "
+        lines += [f"| of which the update ({r['adapter_file'] or 'the adapter'}: what a device holding the base "
+                  f"downloads after a run) MB | - | "
                   f"{r['adapter_bytes'] / 1e6:.2f} |"]
     lines += ["",
              f"Top-1 agreement {r['top1_agreement']:.3f} on {r['positions']} answer tokens "

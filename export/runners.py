@@ -7,7 +7,7 @@ a new token does not grow with the sequence.
 - ONNX (``export.onnx_genai.GenaiRunner``): the base built by onnxruntime-genai's model builder,
   the run's adapter applied by onnxruntime at run time, ``Generator`` for decoding;
 - ExecuTorch (:class:`ExecuTorchRunner`): a ``.pte`` whose ``forward(input_ids, cache_position)``
-  keeps a static KV cache in the program.
+  keeps a static KV cache in the program, with the base's weights in the ``.ptd`` beside it.
 """
 
 from __future__ import annotations
@@ -80,9 +80,11 @@ class ExecuTorchRunner:
     """A ``.pte`` exported by ``export.build.export_executorch``: ``forward(input_ids [1, s],
     cache_position [s]) -> logits [1, s, vocab]`` with the KV cache as the program's own mutable
     buffers.  A prompt fills the cache from position 0 in one call (positions past it are masked,
-    so what an earlier prompt left there is never read), then one call per new token."""
+    so what an earlier prompt left there is never read), then one call per new token.  ``data``:
+    the ``.ptd`` holding the base's weights (None for a program that holds them all, as exports
+    before the base was kept apart did)."""
 
-    def __init__(self, path: Path, threads: int = 0, max_seq_len: int = 256):
+    def __init__(self, path: Path, threads: int = 0, max_seq_len: int = 256, data: Path | None = None):
         from executorch.runtime import Runtime
 
         if threads:
@@ -90,9 +92,10 @@ class ExecuTorchRunner:
 
             portable_lib._unsafe_reset_threadpool(threads)  # before any method runs: nothing is executing
         try:
-            self.method = Runtime.get().load_program(str(path)).load_method("forward")
+            self.method = Runtime.get().load_program(str(path), data_path=data).load_method("forward")
         except Exception as exc:  # the runtime raises RuntimeError/ValueError with its own codes
-            raise ArtifactError(f"{path}: the ExecuTorch runtime cannot load it "
+            what = f"{path} with {data}" if data else str(path)
+            raise ArtifactError(f"{what}: the ExecuTorch runtime cannot load it "
                                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         self.max_seq_len = max_seq_len
 
@@ -132,8 +135,9 @@ def read_meta(artifact: str | Path) -> dict:
 def load_runner(path: str | Path, threads: int = 0, adapter: str | Path | None = None) -> Runner:
     """A runner for an exported artifact: an ONNX folder or its ``model.onnx``, or a ``.pte``.
     ``threads``: the runtime's CPU threads (0: its own default, which for ExecuTorch's thread pool
-    is not ``OMP_NUM_THREADS``; set it).  ``adapter``: for ONNX, an ``.onnx_adapter`` to apply
-    instead of the one the export wrote (the base is the same; only the adapter changes)."""
+    is not ``OMP_NUM_THREADS``; set it).  ``adapter``: another run's adapter to use with this
+    export's base instead of the one the export wrote: for ONNX an ``.onnx_adapter``, for
+    ExecuTorch a ``.pte`` (the program and its adapter) run on this export's ``base.<quant>.ptd``."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.onnx"
@@ -150,9 +154,17 @@ def load_runner(path: str | Path, threads: int = 0, adapter: str | Path | None =
             adapter = path.parent / meta["adapter_file"]
         return GenaiRunner(path.parent, Path(adapter) if adapter else None, threads)
     if path.suffix == ".pte":
-        if adapter is not None:
-            raise ArtifactError(f"{path}: an ExecuTorch artifact has its adapter merged in; --adapter-file is "
-                                "for ONNX artifacts")
         meta = read_meta(path) if (path.parent / META).is_file() else {}
-        return ExecuTorchRunner(path, threads, meta.get("max_seq_len", 256))
+        data = path.parent / meta["base_file"] if meta.get("base_file") else None
+        if data is not None and not data.is_file():
+            raise ArtifactError(f"{path}: its base weights {data} are missing (export.json names them)")
+        if adapter is not None:
+            if data is None:
+                raise ArtifactError(f"{path}: this ExecuTorch artifact has its adapter merged in (an export from "
+                                    "before the base was kept apart); --adapter-file needs one with a base.*.ptd")
+            if Path(adapter).suffix != ".pte" or not Path(adapter).is_file():
+                raise ArtifactError(f"--adapter-file {adapter}: for an ExecuTorch artifact, give another export's "
+                                    "model.<quant>.pte (the program and its adapter)")
+            path = Path(adapter)
+        return ExecuTorchRunner(path, threads, meta.get("max_seq_len", 256), data)
     raise ArtifactError(f"{path}: unknown artifact type '{path.suffix}' (expected .onnx or .pte)")

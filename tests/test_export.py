@@ -1,6 +1,6 @@
 """Exports for edge runtimes on the tiny model: ONNX (a KV-cached base from onnxruntime-genai's
 builder, the adapter applied at run time, fp32/int8/int4) and ExecuTorch (fp32, 8da8w, a static
-KV cache, the adapter merged), the parity report and its failure, `fedlora generate`, adapters
+KV cache, the base's weights in a .ptd apart from the program and its adapter), the parity report and its failure, `fedlora generate`, adapters
 that swap on one base, and clear errors."""
 
 import json
@@ -22,19 +22,22 @@ IDS = np.array([[3, 8, 1, 22, 9, 14, 2, 5], [4, 4, 7, 30, 2, 1, 9, 11]], dtype=n
 LOOSE = Tolerance(min_top1=0.0, max_accuracy_drop=1.0)  # random tiny weights: check the mechanism only
 
 
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
+def _random_adapter(folder, rank: int, seed: int):
     """A peft adapter folder for tiny-llama with non-zero B, as `simulate` writes one."""
     from edge_client.models import load_model
 
     model, _ = load_model("tiny-llama")
     dims = adapted_modules(model, ["q_proj", "v_proj"])
-    gen = torch.Generator().manual_seed(0)
-    factors = {m: (torch.randn(4, n, generator=gen) * 0.3, torch.randn(o, 4, generator=gen) * 0.3)
+    gen = torch.Generator().manual_seed(seed)
+    factors = {m: (torch.randn(rank, n, generator=gen) * 0.3, torch.randn(o, rank, generator=gen) * 0.3)
                for m, (n, o) in dims.items()}
-    folder = tmp_path_factory.mktemp("run") / "adapter"
     save_adapter(folder, factors, 2.0, ["q_proj", "v_proj"], "tiny-llama")
     return folder
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    return _random_adapter(tmp_path_factory.mktemp("run") / "adapter", 4, 0)
 
 
 @pytest.fixture(autouse=True)
@@ -200,9 +203,33 @@ def test_executorch_export_runs_in_the_runtime_with_parity(tmp_path, adapter, qu
             assert run.generate(prompt, 6, None)[0] == want.generate(prompt, 6, None)[0]
     rep = parity_report(reference, tok, artifact, meta, per_task=1, tolerance=None if quant == "fp32" else LOOSE)
     assert rep["ok"] and rep["prompts"] == 5
+    # the base's weights are apart: the .pte is the program and the adapter, and an update is only that
+    base = tmp_path / meta["base_file"]
+    assert meta["base_file"] == f"base.{quant}.ptd" and meta["adapter_file"] == artifact.name
+    assert meta["adapter_bytes"] == artifact.stat().st_size < base.stat().st_size == meta["base_bytes"]
+    assert rep["size_bytes"] == meta["base_bytes"] + meta["adapter_bytes"]
     (tmp_path / "broken.pte").write_bytes(artifact.read_bytes()[:1000])
     with pytest.raises(ArtifactError, match="ExecuTorch runtime cannot load it"):
         load_runner(tmp_path / "broken.pte")
+
+
+@pytest.mark.slow
+def test_an_executorch_update_is_a_new_program_on_the_same_base_weights(tmp_path, adapter):
+    """Two runs' adapters of different ranks: the same base.fp32.ptd bytes, and the second run's
+    .pte runs on the first export's base as the second merged model does."""
+    pytest.importorskip("executorch")
+    second = _random_adapter(tmp_path / "second", 8, 1)
+    _, first_meta, _, _ = export("tiny-llama", adapter, "executorch", "fp32", tmp_path / "first")
+    artifact, meta, reference, _ = export("tiny-llama", second, "executorch", "fp32", tmp_path / "next")
+    assert meta["base_sha256"] == first_meta["base_sha256"]
+    assert meta["adapter_bytes"] > first_meta["adapter_bytes"]  # rank 8 against rank 4
+    swapped = load_runner(tmp_path / "first" / "model.fp32.pte", threads=1, adapter=artifact)
+    assert np.abs(swapped.logits(IDS[:1]) - torch_runner(reference).logits(IDS[:1])).max() < 1e-4
+    with pytest.raises(ArtifactError, match="model.<quant>.pte"):
+        load_runner(tmp_path / "first" / "model.fp32.pte", adapter=tmp_path / "first" / "export.json")
+    (tmp_path / "first" / "base.fp32.ptd").unlink()
+    with pytest.raises(ArtifactError, match="base weights .* are missing"):
+        load_runner(tmp_path / "first" / "model.fp32.pte")
 
 
 @pytest.mark.integration
