@@ -108,14 +108,21 @@ def summary(label: str, r: dict) -> dict:
             # the global adapter per round; none for a method whose global adapter is not a model (local)
             "curve": ([x.get("accuracy", {}).get("overall") for x in r["rounds"]]
                       if r["method"] not in method_names() or get_method(r["method"]).global_model else []),
-            "contamination": r.get("contamination")}
+            "contamination": r.get("contamination"), "own_models": own_models(r)}
+
+
+def own_models(r: dict) -> str | None:
+    """``"trained/clients"`` for a method whose clients keep their own models (a client that never
+    trained one is scored on the base model, which pulls the mean down); None for a global model."""
+    per = (r.get("personalised") or {}).get("clients")
+    return f"{r['personalised']['clients_trained']}/{len(per)}" if per else None
 
 
 def markdown(rows: list[dict]) -> str:
     """The comparison as a markdown table (the base model first)."""
     domains = list(rows[0]["per_domain"])
     head = ["run", "method", "ranks", "held-out loss", "accuracy %"] + [f"{d} %" for d in domains] + [
-        "own-mix loss", "own-mix %", "MB up/round", "MB down/round", "wall s"]
+        "own-mix loss", "own-mix %", "own models trained", "MB up/round", "MB down/round", "wall s"]
     contaminated = any((s.get("contamination") or {}).get("attack", "none") != "none" for s in rows)
     if contaminated:
         head += ["contaminated", "benign %", "detection precision", "recall"]
@@ -123,13 +130,14 @@ def markdown(rows: list[dict]) -> str:
     base = rows[0]["base_accuracy"]
     base_loss = (base.get("loss") or {}).get("overall")
     lines.append("| base model | - | - | " + f"{_num(base_loss, 3)} | {100 * base['overall']:.1f} | "
-                 + " | ".join(f"{100 * base['per_domain'][d]:.1f}" for d in domains) + " | - | - | - | - | -"
+                 + " | ".join(f"{100 * base['per_domain'][d]:.1f}" for d in domains) + " | - | - | - | - | - | -"
                  + " | - | - | - | -" * contaminated + " |")
     for s in rows:
         cells = [s["run"], s["method"], ",".join(map(str, s["ranks"])), _num(s.get("loss"), 3),
                  f"{100 * s['accuracy']:.1f}"]
         cells += [f"{100 * s['per_domain'][d]:.1f}" for d in domains]
-        cells += [_num(s.get("own_mix_loss"), 3), f"{100 * s['own_mix']:.1f}", f"{s['mb_up_per_round']:.2f}",
+        cells += [_num(s.get("own_mix_loss"), 3), f"{100 * s['own_mix']:.1f}", s.get("own_models") or "-",
+                  f"{s['mb_up_per_round']:.2f}",
                   f"{s['mb_down_per_round']:.2f}", f"{s['wall_seconds']:.0f}"]
         if contaminated:
             co = s.get("contamination") or {}
@@ -257,6 +265,7 @@ def intervals(per_seed: dict[int, list[dict]]) -> list[dict]:
             m, lo, hi = mean_interval([r.get(key) for r in runs])
             row[key] = {"mean": m, "low": lo, "high": hi}
         row["mb_up_per_round"] = sum(r["mb_up_per_round"] for r in runs) / len(runs)
+        row["own_models"] = ", ".join(r.get("own_models") or "-" for r in runs)
         out.append(row)
     return out
 
@@ -302,13 +311,16 @@ def _ci(x: dict, scale: float = 1.0, digits: int = 1) -> str:
 
 def seeds_markdown(rows: list[dict], pairs: list[dict], seeds: list[int]) -> str:
     """The multi-seed comparison: means and 95 % intervals, then the paired differences."""
-    head = ["run", "method", "seeds"] + [name for _, name, _ in METRICS] + ["MB up/round"]
-    lines = [f"Mean over seeds {', '.join(map(str, seeds))} with the 95 % interval over the seeds (Student's t).",
+    head = ["run", "method", "seeds"] + [name for _, name, _ in METRICS] + ["own models trained", "MB up/round"]
+    lines = [f"Mean over seeds {', '.join(map(str, seeds))} with the 95 % interval over the seeds (Student's t). "
+             "Own models trained (per seed): for a method whose clients keep their own models, how many of the "
+             "fleet's clients trained one; the others are scored on the base model.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["run"], r["method"], str(r["seeds"])]
         cells += [_ci(r[key], scale, 1 if scale == 100.0 else 3) for key, _, scale in METRICS]
-        cells.append(f"{r['mb_up_per_round']:.2f}")
+        cells += [r.get("own_models") if any(c != "-" for c in r.get("own_models", "-").split(", ")) else "-",
+                  f"{r['mb_up_per_round']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Paired differences A - B on the same seeds and held-out prompts, 95 % interval from a "
               "bootstrap over seeds and prompts (own-mix loss: one difference per seed, a t-interval over "
