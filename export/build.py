@@ -17,7 +17,6 @@ causal-mask code), and 8da4w skips linear layers whose input size is not a multi
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -203,6 +202,8 @@ def export_executorch(model, out: Path, quant: str, max_seq_len: int) -> tuple[P
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
     from torch.export import Dim
 
+    from edge_client.durable import sha256_file
+
     kind = getattr(model.config, "model_type", "")
     if kind not in KV_ARCHITECTURES:
         raise ExportError(f"--format executorch: the KV-cached program is written for {', '.join(KV_ARCHITECTURES)} "
@@ -236,24 +237,19 @@ def export_executorch(model, out: Path, quant: str, max_seq_len: int) -> tuple[P
         _replace(written, base)
         (Path(tmp) / path.name).write_bytes(program.buffer)
         _replace(Path(tmp) / path.name, path)
-    fields = {"base_file": base.name, "base_bytes": base.stat().st_size, "base_sha256": _sha256(base),
+    fields = {"base_file": base.name, "base_bytes": base.stat().st_size, "base_sha256": sha256_file(base),
               "adapter_file": path.name, "adapter_bytes": path.stat().st_size}
     return path, skipped, fields
 
 
 def _replace(src: Path, dst: Path) -> None:
     """``src`` fsynced and renamed over ``dst`` (what was there stays until the rename)."""
+    from edge_client.durable import fsync_dir
+
     with open(src, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(src, dst)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    fsync_dir(dst.parent)
 
 
 def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, max_seq_len: int):
