@@ -112,8 +112,9 @@ def summary(label: str, r: dict) -> dict:
 
 
 def own_models(r: dict) -> str | None:
-    """``"trained/clients"`` for a method whose clients keep their own models (a client that never
-    trained one is scored on the base model, which pulls the mean down); None for a global model."""
+    """``"trained/clients"`` for a method whose clients keep their own models (a client without one
+    is scored on the global adapter where the method gives it one, else on the base model, which
+    pulls the mean down); None for a global model."""
     per = (r.get("personalised") or {}).get("clients")
     return f"{r['personalised']['clients_trained']}/{len(per)}" if per else None
 
@@ -314,7 +315,8 @@ def seeds_markdown(rows: list[dict], pairs: list[dict], seeds: list[int]) -> str
     head = ["run", "method", "seeds"] + [name for _, name, _ in METRICS] + ["own models trained", "MB up/round"]
     lines = [f"Mean over seeds {', '.join(map(str, seeds))} with the 95 % interval over the seeds (Student's t). "
              "Own models trained (per seed): for a method whose clients keep their own models, how many of the "
-             "fleet's clients trained one; the others are scored on the base model.",
+             "fleet's clients have one; the others are scored on what they use instead: the global adapter "
+             "where the method gives them one (clair), else the base model (fedlease, local).",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["run"], r["method"], str(r["seeds"])]
