@@ -266,7 +266,8 @@ def intervals(per_seed: dict[int, list[dict]]) -> list[dict]:
             m, lo, hi = mean_interval([r.get(key) for r in runs])
             row[key] = {"mean": m, "low": lo, "high": hi}
         row["mb_up_per_round"] = sum(r["mb_up_per_round"] for r in runs) / len(runs)
-        row["own_models"] = ", ".join(r.get("own_models") or "-" for r in runs)
+        own = [r.get("own_models") for r in runs]
+        row["own_models"] = ", ".join(o or "-" for o in own) if any(own) else None
         out.append(row)
     return out
 
@@ -321,8 +322,7 @@ def seeds_markdown(rows: list[dict], pairs: list[dict], seeds: list[int]) -> str
     for r in rows:
         cells = [r["run"], r["method"], str(r["seeds"])]
         cells += [_ci(r[key], scale, 1 if scale == 100.0 else 3) for key, _, scale in METRICS]
-        cells += [r.get("own_models") if any(c != "-" for c in r.get("own_models", "-").split(", ")) else "-",
-                  f"{r['mb_up_per_round']:.2f}"]
+        cells += [r.get("own_models") or "-", f"{r['mb_up_per_round']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Paired differences A - B on the same seeds and held-out prompts, 95 % interval from a "
               "bootstrap over seeds and prompts (own-mix loss: one difference per seed, a t-interval over "

@@ -81,10 +81,17 @@ def merged_model(model_spec: str, adapter: str | Path | None = None):
     """``(model, tokenizer)``: the base with the adapter in ``adapter`` (a peft folder, as
     ``simulate`` writes under ``adapter/`` and ``clients/<id>/adapter/``) merged into its weights."""
     model, tok = _with_adapter(model_spec, adapter)
-    if adapter is not None:
-        model = model.merge_and_unload()
+    return _merged(model), tok
+
+
+def _merged(peft_or_base):
+    """The reference an artifact must match: a peft model's adapter merged into its fp32 base (a
+    bare base as it is), without transformers' cache, in eval mode."""
+    from peft import PeftModel
+
+    model = peft_or_base.merge_and_unload() if isinstance(peft_or_base, PeftModel) else peft_or_base
     model.config.use_cache = False
-    return model.eval(), tok
+    return model.eval()
 
 
 def quantize_linears(model, quant: str) -> list[str]:
@@ -281,13 +288,9 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
     adapter_file.unlink(missing_ok=True)
     if adapter is not None:
         onnx_genai.write_adapter(factors, adapter_file)
-        reference = peft_or_base.merge_and_unload()
         fields.update(adapter_file=adapter_file.name, adapter_bytes=adapter_file.stat().st_size)
-    else:
-        reference = peft_or_base
-    reference.config.use_cache = False
     skipped = json.loads((base_dir / onnx_genai.BASE_META).read_text())["unquantized"]
-    return out / onnx_genai.MODEL_FILE, skipped, fields, reference.eval(), tok
+    return out / onnx_genai.MODEL_FILE, skipped, fields, _merged(peft_or_base), tok
 
 
 def export(model_spec: str, adapter: str | Path | None, fmt: str, quant: str, out: str | Path,
@@ -313,9 +316,7 @@ def export(model_spec: str, adapter: str | Path | None, fmt: str, quant: str, ou
         model = copy.deepcopy(peft_or_base.get_base_model() if adapter is not None else peft_or_base)
         model.config.use_cache = False
         artifact, skipped, extra = export_executorch(model.eval(), out, quant, max_seq_len)
-        reference = peft_or_base.merge_and_unload() if adapter is not None else peft_or_base
-        reference.config.use_cache = False
-        reference.eval()
+        reference = _merged(peft_or_base)
     tok.save_pretrained(str(out / "tokenizer"))
     meta = {"format": fmt, "quant": quant, "artifact": artifact.name, "base_model": model_spec,
             "adapter": str(adapter) if adapter else None, "tokenizer": "tokenizer", "max_seq_len": max_seq_len,
