@@ -281,15 +281,18 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
         elif f.is_file() and f.name != onnx_genai.BASE_META:  # small files: copies of the export's own
             (out / f.name).unlink(missing_ok=True)
             shutil.copyfile(f, out / f.name)
-    fields = {"base_sha256": json.loads((base_dir / onnx_genai.BASE_META).read_text())["sha256"],
-              "base_bytes": onnx_genai.base_bytes(out), "base_reused": cached,
+    base_meta = json.loads((base_dir / onnx_genai.BASE_META).read_text())
+    fields = {"base_sha256": base_meta["sha256"], "base_bytes": onnx_genai.base_bytes(out), "base_reused": cached,
               "adapted_modules": len(modules)}
+    if base_meta.get("grid"):  # int4 from a 4-bit GGUF: the file's own codes (export/gguf_grid.py)
+        fields.update(weights_grid=base_meta["grid"], grid_tensors=base_meta["grid_tensors"],
+                      requantized_tensors=base_meta["requantized"])
     adapter_file = out / onnx_genai.ADAPTER_FILE
     adapter_file.unlink(missing_ok=True)
     if adapter is not None:
         onnx_genai.write_adapter(factors, adapter_file)
         fields.update(adapter_file=adapter_file.name, adapter_bytes=adapter_file.stat().st_size)
-    skipped = json.loads((base_dir / onnx_genai.BASE_META).read_text())["unquantized"]
+    skipped = base_meta["unquantized"]
     return out / onnx_genai.MODEL_FILE, skipped, fields, _merged(peft_or_base), tok
 
 

@@ -36,14 +36,17 @@ from .runners import ArtifactError, ExportError
 ADAPTER_FILE = "adapter.onnx_adapter"
 MODEL_FILE = "model.onnx"
 BASE_META = "base.json"
-FORMAT_VERSION = 1  # bump when the built base changes shape (a cached base of another version is not reused)
+# bump when the built base changes (a cached base of another version is not reused); 2: int4 keeps a
+# GGUF base's own grid
+FORMAT_VERSION = 2
 _MODULE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>\w+)$")
 
 # The builder's weight-only quantization per --quant, at the CPU kernel's accuracy level 4 (int8
 # activations inside MatMulNBits, the builder's CPU default): level 1 (fp32 activations) agreed no
 # better on the answer tokens of trained SmolLM2 adapters and decoded 30x slower.  int4 uses k-quant
-# and keeps the largest, most output-sensitive matmul (lm_head) in int8; no variant tried reached
-# 90% agreement (docs/results.md).
+# and keeps the largest, most output-sensitive matmul (lm_head) in int8; a base loaded from a 4-bit
+# GGUF (the built-in SmolLM2) then gets its own file's codes instead (export/gguf_grid.py): on that
+# base, no variant that quantized again reached 90% agreement, its own grid does (docs/results.md).
 PRECISION = {
     "fp32": ("fp32", {}),
     "int8": ("int8", {"block_size": "32", "accuracy_level": "4", "is_symmetric": "true"}),
@@ -144,9 +147,12 @@ def _tune_config(folder: Path, max_seq_len: int) -> None:
 
 
 def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path, quant: str,
-               max_seq_len: int, log_file: Path | None = None) -> tuple[Path, list[str]]:
+               max_seq_len: int, log_file: Path | None = None, gguf: Path | None = None) -> tuple[Path, list[str], dict]:
     """Build the KV-cached base with LoRA inputs on ``modules`` into ``out``; returns
-    ``(model.onnx, layers left unquantized)``."""
+    ``(model.onnx, layers left unquantized, how the int4 weights were quantized)``.  ``gguf``: the
+    file the base was loaded from; for int4, its own 4-bit grid is kept where it can be
+    (:mod:`export.gguf_grid`) instead of quantizing its dequantized weights again."""
+    grid_info: dict = {}
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedlora-onnx-") as tmp:
         stage = Path(tmp) / "stage"
@@ -154,6 +160,13 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
         built = Path(tmp) / "built"
         run_builder(stage, built, quant, bool(getattr(model.config, "tie_word_embeddings", False)),
                     log_file or out.parent / "builder.log")
+        if quant == "int4" and gguf is not None:
+            from .gguf_grid import apply_grids, read_grids
+
+            grids, other = read_grids(gguf, model.state_dict())
+            carried = apply_grids(built / MODEL_FILE, grids)
+            grid_info = {"grid": "gguf", "grid_tensors": len(carried),
+                         "requantized": sorted(other + [p for p in grids if p not in carried])}
         add_lora_inputs(built / MODEL_FILE, modules)
         _tune_config(built, max_seq_len)
         for f in built.iterdir():
@@ -164,8 +177,8 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
     g = onnx.load(str(out / MODEL_FILE), load_external_data=False).graph
     consts = {t.name for t in g.initializer}
     left = [n.name for n in g.node if n.op_type == "MatMul" and quant != "fp32"
-            and any(i in consts for i in n.input) and "/lora_" not in n.name]
-    return out / MODEL_FILE, left
+            and any(i in consts for i in n.input) and "/lora_" not in n.name and "/grid/" not in n.name]
+    return out / MODEL_FILE, left, grid_info
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -200,6 +213,14 @@ def _set_aside(folder: Path) -> None:
         folder.rename(folder.with_name(f".broken-{folder.name}-{time.time_ns()}"))
 
 
+def _gguf_of(model_spec: str) -> Path | None:
+    """The GGUF file a model is loaded from (the built-in SmolLM2, a ``.gguf`` path), else None."""
+    from edge_client.models import resolve_model
+
+    src = resolve_model(model_spec)
+    return Path(src.location) / src.gguf_file if src.gguf_file else None
+
+
 def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str, max_seq_len: int,
                 load, weights: str) -> tuple[Path, bool]:
     """The built base for these settings from the cache (``FEDLORA_CACHE``, default
@@ -230,16 +251,18 @@ def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str
     elif folder.exists():
         _set_aside(folder)  # no base.json: an unfinished or damaged folder
     model, tok = load()
+    gguf = _gguf_of(model_spec) if quant == "int4" else None
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{quant}-{key}-", dir=root))
     except OSError as exc:
         raise ExportError(f"cannot write the ONNX base cache in {root}: {exc}") from None
     try:
-        _, left = build_base(model, tok, modules, tmp, quant, max_seq_len, log_file=root / f"{quant}-{key}.builder.log")
+        _, left, grid = build_base(model, tok, modules, tmp, quant, max_seq_len,
+                                   log_file=root / f"{quant}-{key}.builder.log", gguf=gguf)
         sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         (tmp / BASE_META).write_text(json.dumps({**key_fields, "model": model_spec, "sha256": base_digest(tmp),
-                                                 "unquantized": left, "sizes": sizes}, indent=1))
+                                                 "unquantized": left, "sizes": sizes, **grid}, indent=1))
         for p in tmp.iterdir():
             p.chmod(0o444)  # exports hard-link these files: a write through a link would change the cache
         try:

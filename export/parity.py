@@ -54,15 +54,17 @@ def held_out(per_task: int, seed: int = 20261122):
 
 
 def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: int = 4, max_new_tokens: int = 8,
-                  tolerance: Tolerance | None = None, threads: int = 0) -> dict:
+                  tolerance: Tolerance | None = None, threads: int = 0, runner=None) -> dict:
     """Compare ``artifact`` with ``reference``; write ``parity.json`` and ``parity.md`` beside it.
-    Raises :class:`ParityError` (after writing the report) when a tolerance is not met."""
+    ``runner``: the artifact's runner when :func:`export.runners.load_runner` does not know its kind
+    (``bench/export.py``'s llama.cpp side).  Raises :class:`ParityError` (after writing the report)
+    when a tolerance is not met."""
     from edge_client.data import prompt_ids, score
 
     from .runners import load_runner
 
     tol = tolerance or TOLERANCE[(meta["format"], meta["quant"])]
-    ref, art = torch_runner(reference), load_runner(artifact, threads)
+    ref, art = torch_runner(reference), runner or load_runner(artifact, threads)
     examples = held_out(per_task)
     eos = tokenizer.eos_token_id
     max_abs, agree, positions, agree_all, positions_all = 0.0, 0, 0, 0, 0
@@ -96,6 +98,7 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
         "base_bytes": meta.get("base_bytes"), "adapter_bytes": meta.get("adapter_bytes"),
         "adapter_file": meta.get("adapter_file"),
         "skipped_layers": meta.get("skipped_layers", []),
+        "weights_grid": meta.get("weights_grid"), "requantized_tensors": meta.get("requantized_tensors"),
         "runtime_threads": threads or "runtime default",
         "prompts": len(examples), "positions": positions, "positions_all": positions_all,
         "max_abs_logits_diff": max_abs, "top1_agreement": agree / positions,
@@ -139,6 +142,10 @@ def markdown(r: dict) -> str:
              f"prompts; max |Δlogits| {r['max_abs_logits_diff']:.3g}; same greedy answer on "
              f"{100 * r['same_greedy_answer']:.0f}% of prompts. Both decode with a KV cache.", "",
              f"Tolerance: {r['tolerance']}. Result: {'OK' if r['ok'] else 'BROKEN: ' + '; '.join(r['failures'])}."]
+    if r.get("weights_grid"):
+        lines += ["", "The int4 base keeps the 4-bit codes of the GGUF file the base model was loaded from (no second "
+                  "rounding)" + (f"; quantized again: {', '.join(r['requantized_tensors'])}"
+                                 if r.get("requantized_tensors") else "; every projection and the head") + "."]
     if r["skipped_layers"]:
         lines += ["", f"Layers left in fp32 (the scheme cannot take their shape): {', '.join(r['skipped_layers'])}."]
     return "\n".join(lines) + "\n"

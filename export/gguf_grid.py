@@ -1,0 +1,212 @@
+"""A GGUF base's own quantization grid, carried into the ONNX int4 base instead of a second one.
+
+A base that comes from a GGUF file (the built-in SmolLM2 is ``Q4_1``: every decoder projection in
+4-bit blocks of 32, the tied embedding/head in ``Q8_0``) is already quantized: the float weights
+the model loads are exactly ``d * q + m`` per block.  Quantizing those floats again for an int4
+export (onnxruntime's RTN or k-quant, on a grid of its own) stacks a second rounding on the first,
+which is where int4 exports of such a base lose agreement.  The file's own codes fit onnxruntime's
+``MatMulNBits`` without loss, block for block:
+
+- ``Q4_0`` (``d * (q - 8)``): 4-bit codes ``q``, scale ``d``, zero point 8;
+- ``Q4_1`` (``d * q + m``): 4-bit codes ``q``, scale ``d``, zero point 0, and the offset ``m``
+  added back by a small exact term: the input summed over each block of 32, times ``m``
+  (``x · W_blockᵀ = d·(q · x_b) + m·Σx_b``), a matmul 1/32 the size of the projection's;
+- ``Q8_0`` (``d * q``, ``q`` signed): 8-bit codes ``q + 128``, scale ``d``, zero point 128: the
+  head (``output.weight``, or ``token_embd.weight`` when the head is tied to the embedding, as in
+  SmolLM2; then the embedding's ``GatherBlockQuantized`` reads the same tensors).
+
+A tensor is carried only where its dequantized values equal the loaded model's weights bit for
+bit (rows matched by content: the GGUF converter permutes the rows of q and k for its rotary
+layout); any other tensor (a K-quant, a type not listed, a mismatch) keeps the builder's own
+quantization, and the export reports it.  The adapter stays apart in fp32, so an int4 base built
+this way loses nothing on the weights: what is left is the int8 activations inside the kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 32
+# GGUF tensor name -> the ONNX builder's initializer prefix (llama-family decoders)
+_NAMES = {"attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
+          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+       "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+       "ffn_down": "mlp.down_proj"}
+_BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+
+
+@dataclass
+class Grid:
+    """One weight ``[N, K]`` on its file's grid: ``codes`` (unsigned, ``[N, K]``), ``scale`` and
+    ``offset`` (``[N, K/32]``): value = ``scale * (codes - zero) + offset``."""
+    codes: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray | None
+    zero: int
+    bits: int
+
+
+def _blocks(raw: np.ndarray, n_blocks: int, size: int) -> np.ndarray:
+    return np.asarray(raw, dtype=np.uint8).reshape(n_blocks, size)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)[:, 0]
+
+
+def decode(tensor) -> Grid | None:
+    """The grid of a ``gguf.GGUFReader`` tensor of a supported type (None for any other)."""
+    kind = tensor.tensor_type.name
+    k, n = (int(x) for x in tensor.shape[:2])
+    if k % BLOCK or len(tensor.shape) != 2:
+        return None
+    nb = n * k // BLOCK
+    if kind == "Q4_0":  # d f16, 16 bytes: element j low nibble, j+16 high nibble
+        raw = _blocks(tensor.data, nb, 18)
+        d, qs = _f16(raw[:, 0:2]), raw[:, 2:]
+        q, offset, zero = np.concatenate([qs & 0xF, qs >> 4], axis=1), None, 8
+    elif kind == "Q4_1":  # d f16, m f16, 16 bytes
+        raw = _blocks(tensor.data, nb, 20)
+        d, m, qs = _f16(raw[:, 0:2]), _f16(raw[:, 2:4]), raw[:, 4:]
+        q, offset, zero = np.concatenate([qs & 0xF, qs >> 4], axis=1), m.reshape(n, k // BLOCK), 0
+    elif kind == "Q8_0":  # d f16, 32 signed bytes
+        raw = _blocks(tensor.data, nb, 34)
+        d = _f16(raw[:, 0:2])
+        q, offset, zero = (raw[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), None, 128
+    else:
+        return None
+    return Grid(q.reshape(n, k).astype(np.uint8), d.reshape(n, k // BLOCK), offset, zero, 4 if kind != "Q8_0" else 8)
+
+
+def dequantize(g: Grid) -> np.ndarray:
+    n, k = g.codes.shape
+    q = g.codes.reshape(n, k // BLOCK, BLOCK).astype(np.float32) - g.zero
+    w = g.scale[:, :, None] * q
+    if g.offset is not None:
+        w = w + g.offset[:, :, None]
+    return w.reshape(n, k)
+
+
+def _match_rows(grid: Grid, weight: np.ndarray) -> Grid | None:
+    """``grid`` with its rows in ``weight``'s order, if every row of ``weight`` is one of its rows."""
+    w = dequantize(grid)
+    if w.shape != weight.shape:
+        return None
+    if np.array_equal(w, weight):
+        return grid
+    index = {row.tobytes(): i for i, row in enumerate(w)}
+    order = [index.get(row.tobytes()) for row in np.ascontiguousarray(weight, dtype=np.float32)]
+    if any(i is None for i in order):
+        return None
+    return Grid(grid.codes[order], grid.scale[order], None if grid.offset is None else grid.offset[order],
+                grid.zero, grid.bits)
+
+
+def read_grids(gguf_path: Path, state_dict: dict) -> tuple[dict[str, Grid], list[str]]:
+    """``{ONNX initializer prefix: Grid}`` for the GGUF's tensors that reproduce ``state_dict``
+    (the loaded model's float weights) exactly, and the GGUF tensors that do not (kept by the
+    builder's own quantization)."""
+    from gguf import GGUFReader
+
+    grids, other = {}, []
+    tensors = GGUFReader(str(gguf_path)).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)  # the head is the embedding's tensor
+    for t in tensors:
+        if t.name == "output.weight":
+            onnx_name, hf = "lm_head.MatMul", "lm_head.weight"
+        elif t.name == "token_embd.weight" and tied:
+            onnx_name, hf = "lm_head.MatMul", "model.embed_tokens.weight"
+        elif (m := _BLK.match(t.name)) and m[2] in _NAMES:
+            onnx_name, hf = f"model.layers.{m[1]}.{_NAMES[m[2]]}.MatMul", f"model.layers.{m[1]}.{_HF[m[2]]}.weight"
+        else:
+            continue
+        g = decode(t)
+        weight = state_dict.get(hf)
+        g = None if g is None or weight is None else _match_rows(g, weight.detach().float().numpy())
+        if g is None:
+            other.append(t.name)
+        else:
+            grids[onnx_name] = g
+    return grids, other
+
+
+def _pack4(codes: np.ndarray) -> np.ndarray:
+    """``[N, K]`` 4-bit codes -> ``MatMulNBits``' ``[N, K/32, 16]`` (element 2j low nibble, 2j+1 high)."""
+    n, k = codes.shape
+    c = codes.reshape(n, k // BLOCK, BLOCK // 2, 2)
+    return (c[..., 0] | (c[..., 1] << 4)).astype(np.uint8)
+
+
+def apply_grids(model_path: Path, grids: dict[str, Grid]) -> list[str]:
+    """Put ``grids`` into the built base's ``MatMulNBits`` initializers in place (graph and
+    external data), adding the offset term where a grid has one; returns the initializer
+    prefixes carried.  A tensor whose node has another bit width or block size is left as built."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(model_path))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    carried, after = [], {}
+
+    def put(name: str, array: np.ndarray) -> None:
+        old = inits[name]
+        new = numpy_helper.from_array(np.ascontiguousarray(array).reshape(tuple(old.dims)).astype(
+            helper.tensor_dtype_to_np_dtype(old.data_type)), name)
+        old.CopyFrom(new)
+
+    for i, node in enumerate(g.node):
+        if node.op_type != "MatMulNBits" or len(node.input) < 4:
+            continue
+        prefix = node.input[1].rsplit(".weight_", 1)[0]
+        grid = grids.get(prefix)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if grid is None or attrs.get("bits") != grid.bits or attrs.get("block_size") != BLOCK:
+            continue
+        n, k = grid.codes.shape
+        if (attrs.get("N"), attrs.get("K")) != (n, k):
+            continue
+        put(node.input[1], _pack4(grid.codes) if grid.bits == 4 else grid.codes.reshape(n, k // BLOCK, BLOCK))
+        put(node.input[2], grid.scale)
+        nb = k // BLOCK
+        if grid.bits == 4:
+            zp = np.full((n, (nb + 1) // 2), grid.zero | (grid.zero << 4), dtype=np.uint8)
+        else:
+            zp = np.full((n, nb), grid.zero, dtype=np.uint8)
+        put(node.input[3], zp)
+        carried.append(prefix)
+        if grid.offset is None:
+            continue
+        # y += (x summed over each block of 32) · offsetᵀ
+        base = node.name.rsplit("/", 1)[0]
+        out = node.output[0]
+        node.output[0] = f"{out}/grid"
+        shape, axes, off = f"{prefix}.grid_shape", f"{prefix}.grid_axes", f"{prefix}.grid_offset"
+        g.initializer.extend([numpy_helper.from_array(np.array([0, 0, nb, BLOCK], dtype=np.int64), shape),
+                              numpy_helper.from_array(np.array([-1], dtype=np.int64), axes),
+                              numpy_helper.from_array(np.ascontiguousarray(grid.offset.T, dtype=np.float32), off)])
+        after[i] = [
+            helper.make_node("Reshape", [node.input[0], shape], [f"{base}/grid/Reshape/output_0"],
+                             name=f"{base}/grid/Reshape"),
+            helper.make_node("ReduceSum", [f"{base}/grid/Reshape/output_0", axes], [f"{base}/grid/ReduceSum/output_0"],
+                             name=f"{base}/grid/ReduceSum", keepdims=0),
+            helper.make_node("MatMul", [f"{base}/grid/ReduceSum/output_0", off], [f"{base}/grid/MatMul/output_0"],
+                             name=f"{base}/grid/MatMul"),
+            helper.make_node("Add", [node.output[0], f"{base}/grid/MatMul/output_0"], [out], name=f"{base}/grid/Add"),
+        ]
+    nodes = []
+    for i, n in enumerate(g.node):
+        nodes.append(n)
+        nodes.extend(after.get(i, []))
+    del g.node[:]
+    g.node.extend(nodes)
+    data = model_path.name + ".data"
+    (model_path.parent / data).unlink(missing_ok=True)
+    onnx.save(m, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+              size_threshold=1024)
+    return carried

@@ -1,0 +1,143 @@
+"""A GGUF base's own 4-bit/8-bit grid carried into ONNX ``MatMulNBits`` without loss (export/gguf_grid.py)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+from gguf import quants  # noqa: E402
+
+from export.gguf_grid import apply_grids, dequantize, read_grids  # noqa: E402
+
+N, K = 48, 96  # three blocks of 32 per row
+
+
+def _write(path: Path, tensors: dict[str, tuple[np.ndarray, T]]) -> dict[str, np.ndarray]:
+    """A GGUF with ``tensors`` quantized as given; returns each tensor's dequantized values."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    values = {}
+    for name, (x, kind) in tensors.items():
+        if kind == T.F32:
+            w.add_tensor(name, x)
+            values[name] = x
+        else:
+            q = quants.quantize(x, kind)
+            w.add_tensor(name, q, raw_dtype=kind)
+            values[name] = quants.dequantize(q, kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return values
+
+
+@pytest.fixture
+def gguf_file(tmp_path):
+    rng = np.random.default_rng(0)
+    x = {n: rng.standard_normal((N, K)).astype(np.float32) for n in ("q", "down", "emb", "k")}
+    values = _write(tmp_path / "m.gguf", {"blk.0.attn_q.weight": (x["q"], T.Q4_1),
+                                           "blk.0.ffn_down.weight": (x["down"], T.Q4_0),
+                                           "token_embd.weight": (x["emb"], T.Q8_0),
+                                           "blk.0.attn_k.weight": (x["k"], T.F32)})
+    return tmp_path / "m.gguf", values
+
+
+def test_grids_reproduce_the_loaded_weights_exactly(gguf_file):
+    path, values = gguf_file
+    perm = np.random.default_rng(1).permutation(N)  # the converter permutes q's rows: matched by content
+    state = {"model.layers.0.self_attn.q_proj.weight": torch.from_numpy(values["blk.0.attn_q.weight"][perm]),
+             "model.layers.0.mlp.down_proj.weight": torch.from_numpy(values["blk.0.ffn_down.weight"]),
+             "model.embed_tokens.weight": torch.from_numpy(values["token_embd.weight"]),
+             "model.layers.0.self_attn.k_proj.weight": torch.from_numpy(values["blk.0.attn_k.weight"])}
+    grids, other = read_grids(path, state)
+    assert set(grids) == {"model.layers.0.attn.q_proj.MatMul", "model.layers.0.mlp.down_proj.MatMul", "lm_head.MatMul"}
+    assert other == ["blk.0.attn_k.weight"]  # f32: no grid to keep, the builder quantizes it
+    assert np.array_equal(dequantize(grids["model.layers.0.attn.q_proj.MatMul"]),
+                          state["model.layers.0.self_attn.q_proj.weight"].numpy())
+    assert np.array_equal(dequantize(grids["model.layers.0.mlp.down_proj.MatMul"]), values["blk.0.ffn_down.weight"])
+    assert np.array_equal(dequantize(grids["lm_head.MatMul"]), values["token_embd.weight"])
+    # weights that are not the file's (a model changed after loading) are not given a grid
+    state["model.layers.0.mlp.down_proj.weight"] = state["model.layers.0.mlp.down_proj.weight"] + 1e-3
+    grids, other = read_grids(path, state)
+    assert "model.layers.0.mlp.down_proj.MatMul" not in grids and "blk.0.ffn_down.weight" in other
+
+
+def _nbits_model(path: Path, bits: int, rng) -> None:
+    """One MatMulNBits node as the model builder writes it (fp32 activations: exact arithmetic)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nb = K // 32
+    pre = "model.layers.0.attn.q_proj.MatMul" if bits == 4 else "lm_head.MatMul"
+    inits = [numpy_helper.from_array(rng.integers(0, 255, (N, nb, 16 if bits == 4 else 32), dtype=np.uint8),
+                                     f"{pre}.weight_Q{bits}G32"),
+             numpy_helper.from_array(rng.random((N, nb), dtype=np.float32), f"{pre}.weight_scale"),
+             numpy_helper.from_array(np.zeros((N, (nb + 1) // 2 if bits == 4 else nb), dtype=np.uint8),
+                                     f"{pre}.weight_zp")]
+    node = helper.make_node("MatMulNBits", ["x"] + [t.name for t in inits], ["y"], domain="com.microsoft",
+                            name="/model/layers.0/attn/q_proj/MatMul_Q4", K=K, N=N, bits=bits, block_size=32,
+                            accuracy_level=1)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "s", N])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                          ir_version=10)
+    onnx.save(m, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+
+
+@pytest.mark.parametrize("kind,bits", [(T.Q4_1, 4), (T.Q4_0, 4), (T.Q8_0, 8)])
+def test_matmulnbits_computes_with_the_file_grid(tmp_path, kind, bits):
+    ort = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(2)
+    name = "blk.0.attn_q.weight" if bits == 4 else "token_embd.weight"
+    hf = "model.layers.0.self_attn.q_proj.weight" if bits == 4 else "model.embed_tokens.weight"
+    values = _write(tmp_path / "m.gguf", {name: (rng.standard_normal((N, K)).astype(np.float32), kind)})
+    grids, _ = read_grids(tmp_path / "m.gguf", {hf: torch.from_numpy(values[name])})
+    model = tmp_path / "model.onnx"
+    _nbits_model(model, bits, rng)
+    assert len(apply_grids(model, grids)) == 1
+    x = rng.standard_normal((1, 5, K)).astype(np.float32)
+    y = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    expect = x @ values[name].T
+    np.testing.assert_allclose(y, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+
+
+@pytest.mark.integration
+def test_an_int4_onnx_base_from_a_4bit_gguf_keeps_the_file_grid(tmp_path):
+    """A base whose weights are a Q4_1 file's values: the int4 export carries the file's codes, and
+    its logits are closer to the model's than an int4 export of the same weights quantized again."""
+    pytest.importorskip("onnxruntime_genai")
+    from edge_client.lora import adapted_modules
+    from edge_client.models import load_model
+    from export.onnx_genai import GenaiRunner, build_base
+
+    model, tok = load_model("tiny-llama")
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    tensors = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if len(parts) > 4 and parts[-2] in names:
+            tensors[f"blk.{parts[2]}.{names[parts[-2]]}.weight"] = (name, T.Q4_1)
+    tensors["output.weight"] = ("lm_head.weight", T.Q8_0)
+    state = model.state_dict()
+    values = _write(tmp_path / "m.gguf", {g: (state[hf].numpy(), kind) for g, (hf, kind) in tensors.items()})
+    with torch.no_grad():  # the model as loaded from that file
+        for g, (hf, _) in tensors.items():
+            state[hf].copy_(torch.from_numpy(values[g]))
+    modules = adapted_modules(model, ["q_proj", "v_proj"])
+    ids = np.array([[3, 8, 1, 22, 9, 14, 2, 5]], dtype=np.int64)
+    want = model(input_ids=torch.from_numpy(ids)).logits.detach().numpy()
+    err = {}
+    for kind, path in (("grid", tmp_path / "m.gguf"), ("again", None)):
+        artifact, left, info = build_base(model, tok, modules, tmp_path / kind, "int4", 64, log_file=tmp_path / "b.log",
+                                          gguf=path)
+        assert left == []
+        err[kind] = float(np.abs(GenaiRunner(artifact.parent, None, 1).logits(ids) - want).max())
+        if kind == "grid":
+            assert info["grid_tensors"] == len(tensors) and info["requantized"] == []
+        else:
+            assert info == {}
+    assert err["grid"] < err["again"] / 2
