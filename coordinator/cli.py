@@ -503,13 +503,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokens of held-out prompts of the built-in tasks, max |Δlogits|, exact-match accuracy, size, "
                        "latency per token. Fails (exit 3) when parity is broken beyond the format's tolerance.",
                        epilog="quantizations that held on trained SmolLM2 adapters (docs/results.md): onnx int8 "
-                       "(>= 97.5% top-1 on answer tokens); executorch 8da8w 0.90-0.98 over three adapters; onnx int4 and "
-                       "executorch 8da4w do not hold their bars")
+                       "(0.967-0.984 top-1 on answer tokens over four adapters); onnx int4 0.91-0.96 on SmolLM2, whose file is 4-bit (Q4_1): "
+                       "the export keeps the file's own codes; on a base it must quantize again, int4 held 0.84-0.88, "
+                       "under its 0.90 bar; executorch 8da8w 0.90-0.98 over three adapters; executorch 8da4w does not "
+                       "hold its bar")
     p.add_argument("--model", help="the base model the adapter was trained on (default: the one the adapter "
                    "names in its fedlora.json or adapter_config.json; smollm2-135m without an adapter)")
     p.add_argument("--adapter", help="a peft adapter folder, e.g. runs/demo/adapter (default: the base alone)")
     p.add_argument("--format", required=True, choices=["onnx", "executorch"])
-    p.add_argument("--quant", default="fp32", help="onnx: fp32 | int8 | int4 (weight-only MatMulNBits, blocks of 32); "
+    p.add_argument("--quant", default="fp32", help="onnx: fp32 | int8 | int4 (weight-only MatMulNBits, blocks of 32; "
+                   "int4 from a 4-bit GGUF base keeps the file's codes); "
                    "executorch: fp32 | 8da8w | 8da4w (torchao, int8 dynamic activations) (default: fp32)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--max-seq-len", type=int, default=256, help="longest sequence the artifact takes, prompt and "

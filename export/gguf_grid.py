@@ -153,6 +153,7 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> list[str]:
     g = m.graph
     inits = {t.name: t for t in g.initializer}
     carried, after = [], {}
+    sums: dict[tuple[str, int], str] = {}  # (input, blocks) -> its block sums: q/k/v and gate/up share theirs
 
     def put(name: str, array: np.ndarray) -> None:
         old = inits[name]
@@ -186,19 +187,22 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> list[str]:
         base = node.name.rsplit("/", 1)[0]
         out = node.output[0]
         node.output[0] = f"{out}/grid"
-        shape, axes, off = f"{prefix}.grid_shape", f"{prefix}.grid_axes", f"{prefix}.grid_offset"
-        g.initializer.extend([numpy_helper.from_array(np.array([0, 0, nb, BLOCK], dtype=np.int64), shape),
-                              numpy_helper.from_array(np.array([-1], dtype=np.int64), axes),
-                              numpy_helper.from_array(np.ascontiguousarray(grid.offset.T, dtype=np.float32), off)])
-        after[i] = [
-            helper.make_node("Reshape", [node.input[0], shape], [f"{base}/grid/Reshape/output_0"],
-                             name=f"{base}/grid/Reshape"),
-            helper.make_node("ReduceSum", [f"{base}/grid/Reshape/output_0", axes], [f"{base}/grid/ReduceSum/output_0"],
-                             name=f"{base}/grid/ReduceSum", keepdims=0),
-            helper.make_node("MatMul", [f"{base}/grid/ReduceSum/output_0", off], [f"{base}/grid/MatMul/output_0"],
-                             name=f"{base}/grid/MatMul"),
-            helper.make_node("Add", [node.output[0], f"{base}/grid/MatMul/output_0"], [out], name=f"{base}/grid/Add"),
-        ]
+        off = f"{prefix}.grid_offset"
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(grid.offset.T, dtype=np.float32), off))
+        new = []
+        summed = sums.get((node.input[0], nb))
+        if summed is None:
+            summed = sums[(node.input[0], nb)] = f"{base}/grid/ReduceSum/output_0"
+            shape, axes = f"{prefix}.grid_shape", f"{prefix}.grid_axes"
+            g.initializer.extend([numpy_helper.from_array(np.array([0, 0, nb, BLOCK], dtype=np.int64), shape),
+                                  numpy_helper.from_array(np.array([-1], dtype=np.int64), axes)])
+            new += [helper.make_node("Reshape", [node.input[0], shape], [f"{base}/grid/Reshape/output_0"],
+                                     name=f"{base}/grid/Reshape"),
+                    helper.make_node("ReduceSum", [f"{base}/grid/Reshape/output_0", axes], [summed],
+                                     name=f"{base}/grid/ReduceSum", keepdims=0)]
+        new += [helper.make_node("MatMul", [summed, off], [f"{base}/grid/MatMul/output_0"], name=f"{base}/grid/MatMul"),
+                helper.make_node("Add", [node.output[0], f"{base}/grid/MatMul/output_0"], [out], name=f"{base}/grid/Add")]
+        after[i] = new
     nodes = []
     for i, n in enumerate(g.node):
         nodes.append(n)

@@ -37,8 +37,8 @@ ADAPTER_FILE = "adapter.onnx_adapter"
 MODEL_FILE = "model.onnx"
 BASE_META = "base.json"
 # bump when the built base changes (a cached base of another version is not reused); 2: int4 keeps a
-# GGUF base's own grid
-FORMAT_VERSION = 2
+# GGUF base's own grid; 3: its block sums shared by projections of one input
+FORMAT_VERSION = 3
 _MODULE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>\w+)$")
 
 # The builder's weight-only quantization per --quant, at the CPU kernel's accuracy level 4 (int8
