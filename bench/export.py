@@ -6,7 +6,7 @@ against PyTorch with its KV cache and against onnxruntime-genai's own model buil
         [--vendor fp32,int8,int4] [--prompts-per-task 4] [--new-tokens 64] [--threads 1]
         [--llama-cpp f32,q8_0,q4_k_m --gguf-convert LLAMA_CPP/convert_hf_to_gguf.py]
 
-1. Each of our formats runs ``fedlora export`` (base + adapter for ONNX, merged for ExecuTorch) and
+1. Each of our formats runs ``fedlora export`` (the base and the adapter apart) and
    its parity report into ``OUT/<format>-<quant>/``: top-1 agreement on the answer tokens and over
    all positions, exact match of PyTorch and of the artifact.
 2. The vendor's side: the adapter merged into the base and given to onnxruntime-genai's model
@@ -31,8 +31,8 @@ minutes), and its converter is a script in llama.cpp's source tree, not in a pac
 
     pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/lcp && tar xzf /tmp/lcp/*.tar.gz -C /tmp/lcp
     pip install /tmp/lcp/llama_cpp_python-*/        # builds llama.cpp
-    python bench/export.py ... --llama-cpp f32,q8_0,q4_k_m \
-        --gguf-convert /tmp/lcp/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py
+    python bench/export.py ... --llama-cpp f32,q8_0,q4_k_m,q4_0 --gguf-convert CONVERT
+    # CONVERT: /tmp/lcp/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py
 """
 
 from __future__ import annotations
