@@ -48,7 +48,7 @@ from .lora import ClientPlan, from_state_dict, lora_config, peft_key, to_state_d
 from .trainer import TrainResult, TrainSettings, batches
 
 ADAPTER = "client"
-PROGRAM_VERSION = 2  # 2: the sequence length is a dynamic dimension (up to seq_len)
+PROGRAM_VERSION = 3  # 2: the sequence length is a dynamic dimension (up to seq_len); 3: no weight transposes
 BASES = ("fp32", "int8")
 MIN_LEN = 3  # the shortest batch a program takes (the lower bound export allows for its length)
 
@@ -91,6 +91,42 @@ def _rewrite_empty_permuted(gm) -> int:
                 raise ProgramError(f"cannot build the training program: empty_permuted with permutation {perm}")
             node.target, node.args = torch.ops.aten.empty.memory_format, (size,)
             n_done += 1
+    gm.recompile()
+    return n_done
+
+
+def _fold_weight_transposes(gm) -> int:
+    """``mm(x, permute_copy(W, [1, 0]))`` -> ``linear(x, W)``, and ``mm(x, permute(permute(W)))`` ->
+    ``mm(x, W)``, on the edge graph.  Export writes every linear layer as a transpose and a matmul,
+    and the runtime's ``permute_copy`` materializes the transpose: every step copied each weight
+    matrix (the base's, the head's) once forward and once more back, element by element.  The
+    runtime's ``linear`` kernel reads ``W`` as it is.  Returns the matmuls rewritten."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    mm, perm, linear = (exir_ops.edge.aten.mm.default, exir_ops.edge.aten.permute_copy.default,
+                        exir_ops.edge.aten.linear.default)
+
+    def transposed(node) -> bool:
+        return (isinstance(node, torch.fx.Node) and node.target == perm and list(node.args[1]) == [1, 0]
+                and node.args[0].meta["val"].dim() == 2)
+
+    n_done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != mm or not transposed(node.args[1]):
+            continue
+        x, w = node.args[0], node.args[1].args[0]
+        if transposed(w):  # (Wᵀ)ᵀ: the backward of x·Wᵀ
+            node.args = (x, w.args[0])
+        else:
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(linear, (x, w))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+        n_done += 1
+    for node in reversed(list(gm.graph.nodes)):  # the transposes nothing reads any more
+        if node.op == "call_function" and node.target == perm and not node.users:
+            gm.graph.erase_node(node)
     gm.recompile()
     return n_done
 
@@ -146,8 +182,9 @@ def build_program(spec: Mapping, path: str | Path, model=None) -> dict:
                                                       dynamic_shapes={"input_ids": {1: length}, "labels": {1: length}}))
     _rewrite_empty_permuted(ep.graph_module)
     # dim-order ops would fix the length at its example value; memory is planned for the upper bound
-    et = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)).to_executorch(
-        config=ExecutorchBackendConfig(sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
+    edge = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
+    _fold_weight_transposes(edge.exported_program().graph_module)
+    et = edge.to_executorch(config=ExecutorchBackendConfig(sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -117,7 +117,7 @@ def test_an_int4_onnx_base_from_a_4bit_gguf_keeps_the_file_grid(tmp_path):
     names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
     tensors = {}
-    for name, p in model.named_parameters():
+    for name, _ in model.named_parameters():
         parts = name.split(".")
         if len(parts) > 4 and parts[-2] in names:
             tensors[f"blk.{parts[2]}.{names[parts[-2]]}.weight"] = (name, T.Q4_1)
