@@ -8,9 +8,12 @@ which is where int4 exports of such a base lose agreement.  The file's own codes
 ``MatMulNBits`` without loss, block for block:
 
 - ``Q4_0`` (``d * (q - 8)``): 4-bit codes ``q``, scale ``d``, zero point 8;
-- ``Q4_1`` (``d * q + m``): 4-bit codes ``q``, scale ``d``, zero point 0, and the offset ``m``
-  added back by a small exact term: the input summed over each block of 32, times ``m``
-  (``x · W_blockᵀ = d·(q · x_b) + m·Σx_b``), a matmul 1/32 the size of the projection's;
+- ``Q4_1`` (``d * q + m``): 4-bit codes ``q``, scale ``d``, the block's zero point
+  ``z = round(-m / d)`` (so that the codes are centred, as the kernel's int8 activations want:
+  their error scales with ``d·(q - z)``), and what is left of the offset, ``r = m + d·z``
+  (``|r| <= d/2``), added back by a small exact term: the input summed over each block of 32
+  times ``r`` (``x · W_blockᵀ = d·((q - z) · x_b) + r·Σx_b``), a matmul 1/32 the size of the
+  projection's, the block sums shared by the projections that read one input;
 - ``Q8_0`` (``d * q``, ``q`` signed): 8-bit codes ``q + 128``, scale ``d``, zero point 128: the
   head (``output.weight``, or ``token_embd.weight`` when the head is tied to the embedding, as in
   SmolLM2; then the embedding's ``GatherBlockQuantized`` reads the same tensors).
@@ -42,12 +45,12 @@ _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
 @dataclass
 class Grid:
-    """One weight ``[N, K]`` on its file's grid: ``codes`` (unsigned, ``[N, K]``), ``scale`` and
-    ``offset`` (``[N, K/32]``): value = ``scale * (codes - zero) + offset``."""
+    """One weight ``[N, K]`` on its file's grid: ``codes`` (unsigned, ``[N, K]``), ``scale``,
+    ``zero`` and ``offset`` (``[N, K/32]``): value = ``scale * (codes - zero) + offset``."""
     codes: np.ndarray
     scale: np.ndarray
     offset: np.ndarray | None
-    zero: int
+    zero: np.ndarray
     bits: int
 
 
@@ -80,12 +83,25 @@ def decode(tensor) -> Grid | None:
         q, offset, zero = (raw[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), None, 128
     else:
         return None
-    return Grid(q.reshape(n, k).astype(np.uint8), d.reshape(n, k // BLOCK), offset, zero, 4 if kind != "Q8_0" else 8)
+    nb_row = k // BLOCK
+    return Grid(q.reshape(n, k).astype(np.uint8), d.reshape(n, nb_row), offset,
+                np.full((n, nb_row), zero, dtype=np.uint8), 4 if kind != "Q8_0" else 8)
+
+
+def centred(g: Grid) -> Grid:
+    """``g`` with each block's offset moved into an integer zero point where it can be: the same
+    values (to fp32 rounding), codes centred on zero."""
+    if g.offset is None:
+        return g
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(g.scale != 0, np.rint(-g.offset / g.scale), 0.0)
+    z = np.clip(z, 0, 2 ** g.bits - 1)
+    return Grid(g.codes, g.scale, (g.offset + g.scale * z).astype(np.float32), g.zero + z.astype(np.uint8), g.bits)
 
 
 def dequantize(g: Grid) -> np.ndarray:
     n, k = g.codes.shape
-    q = g.codes.reshape(n, k // BLOCK, BLOCK).astype(np.float32) - g.zero
+    q = g.codes.reshape(n, k // BLOCK, BLOCK).astype(np.float32) - g.zero[:, :, None]
     w = g.scale[:, :, None] * q
     if g.offset is not None:
         w = w + g.offset[:, :, None]
@@ -104,13 +120,13 @@ def _match_rows(grid: Grid, weight: np.ndarray) -> Grid | None:
     if any(i is None for i in order):
         return None
     return Grid(grid.codes[order], grid.scale[order], None if grid.offset is None else grid.offset[order],
-                grid.zero, grid.bits)
+                grid.zero[order], grid.bits)
 
 
 def read_grids(gguf_path: Path, state_dict: dict) -> tuple[dict[str, Grid], list[str]]:
     """``{ONNX initializer prefix: Grid}`` for the GGUF's tensors that reproduce ``state_dict``
-    (the loaded model's float weights) exactly, and the GGUF tensors that do not (kept by the
-    builder's own quantization)."""
+    (the loaded model's float weights) exactly, zero points centred (:func:`centred`), and the
+    GGUF tensors that do not (kept by the builder's own quantization)."""
     from gguf import GGUFReader
 
     grids, other = {}, []
@@ -131,7 +147,7 @@ def read_grids(gguf_path: Path, state_dict: dict) -> tuple[dict[str, Grid], list
         if g is None:
             other.append(t.name)
         else:
-            grids[onnx_name] = g
+            grids[onnx_name] = centred(g)
     return grids, other
 
 
@@ -142,18 +158,19 @@ def _pack4(codes: np.ndarray) -> np.ndarray:
     return (c[..., 0] | (c[..., 1] << 4)).astype(np.uint8)
 
 
-def apply_grids(model_path: Path, grids: dict[str, Grid]) -> list[str]:
+def apply_grids(model_path: Path, grids: dict[str, Grid]) -> tuple[list[str], list[str]]:
     """Put ``grids`` into the built base's ``MatMulNBits`` initializers in place (graph and
     external data), adding the offset term where a grid has one; returns the initializer
-    prefixes carried.  A tensor whose node has another bit width or block size is left as built."""
+    prefixes carried and those of every other quantized matmul (left as the builder quantized
+    them: no grid for it, or another bit width or block size)."""
     import onnx
     from onnx import helper, numpy_helper
 
     m = onnx.load(str(model_path))
     g = m.graph
     inits = {t.name: t for t in g.initializer}
-    carried, after = [], {}
-    sums: dict[tuple[str, int], str] = {}  # (input, blocks) -> its block sums: q/k/v and gate/up share theirs
+    carried, other, after = [], [], {}
+    sums: dict[str, str] = {}  # input -> its block sums: q/k/v and gate/up share theirs
 
     def put(name: str, array: np.ndarray) -> None:
         old = inits[name]
@@ -167,39 +184,41 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> list[str]:
         prefix = node.input[1].rsplit(".weight_", 1)[0]
         grid = grids.get(prefix)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if grid is None or attrs.get("bits") != grid.bits or attrs.get("block_size") != BLOCK:
+        if (grid is None or attrs.get("bits") != grid.bits or attrs.get("block_size") != BLOCK
+                or (attrs.get("N"), attrs.get("K")) != grid.codes.shape):
+            other.append(prefix)
             continue
         n, k = grid.codes.shape
-        if (attrs.get("N"), attrs.get("K")) != (n, k):
-            continue
         put(node.input[1], _pack4(grid.codes) if grid.bits == 4 else grid.codes.reshape(n, k // BLOCK, BLOCK))
         put(node.input[2], grid.scale)
         nb = k // BLOCK
-        if grid.bits == 4:
-            zp = np.full((n, (nb + 1) // 2), grid.zero | (grid.zero << 4), dtype=np.uint8)
+        if grid.bits == 4:  # two per byte, the even block in the low nibble
+            z = np.zeros((n, nb + nb % 2), dtype=np.uint8)
+            z[:, :nb] = grid.zero
+            zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
         else:
-            zp = np.full((n, nb), grid.zero, dtype=np.uint8)
+            zp = grid.zero
         put(node.input[3], zp)
         carried.append(prefix)
         if grid.offset is None:
             continue
-        # y += (x summed over each block of 32) · offsetᵀ
+        # y += (x summed over each block of 32) · offsetᵀ; the sums are x · S, S the [K, K/32]
+        # block indicator (one per K, shared), whatever x's rank
         base = node.name.rsplit("/", 1)[0]
         out = node.output[0]
         node.output[0] = f"{out}/grid"
         off = f"{prefix}.grid_offset"
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(grid.offset.T, dtype=np.float32), off))
         new = []
-        summed = sums.get((node.input[0], nb))
+        summed = sums.get(node.input[0])
         if summed is None:
-            summed = sums[(node.input[0], nb)] = f"{base}/grid/ReduceSum/output_0"
-            shape, axes = f"{prefix}.grid_shape", f"{prefix}.grid_axes"
-            g.initializer.extend([numpy_helper.from_array(np.array([0, 0, nb, BLOCK], dtype=np.int64), shape),
-                                  numpy_helper.from_array(np.array([-1], dtype=np.int64), axes)])
-            new += [helper.make_node("Reshape", [node.input[0], shape], [f"{base}/grid/Reshape/output_0"],
-                                     name=f"{base}/grid/Reshape"),
-                    helper.make_node("ReduceSum", [f"{base}/grid/Reshape/output_0", axes], [summed],
-                                     name=f"{base}/grid/ReduceSum", keepdims=0)]
+            summed = sums[node.input[0]] = f"{base}/grid/BlockSum/output_0"
+            indicator = f"grid.block_sum.{k}"
+            if indicator not in inits:
+                inits[indicator] = numpy_helper.from_array(
+                    np.kron(np.eye(nb, dtype=np.float32), np.ones((BLOCK, 1), dtype=np.float32)), indicator)
+                g.initializer.append(inits[indicator])
+            new.append(helper.make_node("MatMul", [node.input[0], indicator], [summed], name=f"{base}/grid/BlockSum"))
         new += [helper.make_node("MatMul", [summed, off], [f"{base}/grid/MatMul/output_0"], name=f"{base}/grid/MatMul"),
                 helper.make_node("Add", [node.output[0], f"{base}/grid/MatMul/output_0"], [out], name=f"{base}/grid/Add")]
         after[i] = new
@@ -213,4 +232,4 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> list[str]:
     (model_path.parent / data).unlink(missing_ok=True)
     onnx.save(m, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
               size_threshold=1024)
-    return carried
+    return carried, other

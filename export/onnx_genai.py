@@ -37,8 +37,8 @@ ADAPTER_FILE = "adapter.onnx_adapter"
 MODEL_FILE = "model.onnx"
 BASE_META = "base.json"
 # bump when the built base changes (a cached base of another version is not reused); 2: int4 keeps a
-# GGUF base's own grid; 3: its block sums shared by projections of one input
-FORMAT_VERSION = 3
+# GGUF base's own grid; 3: its block sums shared by projections of one input; 4: centred zero points
+FORMAT_VERSION = 4
 _MODULE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>\w+)$")
 
 # The builder's weight-only quantization per --quant, at the CPU kernel's accuracy level 4 (int8
@@ -163,10 +163,15 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
         if quant == "int4" and gguf is not None:
             from .gguf_grid import apply_grids, read_grids
 
-            grids, other = read_grids(gguf, model.state_dict())
-            carried = apply_grids(built / MODEL_FILE, grids)
-            grid_info = {"grid": "gguf", "grid_tensors": len(carried),
-                         "requantized": sorted(other + [p for p in grids if p not in carried])}
+            try:
+                grids, _ = read_grids(gguf, model.state_dict())
+            except (ValueError, OSError, KeyError) as exc:  # a file gguf cannot read: quantize again
+                print(f"export: {gguf}: its tensors cannot be read ({exc}); int4 quantizes the weights again",
+                      file=sys.stderr)
+                grids = {}
+            carried, other = apply_grids(built / MODEL_FILE, grids)
+            if carried:
+                grid_info = {"grid": "gguf", "grid_tensors": len(carried), "requantized": sorted(other)}
         add_lora_inputs(built / MODEL_FILE, modules)
         _tune_config(built, max_seq_len)
         for f in built.iterdir():
@@ -221,6 +226,16 @@ def _gguf_of(model_spec: str) -> Path | None:
     return Path(src.location) / src.gguf_file if src.gguf_file else None
 
 
+def _file_digest(*paths: Path) -> str:
+    """sha256 over the files' bytes, one after another."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str, max_seq_len: int,
                 load, weights: str) -> tuple[Path, bool]:
     """The built base for these settings from the cache (``FEDLORA_CACHE``, default
@@ -237,7 +252,9 @@ def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str
     import onnxruntime
     import onnxruntime_genai
 
+    gguf = _gguf_of(model_spec) if quant == "int4" else None
     key_fields = {"weights": weights, "modules": sorted(f"{m}:{i}x{o}" for m, (i, o) in modules.items()),
+                  "gguf": _file_digest(gguf) if gguf is not None else None,
                   "quant": quant, "options": PRECISION[quant][1], "max_seq_len": max_seq_len, "format": FORMAT_VERSION,
                   "builder": onnxruntime_genai.__version__, "onnxruntime": onnxruntime.__version__,
                   "onnx": onnx.__version__}
@@ -251,7 +268,6 @@ def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str
     elif folder.exists():
         _set_aside(folder)  # no base.json: an unfinished or damaged folder
     model, tok = load()
-    gguf = _gguf_of(model_spec) if quant == "int4" else None
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{quant}-{key}-", dir=root))
@@ -311,12 +327,8 @@ def write_adapter(factors: dict[str, tuple[np.ndarray, np.ndarray]], path: Path)
 
 def base_digest(folder: Path) -> str:
     """sha256 over the base's files (graph and weights): equal digests, the same base on a device."""
-    h = hashlib.sha256()
-    for name in sorted(p.name for p in folder.iterdir() if p.name.startswith(MODEL_FILE)):
-        with open(folder / name, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
+    return _file_digest(*(folder / name for name in sorted(p.name for p in folder.iterdir()
+                                                            if p.name.startswith(MODEL_FILE))))
 
 
 class GenaiRunner:

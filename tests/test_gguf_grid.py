@@ -45,7 +45,7 @@ def gguf_file(tmp_path):
     return tmp_path / "m.gguf", values
 
 
-def test_grids_reproduce_the_loaded_weights_exactly(gguf_file):
+def test_grids_reproduce_the_loaded_weights(gguf_file):
     path, values = gguf_file
     perm = np.random.default_rng(1).permutation(N)  # the converter permutes q's rows: matched by content
     state = {"model.layers.0.self_attn.q_proj.weight": torch.from_numpy(values["blk.0.attn_q.weight"][perm]),
@@ -55,8 +55,10 @@ def test_grids_reproduce_the_loaded_weights_exactly(gguf_file):
     grids, other = read_grids(path, state)
     assert set(grids) == {"model.layers.0.attn.q_proj.MatMul", "model.layers.0.mlp.down_proj.MatMul", "lm_head.MatMul"}
     assert other == ["blk.0.attn_k.weight"]  # f32: no grid to keep, the builder quantizes it
-    assert np.array_equal(dequantize(grids["model.layers.0.attn.q_proj.MatMul"]),
-                          state["model.layers.0.self_attn.q_proj.weight"].numpy())
+    q = grids["model.layers.0.attn.q_proj.MatMul"]
+    # Q4_1's offset goes into integer zero points (codes centred) and what is left of it
+    np.testing.assert_allclose(dequantize(q), state["model.layers.0.self_attn.q_proj.weight"].numpy(), rtol=0, atol=1e-6)
+    assert q.zero.max() > 0 and np.all(np.abs(q.offset) <= q.scale / 2 + 1e-7)
     assert np.array_equal(dequantize(grids["model.layers.0.mlp.down_proj.MatMul"]), values["blk.0.ffn_down.weight"])
     assert np.array_equal(dequantize(grids["lm_head.MatMul"]), values["token_embd.weight"])
     # weights that are not the file's (a model changed after loading) are not given a grid
@@ -65,43 +67,58 @@ def test_grids_reproduce_the_loaded_weights_exactly(gguf_file):
     assert "model.layers.0.mlp.down_proj.MatMul" not in grids and "blk.0.ffn_down.weight" in other
 
 
-def _nbits_model(path: Path, bits: int, rng) -> None:
-    """One MatMulNBits node as the model builder writes it (fp32 activations: exact arithmetic)."""
+def _nbits_model(path: Path, bits: int, level: int, rng) -> None:
+    """Two MatMulNBits nodes reading one input (q and k), as the model builder writes them."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nb = K // 32
-    pre = "model.layers.0.attn.q_proj.MatMul" if bits == 4 else "lm_head.MatMul"
-    inits = [numpy_helper.from_array(rng.integers(0, 255, (N, nb, 16 if bits == 4 else 32), dtype=np.uint8),
-                                     f"{pre}.weight_Q{bits}G32"),
-             numpy_helper.from_array(rng.random((N, nb), dtype=np.float32), f"{pre}.weight_scale"),
-             numpy_helper.from_array(np.zeros((N, (nb + 1) // 2 if bits == 4 else nb), dtype=np.uint8),
-                                     f"{pre}.weight_zp")]
-    node = helper.make_node("MatMulNBits", ["x"] + [t.name for t in inits], ["y"], domain="com.microsoft",
-                            name="/model/layers.0/attn/q_proj/MatMul_Q4", K=K, N=N, bits=bits, block_size=32,
-                            accuracy_level=1)
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", K])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "s", N])], inits)
+    nodes, inits = [], []
+    for proj, out in (("q_proj", "y"), ("k_proj", "y2")):
+        pre = f"model.layers.0.attn.{proj}.MatMul" if bits == 4 else "lm_head.MatMul"
+        if bits == 8 and proj == "k_proj":
+            pre = "model.layers.0.attn.k_proj.MatMul"  # no grid for it: left as built
+        inits += [numpy_helper.from_array(rng.integers(0, 255, (N, nb, 16 if bits == 4 else 32), dtype=np.uint8),
+                                          f"{pre}.weight_Q{bits}G32"),
+                  numpy_helper.from_array(rng.random((N, nb), dtype=np.float32), f"{pre}.weight_scale"),
+                  numpy_helper.from_array(np.zeros((N, (nb + 1) // 2 if bits == 4 else nb), dtype=np.uint8),
+                                          f"{pre}.weight_zp")]
+        nodes.append(helper.make_node("MatMulNBits", ["x"] + [t.name for t in inits[-3:]], [out],
+                                      domain="com.microsoft", name=f"/model/layers.0/attn/{proj}/MatMul_Q4", K=K, N=N,
+                                      bits=bits, block_size=32, accuracy_level=level))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", K])],
+                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, "s", N]) for y in ("y", "y2")], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
                           ir_version=10)
     onnx.save(m, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
 
 
+@pytest.mark.parametrize("level", [1, 4])
 @pytest.mark.parametrize("kind,bits", [(T.Q4_1, 4), (T.Q4_0, 4), (T.Q8_0, 8)])
-def test_matmulnbits_computes_with_the_file_grid(tmp_path, kind, bits):
+def test_matmulnbits_computes_with_the_file_grid(tmp_path, kind, bits, level):
+    """fp32 activations (level 1): the file's values exactly; int8 activations (level 4, what the
+    exports use): within the activations' own rounding.  q and k share one input's block sums."""
     ort = pytest.importorskip("onnxruntime")
+    import onnx
+
     rng = np.random.default_rng(2)
-    name = "blk.0.attn_q.weight" if bits == 4 else "token_embd.weight"
-    hf = "model.layers.0.self_attn.q_proj.weight" if bits == 4 else "model.embed_tokens.weight"
-    values = _write(tmp_path / "m.gguf", {name: (rng.standard_normal((N, K)).astype(np.float32), kind)})
-    grids, _ = read_grids(tmp_path / "m.gguf", {hf: torch.from_numpy(values[name])})
+    names = {"blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
+             "blk.0.attn_k.weight": "model.layers.0.self_attn.k_proj.weight"} if bits == 4 else \
+        {"token_embd.weight": "model.embed_tokens.weight"}
+    values = _write(tmp_path / "m.gguf", {g: (rng.standard_normal((N, K)).astype(np.float32), kind) for g in names})
+    grids, _ = read_grids(tmp_path / "m.gguf", {hf: torch.from_numpy(values[g]) for g, hf in names.items()})
     model = tmp_path / "model.onnx"
-    _nbits_model(model, bits, rng)
-    assert len(apply_grids(model, grids)) == 1
+    _nbits_model(model, bits, level, rng)
+    carried, other = apply_grids(model, grids)
+    assert len(carried) == len(names) and len(other) == 2 - len(names)
+    block_sums = [n for n in onnx.load(str(model), load_external_data=False).graph.node if "/BlockSum" in n.name]
+    assert len(block_sums) == (1 if kind == T.Q4_1 else 0)  # one per input, only where there is an offset
     x = rng.standard_normal((1, 5, K)).astype(np.float32)
-    y = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    expect = x @ values[name].T
-    np.testing.assert_allclose(y, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+    ys = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for y, g in zip(ys, names):
+        expect = x @ values[g].T
+        tol = 1e-4 if level == 1 else 2e-2
+        np.testing.assert_allclose(y, expect, rtol=0, atol=tol * np.abs(expect).max())
 
 
 @pytest.mark.integration
