@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokens of held-out prompts of the built-in tasks, max |Δlogits|, exact-match accuracy, size, "
                        "latency per token. Fails (exit 3) when parity is broken beyond the format's tolerance.",
                        epilog="quantizations that held on trained SmolLM2 adapters (docs/results.md): onnx int8 "
-                       "(0.967-0.984 top-1 on answer tokens over four adapters); onnx int4 0.91-0.96 on SmolLM2, whose file is 4-bit (Q4_1): "
+                       "(0.967-0.984 top-1 on answer tokens over four adapters); onnx int4 0.96-0.99 on SmolLM2, whose file is 4-bit (Q4_1): "
                        "the export keeps the file's own codes; on a base it must quantize again, int4 held 0.84-0.88, "
                        "under its 0.90 bar; executorch 8da8w 0.90-0.98 over three adapters; executorch 8da4w does not "
                        "hold its bar")
