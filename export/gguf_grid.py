@@ -166,6 +166,8 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> tuple[list[str], li
     import onnx
     from onnx import helper, numpy_helper
 
+    from .onnx_genai import insert_after
+
     m = onnx.load(str(model_path))
     g = m.graph
     inits = {t.name: t for t in g.initializer}
@@ -222,12 +224,7 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> tuple[list[str], li
         new += [helper.make_node("MatMul", [summed, off], [f"{base}/grid/MatMul/output_0"], name=f"{base}/grid/MatMul"),
                 helper.make_node("Add", [node.output[0], f"{base}/grid/MatMul/output_0"], [out], name=f"{base}/grid/Add")]
         after[i] = new
-    nodes = []
-    for i, n in enumerate(g.node):
-        nodes.append(n)
-        nodes.extend(after.get(i, []))
-    del g.node[:]
-    g.node.extend(nodes)
+    insert_after(g, after)
     data = model_path.name + ".data"
     (model_path.parent / data).unlink(missing_ok=True)
     onnx.save(m, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,

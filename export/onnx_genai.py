@@ -126,14 +126,19 @@ def add_lora_inputs(model_path: Path, modules: dict[str, tuple[int, int]]) -> No
             helper.make_node("Add", [node.output[0], f"{prefix}lora_B/output_0"], [base_out],
                              name=f"{prefix}lora/Add"),
         ]
-    # each branch goes right after its base matmul: the node list stays in topological order
+    insert_after(g, after)  # each branch right after its base matmul
+    onnx.save(m, str(model_path))
+
+
+def insert_after(graph, after: dict[int, list]) -> None:
+    """Put the nodes ``after[i]`` right after the graph's node ``i``, in place: new nodes that read
+    only what node ``i`` and those before it make keep the node list in topological order."""
     nodes = []
-    for i, n in enumerate(g.node):
+    for i, n in enumerate(graph.node):
         nodes.append(n)
         nodes.extend(after.get(i, []))
-    del g.node[:]
-    g.node.extend(nodes)
-    onnx.save(m, str(model_path))
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _tune_config(folder: Path, max_seq_len: int) -> None:
