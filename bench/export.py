@@ -136,14 +136,13 @@ class LlamaCppRunner:
         self.llm = self._all = None
 
 
-def _llama_cpp_f32(model: str, adapter: str | None, out: Path, convert: Path) -> Path:
+def _llama_cpp_f32(reference, tok, out: Path, convert: Path) -> Path:
     """The merged model as an f32 GGUF, by llama.cpp's converter (once per OUT)."""
     gguf = out / "llama-cpp-source.f32.gguf"
     if gguf.is_file():
         return gguf
     from export.onnx_genai import stage_model
 
-    reference, tok = merged_model(model, adapter)
     with tempfile.TemporaryDirectory(prefix="fedlora-gguf-") as tmp:
         stage_model(reference, tok, Path(tmp) / "stage")
         log = out / "llama-cpp-convert.log"
@@ -169,7 +168,8 @@ def run_llama_cpp(model: str, adapter: str | None, qtype: str, out: Path, per_ta
     if report_file.is_file():
         return json.loads(report_file.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    source = _llama_cpp_f32(model, adapter, out.parent, convert)
+    reference, tok = merged_model(model, adapter)
+    source = _llama_cpp_f32(reference, tok, out.parent, convert)
     gguf = out / "model.gguf"
     if qtype == "f32":
         shutil.copyfile(source, gguf)
@@ -179,7 +179,6 @@ def run_llama_cpp(model: str, adapter: str | None, qtype: str, out: Path, per_ta
         params.nthread = 2
         if llama_cpp.llama_model_quantize(str(source).encode(), str(gguf).encode(), ctypes.byref(params)) != 0:
             raise RuntimeError(f"llama.cpp's quantizer failed on {qtype}")
-    reference, tok = merged_model(model, adapter)
     tok.save_pretrained(str(out / "tokenizer"))
     meta = {"format": "gguf", "quant": qtype, "artifact": "model.gguf", "tokenizer": "tokenizer", "max_seq_len": 256,
             "base_bytes": gguf.stat().st_size, "skipped_layers": []}

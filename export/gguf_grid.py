@@ -34,12 +34,10 @@ from pathlib import Path
 import numpy as np
 
 BLOCK = 32
-# GGUF tensor name -> the ONNX builder's initializer prefix (llama-family decoders)
+# GGUF tensor name -> the ONNX builder's initializer prefix (llama-family decoders; transformers
+# names the same projection with ``self_attn.`` for ``attn.``)
 _NAMES = {"attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-       "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-       "ffn_down": "mlp.down_proj"}
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
 
@@ -65,9 +63,9 @@ def _f16(b: np.ndarray) -> np.ndarray:
 def decode(tensor) -> Grid | None:
     """The grid of a ``gguf.GGUFReader`` tensor of a supported type (None for any other)."""
     kind = tensor.tensor_type.name
-    k, n = (int(x) for x in tensor.shape[:2])
-    if k % BLOCK or len(tensor.shape) != 2:
+    if len(tensor.shape) != 2 or int(tensor.shape[0]) % BLOCK:
         return None
+    k, n = (int(x) for x in tensor.shape)
     nb = n * k // BLOCK
     if kind == "Q4_0":  # d f16, 16 bytes: element j low nibble, j+16 high nibble
         raw = _blocks(tensor.data, nb, 18)
@@ -123,13 +121,13 @@ def _match_rows(grid: Grid, weight: np.ndarray) -> Grid | None:
                 grid.zero[order], grid.bits)
 
 
-def read_grids(gguf_path: Path, state_dict: dict) -> tuple[dict[str, Grid], list[str]]:
+def read_grids(gguf_path: Path, state_dict: dict) -> dict[str, Grid]:
     """``{ONNX initializer prefix: Grid}`` for the GGUF's tensors that reproduce ``state_dict``
-    (the loaded model's float weights) exactly, zero points centred (:func:`centred`), and the
-    GGUF tensors that do not (kept by the builder's own quantization)."""
+    (the loaded model's float weights) exactly, zero points centred (:func:`centred`); the others
+    are left to the builder's own quantization."""
     from gguf import GGUFReader
 
-    grids, other = {}, []
+    grids = {}
     tensors = GGUFReader(str(gguf_path)).tensors
     tied = not any(t.name == "output.weight" for t in tensors)  # the head is the embedding's tensor
     for t in tensors:
@@ -138,17 +136,17 @@ def read_grids(gguf_path: Path, state_dict: dict) -> tuple[dict[str, Grid], list
         elif t.name == "token_embd.weight" and tied:
             onnx_name, hf = "lm_head.MatMul", "model.embed_tokens.weight"
         elif (m := _BLK.match(t.name)) and m[2] in _NAMES:
-            onnx_name, hf = f"model.layers.{m[1]}.{_NAMES[m[2]]}.MatMul", f"model.layers.{m[1]}.{_HF[m[2]]}.weight"
+            proj = _NAMES[m[2]]
+            hf_proj = "self_" + proj if proj.startswith("attn.") else proj
+            onnx_name, hf = f"model.layers.{m[1]}.{proj}.MatMul", f"model.layers.{m[1]}.{hf_proj}.weight"
         else:
             continue
         g = decode(t)
         weight = state_dict.get(hf)
         g = None if g is None or weight is None else _match_rows(g, weight.detach().float().numpy())
-        if g is None:
-            other.append(t.name)
-        else:
+        if g is not None:
             grids[onnx_name] = centred(g)
-    return grids, other
+    return grids
 
 
 def _pack4(codes: np.ndarray) -> np.ndarray:
@@ -162,7 +160,7 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> tuple[list[str], li
     """Put ``grids`` into the built base's ``MatMulNBits`` initializers in place (graph and
     external data), adding the offset term where a grid has one; returns the initializer
     prefixes carried and those of every other quantized matmul (left as the builder quantized
-    them: no grid for it, or another bit width or block size)."""
+    them: no grid for it, no zero-point input, or another bit width or block size)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -181,12 +179,12 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> tuple[list[str], li
         old.CopyFrom(new)
 
     for i, node in enumerate(g.node):
-        if node.op_type != "MatMulNBits" or len(node.input) < 4:
+        if node.op_type != "MatMulNBits":
             continue
         prefix = node.input[1].rsplit(".weight_", 1)[0]
         grid = grids.get(prefix)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (grid is None or attrs.get("bits") != grid.bits or attrs.get("block_size") != BLOCK
+        if (grid is None or len(node.input) < 4 or attrs.get("bits") != grid.bits or attrs.get("block_size") != BLOCK
                 or (attrs.get("N"), attrs.get("K")) != grid.codes.shape):
             other.append(prefix)
             continue

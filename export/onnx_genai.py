@@ -169,7 +169,7 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
             from .gguf_grid import apply_grids, read_grids
 
             try:
-                grids, _ = read_grids(gguf, model.state_dict())
+                grids = read_grids(gguf, model.state_dict())
             except (ValueError, OSError, KeyError) as exc:  # a file gguf cannot read: quantize again
                 print(f"export: {gguf}: its tensors cannot be read ({exc}); int4 quantizes the weights again",
                       file=sys.stderr)
