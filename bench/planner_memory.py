@@ -6,7 +6,13 @@ planner's worst case).  Prints, per rank, the planner's prediction, the measured
 training phase and of the whole process (model loading included), and their ratios.  Target:
 training-phase ratio within 1 +/- 0.15.
 
+With ``--trainer executorch`` each rank trains SGD steps in its ExecuTorch training program
+instead (fp32 base; the torch model is dropped before the program loads), the program taken
+from ``--programs`` when built there before (``bench/executorch_training.py --out`` keeps the
+rank-8 one), else built there first (minutes for SmolLM2).
+
     python bench/planner_memory.py [--model smollm2-135m] [--batch 8] [--seq 64] [--steps 3]
+        [--trainer torch|executorch] [--programs runs/executorch_training]
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from edge_client.lora import adapted_modules, lora_config, uniform_plan
 from coordinator.planner import ModelShape, memory_bytes
 from edge_client.trainer import train_steps
 model_spec, rank, batch, seq, steps, overhead = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+trainer, programs = sys.argv[7], sys.argv[8]
 proc = psutil.Process()
 rss_start = proc.memory_info().rss
 model, tok = load_model(model_spec)
@@ -34,13 +41,34 @@ load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 targets = default_target_modules(model)
 dims = adapted_modules(model, targets)
 shape = ModelShape.from_model(model, dims)
-pm = get_peft_model(model, lora_config(uniform_plan(dims, rank, 2.0), targets))
-params = [p for p in pm.parameters() if p.requires_grad]
+plan = uniform_plan(dims, rank, 2.0)
 g = torch.Generator().manual_seed(0)
 def gen():
     while True:
         ids = torch.randint(0, shape.vocab, (batch, seq), generator=g)
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+if trainer == "executorch":
+    from edge_client.et_train import ProgramStore, ProgramTrainer, program_spec
+    path, _ = ProgramStore(programs, log=lambda t: print(t, file=sys.stderr)).get(
+        program_spec(model_spec, plan, targets, batch, seq, "fp32"))
+    del model
+    gc.collect()
+    rss_start = proc.memory_info().rss  # what the process holds without a model: libraries, tokenizer
+    class ProgramSteps:
+        def __init__(self):
+            from executorch.extension.training import get_sgd_optimizer
+            self.t = ProgramTrainer(path)  # loading runs one step: part of the training phase
+            self.opt = get_sgd_optimizer(self.t.params, 1e-3, 0.0, 0.0, 0.0, False)
+        def run(self, data):
+            for _ in range(steps):
+                b = next(data)
+                self.t.module.forward_backward("forward", (b["input_ids"], b["labels"]))
+                self.opt.step(self.t.module.named_gradients())
+    run = lambda: ProgramSteps().run(gen())
+else:
+    pm = get_peft_model(model, lora_config(plan, targets))
+    params = [p for p in pm.parameters() if p.requires_grad]
+    run = lambda: train_steps(pm, params, gen(), steps, 1e-3)
 # sample RSS during training with a thread (ru_maxrss also covers loading)
 import threading, time
 peak = [proc.memory_info().rss]
@@ -49,9 +77,9 @@ def watch():
     while not stop.is_set():
         peak[0] = max(peak[0], proc.memory_info().rss); time.sleep(0.005)
 t = threading.Thread(target=watch); t.start()
-train_steps(pm, params, gen(), steps, 1e-3)
+run()
 stop.set(); t.join()
-pred = memory_bytes(shape, rank, batch, seq, overhead)
+pred = memory_bytes(shape, rank, batch, seq, overhead, trainer)
 print(json.dumps({"rank": rank, "predicted": sum(pred.values()), "parts": pred, "train_peak": peak[0],
                   "process_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "load_peak": load_peak, "rss_start": rss_start}))
@@ -66,19 +94,25 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--overhead-gb", type=float, default=None, help="default: the config's planner value")
+    ap.add_argument("--trainer", choices=("torch", "executorch"), default="torch",
+                    help="torch (AdamW) or executorch (SGD in a training program, fp32 base)")
+    ap.add_argument("--programs", default="runs/executorch_training",
+                    help="where executorch training programs are found or built")
     args = ap.parse_args()
     if args.overhead_gb is None:
         from coordinator.config import PlannerSettings
 
         args.overhead_gb = PlannerSettings().runtime_overhead_gb
     gb = 2**30
-    print(f"model {args.model}, batch {args.batch} x seq {args.seq}, {args.steps} AdamW steps, runtime overhead "
+    steps = "AdamW steps in torch" if args.trainer == "torch" else "SGD steps in an executorch program"
+    print(f"model {args.model}, batch {args.batch} x seq {args.seq}, {args.steps} {steps}, runtime overhead "
           f"{args.overhead_gb} GB")
     print(f"{'rank':>4} {'predicted GB':>12} {'train peak GB':>13} {'ratio':>6} {'process peak GB':>15} {'ratio':>6}")
     worst = 0.0
     for r in [int(x) for x in args.ranks.split(",")]:
         out = subprocess.run([sys.executable, "-c", CHILD, args.model, str(r), str(args.batch), str(args.seq),
-                              str(args.steps), str(args.overhead_gb)], capture_output=True, text=True, check=True)
+                              str(args.steps), str(args.overhead_gb), args.trainer, args.programs],
+                             capture_output=True, text=True, check=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])
         ratio = res["predicted"] / res["train_peak"]
         worst = max(worst, abs(ratio - 1))

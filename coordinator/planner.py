@@ -22,8 +22,9 @@ silently.
 A device with ``trainer: executorch`` (:mod:`edge_client.et_train`) runs SGD in an ExecuTorch
 training program: its LoRA term is weights and gradients (no optimiser moments), an int8 base
 (``trainer_base: int8``) counts one byte per weight outside the embedding, and its step takes
-``EXECUTORCH_STEP_FACTOR`` times the torch step on the same batch (the runtime's own kernels;
-measured by ``bench/executorch_training.py``: 2.7).  Its training program (about
+``EXECUTORCH_STEP_FACTOR`` times the torch step on the same batch (its matmuls in XNNPACK;
+measured by ``bench/executorch_training.py``), and XNNPACK's workspace adds
+``XNNPACK_WORKSPACE`` times the head's weight.  Its training program (about
 the base's size) is downloaded once per distinct plan shape, not every round.
 
 The activation term counts what autograd keeps for the backward pass of a frozen Llama-style
@@ -55,10 +56,18 @@ STEP_EFFICIENCY = 0.5
 # the counted saved tensors are ~74% of what the training phase holds at its peak.
 ACTIVATION_SLACK = 1.35
 # Step time of the executorch trainer over the torch trainer on the same model and batches
-# (bench/executorch_training.py on the development host, SmolLM2 batch 8, one thread, fp32 base:
-# 2.69x on a run's batches (36 tokens on average), 2.72x on batches of 64, since the programs
-# stopped copying a transposed weight for every matmul; 3.17x and 3.02x before).
-EXECUTORCH_STEP_FACTOR = 2.7
+# (bench/executorch_training.py on the development host, SmolLM2 batch 8, one thread) since the
+# programs' matmuls run in XNNPACK: fp32 base 0.80x on a run's batches and 0.77x on batches of 64
+# (0.94x and 0.95x in an earlier run), int8 base 0.99x and 1.04x (its weights are dequantized by
+# the runtime's own kernels).  Before: 2.69x and 2.72x with the runtime's matmul kernels, 3.17x and
+# 3.02x while every matmul copied a transposed weight.  One factor serves both bases.
+EXECUTORCH_STEP_FACTOR = 1.0
+# An executorch program's matmuls run in XNNPACK, which packs each weight into a workspace the
+# delegates share, sized for the largest: the head (vocab x hidden).  Its share, in units of the
+# head's float32 bytes: the SmolLM2 program's peak RSS rose 159 MiB (the head: 108 MiB) when its
+# matmuls moved to XNNPACK; bench/planner_memory.py --trainer executorch then predicts 0.955 of the
+# measured peak (0.881 without the term).
+XNNPACK_WORKSPACE = 1.5
 
 
 @dataclass(frozen=True)
@@ -106,13 +115,16 @@ def memory_bytes(shape: ModelShape, rank: int, batch: int, seq: int, overhead_gb
     h, inter, kv = shape.hidden, shape.intermediate, shape.kv_dim
     per_layer_token = 6 * h + 2 * kv + 3 * inter + shape.heads  # see module docstring
     lora_act = sum(rank for _ in shape.adapted.values())  # A·x per adapted module (x is the norm output)
-    return {
+    parts = {
         "base": base_bytes,
         "activations": tokens * (ACTIVATION_SLACK * shape.layers * per_layer_token + lora_act) * BYTES,
         "logits": 4 * tokens * shape.vocab * BYTES,
         "lora_train": lora_copies * shape.lora_params(rank) * BYTES,
         "runtime": overhead_gb * GB,
     }
+    if trainer == "executorch":  # XNNPACK's workspace packs one weight at a time: the head is the largest
+        parts["xnnpack_workspace"] = XNNPACK_WORKSPACE * embedding * BYTES
+    return parts
 
 
 def step_flops(shape: ModelShape, rank: int, batch: int, seq: int) -> float:

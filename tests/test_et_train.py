@@ -85,6 +85,17 @@ def test_sidecar_maps_runtime_names_to_wire_keys(setup):
     assert ProgramStore(path.parent).get(side["spec"])[1]["sha256"] == side["sha256"]  # cached, not rebuilt
 
 
+def test_every_linear_layer_runs_in_xnnpack(setup):
+    """The matrix products (each Linear's forward, with the LoRA factors', and the backward's
+    matmuls) are XNNPACK delegate calls; the exact-as-torch test above holds with them."""
+    from edge_client.models import load_model
+
+    model, _ = load_model("tiny-llama")
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    lora = 2 * len(adapted_modules(model, TARGETS))
+    assert setup[5]["xnnpack_matmuls"] >= 2 * (linears + lora)  # forward, and at least as many backward
+
+
 def test_mismatched_inputs_fail_clearly(setup, tmp_path):
     tok, plan, start, settings, path, side, examples = setup
     trainer = ProgramTrainer(path)
