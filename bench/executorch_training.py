@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the program's portable kernels use one)")
+    ap.add_argument("--threads", type=int, default=1, help="threads of each side: torch's, and the ExecuTorch "
+                    "runtime's pool (XNNPACK's matmuls run on it)")
     ap.add_argument("--bases", default="fp32,int8")
     ap.add_argument("--out", default="runs/executorch_training")
     args = ap.parse_args(argv)
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     store = ProgramStore(Path(args.out), log=print)
     for base in [b for b in args.bases.split(",") if b]:
         path, side = store.get(program_spec(args.model, plan, targets, args.batch, args.seq, base))
-        trainer = ProgramTrainer(path)
+        trainer = ProgramTrainer(path, threads=args.threads)
         trainer.set_factors(to_state_dict(start))
         from executorch.extension.training import get_sgd_optimizer
 
@@ -129,8 +130,11 @@ def main(argv=None) -> int:
             rows.append((f"executorch program, {base} base ({side['bytes'] / 2**20:.0f} MiB), {label}", t_et, t_ref,
                          diff, note))
 
+    from executorch.extension.pybindings import portable_lib
+
     print(f"\n{args.model}, rank {args.rank}, batch {args.batch} x up to {args.seq} tokens, SGD, {args.steps} timed "
-          f"steps (median), torch threads {args.threads}\n")
+          f"steps (median), torch threads {torch.get_num_threads()}, executorch threads "
+          f"{portable_lib._threadpool_get_thread_count()}\n")
     print("| trainer | ms/step | × torch (same batches) | max |Δloss| vs torch | note |")
     print("|---|---|---|---|---|")
     for name, t, t_ref, diff, note in rows:

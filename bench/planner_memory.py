@@ -9,7 +9,7 @@ training-phase ratio within 1 +/- 0.15.
 With ``--trainer executorch`` each rank trains SGD steps in its ExecuTorch training program
 instead (fp32 base; the torch model is dropped before the program loads), the program taken
 from ``--programs`` when built there before (``bench/executorch_training.py --out`` keeps the
-rank-8 one), else built there first (minutes for SmolLM2).
+rank-8 one), else built there first, in a process of its own (minutes for SmolLM2).
 
     python bench/planner_memory.py [--model smollm2-135m] [--batch 8] [--seq 64] [--steps 3]
         [--trainer torch|executorch] [--programs runs/executorch_training]
@@ -32,7 +32,7 @@ from edge_client.lora import adapted_modules, lora_config, uniform_plan
 from coordinator.planner import ModelShape, memory_bytes
 from edge_client.trainer import train_steps
 model_spec, rank, batch, seq, steps, overhead = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
-trainer, programs = sys.argv[7], sys.argv[8]
+trainer, programs, build_only = sys.argv[7], sys.argv[8], sys.argv[9] == "build"
 proc = psutil.Process()
 rss_start = proc.memory_info().rss
 model, tok = load_model(model_spec)
@@ -51,6 +51,8 @@ if trainer == "executorch":
     from edge_client.et_train import ProgramStore, ProgramTrainer, program_spec
     path, _ = ProgramStore(programs, log=lambda t: print(t, file=sys.stderr)).get(
         program_spec(model_spec, plan, targets, batch, seq, "fp32"))
+    if build_only:  # a build leaves its heap behind: it runs in a process of its own
+        sys.exit(0)
     del model
     gc.collect()
     rss_start = proc.memory_info().rss  # what the process holds without a model: libraries, tokenizer
@@ -110,9 +112,11 @@ def main() -> int:
     print(f"{'rank':>4} {'predicted GB':>12} {'train peak GB':>13} {'ratio':>6} {'process peak GB':>15} {'ratio':>6}")
     worst = 0.0
     for r in [int(x) for x in args.ranks.split(",")]:
-        out = subprocess.run([sys.executable, "-c", CHILD, args.model, str(r), str(args.batch), str(args.seq),
-                              str(args.steps), str(args.overhead_gb), args.trainer, args.programs],
-                             capture_output=True, text=True, check=True)
+        child = [sys.executable, "-c", CHILD, args.model, str(r), str(args.batch), str(args.seq), str(args.steps),
+                 str(args.overhead_gb), args.trainer, args.programs]
+        if args.trainer == "executorch":  # the program, built first where it is not in --programs yet
+            subprocess.run(child + ["build"], stdout=sys.stderr, check=True)
+        out = subprocess.run(child + ["measure"], capture_output=True, text=True, check=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])
         ratio = res["predicted"] / res["train_peak"]
         worst = max(worst, abs(ratio - 1))

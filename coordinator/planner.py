@@ -23,9 +23,9 @@ A device with ``trainer: executorch`` (:mod:`edge_client.et_train`) runs SGD in 
 training program: its LoRA term is weights and gradients (no optimiser moments), an int8 base
 (``trainer_base: int8``) counts one byte per weight outside the embedding, and its step takes
 ``EXECUTORCH_STEP_FACTOR`` times the torch step on the same batch (its matmuls in XNNPACK;
-measured by ``bench/executorch_training.py``), and XNNPACK's workspace adds
-``XNNPACK_WORKSPACE`` times the head's weight.  Its training program (about
-the base's size) is downloaded once per distinct plan shape, not every round.
+measured by ``bench/executorch_training.py``), and XNNPACK adds ``XNNPACK_WORKSPACE`` times the
+head's weight at peak.  Its training program (about the base's size) is downloaded once per
+distinct plan shape, not every round.
 
 The activation term counts what autograd keeps for the backward pass of a frozen Llama-style
 decoder with LoRA on some projections, per layer and token: the two RMSNorms' input and
@@ -56,17 +56,17 @@ STEP_EFFICIENCY = 0.5
 # the counted saved tensors are ~74% of what the training phase holds at its peak.
 ACTIVATION_SLACK = 1.35
 # Step time of the executorch trainer over the torch trainer on the same model and batches
-# (bench/executorch_training.py on the development host, SmolLM2 batch 8, one thread) since the
-# programs' matmuls run in XNNPACK: fp32 base 0.80x on a run's batches and 0.77x on batches of 64
-# (0.94x and 0.95x in an earlier run), int8 base 0.99x and 1.04x (its weights are dequantized by
-# the runtime's own kernels).  Before: 2.69x and 2.72x with the runtime's matmul kernels, 3.17x and
-# 3.02x while every matmul copied a transposed weight.  One factor serves both bases.
-EXECUTORCH_STEP_FACTOR = 1.0
-# An executorch program's matmuls run in XNNPACK, which packs each weight into a workspace the
-# delegates share, sized for the largest: the head (vocab x hidden).  Its share, in units of the
-# head's float32 bytes: the SmolLM2 program's peak RSS rose 159 MiB (the head: 108 MiB) when its
-# matmuls moved to XNNPACK; bench/planner_memory.py --trainer executorch then predicts 0.955 of the
-# measured peak (0.881 without the term).
+# (bench/executorch_training.py on the development host, SmolLM2 batch 8, one thread on each side)
+# since the programs' matmuls run in XNNPACK: fp32 base 1.24x and 1.34x on a run's batches, 1.14x
+# and 1.36x on batches of 64 (two runs), int8 base 1.07-1.52x; 1.28x on average, and 1.4 keeps
+# room.  Before: 2.69x and 2.72x with the runtime's own matmul kernels, 3.17x and 3.02x while every
+# matmul copied a transposed weight.  One factor serves both bases.
+EXECUTORCH_STEP_FACTOR = 1.4
+# What running an executorch program's matmuls in XNNPACK adds at peak, in units of the head's
+# float32 bytes (vocab x hidden, the largest weight XNNPACK packs at run time): the SmolLM2
+# program's peak RSS rose 159 MiB (the head: 108 MiB) when its matmuls moved to XNNPACK;
+# bench/planner_memory.py --trainer executorch then predicts 0.955 of the measured peak (0.881
+# without the term).
 XNNPACK_WORKSPACE = 1.5
 
 

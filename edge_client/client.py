@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ca-file", help="CA certificate for mqtts:// (default: the CA in the credentials file)")
     ap.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
     emu = ap.add_argument_group("emulation (what `fedlora emulate` sets to hold a process to a profile)")
-    emu.add_argument("--threads", type=int, help="torch threads")
+    emu.add_argument("--threads", type=int, help="CPU threads for training (torch's, or the ExecuTorch runtime's)")
     emu.add_argument("--memory-gb", type=float, help="memory cap: past this resident size the client reports "
                      "out of memory and exits (checked every 20 ms)")
     emu.add_argument("--slowdown", type=float, default=1.0, help="stretch each training step by this factor")
@@ -211,7 +211,7 @@ def run(args) -> int:
         if plan.kind == "program":  # a training program for the executorch trainer: kept for the plans to come
             from .et_train import ProgramStore
 
-            programs = programs or ProgramStore(programs_dir)
+            programs = programs or ProgramStore(programs_dir, threads=args.threads or 0)
             try:
                 programs.put(plan.data, plan.meta)
                 log(me, f"received training program {plan.meta.get('key')} ({len(plan.data) / 2**20:.1f} MiB)")
@@ -239,7 +239,7 @@ def run(args) -> int:
 
             if trainer_of(meta) == "executorch":  # the program holds the model: only the tokenizer is loaded
                 tokenizer = tokenizer or load_tokenizer(meta["model"])
-                programs = programs or ProgramStore(programs_dir)
+                programs = programs or ProgramStore(programs_dir, threads=args.threads or 0)
             elif peft_model is None:
                 peft_model, tokenizer = load_for_training(meta, args.threads, args.device)
             update, report = run_assignment(peft_model, tokenizer, examples, meta, plan.data, args.device,

@@ -138,10 +138,11 @@ def _fold_weight_transposes(gm) -> int:
 def _delegate_matmuls(edge):
     """Hand every ``linear`` and ``mm`` of the edge program to the XNNPACK delegate (chained ones,
     such as a LoRA branch's two factors, in one call), each weight an input at run time
-    (``force_non_static_weights_for_f32_linear``): XNNPACK cannot lower the training graph as a whole, but its matrix kernels run these ops ~2.5x
-    faster than the runtime's own, and a weight read at run time is neither copied into the
+    (``force_non_static_weights_for_f32_linear``): XNNPACK cannot lower the training graph as a whole,
+    but its matrix kernels run these ops about twice as fast as the runtime's own (one thread each),
+    and a weight read at run time is neither copied into the
     delegate (the base is held once) nor frozen there (the LoRA factors stay trainable).  Returns
-    (the lowered program manager, how many ops it delegated)."""
+    (the lowered program manager, how many ops it delegated, how many it left to the runtime)."""
     import logging
 
     from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig, MMConfig
@@ -159,7 +160,19 @@ def _delegate_matmuls(edge):
         lowered = edge.to_backend(partitioner)
     finally:
         quiet.setLevel(level)
-    return lowered, before - _matmuls(lowered.exported_program().graph_module)
+    if _trained(lowered.exported_program()) != _trained(edge.exported_program()):  # a factor taken in as a constant
+        raise ProgramError("cannot build the training program: lowering to XNNPACK changed its trainable tensors")
+    left = _matmuls(lowered.exported_program().graph_module)
+    return lowered, before - left, left
+
+
+def _trained(ep) -> set[str]:
+    """The parameters a training program returns gradients for, as graph inputs."""
+    from torch.export.graph_signature import OutputKind
+
+    params = set(ep.graph_signature.inputs_to_parameters.values())
+    return {o.target for o in ep.graph_signature.output_specs
+            if o.kind == OutputKind.GRADIENT_TO_PARAMETER and o.target in params}
 
 
 def _matmuls(gm) -> int:
@@ -223,7 +236,7 @@ def build_program(spec: Mapping, path: str | Path, model=None) -> dict:
     # dim-order ops would fix the length at its example value; memory is planned for the upper bound
     edge = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
     _fold_weight_transposes(edge.exported_program().graph_module)
-    edge, delegated = _delegate_matmuls(edge)
+    edge, delegated, left = _delegate_matmuls(edge)
     et = edge.to_executorch(config=ExecutorchBackendConfig(sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +247,8 @@ def build_program(spec: Mapping, path: str | Path, model=None) -> dict:
         if p.requires_grad:
             names["m." + name] = {"key": _wire_key(name), "shape": list(p.shape)}
     side = {"spec": dict(spec), "key": program_key(spec), "sha256": hashlib.sha256(et.buffer).hexdigest(),
-            "bytes": len(et.buffer), "xnnpack_matmuls": delegated, "parameters": names}
+            "bytes": len(et.buffer), "xnnpack_matmuls": delegated,
+            "matmuls_left": left, "parameters": names}
     path.with_suffix(".json").write_text(json.dumps(side, indent=1))
     tmp.replace(path)
     return side
@@ -272,12 +286,15 @@ class ProgramStore:
     """Training programs on disk, by key: ``<dir>/<key>.pte`` and ``<key>.json``.  The coordinator
     builds into one (:meth:`get`); a device keeps the programs it received in one."""
 
-    def __init__(self, root: str | Path, log=None, cache: str | Path | None = None, identity=None):
+    def __init__(self, root: str | Path, log=None, cache: str | Path | None = None, identity=None,
+                 threads: int = 0):
         """``cache``: a folder shared across runs (the coordinator's: ``FEDLORA_CACHE/et-programs``)
         where a built program is kept under a key of its spec, ``identity()`` (a digest of the
         base's weights, computed on first use) and the versions of what builds it; a later run
-        with the same key copies it instead of building it again."""
+        with the same key copies it instead of building it again.  ``threads``: the runtime's
+        threads for the programs it loads (:class:`ProgramTrainer`)."""
         self.root = Path(root)
+        self.threads = threads
         self.log = log or (lambda text: None)
         self.cache = Path(cache) if cache is not None else None
         self._identity_fn = identity
@@ -368,7 +385,7 @@ class ProgramStore:
         """The program ``key`` loaded, kept loaded for the next assignment (loading runs one
         throw-away step, as long as a training step)."""
         if key not in self._loaded:
-            self._loaded[key] = ProgramTrainer(self.path(key))
+            self._loaded[key] = ProgramTrainer(self.path(key), self.threads)
         return self._loaded[key]
 
     def put(self, data: bytes, side: dict) -> Path:
@@ -389,9 +406,16 @@ class ProgramStore:
 class ProgramTrainer:
     """One loaded training program: set the LoRA factors, run SGD steps, read the factors back."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, threads: int = 0):
+        """``threads``: the runtime's thread pool (XNNPACK's matmuls run on it) is reset to that
+        many threads before the program loads; 0 keeps the pool as it is (it starts with one
+        thread per core, whatever ``OMP_NUM_THREADS`` says)."""
         from executorch.extension.training import _load_for_executorch_for_training
 
+        if threads:
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(threads)  # one pool for the process: nothing runs on it now
         path = Path(path)
         side_file = path.with_suffix(".json")
         if not path.is_file() or not side_file.is_file():

@@ -85,15 +85,26 @@ def test_sidecar_maps_runtime_names_to_wire_keys(setup):
     assert ProgramStore(path.parent).get(side["spec"])[1]["sha256"] == side["sha256"]  # cached, not rebuilt
 
 
-def test_every_linear_layer_runs_in_xnnpack(setup):
-    """The matrix products (each Linear's forward, with the LoRA factors', and the backward's
-    matmuls) are XNNPACK delegate calls; the exact-as-torch test above holds with them."""
+def test_every_linear_and_mm_runs_in_xnnpack(setup):
+    """Every ``linear`` and ``mm`` of the program (each Linear's forward, the LoRA factors', the
+    backward's matmuls) is an XNNPACK delegate call, none left to the runtime's kernels; the
+    exact-as-torch test above holds with them."""
     from edge_client.models import load_model
 
     model, _ = load_model("tiny-llama")
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     lora = 2 * len(adapted_modules(model, TARGETS))
-    assert setup[5]["xnnpack_matmuls"] >= 2 * (linears + lora)  # forward, and at least as many backward
+    assert setup[5]["matmuls_left"] == 0
+    assert setup[5]["xnnpack_matmuls"] >= 2 * (linears + lora)  # forward, and the backward's as many again or more
+
+
+def test_the_runtime_runs_the_threads_it_is_given(setup):
+    """The runtime's pool (XNNPACK's matmuls run on it) starts with one thread per core; a
+    device's trainer sets it."""
+    from executorch.extension.pybindings import portable_lib
+
+    ProgramTrainer(setup[4], threads=1)
+    assert portable_lib._threadpool_get_thread_count() == 1
 
 
 def test_mismatched_inputs_fail_clearly(setup, tmp_path):
