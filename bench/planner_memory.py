@@ -56,17 +56,15 @@ if trainer == "executorch":
     del model
     gc.collect()
     rss_start = proc.memory_info().rss  # what the process holds without a model: libraries, tokenizer
-    class ProgramSteps:
-        def __init__(self):
-            from executorch.extension.training import get_sgd_optimizer
-            self.t = ProgramTrainer(path)  # loading runs one step: part of the training phase
-            self.opt = get_sgd_optimizer(self.t.params, 1e-3, 0.0, 0.0, 0.0, False)
-        def run(self, data):
-            for _ in range(steps):
-                b = next(data)
-                self.t.module.forward_backward("forward", (b["input_ids"], b["labels"]))
-                self.opt.step(self.t.module.named_gradients())
-    run = lambda: ProgramSteps().run(gen())
+    def run():
+        from executorch.extension.training import get_sgd_optimizer
+        t = ProgramTrainer(path)  # loading runs one step: part of the training phase
+        opt = get_sgd_optimizer(t.params, 1e-3, 0.0, 0.0, 0.0, False)
+        data = gen()
+        for _ in range(steps):
+            b = next(data)
+            t.module.forward_backward("forward", (b["input_ids"], b["labels"]))
+            opt.step(t.module.named_gradients())
 else:
     pm = get_peft_model(model, lora_config(plan, targets))
     params = [p for p in pm.parameters() if p.requires_grad]

@@ -138,11 +138,11 @@ def _fold_weight_transposes(gm) -> int:
 def _delegate_matmuls(edge):
     """Hand every ``linear`` and ``mm`` of the edge program to the XNNPACK delegate (chained ones,
     such as a LoRA branch's two factors, in one call), each weight an input at run time
-    (``force_non_static_weights_for_f32_linear``): XNNPACK cannot lower the training graph as a whole,
-    but its matrix kernels run these ops about twice as fast as the runtime's own (one thread each),
-    and a weight read at run time is neither copied into the
-    delegate (the base is held once) nor frozen there (the LoRA factors stay trainable).  Returns
-    (the lowered program manager, how many ops it delegated, how many it left to the runtime)."""
+    (``force_non_static_weights_for_f32_linear``).  XNNPACK cannot lower the training graph as a
+    whole, but its matrix kernels run these ops about twice as fast as the runtime's own (one
+    thread each), and a weight read at run time is neither copied into the delegate (the base is
+    held once) nor frozen there (the LoRA factors stay trainable).  Returns (the lowered program
+    manager, how many ops it delegated, how many it left to the runtime)."""
     import logging
 
     from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig, MMConfig
@@ -403,19 +403,25 @@ class ProgramStore:
         return path
 
 
+def set_runtime_threads(threads: int) -> None:
+    """Reset the ExecuTorch runtime's thread pool (one per process, shared by every program and
+    by XNNPACK; it starts with one thread per core, whatever ``OMP_NUM_THREADS`` says) to
+    ``threads``.  Only while no method runs: before a program loads."""
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(threads)
+
+
 class ProgramTrainer:
     """One loaded training program: set the LoRA factors, run SGD steps, read the factors back."""
 
     def __init__(self, path: str | Path, threads: int = 0):
-        """``threads``: the runtime's thread pool (XNNPACK's matmuls run on it) is reset to that
-        many threads before the program loads; 0 keeps the pool as it is (it starts with one
-        thread per core, whatever ``OMP_NUM_THREADS`` says)."""
+        """``threads``: the runtime's threads (:func:`set_runtime_threads`), set before the
+        program loads; 0 keeps the pool as it is."""
         from executorch.extension.training import _load_for_executorch_for_training
 
         if threads:
-            from executorch.extension.pybindings import portable_lib
-
-            portable_lib._unsafe_reset_threadpool(threads)  # one pool for the process: nothing runs on it now
+            set_runtime_threads(threads)
         path = Path(path)
         side_file = path.with_suffix(".json")
         if not path.is_file() or not side_file.is_file():

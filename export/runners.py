@@ -88,9 +88,9 @@ class ExecuTorchRunner:
         from executorch.runtime import Runtime
 
         if threads:
-            from executorch.extension.pybindings import portable_lib
+            from edge_client.et_train import set_runtime_threads
 
-            portable_lib._unsafe_reset_threadpool(threads)  # before any method runs: nothing is executing
+            set_runtime_threads(threads)  # before any method runs: nothing is executing
         try:
             self.method = Runtime.get().load_program(str(path), data_path=data).load_method("forward")
         except Exception as exc:  # the runtime raises RuntimeError/ValueError with its own codes
