@@ -164,13 +164,14 @@ def _registry(args, create: bool = False):
         raise ConfigError(str(exc)) from None
 
 
-def _coordinator_address(args, registry):
+def _coordinator_address(args, registry, run_id: str):
     """The broker the coordinator uses (None: start the embedded one), logged in as the coordinator."""
     from edge_client.mqtt import parse_broker
 
     if args.broker in (None, "embedded"):
         return None
-    return registry.coordinator_login(parse_broker(args.broker, args.username, ca_file=args.ca_file), args.ca_file)
+    return registry.coordinator_login(parse_broker(args.broker, args.username, ca_file=args.ca_file), args.ca_file,
+                                      run_id=run_id)
 
 
 def _add_broker_args(p: argparse.ArgumentParser, default_embedded: bool = True) -> None:
@@ -179,8 +180,8 @@ def _add_broker_args(p: argparse.ArgumentParser, default_embedded: bool = True) 
                    "closed to all but the registry's devices)")
     p.add_argument("--registry", help="the device registry folder (default: $FEDLORA_REGISTRY or ~/.fedlora/registry; "
                    "`fedlora devices init` makes one)")
-    p.add_argument("--username", help="the coordinator's broker user (default: the registry's, 'coordinator'); its "
-                   "password is the registry's, or $FEDLORA_MQTT_PASSWORD")
+    p.add_argument("--username", help="the coordinator's broker user (default: 'coordinator@<run id>', a login of "
+                   "its own per run); its password is the registry's, or $FEDLORA_MQTT_PASSWORD")
     p.add_argument("--ca-file", help="CA certificate for mqtts:// (default: the registry's CA)")
     p.add_argument("--tls-cert", help="embedded broker: serve TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="embedded broker: the certificate's private key (PEM)")
@@ -221,11 +222,11 @@ def cmd_coordinator(args) -> int:
     classes = _export_classes(args, cfg)
     reporter = tracked(ConsoleReporter(progress_every=args.progress_every), args.log, args.out, cfg)
     registry = _registry(args)
-    address = _coordinator_address(args, registry)
+    address = _coordinator_address(args, registry, cfg.transport.run_id)
     embedded = None
     if address is None:
         embedded = _embedded(args, registry, reporter.console, args.bind, args.port)
-        address = registry.coordinator_login(embedded.address, args.ca_file)
+        address = registry.coordinator_login(embedded.address, args.ca_file, run_id=cfg.transport.run_id)
         reporter.console.print(f"embedded MQTT broker listening on {address.url}")
     try:
         coord = Coordinator(cfg, args.out, address, registry, reporter, resume=args.resume,
@@ -309,11 +310,23 @@ def cmd_broker_config(args) -> int:
     from . import brokerconf
 
     reg = _registry(args)
+    for run in args.run or []:
+        from .registry import RegistryError
+
+        try:
+            reg.add_run(run)
+        except RegistryError as exc:
+            from .config import ConfigError
+
+            raise ConfigError(f"--run: {exc}") from None
+    if not reg.runs:
+        reg.add_run("default")  # the run id a config has unless it sets transport.run_id
     write = brokerconf.mosquitto if args.kind == "mosquitto" else brokerconf.emqx
     hosts = args.tls_host or None
     conf = write(reg, args.out, port=args.port or (8883 if not args.no_tls else 1883), bind=args.bind,
                  tls=not args.no_tls, hosts=hosts, mtls=args.mtls)
-    print(f"wrote {conf} and its files in {Path(args.out)}")
+    print(f"wrote {conf} and its files in {Path(args.out)}; coordinator logins for run(s) "
+          f"{', '.join(sorted(reg.runs))} (a coordinator of a new run adds its run to the registry: run this again)")
     if args.kind == "mosquitto":
         print(f"start it with `mosquitto -c {conf}`; after `fedlora devices add|revoke`, run this again and "
               "`kill -HUP` the broker")
@@ -485,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeat; default: localhost, 127.0.0.1 and this host's name)")
     p.add_argument("--no-tls", action="store_true", help="plain MQTT (not for networks you do not control)")
     p.add_argument("--mtls", action="store_true", help="mutual TLS: every client shows a certificate from the CA")
+    p.add_argument("--run", action="append", metavar="RUN_ID", help="a run whose coordinator gets a login "
+                   "(coordinator@RUN_ID, its own topics only); repeat. Runs a coordinator already used from this "
+                   "registry are included; with none, 'default'")
     p.set_defaults(fn=cmd_broker_config)
     p = sub.add_parser("profile", help="measure this machine and write a device profile",
                        description="Measure memory (psutil) and float32 matmul throughput; bandwidth is given.")

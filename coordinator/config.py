@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from edge_client.data import TASKS
+from edge_client.framing import NAME as RUN_ID
+from edge_client.profile import TRAINERS
 from edge_client.trainer import OPTIMIZERS, SCHEDULES, TrainSettings
 
 from .errors import ConfigError
@@ -104,6 +106,9 @@ class TransportSettings:
     max_update_bytes: int = 256 * 2**20  # a larger transfer is refused before anything is buffered
     offline_grace_s: float = 30.0     # a device that goes offline mid-round may come back this long, then the round stops waiting
     plan_ack_s: float = 60.0          # a plan no device acknowledges this long is reported (dropped by the broker?)
+    resend_interval_s: float = 10.0   # a reconnected device's plan goes again at most this often
+    max_program_sends: int = 3        # training programs (hundreds of MiB) sent to one device in a run, at most
+    trainers: tuple[str, ...] = ()    # trainers a device may name in its hello besides torch and the fleet's own
     max_slowdown: float = 2.0         # emulate: a device runs at most this many times slower than the host
     # (2 by default: on a small host the concurrent devices already share its cores)
 
@@ -299,8 +304,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.planner.round_deadline_s > 0, "planner.round_deadline_s", "must be positive")
     _check(cfg.planner.transfer_budget_s > 0, "planner.transfer_budget_s", "must be positive")
     tr = cfg.transport
-    _check(bool(tr.run_id) and not any(ch in tr.run_id for ch in "/+#"), "transport.run_id",
-           "must be non-empty and contain no '/', '+' or '#'")
+    _check(isinstance(tr.run_id, str) and RUN_ID.match(tr.run_id) is not None, "transport.run_id",
+           "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     _check(tr.round_timeout_s > 0, "transport.round_timeout_s", "must be positive")
     _check(tr.wait_for_devices_s > 0, "transport.wait_for_devices_s", "must be positive")
     _check(tr.min_devices >= 0, "transport.min_devices", "must be non-negative")
@@ -309,6 +314,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(tr.max_slowdown >= 1.0, "transport.max_slowdown", "must be at least 1")
     _check(tr.plan_ack_s > 0, "transport.plan_ack_s", "must be positive")
     _check(tr.offline_grace_s >= 0, "transport.offline_grace_s", "must be non-negative")
+    _check(tr.resend_interval_s > 0, "transport.resend_interval_s", "must be positive")
+    _check(tr.max_program_sends >= 1, "transport.max_program_sends", "must be at least 1")
+    _check(all(t in TRAINERS for t in tr.trainers), "transport.trainers", f"each must be one of {', '.join(TRAINERS)}")
     _check(cfg.weights.policy in ("examples", "equal"), "weights.policy", "must be 'examples' or 'equal'")
     _check(cfg.weights.max_examples >= 1, "weights.max_examples", "must be at least 1")
     get_method(cfg.method).check_config(cfg)

@@ -97,8 +97,9 @@ def emulate(cfg: RunConfig, out_dir: str | Path, broker: str | BrokerAddress | N
                     raise DeviceProcessError(f"device {cid} exited with code {p.returncode} before saying hello; "
                                              f"see {out / 'devices' / cid / 'client.log'}")
 
-        coord = Coordinator(cfg, out, reg.coordinator_login(address, ca_file), reg, reporter, log=log,
-                            watch=watch, enrol=lambda engine: enrol_fleet(reg, engine, out))
+        login = reg.coordinator_login(address, ca_file, run_id=cfg.transport.run_id)
+        coord = Coordinator(cfg, out, login, reg, reporter, log=log, watch=watch,
+                            enrol=lambda engine: enrol_fleet(reg, engine, out))
         host = measure_gflops(seconds=0.5)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         share = max(1, cores // max(1, min(cfg.clients_per_round, len(coord.engine.clients))))

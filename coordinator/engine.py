@@ -55,6 +55,7 @@ from edge_client.work import assignment_meta, trainer_of
 from .aggregate import Contribution, OrderedFold
 from .config import ConfigError, RunConfig
 from .contamination import DATA_ATTACKS, contaminated_clients, corrupt_data, triggered
+from .errors import StorageError
 from .evaluate import answer_rate, evaluate, lead_metric, mix_accuracy
 from .faults import crash_point
 from .fleet import Device, load_fleet
@@ -199,6 +200,9 @@ class Engine:
         self.programs = ProgramStore(self.out / "programs", log=self.reporter.status,
                                      cache=cache_root() / "et-programs",
                                      identity=lambda: weights_digest(self.model, self.tok))
+        self.builds = None  # over MQTT: BackgroundBuilds (programs needed mid-run are built off the thread)
+        # a device's hello may name only these trainers (torch, the fleet's own, transport.trainers)
+        self.trainers_allowed = {"torch", *cfg.transport.trainers, *(d.profile.trainer for d in self.fleet)}
         on_et = [c.id for c in able if c.device.profile.trainer == "executorch"]
         why = schedule_unsupported(cfg.train)
         if on_et and why:
@@ -323,8 +327,16 @@ class Engine:
                     skipped.append({"client": c.id, "capacity": capacity, "reason": why})
                     continue
                 device_settings = dataclasses.replace(settings, optimizer="sgd", lr=t.sgd_lr)
-                _, side = self.programs.get(program_spec(self.cfg.model, plan, self.targets, t.batch_size,
-                                                         t.max_seq_len, profile.trainer_base))
+                spec = program_spec(self.cfg.model, plan, self.targets, t.batch_size, t.max_seq_len,
+                                    profile.trainer_base)
+                if self.builds is None:  # simulate: built here, the run waits for it
+                    _, side = self.programs.get(spec)
+                else:  # over MQTT: never in the coordinator's thread; the device waits for the build
+                    side = self.builds.ready(spec)
+                    if side is None:
+                        self.builds.want(spec)
+                        skipped.append({"client": c.id, "capacity": capacity, "reason": self.builds.reason(spec)})
+                        continue
                 trainer = {"backend": "executorch", "program": side["key"], "sha256": side["sha256"],
                            "bytes": side["bytes"]}
             start = self.method.start_factors(c.id, self.state.global_factors, plan, self.state.method_state)
@@ -339,6 +351,21 @@ class Engine:
                                   4 * sum(t.numel() for t in tensors.values())))
         self.start_fold([a.client for a in out])
         return out, skipped
+
+    def prepare_programs(self) -> None:
+        """Build (or find in the cache) the training programs the fleet's executorch devices need
+        for their declared profiles, before any round: a deployment calls it before it serves
+        anyone, so that no build falls in a round (:mod:`.programs`)."""
+        t = self.cfg.train
+        for c in self.participants:
+            profile = c.device.profile if c.device else None
+            if profile is None or profile.trainer != "executorch":
+                continue
+            plan = self.method.plan(c.id, c.capacity.rank if c.capacity else self.R, self.ctx, 1,
+                                    self.state.method_state)
+            if plan is not None and not unsupported(plan):
+                self.programs.get(program_spec(self.cfg.model, plan, self.targets, t.batch_size, t.max_seq_len,
+                                               profile.trainer_base))
 
     def start_fold(self, order: list[str]) -> OrderedFold:
         """The round's fold over ``order`` (its devices in assignment order), from the global adapter
@@ -520,7 +547,13 @@ class Engine:
         own_mix_loss = (personal.get("own_mix_loss") if personal else
                         sum(mix_accuracy(final["loss"]["per_domain"], c.mix) for c in self.clients) / len(self.clients))
         report = build_report(self, base, final, personal, own_mix, own_mix_loss)
-        save_outputs(self, report)
+        try:
+            save_outputs(self, report)  # each file and folder written new and renamed into place
+        except OSError as exc:
+            raise StorageError(f"cannot write the run's outputs in {self.out}: {exc.strerror or exc}; nothing "
+                               "half-written was left in place and every round is saved in "
+                               f"{self.store.folder}: free the space, then `fedlora coordinator --resume` writes "
+                               "the outputs without waiting for devices (simulate: run it again)") from None
         self.reporter.final(report)
         return report
 

@@ -12,6 +12,14 @@ they say.  The folder holds:
   broker password.  It is the one secret the coordinator's host keeps.
 - ``ca.pem`` and ``ca.key`` (0600): a certificate authority for the run's TLS: the broker's
   server certificate and, for mutual TLS, the devices' client certificates are issued from it.
+- ``runs/<run>.lock``: held (an OS file lock) by the coordinator of run ``<run>`` while it runs,
+  so a second coordinator of the same run from this registry is refused, naming the first.
+
+The coordinator of run ``R`` logs in to the broker as ``coordinator@R`` (the registry's coordinator
+password; MQTT client id the same), and the broker lets it use only ``fedlora/R/`` topics: two runs
+on one broker and one registry each have their own login, session and ACL, so neither can take
+the other's connection over.  ``registry.json`` lists the runs its coordinators have used (``runs``)
+so that ``fedlora broker-config`` writes a login and an ACL entry for each.
 
 The registry is read again whenever its file changes, so a device revoked with ``fedlora
 devices revoke`` is refused at its next message, by the coordinator and the embedded broker.
@@ -44,7 +52,8 @@ from edge_client.identity import (
 REGISTRY_FILE = "registry.json"
 COORDINATOR_FILE = "coordinator.json"
 REGISTRY_VERSION = 1
-COORDINATOR_ID = "coordinator"
+COORDINATOR_ID = "coordinator"  # the coordinator's identity on the wire (who signs); its broker login is per run
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PBKDF2_ITERATIONS = 1000  # the secrets are 256-bit random tokens: the hash need not be slow
 DEFAULT_REGISTRY = Path("~/.fedlora/registry")
@@ -52,6 +61,59 @@ DEFAULT_REGISTRY = Path("~/.fedlora/registry")
 
 class RegistryError(ValueError):
     """The registry is missing, unreadable or asked something it cannot do; the text says what."""
+
+
+def coordinator_user(run_id: str) -> str:
+    """The broker login of run ``run_id``'s coordinator."""
+    if not RUN_ID.match(run_id or ""):
+        raise RegistryError(f"run id {run_id!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return f"{COORDINATOR_ID}@{run_id}"
+
+
+def coordinator_scope(username: str | None) -> str | None:
+    """The topic prefix a coordinator login may use: ``fedlora/R/`` for ``coordinator@R``,
+    ``fedlora/`` for the registry-wide ``coordinator`` (a broker configured by hand); None when
+    ``username`` is not a coordinator login."""
+    if username == COORDINATOR_ID:
+        return "fedlora/"
+    if username and username.startswith(COORDINATOR_ID + "@") and RUN_ID.match(username[len(COORDINATOR_ID) + 1:]):
+        return f"fedlora/{username[len(COORDINATOR_ID) + 1:]}/"
+    return None
+
+
+class RunLock:
+    """An OS lock on ``runs/<run>.lock`` in the registry, held while one coordinator runs ``run``
+    (released by :meth:`release`, or by the OS when the process ends, however it ends)."""
+
+    def __init__(self, folder: Path, run_id: str):
+        import fcntl
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{run_id}.lock"
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip()[:200] or "another process"
+            self._fh.close()
+            raise RegistryError(f"run '{run_id}' is already being coordinated from this registry ({holder}; lock "
+                                f"{self.path}): two coordinators of one run would take each other's connection "
+                                "and updates; give this run its own transport.run_id") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"pid {os.getpid()} on {socket_host()} since {_now()}")
+        self._fh.flush()
+
+    def release(self) -> None:
+        if self._fh is not None and not self._fh.closed:
+            self._fh.close()  # closing the file releases the lock
+
+
+def socket_host() -> str:
+    import socket
+
+    return socket.gethostname()
 
 
 def default_registry() -> Path:
@@ -131,6 +193,7 @@ class Registry:
         self.coordinator_key = b""
         self.coordinator_password_hash = ""
         self.devices: dict[str, Enrolled] = {}
+        self.runs: dict[str, dict] = {}  # run id -> {"added_at": ...}: the runs whose coordinator logins brokers get
         self.reload()
 
     # ------------------------------------------------------------------------------- on disk
@@ -173,9 +236,12 @@ class Registry:
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise RegistryError(f"{self.file}: malformed ({exc})") from None
         st = self.file.stat()
+        runs = obj.get("runs") or {}
         with self._lock:
             self.coordinator_key, self.coordinator_password_hash = key, coord["password_hash"]
             self.devices = devices
+            self.runs = {r: v for r, v in runs.items() if isinstance(r, str) and RUN_ID.match(r)} \
+                if isinstance(runs, dict) else {}
             self._stamp = (st.st_mtime_ns, st.st_size)
 
     def refresh(self) -> None:
@@ -195,8 +261,27 @@ class Registry:
             "fedlora_registry": REGISTRY_VERSION,
             "coordinator": {"id": COORDINATOR_ID, "public_key": b64(self.coordinator_key),
                             "password_hash": self.coordinator_password_hash},
-            "devices": {d: e.to_json() for d, e in sorted(self.devices.items())}})
+            "devices": {d: e.to_json() for d, e in sorted(self.devices.items())},
+            "runs": dict(sorted(self.runs.items()))})
         self.reload()
+
+    # ----------------------------------------------------------------------------------- runs
+
+    def add_run(self, run_id: str) -> bool:
+        """Record run ``run_id`` (its coordinator gets a broker login and ACL from `broker-config`);
+        True when it is new (a broker configured before it needs `broker-config` again)."""
+        coordinator_user(run_id)  # checks the id
+        self.refresh()
+        if run_id in self.runs:
+            return False
+        self.runs[run_id] = {"added_at": _now()}
+        self._save()
+        return True
+
+    def lock_run(self, run_id: str) -> RunLock:
+        """Hold run ``run_id`` for this coordinator (RegistryError, naming the holder, if another holds it)."""
+        coordinator_user(run_id)
+        return RunLock(self.folder / "runs", run_id)
 
     # ----------------------------------------------------------------------------- enrolment
 
@@ -264,20 +349,22 @@ class Registry:
         """Does this broker login belong to the coordinator or an active enrolled device?"""
         if not username:
             return False
-        if username == COORDINATOR_ID:
+        if coordinator_scope(username) is not None:  # 'coordinator' or 'coordinator@<run>'
             self.refresh()
             return verify_password(password, self.coordinator_password_hash)
         e = self.active(username)
         return e is not None and verify_password(password, e.password_hash)
 
-    def coordinator_login(self, broker, ca_file: str | None = None):
-        """``broker`` (a BrokerAddress) logged in as the coordinator: its password (or
-        $FEDLORA_MQTT_PASSWORD), the registry's CA unless ``ca_file`` is given, and its client
-        certificate when `broker-config --mtls` issued one."""
+    def coordinator_login(self, broker, ca_file: str | None = None, run_id: str | None = None):
+        """``broker`` (a BrokerAddress) logged in as the coordinator of run ``run_id`` (user
+        ``coordinator@<run>``; without a run, the registry-wide ``coordinator``), unless the address
+        names a user already: its password (or $FEDLORA_MQTT_PASSWORD), the registry's CA unless
+        ``ca_file`` is given, and its client certificate when `broker-config --mtls` issued one."""
         import dataclasses
 
         creds = self.coordinator_credentials()
-        address = dataclasses.replace(broker, username=broker.username or creds.mqtt_username,
+        user = coordinator_user(run_id) if run_id is not None else creds.mqtt_username
+        address = dataclasses.replace(broker, username=broker.username or user,
                                       password=os.environ.get("FEDLORA_MQTT_PASSWORD") or creds.mqtt_password,
                                       ca_file=ca_file)
         if address.tls:

@@ -291,8 +291,10 @@ class RoundJournal:
 
     def load(self, round_idx: int) -> JournalRound | None:
         """The journal of round ``round_idx``, or None when it was never opened (or opened only in
-        part: nothing of it was sent).  An update that does not verify is left out with a warning:
-        it was never acknowledged, so its device still holds it and sends it again."""
+        part: nothing of it was sent), or when what records its assignments is damaged (a file
+        missing, torn or failing its checksum): then a warning says which, and the round is planned
+        again.  An update that does not verify is left out with a warning: it was never
+        acknowledged, so its device still holds it and sends it again."""
         d = self._dir(round_idx)
         try:
             info = durable.read_json(d / "open.json")
@@ -307,6 +309,29 @@ class RoundJournal:
             self.log(f"warning: the journal of round {round_idx} has no readable assign.json ({exc}); the round is "
                      "planned again")
             return None
+        try:
+            jr = self._assignments(d, round_idx, info, index)
+        except (OSError, KeyError, TypeError, ValueError, StateError) as exc:
+            what = exc.filename if isinstance(exc, OSError) and exc.filename else exc
+            self.log(f"warning: the journal of round {round_idx} is damaged ({type(exc).__name__}: {what}); the round "
+                     "is planned again")
+            return None
+        for client, got in self._records(round_idx):
+            if client in jr.assignments and client not in jr.updates:
+                jr.updates[client] = got
+        for client in info["clients"]:
+            fail_file = d / f"failure-{client}.json"
+            if client not in jr.updates and fail_file.is_file():
+                try:
+                    jr.failures[client] = str(durable.read_json(fail_file)["reason"])
+                except (KeyError, durable.CorruptFile):
+                    pass
+        return jr
+
+    @staticmethod
+    def _assignments(d: Path, round_idx: int, info: dict, index: dict) -> JournalRound:
+        """The round's assignments from ``open.json`` and ``assign.json``, each start blob read and
+        checked against its sha256 (OSError, KeyError, TypeError, ValueError or StateError when not)."""
         assignments, blobs = {}, {}
         for client in info["clients"]:
             e = index[client]
@@ -317,18 +342,7 @@ class RoundJournal:
                     raise StateError(f"{path}: fails its checksum")
                 blobs[e["sha256"]] = start
             assignments[client] = (e["meta"], blobs[e["sha256"]], int(e["tensor_bytes"]))
-        jr = JournalRound(round_idx, info["nonce"], list(info["clients"]), list(info["skipped"]), assignments)
-        for client, got in self._records(round_idx):
-            if client in assignments and client not in jr.updates:
-                jr.updates[client] = got
-        for client in info["clients"]:
-            fail_file = d / f"failure-{client}.json"
-            if client not in jr.updates and fail_file.is_file():
-                try:
-                    jr.failures[client] = str(durable.read_json(fail_file)["reason"])
-                except (KeyError, durable.CorruptFile):
-                    pass
-        return jr
+        return JournalRound(round_idx, str(info["nonce"]), list(info["clients"]), list(info["skipped"]), assignments)
 
     def prune(self, completed: int) -> None:
         """Drop journals of rounds before ``completed`` (round ``completed`` stays for a fall-back)."""

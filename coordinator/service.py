@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +34,17 @@ from edge_client.framing import ProtocolError, Reassembler, Transfer
 from edge_client.identity import Counter, ReplayGuard, Signer, Verifier
 from edge_client.lora import ClientPlan
 from edge_client.messages import Outbox, read_message
-from edge_client.mqtt import BrokerAddress, Link, device_topic, publish_packet_bytes, topic
+from edge_client.mqtt import BrokerAddress, BrokerAuthError, Link, device_topic, publish_packet_bytes, topic
 from edge_client.partial import update_shapes
 from edge_client.profile import DeviceProfile, ProfileError
 
 from .config import ConfigError, RunConfig
 from .engine import Assignment, Engine, Returned
+from .errors import StorageError
 from .faults import crash_point
+from .ledger import Answers, Refusals, kind_of
 from .methods import get_method
-from .registry import COORDINATOR_ID, Registry
+from .registry import Registry, RegistryError
 from .validate import UpdateRejected
 
 # exit statuses of `fedlora coordinator` and `fedlora emulate` (README, docs/protocol.md)
@@ -49,14 +52,14 @@ EXIT_ROUNDS_FAILED = 4
 EXIT_TOO_FEW_DEVICES = 5
 EXIT_STORAGE = 6
 
+UPDATE_ID = re.compile(r"^[0-9a-f]{32}$")  # an update id's documented form (docs/protocol.md)
+MAX_REFUSAL_ACKS = 64    # refusals answered per device and round; past it a device's junk gets no answer
+MAX_REJECTION_KINDS = 5  # kinds of reason kept per device and round in the round's record (each with a count)
+MAX_PROGRAMS_LISTED = 64  # programs a hello may say its device holds
+
 
 class TooFewDevices(TimeoutError):
     """Fewer devices than needed said hello in time; the message says who is missing."""
-
-
-class StorageError(RuntimeError):
-    """The run's state cannot be written (disk full, read-only): the run stops, having acknowledged
-    nothing that is not on disk; free the space and ``--resume``."""
 
 
 @dataclass
@@ -76,6 +79,10 @@ class OpenRound:
     plan_received: set[str] = field(default_factory=set)       # devices that acknowledged their plan
     plan_warned: set[str] = field(default_factory=set)
     plan_sessions: dict[str, str] = field(default_factory=dict)  # device -> session its plan went to
+    resend_due: set[str] = field(default_factory=set)  # reconnected devices whose plan goes again when allowed
+    refusal_acks: dict[str, int] = field(default_factory=dict)  # device -> refusals answered this round
+    rejected_index: dict[tuple[str, str], dict] = field(default_factory=dict)  # (device, kind) -> its `rejected` entry
+    rejected_kinds: dict[str, int] = field(default_factory=dict)  # device -> kinds of rejection recorded
 
     grace_s: float = 30.0  # how long a device that went offline may take to come back
 
@@ -106,6 +113,11 @@ class Coordinator:
         self.registry = registry
         self.run_id = cfg.transport.run_id
         self.log = log
+        try:  # one coordinator per run and registry: a second one is refused, naming the first
+            registry.add_run(self.run_id)
+            self.run_lock = registry.lock_run(self.run_id)
+        except RegistryError as exc:
+            raise ConfigError(str(exc)) from None
         self.watch = watch  # called while waiting for devices; may raise (emulate: a device process died)
         missing = [c.id for c in self.engine.clients if registry.active(c.id) is None]
         if missing:
@@ -129,22 +141,37 @@ class Coordinator:
         self.sessions: dict[str, str] = {}  # device -> session of its latest hello in this run (it is online)
         self.offline_sessions: dict[str, str] = {}  # device -> session its latest Last Will closed
         self.programs_held: dict[str, set[str]] = {}  # device -> training programs it holds (executorch trainer)
-        self.decided: dict[tuple[str, str], tuple[int, str, str]] = {}  # (device, update id) -> (round, status, reason)
-        self.duplicates: list[tuple[str, str]] = []  # re-sent updates, acknowledged and not counted
+        self.answers = Answers()  # (device, update id) -> (round, status, reason), a few ids per device
+        self.program_sends: dict[str, int] = {}  # device -> training programs sent to it in this run
         self._outstanding: collections.deque = collections.deque()  # (paho message info, bytes) not waited for
         self._outstanding_bytes = 0
         self._unsynced: dict[str, tuple] = {}  # device -> its accepted update awaiting the journal's fsync and ack
-        self.events: list[dict] = []  # refused messages, for the report
+        self.refusals = Refusals()  # refused messages, summarised per round, for the log and the report
         self.reassembler = Reassembler(cfg.transport.max_update_bytes)
         self.wire_up: dict[str, int] = {}  # device -> MQTT bytes received on its up topic this round
         self.round: OpenRound | None = None
         self.completed = self.first_round - 1
         self.announce = False  # (re)publish the round state: set by every (re)connect
-        self.link = Link(broker, f"{COORDINATOR_ID}-{self.run_id}", log=log)
+        self.engine.prepare_programs()  # before anyone is served: no build falls in a round
+        from .programs import BackgroundBuilds
+
+        self.engine.builds = BackgroundBuilds(self.engine.programs, log=log)
+        self.broker = broker
+        self.link = Link(broker, broker.username or f"coordinator-{self.run_id}", log=log)
         self.link.on_connect_hooks.append(lambda: setattr(self, "announce", True))
         self._connected = False
         for leaf in ("status", "hello", "up", "event"):
             self.link.subscribe(topic(self.run_id, "dev", "+", leaf))
+
+    @property
+    def events(self) -> list[dict]:
+        """Refused messages of the last rounds: per device and kind of reason, a count and the first example."""
+        return list(self.refusals)
+
+    @property
+    def duplicates(self) -> list[tuple[str, str]]:
+        """(device, update id) of the last few re-sends of an update already answered, per device."""
+        return self.answers.recent_resends
 
     @property
     def online(self) -> set[str]:
@@ -198,15 +225,26 @@ class Coordinator:
                                                                "reason": reason}, wait=False)
 
     def _decide(self, device: str, round_idx: int, uid: str, status: str, reason: str = "") -> None:
-        """Acknowledge an update, and remember the answer for a re-send of it (at most 10000 kept)."""
-        self.decided[(device, uid)] = (round_idx, status, reason)
-        if len(self.decided) > 10000:
-            self.decided.pop(next(iter(self.decided)))
+        """Acknowledge an update, and remember the answer for a re-send of it (a few ids per device).
+        A device gets at most MAX_REFUSAL_ACKS refusals answered per round: past that, what it sends
+        is refused (and counted) without an answer, so its ack queue at the broker cannot grow."""
+        if status != "accepted" and not self._may_answer(device):
+            return
+        self.answers.put(device, uid, round_idx, status, reason)
         self._ack(device, round_idx, uid, status, reason)
+
+    def _may_answer(self, device: str) -> bool:
+        r = self.round
+        if r is None:
+            return True  # between rounds: a device's stale re-sends, bounded by its few held updates
+        n = r.refusal_acks.get(device, 0)
+        r.refusal_acks[device] = n + 1
+        return n < MAX_REFUSAL_ACKS
 
     def send_plan(self, a: Assignment) -> None:
         r = self.round
-        self.send_program(a)
+        if not self.send_program(a):
+            return
         t = device_topic(self.run_id, a.client, "down")
         for chunk in self.outbox.chunks(t, a.start, kind="plan", round_idx=a.round, device=a.client,
                                         transfer=f"plan-{a.round}-{a.client}", meta=a.meta,
@@ -216,12 +254,25 @@ class Coordinator:
         r.plan_sent[a.client] = time.monotonic()
         r.plan_sessions[a.client] = self.sessions.get(a.client, "")
 
-    def send_program(self, a: Assignment) -> None:
-        """Before an executorch plan, the training program it names, unless the device holds it."""
+    def send_program(self, a: Assignment) -> bool:
+        """Before an executorch plan, the training program it names, unless the device holds it.
+        A device is sent at most ``transport.max_program_sends`` programs in a run (a program is
+        hundreds of MiB): past that, its round fails and says why.  False when the plan cannot go."""
         key = (a.meta.get("trainer") or {}).get("program")
         held = self.programs_held.setdefault(a.client, set())
         if key is None or key in held:
-            return
+            return True
+        sent = self.program_sends.get(a.client, 0)
+        if sent >= self.cfg.transport.max_program_sends:
+            r = self.round
+            if r is not None and a.client not in r.failed and a.client not in r.accepted:
+                reason = (f"asked for its training program again after {sent} were sent to it in this run "
+                          f"(transport.max_program_sends {self.cfg.transport.max_program_sends})")
+                self._store(lambda: self.engine.journal.fail(r.index, a.client, reason))
+                r.failed[a.client] = reason
+                self.log(f"{a.client} failed round {r.index}: {reason}")
+            return False
+        self.program_sends[a.client] = sent + 1
         path = self.engine.programs.path(key)
         side = json.loads(path.with_suffix(".json").read_text())
         self.log(f"sending training program {key} ({side['bytes'] / 2**20:.1f} MiB) to {a.client}")
@@ -230,17 +281,19 @@ class Coordinator:
                                         transfer=f"program-{key}-{a.client}", meta=side,
                                         chunk_bytes=self.cfg.transport.chunk_bytes):
             if not self._publish(t, chunk):
-                return
+                return False
         held.add(key)
+        return True
 
     # ------------------------------------------------------------------------------- messages
 
     def _reject(self, device: str, reason: str) -> None:
+        """Count a refused message (bounded, :class:`~.ledger.Refusals`) and log the first few of its kind."""
         rnd = self.round.index if self.round else self.completed
-        self.events.append({"device": device, "round": rnd, "reason": reason})
-        if len(self.events) > 10000:
-            del self.events[:1000]
-        self.log(f"refused a message from {device}: {reason}")
+        n = self.refusals.add(rnd, device, reason)
+        if n:
+            self.log(f"refused a message from {device[:80]}: {reason[:300]}" + (f" ({n} of this kind in round {rnd})"
+                                                                                 if n > 1 else ""))
 
     def handle(self, t: str, payload: bytes) -> None:
         """One incoming message.  Whatever is wrong with it is a logged rejection; the only
@@ -288,20 +341,30 @@ class Coordinator:
     def _hello(self, device: str, msg: dict) -> None:
         profile = DeviceProfile.from_dict(msg.get("profile"), f"hello from {device}")
         examples, session, have = msg.get("examples"), msg.get("session"), msg.get("programs", [])
-        if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
-            raise ProtocolError(f"hello from {device}: 'examples' must be a positive integer")
+        if not isinstance(examples, int) or isinstance(examples, bool) or not 1 <= examples <= 10**9:
+            raise ProtocolError(f"hello from {device}: 'examples' must be an integer in 1..10^9")
         if not isinstance(session, str) or not 1 <= len(session) <= 64:
             raise ProtocolError(f"hello from {device}: 'session' must be a string of 1-64 characters")
-        if not isinstance(have, list) or not all(isinstance(k, str) for k in have):
-            raise ProtocolError(f"hello from {device}: 'programs' must be a list of strings")
+        if not isinstance(have, list) or len(have) > MAX_PROGRAMS_LISTED or \
+                not all(isinstance(k, str) and 1 <= len(k) <= 200 for k in have):
+            raise ProtocolError(f"hello from {device}: 'programs' must be a list of at most {MAX_PROGRAMS_LISTED} "
+                                "program keys")
         domains = msg.get("domains") or {}
-        if not isinstance(domains, dict) or not all(isinstance(v, int) and v >= 0 for v in domains.values()):
-            raise ProtocolError(f"hello from {device}: 'domains' must map names to example counts")
+        if not isinstance(domains, dict) or len(domains) > 100 or not all(
+                len(k) <= 100 and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**9
+                for k, v in domains.items()):
+            raise ProtocolError(f"hello from {device}: 'domains' must map at most 100 names (up to 100 characters) "
+                                "to example counts")
+        allowed = self.engine.trainers_allowed
+        if profile.trainer not in allowed:
+            raise ProtocolError(f"hello from {device}: trainer '{profile.trainer}' is not allowed in this run "
+                                f"(allowed: {', '.join(sorted(allowed))}; the fleet's profiles and "
+                                "transport.trainers decide)")
         if device not in self.engine.by_id:
             if not self.cfg.transport.open_enrolment:
                 raise ProtocolError(f"{device} is enrolled but not in fleet {self.cfg.fleet} (set "
                                     "transport.open_enrolment: true to let enrolled devices join)")
-            self.engine.add_client(device, profile, examples, {str(k)[:100]: v for k, v in list(domains.items())[:100]})
+            self.engine.add_client(device, profile, examples, dict(domains))
             self.engine.by_id[device].max_examples = self._grant(device)
             self.log(f"{device} joined (open enrolment)")
         else:
@@ -316,7 +379,40 @@ class Coordinator:
                 and device not in r.failed:
             r.gone.pop(device, None)
             if r.plan_sessions.get(device) != session:
-                self.send_plan(r.assignments[device])  # it (re)connected: its plan may never have reached it
+                self._resend_plan(r, device)  # it (re)connected: its plan may never have reached it
+
+    def _resend_plan(self, r: OpenRound, device: str) -> None:
+        """Send a reconnected device its plan again, at most once per ``transport.resend_interval_s``:
+        a hello with a new session each time (a flapping link, or a device that means harm) costs the
+        coordinator one plan per interval, not one per hello.  A re-send held back goes out when the
+        interval has passed (:meth:`_send_due_plans`), if the device still waits for it."""
+        sent = r.plan_sent.get(device)
+        if sent is not None and time.monotonic() - sent < self.cfg.transport.resend_interval_s:
+            r.resend_due.add(device)
+            return
+        r.resend_due.discard(device)
+        self.send_plan(r.assignments[device])
+
+    def _send_due_plans(self, r: OpenRound) -> None:
+        for device in sorted(r.resend_due):
+            if device in r.accepted or device in r.failed or device not in self.sessions:
+                r.resend_due.discard(device)
+            elif r.plan_sessions.get(device) == self.sessions[device]:
+                r.resend_due.discard(device)  # the plan went to its current session after all
+            else:
+                self._resend_plan(r, device)
+
+    def _leave_revoked(self, r: OpenRound) -> None:
+        """A device revoked during the round leaves it at once: a failure that says so (its messages
+        are refused from now on, so waiting for it would only wait for the deadline)."""
+        self.registry.refresh()
+        for device in r.waiting_for():
+            if self.registry.active(device, fresh=False) is None:
+                reason = "revoked during the round (its enrolment was withdrawn: `fedlora devices revoke`)"
+                self._store(lambda d=device, why=reason: self.engine.journal.fail(r.index, d, why))
+                r.failed[device] = reason
+                self.sessions.pop(device, None)
+                self.log(f"{device} failed round {r.index}: {reason}")
 
     def _event(self, device: str, msg: dict) -> None:
         r = self.round
@@ -336,12 +432,17 @@ class Coordinator:
         if device in self._unsynced:  # its update awaits the commit: nothing about it is answered before
             self._commit()
         uid, rnd, r = header["transfer"], header["round"], self.round
-        self.wire_up[device] = self.wire_up.get(device, 0) + publish_packet_bytes(t, len(payload))
-        if (device, uid) in self.decided:  # a re-send of an update already answered: answer the same
+        if not UPDATE_ID.match(uid):
+            raise ProtocolError(f"update id {uid[:40]!r} is not 32 lowercase hex digits")
+        if device in self.wire_up or len(self.wire_up) < len(self.engine.by_id) + 16:
+            self.wire_up[device] = self.wire_up.get(device, 0) + publish_packet_bytes(t, len(payload))
+        answered = self.answers.get(device, uid)
+        if answered is not None:  # a re-send of an update already answered: answer the same
             if header["seq"] == 0:
-                first_round, status, reason = self.decided[(device, uid)]
-                self.duplicates.append((device, uid))
-                self._ack(device, first_round, uid, "duplicate" if status == "accepted" else status, reason)
+                first_round, status, reason = answered
+                self.answers.resent(device, uid)
+                if status == "accepted" or self._may_answer(device):
+                    self._ack(device, first_round, uid, "duplicate" if status == "accepted" else status, reason)
             return
         current = r.index if r is not None else self.completed + 1
         if r is None or rnd != r.index or device not in r.assignments:
@@ -368,10 +469,27 @@ class Coordinator:
         return 4 * sum(math.prod(s) for s in shapes.values()) + 256 * len(shapes) + 65536
 
     def _refuse_update(self, device: str, rnd: int, uid: str, reason: str) -> None:
-        r = self.round
-        r.rejected.append({"client": device, "reason": reason})
+        self._note_rejection(self.round, device, reason)
         self._decide(device, rnd, uid, "rejected", reason)
         self._reject(device, f"update {uid[:12]}: {reason}")
+
+    @staticmethod
+    def _note_rejection(r: OpenRound, device: str, reason: str) -> None:
+        """The round record's ``rejected``: per device, up to MAX_REJECTION_KINDS kinds of reason
+        (the last one "(other reasons)"), each with its first text and a count: a device sending
+        junk without end adds to counts, not rows."""
+        kind = kind_of(reason)
+        entry = r.rejected_index.get((device, kind))
+        if entry is None:
+            kinds = r.rejected_kinds.get(device, 0)
+            if kinds >= MAX_REJECTION_KINDS - 1:
+                kind, reason = "*", "(other reasons)"
+                entry = r.rejected_index.get((device, kind))
+            if entry is None:
+                entry = r.rejected_index[(device, kind)] = {"client": device, "reason": reason[:500], "count": 0}
+                r.rejected_kinds[device] = kinds + 1
+                r.rejected.append(entry)
+        entry["count"] += 1
 
     def _update(self, device: str, tr: Transfer) -> None:
         """A complete update: check it, make it durable, then acknowledge it."""
@@ -471,7 +589,10 @@ class Coordinator:
 
     def _reopen(self, round_idx: int) -> bool:
         """Re-open round ``round_idx`` from its journal, if it was open when the coordinator stopped."""
-        jr = self.engine.journal.load(round_idx)
+        jr = getattr(self, "_journal_round", None)
+        self._journal_round = None
+        if jr is None or jr.round != round_idx:
+            jr = self.engine.journal.load(round_idx)
         if jr is None or jr.nonce != self.engine.nonce:
             return False
         assignments = {c: Assignment(c, round_idx, ClientPlan.from_json(meta["plan"]), meta, start, nbytes)
@@ -519,6 +640,8 @@ class Coordinator:
             if time.monotonic() - checked >= 1.0:  # a scan of the round's devices: once a second, not per message
                 checked = time.monotonic()
                 self._check_plan_acks(r)
+                self._send_due_plans(r)
+                self._leave_revoked(r)
         self._commit()
         exchange_s = time.perf_counter() - t_send
         return self._close(r, exchange_s)
@@ -552,7 +675,7 @@ class Coordinator:
         for device, transfer in self.reassembler.drop_incomplete():
             self._reject(device, f"transfer {transfer[:12]} incomplete at the end of the round: discarded")
         record = e.close_round(r.index, returned, r.skipped, r.t0, rejected=r.rejected)
-        record["protocol_rejections"] = [x for x in self.events if x["round"] == r.index]
+        record["protocol_rejections"] = self.refusals.of_round(r.index)
         record["exchange_seconds"] = round(exchange_s, 4)  # first plan sent -> last update in
         for row in record["clients"]:
             row["uplink_wire_bytes"] = self.wire_up.get(row["client"], 0)
@@ -570,19 +693,42 @@ class Coordinator:
     def connect(self) -> None:
         """Connect to the broker (once): a refused login or a TLS mistake fails here, with its cause."""
         if not self._connected:
-            self.link.connect()
+            try:
+                self.link.connect()
+            except BrokerAuthError as exc:
+                raise BrokerAuthError(f"{exc} (logged in as {self.broker.username}: the coordinator of run "
+                                      f"'{self.run_id}' has a login of its own; a broker configured by `fedlora "
+                                      f"broker-config` before this run was first used does not know it: run "
+                                      f"`fedlora broker-config` again, then reload the broker)") from None
             self._connected = True
 
+    def close(self) -> None:
+        """Let go of the broker, the background builds and the run's lock (``run`` does it at its end)."""
+        try:
+            self.link.close()
+        finally:
+            if self.engine.builds is not None:
+                self.engine.builds.close()
+            self.run_lock.release()
+
     def run(self) -> dict:
+        """The run: the round it was in (``--resume``), the rounds left, then the outputs, then
+        ``done``.  The outputs are written before ``done`` is published: a coordinator stopped while
+        writing them (a full disk: StorageError) is resumed with every round complete, and then
+        writes them without waiting for any device."""
         self.connect()
         try:
-            state = "training" if self.resume and self.engine.journal.load(self.first_round) else "waiting"
+            self._journal_round = self.engine.journal.load(self.first_round) if self.resume else None
+            state = "training" if self._journal_round else "waiting"
             self._publish_round(self.first_round if state == "training" else self.completed, state)
             self.announce = False
             if state == "training":  # the round the coordinator was in when it stopped: finish it first
                 self.run_round(self.first_round, reopen=True)
                 self.first_round += 1
-            self.wait_for_devices()
+            if self.first_round <= self.cfg.rounds:
+                self.wait_for_devices()
+            elif self.resume:
+                self.log(f"every round of run '{self.run_id}' is complete: writing its outputs")
             if not self.engine.store.numbers():
                 self.engine.begin()
                 self._save_initial()
@@ -590,12 +736,13 @@ class Coordinator:
                 self.engine.base_accuracy = self.engine.evaluate_base()
             for r in range(self.first_round, self.cfg.rounds + 1):
                 self.run_round(r)
+            report = self.engine.finish()
             t_round = topic(self.run_id, "round")
             self._json(t_round, {"type": "round", "round": self.cfg.rounds, "state": "done"})
             self._publish(t_round, b"", retain=True)  # the run is over: clear its retained round
-            return self.engine.finish()
+            return report
         finally:
-            self.link.close()
+            self.close()
 
     def _save_initial(self) -> None:
         try:

@@ -304,16 +304,29 @@ class ProgramStore:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.pte"
 
-    def get(self, spec: Mapping) -> tuple[Path, dict]:
-        """The program for ``spec`` and its sidecar, built on first use."""
+    def ready(self, spec: Mapping) -> dict | None:
+        """The sidecar of ``spec``'s program when it is in this store or the shared cache (copied in
+        from there), without building it; None when it would have to be built."""
         key = program_key(spec)
         path = self.path(key)
         side_file = path.with_suffix(".json")
         if path.is_file() and side_file.is_file():
-            return path, json.loads(side_file.read_text())
-        reused = self._from_cache(spec, key)
-        if reused is not None:
-            return path, reused
+            return json.loads(side_file.read_text())
+        return self._from_cache(spec, key)
+
+    def identity(self) -> str | None:
+        """The digest of the base's weights that keys the shared cache (computed once; None without one)."""
+        if self._identity is None and self._identity_fn is not None:
+            self._identity = str(self._identity_fn())
+        return self._identity
+
+    def get(self, spec: Mapping) -> tuple[Path, dict]:
+        """The program for ``spec`` and its sidecar, built on first use."""
+        key = program_key(spec)
+        path = self.path(key)
+        side = self.ready(spec)
+        if side is not None:
+            return path, side
         self.log(f"building the executorch training program {key} (ranks "
                  f"{sorted(set(spec['ranks'].values()))}, batch {spec['batch_size']}x{spec['seq_len']}, "
                  f"{spec['base']} base)")
@@ -325,10 +338,8 @@ class ProgramStore:
 
     def _cache_path(self, spec: Mapping) -> Path | None:
         """Where the shared cache keeps ``spec``'s program (None without a cache)."""
-        if self.cache is None or self._identity_fn is None:
+        if self.cache is None or self.identity() is None:
             return None
-        if self._identity is None:
-            self._identity = str(self._identity_fn())
         import executorch.version
         import peft
         import torchao

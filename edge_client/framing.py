@@ -30,8 +30,17 @@ from dataclasses import dataclass, field
 SCHEMA_VERSION = "2.0"
 SCHEMA_MAJOR = 2
 DEFAULT_CHUNK_BYTES = 900 * 1024  # leaves room for the header and signature under a 1 MB broker message limit
+MIN_CHUNK_BYTES = 4096  # every chunk but a transfer's last carries at least this much (bounds the chunk count)
 _LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32  # objects and lists nested deeper than this are refused (no message needs more than 4)
+KINDS = ("plan", "program", "update")
+# ids by their documented form: a transfer id (an update's is 32 hex digits; a plan's "plan-<round>-<device>"),
+# a device id, a run id and a nonce
+TRANSFER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NONCE = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ProtocolError(ValueError):
@@ -59,14 +68,30 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def json_depth(obj, most: int = MAX_JSON_DEPTH) -> int:
+    """How deeply lists and objects nest in ``obj`` (a scalar: 0, ``{}``: 1), counted up to ``most + 1``;
+    breadth-first, so a deep message costs no recursion."""
+    depth, level = 0, [obj]
+    while depth <= most:
+        containers = [x for x in level if isinstance(x, (dict, list))]
+        if not containers:
+            return depth
+        depth += 1
+        level = [v for x in containers for v in (x.values() if isinstance(x, dict) else x)]
+    return depth
+
+
 def decode_json(payload: bytes) -> dict:
-    """A JSON object with a schema this side speaks; NaN and Infinity are refused (JSON has none)."""
+    """A JSON object with a schema this side speaks; NaN and Infinity are refused (JSON has none),
+    and so is nesting deeper than :data:`MAX_JSON_DEPTH`."""
     try:
         obj = json.loads(payload, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"not a JSON message ({str(exc)[:120]})") from None
     if not isinstance(obj, dict):
         raise ProtocolError("JSON message is not an object")
+    if json_depth(obj) > MAX_JSON_DEPTH:
+        raise ProtocolError(f"JSON message nested deeper than {MAX_JSON_DEPTH} levels")
     check_schema(obj)
     return obj
 
@@ -104,11 +129,18 @@ def parse_chunk(body: bytes) -> tuple[dict, bytes]:
         v = header.get(key)
         if not isinstance(v, typ) or isinstance(v, bool):
             raise ProtocolError(f"chunk header field '{key}' missing or not {typ.__name__}")
-    if not 1 <= header["total"] <= 1 << 20 or not 0 <= header["seq"] < header["total"]:
-        raise ProtocolError(f"chunk seq {header['seq']} of {header['total']}: outside 0..total-1")
-    if header["nbytes"] < 0 or header["round"] < 0:
-        raise ProtocolError("chunk header: negative nbytes or round")
-    if len(header["sha256"]) != 64:
+    if header["kind"] not in KINDS:
+        raise ProtocolError(f"chunk header field 'kind' is {header['kind'][:20]!r}, not one of {', '.join(KINDS)}")
+    for key, form in (("transfer", TRANSFER_ID), ("device", NAME), ("run", NAME), ("nonce", NONCE)):
+        if not form.match(header[key]):
+            raise ProtocolError(f"chunk header field '{key}' ({header[key][:40]!r}...) is not of its documented form")
+    if not 0 <= header["nbytes"] <= 1 << 40 or not 0 <= header["round"] <= 1 << 31:
+        raise ProtocolError("chunk header: nbytes or round out of range")
+    most = max(1, math.ceil(header["nbytes"] / MIN_CHUNK_BYTES))  # chunks but the last carry >= MIN_CHUNK_BYTES
+    if not 1 <= header["total"] <= most or not 0 <= header["seq"] < header["total"]:
+        raise ProtocolError(f"chunk seq {header['seq']} of {header['total']}: outside 0..total-1, or more chunks "
+                            f"than a {header['nbytes']}-byte transfer can have ({most})")
+    if not SHA256.match(header["sha256"]):
         raise ProtocolError("chunk header field 'sha256' is not a hex SHA-256")
     if header["seq"] == 0 and not isinstance(header.get("meta"), dict):
         raise ProtocolError("chunk 0 has no 'meta' object")
@@ -185,6 +217,10 @@ class Reassembler:
         if "meta" in header and part.meta is None:
             part.meta = header["meta"]
         if header["seq"] not in part.chunks:
+            if header["seq"] < header["total"] - 1 and len(body) < MIN_CHUNK_BYTES:
+                self._forget(key)
+                raise ProtocolError(f"transfer {header['transfer'][:40]}: chunk {header['seq']} carries "
+                                    f"{len(body)} bytes; every chunk but the last carries at least {MIN_CHUNK_BYTES}")
             if part.size + len(body) > header["nbytes"]:
                 self._forget(key)
                 raise ProtocolError(f"transfer {header['transfer']}: chunks add up to more than its "

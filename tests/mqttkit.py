@@ -119,9 +119,12 @@ class Deployment:
             link.close()
         self.broker.stop()
 
-    @property
-    def coordinator(self) -> BrokerAddress:
-        return self.registry.coordinator_login(self.address)
+    def coordinator_for(self, run_id: str) -> BrokerAddress:
+        """The broker, logged in as run ``run_id``'s coordinator (Mosquitto: its login added and the
+        broker restarted, as an operator runs `fedlora broker-config` again for a new run)."""
+        if self.registry.add_run(run_id) and self.kind == "mosquitto":
+            self.broker.restart()
+        return self.registry.coordinator_login(self.address, run_id=run_id)
 
     def enrol(self, *ids: str, **kw) -> dict:
         """Enrol devices (Mosquitto: its password file written again and the broker restarted, before
@@ -152,7 +155,8 @@ def config(tmp: Path, ids: list[str], profiles=None, **over):
 
 
 def coordinator(dep: Deployment, cfg, out: Path, resume=False, **kw) -> Coordinator:
-    return Coordinator(cfg, out, dep.coordinator, dep.registry, resume=resume, log=kw.pop("log", lambda *_: None), **kw)
+    return Coordinator(cfg, out, dep.coordinator_for(cfg.transport.run_id), dep.registry, resume=resume,
+                       log=kw.pop("log", lambda *_: None), **kw)
 
 
 class CoordThread(threading.Thread):

@@ -227,6 +227,7 @@ def test_mutual_tls_on_mosquitto_needs_a_certificate_from_the_run_ca(tmp_path):
 
     reg = Registry.create(tmp_path / "registry")
     with_cert, without = reg.add("pi5", client_cert=True), reg.add("pi4")
+    reg.add_run("r1")
     m = Mosquitto(reg, tmp_path / "m", mtls=True)
     try:
         def login(creds, cert=True):
@@ -243,7 +244,7 @@ def test_mutual_tls_on_mosquitto_needs_a_certificate_from_the_run_ca(tmp_path):
 
         assert x509.load_pem_x509_certificate(with_cert.cert_pem.encode()).subject.rfc4514_string() == "CN=pi5"
         # the coordinator's own client certificate (issued by broker-config --mtls) is used for it
-        coord = Link(reg.coordinator_login(m.address), "coordinator")
+        coord = Link(reg.coordinator_login(m.address, run_id="r1"), "coordinator@r1")
         coord.connect(timeout_s=30)
         coord.close()
     finally:
