@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 from fleets import FAST_PROFILE
-from mqttkit import config, report_of, trained
+from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment, report_of, trained
 
 from coordinator.config import ConfigError
 from coordinator.registry import Registry, RegistryError
@@ -239,6 +239,109 @@ def test_a_second_coordinator_of_the_same_run_is_refused_before_it_starts(harnes
         Coordinator(cfg, tmp_path / "out2", BrokerAddress("127.0.0.1", 1), coord.registry)
 
 
-def test_trained_stand_in_is_what_the_harness_sends():
-    # the harness's updates are the same stand-in for training the MQTT tests use
-    assert callable(trained)
+def test_a_program_build_runs_beside_the_coordinator_and_is_used_once_done(tmp_path):
+    import subprocess
+    import sys
+
+    from coordinator.programs import BackgroundBuilds
+    from edge_client.et_train import ProgramStore, program_key
+
+    store = ProgramStore(tmp_path / "programs")
+    spec = {"version": 4, "model": "tiny-llama", "ranks": {"m": 2}}
+    key = program_key(spec)
+    go = tmp_path / "go"
+    child = ("import json, pathlib, sys, time\n"
+             "go, root, key = map(pathlib.Path, sys.argv[1:4])\n"
+             "while not go.exists(): time.sleep(0.01)\n"  # the test says when the 'build' ends
+             "(root / f'{key}.pte').write_bytes(b'program')\n"
+             "(root / f'{key}.json').write_text(json.dumps({'key': str(key), 'bytes': 7}))\n")
+    said: list[str] = []
+    builds = BackgroundBuilds(store, log=said.append,
+                              command=lambda s: [sys.executable, "-c", child, str(go), str(store.root), key])
+    assert builds.ready(spec) is None
+    builds.want(spec)
+    builds.want(spec)  # asked again while it builds: still one build
+    assert len(builds._running) == 1 and "is being built" in builds.reason(spec)
+    assert builds.ready(spec) is None  # nothing half-written is read while the build runs
+    go.touch()
+    proc = next(iter(builds._running.values()))[0]
+    proc.wait(60)
+    assert builds.ready(spec) == {"key": key, "bytes": 7}
+    assert any("built in the background" in line for line in said)
+
+    failing = BackgroundBuilds(store, log=said.append, command=lambda s: [sys.executable, "-c", "raise SystemExit(3)"])
+    other = {**spec, "ranks": {"m": 4}}
+    failing.want(other)
+    next(iter(failing._running.values()))[0].wait(60)
+    assert failing.ready(other) is None and "failed to build" in failing.reason(other)
+    failing.want(other)  # not tried again in the run
+    assert not failing._running and not failing._queued
+    assert subprocess.call([sys.executable, "-m", "coordinator.programs", "--help"], stdout=subprocess.DEVNULL) == 0
+
+
+@pytest.mark.integration
+def test_two_runs_on_one_mosquitto_and_one_registry_complete_every_round(tmp_path):
+
+    dep = deployment("mosquitto", tmp_path)
+    try:
+        runs = {"run-a": ["a1", "a2"], "run-b": ["b1", "b2"]}
+        creds = dep.enrol(*[i for ids in runs.values() for i in ids], max_examples=8)
+        threads, devs = {}, {}
+        for run, ids in runs.items():
+            (tmp_path / run).mkdir()
+            cfg = config(tmp_path / run, ids, rounds=2, **{"transport.run_id": run})
+            threads[run] = CoordThread(coordinator(dep, cfg, tmp_path / run / "out"))
+            threads[run].start()
+        for run, ids in runs.items():
+            devs.update({i: FakeDevice(dep, run, i, creds=creds[i]) for i in ids})
+        for r in (1, 2):  # both runs' rounds interleaved on the one broker
+            plans = {i: d.next_plan() for i, d in devs.items()}
+            uids = {i: d.send(r, trained(plans[i].data, k)) for k, (i, d) in enumerate(sorted(devs.items()))}
+            for i, d in devs.items():
+                assert d.wait_ack(uids[i])["status"] == "accepted"
+        for th in threads.values():
+            report = th.result()
+            assert [(x["round"], x["status"], x["valid_updates"]) for x in report["rounds"]] == [(1, "ok", 2), (2, "ok", 2)]
+        for d in devs.values():
+            d.close()
+        assert "coordinator@run-a" in (tmp_path / "mosquitto" / "passwd").read_text()
+    finally:
+        dep.close()
+
+
+@pytest.mark.integration
+def test_outputs_that_fail_to_write_are_exit_6_and_a_resume_writes_them_without_devices(tmp_path, monkeypatch):
+    import coordinator.engine as engine_mod
+    from coordinator.errors import StorageError
+    dep = deployment("embedded", tmp_path)
+    try:
+        ids = ["p", "q"]
+        creds = dep.enrol(*ids, max_examples=8)
+        cfg = config(tmp_path, ids, rounds=1)
+        out = tmp_path / "out"
+        real = engine_mod.save_outputs
+
+        def disk_full(e, report):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(engine_mod, "save_outputs", disk_full)
+        th = CoordThread(coordinator(dep, cfg, out))
+        th.start()
+        devs = {i: FakeDevice(dep, cfg.transport.run_id, i, creds=creds[i]) for i in ids}
+        plans = {i: d.next_plan() for i, d in devs.items()}
+        for k, (i, d) in enumerate(sorted(devs.items())):
+            assert d.wait_ack(d.send(1, trained(plans[i].data, k)))["status"] == "accepted"
+        with pytest.raises(StorageError, match="cannot write the run's outputs"):
+            th.result()
+        assert not any(r.get("state") == "done" for d in devs.values() for r in d.rounds)  # 'done' not said yet
+        for d in devs.values():
+            d.close()  # the devices are gone; the resume must not wait for them
+        monkeypatch.setattr(engine_mod, "save_outputs", real)
+        resumed = coordinator(dep, cfg, out, resume=True)
+        report = CoordThread(resumed)
+        report.start()
+        rep = report.result()
+        assert [r["status"] for r in rep["rounds"]] == ["ok"]
+        assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "report.json").is_file()
+    finally:
+        dep.close()

@@ -67,6 +67,32 @@ def test_the_journal_reopens_a_round_with_what_was_accepted(tmp_path):
     assert j.load(3) is None
 
 
+@pytest.mark.parametrize("damage", ["start blob missing", "start blob altered", "assign.json lacks a device",
+                                    "open.json without clients"])
+def test_a_damaged_journal_is_a_warning_and_a_replan_never_a_crash(tmp_path, damage):
+    said: list[str] = []
+    j = RoundJournal(tmp_path, log=said.append)
+    j.open(2, "nonce", [_A("a"), _A("b")], [])
+    j.accept(2, "a", "u1", b"update-a", {"num_examples": 4})
+    j.close()
+    d = tmp_path / "round-000002"
+    blob = next(d.glob("start-*.safetensors"))
+    if damage == "start blob missing":
+        blob.unlink()
+    elif damage == "start blob altered":
+        blob.write_bytes(b"x" * 8)
+    elif damage == "assign.json lacks a device":
+        index = json.loads((d / "assign.json").read_text())
+        del index["b"]
+        (d / "assign.json").write_text(json.dumps(index))
+    else:
+        info = json.loads((d / "open.json").read_text())
+        del info["clients"]
+        (d / "open.json").write_text(json.dumps(info))
+    assert j.load(2) is None  # the round is planned again
+    assert any("journal of round 2 is damaged" in line and "planned again" in line for line in said), said
+
+
 def test_durable_writes_leave_the_old_file_until_the_new_one_is_complete(tmp_path, monkeypatch):
     path = tmp_path / "f.json"
     durable.write_json(path, {"v": 1})
