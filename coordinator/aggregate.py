@@ -25,6 +25,57 @@ class Contribution:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> tensor, e.g. FedLEASE's routers
 
 
+def adam_step(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
+              lr: float, betas: tuple[float, float], weight_decay: float = 0.0, eps: float = 1e-8) -> torch.Tensor:
+    """One AdamW step (bias-corrected, decoupled weight decay) on ``param``; ``m``, ``v`` updated in place."""
+    b1, b2 = betas
+    m.mul_(b1).add_(grad, alpha=1 - b1)
+    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    m_hat, v_hat = m / (1 - b1 ** step), v / (1 - b2 ** step)
+    return param * (1 - lr * weight_decay) - lr * m_hat / (v_hat.sqrt() + eps)
+
+
+def server_step(old: Factors, aggregate: Factors, settings, state: dict) -> Factors:
+    """The server optimiser's step (``server:`` in the config, :class:`~coordinator.config.ServerSettings`)
+    from the global factors ``old`` and the round's ``aggregate``: the pseudo-gradient ``old − aggregate``
+    to SGD (``old − lr·grad``, with momentum) or AdamW.  Its moments and step count live in ``state``
+    (the method's state: ``state["tensors"]["server.*"]`` and ``state["server_step"]``, saved with
+    the run).  A module whose shape changed (a method that re-sizes the global adapter) takes the
+    aggregate as it is, and its moments start again."""
+    if settings.optimizer == "none":
+        return aggregate
+    tensors = state.setdefault("tensors", {})
+    step = int(state.get("server_step", 0)) + 1
+    state["server_step"] = step
+    out = {}
+    for module, (na, nb) in aggregate.items():
+        oa, ob = old.get(module, (None, None))
+        if oa is None or oa.shape != na.shape or ob.shape != nb.shape:
+            out[module] = (na, nb)
+            for which in ("A", "B"):
+                for k in ("m", "v"):
+                    tensors.pop(f"server.{k}.{module}.{which}", None)
+            continue
+        new = []
+        for which, g, agg in (("A", oa, na), ("B", ob, nb)):
+            grad = g - agg
+            m = tensors.get(f"server.m.{module}.{which}")
+            if m is None or m.shape != g.shape:
+                m = tensors[f"server.m.{module}.{which}"] = torch.zeros_like(g)
+            if settings.optimizer == "sgd":
+                if settings.momentum:
+                    m.mul_(settings.momentum).add_(grad)
+                    grad = m
+                new.append(g - settings.lr * grad)
+                continue
+            v = tensors.get(f"server.v.{module}.{which}")
+            if v is None or v.shape != g.shape:
+                v = tensors[f"server.v.{module}.{which}"] = torch.zeros_like(g)
+            new.append(adam_step(g, grad, m, v, step, settings.lr, tuple(settings.betas), settings.weight_decay))
+        out[module] = (new[0], new[1])
+    return out
+
+
 class ComponentAverager:
     """:func:`average_components` as a running sum: :meth:`add` folds one contribution into
     per-component numerators and weight totals (then the contribution can be dropped),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -142,7 +143,14 @@ def cmd_compare(args) -> int:
     console.print(f"[b]fedlora compare[/b]: {len(specs)} runs ({', '.join(specs)}) on model {cfg.model}, fleet "
                   f"{cfg.fleet}, {cfg.rounds} rounds x {cfg.clients_per_round} clients, "
                   + (f"seed {cfg.seed}" if args.seeds == 1 else f"seeds {cfg.seed}..{cfg.seed + args.seeds - 1}"))
-    compare(cfg, specs, args.out, fresh=args.fresh, console=console, log=args.log, seeds=args.seeds)
+    if args.full_participation:
+        from .fleet import load_fleet
+
+        cfg = dataclasses.replace(cfg, clients_per_round=len(load_fleet(cfg.fleet)))
+        console.print(f"full participation: every eligible device of the fleet trains every round "
+                      f"(clients_per_round {cfg.clients_per_round})")
+    compare(cfg, specs, args.out, fresh=args.fresh, console=console, log=args.log, seeds=args.seeds, jobs=args.jobs,
+            allow_unequal=args.allow_unequal_fleets)
     out = Path(args.out)
     console.print(Markdown((out / "compare.md").read_text()))
     console.print(f"table: {out / 'compare.md'}; numbers: {out / 'compare.json'}; plot: {out / 'compare.png'}; "
@@ -433,12 +441,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--methods", help="comma-separated method specs: NAME or NAME@RANK, RANK a number, min or max "
                    "(the smallest/largest capacity in the fleet; sets lora.rank, i.e. fedit's rank). Default: "
-                   "fedit@min,fedit@max,hetlora,flexlora,hafl,fslora,fed-plora,local,centralized")
+                   "fedit@min,hetlora,flexlora,hafl,fslora,fed-plora,local,centralized). Every method must train on "
+                   "the same devices: a method whose plan leaves out devices another trains stops the comparison "
+                   "(see --allow-unequal-fleets)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--fresh", action="store_true", help="re-run methods whose finished run is already in DIR")
     p.add_argument("--seeds", type=int, default=1, help="run every method on this many seeds (--seed, --seed+1, "
                    "...): the table gives means with 95%% intervals and paired differences between methods, "
                    "marking those not within noise (default: 1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each in a process of its own with cores/jobs "
+                   "torch threads (default: 1, in this process)")
+    p.add_argument("--full-participation", action="store_true", help="every eligible device of the fleet trains "
+                   "every round (clients_per_round = the fleet's size)")
+    p.add_argument("--allow-unequal-fleets", action="store_true", help="run even when some methods would leave out "
+                   "devices that others train (by default the comparison stops, naming them); the table marks "
+                   "those rows")
     p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("plan", help="print what each device of a fleet can train",
                        description="Print, per device of the fleet, the planner's capacity (largest LoRA rank "

@@ -7,19 +7,37 @@ under ``OUT/<label>/``; a run whose ``report.json`` is already there with the sa
 reused, so an interrupted comparison continues where it stopped (``--fresh`` re-runs everything).
 The table (markdown, ``OUT/compare.md``), the numbers (``OUT/compare.json``) and a plot
 (``OUT/compare.png``) are written at the end.
+
+**Fair by construction.** Before anything runs, every method's round-1 plan is made for every
+device of the fleet (:func:`~coordinator.engine.fleet_plans`); where one method would leave out
+devices that another keeps (Fed-PLoRA, HAFL and FedLEASE download the whole rank-R adapter, which a
+slow link may not carry in ``planner.transfer_budget_s``), the comparison stops (ConfigError,
+exit 2) naming the method, the devices and why, unless ``allow_unequal`` (``--allow-unequal-fleets``):
+then the table marks those rows and says who was left out.  Every run's row records
+``devices_trained``, the devices that trained at least once.
+
+``jobs > 1`` runs the grid's runs in that many processes at once (each with ``cores / jobs``
+torch threads; every run of a grid gets the same thread count, so ``jobs`` does not change which
+results a grid gives beyond float summation order); a finished run is reused as ever, so an
+interrupted grid goes on where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, validate
 from .methods import get_method, method_names, settings_classes
 
-DEFAULT_METHODS = ("fedit@min", "fedit@max", "hetlora", "flexlora", "hafl", "fslora", "fed-plora", "local",
-                   "centralized")
+# fedit@max is not among them: at the fleet's largest rank only the devices that can hold it train,
+# so it would not train on the same devices as the others (compare it on a fleet where every device can)
+DEFAULT_METHODS = ("fedit@min", "hetlora", "flexlora", "hafl", "fslora", "fed-plora", "local", "centralized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +88,33 @@ def entries(base: RunConfig, specs: list[str]) -> list[Entry]:
     return out
 
 
+def devices_taking_part(e: Entry) -> dict[str, str]:
+    """Device id -> '' when ``e``'s method plans it, else why not (a method that pools every
+    client's data on the server takes no device: empty)."""
+    from .engine import fleet_plans
+
+    if get_method(e.cfg.method).pools_data:
+        return {}
+    return {fp.device: fp.reason for fp in fleet_plans(e.cfg)}
+
+
+def check_same_devices(es: list[Entry], allow_unequal: bool = False) -> dict[str, dict[str, str]]:
+    """label -> {device left out: why} for each method that would leave out devices another method
+    of the comparison trains; ConfigError naming them unless ``allow_unequal``."""
+    plans = {e.label: devices_taking_part(e) for e in es}
+    kept = {d for p in plans.values() for d, why in p.items() if not why}
+    left = {label: {d: p[d] for d in sorted(kept) if p.get(d)} for label, p in plans.items() if p}
+    left = {label: devs for label, devs in left.items() if devs}
+    if left and not allow_unequal:
+        lines = [f"{label} leaves out {len(devs)} device(s) that another method trains: "
+                 + "; ".join(f"{d} ({why})" for d, why in devs.items()) for label, devs in left.items()]
+        raise ConfigError("--methods: the methods would not train on the same devices, so their results could "
+                          "not be compared: " + " | ".join(lines) + ". Give those devices the capacity (a larger "
+                          "planner.transfer_budget_s, a faster profile), compare on another fleet, or pass "
+                          "--allow-unequal-fleets to run it anyway (the table then marks those rows)")
+    return left
+
+
 def _plain(obj):
     return json.loads(json.dumps(obj))
 
@@ -98,7 +143,9 @@ def summary(label: str, r: dict) -> dict:
     n = max(1, len(r["rounds"]))
     fa = r["final_accuracy"]
     ranks = sorted({c["rank"] for x in r["rounds"] for c in x["clients"]})
+    trained = sorted({c["client"] for x in r["rounds"] for c in x["clients"]})
     return {"run": label, "method": r["method"], "ranks": ranks, "accuracy": fa["overall"],
+            "devices_trained": trained, "fleet_size": len(r.get("fleet") or []),
             "per_domain": fa["per_domain"], "own_mix": fa["own_mix"], "evaluated": fa.get("evaluated"),
             "loss": (fa.get("loss") or {}).get("overall"), "own_mix_loss": fa.get("own_mix_loss"),
             "lead": (r.get("metrics") or {}).get("lead", "exact_match"),
@@ -122,7 +169,7 @@ def own_models(r: dict) -> str | None:
 def markdown(rows: list[dict]) -> str:
     """The comparison as a markdown table (the base model first)."""
     domains = list(rows[0]["per_domain"])
-    head = ["run", "method", "ranks", "held-out loss", "accuracy %"] + [f"{d} %" for d in domains] + [
+    head = ["run", "method", "ranks", "devices trained", "held-out loss", "accuracy %"] + [f"{d} %" for d in domains] + [
         "own-mix loss", "own-mix %", "own models trained", "MB up/round", "MB down/round", "wall s"]
     contaminated = any((s.get("contamination") or {}).get("attack", "none") != "none" for s in rows)
     if contaminated:
@@ -130,11 +177,11 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = rows[0]["base_accuracy"]
     base_loss = (base.get("loss") or {}).get("overall")
-    lines.append("| base model | - | - | " + f"{_num(base_loss, 3)} | {100 * base['overall']:.1f} | "
+    lines.append("| base model | - | - | - | " + f"{_num(base_loss, 3)} | {100 * base['overall']:.1f} | "
                  + " | ".join(f"{100 * base['per_domain'][d]:.1f}" for d in domains) + " | - | - | - | - | - | -"
                  + " | - | - | - | -" * contaminated + " |")
     for s in rows:
-        cells = [s["run"], s["method"], ",".join(map(str, s["ranks"])), _num(s.get("loss"), 3),
+        cells = [s["run"], s["method"], ",".join(map(str, s["ranks"])), devices_cell(s), _num(s.get("loss"), 3),
                  f"{100 * s['accuracy']:.1f}"]
         cells += [f"{100 * s['per_domain'][d]:.1f}" for d in domains]
         cells += [_num(s.get("own_mix_loss"), 3), f"{100 * s['own_mix']:.1f}", s.get("own_models") or "-",
@@ -147,6 +194,12 @@ def markdown(rows: list[dict]) -> str:
                       _pct(co.get("benign_accuracy")), _num(det.get("precision")), _num(det.get("recall"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def devices_cell(row: dict) -> str:
+    """``trained/fleet``, marked when the method left out devices other runs trained."""
+    n = len(row.get("devices_trained") or [])
+    return f"{n}/{row.get('fleet_size') or '?'}" + (" (not the same devices)" if row.get("left_out") else "")
 
 
 def _pct(x) -> str:
@@ -203,33 +256,32 @@ def plot(rows: list[dict], path: Path, intervals: list[dict] | None = None) -> N
 
 
 def compare(base: RunConfig, specs: list[str], out: str | Path, fresh: bool = False, console=None,
-            log: str = "none", seeds: int = 1) -> list[dict]:
+            log: str = "none", seeds: int = 1, jobs: int = 1, allow_unequal: bool = False) -> list[dict]:
     """Run (or reuse) every spec's run under ``out``; write and return the comparison rows.
     ``log``: each run also logged to tensorboard or mlflow (:mod:`.tracking`).  ``seeds > 1``:
     every spec on seeds ``base.seed .. base.seed + seeds - 1`` (runs in ``out/seed-<s>/``), and the
     table gives each metric's mean with its 95 % interval over the seeds, and paired differences
-    between methods (:func:`paired`)."""
+    between methods (:func:`paired`).  ``jobs``, ``allow_unequal``: see the module text."""
     from .report import ConsoleReporter
-    from .simulate import Simulation
-    from .tracking import tracked
 
     if seeds < 1:
         raise ConfigError(f"--seeds: must be at least 1, got {seeds}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs: must be at least 1, got {jobs}")
     out = Path(out)
     seed_list = [base.seed + i for i in range(seeds)]
     todo = [(s, e) for s in seed_list for e in entries(dataclasses.replace(base, seed=s), specs)]
+    left_out = check_same_devices([e for s, e in todo if s == seed_list[0]], allow_unequal)
     console_reporter = ConsoleReporter(console)
+    runs = [Run(e.label, e.cfg, (out / e.label) if seeds == 1 else (out / f"seed-{seed}" / e.label),
+                f"{e.label}" + (f" seed {seed}" if seeds > 1 else "")) for seed, e in todo]
+    reports = run_all(runs, jobs=jobs, fresh=fresh, console=console_reporter.console, log=log)
     per_seed: dict[int, list[dict]] = {s: [] for s in seed_list}
-    for i, (seed, e) in enumerate(todo, 1):
-        folder = (out / e.label) if seeds == 1 else (out / f"seed-{seed}" / e.label)
-        report = None if fresh else reusable(folder, e.cfg)
-        head = f"[b][{i}/{len(todo)}] {e.label}[/b]" + (f" seed {seed}" if seeds > 1 else "")
-        if report is not None:
-            console_reporter.console.print(f"{head}: reusing {folder / 'report.json'}")
-        else:
-            console_reporter.console.print(head)
-            report = Simulation(e.cfg, folder, tracked(console_reporter, log, folder, e.cfg)).run()
-        per_seed[seed].append(summary(e.label, report) | {"per_example": report["final_accuracy"].get("per_example")})
+    for (seed, e), report in zip(todo, reports):
+        row = summary(e.label, report) | {"per_example": report["final_accuracy"].get("per_example")}
+        if e.label in left_out:
+            row["left_out"] = left_out[e.label]
+        per_seed[seed].append(row)
     out.mkdir(parents=True, exist_ok=True)
     rows = per_seed[seed_list[0]]
     table = markdown(rows) if seeds == 1 else ""
@@ -239,10 +291,100 @@ def compare(base: RunConfig, specs: list[str], out: str | Path, fresh: bool = Fa
         result["intervals"] = intervals(per_seed)
         result["pairs"] = paired(per_seed)
         table = seeds_markdown(result["intervals"], result["pairs"], seed_list)
+    table += unequal_note(rows)
     (out / "compare.md").write_text(table)
     (out / "compare.json").write_text(json.dumps(result, indent=1))
     plot(rows, out / "compare.png", result.get("intervals"))
     return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of a grid: its label, config, folder and what the console calls it."""
+
+    label: str
+    cfg: RunConfig
+    folder: Path
+    name: str
+
+
+def run_all(runs: list[Run], jobs: int = 1, fresh: bool = False, console=None, log: str = "none") -> list[dict]:
+    """Every run's report, in order: a finished run with the same settings is reused; the others run
+    here one after another (``jobs`` 1) or in ``jobs`` processes at once, each with ``cores // jobs``
+    torch threads (its output in ``<folder>/simulate.log``).  A run that fails stops the grid with
+    its log's tail; runs already finished stay reusable."""
+    from .report import ConsoleReporter, make_console
+    from .simulate import Simulation
+    from .tracking import tracked
+
+    console = console or make_console()
+    reports: dict[int, dict] = {}
+    pending = []
+    for i, r in enumerate(runs):
+        found = None if fresh else reusable(r.folder, r.cfg)
+        if found is not None:
+            console.print(f"[{i + 1}/{len(runs)}] {r.name}: reusing {r.folder / 'report.json'}")
+            reports[i] = found
+        else:
+            pending.append(i)
+    if jobs == 1:
+        reporter = ConsoleReporter(console)
+        for i in pending:
+            console.print(f"[b][{i + 1}/{len(runs)}] {runs[i].name}[/b]")
+            reports[i] = Simulation(runs[i].cfg, runs[i].folder, tracked(reporter, log, runs[i].folder, runs[i].cfg)).run()
+        return [reports[i] for i in range(len(runs))]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // jobs)
+    running: dict[int, tuple[subprocess.Popen, float]] = {}
+    queue = list(pending)
+    while queue or running:
+        while queue and len(running) < jobs:
+            i = queue.pop(0)
+            running[i] = (_start(runs[i], threads, log), time.monotonic())
+            console.print(f"[{i + 1}/{len(runs)}] {runs[i].name}: started ({threads} thread(s), log "
+                          f"{runs[i].folder / 'simulate.log'})")
+        time.sleep(0.5)
+        for i, (proc, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[i]
+            found = reusable(runs[i].folder, runs[i].cfg) if proc.returncode == 0 else None
+            if found is None:
+                for other, _ in running.values():
+                    other.terminate()
+                tail = (runs[i].folder / "simulate.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"run {runs[i].name} failed (exit {proc.returncode}); the end of its log:\n{tail}")
+            reports[i] = found
+            console.print(f"[{i + 1}/{len(runs)}] {runs[i].name}: done in {time.monotonic() - t0:.0f} s, held-out "
+                          f"loss {_num((found['final_accuracy'].get('loss') or {}).get('overall'), 3)}")
+    return [reports[i] for i in range(len(runs))]
+
+
+def _start(r: Run, threads: int, log: str) -> subprocess.Popen:
+    """``fedlora simulate`` of ``r`` in a process of its own, its config written beside its outputs."""
+    import yaml
+
+    r.folder.mkdir(parents=True, exist_ok=True)
+    cfg_file = r.folder / "run-config.yaml"
+    cfg_file.write_text(yaml.safe_dump(_plain(r.cfg.to_dict()), sort_keys=False))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "coordinator.cli", "simulate", "--config", str(cfg_file), "--out", str(r.folder),
+           "--log", log]
+    with open(r.folder / "simulate.log", "ab") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+
+def unequal_note(rows: list[dict]) -> str:
+    """What the table says under it when some runs trained on fewer devices than others."""
+    marked = [r for r in rows if r.get("left_out")]
+    if not marked:
+        return ""
+    lines = ["", "**Not the same devices** (`--allow-unequal-fleets`): these runs' methods left devices out that "
+             "other runs trained, so their rows are not comparable with the others':", ""]
+    for r in marked:
+        lines.append(f"- {r['run']}: trained {len(r['devices_trained'])} devices; left out "
+                     + "; ".join(f"{d} ({why})" for d, why in r["left_out"].items()))
+    return "\n".join(lines) + "\n"
 
 
 def _without_examples(row: dict) -> dict:
@@ -266,6 +408,7 @@ def intervals(per_seed: dict[int, list[dict]]) -> list[dict]:
             m, lo, hi = mean_interval([r.get(key) for r in runs])
             row[key] = {"mean": m, "low": lo, "high": hi}
         row["mb_up_per_round"] = sum(r["mb_up_per_round"] for r in runs) / len(runs)
+        row["devices"] = devices_cell(runs[0])
         own = [r.get("own_models") for r in runs]
         row["own_models"] = ", ".join(o or "-" for o in own) if any(own) else None
         out.append(row)
@@ -313,14 +456,15 @@ def _ci(x: dict, scale: float = 1.0, digits: int = 1) -> str:
 
 def seeds_markdown(rows: list[dict], pairs: list[dict], seeds: list[int]) -> str:
     """The multi-seed comparison: means and 95 % intervals, then the paired differences."""
-    head = ["run", "method", "seeds"] + [name for _, name, _ in METRICS] + ["own models trained", "MB up/round"]
+    head = ["run", "method", "seeds", "devices trained"] + [name for _, name, _ in METRICS] + ["own models trained",
+                                                                                               "MB up/round"]
     lines = [f"Mean over seeds {', '.join(map(str, seeds))} with the 95 % interval over the seeds (Student's t). "
              "Own models trained (per seed): for a method whose clients keep their own models, how many of the "
              "fleet's clients have one; the others are scored on what they use instead: the global adapter "
              "where the method gives them one (clair), else the base model (fedlease, local).",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["run"], r["method"], str(r["seeds"])]
+        cells = [r["run"], r["method"], str(r["seeds"]), r.get("devices", "-")]
         cells += [_ci(r[key], scale, 1 if scale == 100.0 else 3) for key, _, scale in METRICS]
         cells += [r.get("own_models") or "-", f"{r['mb_up_per_round']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -93,6 +93,28 @@ class WeightSettings:
     max_examples: int = 1024   # the cap of a device enrolled without its own (``fedlora devices add --max-examples``)
 
 
+SERVER_OPTIMIZERS = ("none", "sgd", "adamw")
+# fields that moved: the old name fails, saying where the setting is now
+MOVED = {"fslora.server_optimizer": "server.optimizer (every method with a global adapter can have the server step)",
+         "fslora.server_lr": "server.lr", "fslora.server_betas": "server.betas"}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's step on each round's aggregate, for every method with a global adapter
+    (FedOpt: Reddi et al. 2021).  ``none``: the aggregate is the new global adapter (each paper's
+    own rule); ``sgd``: ``g ← g − lr·(g − agg)`` with optional momentum (lr 1 is ``none``);
+    ``adamw``: ``g − agg`` as a pseudo-gradient to Adam with decoupled weight decay (FSLoRA's
+    official code gives every method this step, lr 3e-4).  A comparison can give every method the
+    same server step."""
+
+    optimizer: str = "none"
+    lr: float = 3e-4                        # adamw: 3e-4 (the FSLoRA code's); sgd: 1.0 is plain averaging
+    betas: tuple[float, ...] = (0.9, 0.999)  # adamw
+    momentum: float = 0.0                   # sgd
+    weight_decay: float = 0.0               # adamw
+
+
 @dataclass(frozen=True)
 class TransportSettings:
     """The MQTT deployment (``fedlora coordinator``, ``client``, ``emulate``)."""
@@ -141,6 +163,7 @@ class RunConfig:
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
     weights: WeightSettings = field(default_factory=WeightSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
     contamination: ContaminationSettings = field(default_factory=ContaminationSettings)
     # each method's own settings, by config section (``hafl:``, ``clair:``...): the sections come
     # from the methods' ``Settings`` classes (coordinator/methods), not from this file
@@ -215,6 +238,9 @@ def _build(cls, obj: dict, prefix: str = "", extra_known=()):
     known = {f.name for f in fields(cls)} - {"method_settings"}
     unknown = sorted(set(obj) - known)
     if unknown:
+        moved = MOVED.get(prefix + unknown[0])
+        if moved:
+            raise ConfigError(f"{prefix}{unknown[0]}: moved to {moved}")
         raise ConfigError(f"{prefix}{unknown[0]}: unknown field; known fields: "
                           f"{', '.join(sorted(known | set(extra_known)))}")
     kwargs = {}
@@ -319,6 +345,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(all(t in TRAINERS for t in tr.trainers), "transport.trainers", f"each must be one of {', '.join(TRAINERS)}")
     _check(cfg.weights.policy in ("examples", "equal"), "weights.policy", "must be 'examples' or 'equal'")
     _check(cfg.weights.max_examples >= 1, "weights.max_examples", "must be at least 1")
+    sv = cfg.server
+    _check(sv.optimizer in SERVER_OPTIMIZERS, "server.optimizer", f"must be one of {', '.join(SERVER_OPTIMIZERS)}")
+    _check(sv.lr > 0, "server.lr", "must be positive")
+    _check(len(sv.betas) == 2 and all(0.0 <= b < 1.0 for b in sv.betas), "server.betas",
+           "must be two numbers in [0, 1)")
+    _check(0.0 <= sv.momentum < 1.0, "server.momentum", "must be in [0, 1)")
+    _check(sv.weight_decay >= 0, "server.weight_decay", "must be non-negative")
+    _check(sv.optimizer == "none" or get_method(cfg.method).global_model, "server.optimizer",
+           f"method {cfg.method} has no global adapter for a server step to move")
     get_method(cfg.method).check_config(cfg)
     co = cfg.contamination
     _check(co.attack in ATTACKS, "contamination.attack", f"must be one of {', '.join(ATTACKS)}")
@@ -358,6 +393,12 @@ def load_config(path: str | Path | None = None, preset: str = "default",
         _merge(tree, loaded)
     for k, v in (overrides or {}).items():
         _set_dotted(tree, k, v)
+    for old, new in MOVED.items():
+        section, _, key = old.partition(".")
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            raise ConfigError(f"{old}: moved to {new}")
+    if tree.get("fslora") == {}:
+        tree.pop("fslora")  # an emptied section of a method that no longer has settings
     sections = settings_classes()
     given = {sec: tree.pop(sec) for sec in list(tree) if sec in sections}
     if "method_settings" in tree:

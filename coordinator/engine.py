@@ -52,7 +52,7 @@ from edge_client.partial import split_update, update_shapes
 from edge_client.wire import PayloadError, decode_tensors, encode_tensors
 from edge_client.work import assignment_meta, trainer_of
 
-from .aggregate import Contribution, OrderedFold
+from .aggregate import Contribution, OrderedFold, server_step
 from .config import ConfigError, RunConfig
 from .contamination import DATA_ATTACKS, contaminated_clients, corrupt_data, triggered
 from .errors import StorageError
@@ -141,6 +141,41 @@ def capacity_for(cfg: RunConfig, shape: ModelShape, profile, fp: Footprint = NO_
     return plan_capacity(profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
                          seq=t.max_seq_len, deadline_s=p.round_deadline_s, overhead_gb=p.runtime_overhead_gb,
                          transfer_budget_s=p.transfer_budget_s, footprint=fp)
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    """What the method plans for one device of the fleet, from its declared profile (round 1)."""
+
+    device: str
+    profile: str
+    capacity: Capacity
+    plan: ClientPlan | None  # None: the device cannot take part in this method's run
+
+    @property
+    def reason(self) -> str:
+        """Why it cannot take part ('' when it can)."""
+        if self.plan is not None:
+            return ""
+        return self.capacity.reason or f"capacity {self.capacity.rank} is below what the method plans"
+
+
+def fleet_plans(cfg: RunConfig) -> list[FleetPlan]:
+    """Per device of ``cfg``'s fleet, its capacity under the method's footprint and the method's
+    round-1 plan (None where it cannot take part): what ``fedlora plan`` shows and ``compare``
+    checks, from the model's shape alone (no weights are loaded)."""
+    from .fleet import load_fleet
+    from .planner import meta_shape
+
+    method = get_method(cfg.method)
+    shape = meta_shape(cfg.model, list(cfg.lora.target_modules) or None)
+    ctx = method_context(cfg, shape.adapted)
+    fp = method.footprint(ctx)
+    out = []
+    for dev in load_fleet(cfg.fleet):
+        cap = capacity_for(cfg, shape, dev.profile, fp)
+        out.append(FleetPlan(dev.id, dev.profile.name, cap, method.plan(dev.id, cap.rank, ctx, 1)))
+    return out
 
 
 def pick_device(name: str) -> str:
@@ -445,7 +480,11 @@ class Engine:
         ok = valid >= cfg.min_updates
         said = {}
         if ok:
-            self.state.global_factors, said = fold.finish()
+            old = self.state.global_factors
+            new, said = fold.finish()
+            # the server step (server.optimizer), the same for every method with a global adapter
+            self.state.global_factors = (server_step(old, new, cfg.server, self.state.method_state)
+                                         if self.method.global_model else new)
             said = dict(said or {})
         crash_point("aggregate")
         record = {"round": round_idx, "status": "ok" if ok else "failed", "clients": rows,

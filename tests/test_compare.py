@@ -46,7 +46,7 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path, monkeypatch
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
     # another method's settings do not matter to this one's run; its own do
     assert cmp.reusable(tmp_path / "fslora", load_config(overrides={**FAST, "method": "fslora", "clair.threshold": 0.3}))
-    assert not cmp.reusable(tmp_path / "fslora", load_config(overrides={**FAST, "method": "fslora", "fslora.server_lr": 0.1}))
+    assert not cmp.reusable(tmp_path / "fslora", load_config(overrides={**FAST, "method": "fslora", "server.lr": 0.1}))
     # other settings are not the same run
     other = load_config(overrides={**FAST, "seed": 1})
     with pytest.raises(AssertionError, match="reused"):
@@ -95,3 +95,42 @@ def test_compare_on_several_seeds_gives_intervals_and_paired_differences(tmp_pat
     assert fedit["own_models"] is None  # one global model: nothing to count
     table = (tmp_path / "compare.md").read_text()
     assert "95 % interval" in table and f"| {fedit['run']} | local |" in table and "own models trained" in table
+
+
+UNEQUAL = {**FAST, "planner.transfer_budget_s": 0.01}  # fed-plora's rank-8 download leaves pi4-lte out
+
+
+def test_a_comparison_whose_methods_would_train_on_different_devices_stops_naming_them():
+    cfg = load_config(overrides=UNEQUAL)
+    with pytest.raises(ConfigError, match=r"fed-plora leaves out 1 device\(s\) that another method trains: pi4-lte"):
+        cmp.compare(cfg, ["hetlora", "fed-plora"], "/nonexistent/never-written")
+    # the same devices (every method plans the fleet alike): nothing to say
+    assert cmp.check_same_devices(cmp.entries(load_config(overrides=FAST), ["hetlora", "fed-plora", "fslora"])) == {}
+
+
+@pytest.mark.integration
+def test_unequal_fleets_run_when_allowed_and_the_table_says_who_was_left_out(tmp_path):
+    cfg = load_config(overrides={**UNEQUAL, "clients_per_round": 8})
+    rows = cmp.compare(cfg, ["hetlora", "fed-plora"], tmp_path, allow_unequal=True)
+    by = {r["run"]: r for r in rows}
+    assert "pi4-lte" in by["hetlora"]["devices_trained"] and "pi4-lte" not in by["fed-plora"]["devices_trained"]
+    assert "pi4-lte" in by["fed-plora"]["left_out"] and "left_out" not in by["hetlora"]
+    table = (tmp_path / "compare.md").read_text()
+    assert "(not the same devices)" in table and "fed-plora: trained" in table and "pi4-lte (" in table
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert all("devices_trained" in r for r in saved["rows"])
+
+
+@pytest.mark.integration
+def test_a_grid_shared_over_processes_gives_every_report_and_is_reused(tmp_path, monkeypatch):
+    cfg = load_config(overrides=FAST)
+    rows = cmp.compare(cfg, ["fedit@min", "hetlora"], tmp_path, jobs=2)
+    assert [r["run"] for r in rows] == [f"fedit-r{cmp.fleet_rank_range(cfg)[0]}", "hetlora"]
+    assert all((tmp_path / r["run"] / "simulate.log").is_file() for r in rows)
+
+    def boom(*a, **k):
+        raise AssertionError("finished runs must be reused")
+
+    monkeypatch.setattr(cmp, "_start", boom)
+    again = cmp.compare(cfg, ["fedit@min", "hetlora"], tmp_path, jobs=2)
+    assert [r["loss"] for r in again] == [r["loss"] for r in rows]

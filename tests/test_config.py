@@ -34,7 +34,9 @@ def test_yaml_then_overrides(tmp_path):
     ("data:\n  tasks: [add, add]\n", r"data.tasks\[1\]"),
     ("hafl:\n  variant: prune\n", "hafl.variant"),
     ("hafl:\n  beta1: 1.5\n", "hafl.beta1"),
-    ("fslora:\n  server_optimizer: sgd\n", "fslora.server_optimizer"),
+    ("fslora:\n  server_optimizer: adamw\n", "fslora.server_optimizer: moved to server.optimizer"),
+    ("server:\n  optimizer: rmsprop\n", "server.optimizer"),
+    ("method: local\nserver:\n  optimizer: adamw\n", "server.optimizer"),
 ])
 def test_bad_values_fail_naming_the_field(tmp_path, yaml_text, field):
     p = tmp_path / "bad.yaml"

@@ -9,7 +9,7 @@ import torch
 from coordinator.aggregate import Contribution
 from coordinator.config import load_config
 from coordinator.methods import MethodContext, get_method
-from coordinator.methods.fslora import FsloraSettings, sketch_product
+from coordinator.methods.fslora import sketch_product
 from coordinator.methods.hafl import HaflSettings, top_components
 from edge_client.lora import ClientPlan, ModulePlan, install_adapter, slice_factors, uniform_plan
 from edge_client.partial import PartialTraining, folded
@@ -149,15 +149,23 @@ def test_fslora_averages_deltas_over_all_sampled_clients():
     assert torch.equal(a[1], ga[1])
 
 
-def test_fslora_server_adam_takes_a_sign_step_first_and_keeps_its_moments():
+@pytest.mark.parametrize("method", ["fslora", "hetlora", "fedit"])
+def test_the_server_adam_step_takes_a_sign_step_first_and_keeps_its_moments(method):
+    from coordinator.aggregate import server_step
+    from coordinator.config import ServerSettings
+
     g = global4()
     ca = Contribution("a", plan_of([0, 1, 2, 3]), comps([[9, 9, 9]] * 4, [[9, 9]] * 4), 1.0)
-    ctx = MethodContext(DIMS, 1.0, 1, 4, settings=FsloraSettings(server_optimizer="adamw", server_lr=0.01))
+    ctx = MethodContext(DIMS, 1.0, 4, 4)
     state: dict = {}
-    a, b = get_method("fslora").aggregate(g, [ca], ctx, state)[0][M]
+    agg = get_method(method).aggregate(g, [ca], ctx, state)[0]
+    a, b = server_step(g, agg, ServerSettings(optimizer="adamw", lr=0.01), state)[M]
     # first bias-corrected Adam step: p - lr * sign(pseudo-gradient); the delta is towards 9
     assert torch.allclose(a, g[M][0] + 0.01, atol=1e-6) and torch.allclose(b, g[M][1] + 0.01, atol=1e-6)
-    assert state["server_step"] == 1 and f"adam.m.{M}.A" in state["tensors"]
+    assert state["server_step"] == 1 and f"server.m.{M}.A" in state["tensors"]
+    a2, _ = server_step(g, agg, ServerSettings(optimizer="sgd", lr=0.5), {})[M]
+    assert torch.allclose(a2, g[M][0] + 0.5 * (9 - g[M][0]))  # half way to the aggregate
+    assert server_step(g, agg, ServerSettings(), {}) is agg  # none: the aggregate as it is
 
 
 # ----------------------------------------------------------------------------------------- HAFL

@@ -10,9 +10,9 @@ rows go down and up (``k_i(m+n)`` numbers per matrix each way).  The server aver
 over the sampled clients, zero outside each sketch: ``B ← B + Σ_i p_i ΔB_i`` (and A), with
 ``p_i`` the data-size weights (``1/|P|`` for equal data, as in the paper).
 
-``fslora.server_optimizer: adamw`` (the official code's FedOpt step) feeds the negative averaged
-delta as a pseudo-gradient to a server Adam (``fslora.server_lr``, ``fslora.server_betas``, no
-weight decay); its moments are kept in the run state.  The default is the paper's plain update.
+The official code's FedOpt step (the negative averaged delta as a pseudo-gradient to a server
+AdamW, lr 3e-4) is ``server.optimizer: adamw``, which every method with a global adapter can have
+(the code gives its baselines the same step); the default is the paper's plain update.
 
 Planner mapping: the knob is the sketch size ``k_i = min(capacity_i, R)`` (the sketching ratio is
 ``k_i / R``); a client trains, sends and receives rank ``k_i``.
@@ -30,29 +30,9 @@ number of updates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..errors import ConfigError
 from .base import Averaging, random_plan, register, trained_rank
-
-
-@dataclass(frozen=True)
-class FsloraSettings:
-    """``fslora:``: the optional server-side optimiser of the official code."""
-
-    server_optimizer: str = "none"  # none: B ← B + mean ΔB (the paper); adamw: the mean delta as a pseudo-gradient
-    server_lr: float = 3e-4
-    server_betas: tuple[float, ...] = (0.9, 0.999)
-
-    def __post_init__(self):
-        if self.server_optimizer not in ("none", "adamw"):
-            raise ConfigError("fslora.server_optimizer: must be 'none' or 'adamw'")
-        if not self.server_lr > 0:
-            raise ConfigError("fslora.server_lr: must be positive")
-        if len(self.server_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.server_betas):
-            raise ConfigError("fslora.server_betas: must be two numbers in [0, 1)")
 
 
 def sketch_product(a: torch.Tensor, b: torch.Tensor, components, total: int) -> torch.Tensor:
@@ -61,20 +41,9 @@ def sketch_product(a: torch.Tensor, b: torch.Tensor, components, total: int) -> 
     return (total / len(idx)) * (b.index_select(1, idx) @ a.index_select(0, idx))
 
 
-def adam_step(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
-              lr: float, betas: tuple[float, float], eps: float = 1e-8) -> torch.Tensor:
-    """One Adam step (bias-corrected, no weight decay) on ``param``; ``m``, ``v`` updated in place."""
-    b1, b2 = betas
-    m.mul_(b1).add_(grad, alpha=1 - b1)
-    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-    m_hat, v_hat = m / (1 - b1 ** step), v / (1 - b2 ** step)
-    return param - lr * m_hat / (v_hat.sqrt() + eps)
-
-
 @register
 class FSLoRA:
     name = "fslora"
-    Settings = FsloraSettings
     knob = "sketch size k"
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
@@ -86,24 +55,4 @@ class FSLoRA:
                            {"sketch": k, "sketch_ratio": round(k / big_r, 4)})
 
     def accumulator(self, global_factors, ctx, state):
-        st = ctx.settings
-        if st.server_optimizer == "none":
-            return Averaging(global_factors, "all")
-        return Averaging(global_factors, "all", then=lambda mean: server_step(global_factors, mean, st, state))
-
-
-def server_step(global_factors, mean, st: FsloraSettings, state: dict):
-    """The server optimiser's step: the negative mean delta as a pseudo-gradient to Adam (its
-    moments and step count in the method's state)."""
-    tensors = state.setdefault("tensors", {})
-    step = int(state.get("server_step", 0)) + 1
-    state["server_step"] = step
-    out = {}
-    for module, (ga, gb) in global_factors.items():
-        new = []
-        for which, g, avg in (("A", ga, mean[module][0]), ("B", gb, mean[module][1])):
-            m = tensors.setdefault(f"adam.m.{module}.{which}", torch.zeros_like(g))
-            v = tensors.setdefault(f"adam.v.{module}.{which}", torch.zeros_like(g))
-            new.append(adam_step(g, g - avg, m, v, step, st.server_lr, tuple(st.server_betas)))
-        out[module] = (new[0], new[1])
-    return out
+        return Averaging(global_factors, "all")
