@@ -178,7 +178,7 @@ def test_top_components_by_score_with_ties_to_the_lower_index():
 
 def test_hafl_aggregates_per_component_and_plans_from_reported_importance():
     m = get_method("hafl")
-    ctx = MethodContext(DIMS, 1.0, 1, 4, settings=HaflSettings(variant="truncate"))
+    ctx = MethodContext(DIMS, 1.0, 1, 4, settings=HaflSettings(variant="truncate", explore=False))
     state: dict = {}
     p = m.plan("a", 2, ctx, 1, state)
     assert p.modules[M].components == (0, 1) and "hold" not in p.extra  # no scores yet: the first r
@@ -203,7 +203,7 @@ def test_hafl_aggregates_per_component_and_plans_from_reported_importance():
 
 def test_hafl_freeze_holds_all_R_and_scores_them_all():
     m = get_method("hafl")
-    ctx = MethodContext(DIMS, 1.0, 1, 4)
+    ctx = MethodContext(DIMS, 1.0, 1, 4, settings=HaflSettings(explore=False))
     p = m.plan("a", 2, ctx, 1, {})
     assert p.extra["hold"] == 4 and p.extra["frozen"] == "forward"
     g = global4()
@@ -214,6 +214,53 @@ def test_hafl_freeze_holds_all_R_and_scores_them_all():
     m.aggregate(g, [c], ctx, state)
     assert state["importance"]["global"][M] == pytest.approx([0.1, 0.2, 0.7, 0.05])
     assert m.plan("a", 2, ctx, 2, state).modules[M].components == (1, 2)
+
+
+def _hafl_round(m, ctx, state, clients, r, round_idx):
+    """Plan ``clients`` at rank ``r``, give each trained component a score (1 + its index), aggregate."""
+    g = global4()
+    cs = []
+    for client in clients:
+        p = m.plan(client, r, ctx, round_idx, state)
+        comps_ = p.modules[M].components
+        cs.append(Contribution(client, p, comps([[1.0] * 3] * len(comps_), [[1.0] * 2] * len(comps_)), 1.0,
+                               {M: torch.tensor([1.0 + j for j in comps_])}))
+    m.aggregate(g, cs, ctx, state)
+    return [c.plan.modules[M].components for c in cs]
+
+
+def test_hafl_trains_every_component_before_importance_ranks_them():
+    # a fleet without a rank-R client: without exploration it locks onto round 1's components
+    m = get_method("hafl")
+    locked = MethodContext(DIMS, 1.0, 1, 4, settings=HaflSettings(variant="truncate", explore=False))
+    state: dict = {}
+    picks = [_hafl_round(m, locked, state, ["a", "b"], 1, k) for k in (1, 2, 3)]
+    assert {c for rnd in picks for p in rnd for c in p} == {0}  # component 0 only, for ever
+    ctx = MethodContext(DIMS, 1.0, 1, 4, settings=HaflSettings(variant="truncate"))
+    state = {}
+    seen: set[int] = set()
+    for k in range(1, 5):  # each round trains at least one component nobody had: R rounds at most
+        picks = _hafl_round(m, ctx, state, ["a", "b"], 1, k)
+        assert not set(c for p in picks for c in p) <= seen or len(seen) == 4
+        seen |= {c for p in picks for c in p}
+    assert seen == {0, 1, 2, 3} and state["importance"]["trained"][M] == [0, 1, 2, 3]
+    # then importance ranks them: the highest score (component 3) for everyone
+    assert _hafl_round(m, ctx, state, ["a", "b"], 1, 5) == [(3,), (3,)]
+    # clients start from places of their own: these two cover R = 4 in two rounds
+    state = {}
+    assert {c for k in (1, 2) for p in _hafl_round(m, ctx, state, ["a", "f"], 1, k) for c in p} == {0, 1, 2, 3}
+
+
+def test_hafl_zero_pad_control_divides_by_every_client():
+    m = get_method("hafl")
+    g = global4()
+    ca = Contribution("a", plan_of([0, 1]), comps([[1, 1, 1], [2, 2, 2]], [[1, 1], [2, 2]]), 1.0, {M: torch.ones(2)})
+    cb = Contribution("b", plan_of([1, 3]), comps([[4, 4, 4], [6, 6, 6]], [[4, 4], [6, 6]]), 1.0, {M: torch.ones(2)})
+    zp = MethodContext(DIMS, 1.0, 1, 4, settings=HaflSettings(variant="truncate", aggregation="zero_pad"))
+    a, _ = m.aggregate(g, [ca, cb], zp, {})[0][M]
+    a_het, _ = get_method("hetlora").aggregate(g, [ca, cb], zp, {})[0][M]
+    assert torch.allclose(a, a_het)  # the same rule as HetLoRA's zero-padding for the same selection
+    assert torch.allclose(a[0], g[M][0][0] + 0.5 * (1 - g[M][0][0]))  # diluted by the client that did not train it
 
 
 class _Toy(torch.nn.Module):

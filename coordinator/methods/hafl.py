@@ -14,7 +14,9 @@ while they train and send with their update (one float per scored component per 
 Uplink is the ``r_i`` trained components plus the scores.  Aggregation is per rank-1 component:
 each component is averaged over the clients that trained it (data-size weights), a component
 nobody trained keeps its value; unlike zero-padding, a component trained by few clients is not
-diluted.
+diluted.  ``hafl.aggregation: zero_pad`` aggregates as HetLoRA does instead (every component
+divided by every client's weight), with the same selection: a comparison of the two isolates the
+aggregation rule, which is what the paper claims converges faster.
 
 Planner mapping: the knob is ``r_i = min(capacity_i, R)``; for ``freeze`` the capacity is planned
 with a rank-R download (every client receives all R components) and the memory and compute of a
@@ -28,8 +30,16 @@ Reconstructed (only the abstract is public, and no official code was found):
   training (``edge_client.partial``);
 - whose scores rank a client's components: its own from the last round it reported them,
   falling back to the fleet's scores (the weighted mean of the latest reports per component) for
-  components it has never scored.  Before any report all scores are 0 and ties go to the lower
-  index, so round 1 trains the first ``r_i`` components, as HetLoRA does;
+  components it has never scored;
+- **every component is trained before importance ranks it** (``hafl.explore``, on by default):
+  a component nobody has trained yet comes before every trained one, each client taking the
+  untrained ones from its own starting place (a hash of its id), so that low-rank clients cover
+  different components.  AdaLoRA trains every component in a warm-up before it prunes; without
+  this, a component nobody trained scores exactly 0 (with ``B = 0`` both ``|w·∂L/∂w|`` of its B
+  and ``∂L/∂A[j]`` vanish), so in a fleet without a rank-R client the low-rank clients would
+  train round 1's components for ever.  With ``explore: false``, before any report all scores
+  are 0 and ties go to the lower index (round 1 trains the first ``r_i`` components, as HetLoRA
+  does), and the lock-in stays;
 - rank-1 aggregation weights are data sizes.
 
 Aggregation streams: each update is folded into running sums as it is validated, then dropped
@@ -40,6 +50,7 @@ number of updates.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 
 from edge_client.lora import ClientPlan, ModulePlan
@@ -57,10 +68,14 @@ class HaflSettings:
     variant: str = "freeze"   # freeze: all hold rank R, train the top r_i; truncate: hold and train the top r_i
     beta1: float = 0.85       # AdaLoRA's smoothing of the sensitivity I = |w·grad|
     beta2: float = 0.85       # and of its uncertainty |I − Ī|
+    explore: bool = True      # components nobody trained yet come first (every one trained before it is ranked)
+    aggregation: str = "rank1"  # rank1: each component over its trainers (the paper) | zero_pad: as HetLoRA
 
     def __post_init__(self):
         if self.variant not in ("freeze", "truncate"):
             raise ConfigError("hafl.variant: must be 'freeze' or 'truncate'")
+        if self.aggregation not in ("rank1", "zero_pad"):
+            raise ConfigError("hafl.aggregation: must be 'rank1' or 'zero_pad'")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"hafl.{name}: must be in [0, 1)")
@@ -69,6 +84,19 @@ class HaflSettings:
 def top_components(scores: list[float], r: int) -> tuple[int, ...]:
     """The ``r`` highest-scoring indices (ties to the lower index), in increasing order."""
     order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+    return tuple(sorted(order[:r]))
+
+
+def selection(state: dict | None, client: str, module: str, total: int, r: int, explore: bool) -> tuple[int, ...]:
+    """``client``'s ``r`` components of ``module``: with ``explore``, the components nobody has
+    trained yet first (from a starting place of the client's own, so that clients spread over
+    them), then the rest by importance; without it, by importance alone (:func:`top_components`)."""
+    scores = ranking_scores(state, client, module, total)
+    if not explore:
+        return top_components(scores, r)
+    trained = set((state or {}).get("importance", {}).get("trained", {}).get(module, []))
+    start = int(hashlib.sha256(client.encode()).hexdigest()[:8], 16) % total
+    order = sorted(range(total), key=lambda j: (j in trained, -scores[j] if j in trained else (j - start) % total, j))
     return tuple(sorted(order[:r]))
 
 
@@ -98,9 +126,8 @@ class HAFL:
         r = trained_rank(capacity, ctx)
         if r < 1:
             return None
-        modules = {m: ModulePlan(top_components(ranking_scores(state, client, m, big_r), r))
-                   for m in sorted(ctx.modules)}
         st = ctx.settings
+        modules = {m: ModulePlan(selection(state, client, m, big_r, r, st.explore)) for m in sorted(ctx.modules)}
         extra = {"importance": {"beta1": st.beta1, "beta2": st.beta2}, "variant": st.variant}
         if st.variant == "freeze":
             extra.update({"hold": big_r, "frozen": "forward"})
@@ -117,14 +144,19 @@ class HAFL:
             update_importance(state, scored, ctx.max_rank)
             return mean
 
-        return Averaging(global_factors, "trainers", then=then,
+        return Averaging(global_factors, "trainers" if ctx.settings.aggregation == "rank1" else "all", then=then,
                          keep=lambda c: scored.append(dataclasses.replace(c, factors={})))
 
 
 def update_importance(state: dict, contributions, total: int) -> None:
     """Record each contribution's scores as its client's own, and set the fleet's score of every
-    component scored this round to the weighted mean of this round's scores (others keep theirs)."""
+    component scored this round to the weighted mean of this round's scores (others keep theirs);
+    record which components have been trained (``trained``: per module, sorted indices)."""
     imp = state.setdefault("importance", {"global": {}, "clients": {}})
+    trained = imp.setdefault("trained", {})
+    for c in contributions:
+        for module, mp in c.plan.modules.items():
+            trained[module] = sorted(set(trained.get(module, [])) | set(mp.components))
     sums: dict[str, list[float]] = {}
     weights: dict[str, list[float]] = {}
     for c in contributions:
