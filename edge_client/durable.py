@@ -16,10 +16,14 @@ process does not crash-loop on it.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -53,6 +57,75 @@ def write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
     os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """fsync every file and folder under ``folder`` (deepest first) and ``folder`` itself, so a
+    folder built with plain writes is on disk before it is renamed into place."""
+    folder = Path(folder)
+    for root, _dirs, files in os.walk(folder, topdown=False, onerror=_raise):  # walk's default skips errors
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> None:
+    """Swap the complete folder ``tmp`` in as ``final`` (same parent, so same filesystem).
+
+    ``tmp`` is fsynced (:func:`fsync_tree`) first.  POSIX cannot rename a folder over a non-empty
+    one, so an existing ``final`` is first renamed aside to ``<final>.old-<pid>-<time>``, ``tmp``
+    is renamed to ``final``, the parent is fsynced, and only then is the old folder removed: the
+    old version is never removed before the new one is in place.  If renaming ``tmp`` fails, the
+    old folder is renamed back (best effort) and the error propagates unchanged.  A crash between
+    the two renames (microseconds) leaves no ``final`` but the complete old version under its
+    ``.old-`` name.  Failing to remove the old folder after the swap is not an error (the new
+    version is in place; the leftover is only disk space); after a successful swap every
+    ``<final>.old-*`` beside it (this swap's, and any an earlier crash or failure left) is removed."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    aside = None
+    if final.exists():
+        aside = final.with_name(f"{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if aside is not None:
+            with contextlib.suppress(OSError):
+                os.replace(aside, final)
+        raise
+    fsync_dir(final.parent)  # if this fails the old folder stays aside: the rename may not be on disk
+    # the old version, and any an earlier swap left aside (a crash, a failed fsync): the new one is in
+    for old in final.parent.glob(f"{glob.escape(final.name)}.old-*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def new_dir(final: str | Path) -> Iterator[Path]:
+    """Build a folder whole, then swap it in: yields an empty ``<final>.tmp-<pid>`` beside
+    ``final`` for the caller to fill with plain writes; on a normal exit :func:`replace_dir`
+    puts it in place.  If the body or the swap raises, the temporary folder is removed (best
+    effort) and the exception propagates unchanged, with ``final`` as it was (or, when only the
+    fsync after the rename failed, already the complete new folder: never a mix)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed process that had our pid
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_json(path: str | Path, obj, mode: int = 0o644) -> None:
