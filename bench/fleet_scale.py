@@ -17,8 +17,9 @@ Printed per row: the enrolment time; the median and largest *round overhead* ove
 do not evaluate (round seconds minus the slowest device's local seconds, which are ~0 here, so
 the whole round is overhead: planning, signing and sending N plans, receiving, validating,
 journalling and acknowledging N updates, aggregating, snapshotting); the coordinator process's
-CPU seconds and peak RSS (``wait4``'s rusage; with the embedded broker that process is the broker
-too); and MQTT messages per second through the broker to and from the devices over the rounds.
+CPU seconds and peak RSS (``wait4``'s rusage; the embedded broker runs in a child of that
+process: its CPU seconds count, once it has ended, and the peak RSS is the larger of the two);
+and MQTT messages per second through the broker to and from the devices over the rounds.
 A run that does not finish within ``--timeout`` seconds is stopped and its row says so.
 """
 
