@@ -455,6 +455,328 @@ def hostile_messages(b, ref):
             "nothing: no bad update aggregated, the genuine ones counted")
 
 
+def _bench_devices(b: Bench, ids: list[str]) -> str:
+    """More devices enrolled in the bench's registry (data, profile, credentials), and their fleet file."""
+    from fleets import FAST_PROFILE, fleet
+
+    from edge_client.data import generate_task, write_jsonl
+    from edge_client.identity import save_credentials
+    from edge_client.profile import DeviceProfile, save_profile
+
+    for k, cid in enumerate(ids):
+        folder = b.tmp / "devices" / cid
+        if folder.exists():
+            continue
+        folder.mkdir(parents=True)
+        write_jsonl(folder / "data.jsonl", generate_task(["add", "upper"][k % 2], 8, k))
+        save_profile(DeviceProfile(name="p", **FAST_PROFILE), folder / "profile.yaml")
+        b.creds[cid] = b.reg.add(cid, max_examples=8)
+        save_credentials(folder / "credentials.json", b.creds[cid])
+    (b.tmp / f"fleet-{ids[0]}").mkdir(exist_ok=True)
+    return fleet(b.tmp / f"fleet-{ids[0]}", ids)
+
+
+def two_runs_one_broker(b, ref):
+    """Two coordinators on one Mosquitto and one registry, each with its own devices and run id."""
+    from mqttkit import Mosquitto
+
+    fleet_b = _bench_devices(b, ["d5", "d6", "d7", "d8"])
+    for run in (RUN_ID, "faults-b"):
+        b.reg.add_run(run)
+    m = Mosquitto(b.reg, b.tmp / "mosq-two", tls=False)
+    url = f"mqtt://127.0.0.1:{m.port}"
+    out_a, out_b = b.tmp / "two-a", b.tmp / "two-b"
+    devs = b.devices(url, b.tmp / "state-two-a")
+    for cid in ("d5", "d6", "d7", "d8"):
+        from fleets import FAST_PROFILE
+
+        from coordinator.emulate import device_command
+        from edge_client.mqtt import parse_broker
+        from edge_client.profile import DeviceProfile
+
+        cmd, _ = device_command(parse_broker(url), "faults-b", cid, b.tmp / "devices" / cid,
+                                DeviceProfile(name="p", **FAST_PROFILE), 1.0, 1.0, 1)
+        cmd[cmd.index("--state-dir") + 1] = str(b.tmp / "state-two-b" / cid)
+        devs[cid] = subprocess.Popen(cmd, stdout=(b.tmp / f"two-b-{cid}.log").open("a"), stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        ca = b.coordinator(out_a, 0, broker=url)
+        cb = b.coordinator(out_b, 0, "--fleet", fleet_b, "--set", "transport.run_id=faults-b", broker=url)
+        rc_a, rc_b = ca.wait(600), cb.wait(600)
+        finish(ca, devs)
+    finally:
+        kill_all(devs)
+        m.stop()
+    same = rc_a == 0 and equal(adapter(out_a), ref)
+    return (f"run '{RUN_ID}': {rounds_line(out_a)}, exit {rc_a}; run 'faults-b' (4 other devices): "
+            f"{rounds_line(out_b)}, exit {rc_b}; each coordinator logged in as coordinator@<its run>",
+            "nothing (run 'faults' bitwise equal to the uninterrupted run)" if same and rc_b == 0 else "A ROUND LOST")
+
+
+def one_device_floods(b, ref):
+    """One enrolled device sends thousands of signed hostile messages of each kind the issue lists."""
+    import psutil
+    from fleets import FAST_PROFILE
+    from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment, report_of
+
+    from edge_client.framing import chunk_transfer
+    from edge_client.mqtt import device_topic
+    from edge_client.profile import DeviceProfile
+
+    n = 3000
+    dep = deployment("embedded", b.tmp / "flood")
+    rows = []
+    try:
+        ids = ["good", "evil"]
+        cfg = config(b.tmp / "flood", ids, **{"transport.round_timeout_s": 900})
+        creds = dep.enrol(*ids)
+        coord = coordinator(dep, cfg, b.tmp / "flood" / "out")
+        th = CoordThread(coord)
+        th.start()
+        devs = {i: FakeDevice(dep, cfg.transport.run_id, i, creds=creds[i]) for i in ids}
+        plans = {i: d.next_plan() for i, d in devs.items()}
+        e, run = devs["evil"], cfg.transport.run_id
+        t_up = device_topic(run, "evil", "up")
+        me, broker = psutil.Process(), psutil.Process(dep.broker.pid) if getattr(dep.broker, "pid", None) else None
+
+        def chunk(transfer, round_idx=1, total=None, nbytes=None, seq=0, data=b""):
+            body = next(chunk_transfer(data, kind="update", run=run, nonce=e.outbox.nonce, round_idx=round_idx,
+                                       device="evil", transfer=transfer,
+                                       meta={"round": round_idx, "update_id": transfer, "report": report_of(1)},
+                                       next_ctr=e.outbox.counter.next))
+            if total is not None or nbytes is not None or seq:
+                k = int.from_bytes(body[:4], "big")
+                h = json.loads(body[4:4 + k])
+                h.update({x: v for x, v in (("total", total), ("nbytes", nbytes), ("seq", seq)) if v is not None})
+                if seq:
+                    h.pop("meta", None)
+                hb = json.dumps(h, separators=(",", ":")).encode()
+                body = len(hb).to_bytes(4, "big") + hb + body[4 + k:]
+            return e.outbox.signer.seal(t_up, body)
+
+        long_id = chunk("x" * 20_000, round_idx=0)
+        uid = uuid.uuid4().hex
+        limit = coord._expected_bytes(coord.round.assignments["evil"]) if coord.round else 1 << 20
+        kinds = (("re-sends of one stale chunk with a 20 KB id", lambda i: long_id),
+                 ("stale updates, each a new id", lambda i: chunk(uuid.uuid4().hex, round_idx=0)),
+                 ("empty chunks of one 30,000-chunk transfer", lambda i: chunk(uid, total=30_000, nbytes=1000, seq=i + 1)),
+                 ("updates refused at their first chunk (oversize)", lambda i: chunk(uuid.uuid4().hex, nbytes=limit + 1,
+                                                                                   data=b"z" * 5000)))
+        for name, make in kinds:
+            acks0 = len(e.acks)
+            rss0, brss0 = me.memory_info().rss, broker.memory_info().rss if broker else 0
+            for i in range(n):
+                e.raw(make(i))
+            e._read(2.0)
+            while e._read(0.2):
+                pass
+            grown = (me.memory_info().rss - rss0) / n
+            bgrown = (broker.memory_info().rss - brss0) / n if broker else float("nan")
+            rows.append(f"{n} {name}: {len(e.acks) - acks0} answered, coordinator process {grown:+.0f} B/message, "
+                        f"broker {bgrown:+.0f} B/message")
+        t = device_topic(run, "evil", "hello")
+        sent0 = coord.round.plan_sent.get("evil") if coord.round else None
+        for k in range(200):
+            e.link.publish(t, e.outbox.json(t, {"type": "hello", "device": "evil", "session": f"storm-{k}",
+                                                "profile": DeviceProfile(name="fake", **FAST_PROFILE).to_dict(),
+                                                "examples": 8}), retain=True)
+        et = DeviceProfile(name="fake", trainer="executorch", **FAST_PROFILE).to_dict()
+        e.link.publish(t, e.outbox.json(t, {"type": "hello", "device": "evil", "session": "et", "profile": et,
+                                            "examples": 8}), retain=True)
+        e._read(2.0)
+        resent = coord.round and coord.round.plan_sent.get("evil") != sent0
+        refused_et = any("not allowed" in x["reason"] for x in coord.events)
+        rows.append(f"200 hellos with new sessions: plan re-sent {'once (then held back for the interval)' if resent else 'not yet'}; "
+                    f"a hello naming executorch: {'refused' if refused_et else 'ACCEPTED'}")
+        for i, d in sorted(devs.items()):
+            assert d.wait_ack(d.send(1, trained(plans[i].data, 0 if i == 'good' else 1)))["status"] == "accepted"
+        rep = th.result()
+    finally:
+        dep.close()
+    r1 = rep["rounds"][0]
+    size = len(json.dumps(r1["protocol_rejections"])) + len(json.dumps(r1["rejected"]))
+    return ("; ".join(rows) + f"; then both genuine updates accepted, round {r1['status']} "
+            f"{r1['valid_updates']}/2; the round's refusal record {size / 1024:.1f} KB "
+            f"({sum(x['count'] for x in r1['protocol_rejections'])} refusals in {len(r1['protocol_rejections'])} entries)",
+            "nothing: memory flat, answers and records bounded, the round completed")
+
+
+def trained(data: bytes, k: int) -> bytes:
+    from mqttkit import trained as t
+
+    return t(data, k)
+
+
+def idle_sockets_at_start(b, ref):
+    """1,100 idle TCP connections (no credentials, never a CONNECT) opened as the coordinator starts."""
+    out, port = b.tmp / "idle-sockets", free_port()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import socket, sys, time\n"
+        "port = int(sys.argv[1]); held = []\n"
+        "end = time.time() + 60\n"
+        "while len(held) < 1100 and time.time() < end:\n"
+        "    try:\n"
+        "        held.append(socket.create_connection(('127.0.0.1', port), 1))\n"
+        "    except OSError:\n"
+        "        time.sleep(0.05)\n"
+        "print(len(held), flush=True)\n"
+        "time.sleep(120)\n"
+        "closed = 0\n"
+        "for s in held:\n"
+        "    s.setblocking(False)\n"
+        "    try:\n"
+        "        closed += s.recv(1) == b''\n"
+        "    except BlockingIOError:\n"
+        "        pass\n"
+        "    except OSError:\n"
+        "        closed += 1\n"
+        "print(closed, flush=True)\n"), str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        coord = b.coordinator(out, port)
+        opened = int(holder.stdout.readline() or 0)
+        devs = b.devices(f"mqtt://127.0.0.1:{port}", b.tmp / "state-idle")
+        rc = finish(coord, devs)
+        closed = holder.stdout.readline().strip()
+    finally:
+        holder.kill()
+    same = rc == 0 and equal(adapter(out), ref)
+    return (f"{opened} idle sockets held against the embedded broker as the coordinator started (its broker runs in a "
+            f"process of its own, no select() beside it; a socket that sends no CONNECT is closed after 5 s: "
+            f"{closed} of them found closed); {rounds_line(out)}; exit {rc}",
+            "nothing (adapter bitwise equal)" if same else "DIFFERENT ADAPTER")
+
+
+def frozen_device(b, ref):
+    """A device frozen (SIGSTOP: a hung process, a half-open link) while it trains, embedded broker."""
+    out, port = b.tmp / "frozen", free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    devs = b.devices(url, b.tmp / "state-frozen")
+    devs["d4"].kill()
+    devs["d4"] = b.device("d4", url, b.tmp / "state-frozen", "--slowdown", "500")
+    coord = b.coordinator(out, port, "--set", "transport.offline_grace_s=3", "--set", "rounds=1",
+                          "--set", "transport.round_timeout_s=600")
+    try:
+        wait_for(lambda: "round 1" in (b.tmp / "state-frozen-d4.log").read_text())
+        devs["d4"].send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        rc = coord.wait(700)
+        dt = time.monotonic() - t0
+    finally:
+        devs["d4"].send_signal(signal.SIGCONT)
+        kill_all(devs)
+    r = report(out)["rounds"][0]
+    why = [f["reason"] for f in r["failed"]]
+    return (f"d4 SIGSTOPped while training (keepalive 30 s): the embedded broker published its Last Will, the round "
+            f"ended {dt:.0f} s later (deadline 600 s): {why[0][:70] if why else '-'}; {r['valid_updates']}/4; exit {rc}",
+            "that device's round only (it never sent it)")
+
+
+def revoked_mid_round(b, ref):
+    out, port = b.tmp / "revoked", free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    devs = b.devices(url, b.tmp / "state-revoked")
+    devs["d4"].kill()
+    devs["d4"] = b.device("d4", url, b.tmp / "state-revoked", "--slowdown", "500")
+    coord = b.coordinator(out, port, "--set", "rounds=1", "--set", "transport.round_timeout_s=600")
+    try:
+        wait_for(lambda: "round 1" in (b.tmp / "state-revoked-d4.log").read_text())
+        b.reg.revoke("d4")
+        t0 = time.monotonic()
+        rc = coord.wait(700)
+        dt = time.monotonic() - t0
+    finally:
+        kill_all(devs)
+        b.creds["d4"] = b.reg.add("d4", max_examples=8, replace=True)  # enrolled again for later rows
+        from edge_client.identity import save_credentials
+
+        save_credentials(b.tmp / "devices" / "d4" / "credentials.json", b.creds["d4"])
+    r = report(out)["rounds"][0]
+    why = [f["reason"] for f in r["failed"]]
+    return (f"d4 revoked (`fedlora devices revoke`) while it trained: the round ended {dt:.0f} s later (deadline "
+            f"600 s): {why[0][:60] if why else '-'}; {r['valid_updates']}/4; exit {rc}",
+            "that device's round only (it was revoked)")
+
+
+def sigkill_at_outputs(b, ref):
+    """SIGKILL while the final outputs are written, then every device gone: `--resume` writes them."""
+    out, port = b.tmp / "kill-outputs", free_port()
+    devs = b.devices(f"mqtt://127.0.0.1:{port}", b.tmp / "state-kout")
+    try:
+        rc1 = b.coordinator(out, port, crash="outputs").wait(600)
+        partial = (out / "adapter").is_dir(), (out / "report.json").is_file()
+    finally:
+        kill_all(devs)  # the devices never saw 'done'; they are gone now
+    t0 = time.monotonic()
+    rc2 = b.coordinator(out, port, resume=True).wait(300)
+    said = [line for line in b.log(out).splitlines() if "every round" in line][-1:]
+    same = rc2 == 0 and equal(adapter(out), ref)
+    return (f"killed (status {rc1}) with the adapter written ({partial[0]}) and report.json not ({not partial[1]}); no "
+            f"device left; `--resume`: '{' '.join(said)[:70]}', outputs written in {time.monotonic() - t0:.0f} s "
+            f"without waiting for devices; exit {rc2}",
+            "nothing (adapter bitwise equal; 'done' was not said before the outputs were complete)" if same
+            else "DIFFERENT ADAPTER")
+
+
+def disk_full_at_outputs(b, ref):
+    """ENOSPC at the first fsync of the final outputs (hand-driven devices), then a resume without devices."""
+    import errno
+
+    from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment
+
+    import edge_client.durable as durable
+    from coordinator.errors import StorageError
+
+    dep = deployment("embedded", b.tmp / "full-outputs")
+    real = durable.fsync_tree if hasattr(durable, "fsync_tree") else None
+    try:
+        ids = ["p", "q"]
+        cfg = config(b.tmp / "full-outputs", ids, rounds=1)
+        out = b.tmp / "full-outputs" / "out"
+        creds = dep.enrol(*ids)
+
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        if real is not None:
+            durable.fsync_tree = full
+        th = CoordThread(coordinator(dep, cfg, out))
+        th.start()
+        devs = {i: FakeDevice(dep, cfg.transport.run_id, i, creds=creds[i]) for i in ids}
+        plans = {i: d.next_plan() for i, d in devs.items()}
+        for k, (i, d) in enumerate(sorted(devs.items())):
+            d.wait_ack(d.send(1, trained(plans[i].data, k)))
+        try:
+            th.result()
+            err = "no error"
+        except StorageError as exc:
+            err = str(exc)
+        done_said = any(r.get("state") == "done" for d in devs.values() for r in d.rounds)
+        half = [p.name for p in out.glob("*.tmp*")] + [p.name for p in out.glob(".*tmp*")]
+        for d in devs.values():
+            d.close()
+        if real is not None:
+            durable.fsync_tree = real
+        rep = CoordThread(coordinator(dep, cfg, out, resume=True))
+        rep.start()
+        rec = rep.result()
+    finally:
+        if real is not None:
+            durable.fsync_tree = real
+        dep.close()
+    return (f"ENOSPC as the outputs were written: StorageError (the CLI's exit 6): '{err[:90]}'; 'done' said: "
+            f"{done_said}; temporary files left: {len(half)}; the devices gone, `--resume`: round 1 "
+            f"{rec['rounds'][0]['status']}, outputs written without devices",
+            "nothing (no half-written output; the resume wrote them all)")
+
+
+def missing_start_blob(b, ref):
+    def damage(out):
+        for blob in (out / "state").glob("round-*/start-*.safetensors"):
+            blob.unlink()
+
+    return crash_and_resume(b, ref, "missing-blob", crash="plans-sent:2", damage=damage)
+
+
 SCENARIOS = [
     ("malformed, oversize, contradicting and memory-hungry messages", hostile_messages),
     ("SIGKILL after some acks (round 2)", sigkill_mid_round),
@@ -473,6 +795,14 @@ SCENARIOS = [
     ("50% of the devices SIGKILLed mid-round", half_the_devices_killed),
     ("disk full", disk_full),
     ("read-only state folder", read_only_state),
+    ("one enrolled device floods the coordinator", one_device_floods),
+    ("two runs on one Mosquitto and one registry", two_runs_one_broker),
+    ("1,100 idle sockets at the embedded broker as the coordinator starts", idle_sockets_at_start),
+    ("a device frozen mid-round (SIGSTOP), embedded broker", frozen_device),
+    ("a device revoked mid-round", revoked_mid_round),
+    ("SIGKILL while the final outputs are written, devices gone", sigkill_at_outputs),
+    ("disk full while the final outputs are written", disk_full_at_outputs),
+    ("the open round's start blobs missing from the journal", missing_start_blob),
 ]
 
 

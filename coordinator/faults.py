@@ -4,7 +4,8 @@ With ``FEDLORA_CRASH_AT=NAME`` (or ``NAME:N``) in its environment, the process S
 first (or N-th) time it reaches ``crash_point(NAME)``: no clean-up runs, exactly as if the host
 had pulled the plug there.  The points: ``plans-sent`` (every device of the round has its plan),
 ``ack`` (after an accepted update's ack went out), ``aggregate`` (after aggregation, before the
-state is written), ``state-write`` (a snapshot half-written, its manifest not yet).  Without the
+state is written), ``state-write`` (a snapshot half-written, its manifest not yet), ``outputs`` (the
+run's final models written, its report and plots not yet).  Without the
 variable a crash point costs one dictionary lookup.
 """
 

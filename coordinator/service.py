@@ -139,6 +139,7 @@ class Coordinator:
         self.verifier = Verifier(registry.key_of)
         self.guard = ReplayGuard()
         self.sessions: dict[str, str] = {}  # device -> session of its latest hello in this run (it is online)
+        self.farewells: set[str] = set()  # devices that cleared their hello (they left the finished run)
         self.offline_sessions: dict[str, str] = {}  # device -> session its latest Last Will closed
         self.programs_held: dict[str, set[str]] = {}  # device -> training programs it holds (executorch trainer)
         self.answers = Answers()  # (device, update id) -> (round, status, reason), a few ids per device
@@ -300,8 +301,10 @@ class Coordinator:
         exception that leaves is StorageError (the run cannot keep its promises without a disk)."""
         parts = t.split("/")
         device = parts[3][:80] if len(parts) == 5 else "?"
-        if not payload:
-            return  # a retained message being cleared
+        if not payload:  # a retained message being cleared: a device's hello, when it leaves a finished run
+            if len(parts) == 5 and parts[4] == "hello" and device in self.sessions:
+                self.farewells.add(device)
+            return
         try:
             _, leaf, msg, data = read_message(self.verifier, self.guard, self.run_id, t, payload)
             if leaf == "status":
@@ -609,7 +612,7 @@ class Coordinator:
                 continue
             self.engine.offer(c, contribution, self._reloader(round_idx, a))
             r.accepted[c] = (uid, Returned(a, None, report, update_len=len(data), folded=True))
-            self.decided[(c, uid)] = (round_idx, "accepted", "")
+            self.answers.put(c, uid, round_idx, "accepted")
         r.failed.update(jr.failures)
         self.log(f"re-opened round {round_idx}: {len(r.accepted)} of {len(assignments)} update(s) already accepted; "
                  f"waiting for {', '.join(r.waiting_for()) or 'nobody'}")
@@ -740,9 +743,20 @@ class Coordinator:
             t_round = topic(self.run_id, "round")
             self._json(t_round, {"type": "round", "round": self.cfg.rounds, "state": "done"})
             self._publish(t_round, b"", retain=True)  # the run is over: clear its retained round
+            self._await_farewells()
             return report
         finally:
             self.close()
+
+    FAREWELL_S = 10.0
+
+    def _await_farewells(self) -> None:
+        """After ``done``: until every online device has cleared its retained hello (it has seen
+        ``done`` and is leaving), at most FAREWELL_S, so that a broker stopped with the coordinator
+        (the embedded one) does not cut devices off in the middle of their last messages."""
+        end = time.monotonic() + self.FAREWELL_S
+        while time.monotonic() < end and set(self.sessions) - self.farewells:
+            self._pump(min(0.5, max(0.0, end - time.monotonic())))
 
     def _save_initial(self) -> None:
         try:

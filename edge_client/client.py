@@ -127,9 +127,9 @@ def run(args) -> int:
     log(me, f"connected to {link.address.url}, run '{run_id}', {len(examples)} examples")
     current_round = [0]  # the round being worked on, for a failure report
 
-    def send(t: str, payload: bytes, retain: bool = False) -> bool:
+    def send(t: str, payload: bytes, retain: bool = False, timeout_s: float = 120.0) -> bool:
         try:
-            link.publish(t, payload, retain=retain)
+            link.publish(t, payload, retain=retain, timeout_s=timeout_s)
             return True
         except TimeoutError as exc:  # the broker is gone for now: what matters is re-sent after the reconnect
             log(me, f"not sent ({exc}); it goes again after the reconnect")
@@ -190,7 +190,7 @@ def run(args) -> int:
                     left = state.drop_all()  # the run is over: nothing unacknowledged can count any more
                     log(me, "the run is done" + (f"; dropped {left} unacknowledged update(s)" if left else ""))
                     for t_own in (t_hello, t_status):  # clear this device's retained messages
-                        send(t_own, b"", retain=True)
+                        send(t_own, b"", retain=True, timeout_s=10.0)  # a broker gone with the run: leave anyway
                     link.close()
                     return 0
                 continue

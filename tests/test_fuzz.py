@@ -130,7 +130,8 @@ def _run_fuzz(dep, tmp_path):
     r1 = report["rounds"][0]
     assert r1["status"] == "ok" and r1["valid_updates"] == 3 and r1["failed"] == []
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
-    assert len(coord.events) >= 1000  # the refusals were logged with reasons
+    # the refusals were counted with their reasons (summarised per device and kind of reason)
+    assert sum(e["count"] for e in coord.events) >= 1000
     assert all(isinstance(e["reason"], str) and e["reason"] for e in coord.events)
     # memory stayed bounded: one sender buffers at most two transfers of its plan's size, and the
     # three devices' transfers are what was ever held at once
