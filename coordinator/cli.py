@@ -58,6 +58,9 @@ def _add_run_args(p: argparse.ArgumentParser, running: bool = True) -> None:
         p.add_argument("--log", choices=["none", "tensorboard", "mlflow"], default="none",
                        help="also log per-step losses per client, per-round metrics and bytes: tensorboard "
                        "(to DIR/tensorboard) or mlflow ($MLFLOW_TRACKING_URI, else DIR/mlruns) (default: none)")
+        p.add_argument("--save-every", type=int, dest="save_every", metavar="N",
+                       help="every N rounds, the global adapter as a peft checkpoint in DIR/checkpoints/round-NNNN/, "
+                       f"with its model card; save_every in the config (default: {d.save_every}, off)")
         p.add_argument("--progress-every", type=float, default=30.0, metavar="S", dest="progress_every",
                        help="when the output is not a terminal (a log file), a progress line every S seconds "
                        "while a round runs (default: 30)")
@@ -74,7 +77,7 @@ def _config_from_args(args):
     from .config import load_config, parse_override
 
     overrides = dict(parse_override(s) for s in args.set)
-    for flag in ("method", "model", "fleet", "rounds", "clients_per_round", "seed", "device"):
+    for flag in ("method", "model", "fleet", "rounds", "clients_per_round", "seed", "device", "save_every"):
         if getattr(args, flag, None) is not None:
             overrides[flag] = getattr(args, flag)
     if getattr(args, "local_steps", None) is not None:
@@ -477,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Wait for the fleet's devices to say hello, then run the rounds over MQTT. "
                        "The run's state is saved after every round; --resume continues a stopped run.",
                        epilog="exit status: 0 all rounds ok; 2 bad config or broker connection; 3 export parity "
-                       "broken; 4 a round failed; 5 too few devices in time; 6 the state could not be written")
+                       "broken; 4 a round failed; 5 too few devices in time; 6 the state, a checkpoint or the "
+                       "outputs could not be written")
     _add_run_args(p)
     _add_broker_args(p)
     p.add_argument("--bind", default="127.0.0.1", help="embedded broker: address to listen on (default 127.0.0.1)")

@@ -155,6 +155,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     eval_every: int = 1
+    save_every: int = 0       # every N rounds, the global adapter as a peft checkpoint in OUT/checkpoints/ (0: off)
     max_new_tokens: int = 8
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -276,6 +277,7 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"({cfg.min_updates}) cannot exceed clients_per_round ({cfg.clients_per_round})")
     _check(cfg.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
     _check(cfg.eval_every >= 1, "eval_every", "must be at least 1")
+    _check(cfg.save_every >= 0, "save_every", "must be 0 (off) or a number of rounds")
     _check(cfg.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
     d = cfg.data
     _check(d.partition in PARTITIONS, "data.partition", f"must be one of {', '.join(PARTITIONS)}")

@@ -443,7 +443,9 @@ class Engine:
     def close_round(self, round_idx: int, returned: list[Returned], skipped: list[dict], t0: float,
                     rejected: list[dict] | None = None) -> dict:
         """Validate, aggregate, evaluate and record round ``round_idx``; returns its record.
-        ``rejected``: updates the transport already refused (over MQTT, at arrival)."""
+        ``rejected``: updates the transport already refused (over MQTT, at arrival).  Every
+        ``save_every`` rounds the global adapter is also written as a peft checkpoint,
+        ``OUT/checkpoints/round-NNNN/`` (StorageError where it cannot be written)."""
         cfg = self.cfg
         rows, failed = [], []
         rejected = list(rejected or [])
@@ -498,6 +500,21 @@ class Engine:
         record["seconds"] = round(time.perf_counter() - t0, 2)
         self.state.rounds.append(record)
         self.reporter.round_end(record)
+        if cfg.save_every and round_idx % cfg.save_every == 0:
+            if self.method.global_model:
+                from .report import save_checkpoint
+
+                try:  # written whole and swapped in, as every adapter; a full disk stops the run (exit 6)
+                    folder = save_checkpoint(self, round_idx)
+                except OSError as exc:
+                    raise StorageError(f"cannot write round {round_idx}'s checkpoint in {self.out / 'checkpoints'}: "
+                                       f"{exc.strerror or exc}; free the space, then run again (coordinator: "
+                                       "--resume, which re-opens this round)") from None
+                self.reporter.status(f"checkpoint: {folder}")
+            elif not getattr(self, "_said_no_checkpoint", False):
+                self._said_no_checkpoint = True
+                self.reporter.status(f"note: method {cfg.method} has no global adapter, so save_every writes no "
+                                     "checkpoints (each client's own model is written at the end of the run)")
         return record
 
     # -------------------------------------------------------------------------------- evaluation

@@ -26,11 +26,16 @@ PLOT_CLASSES = 20  # most bars in bytes.png's per-class view; the smallest class
 
 
 def save_adapter(folder: Path, factors: Factors, scale: float, targets: list[str], base_model: str,
-                 model_spec: str | None = None, system_prompt: str | None = None) -> None:
+                 model_spec: str | None = None, system_prompt: str | None = None, *,
+                 local_base: str | None = None, card: str | None = None) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` that stock
     ``peft.PeftModel.from_pretrained(base, folder)`` loads (per-module ranks via rank_pattern), and
     ``AutoPeftModelForCausalLM.from_pretrained(folder)`` where ``base_model`` is what transformers
-    loads; ``fedlora.json`` keeps the run's model spec and system prompt (for ``fedlora export``).
+    loads (a run's adapters name the public Hub id of a known base: :func:`edge_client.models.public_reference`);
+    ``fedlora.json`` keeps the run's model spec, its system prompt (for ``fedlora export`` and
+    ``generate``) and ``base_local``, the base as transformers loads it where the run ran
+    (``local_base``; default ``base_model``); ``card``, where given, is the folder's ``README.md``
+    (:mod:`.modelcard`).
 
     The folder is written whole: built beside ``folder``, fsynced, then swapped in by a rename
     (:func:`edge_client.durable.new_dir`), so it holds either its previous content or the complete
@@ -46,7 +51,29 @@ def save_adapter(folder: Path, factors: Factors, scale: float, targets: list[str
         write_factors_file(tmp / "adapter_model.safetensors", to_state_dict(factors))
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
         (tmp / ADAPTER_SIDECAR).write_text(json.dumps({"model": model_spec or base_model,
-                                                        "system_prompt": system_prompt}, indent=1))
+                                                        "system_prompt": system_prompt,
+                                                        "base_local": local_base or base_model}, indent=1))
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+
+
+def save_checkpoint(e, round_idx: int) -> Path:
+    """The global adapter of engine ``e`` after round ``round_idx`` as a peft checkpoint,
+    ``OUT/checkpoints/round-NNNN/`` (the files of the final ``adapter/``, its model card saying what
+    is known at that round), written whole like every adapter (:func:`save_adapter`); returns the
+    folder.  An OSError propagates unchanged (the caller says what it means for the run)."""
+    from edge_client.models import base_reference, public_reference
+
+    from .modelcard import model_card
+
+    folder = e.out / "checkpoints" / f"round-{round_idx:04d}"
+    public = public_reference(e.source)
+    evaluated = [r for r in e.state.rounds if r["round"] <= round_idx and r.get("accuracy")]
+    acc, at = (evaluated[-1]["accuracy"], evaluated[-1]["round"]) if evaluated else (None, None)
+    card = model_card(e, public, round_idx=round_idx, acc=acc, acc_round=at, base=getattr(e, "base_accuracy", None))
+    save_adapter(folder, e.state.global_factors, e.cfg.lora.scale, e.targets, public, e.cfg.model,
+                 e.cfg.data.system_prompt, local_base=base_reference(e.source), card=card)
+    return folder
 
 
 def _rounds_axis(ax, label: str = "round (0 = base model)") -> None:
@@ -294,13 +321,19 @@ def save_outputs(e, report: dict) -> None:
     absent), and its temporary file or folder is removed (best effort)."""
     from edge_client.experts import mixture_of, save_mixture
     from edge_client.lora import from_state_dict
-    from edge_client.models import base_reference
+    from edge_client.models import base_reference, public_reference
+
+    from .modelcard import model_card
 
     e.out.mkdir(parents=True, exist_ok=True)
-    base = base_reference(e.source)
+    base, local = public_reference(e.source), base_reference(e.source)
+    done = len(report["rounds"])
     if e.method.global_model:
+        card = model_card(e, base, round_idx=done, acc=report["global_adapter_accuracy"], acc_round=done,
+                          base=report["base_accuracy"], final=True)
         save_adapter(e.out / "adapter", e.state.global_factors, e.cfg.lora.scale, e.targets, base,
-                     e.cfg.model, e.cfg.data.system_prompt)
+                     e.cfg.model, e.cfg.data.system_prompt, local_base=local, card=card)
+    own_figures = (report.get("personalised") or {}).get("clients") or {}
     for c in e.clients:
         own = e.method.personal_model(c.id, e.ctx, e.state.method_state)
         if own is None:
@@ -311,8 +344,10 @@ def save_outputs(e, report: dict) -> None:
             with durable.new_dir(folder / "model") as tmp:
                 save_mixture(tmp, plan, tensors, e.cfg.model, e.targets)
         else:
+            card = model_card(e, base, round_idx=done, acc=own_figures.get(c.id), acc_round=done,
+                              base=report["base_accuracy"], client=c.id, final=True)
             save_adapter(folder / "adapter", from_state_dict(tensors), e.cfg.lora.scale, e.targets, base,
-                         e.cfg.model, e.cfg.data.system_prompt)
+                         e.cfg.model, e.cfg.data.system_prompt, local_base=local, card=card)
     from .faults import crash_point
 
     crash_point("outputs")  # the tests kill the process here: the models are new, the report not yet

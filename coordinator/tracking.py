@@ -6,7 +6,13 @@ and exact match, overall and per domain (``heldout/<metric>/overall``, ``heldout
 and the MB up and down of the round; and every client's every step's loss (``train_loss/<client>``,
 at step ``(round - 1) x local steps + i``), from the device's report.  TensorBoard writes to
 ``OUT/tensorboard``; MLflow to ``$MLFLOW_TRACKING_URI`` where it is set, else a local file store
-in ``OUT/mlruns`` (``mlflow ui --backend-store-uri OUT/mlruns``).
+in ``OUT/mlruns`` (``mlflow ui --backend-store-uri OUT/mlruns``: the full ``mlflow`` package; the
+``mlflow-skinny`` that ``--log mlflow`` needs logs, but has no UI).
+
+At the end of the run, once its outputs are written (:meth:`Tracker.outputs`): MLflow gets them as
+the run's artifacts (``adapter/`` with its model card, ``report.json``, the plots under ``plots/``;
+for a method without a global adapter, each client's folder under ``clients/`` up to
+``ARTIFACT_CLIENTS`` clients), TensorBoard the plots as images (``plots/<name>``, at the last round).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import os
 from pathlib import Path
 
 KINDS = ("none", "tensorboard", "mlflow")
+PLOTS = ("accuracy.png", "loss.png", "bytes.png")
+ARTIFACT_CLIENTS = 20  # past this many clients' own models, MLflow gets none of them (report.json says where)
 
 
 class Tracker:
@@ -24,6 +32,7 @@ class Tracker:
         if kind not in KINDS[1:]:
             raise ValueError(f"--log must be one of {', '.join(KINDS)}, not '{kind}'")
         self.kind = kind
+        self.out = Path(out)
         if kind == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -81,6 +90,39 @@ class Tracker:
             for i, loss in enumerate(steps):
                 self.scalars({f"train_loss/{c['client']}": loss}, (r - 1) * len(steps) + i + 1)
 
+    def outputs(self, step: int) -> list[str]:
+        """Log the run's outputs in ``out`` (written by then): MLflow gets the adapter folder, the
+        report and the plots as artifacts, TensorBoard the plots as images at ``step``.  Returns what
+        was logged; an output that is absent (no global adapter, no plot) is skipped."""
+        plots = [self.out / n for n in PLOTS if (self.out / n).is_file()]
+        logged = []
+        if self.kind == "tensorboard":
+            import numpy as np
+            from PIL import Image
+
+            for path in plots:
+                with Image.open(path) as img:
+                    self._tb.add_image(f"plots/{path.stem}", np.asarray(img.convert("RGB")), step, dataformats="HWC")
+                logged.append(path.name)
+            self._tb.flush()
+            return logged
+        if (self.out / "adapter").is_dir():
+            self._ml.log_artifacts(str(self.out / "adapter"), artifact_path="adapter")
+            logged.append("adapter")
+        else:
+            clients = sorted(p for p in (self.out / "clients").glob("*") if p.is_dir())
+            if 0 < len(clients) <= ARTIFACT_CLIENTS:
+                for folder in clients:
+                    self._ml.log_artifacts(str(folder), artifact_path=f"clients/{folder.name}")
+                logged.append("clients")
+        if (self.out / "report.json").is_file():
+            self._ml.log_artifact(str(self.out / "report.json"))
+            logged.append("report.json")
+        for path in plots:
+            self._ml.log_artifact(str(path), artifact_path="plots")
+            logged.append(path.name)
+        return logged
+
     def close(self) -> None:
         if self.kind == "tensorboard":
             self._tb.close()
@@ -107,8 +149,12 @@ class TrackingReporter:
 
     def final(self, report: dict) -> None:
         self.inner.final(report)
-        self.tracker.close()
-        self.inner.status(f"logged to {self.tracker.kind}: {self.tracker.folder}")
+        try:
+            logged = self.tracker.outputs(len(report["rounds"]))
+        finally:
+            self.tracker.close()
+        self.inner.status(f"logged to {self.tracker.kind}: {self.tracker.folder}"
+                          + (f" (with {', '.join(logged)})" if logged else ""))
 
 
 def tracked(reporter, kind: str, out: Path, cfg):

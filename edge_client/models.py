@@ -231,6 +231,19 @@ def base_reference(src: ModelSource) -> str:
     return src.location
 
 
+# built-in bases with a public Hugging Face id: what an adapter's ``base_model_name_or_path`` names, so
+# that the adapter folder loads anywhere (the weights fedlora trained on are the GGUF's, dequantised)
+PUBLIC_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def public_reference(src: ModelSource) -> str:
+    """An adapter's ``base_model_name_or_path``: the public Hugging Face id of a built-in base that
+    has one (``smollm2-135m``: ``HuggingFaceTB/SmolLM2-135M-Instruct``), so that
+    ``AutoPeftModelForCausalLM`` loads the adapter on any machine; else :func:`base_reference`
+    (a user's Hub id or model folder as given).  The machine-local form stays in ``fedlora.json``."""
+    return PUBLIC_IDS.get(src.spec, base_reference(src)) if src.kind == "builtin-gguf" else base_reference(src)
+
+
 ADAPTER_SIDECAR = "fedlora.json"  # beside an adapter: the model spec it was trained on, and its prompt format
 
 
@@ -243,7 +256,8 @@ def _json_of(path: Path) -> dict:
 
 
 def adapter_sidecar(folder: str | Path) -> dict:
-    """An adapter folder's ``fedlora.json`` (``model``, ``system_prompt``), or {} without one."""
+    """An adapter folder's ``fedlora.json`` (``model``: the run's model spec, ``system_prompt``,
+    ``base_local``: the base as transformers loads it on the machine that ran it), or {} without one."""
     return _json_of(Path(folder) / ADAPTER_SIDECAR)
 
 

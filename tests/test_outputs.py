@@ -50,7 +50,8 @@ def small_report(version: int, clients: list[str] = CLIENTS, rounds: int = 2, st
                          for i, c in enumerate(clients)]}
             for r in range(1, rounds + 1)]
     return {"version": version, "method": "hetlora", "model": "tiny-llama", "base_accuracy": acc(0.0),
-            "rounds": recs, "fleet": [{"client": c, "profile": f"class-{i % classes}"} for i, c in enumerate(clients)]}
+            "global_adapter_accuracy": recs[-1]["accuracy"], "personalised": {}, "rounds": recs,
+            "fleet": [{"client": c, "profile": f"class-{i % classes}"} for i, c in enumerate(clients)]}
 
 
 def fake_engine(out: Path, version: int):
@@ -61,13 +62,15 @@ def fake_engine(out: Path, version: int):
             return mixture, {"router": torch.full((3, 4), float(version))}, None
         return uniform_plan(DIMS, version + 1, 2.0), to_state_dict(factors(version)), None
 
+    from coordinator.config import load_config
+
     return SimpleNamespace(
-        out=out, source=SimpleNamespace(kind="tiny", spec="tiny-llama"), targets=TARGETS, ctx=None,
+        out=out, source=SimpleNamespace(kind="tiny", spec="tiny-llama"), targets=TARGETS, ctx=None, R=version + 1,
         method=SimpleNamespace(global_model=True, personal_model=personal_model),
-        state=SimpleNamespace(global_factors=factors(version), method_state={}),
-        cfg=SimpleNamespace(model="tiny-llama", lora=SimpleNamespace(scale=2.0),
-                            data=SimpleNamespace(system_prompt=f"v{version}")),
-        clients=[SimpleNamespace(id=c) for c in CLIENTS])
+        state=SimpleNamespace(global_factors=factors(version), method_state={}, rounds=[]), eval_examples=[],
+        system_prompt=f"v{version}",
+        cfg=load_config(overrides={"model": "tiny-llama", "lora.scale": 2.0, "data.system_prompt": f"v{version}"}),
+        clients=[SimpleNamespace(id=c, device=None, capacity=None) for c in CLIENTS])
 
 
 def adapter_version(folder: Path) -> int:

@@ -83,6 +83,13 @@ def test_a_run_logs_per_step_losses_to_the_report_tensorboard_and_the_loss_plot(
     steps = [e.step for e in acc.Scalars(f"train_loss/{client}")]
     assert len(steps) == 3 * sum(c["client"] == client for c in rows)
     assert [e.step for e in acc.Scalars("heldout/loss/overall")] == [0, 1, 2]
+    # the plots as images, at the last round, the same pictures as the files
+    assert set(acc.Tags()["images"]) == {"plots/accuracy", "plots/loss", "plots/bytes"}
+    from PIL import Image
+
+    (image,) = acc.Images("plots/loss")
+    with Image.open(tmp_path / "out" / "loss.png") as png:
+        assert image.step == 2 and (image.width, image.height) == png.size
 
 
 @pytest.mark.integration
@@ -95,6 +102,15 @@ def test_a_run_logs_to_a_local_mlflow_store(tmp_path, monkeypatch):
     (run,) = client.search_runs([client.get_experiment_by_name("fedlora-edge").experiment_id])
     history = client.get_metric_history(run.info.run_id, "heldout/loss/overall")
     assert [m.step for m in history] == [0, 1, 2] and run.data.params["method"] == "fedit"
+    # the run's outputs as artifacts: the adapter (with its model card), the report and the plots
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert names == {"adapter", "plots", "report.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "adapter")} == {
+        f"adapter/{n}" for n in ("adapter_config.json", "adapter_model.safetensors", "fedlora.json", "README.md")}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/accuracy.png", "plots/loss.png", "plots/bytes.png"}
+    got = Path(client.download_artifacts(run.info.run_id, "report.json", str(tmp_path / "dl")))
+    assert json.loads(got.read_text()) == json.loads((tmp_path / "out" / "report.json").read_text())
 
 
 def _cfg_file(tmp_path):
