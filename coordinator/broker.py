@@ -709,7 +709,11 @@ class EmbeddedBroker:
 
     @property
     def address(self) -> BrokerAddress:
-        return BrokerAddress(self.host, self.port, tls=self.tls is not None)
+        """Where a client on this machine reaches the broker: a wildcard bind (``0.0.0.0``, ``::``)
+        on the loopback address, which a TLS certificate can name (``broker-config`` names
+        127.0.0.1) and ``0.0.0.0`` cannot."""
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return BrokerAddress(host, self.port, tls=self.tls is not None)
 
     @property
     def pid(self) -> int | None:

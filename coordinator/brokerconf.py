@@ -34,6 +34,51 @@ MAX_QUEUED_MESSAGES = 4096
 MAX_QUEUED_BYTES = 768 * 2**20
 
 
+BROKER_USER = "mosquitto"  # whom Mosquitto runs as when started as root (its `user` option's default)
+MOSQUITTO_FILES = ("mosquitto.conf", "passwd", "acl", "ca.pem", "server.pem", "server.key", "crl.pem")
+
+
+def hand_to_broker(out: str | Path, user: str = BROKER_USER) -> list[str]:
+    """Let the user Mosquitto runs as read the files :func:`mosquitto` wrote in ``out`` and write
+    its persistence folder ``out/data``; returns the lines to print.
+
+    Mosquitto started as root drops to ``user`` before it reads the password file, the ACL and the
+    TLS key, which are written 0600 for their owner: as root's, the broker stops at once ("Unable to
+    open pwfile").  Run as root where ``user`` exists, the files and ``data/`` are given to it (the
+    secret ones stay 0600, now its own), and a folder on the way to ``out`` that it cannot enter is
+    named with the command that lets it through.  Otherwise nothing is changed and the lines give the
+    command to run before starting the broker as root (started as its owner, it reads them as they are)."""
+    import os
+    import pwd
+    import stat
+
+    out = Path(out).resolve()
+    chown = f"chown -R {user}: {out}"
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return [f"Mosquitto started as root runs as user '{user}', and there is none on this machine: start it "
+                f"as the user who owns {out}, or create that user and run `{chown}`"]
+    if os.geteuid() != 0:
+        return [f"to start Mosquitto as root (it then runs as user '{user}'), first run `sudo {chown}`"]
+    data = out / "data"
+    for path in [data, *data.iterdir(), *(out / name for name in MOSQUITTO_FILES)]:
+        if path.exists():
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    lines = [f"gave the files to user '{user}' (Mosquitto started as root runs as it)"]
+    groups = set(os.getgrouplist(user, entry.pw_gid))
+    for folder in [*reversed(out.parents), out]:
+        st = folder.stat()
+        bit = (stat.S_IXUSR if st.st_uid == entry.pw_uid else stat.S_IXGRP if st.st_gid in groups
+               else stat.S_IXOTH)
+        if not st.st_mode & bit:
+            lines.append(f"but user '{user}' cannot enter {folder} (mode {stat.S_IMODE(st.st_mode):o}), so the broker "
+                         f"cannot read them: write them where it can (--out /etc/mosquitto/fedlora) or run "
+                         f"`chmod o+x {folder}`")
+            break
+    return lines
+
+
 def default_hosts() -> list[str]:
     return sorted({"localhost", "127.0.0.1", socket.gethostname()})
 

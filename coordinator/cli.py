@@ -11,7 +11,7 @@ from edge_client import __version__
 
 EXAMPLES = """\
 examples:
-  fedlora simulate --out runs/demo                       # SmolLM2, mixed fleet of 8, about 10 min on 2 cores
+  fedlora simulate --out runs/demo                       # SmolLM2, mixed fleet of 8, about 5 min on 2 cores
   fedlora simulate --preset quick --out runs/taste       # a one-minute taste
   fedlora simulate --method flexlora --rounds 3 --out runs/flex
   fedlora simulate --model tiny-llama --set train.steps=2 --out runs/tiny
@@ -68,9 +68,9 @@ def _add_run_args(p: argparse.ArgumentParser, running: bool = True) -> None:
 
 
 def _add_export_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--export", action="store_true", help="after the run, export the global adapter merged into "
-                   "the base once per device class of the fleet (each profile's runtime and quant), with parity "
-                   "reports, to DIR/export/")
+    p.add_argument("--export", action="store_true", help="after the run, export the global adapter once per "
+                   "device class of the fleet (each profile's runtime and quant): the base and the adapter apart, as "
+                   "`fedlora export` writes them, with parity reports, to DIR/export/")
 
 
 def _config_from_args(args):
@@ -238,7 +238,8 @@ def cmd_coordinator(args) -> int:
     if address is None:
         embedded = _embedded(args, registry, reporter.console, args.bind, args.port)
         address = registry.coordinator_login(embedded.address, args.ca_file, run_id=cfg.transport.run_id)
-        reporter.console.print(f"embedded MQTT broker listening on {address.url}")
+        reporter.console.print(f"embedded MQTT broker listening on {'mqtts' if address.tls else 'mqtt'}://"
+                               f"{args.bind}:{address.port}")
     try:
         coord = Coordinator(cfg, args.out, address, registry, reporter, resume=args.resume,
                             log=reporter.console.print)
@@ -339,6 +340,8 @@ def cmd_broker_config(args) -> int:
     print(f"wrote {conf} and its files in {Path(args.out)}; coordinator logins for run(s) "
           f"{', '.join(sorted(reg.runs))} (a coordinator of a new run adds its run to the registry: run this again)")
     if args.kind == "mosquitto":
+        for line in brokerconf.hand_to_broker(conf.parent):
+            print(line)
         print(f"start it with `mosquitto -c {conf}`; after `fedlora devices add|revoke`, run this again and "
               "`kill -HUP` the broker")
     else:
@@ -380,17 +383,19 @@ def cmd_export(args) -> int:
     console = make_console()
     console.print(f"[b]fedlora export[/b]: {args.model} + {args.adapter or 'no adapter'} -> {args.format} "
                   f"({args.quant}) in {args.out}")
-    with console.status("merging the adapter and exporting (tens of seconds)"):
-        artifact, meta, reference, tok = export(args.model, args.adapter, args.format, args.quant, args.out,
-                                                args.max_seq_len)
+
+    def log(line: str) -> None:  # a line per stage: a log file shows where a long export is, as a terminal does
+        console.print(line, markup=False, highlight=False)
+
+    artifact, meta, reference, tok = export(args.model, args.adapter, args.format, args.quant, args.out,
+                                            args.max_seq_len, log=log)
     if meta["skipped_layers"]:
         console.print(f"left in fp32 ({args.quant} cannot take their shape): {', '.join(meta['skipped_layers'])}")
     tol = TOLERANCE[(args.format, args.quant)]
     if args.min_top1 is not None:
         tol = Tolerance(tol.max_abs, args.min_top1, tol.max_accuracy_drop)
-    with console.status("checking parity against PyTorch on held-out prompts"):
-        rep = parity_report(reference, tok, artifact, meta, per_task=args.prompts_per_task, tolerance=tol,
-                            threads=args.threads)
+    rep = parity_report(reference, tok, artifact, meta, per_task=args.prompts_per_task, tolerance=tol,
+                        threads=args.threads, log=log)
     console.print((artifact.parent / "parity.md").read_text())
     console.print(f"artifact: {artifact} ({rep['size_bytes'] / 1e6:.1f} MB); parity: {artifact.parent / 'parity.json'}")
     return 0
@@ -399,13 +404,14 @@ def cmd_export(args) -> int:
 def cmd_generate(args) -> int:
     from transformers import AutoTokenizer
 
-    from edge_client.data import SYSTEM_PROMPT, Example, prompt_ids
+    from edge_client.data import Example, prompt_ids
+    from export.parity import run_system_prompt
     from export.runners import artifact_folder, load_runner, read_meta
 
     meta = read_meta(args.artifact)
     tok = AutoTokenizer.from_pretrained(str(artifact_folder(args.artifact) / meta["tokenizer"]))
     run = load_runner(args.artifact, args.threads, args.adapter_file)
-    system = meta.get("system_prompt", SYSTEM_PROMPT) if args.system is None else (args.system or None)
+    system = run_system_prompt(meta) if args.system is None else (args.system or None)
     ids = prompt_ids(tok, Example(args.prompt, "", system=system), meta["max_seq_len"] - args.max_new_tokens)
     new, secs = run.generate(ids, args.max_new_tokens, tok.eos_token_id)
     print(tok.decode(new, skip_special_tokens=True))
@@ -603,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ParityError as exc:
-        print(f"fedlora: parity broken: {exc}", file=sys.stderr)
+        print(f"fedlora: {exc}", file=sys.stderr)  # the message says "parity broken" once
         return 3
     except TooFewDevices as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)

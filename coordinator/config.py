@@ -179,9 +179,10 @@ class RunConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The README's main command: about 10 minutes on a 2-core CPU with SmolLM2.
+    # The default job, SmolLM2 on a 2-core CPU: about 5 minutes with `simulate` (322 s), 8 over MQTT with
+    # `emulate` (8 min 2 s; docs/results.md).
     "default": {},
-    # A one-minute taste: fewer clients, rounds, steps and eval prompts.
+    # A one-minute taste with `simulate` (60 s): fewer clients, rounds, steps and eval prompts.
     "quick": {"rounds": 2, "clients_per_round": 2, "train.steps": 6, "data.eval_per_domain": 6,
               "data.tasks": ["add", "upper", "parity"], "data.samples_per_client": 32},
 }

@@ -220,6 +220,10 @@ class Engine:
         train, mixes, self.eval_examples = build_data(cfg, [d.id for d in self.fleet], self.data_notes)
         for note in self.data_notes:
             self.reporter.status(f"note: {note}")
+        # the run's prompt format, recorded beside its adapters for `fedlora export` and `generate`: the system
+        # prompt its held-out examples carry (the built-in tasks' own), else data.system_prompt
+        systems = {ex.system for ex in self.eval_examples}
+        self.system_prompt = systems.pop() if len(systems) == 1 else cfg.data.system_prompt
         self.lead, self.lead_reason = lead_metric(cfg.eval.metric, self.tok, self.eval_examples, cfg.max_new_tokens,
                                                   builtin=not cfg.data.user_data)
         self.clients = [ClientData(dev.id, dev, tr, mix) for dev, tr, mix in zip(self.fleet, train, mixes)]

@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     from edge_client.et_train import ProgramStore
 
     identity = args.identity
-    store = ProgramStore(args.root, log=print, cache=args.cache, identity=(lambda: identity) if identity else None)
+    store = ProgramStore(args.root, log=lambda line: print(line, flush=True),  # its stages, to the build's log file
+                         cache=args.cache, identity=(lambda: identity) if identity else None)
     try:
         path, side = store.get(json.loads(args.spec))
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator through the exit status and the log

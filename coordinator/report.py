@@ -72,7 +72,7 @@ def save_checkpoint(e, round_idx: int) -> Path:
     acc, at = (evaluated[-1]["accuracy"], evaluated[-1]["round"]) if evaluated else (None, None)
     card = model_card(e, public, round_idx=round_idx, acc=acc, acc_round=at, base=getattr(e, "base_accuracy", None))
     save_adapter(folder, e.state.global_factors, e.cfg.lora.scale, e.targets, public, e.cfg.model,
-                 e.cfg.data.system_prompt, local_base=base_reference(e.source), card=card)
+                 e.system_prompt, local_base=base_reference(e.source), card=card)
     return folder
 
 
@@ -332,7 +332,7 @@ def save_outputs(e, report: dict) -> None:
         card = model_card(e, base, round_idx=done, acc=report["global_adapter_accuracy"], acc_round=done,
                           base=report["base_accuracy"], final=True)
         save_adapter(e.out / "adapter", e.state.global_factors, e.cfg.lora.scale, e.targets, base,
-                     e.cfg.model, e.cfg.data.system_prompt, local_base=local, card=card)
+                     e.cfg.model, e.system_prompt, local_base=local, card=card)
     own_figures = (report.get("personalised") or {}).get("clients") or {}
     for c in e.clients:
         own = e.method.personal_model(c.id, e.ctx, e.state.method_state)
@@ -347,7 +347,7 @@ def save_outputs(e, report: dict) -> None:
             card = model_card(e, base, round_idx=done, acc=own_figures.get(c.id), acc_round=done,
                               base=report["base_accuracy"], client=c.id, final=True)
             save_adapter(folder / "adapter", from_state_dict(tensors), e.cfg.lora.scale, e.targets, base,
-                         e.cfg.model, e.cfg.data.system_prompt, local_base=local, card=card)
+                         e.cfg.model, e.system_prompt, local_base=local, card=card)
     from .faults import crash_point
 
     crash_point("outputs")  # the tests kill the process here: the models are new, the report not yet

@@ -183,11 +183,11 @@ def _matmuls(gm) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in kinds)
 
 
-def build_program(spec: Mapping, path: str | Path, model=None) -> dict:
+def build_program(spec: Mapping, path: str | Path, model=None, log=None) -> dict:
     """Write the training program for ``spec`` to ``path`` (``.pte``) and its sidecar
     (``.json``: the spec, the trainable names and their shapes).  ``model``: the base, loaded
     afresh from ``spec['model']`` when not given (it is changed: attention, LoRA, quantization).
-    Returns the sidecar."""
+    ``log``: a line per stage, with the seconds since the start.  Returns the sidecar."""
     import torch.nn.functional as F
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -197,12 +197,20 @@ def build_program(spec: Mapping, path: str | Path, model=None) -> dict:
     from .lora import ModulePlan
     from .models import load_model
 
+    t0 = time.perf_counter()
+
+    def stage(line: str) -> None:
+        if log is not None:
+            log(f"training program: {line} ({time.perf_counter() - t0:.0f} s)")
+
     if model is None:
+        stage(f"loading {spec['model']}")
         model, _ = load_model(spec["model"])
     model.config._attn_implementation = "eager"
     plan = ClientPlan({m: ModulePlan(tuple(range(r))) for m, r in spec["ranks"].items()}, spec["scale"])
     pm = get_peft_model(model, lora_config(plan, spec["targets"], 0.0), adapter_name=ADAPTER)
     if spec["base"] == "int8":
+        stage("int8 base weights (torchao)")
         from torchao.quantization import IntxWeightOnlyConfig, quantize_
         from torchao.quantization.granularity import PerAxis
         from torchao.utils import unwrap_tensor_subclass
@@ -230,13 +238,17 @@ def build_program(spec: Mapping, path: str | Path, model=None) -> dict:
     ids, labels = torch.zeros((b, s), dtype=torch.long), torch.zeros((b, s), dtype=torch.long)  # distinct: not aliased
     # the length is dynamic (MIN_LEN..seq_len): a batch runs at its own longest sequence, as in torch
     length = torch.export.Dim("seq_len", min=MIN_LEN, max=s)
+    stage("exporting the forward and backward pass (torch.export)")
     ep = _export_forward_backward(torch.export.export(TrainNet(pm), (ids, labels), strict=False,
                                                       dynamic_shapes={"input_ids": {1: length}, "labels": {1: length}}))
     _rewrite_empty_permuted(ep.graph_module)
     # dim-order ops would fix the length at its example value; memory is planned for the upper bound
+    stage("to the edge dialect")
     edge = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
     _fold_weight_transposes(edge.exported_program().graph_module)
+    stage("delegating every linear and mm to XNNPACK (the longest stage: minutes for SmolLM2)")
     edge, delegated, left = _delegate_matmuls(edge)
+    stage("to an ExecuTorch program")
     et = edge.to_executorch(config=ExecutorchBackendConfig(sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,6 +263,7 @@ def build_program(spec: Mapping, path: str | Path, model=None) -> dict:
             "matmuls_left": left, "parameters": names}
     path.with_suffix(".json").write_text(json.dumps(side, indent=1))
     tmp.replace(path)
+    stage(f"wrote {path} ({len(et.buffer) / 2**20:.1f} MiB)")
     return side
 
 
@@ -331,7 +344,7 @@ class ProgramStore:
                  f"{sorted(set(spec['ranks'].values()))}, batch {spec['batch_size']}x{spec['seq_len']}, "
                  f"{spec['base']} base)")
         t0 = time.perf_counter()
-        side = build_program(spec, path)
+        side = build_program(spec, path, log=self.log)
         self.log(f"program {key}: {side['bytes'] / 2**20:.1f} MiB in {time.perf_counter() - t0:.0f} s")
         self._to_cache(spec, path, side)
         return path, side

@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,14 +40,29 @@ def check_format(fmt: str, quant: str) -> None:
         raise ExportError(f"--quant: '{quant}' is not available for {fmt}; {fmt} takes {', '.join(FORMATS[fmt])}")
 
 
-def _system_prompt_of(adapter) -> str | None:
-    """The system prompt the adapter's run trained with (its ``fedlora.json``); the built-in
-    tasks' for the base alone or an adapter that does not say."""
+def system_prompt_of(adapter) -> str | None:
+    """The system prompt the adapter's run trained with: ``system_prompt`` in its ``fedlora.json``,
+    where a run records its examples' own (the built-in tasks' for them; null: none).  The run's
+    ``report.json`` (``RUN/adapter``, ``RUN/clients/<id>/adapter``, ``RUN/checkpoints/<round>``) decides a
+    null written before runs recorded the built-in tasks' prompt: a run on the built-in tasks trained
+    with it.  The base alone, or a folder without ``fedlora.json``: the built-in tasks' prompt."""
     from edge_client.data import SYSTEM_PROMPT
     from edge_client.models import adapter_sidecar
 
     side = adapter_sidecar(adapter) if adapter is not None else {}
-    return side.get("system_prompt", SYSTEM_PROMPT)
+    if "system_prompt" not in side:
+        return SYSTEM_PROMPT
+    if side["system_prompt"] is not None:
+        return side["system_prompt"]
+    folder = Path(adapter).resolve()
+    for run in (folder.parent, *folder.parents[1:3]):
+        try:
+            data = json.loads((run / "report.json").read_text())["config"]["data"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        builtin = isinstance(data, dict) and not any(data.get(k) for k in ("train_file", "train_dir", "dataset"))
+        return SYSTEM_PROMPT if builtin else None
+    return None
 
 
 def _with_adapter(model_spec: str, adapter: str | Path | None):
@@ -195,14 +212,16 @@ class KVCacheLM(torch.nn.Module):
 KV_ARCHITECTURES = ("llama", "mistral")  # q/k/v/o projections, rotary embedding, no attention extras
 
 
-def export_executorch(model, out: Path, quant: str, max_seq_len: int) -> tuple[Path, list[str], dict]:
+def export_executorch(model, out: Path, quant: str, max_seq_len: int,
+                      log: Callable[[str], None] | None = None) -> tuple[Path, list[str], dict]:
     """``model.<quant>.pte`` lowered to XNNPACK with a static KV cache of ``max_seq_len`` positions
     (:class:`KVCacheLM`), batch 1, dynamic length, and ``base.<quant>.ptd`` beside it.  ``model`` is
     the base, with an unmerged peft adapter on it or none.  The base's weights (every constant but
     the LoRA factors, delegated or not) are tagged into the ``.ptd``; the program and the LoRA factors
     stay in the ``.pte``.  The caches' zero start is written into the program (else ExecuTorch leaves
     mutated buffers uninitialised, and a NaN there passes a masked softmax as 0 x NaN), and updated
-    in place (no copy of the cache per call).  Returns ``(pte, unquantized layers, meta fields)``."""
+    in place (no copy of the cache per call).  ``log``: a line per stage.  Returns ``(pte,
+    unquantized layers, meta fields)``."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
@@ -215,10 +234,12 @@ def export_executorch(model, out: Path, quant: str, max_seq_len: int) -> tuple[P
     if kind not in KV_ARCHITECTURES:
         raise ExportError(f"--format executorch: the KV-cached program is written for {', '.join(KV_ARCHITECTURES)} "
                           f"models; this one is '{kind}' (use --format onnx)")
+    log = log or (lambda line: None)
     skipped = []
     if quant != "fp32":
         from torchao.utils import unwrap_tensor_subclass
 
+        log(f"quantizing the base's linear layers ({quant}, torchao)")
         skipped = quantize_linears(model, quant)
         # plain tensors (int weights, scales) as parametrizations, so that each can be tagged for the .ptd
         unwrap_tensor_subclass(model)
@@ -226,15 +247,18 @@ def export_executorch(model, out: Path, quant: str, max_seq_len: int) -> tuple[P
     seq = Dim("seq", min=1, max=max_seq_len)
     example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4))
     dynamic = {"input_ids": {1: seq}, "cache_position": {0: seq}}
+    log(f"exporting the program with a KV cache of {max_seq_len} positions (torch.export)")
     with torch.no_grad():
         # the delegate's constants are tagged on the unlifted graph (get_attr nodes), which is then exported again
         unlifted = torch.export.export(wrapped, example, dynamic_shapes=dynamic, strict=False).module()
         delegate_external_constants_pass_unlifted(unlifted, _base_constant)
         ep = torch.export.export(unlifted, example, dynamic_shapes=dynamic, strict=False)
+        log("lowering to XNNPACK and to an ExecuTorch program (the longest stage: minutes for SmolLM2)")
         program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch(
             ExecutorchBackendConfig(passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
                                     run_reinplace_pass=True, external_constants=_base_constant))
     path, base = out / f"model.{quant}.pte", out / f"base.{quant}.ptd"
+    log(f"writing {path.name} and {base.name}")
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         program.write_tensor_data_to_file(tmp)
         written = Path(tmp) / f"{BASE_TAG}.ptd"
@@ -259,7 +283,7 @@ def _replace(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
-def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, max_seq_len: int):
+def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, max_seq_len: int, log):
     """The KV-cached ONNX base (built once per model, adapted modules, quant and length, and cached)
     and the adapter file beside it; returns ``(model.onnx, unquantized layers, meta fields, merged
     reference, tokenizer)``."""
@@ -274,7 +298,7 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
                else adapted_modules(peft_or_base, default_target_modules(peft_or_base)))
     base_dir, cached = onnx_genai.cached_base(model_spec, modules, quant, max_seq_len,
                                               lambda: load_model(model_spec),
-                                              weights_digest(peft_or_base, tok))
+                                              weights_digest(peft_or_base, tok), log=log)
     for f in base_dir.iterdir():
         if f.name.startswith(onnx_genai.MODEL_FILE):
             onnx_genai.link_or_copy(f, out / f.name)
@@ -290,6 +314,7 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
     adapter_file = out / onnx_genai.ADAPTER_FILE
     adapter_file.unlink(missing_ok=True)
     if adapter is not None:
+        log(f"writing the adapter apart: {adapter_file.name} (onnxruntime's adapter format, fp32)")
         onnx_genai.write_adapter(factors, adapter_file)
         fields.update(adapter_file=adapter_file.name, adapter_bytes=adapter_file.stat().st_size)
     skipped = base_meta["unquantized"]
@@ -297,7 +322,7 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
 
 
 def export(model_spec: str, adapter: str | Path | None, fmt: str, quant: str, out: str | Path,
-           max_seq_len: int = 256) -> tuple[Path, dict, object, object]:
+           max_seq_len: int = 256, log: Callable[[str], None] | None = None) -> tuple[Path, dict, object, object]:
     """Export; writes the artifact, the tokenizer and ``export.json`` under ``out``.  Returns
     ``(artifact, meta, reference model, tokenizer)``; the reference is the base with the adapter
     merged, in fp32 (what the artifact must match).
@@ -305,24 +330,32 @@ def export(model_spec: str, adapter: str | Path | None, fmt: str, quant: str, ou
     ONNX: the base (KV cache, weight-only quantization) and the adapter as a separate
     ``adapter.onnx_adapter`` that onnxruntime applies at run time.  ExecuTorch: the program with a
     static KV cache and the adapter's LoRA branches in ``model.<quant>.pte``, the base's weights in
-    ``base.<quant>.ptd``."""
+    ``base.<quant>.ptd``.  ``log``: a line per stage, each with the seconds since the start."""
     check_format(fmt, quant)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def stage(line: str) -> None:
+        if log is not None:
+            log(f"export: {line} ({time.perf_counter() - t0:.0f} s)")
+
+    stage(f"loading {model_spec}" + (f" with the adapter {adapter}" if adapter is not None else ""))
     extra: dict = {}
     if fmt == "onnx":
-        artifact, skipped, extra, reference, tok = _onnx(model_spec, adapter, out, quant, max_seq_len)
+        artifact, skipped, extra, reference, tok = _onnx(model_spec, adapter, out, quant, max_seq_len, stage)
     else:
         peft_or_base, tok = _with_adapter(model_spec, adapter)
         # the program is built from a copy (torchao quantizes in place, the wrapper takes its modules);
         # the reference is the adapter merged into the fp32 base
         model = copy.deepcopy(peft_or_base.get_base_model() if adapter is not None else peft_or_base)
         model.config.use_cache = False
-        artifact, skipped, extra = export_executorch(model.eval(), out, quant, max_seq_len)
+        artifact, skipped, extra = export_executorch(model.eval(), out, quant, max_seq_len, stage)
         reference = _merged(peft_or_base)
     tok.save_pretrained(str(out / "tokenizer"))
     meta = {"format": fmt, "quant": quant, "artifact": artifact.name, "base_model": model_spec,
             "adapter": str(adapter) if adapter else None, "tokenizer": "tokenizer", "max_seq_len": max_seq_len,
-            "skipped_layers": skipped, "system_prompt": _system_prompt_of(adapter), **extra}
+            "skipped_layers": skipped, "system_prompt": system_prompt_of(adapter), **extra}
     (out / "export.json").write_text(json.dumps(meta, indent=1))
+    stage(f"wrote {artifact}")
     return artifact, meta, reference, tok

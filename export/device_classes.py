@@ -61,14 +61,14 @@ def export_fleet(model_spec: str, adapter: str | Path, classes: dict[tuple[str, 
         log(f"exporting {fmt} {quant} for {', '.join(devices)}")
         row = {"format": fmt, "quant": quant, "devices": devices, "folder": folder.name}
         try:
-            artifact, meta, reference, tok = export(model_spec, adapter, fmt, quant, folder, max_seq_len)
+            artifact, meta, reference, tok = export(model_spec, adapter, fmt, quant, folder, max_seq_len, log=log)
             row.update(artifact=f"{folder.name}/{artifact.name}", skipped_layers=meta["skipped_layers"])
             try:
-                rep = parity_report(reference, tok, artifact, meta, per_task=per_task, threads=1)
+                rep = parity_report(reference, tok, artifact, meta, per_task=per_task, threads=1, log=log)
                 row["parity"] = "ok"
-            except ParityError as exc:
+            except ParityError:
                 rep = json.loads((folder / "parity.json").read_text())
-                row["parity"] = f"broken: {exc}"
+                row["parity"] = f"broken: {'; '.join(rep['failures'])} (report: {folder / 'parity.md'})"
             row.update(size_bytes=rep["size_bytes"], max_abs_logits_diff=rep["max_abs_logits_diff"],
                        top1_agreement=rep["top1_agreement"], base_sha256=meta.get("base_sha256"),
                        update_bytes=meta.get("adapter_bytes", rep["size_bytes"]),

@@ -152,22 +152,27 @@ def _tune_config(folder: Path, max_seq_len: int) -> None:
 
 
 def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path, quant: str,
-               max_seq_len: int, log_file: Path | None = None, gguf: Path | None = None) -> tuple[Path, list[str], dict]:
+               max_seq_len: int, log_file: Path | None = None, gguf: Path | None = None,
+               log=None) -> tuple[Path, list[str], dict]:
     """Build the KV-cached base with LoRA inputs on ``modules`` into ``out``; returns
     ``(model.onnx, layers left unquantized, how the int4 weights were quantized)``.  ``gguf``: the
     file the base was loaded from; for int4, its own 4-bit grid is kept where it can be
-    (:mod:`export.gguf_grid`) instead of quantizing its dequantized weights again."""
+    (:mod:`export.gguf_grid`) instead of quantizing its dequantized weights again.  ``log``: a line
+    per stage."""
+    log = log or (lambda line: None)
     grid_info: dict = {}
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedlora-onnx-") as tmp:
         stage = Path(tmp) / "stage"
         stage_model(model, tokenizer, stage)
         built = Path(tmp) / "built"
+        log(f"running onnxruntime-genai's model builder ({quant}; its log: {log_file or out.parent / 'builder.log'})")
         run_builder(stage, built, quant, bool(getattr(model.config, "tie_word_embeddings", False)),
                     log_file or out.parent / "builder.log")
         if quant == "int4" and gguf is not None:
             from .gguf_grid import apply_grids, read_grids
 
+            log(f"carrying the 4-bit codes of {gguf.name} into the int4 matmuls")
             try:
                 grids = read_grids(gguf, model.state_dict())
             except (ValueError, OSError, KeyError) as exc:  # a file gguf cannot read: quantize again
@@ -177,6 +182,7 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
             carried, other = apply_grids(built / MODEL_FILE, grids)
             if carried:
                 grid_info = {"grid": "gguf", "grid_tensors": len(carried), "requantized": sorted(other)}
+        log(f"adding LoRA inputs to {len(modules)} projections")
         add_lora_inputs(built / MODEL_FILE, modules)
         _tune_config(built, max_seq_len)
         for f in built.iterdir():
@@ -242,11 +248,12 @@ def _file_digest(*paths: Path) -> str:
 
 
 def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str, max_seq_len: int,
-                load, weights: str) -> tuple[Path, bool]:
+                load, weights: str, log=None) -> tuple[Path, bool]:
     """The built base for these settings from the cache (``FEDLORA_CACHE``, default
     ``~/.cache/fedlora-edge``), building it on a miss; returns ``(folder, reused)``.  ``load``
     gives ``(model, tokenizer)`` of the bare base, called only on a miss; ``weights`` is its
-    :func:`edge_client.models.weights_digest`.  A folder is complete once renamed into place."""
+    :func:`edge_client.models.weights_digest`.  A folder is complete once renamed into place.
+    ``log``: a line per stage."""
     import importlib.util
 
     from edge_client.models import cache_root
@@ -266,12 +273,16 @@ def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     root = cache_root() / "onnx-bases"
     folder = root / f"{quant}-{key}"
+    log = log or (lambda line: None)
     if (folder / BASE_META).is_file():
         if _intact(folder):
+            log(f"the {quant} base: reused from the cache ({folder})")
             return folder, True
         _set_aside(folder)  # sizes differ from what was recorded: build it again
     elif folder.exists():
         _set_aside(folder)  # no base.json: an unfinished or damaged folder
+    log(f"building the {quant} base (once per model, quantization, adapted modules and --max-seq-len; then "
+        f"cached in {root}): loading the bare base")
     model, tok = load()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -280,7 +291,7 @@ def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str
         raise ExportError(f"cannot write the ONNX base cache in {root}: {exc}") from None
     try:
         _, left, grid = build_base(model, tok, modules, tmp, quant, max_seq_len,
-                                   log_file=root / f"{quant}-{key}.builder.log", gguf=gguf)
+                                   log_file=root / f"{quant}-{key}.builder.log", gguf=gguf, log=log)
         sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         (tmp / BASE_META).write_text(json.dumps({**key_fields, "model": model_spec, "sha256": base_digest(tmp),
                                                  "unquantized": left, "sizes": sizes, **grid}, indent=1))

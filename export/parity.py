@@ -17,7 +17,9 @@ and agree on the top-1 answer token at ``min_top1`` of positions; quantized ones
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,26 +48,51 @@ class ParityError(RuntimeError):
     """The exported model does not match PyTorch within the stated tolerance."""
 
 
-def held_out(per_task: int, seed: int = 20261122):
-    """Held-out prompts of every built-in task (the eval split, another seed than training's)."""
+def held_out(per_task: int, seed: int = 20261122, system: str | None = None):
+    """Held-out prompts of every built-in task (the eval split, another seed than training's), with
+    ``system`` as their system prompt (the run's: :func:`run_system_prompt`)."""
     from edge_client.data import TASKS, generate_task
 
-    return [ex for t in TASKS for ex in generate_task(t, per_task, seed=seed, split="eval")]
+    return [replace(ex, system=system) for t in TASKS for ex in generate_task(t, per_task, seed=seed, split="eval")]
+
+
+def run_system_prompt(meta: dict) -> str | None:
+    """The system prompt an export's run trained with (``export.json``'s ``system_prompt``): what
+    ``fedlora generate`` and the parity report put before a prompt.  Without the key (an export of
+    a version that did not record it): the built-in tasks'.  A null written before runs recorded the
+    built-in tasks' prompt is decided by the adapter folder the export names, where it still exists
+    (:func:`export.build.system_prompt_of`); else null means none."""
+    from edge_client.data import SYSTEM_PROMPT
+
+    if "system_prompt" not in meta:
+        return SYSTEM_PROMPT
+    if meta["system_prompt"] is None and meta.get("adapter") and Path(meta["adapter"]).is_dir():
+        from .build import system_prompt_of
+
+        return system_prompt_of(meta["adapter"])
+    return meta["system_prompt"]
 
 
 def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: int = 4, max_new_tokens: int = 8,
-                  tolerance: Tolerance | None = None, threads: int = 0, runner=None) -> dict:
+                  tolerance: Tolerance | None = None, threads: int = 0, runner=None,
+                  log: Callable[[str], None] | None = None, every: int = 5) -> dict:
     """Compare ``artifact`` with ``reference``; write ``parity.json`` and ``parity.md`` beside it.
-    ``runner``: the artifact's runner when :func:`export.runners.load_runner` does not know its kind
-    (``bench/export.py``'s llama.cpp side).  Raises :class:`ParityError` (after writing the report)
-    when a tolerance is not met."""
+    The prompts carry the run's system prompt (:func:`run_system_prompt`), as ``fedlora generate``
+    gives them.  ``runner``: the artifact's runner when :func:`export.runners.load_runner` does not
+    know its kind (``bench/export.py``'s llama.cpp side).  ``log``: a line every ``every`` prompts.
+    Raises :class:`ParityError` (after writing the report) when a tolerance is not met."""
     from edge_client.data import prompt_ids, score
 
     from .runners import load_runner
 
     tol = tolerance or TOLERANCE[(meta["format"], meta["quant"])]
     ref, art = torch_runner(reference), runner or load_runner(artifact, threads)
-    examples = held_out(per_task)
+    system = run_system_prompt(meta)
+    examples = held_out(per_task, system=system)
+    log = log or (lambda line: None)
+    log(f"parity: {len(examples)} held-out prompts ({per_task} per built-in task), PyTorch and the artifact each "
+        "decoding with its KV cache, then both teacher-forced on PyTorch's answer")
+    t0 = time.perf_counter()
     eos = tokenizer.eos_token_id
     max_abs, agree, positions, agree_all, positions_all = 0.0, 0, 0, 0, 0
     answers = {"torch": [], "artifact": []}
@@ -89,6 +116,10 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
         positions_all += len(same)
         agree += int(same[len(ids) - 1:].sum())
         positions += len(same) - len(ids) + 1
+        done = len(answers["torch"])
+        if done % every == 0 or done == len(examples):
+            log(f"parity: {done}/{len(examples)} prompts, top-1 agreement on the answer tokens so far "
+                f"{agree / positions:.3f} ({time.perf_counter() - t0:.0f} s)")
     texts = {name: [tokenizer.decode(new, skip_special_tokens=True) for new in answers[name]] for name in answers}
     acc = {name: score(examples, texts[name]) for name in texts}
     same_answers = sum(x == y for x, y in zip(answers["torch"], answers["artifact"])) / len(examples)
@@ -99,7 +130,7 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
         "adapter_file": meta.get("adapter_file"),
         "skipped_layers": meta.get("skipped_layers", []),
         "weights_grid": meta.get("weights_grid"), "requantized_tensors": meta.get("requantized_tensors"),
-        "runtime_threads": threads or "runtime default",
+        "runtime_threads": threads or "runtime default", "system_prompt": system,
         "prompts": len(examples), "positions": positions, "positions_all": positions_all,
         "max_abs_logits_diff": max_abs, "top1_agreement": agree / positions,
         "top1_agreement_all": agree_all / positions_all,

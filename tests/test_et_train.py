@@ -28,6 +28,7 @@ from edge_client.trainer import TrainSettings, train_local
 
 pytestmark = pytest.mark.integration
 TARGETS = ["q_proj", "v_proj"]
+BUILD_LOG: list[str] = []  # what the fixture's program build said
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def setup(tmp_path_factory):
     start = {m: (torch.randn(4, i, generator=gen) * 0.1, torch.randn(o, 4, generator=gen) * 0.1)
              for m, (i, o) in dims.items()}
     settings = TrainSettings(steps=6, batch_size=4, lr=0.5, max_seq_len=48, grad_clip=1.0, optimizer="sgd")
-    store = ProgramStore(tmp_path_factory.mktemp("programs"))
+    store = ProgramStore(tmp_path_factory.mktemp("programs"), log=BUILD_LOG.append)
     path, side = store.get(program_spec("tiny-llama", plan, TARGETS, settings.batch_size, settings.max_seq_len))
     examples = generate_task("add", 20, seed=1) + generate_task("upper", 20, seed=1)
     return tok, plan, start, settings, path, side, examples
@@ -75,6 +76,14 @@ def test_program_trains_exactly_as_torch_sgd(setup):
         assert torch.allclose(got[module][0], a, atol=1e-5) and torch.allclose(got[module][1], b, atol=1e-5)
         moved = max(moved, float((b - start[module][1]).abs().max()))
     assert moved > 1e-3  # the update is a real one, not the start sent back
+
+
+def test_a_build_says_each_stage_as_it_goes(setup):
+    """A build takes minutes on a real model (11-12 for SmolLM2): a line per stage, with the seconds."""
+    stages = [line for line in BUILD_LOG if line.startswith("training program: ")]
+    assert [s.split(": ")[1].split(" ")[0] for s in stages] == ["loading", "exporting", "to", "delegating", "to",
+                                                                "wrote"]
+    assert all(s.endswith(" s)") for s in stages)
 
 
 def test_sidecar_maps_runtime_names_to_wire_keys(setup):
@@ -184,7 +193,7 @@ def test_programs_are_reused_across_runs_from_the_cache(setup, tmp_path, monkeyp
     *_, path, side, _ = setup
     built = []
 
-    def fake_build(spec, dest, model=None):
+    def fake_build(spec, dest, model=None, log=None):
         built.append(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest)

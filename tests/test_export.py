@@ -155,10 +155,76 @@ def test_cli_export_onnx_int8_then_generate(tmp_path, adapter, capsys):
                  "--out", str(out), "--prompts-per-task", "1", "--min-top1", "0"]) == 0
     rep = json.loads((out / "parity.json").read_text())
     assert rep["quant"] == "int8" and rep["artifact"] == "model.onnx" and rep["adapter_bytes"] > 0
-    capsys.readouterr()
+    said = capsys.readouterr().out  # a line per stage and every 5 prompts, not a spinner a log file never shows
+    assert "export: loading tiny-llama" in said and "parity: 5/5 prompts" in said
     for artifact in (out, out / "model.onnx"):
         assert main(["generate", "--artifact", str(artifact), "--prompt", "add 1 and 2", "--max-new-tokens", "3"]) == 0
         assert "ms per token" in capsys.readouterr().err
+    # a broken bar: exit 3, and the message says "parity broken" once
+    assert main(["export", "--model", "tiny-llama", "--adapter", str(adapter), "--format", "onnx", "--quant", "int8",
+                 "--out", str(out), "--prompts-per-task", "1", "--min-top1", "1.01"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("parity broken") == 1 and err.startswith(f"fedlora: {out / 'model.onnx'}: parity broken: top-1")
+
+
+def test_the_runs_system_prompt_is_what_fedlora_json_says_and_a_legacy_null_what_its_run_trained(tmp_path):
+    """null means none for a run on the user's data; adapters written before the built-in tasks'
+    prompt was recorded have null too, and their run's report.json says it was the built-in tasks."""
+    from edge_client.data import SYSTEM_PROMPT
+    from export.build import system_prompt_of
+    from export.parity import held_out, run_system_prompt
+
+    def run(folder, sidecar, data=None):
+        (folder / "adapter").mkdir(parents=True)
+        if sidecar is not None:
+            (folder / "adapter" / "fedlora.json").write_text(json.dumps(sidecar))
+        if data is not None:
+            (folder / "report.json").write_text(json.dumps({"config": {"data": data}}))
+        return folder / "adapter"
+
+    builtin = {"tasks": ["add"], "train_file": None, "train_dir": None, "dataset": None, "system_prompt": None}
+    assert system_prompt_of(run(tmp_path / "a", {"model": "m", "system_prompt": None}, builtin)) == SYSTEM_PROMPT
+    mine = {**builtin, "train_file": "my.jsonl"}
+    assert system_prompt_of(run(tmp_path / "b", {"model": "m", "system_prompt": None}, mine)) is None
+    assert system_prompt_of(run(tmp_path / "c", {"model": "m", "system_prompt": "Be brief."}, builtin)) == "Be brief."
+    assert system_prompt_of(run(tmp_path / "d", {"model": "m", "system_prompt": None})) is None  # no report: none
+    assert system_prompt_of(run(tmp_path / "e", None)) == SYSTEM_PROMPT  # a peft folder of another tool
+    assert system_prompt_of(None) == SYSTEM_PROMPT  # the base alone
+    # an export.json: its own value; a null from before is decided by the adapter it names
+    assert run_system_prompt({"system_prompt": "Be brief."}) == "Be brief."
+    assert run_system_prompt({"system_prompt": None, "adapter": str(tmp_path / "a" / "adapter")}) == SYSTEM_PROMPT
+    assert run_system_prompt({"system_prompt": None, "adapter": str(tmp_path / "gone")}) is None
+    assert run_system_prompt({}) == SYSTEM_PROMPT
+    assert {ex.system for ex in held_out(1, system=None)} == {None}
+    assert {ex.system for ex in held_out(1, system="Be brief.")} == {"Be brief."}
+
+
+@pytest.mark.integration
+def test_a_built_in_task_run_exports_and_generates_with_the_prompt_it_trained_with(tmp_path, monkeypatch, capsys):
+    """A run on the built-in tasks trained with their system prompt: fedlora.json records it (it
+    recorded null, and `generate` then gave the model no system prompt: "add 12 and 30" -> 15), the
+    export and its parity report use it, and so does `generate`."""
+    import edge_client.data as data
+    from edge_client.data import SYSTEM_PROMPT
+
+    pytest.importorskip("onnxruntime_genai")
+    out = tmp_path / "run"
+    assert main(["simulate", "--model", "tiny-llama", "--method", "fedit", "--rounds", "1", "--clients-per-round", "1",
+                 "--local-steps", "1", "--set", "data.eval_per_domain=1", "--set", "data.tasks=[add]",
+                 "--set", "data.samples_per_client=4", "--set", "max_new_tokens=2", "--out", str(out)]) == 0
+    assert json.loads((out / "adapter" / "fedlora.json").read_text())["system_prompt"] == SYSTEM_PROMPT
+    onnx = tmp_path / "onnx"
+    assert main(["export", "--adapter", str(out / "adapter"), "--format", "onnx", "--out", str(onnx),
+                 "--prompts-per-task", "1"]) == 0
+    assert json.loads((onnx / "export.json").read_text())["system_prompt"] == SYSTEM_PROMPT
+    assert json.loads((onnx / "parity.json").read_text())["system_prompt"] == SYSTEM_PROMPT
+    seen = []
+    real = data.prompt_ids
+    monkeypatch.setattr(data, "prompt_ids", lambda tok, ex, *a, **k: seen.append(ex.system) or real(tok, ex, *a, **k))
+    for extra, want in (([], SYSTEM_PROMPT), (["--system", ""], None), (["--system", "Be brief."], "Be brief.")):
+        assert main(["generate", "--artifact", str(onnx), "--prompt", "add 12 and 30", "--max-new-tokens", "2",
+                     *extra]) == 0
+        assert seen[-1] == want
 
 
 def test_bad_inputs_fail_with_a_clear_message(tmp_path, capsys):
