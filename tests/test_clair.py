@@ -7,7 +7,14 @@ import torch
 from coordinator.aggregate import Contribution, weighted_delta_w
 from coordinator.config import ConfigError, load_config
 from coordinator.methods import MethodContext, get_method
-from coordinator.methods.clair import alone_at_top_rank, block_lambda, clair_round, compress, outlier_pursuit
+from coordinator.methods.clair import (
+    alone_at_top_rank,
+    block_lambda,
+    clair_round,
+    compress,
+    outlier_pursuit,
+    unshared_bases,
+)
 from edge_client.lora import uniform_plan
 
 M, M2 = "l.q", "l.v"
@@ -105,6 +112,63 @@ def test_in_subspace_attacks_are_caught_by_the_consistency_check():
     res = clair_round(ups, dict.fromkeys(ups, 1.0))
     assert res["flagged"] == ["c1", "c6"]
     assert res["scores"]["c1"]["cosine"] < 0 and res["scores"]["c6"]["norm_ratio"] > 3
+
+
+def rows(*idx, n=6):
+    """Unit rows e_i of R^n (0-based), one per index."""
+    return torch.eye(n, dtype=torch.float64)[list(idx)]
+
+
+def test_the_directions_only_one_client_reaches_are_its_unshared_ones():
+    bases = {"top": rows(0, 1, 2, 3).T, "mid": rows(0, 1).T, "low": rows(0).T}
+    un = unshared_bases(bases)
+    assert un["top"].shape[1] == 2 and torch.allclose(un["top"] @ un["top"].T, rows(2, 3).T @ rows(2, 3))
+    assert un["mid"].shape[1] == 0 and un["low"].shape[1] == 0  # each is covered by "top"
+
+
+def lone_top_rank_round(step=0.0):
+    """Three clients on R^6 (input) -> R^4: ``top`` (rank 4, started from A = e0..e3, B = I: equal
+    energy on e0..e3) and two rank-1 clients started from e0; only ``top`` reaches e1..e3.  With
+    ``step``, each A row also moved ``step`` along e4, the direction of their inputs: the one part
+    of the updates off their own rows, common to all three."""
+    e0, e4 = rows(0), rows(4)
+    ups = {"top": {M: (rows(0, 1, 2, 3) + step * e4, torch.eye(4, dtype=torch.float64))},
+           "low1": {M: (e0 + step * e4, torch.tensor([[1.0], [0.5], [0.0], [0.0]], dtype=torch.float64))},
+           "low2": {M: (e0 + step * e4, torch.tensor([[0.8], [0.0], [0.6], [0.0]], dtype=torch.float64))}}
+    reach = {"top": {M: rows(0, 1, 2, 3)}, "low1": {M: e0}, "low2": {M: e0}}
+    return ups, reach
+
+
+def test_a_client_alone_at_the_top_rank_is_judged_off_its_own_rows():
+    ups, reach = lone_top_rank_round()
+    whole = clair_round(ups, dict.fromkeys(ups, 1.0))
+    assert whole["flagged"] == ["top"]  # judged whole, e1..e3 have no company and read as sparse
+    res = clair_round(ups, dict.fromkeys(ups, 1.0), reach=reach)
+    assert res["flagged"] == []
+    top = res["scores"]["top"]
+    assert top["sparse_share"] == 0.0 and top["in_reach"] == pytest.approx(1.0)
+    assert top["unshared"] == pytest.approx((3 / 4) ** 0.5)  # 3 of its 4 equal directions: its own
+    assert res["scores"]["low1"]["unshared"] == 0.0
+
+
+def test_an_update_off_its_own_rows_is_flagged():
+    ups, reach = lone_top_rank_round(step=0.1)
+    # a rank-1 client that started from e0 but sends a change along e5, where nobody's rows or
+    # steps go
+    ups["bad"] = {M: (rows(5), torch.tensor([[1.0], [0.5], [0.0], [0.0]], dtype=torch.float64))}
+    reach["bad"] = {M: rows(0)}
+    res = clair_round(ups, dict.fromkeys(ups, 1.0), reach=reach)
+    assert res["flagged"] == ["bad"]
+    assert res["scores"]["bad"]["in_reach"] == 0.0
+    assert max(res["scores"][c]["sparse_share"] for c in ("top", "low1", "low2")) < 0.05
+
+
+def test_clair_reach_is_validated():
+    from coordinator.methods.clair import ClairSettings
+
+    assert ClairSettings().reach is True
+    with pytest.raises(ConfigError, match="clair.reach"):
+        ClairSettings(reach="no")
 
 
 def test_nobody_contaminated_nobody_flagged_and_the_global_is_plain_averaging():
@@ -231,9 +295,12 @@ def test_a_flagged_client_alone_at_the_top_rank_gets_a_caution():
 
 
 @pytest.mark.integration
-def test_simulate_cautions_when_the_flagged_client_is_alone_at_the_top_rank(tmp_path):
-    # slow links hold d2 and d3 to ranks 1 and 2; d1, benign, is alone at rank 4 and is flagged
-    # for the directions only it trains: the record says so and the console line shows it
+@pytest.mark.parametrize("reach", [True, False])
+def test_simulate_judges_a_client_alone_at_the_top_rank_off_its_own_rows(tmp_path, reach):
+    # slow links hold d2 and d3 to ranks 1 and 2; d1, benign, is alone at rank 4.  Judged whole
+    # (clair.reach false, the old rule), it was flagged for the directions only it trains, and the
+    # record and console line said why; judged off its own A rows (the default), it is not flagged
+    # and the record says how much of its update only it reaches
     import io
 
     from fleets import fleet
@@ -247,9 +314,17 @@ def test_simulate_cautions_when_the_flagged_client_is_alone_at_the_top_rank(tmp_
         "model": "tiny-llama", "method": "clair", "fleet": fleet(tmp_path, ["d1", "d2", "d3"], **slow),
         "rounds": 1, "clients_per_round": 3, "train.steps": 3, "train.batch_size": 4, "data.tasks": ["add"],
         "data.samples_per_client": 8, "data.eval_per_domain": 2, "max_new_tokens": 3, "lora.rank": 2,
-        "lora.max_rank": 4, "planner.transfer_budget_s": 0.05})
+        "lora.max_rank": 4, "planner.transfer_budget_s": 0.05, "clair.reach": reach})
     out = io.StringIO()
     rec = Simulation(cfg, tmp_path / "run", ConsoleReporter(Console(file=out, width=1000))).run()["rounds"][0]
     assert {c["client"]: c["rank"] for c in rec["clients"]} == {"d1": 4, "d2": 1, "d3": 2}
-    assert rec["detection"]["flagged"] == ["d1"] and "d1 holds rank 4" in rec["detection"]["caution"]
-    assert any("flagged: d1" in line and "d1 holds rank 4" in line for line in out.getvalue().splitlines())
+    det = rec["detection"]
+    if reach:
+        assert det["flagged"] == [] and det["judged"] == "off own reach" and "caution" not in det
+        d1 = det["scores"]["d1"]
+        assert d1["in_reach"] > 0.99 and d1["unshared"] > 0.5 and d1["sparse_share"] < 0.1
+        assert det["scores"]["d2"]["unshared"] == 0.0
+        assert not any("flagged" in line for line in out.getvalue().splitlines())
+    else:
+        assert det["flagged"] == ["d1"] and det["judged"] == "whole update" and "d1 holds rank 4" in det["caution"]
+        assert any("flagged: d1" in line and "d1 holds rank 4" in line for line in out.getvalue().splitlines())

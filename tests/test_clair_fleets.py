@@ -1,12 +1,20 @@
-"""CLAIR's detection on generated fleets that follow its model: clients share a low-rank input
-subspace and differ by client-specific coefficients inside it, with heterogeneous ranks and noise
-off the subspace.  Every test draws its own fleets (client counts 4 to 32, ranks 1 to 16, noise up
-to 20%, clients that agree or point their own ways), many per test, from fixed seeds.
+"""CLAIR's detection on generated updates, from fixed seeds.
 
-What must hold: in clean fleets no honest client is flagged; updates off the shared subspace
-(random, or half random) are caught at precision and recall >= 0.95; in-subspace attacks are
-caught where the honest clients agree enough for them to stand out, and the clients flagged
-alongside them stay rare.
+LoRA-shaped rounds (bench/clair_detection.py's :func:`lora_round`): clients drawn from
+``spread10``'s planner ranks (32 x 4, 21, 10, 3, 3, 2, 2) in rounds of 4, 10 and 40; a rank-r
+client's change is a few gradient steps on the first r components of the global adapter (or on
+its own adapter), in round 1 or a later round, with one task gradient for all or each its own.
+What must hold: at most 1 % of honest updates flagged in every geometry (judged whole, the rank-32
+ones were flagged in a third to a half of 4-client rounds); random off-subspace updates caught at
+precision and recall >= 0.95.
+
+Fleets of CLAIR's own model (:func:`fleet`): clients share a low-rank input subspace and differ by
+client-specific coefficients inside it, with heterogeneous ranks and noise off the subspace (client
+counts 4 to 32, ranks 1 to 16, noise up to 20%, clients that agree or point their own ways); these
+carry no start, so the whole update is judged.  What must hold: in clean fleets no honest client is
+flagged; updates off the shared subspace (random, or half random) are caught at precision and
+recall >= 0.95; in-subspace attacks are caught where the honest clients agree enough for them to
+stand out, and the clients flagged alongside them stay rare.
 """
 
 import random
@@ -19,7 +27,41 @@ from coordinator.methods.clair import clair_round
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # after the packages: bench/export.py must not shadow export
 
-from clair_detection import covered_rank, fleet, judge  # noqa: E402
+from clair_detection import GEOMETRIES, covered_rank, fleet, judge, judge_lora  # noqa: E402
+
+# one adapted module per client, of 32 x 128 (64 x 256 for rounds of 40, whose honest updates
+# together would fill a smaller input space): each test a few seconds
+SMALL = {"modules": ("l.q",), "n": 128, "m": 32}
+WIDE = {"modules": ("l.q",)}
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_rounds_of_4_from_spread_ranks_flag_at_most_1pct_of_honest_updates(geometry):
+    t = judge_lora(40, 3, 4, geometry, None, **SMALL)["reach"]
+    assert t["fp"] <= 0.01 * t["honest"], t
+
+
+def test_judged_whole_the_same_rounds_flag_the_top_ranks():
+    # what the test above guards against, on its draws: a rank-32 update among rank-2/3 ones has
+    # directions nobody else trains, and judged whole they read as its own sparse block
+    t = judge_lora(12, 3, 4, "shared", None, rules=("whole",), **SMALL)["whole"]
+    assert t["fp_by_rank"][32] >= 0.25 * t["honest_by_rank"][32], t
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_rounds_of_10_and_40_flag_at_most_1pct_of_honest_updates(geometry):
+    honest = fp = 0
+    for k, rounds, dims in ((10, 4, SMALL), (40, 1, WIDE)):
+        t = judge_lora(rounds, 5, k, geometry, None, **dims)["reach"]
+        honest, fp = honest + t["honest"], fp + t["fp"]
+    assert fp <= 0.01 * honest, (fp, honest)
+
+
+@pytest.mark.parametrize("geometry", ["shared", "noniid", "later-noniid"])
+@pytest.mark.parametrize("k, rounds", [(4, 40), (10, 4), (40, 1)])
+def test_random_off_subspace_updates_in_lora_rounds_are_caught(geometry, k, rounds):
+    t = judge_lora(rounds, 7, k, geometry, "random_update", **(WIDE if k == 40 else SMALL))["reach"]
+    assert t["tp"] / (t["tp"] + t["fp"]) >= 0.95 and t["tp"] / (t["tp"] + t["fn"]) >= 0.95, t
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -27,9 +27,32 @@ variation within it".  **Everything below that makes this concrete is a reconstr
    sqrt(min(ρ_k, ρ̄))`` with ``ρ_k`` the block's stable rank and ``ρ̄`` the mean
    (:func:`block_lambda` says why: with one weight, a low-rank outlier among higher ranks stays in
    ``L``).
-3. Client ``k``'s score is the share of its update in the sparse part over all adapted matrices,
-   ``sqrt(Σ ‖S_k‖²) / sqrt(Σ ‖Y_k‖²)``; it is flagged when the score exceeds
-   ``clair.threshold``.  A block-sparse test cannot see an attack that stays in the subspace (a
+3. **What is judged, and rank** (``clair.reach``, on by default; not from the paper).  A rank-r
+   client starts from an adapter ``B0 A0`` whose A has r rows, and its change
+   ``Δ_k = (B − B0) A0 + B (A − A0)`` lies in the span of those rows (its *reach*) except for
+   what A's own step moves: whatever B it learns on its own A rows is what LoRA lets it do.
+   Judged whole, a rank-32 update among rank-2 and rank-3 ones has 29 directions that no other
+   client can move, which the decomposition reads as that client's own sparse block: honest
+   top-rank clients were flagged (in generated rounds of 4 drawn from ``spread10``'s ranks, half
+   of the rank-32 updates; on SmolLM2, 53-85 %), while rounds of 10 flagged none.  So, with
+   ``clair.side: input``, the decomposition runs on each update's part **off its own reach**,
+   ``(I − Q_k Q_kᵀ) Y_k`` (``Q_k`` an orthonormal basis of the rows of the A the client started
+   from, the server's own copy).  For an honest client that part is A's step along the inputs: a
+   minority of the update (8-29 % of its norm on SmolLM2, ``spread10``, 20 rounds, growing with
+   the rounds), and alike between clients that see alike inputs.  For an update with rows of
+   its own (a random or crafted A) it is most of the update.  Every client is judged so, whatever
+   its rank and the round's size: a client alone at its rank, or in directions no other client
+   reaches, is judged only on what it moved off its own rows, where the others' A steps give the
+   comparison, and the record says how much that leaves aside: ``in_reach``, the share of its
+   update inside its own rows (not judged by the decomposition), and ``unshared``, the share in
+   directions of its rows that no other client of the round reaches.  With ``clair.side:
+   output`` nothing bounds a client's column space (B moves freely), so the whole update is
+   judged, as with ``clair.reach: false``.
+
+   Client ``k``'s score is the share of its update in the sparse part over all adapted matrices,
+   ``sqrt(Σ ‖S_k‖²) / sqrt(Σ ‖Y_k‖²)`` (``Y_k`` the whole update, also when only its part off
+   its reach was decomposed); it is flagged when the score exceeds ``clair.threshold``.  A
+   block-sparse test cannot see an attack that stays in the subspace (a
    sign-flipped or scaled copy of a benign update has the same subspace; so has a random ``B``
    on the start's ``A``, which is what a random update of a LoRA adapter mostly is), so a second
    check, **not from the paper** and switched by ``clair.consistency``, also flags a client whose
@@ -45,11 +68,19 @@ variation within it".  **Everything below that makes this concrete is a reconstr
    an honest client's.  Shuffled or backdoored data trained honestly gives such updates; so does
    the honest mean minus a small multiple of the honest spread (``mean_ksigma``), a negated
    update when the honest clients do not agree beyond their spread, and one scaled to just under
-   the norm bar.  The tests (tests/test_clair_fleets.py) hold the targets on generated fleets:
-   no honest client flagged in clean fleets, off-subspace updates caught at precision and recall
-   >= 0.95; docs/results.md measures the rest on SmolLM2.
-4. ``Û``: the left singular vectors of ``L̂`` restricted to the benign clients, with singular value
-   above 1e-3 of the largest.  Benign client ``k``'s refined change is
+   the norm bar; with ``clair.reach``, any update that stays on its own A rows (a random or
+   crafted B on them) leaves the decomposition nothing to judge, and only the consistency check
+   sees it.  The tests (tests/test_clair_fleets.py) hold the targets on generated updates: at most
+   1 % of honest updates flagged in LoRA-shaped rounds of 4, 10 and 40 drawn from spread ranks
+   (round 1 and later rounds, one task or each client its own), none in clean fleets of the
+   model's own shape, off-subspace updates caught at precision and recall >= 0.95;
+   docs/results.md measures the rest on SmolLM2.  Where the reach rule gives way: when A's step
+   carries a large share of honest updates (a global B far larger than its A step, clients whose
+   inputs differ), their parts off their rows differ from client to client and low-rank clients
+   are flagged (``python bench/clair_detection.py --only limit``).
+4. ``Û``: the left singular vectors of ``L̂`` restricted to the benign clients (with
+   ``clair.reach``, ``L̂_k`` is the low-rank part of the judged block plus the part inside the
+   client's own rows), with singular value above 1e-3 of the largest.  Benign client ``k``'s refined change is
    ``Δ̃_k = Û Ûᵀ Δ_k + (I − Û Ûᵀ) Σ_{j∈C} p_j Δ_j``; its own adapter becomes ``B0_k A0_k + Δ̃_k``
    refactored to its rank by SVD (what it starts from next time and what its evaluation uses).
    The global adapter is the benign clients' adapters averaged, ``Σ_{j∈C} p_j B_j A_j``,
@@ -63,11 +94,11 @@ docs/results.md ("Robust aggregation under attack").
 Planner mapping: as FlexLoRA, rank ``r_k = min(capacity_k, R)``.  The report lists, per round, the
 flagged clients and every client's scores.
 
-Heterogeneous ranks: the decomposition works on ``Δ_k`` whatever its rank, and ranks shared by
-several clients are no trouble.  A client alone above every other's rank is: the directions only it
-trains have no company and read as its own sparse block, so it is flagged though benign (measured
-on tiny-llama, :func:`alone_at_top_rank`).  The round's record then carries a ``caution`` that says
-so; the fix is a fleet where a second device reaches that rank, or a lower ``lora.max_rank``.
+Heterogeneous ranks: with ``clair.reach`` (step 3) a client's rank sets only what is left out of
+its judgement, its own A rows.  Judged whole (``clair.reach: false`` or ``clair.side: output``), a
+client alone above every other's rank has directions with no company that read as its own sparse
+block, so it is flagged though benign (on tiny-llama, :func:`alone_at_top_rank`); the round's
+record then carries a ``caution`` that says so.
 
 Aggregation needs every update at once (the decomposition is over the whole fleet's updates): a
 round keeps each update's decoded factors.
@@ -97,6 +128,7 @@ class ClairSettings:
     consistency: bool = True       # also flag updates that point away or are far larger (not in the paper)
     z: float = 3.5                 # ... by more than this many robust spreads of the fleet's own (pointing away: and cosine < 0)
     max_norm_ratio: float = 3.0    # ... and a norm above at least this multiple of the unflagged median
+    reach: bool = True             # judge only what lies off each client's own A rows (side input); false: the whole update
 
     def __post_init__(self):
         if self.side not in ("input", "output"):
@@ -109,6 +141,8 @@ class ClairSettings:
             raise ConfigError("clair.z: must be positive (robust spreads, 3.5 by default)")
         if not self.max_norm_ratio > 1.0:
             raise ConfigError("clair.max_norm_ratio: must be above 1")
+        if not isinstance(self.reach, bool):
+            raise ConfigError("clair.reach: must be true or false")
 
 
 def compress(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -254,33 +288,84 @@ def consistency_check(flat: dict[str, torch.Tensor], ok: Sequence[str], z: float
     return scores, flagged
 
 
+def reach_basis(rows: torch.Tensor, tol: float = 1e-9) -> torch.Tensor:
+    """An orthonormal basis (``n × k`` columns) of the span of ``rows``' rows (``r × n``); empty when
+    they are all zero."""
+    u, s, _ = torch.linalg.svd(rows.T.to(torch.float64), full_matrices=False)
+    return u[:, s > tol * float(s[0])] if s.numel() and float(s[0]) > 0 else u[:, :0]
+
+
+def unshared_bases(bases: dict[str, torch.Tensor], tol: float = 1e-6) -> dict[str, torch.Tensor]:
+    """Per client, an orthonormal basis of the directions of its reach that no other client reaches:
+    ``range((I − P_{O_k}) Q_k)`` with ``Q_k`` its reach's basis and ``O_k`` the span of the others'
+    (a rank-32 client among rank-2 ones: its components 3-32).  Only reported, not judged on."""
+    out = {}
+    for c, q in bases.items():
+        others = [bases[d] for d in bases if d != c and bases[d].shape[1]]
+        if others:
+            o = reach_basis(torch.cat(others, dim=1).T)
+            q = q - o @ (o.T @ q)
+        u, s, _ = torch.linalg.svd(q, full_matrices=False)
+        out[c] = u[:, s > tol]
+    return out
+
+
 def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], weights: dict[str, float],
                 lam_scale: float = 0.75, threshold: float = 0.5, consistency: bool = True, z: float = 3.5,
-                max_norm_ratio: float = 3.0, side: str = "input") -> dict:
-    """The numeric core: ``updates[client][module] = (A, B)``.  Returns ``{"flagged", "scores",
-    "benign", "subspace" (module -> Û), "refined" (client -> module -> Δ̃)}``.  ``side="output"``: the shared subspace is a column space of ``Δ = BA``;
-    ``"input"``: a row space (computed on ``Δᵀ = AᵀBᵀ`` and transposed back)."""
+                max_norm_ratio: float = 3.0, side: str = "input",
+                reach: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:
+    """The numeric core: ``updates[client][module] = (A, B)``, each client's change in factors.
+    Returns ``{"flagged", "scores", "benign", "subspace" (module -> Û), "refined" (client -> module
+    -> Δ̃)}``.  ``side="output"``: the shared subspace is a column space of ``Δ = BA``; ``"input"``: a
+    row space (computed on ``Δᵀ = AᵀBᵀ`` and transposed back).
+
+    ``reach[client][module]``: rows whose span is where the client's plan lets it move on that side
+    (with ``side="input"``: the A it started from, ``r_k × n``).  Given, the decomposition runs on
+    each update's part off its own reach, ``(I − Q_k Q_kᵀ) Y_k``, the score stays ``‖S_k‖ / ‖Y_k‖``
+    over the whole update, and the scores add ``in_reach`` (the share of the update inside its reach,
+    which the decomposition does not judge) and ``unshared`` (the share in directions of its reach
+    that no other client in the round reaches).  ``None``: the whole update is judged."""
     if side not in ("input", "output"):
         raise ValueError(f"side must be 'input' or 'output', not {side!r}")
     if side == "input":
         flipped = {c: {m: (b.T, a.T) for m, (a, b) in f.items()} for c, f in updates.items()}
-        res = clair_round(flipped, weights, lam_scale, threshold, consistency, z, max_norm_ratio, "output")
+        res = clair_round(flipped, weights, lam_scale, threshold, consistency, z, max_norm_ratio, "output", reach)
         res["refined"] = {c: {m: d.T for m, d in f.items()} for c, f in res["refined"].items()}
         return res
     clients = sorted(updates)
     modules = sorted(next(iter(updates.values())))
     sparse2 = dict.fromkeys(clients, 0.0)
     total2 = dict.fromkeys(clients, 0.0)
+    own2 = dict.fromkeys(clients, 0.0)
+    unshared2 = dict.fromkeys(clients, 0.0)
     lows = {}
     for m in modules:
         blocks = [compress(*updates[c][m]) for c in clients]
-        lam = block_lambda(blocks, lam_scale)
-        low, sp = outlier_pursuit(blocks, lam) if len(clients) > 1 else (blocks, [torch.zeros_like(blocks[0])])
-        lows[m] = low
+        judged = blocks
+        if reach is not None:
+            bases = {c: reach_basis(reach[c][m]) for c in clients}
+            alone = unshared_bases(bases)
+            judged = [blk - bases[c] @ (bases[c].T @ blk) for c, blk in zip(clients, blocks)]
+            for c, blk in zip(clients, blocks):
+                own2[c] += float((bases[c].T @ blk).norm()) ** 2
+                unshared2[c] += float((alone[c].T @ blk).norm()) ** 2
+        if len(clients) > 1:
+            low, sp = outlier_pursuit(judged, block_lambda(judged, lam_scale))
+        else:
+            low, sp = judged, [torch.zeros_like(judged[0])]
+        # what was not judged (inside the client's own reach) belongs with the low-rank part
+        lows[m] = [lo + (blk - j) for lo, blk, j in zip(low, blocks, judged)]
         for c, blk, s in zip(clients, blocks, sp):
             sparse2[c] += float(s.norm()) ** 2
             total2[c] += float(blk.norm()) ** 2
-    scores = {c: {"sparse_share": math.sqrt(sparse2[c] / total2[c]) if total2[c] > 0 else 0.0} for c in clients}
+
+    def share(x: dict[str, float], c: str) -> float:
+        return math.sqrt(x[c] / total2[c]) if total2[c] > 0 else 0.0
+
+    scores = {c: {"sparse_share": share(sparse2, c)} for c in clients}
+    if reach is not None:
+        for c in clients:
+            scores[c].update(in_reach=share(own2, c), unshared=share(unshared2, c))
     flagged = {c for c in clients if scores[c]["sparse_share"] > threshold}
     deltas = {c: {m: updates[c][m][1].double() @ updates[c][m][0].double() for m in modules} for c in clients}
     if consistency and len(clients) >= MIN_FLEET and len(clients) - len(flagged) >= MIN_SPREAD:
@@ -326,13 +411,17 @@ class CLAIR:
         cfg = ctx.settings
         # what each client started from (what it was sent: its own adapter, or the global slice)
         starts = {c.client: own_or_global(c.client, global_factors, c.plan, state) for c in contributions}
+        # where each client's plan lets it move: the rows of the A it started from (input side only;
+        # on the output side B moves freely, so nothing bounds a client's column space)
+        reach = ({c: {m: a for m, (a, _) in f.items()} for c, f in starts.items()}
+                 if cfg.reach and cfg.side == "input" else None)
         res = clair_round({c.client: round_change(c.factors, starts[c.client]) for c in contributions},
                           {c.client: c.weight for c in contributions},
                           cfg.lam_scale, cfg.threshold, cfg.consistency, cfg.z, cfg.max_norm_ratio,
-                          cfg.side)
-        detection = {"flagged": res["flagged"],
+                          cfg.side, reach)
+        detection = {"flagged": res["flagged"], "judged": "off own reach" if reach else "whole update",
                      "scores": {c: {k: round(v, 4) for k, v in s.items()} for c, s in res["scores"].items()}}
-        alone = alone_at_top_rank({c.client: c.plan.rank for c in contributions}, res["flagged"])
+        alone = None if reach else alone_at_top_rank({c.client: c.plan.rank for c in contributions}, res["flagged"])
         if alone:
             detection["caution"] = alone
         record = {"detection": detection}
