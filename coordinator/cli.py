@@ -37,10 +37,11 @@ def _cpus() -> int:
 def _add_run_args(p: argparse.ArgumentParser, running: bool = True) -> None:
     from .config import RunConfig
 
-    d = RunConfig()
+    d = RunConfig(method_settings={})  # the defaults, without importing the methods (and torch) for --help
     p.add_argument("--config", help="run config YAML (flags below override it; examples/run.yaml lists every field)")
     p.add_argument("--preset", default="default", help="starting values: default or quick (default: default)")
     p.add_argument("--method", help=f"aggregation method, see `fedlora methods` (default: {d.method})")
+    _add_plugin_arg(p)
     p.add_argument("--model", help="smollm2-135m, tiny-llama, a .gguf file, a model directory or a HF id "
                    f"(default: {d.model})")
     p.add_argument("--fleet", help=f"fleet name under profiles/fleets/ or a path (default: {d.fleet})")
@@ -67,6 +68,13 @@ def _add_run_args(p: argparse.ArgumentParser, running: bool = True) -> None:
     p.add_argument("--verbose", action="store_true", help="keep third-party warnings (torch, torchao, transformers)")
 
 
+def _add_plugin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import a module that registers methods (@register) before the config is read: a .py "
+                   "file's path or a module name on PYTHONPATH or in the current folder; repeat for several "
+                   "(installed packages' 'fedlora_edge.methods' entry points load by themselves; docs/methods.md)")
+
+
 def _add_export_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", action="store_true", help="after the run, export the global adapter once per "
                    "device class of the fleet (each profile's runtime and quant): the base and the adapter apart, as "
@@ -75,7 +83,9 @@ def _add_export_arg(p: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args):
     from .config import load_config, parse_override
+    from .plugins import load_plugins
 
+    load_plugins(getattr(args, "plugin", None))  # first: the config may name their methods and sections
     overrides = dict(parse_override(s) for s in args.set)
     for flag in ("method", "model", "fleet", "rounds", "clients_per_round", "seed", "device", "save_every"):
         if getattr(args, flag, None) is not None:
@@ -359,7 +369,8 @@ def cmd_plan(args) -> int:
 def cmd_profile(args) -> int:
     from edge_client.profile import measure_profile, save_profile
 
-    prof = measure_profile(args.name, args.uplink_mbps, args.downlink_mbps)
+    prof = measure_profile(args.name, args.uplink_mbps, args.downlink_mbps,
+                           warn=lambda msg: print(f"fedlora: warning: {msg}", file=sys.stderr))
     if args.out:
         save_profile(prof, args.out)
         print(f"wrote {args.out}")
@@ -420,12 +431,22 @@ def cmd_generate(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import get_method, method_names
+    from .plugins import builtin_catalog, installed_plugins, load_plugins, summary
 
-    for n in method_names():
-        impl = type(get_method(n).impl)
-        doc = (sys.modules[impl.__module__].__doc__ or impl.__doc__ or "").strip().split("\n\n")[0]
-        print(f"{n:12s} {' '.join(doc.split())}")
+    rows = dict(builtin_catalog())  # read from the methods' source: no torch unless a plugin is imported
+    if args.plugin:
+        load_plugins(args.plugin)
+        from .methods import get_method, method_names
+
+        for n in method_names():
+            if n not in rows:
+                impl = type(get_method(n).impl)
+                doc = sys.modules[impl.__module__].__doc__ or impl.__doc__ or ""
+                rows[n] = f"{summary(doc)} (plugin {impl.__module__})"
+    for ep in installed_plugins():
+        rows.setdefault(ep.name, f"installed plugin {ep.value}, imported when a run names it")
+    for n in sorted(rows):
+        print(f"{n:12s} {rows[n]}")
     return 0
 
 
@@ -580,7 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=_cpus(), help="CPU threads of the runtime (default: the CPUs "
                    f"this process may use, here {_cpus()}; ExecuTorch does not read OMP_NUM_THREADS)")
     p.set_defaults(fn=cmd_generate)
-    p = sub.add_parser("methods", help="list the registered methods")
+    p = sub.add_parser("methods", help="list the registered methods",
+                       description="List the built-in methods, those the --plugin modules register, and the "
+                       "installed packages' methods ('fedlora_edge.methods' entry points), each with its summary.")
+    _add_plugin_arg(p)
     p.set_defaults(fn=cmd_methods)
     return ap
 
@@ -591,36 +615,51 @@ def main(argv: list[str] | None = None) -> int:
         from edge_client.client import main as client_main
 
         return client_main(argv[1:])
-    from edge_client.data import DataFormatError
-    from edge_client.lora import TargetModulesError
-    from edge_client.models import ModelNotFoundError
-    from edge_client.mqtt import BrokerAuthError, BrokerTLSError
-    from edge_client.profile import ProfileError
     from edge_client.quiet import quiet_third_party
-    from export.parity import ParityError
-    from export.runners import ExportError
-
-    from .config import ConfigError
-    from .emulate import DeviceProcessError
-    from .service import EXIT_STORAGE, EXIT_TOO_FEW_DEVICES, StorageError, TooFewDevices
 
     args = build_parser().parse_args(argv)
     quiet_third_party(getattr(args, "verbose", False))
     try:
         return args.fn(args)
-    except ParityError as exc:
-        print(f"fedlora: {exc}", file=sys.stderr)  # the message says "parity broken" once
+    except Exception as exc:
+        status = _exit_status_of(exc)
+        if status is None:
+            raise
+        # a ParityError's message says "parity broken" once
+        print(f"fedlora: {exc}" if status == 3 else f"fedlora: error: {exc}", file=sys.stderr)
+        return status
+
+
+# the errors a command reports in one line (exit status 2), by module and class: they are looked up
+# in the modules already imported (one that was not raised none of them), so that catching them
+# imports nothing: `fedlora --help`, `devices`, `broker-config` and `methods` start without torch
+ONE_LINE_ERRORS = (("coordinator.errors", "ConfigError"), ("export.runners", "ExportError"),
+                   ("edge_client.models", "ModelNotFoundError"), ("edge_client.profile", "ProfileError"),
+                   ("edge_client.data", "DataFormatError"), ("edge_client.mqtt", "BrokerAuthError"),
+                   ("edge_client.mqtt", "BrokerTLSError"), ("coordinator.emulate", "DeviceProcessError"),
+                   ("edge_client.lora", "TargetModulesError"))
+
+
+def _raised(exc: BaseException, *where: tuple[str, str]) -> bool:
+    """True when ``exc`` is an instance of one of the classes ``(module, name)`` (only the modules
+    already imported are looked in)."""
+    classes = tuple(getattr(sys.modules[m], n) for m, n in where if m in sys.modules)
+    return bool(classes) and isinstance(exc, classes)
+
+
+def _exit_status_of(exc: Exception) -> int | None:
+    """The exit status of an error a command reports in one line (None: a bug, its traceback shows)."""
+    if _raised(exc, ("export.parity", "ParityError")):
         return 3
-    except TooFewDevices as exc:
-        print(f"fedlora: error: {exc}", file=sys.stderr)
-        return EXIT_TOO_FEW_DEVICES
-    except StorageError as exc:
-        print(f"fedlora: error: {exc}", file=sys.stderr)
+    if _raised(exc, ("coordinator.service", "TooFewDevices")):
+        return sys.modules["coordinator.service"].EXIT_TOO_FEW_DEVICES
+    if _raised(exc, ("coordinator.errors", "StorageError")):
+        from .service import EXIT_STORAGE
+
         return EXIT_STORAGE
-    except (ConfigError, ExportError, ModelNotFoundError, ProfileError, DataFormatError, BrokerAuthError,
-            BrokerTLSError, TimeoutError, DeviceProcessError, TargetModulesError) as exc:
-        print(f"fedlora: error: {exc}", file=sys.stderr)
+    if isinstance(exc, TimeoutError) or _raised(exc, *ONE_LINE_ERRORS):
         return 2
+    return None
 
 
 if __name__ == "__main__":

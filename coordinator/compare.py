@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, validate
-from .methods import get_method, method_names, settings_classes
+from .methods import get_method, is_registered, method_names, settings_classes
+from .plugins import loaded_plugins, not_registered
 
 # fedit@max is not among them: at the fleet's largest rank only the devices that can hold it train,
 # so it would not train on the same devices as the others (compare it on a fleet where every device can)
@@ -65,9 +66,8 @@ def entries(base: RunConfig, specs: list[str]) -> list[Entry]:
     out, span = [], None
     for spec in specs:
         name, _, rank = spec.partition("@")
-        if name not in method_names():
-            raise ConfigError(f"--methods: unknown method '{name}' in '{spec}'; valid methods: "
-                              f"{', '.join(method_names())}")
+        if not is_registered(name):
+            raise ConfigError(f"--methods: '{spec}': {not_registered(name, method_names())}")
         cfg = dataclasses.replace(base, method=name)
         label = name
         if rank:
@@ -369,7 +369,7 @@ def _start(r: Run, threads: int, log: str) -> subprocess.Popen:
     cfg_file.write_text(yaml.safe_dump(_plain(r.cfg.to_dict()), sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "coordinator.cli", "simulate", "--config", str(cfg_file), "--out", str(r.folder),
-           "--log", log]
+           "--log", log] + [a for spec in loaded_plugins() for a in ("--plugin", spec)]  # the methods this one knows
     with open(r.folder / "simulate.log", "ab") as fh:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 

@@ -21,7 +21,9 @@ from edge_client.profile import TRAINERS
 from edge_client.trainer import OPTIMIZERS, SCHEDULES, TrainSettings
 
 from .errors import ConfigError
-from .methods import get_method, method_names, settings_classes
+
+# the methods (and torch, which they import) are imported where a config is built, not here: the
+# commands' --help reads RunConfig's defaults and starts in a fraction of a second
 
 PARTITIONS = ("by_domain", "dirichlet", "iid")
 DEVICES = ("auto", "cpu", "cuda")
@@ -168,14 +170,19 @@ class RunConfig:
     contamination: ContaminationSettings = field(default_factory=ContaminationSettings)
     # each method's own settings, by config section (``hafl:``, ``clair:``...): the sections come
     # from the methods' ``Settings`` classes (coordinator/methods), not from this file
-    method_settings: dict[str, Any] = field(default_factory=lambda: {sec: cls() for sec, cls in
-                                                                      settings_classes().items()})
+    method_settings: dict[str, Any] = field(default_factory=lambda: _default_method_settings())
 
     def to_dict(self) -> dict:
         """Every field, the methods' sections at the top level (as the YAML has them)."""
         d = dataclasses.asdict(self)
         d.update(d.pop("method_settings"))
         return d
+
+
+def _default_method_settings() -> dict[str, Any]:
+    from .methods import settings_classes
+
+    return {sec: cls() for sec, cls in settings_classes().items()}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -269,8 +276,10 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 def validate(cfg: RunConfig) -> RunConfig:
     """Range checks that need more than a type; returns ``cfg``.  (Each method's own section is
     checked by its settings class when it is built.)"""
-    _check(cfg.method in method_names(), "method",
-           f"unknown method '{cfg.method}'; valid methods: {', '.join(method_names())}")
+    from .methods import get_method, is_registered, method_names
+    from .plugins import not_registered
+
+    _check(is_registered(cfg.method), "method", not_registered(cfg.method, method_names()))
     _check(cfg.rounds >= 1, "rounds", "must be at least 1")
     _check(cfg.clients_per_round >= 1, "clients_per_round", "must be at least 1")
     _check(cfg.min_updates >= 1, "min_updates", "must be at least 1")
@@ -402,7 +411,7 @@ def load_config(path: str | Path | None = None, preset: str = "default",
             raise ConfigError(f"{old}: moved to {new}")
     if tree.get("fslora") == {}:
         tree.pop("fslora")  # an emptied section of a method that no longer has settings
-    sections = settings_classes()
+    sections = _method_sections(tree)
     given = {sec: tree.pop(sec) for sec in list(tree) if sec in sections}
     if "method_settings" in tree:
         raise ConfigError("method_settings: not a config field; a method's settings go in its own section "
@@ -410,6 +419,29 @@ def load_config(path: str | Path | None = None, preset: str = "default",
     cfg = _build(RunConfig, tree, extra_known=sections)
     settings = {sec: _build(cls, given[sec], f"{sec}.") if sec in given else cls() for sec, cls in sections.items()}
     return validate(dataclasses.replace(cfg, method_settings=settings))
+
+
+def _method_sections(tree: dict) -> dict[str, type]:
+    """Config section -> settings class of the registered methods, after importing the installed
+    plugins the config names (its method; a section named after a method); ConfigError for a
+    section (a mapping) that no registered method has, saying whose it would be."""
+    from .methods import is_registered, settings_classes
+    from .plugins import HOW
+
+    fields_ = {f.name for f in fields(RunConfig)} - {"method_settings"}
+    method = tree.get("method", RunConfig.method)
+    if isinstance(method, str):
+        is_registered(method)  # an installed plugin of that name: imported now, so its section is known
+    for key in [k for k in tree if k not in fields_ and k not in settings_classes()]:
+        is_registered(key)
+    sections = settings_classes()
+    for key in sorted(k for k in tree if k not in fields_ and k not in sections and isinstance(tree[k], dict)):
+        named = isinstance(method, str) and key in (method, method.replace("-", "_"))
+        raise ConfigError(f"{key}: no registered method has a config section '{key}'"
+                          + (f" (method '{method}' is not registered: {HOW})" if named and not is_registered(method)
+                             else f"; {HOW}")
+                          + f"; the registered methods' sections: {', '.join(sorted(sections))}")
+    return sections
 
 
 def _merge(into: dict, new: dict) -> None:

@@ -96,7 +96,7 @@ def run(args) -> int:
         raise ValueError(f"--device-id {args.device_id} but the credentials file is for device '{me}'")
     args.device_id = me
     examples = load_jsonl(args.data)
-    profile = load_profile(args.profile) if args.profile else measure_profile(me)
+    profile = load_profile(args.profile) if args.profile else measure_profile(me, warn=lambda m: log(me, m))
     state = DeviceState(args.state_dir or Path.home() / ".fedlora" / run_id / me, log=lambda m: log(me, m))
     counter = Counter(state.folder / "counter", log=lambda m: log(me, m))
     outbox = Outbox(Signer(creds.signing_key), counter, run_id, state.nonce)

@@ -147,17 +147,65 @@ def measure_gflops(size: int = 512, seconds: float = 1.0, threads: int | None = 
     return best
 
 
+BUSY_SHARE = 0.2  # other processes using more than this share of the CPUs while the matmuls are timed:
+# the machine is busy and the throughput measured is low (on an idle machine they use a few per cent)
+
+
+@dataclass(frozen=True)
+class HostLoad:
+    """What else ran on the machine while it was measured."""
+
+    others_share: float          # CPU time other processes used meanwhile, as a share of all the CPUs' time
+    load_average: float | None   # the 1-minute load average at the end (None where the OS keeps none)
+    cpus: int
+
+
+def cpu_counters() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine so far, this process's CPU seconds so far), psutil's."""
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
+    own = psutil.Process().cpu_times()
+    return busy, own.user + own.system
+
+
+def host_load(before: tuple[float, float], after: tuple[float, float], seconds: float) -> HostLoad:
+    """The load of other processes between two :func:`cpu_counters` readings ``seconds`` apart."""
+    import psutil
+
+    cpus = psutil.cpu_count() or 1
+    others = max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return HostLoad(others / max(seconds * cpus, 1e-9), load, cpus)
+
+
+def busy_warning(load: HostLoad, threshold: float = BUSY_SHARE) -> str | None:
+    """What to say when other processes took more than ``threshold`` of the CPUs (None: idle enough)."""
+    if load.others_share <= threshold:
+        return None
+    avg = f"; load average {load.load_average:.1f} on {load.cpus} CPUs" if load.load_average is not None else ""
+    return (f"this machine was busy while it was measured: other processes used {load.others_share:.0%} of its "
+            f"CPUs{avg}, so compute_gflops is likely lower than the device can do; measure again on an idle device")
+
+
 def measure_profile(name: str | None = None, uplink_mbps: float = 100.0, downlink_mbps: float = 100.0,
-                    usable_fraction: float = 0.7) -> DeviceProfile:
+                    usable_fraction: float = 0.7, warn=None) -> DeviceProfile:
     """Measure this machine: psutil memory, a short matmul benchmark, CPU threads.
 
-    Bandwidth cannot be measured without a peer, so it is taken as given (and says so).
+    Bandwidth cannot be measured without a peer, so it is taken as given (and says so).  Where other
+    processes were busy during the benchmark (:func:`busy_warning`), ``warn(message)`` is called
+    (when given) and the profile's ``sources`` say so beside the figure.
     """
     import psutil
 
     vm = psutil.virtual_memory()
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    before, t0 = cpu_counters(), time.perf_counter()
     gflops = measure_gflops(threads=threads)
+    busy = busy_warning(host_load(before, cpu_counters(), time.perf_counter() - t0))
+    if busy and warn is not None:
+        warn(busy)
     total = vm.total / 2**30
     usable = min(vm.available / 2**30, total * usable_fraction)
     return DeviceProfile(
@@ -169,7 +217,7 @@ def measure_profile(name: str | None = None, uplink_mbps: float = 100.0, downlin
         sources={
             "memory_total_gb": "psutil.virtual_memory().total",
             "memory_usable_gb": f"min(available, {usable_fraction:.0%} of total) at measurement time",
-            "compute_gflops": "best of 1 s of 512x512 float32 matmuls in torch",
+            "compute_gflops": "best of 1 s of 512x512 float32 matmuls in torch" + (f"; {busy}" if busy else ""),
             "uplink_mbps": "given (not measured: needs a peer)",
             "downlink_mbps": "given (not measured: needs a peer)",
         })

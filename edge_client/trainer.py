@@ -13,10 +13,14 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .data import Example, collate, encode_examples
+
+# torch is imported where a step runs, not here: the coordinator's config reads TrainSettings, and
+# commands that train nothing (`fedlora --help`, `devices`, `methods`) start without torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ def train_steps(model, params: list[torch.nn.Parameter], batch_iter: Iterator[di
     ``hooks`` (e.g. :class:`edge_client.partial.PartialTraining`) has ``after_backward()``, called
     before gradient clipping, and ``after_step()``, called after each optimiser step.
     """
+    import torch
+
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
     opt = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
@@ -126,6 +132,8 @@ def train_local(peft_model, tokenizer, examples: Sequence[Example], settings: Tr
     Deterministic in ``seed`` on a CPU.  Raises ValueError with no examples or no trainable
     parameter (a plan that trains nothing is a planning bug, not a silent no-op).
     """
+    import torch
+
     if not examples:
         raise ValueError("no training examples")
     params = [p for p in peft_model.parameters() if p.requires_grad]

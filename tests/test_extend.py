@@ -1,55 +1,33 @@
-"""Adding a method is one module: a throw-away method defined here, outside the package, with its
-own settings, runs in `simulate` and over MQTT without a line changed elsewhere (docs/methods.md
-walks through the same class)."""
+"""Adding a method is one module: the method of docs/methods.md, examples/halfstep.py, defined
+outside the package with its own settings, runs in `simulate` and over MQTT without a line changed
+elsewhere (tests/test_plugins.py runs the page's commands, which load it with --plugin)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from coordinator.aggregate import average_components
 from coordinator.errors import ConfigError
-from coordinator.methods import register, unregister
-from edge_client.lora import uniform_plan
+from coordinator.methods import unregister
 
-
-@dataclass(frozen=True)
-class HalfStepSettings:
-    server_lr: float = 0.5   # how far the server moves toward the clients' average
-
-    def __post_init__(self):
-        if not 0.0 < self.server_lr <= 1.0:
-            raise ConfigError("halfstep.server_lr: must be in (0, 1]")
-
-
-class HalfStep:
-    """FedIT with a server step: every client at rank ``lora.rank``; the global factors move a share
-    ``server_lr`` of the way to the clients' weighted average, ``g ← g + η (avg − g)``."""
-
-    name = "halfstep"
-    Settings = HalfStepSettings
-
-    def global_rank(self, ctx):
-        return ctx.rank
-
-    def plan(self, client, capacity, ctx, round_idx, state=None):
-        return uniform_plan(ctx.modules, ctx.rank, ctx.scale) if capacity >= ctx.rank else None
-
-    def aggregate(self, global_factors, contributions, ctx, state):
-        avg = average_components(global_factors, contributions, "trainers")
-        lr = ctx.settings.server_lr
-        return {m: (a + lr * (avg[m][0] - a), b + lr * (avg[m][1] - b)) for m, (a, b) in global_factors.items()}, \
-            {"server_lr": lr}
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "halfstep.py"
 
 
 @pytest.fixture
 def halfstep():
-    register(HalfStep)
-    yield
+    """examples/halfstep.py imported afresh (its @register adds the method), removed afterwards."""
+    spec = importlib.util.spec_from_file_location("halfstep_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
     unregister("halfstep")
+    sys.modules.pop(spec.name, None)
 
 
 def _cfg(tmp_path, **over):

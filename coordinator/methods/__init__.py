@@ -1,7 +1,9 @@
 """The methods: the interface and registry (:mod:`.base`) and one module per method.
 
 ``get_method(name)`` fails with the list of valid names.  Importing this package registers the
-built-in methods; a method defined elsewhere registers itself with ``@register`` (docs/methods.md).
+built-in methods; a method defined elsewhere registers itself with ``@register`` when its module is
+imported (``--plugin``, or an installed package's entry point: :mod:`coordinator.plugins`;
+docs/methods.md).
 """
 
 from . import (  # noqa: F401  (importing them registers them)
@@ -31,6 +33,7 @@ from .base import (  # noqa: F401  (the public names of the methods' layer)
     get_method,
     global_copy,
     global_slice,
+    is_registered,
     method_names,
     own_or_global,
     random_plan,

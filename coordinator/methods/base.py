@@ -1,8 +1,8 @@
 """What a method is: the one interface every method implements, its defaults, the registry, and the
 helpers methods share.
 
-A method is a class in its own module under ``coordinator/methods/`` (or anywhere: a test registers
-one from outside the package) with a ``name``, a ``plan`` policy and an aggregation rule, and
+A method is a class in its own module under ``coordinator/methods/`` (or anywhere: a plugin module
+loaded with ``--plugin`` or an installed entry point, :mod:`coordinator.plugins`) with a ``name``, a ``plan`` policy and an aggregation rule, and
 whichever optional hooks of :class:`Method` it needs; what it leaves out takes the default written
 there.  ``@register`` adds it to the registry under its ``name``.  Its settings, if any, are a frozen
 dataclass ``Settings`` (validated in its ``__post_init__``, errors naming ``<section>.<field>``) that
@@ -320,12 +320,27 @@ def unregister(name: str) -> None:
 
 
 def method_names() -> list[str]:
+    """The registered methods (the built-in ones and those plugins have registered so far)."""
     return sorted(_REGISTRY)
 
 
-def get_method(name: str) -> Bound:
+def is_registered(name: str) -> bool:
+    """True when ``name`` is registered, after importing the installed plugin of that name if there
+    is one (an entry point in ``fedlora_edge.methods``: :mod:`coordinator.plugins`)."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method '{name}'; valid methods: {', '.join(method_names())}")
+        from ..plugins import load_installed
+
+        load_installed(name)
+    return name in _REGISTRY
+
+
+def get_method(name: str) -> Bound:
+    """The method ``name`` (an installed plugin's is imported on first use); ValueError saying it is
+    not registered, listing the registered ones and how to load a plugin."""
+    if not is_registered(name):
+        from ..plugins import not_registered
+
+        raise ValueError(not_registered(name, method_names()))
     return Bound(_REGISTRY[name]())
 
 
