@@ -139,8 +139,9 @@ def cmd_simulate(args) -> int:
     sim.run()
     out = Path(args.out)
     adapters = out / "adapter" if sim.engine.method.global_model else out / "clients" / "*" / "adapter"
+    plots = ["loss.png", "accuracy.png"] if sim.engine.lead == "loss" else ["accuracy.png", "loss.png"]
     reporter.console.print(f"report: {out / 'report.json'}; adapter: {adapters}; "
-                           f"plots: {out / 'accuracy.png'}, {out / 'loss.png'}, {out / 'bytes.png'}")
+                           f"plots: {', '.join(str(out / p) for p in [*plots, 'bytes.png'])}")
     return _export_after(cfg, out, classes, reporter.console)
 
 

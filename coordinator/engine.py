@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from edge_client.data import Example, prompt_ids
+from edge_client.data import Example, example_lengths
 from edge_client.et_train import ProgramStore, program_spec, schedule_unsupported, unsupported
 from edge_client.experts import mixture_model
 from edge_client.lora import (
@@ -60,7 +60,7 @@ from .evaluate import answer_rate, evaluate, lead_metric, mix_accuracy
 from .faults import crash_point
 from .fleet import Device, load_fleet
 from .methods import MethodContext, get_method
-from .partition import build_data
+from .partition import build_data, cut_note
 from .planner import NO_FOOTPRINT, Capacity, Footprint, ModelShape, plan_capacity
 from .report import build_report, save_outputs, write_report
 from .runstate import RoundJournal, RunState, SnapshotStore, restore, snapshot_files
@@ -275,11 +275,13 @@ class Engine:
                 f"min_updates: {cfg.min_updates} valid updates per round cannot be reached: "
                 f"{reachable} client(s) per round can train with method {cfg.method} on fleet {cfg.fleet} "
                 f"({len(able)} of {len(self.clients)} devices have the capacity)")
-        cut = sum(len(prompt_ids(self.tok, e)) >= cfg.train.max_seq_len for e in self.eval_examples)
+        # every example longer than train.max_seq_len is cut (training, the held-out loss and greedy answers
+        # alike): said once, training and held-out apart, with the length that would keep them all
+        cut = cut_note(example_lengths(self.tok, [ex for c in self.clients for ex in c.train]),
+                       example_lengths(self.tok, self.eval_examples), cfg.train.max_seq_len)
         if cut:
-            self.reporter.status(f"note: {cut} of {len(self.eval_examples)} chat-formatted eval prompts are longer "
-                                 f"than train.max_seq_len ({cfg.train.max_seq_len}) and are cut from the left, "
-                                 "in training and in evaluation alike")
+            self.data_notes.append(cut)
+            self.reporter.status(f"note: {cut}")
 
         from peft import get_peft_model
 
@@ -594,6 +596,7 @@ class Engine:
         """Evaluate the base model and show the fleet; call once before the first round."""
         self.reporter.status("evaluating the base model")
         self.base_accuracy = self.evaluate_base()
+        self.reporter.leading_metric(self.lead)  # the console shows the run's leading metric first
         self.reporter.base(self.base_accuracy, self.clients, self.R)
 
     def finish(self) -> dict:

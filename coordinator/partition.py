@@ -122,6 +122,27 @@ def _per_device(examples_of: dict[str, list[Example]], ids: Sequence[str], where
     return [examples_of[c] for c in ids]
 
 
+def cut_note(train: Sequence[tuple[int, int]], held_out: Sequence[tuple[int, int]], max_len: int) -> str | None:
+    """What a run says of its examples longer than ``max_len`` tokens, given each one's ``(prompt,
+    response)`` token counts (:func:`edge_client.data.example_lengths`): training cuts them from the
+    left of the prompt (:func:`edge_client.data.encode_examples`), and a response that alone fills
+    ``max_len`` leaves no prompt and is cut at its end; evaluation cuts the same way.  How many of
+    the training and of the held-out examples, how many lose their whole prompt, and the length
+    that would keep them all; None when none is cut."""
+    longer = [sum(p + r > max_len for p, r in rows) for rows in (train, held_out)]
+    if not any(longer):
+        return None
+    every = [*train, *held_out]
+    whole = sum(r >= max_len for _, r in every)
+    longest = max(p + r for p, r in every)
+    return (f"{longer[0]} of {len(train)} training examples and {longer[1]} of {len(held_out)} held-out ones are "
+            f"longer than train.max_seq_len {max_len} tokens (chat-formatted prompt and response) and are cut from "
+            "the left of the prompt, in training and in evaluation alike"
+            + (f"; {whole} of them have a response that alone fills it, so they keep none of their prompt and "
+               "their response is cut at its end" if whole else "")
+            + f"; the longest has {longest} tokens: train.max_seq_len {longest} would keep them all")
+
+
 def build_data(cfg, ids: Sequence[str], notes: list[str] | None = None
                ) -> tuple[list[list[Example]], list[dict], list[Example]]:
     """(per-client training examples, per-client domain mix, held-out eval examples) for the

@@ -161,66 +161,78 @@ def plot_figures(report: dict) -> Iterator[tuple[str, object]]:
     caller that drops each one holds at most two): ``accuracy.png`` (exact match per round, overall and
     per domain), ``loss.png`` (held-out loss per round per domain; the training loss per step,
     per client, or past ``PLOT_CLIENTS`` clients its median and 10-90 % band over the clients) and
-    ``bytes.png`` (MB per client, or past ``PLOT_CLIENTS`` clients the mean per device class).
+    ``bytes.png`` (MB per client, or past ``PLOT_CLIENTS`` clients the mean per device class);
+    ``loss.png`` comes first where the report's leading metric is the loss (free text).
     Figures are made without pyplot, so no backend is switched and nothing is left registered."""
     from matplotlib.figure import Figure
 
+    lead = (report.get("metrics") or {}).get("lead", "exact_match")
     rounds = [r for r in report["rounds"] if "accuracy" in r]
     xs = [0] + [r["round"] for r in rounds]
     base = report["base_accuracy"]
-    fig = Figure(figsize=(8, 4))
-    ax = fig.subplots()
-    ax.plot(xs, [base["overall"]] + [r["accuracy"]["overall"] for r in rounds], "k-o", lw=2, label="overall")
-    for d in base["per_domain"]:
-        ax.plot(xs, [base["per_domain"][d]] + [r["accuracy"]["per_domain"].get(d, 0) for r in rounds],
-                "--", marker=".", alpha=0.8, label=d)
-    _rounds_axis(ax)
-    ax.set_ylabel("exact match (global adapter)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{report['method']} on {report['model']}")
-    _legend_outside(ax)
-    fig.tight_layout()
-    yield "accuracy.png", fig
-
     names = {c["client"] for r in report["rounds"] for c in r["clients"]}
     many = len(names) > PLOT_CLIENTS
-    fig = Figure(figsize=(13, 4.2))
-    ax1, ax2 = fig.subplots(1, 2)
-    if "loss" in base:
-        held = [r for r in rounds if "loss" in r["accuracy"]]
-        hx = [0] + [r["round"] for r in held]
-        ax1.plot(hx, [base["loss"]["overall"]] + [r["accuracy"]["loss"]["overall"] for r in held], "k-o", lw=2,
-                 label="overall")
-        for d in base["loss"]["per_domain"]:
-            ax1.plot(hx, [base["loss"]["per_domain"][d]] + [r["accuracy"]["loss"]["per_domain"].get(d) for r in held],
-                     "--", marker=".", alpha=0.8, label=d)
-        _legend_outside(ax1)
-    _rounds_axis(ax1)
-    ax1.set_ylabel("held-out loss, nats per response token")
-    ax1.set_title("held-out loss (global adapter)")
-    if many:
-        drawn = _loss_bands(ax2, report["rounds"])
-        if drawn:
-            _legend_outside(ax2)
-        ax2.set_title(f"local training loss over {drawn} clients")
-    else:
-        colour: dict[str, int] = {}
-        for r in report["rounds"]:
-            for c in r["clients"]:
-                ls = c.get("losses") or []
-                if not ls:
-                    continue
-                first = c["client"] not in colour
-                k = colour.setdefault(c["client"], len(colour))
-                ax2.plot([(r["round"] - 1) + (i + 1) / len(ls) for i in range(len(ls))], ls, lw=1, alpha=0.7,
-                         color=f"C{k % 10}", label=c["client"] if first else None)
-        if colour:
-            _legend_outside(ax2)
-        ax2.set_title("local training loss, per client")
-    _rounds_axis(ax2, "round (each client's local steps within it)")
-    ax2.set_ylabel("training loss per step")
-    fig.tight_layout()
-    yield "loss.png", fig
+
+    def accuracy_figure():
+        fig = Figure(figsize=(8, 4))
+        ax = fig.subplots()
+        ax.plot(xs, [base["overall"]] + [r["accuracy"]["overall"] for r in rounds], "k-o", lw=2, label="overall")
+        for d in base["per_domain"]:
+            ax.plot(xs, [base["per_domain"][d]] + [r["accuracy"]["per_domain"].get(d, 0) for r in rounds],
+                    "--", marker=".", alpha=0.8, label=d)
+        _rounds_axis(ax)
+        ax.set_ylabel("exact match (global adapter)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{report['method']} on {report['model']}"
+                     + (f" (the run leads with {lead.replace('_', ' ')})" if lead != "exact_match" else ""))
+        _legend_outside(ax)
+        fig.tight_layout()
+        return fig
+
+    def loss_figure():
+        fig = Figure(figsize=(13, 4.2))
+        ax1, ax2 = fig.subplots(1, 2)
+        if "loss" in base:
+            held = [r for r in rounds if "loss" in r["accuracy"]]
+            hx = [0] + [r["round"] for r in held]
+            ax1.plot(hx, [base["loss"]["overall"]] + [r["accuracy"]["loss"]["overall"] for r in held], "k-o", lw=2,
+                     label="overall")
+            for d in base["loss"]["per_domain"]:
+                ax1.plot(hx, [base["loss"]["per_domain"][d]]
+                         + [r["accuracy"]["loss"]["per_domain"].get(d) for r in held], "--", marker=".", alpha=0.8,
+                         label=d)
+            _legend_outside(ax1)
+        _rounds_axis(ax1)
+        ax1.set_ylabel("held-out loss, nats per response token")
+        ax1.set_title("held-out loss (global adapter)")
+        if many:
+            drawn = _loss_bands(ax2, report["rounds"])
+            if drawn:
+                _legend_outside(ax2)
+            ax2.set_title(f"local training loss over {drawn} clients")
+        else:
+            colour: dict[str, int] = {}
+            for r in report["rounds"]:
+                for c in r["clients"]:
+                    ls = c.get("losses") or []
+                    if not ls:
+                        continue
+                    first = c["client"] not in colour
+                    k = colour.setdefault(c["client"], len(colour))
+                    ax2.plot([(r["round"] - 1) + (i + 1) / len(ls) for i in range(len(ls))], ls, lw=1, alpha=0.7,
+                             color=f"C{k % 10}", label=c["client"] if first else None)
+            if colour:
+                _legend_outside(ax2)
+            ax2.set_title("local training loss, per client")
+        _rounds_axis(ax2, "round (each client's local steps within it)")
+        ax2.set_ylabel("training loss per step")
+        fig.tight_layout()
+        return fig
+
+    # the run's leading metric first: a run on free text (lead "loss") writes and lists loss.png first
+    order = [("accuracy.png", accuracy_figure), ("loss.png", loss_figure)]
+    for name, make in (order[::-1] if lead == "loss" else order):
+        yield name, make()
 
     up: dict[str, int] = {}
     down: dict[str, int] = {}
@@ -458,6 +470,12 @@ class ConsoleReporter:
         self.task = None
         self._beat: threading.Event | None = None
         self._round = (0, 0, 0, 0.0)  # round, clients done, clients, start time
+        self.lead = "exact_match"  # the run's leading metric (:meth:`leading_metric`), shown first
+
+    def leading_metric(self, lead: str) -> None:
+        """The metric the run leads with (``exact_match``, ``loss`` or ``rouge_l``; the engine says it
+        before :meth:`base`): the base model's line and the final table show it first."""
+        self.lead = lead
 
     def status(self, text: str) -> None:
         self.console.print(f"[dim]{text}...[/dim]")
@@ -482,9 +500,17 @@ class ConsoleReporter:
             for cells, ids in rows.items():
                 t.add_row(f"{len(ids)} devices ({ids[0]} ...)" if len(ids) > 1 else ids[0], *cells)
         self.console.print(t)
-        self.console.print(f"global rank R = {global_rank}; base model: exact match {_pct(acc['overall'])}% "
-                           + " ".join(f"{d}={_pct(v)}" for d, v in acc["per_domain"].items())
-                           + (f"; held-out loss {acc['loss']['overall']:.3f}" if "loss" in acc else ""))
+        # each metric overall, the leading one first and per domain too
+        shown = [("exact_match", "exact match", acc, lambda x: f"{_pct(x)}%", _pct)]
+        if "loss" in acc:
+            shown.append(("loss", "held-out loss", acc["loss"], lambda x: f"{x:.3f}", lambda x: f"{x:.3f}"))
+        if "rouge_l" in acc:
+            shown.append(("rouge_l", "ROUGE-L", acc["rouge_l"], lambda x: f"{_pct(x)}%", _pct))
+        shown.sort(key=lambda m: m[0] != self.lead)
+        parts = [f"{name} {fmt(m['overall'])}" + ("".join(f" {d}={per(v)}" for d, v in m["per_domain"].items())
+                                                   if i == 0 else "")
+                 for i, (_, name, m, fmt, per) in enumerate(shown)]
+        self.console.print(f"global rank R = {global_rank}; base model: " + "; ".join(parts))
 
     def round_start(self, round_idx: int, n: int) -> None:
         self._round = (round_idx, 0, n, time.monotonic())

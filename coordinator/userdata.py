@@ -54,7 +54,14 @@ def load_dataset_split(spec: str, split: str):
 
 
 def dataset_examples(spec: str, split: str, columns) -> list[Example]:
+    """Every row of the split as an example; a column of ``columns`` the dataset does not have fails
+    naming it and the dataset's columns."""
     rows = load_dataset_split(spec, split)
+    names = list(getattr(rows, "column_names", None) or [])
+    for f, c in (columns or {}).items():
+        if names and c not in names:
+            raise DataFormatError(f"{spec}[{split}]: no column {c!r} (data.columns.{f}); the dataset's columns: "
+                                  f"{', '.join(names)}")
     out = [parse_row(row, f"{spec}[{split}] row {i}", columns) for i, row in enumerate(rows)]
     if not out:
         raise DataFormatError(f"{spec}[{split}]: no examples")

@@ -6,10 +6,14 @@ answers are checked exactly, generated from a seed; they carry their own system 
 (:data:`SYSTEM_PROMPT`).  A prompt belongs to the held-out evaluation split of its domain iff a
 hash of the prompt says so, so train and eval never share a prompt whatever the seeds.
 
-A data file is JSONL, one example per line, in any of three forms (:func:`parse_row`):
-``{"prompt", "response"}``; Alpaca's ``{"instruction", "input", "output"}``; or chat
+A data file is JSONL, one example per line, in any of these forms (:func:`parse_row`):
+``{"prompt", "response"}``; TRL's prompt-completion ``{"prompt", "completion"}`` (strings, or in
+TRL's conversational form lists of ``{"role", "content"}`` messages whose completion is one
+assistant turn); Alpaca's ``{"instruction", "input", "output"}``; or chat
 ``{"messages": [{"role", "content"}, ...]}`` ending with the assistant's turn.  Each may carry
-``domain`` (default ``default``), ``system`` and ``device``.
+``domain`` (default ``default``), ``system`` and ``device``.  Not supported, and refused saying
+so: TRL's preference rows (``chosen``/``rejected``; ``data.columns.response: chosen`` trains on the
+preferred answer), its unpaired preference rows (a boolean ``label``) and plain ``text`` rows.
 """
 
 from __future__ import annotations
@@ -108,7 +112,13 @@ class DataFormatError(ValueError):
     """A row of a user's data is not a valid example; the message names the file and line."""
 
 
-FIELDS = ("prompt", "response", "domain", "system", "device", "instruction", "input", "output", "messages")
+FIELDS = ("prompt", "response", "completion", "domain", "system", "device", "instruction", "input", "output",
+          "messages")
+CONTENT = ("prompt", "response", "completion", "messages", "instruction", "output")  # a row's text, not a label
+
+
+def _fields(obj: Mapping) -> str:
+    return ", ".join(sorted(map(str, obj))) or "no fields"
 
 
 def _text(obj: Mapping, key: str, where: str, required: bool = True) -> str | None:
@@ -116,23 +126,25 @@ def _text(obj: Mapping, key: str, where: str, required: bool = True) -> str | No
     if v is None and not required:
         return None
     if not isinstance(v, str) or (required and not v.strip()):
-        raise DataFormatError(f"{where}: field '{key}' must be a non-empty string")
+        raise DataFormatError(f"{where}: field '{key}' must be a non-empty string"
+                              + (f" (the row has no '{key}'; its fields: {_fields(obj)})" if key not in obj else ""))
     return v
 
 
 def parse_row(obj, where: str, columns: Mapping[str, str] | None = None) -> Example:
-    """One example from a row in any of the three forms (module text).  ``columns`` maps this
-    module's field names to the row's (``{"prompt": "question", "domain": "category"}``)."""
+    """One example from a row in any of the forms of the module text.  ``columns`` maps this
+    module's field names to the row's (``{"prompt": "question", "domain": "category"}``); a row
+    without a column mapped to its text (:data:`CONTENT`) fails naming it and the row's columns."""
     if not isinstance(obj, Mapping):
-        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}"
+                              + (" (a file holds one object per line, not an array)" if isinstance(obj, list) else ""))
     if columns:
-        missing = [c for f, c in columns.items() if c not in obj and f in ("prompt", "response", "messages",
-                                                                           "instruction", "output")]
+        for f, c in columns.items():
+            if f in CONTENT and c not in obj:
+                raise DataFormatError(f"{where}: no column {c!r} (data.columns.{f}); this row's columns: "
+                                      f"{_fields(obj)}")
         obj = {**{k: v for k, v in obj.items() if k not in columns.values()},
                **{f: obj[c] for f, c in columns.items() if c in obj}}
-        if missing and not any(k in obj for k in ("prompt", "messages", "instruction")):
-            raise DataFormatError(f"{where}: no column {missing[0]!r} (data.columns); the row has "
-                                  f"{', '.join(sorted(map(str, obj)))}")
     domain = obj.get("domain", "default")
     if not isinstance(domain, str) or not domain:
         raise DataFormatError(f"{where}: field 'domain' must be a non-empty string")
@@ -161,31 +173,94 @@ def parse_row(obj, where: str, columns: Mapping[str, str] | None = None) -> Exam
         extra = _text(obj, "input", where, required=False)
         prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         return Example(prompt, _text(obj, "output", where), domain, system, (), device)
+    if "completion" in obj:
+        return _prompt_completion(obj, where, domain, system, device)
     if "prompt" not in obj and "response" not in obj:
-        raise DataFormatError(f"{where}: a row needs 'prompt' and 'response', 'instruction' and 'output', or "
-                              f"'messages'; this one has {', '.join(sorted(map(str, obj))) or 'no fields'}")
+        raise DataFormatError(f"{where}: a row needs 'prompt' and 'response' (or 'completion'), 'instruction' and "
+                              f"'output', or 'messages'; this one has {_fields(obj)}{_unsupported(obj)}")
+    if "response" not in obj and _unsupported(obj):
+        raise DataFormatError(f"{where}: no 'response' or 'completion' beside 'prompt' (its fields: {_fields(obj)})"
+                              f"{_unsupported(obj)}")
     return Example(_text(obj, "prompt", where), _text(obj, "response", where), domain, system, (), device)
 
 
+def _unsupported(obj: Mapping) -> str:
+    """What the error about a row in a form this module does not read adds (TRL's other forms)."""
+    if "chosen" in obj or "rejected" in obj:
+        return ("; preference rows (chosen/rejected) are not supported: to train on the preferred answers, set "
+                "data.columns.response: chosen")
+    if "text" in obj:
+        return "; plain 'text' rows have no prompt and answer to train on, and are not supported"
+    return ""
+
+
+def _prompt_completion(obj: Mapping, where: str, domain: str, system: str | None, device: str | None) -> Example:
+    """TRL's prompt-completion row: two strings, or in its conversational form two lists of
+    messages (a string on one side stands for one user or assistant turn) whose completion is one
+    assistant turn; the loss is on the completion, as TRL's ``completion_only_loss`` has it."""
+    if "response" in obj:
+        raise DataFormatError(f"{where}: a row has 'response' or 'completion', not both")
+    if isinstance(obj.get("label"), bool):
+        raise DataFormatError(f"{where}: a boolean 'label' (TRL's unpaired preference form) is not supported: a "
+                              "completion labelled false would be trained on as a good one; keep the rows "
+                              "labelled true and drop the label")
+    prompt, completion = obj.get("prompt"), obj["completion"]
+    if not isinstance(prompt, list) and not isinstance(completion, list):
+        return Example(_text(obj, "prompt", where), _text(obj, "completion", where), domain, system, (), device)
+    turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": _text(obj, "prompt", where)}]
+    answer = (completion if isinstance(completion, list)
+              else [{"role": "assistant", "content": _text(obj, "completion", where)}])
+    if len(answer) != 1 or not isinstance(answer[0], Mapping) or answer[0].get("role") != "assistant":
+        raise DataFormatError(f"{where}: 'completion' as messages must be one assistant turn "
+                              "([{\"role\": \"assistant\", \"content\": ...}]); several turns or tool calls are "
+                              "not supported")
+    row = {"messages": [*turns, *answer], "domain": domain, "device": device}
+    ex = parse_row(row, f"{where} (its prompt and completion as 'messages')")
+    return ex if system is None or ex.system is not None else replace(ex, system=system)
+
+
 def load_jsonl(path: str | Path, columns: Mapping[str, str] | None = None) -> list[Example]:
-    """Read one example per line in any of the forms of :func:`parse_row`; blank lines are skipped."""
+    """Read one example per line in any of the forms of :func:`parse_row`; blank lines are skipped.
+    A column of ``columns`` that no row has fails naming it and the columns the rows have."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: no such file")
     out = []
+    seen: set[str] = set()
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
-                raise DataFormatError(f"{where}: not valid JSON ({exc.msg})") from None
+                raise DataFormatError(f"{where}: {json_error(exc, line, lineno)}") from None
+            if isinstance(obj, Mapping):
+                seen.update(map(str, obj))
             out.append(parse_row(obj, where, columns))
     if not out:
         raise DataFormatError(f"{path}: no examples")
+    for f, c in (columns or {}).items():
+        if c not in seen:
+            raise DataFormatError(f"{path}: no row has the column {c!r} (data.columns.{f}); the rows' columns: "
+                                  f"{', '.join(sorted(seen))}")
     return out
+
+
+def json_error(exc: json.JSONDecodeError, line: str, lineno: int) -> str:
+    """The whole of a JSON error on one line of a JSONL file: what was expected, at which column,
+    the text around it, and a hint when the file is a JSON document rather than JSONL."""
+    text = line.rstrip("\r\n")
+    lo = max(0, exc.pos - 30)
+    around = ("..." if lo else "") + text[lo:exc.pos + 30] + ("..." if exc.pos + 30 < len(text) else "")
+    hint = ""
+    if lineno == 1 and text.strip() in ("[", "{") or text.lstrip().startswith("[{"):
+        hint = ("; the file must hold one JSON object per line (JSONL), and this looks like one JSON document "
+                "(an array, or an object over several lines)")
+    at = "the end of the line" if exc.pos >= len(text) else f"column {exc.colno} of {len(text)}"
+    joint = " " if exc.msg.endswith(" at") else " at "  # "Unterminated string starting at" says its own "at"
+    return f"not valid JSON: {exc.msg}{joint}{at} (line {lineno}), here: {around!r}{hint}"
 
 
 def example_row(ex: Example) -> dict:
@@ -248,6 +323,18 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_len: int) -> lis
             r = r[: max_len - 1]
         p = p[-(max_len - len(r)):]
         out.append((p + r, len(p)))
+    return out
+
+
+def example_lengths(tokenizer, examples: Iterable[Example]) -> list[tuple[int, int]]:
+    """``(prompt tokens, response tokens with eos)`` of each example, chat-formatted, as
+    :func:`encode_examples` counts them before it cuts (an example met twice is tokenised once)."""
+    known: dict[Example, tuple[int, int]] = {}
+    out = []
+    for ex in examples:
+        if ex not in known:
+            known[ex] = (len(prompt_ids(tokenizer, ex)), len(response_ids(tokenizer, ex)))
+        out.append(known[ex])
     return out
 
 

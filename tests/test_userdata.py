@@ -234,3 +234,131 @@ def test_one_prefill_gives_the_answers_and_losses_of_two(tiny):
     assert answers == generate_answers(pm, tok, exs, 6, "cpu", max_prompt_len=128)
     pm.generation_config.repetition_penalty = 1.0
     pm.unload()
+
+
+@pytest.mark.parametrize("row,want", [
+    ({"prompt": "Hi?", "completion": "Hello."}, ("Hi?", "Hello.", (), None)),
+    ({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                 {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
+      "completion": [{"role": "assistant", "content": "6"}]},
+     ("and 3+3?", "6", (("user", "2+2?"), ("assistant", "4")), "Be brief.")),
+    ({"prompt": [{"role": "user", "content": "Hi?"}], "completion": "Hello."}, ("Hi?", "Hello.", (), None)),
+])
+def test_trl_prompt_completion_rows_read_as_prompt_and_response(row, want):
+    ex = parse_row({**row, "domain": "greet"}, "x")
+    assert (ex.prompt, ex.response, ex.context, ex.system) == want and ex.domain == "greet"
+    if not ex.context and ex.system is None:  # the very example a {"prompt", "response"} row gives
+        assert ex == parse_row({"prompt": ex.prompt, "response": ex.response, "domain": "greet"}, "x")
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
+     "'completion' as messages must be one assistant turn"),
+    ({"prompt": "q", "completion": "a", "label": False}, "TRL's unpaired preference form.*is not supported"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b"}, "preference rows .* data.columns.response: chosen"),
+    ({"text": "just text"}, "plain 'text' rows .* not supported"),
+    ({"prompt": "q", "response": "a", "completion": "b"}, "'response' or 'completion', not both"),
+    ({"completion": "a"}, "field 'prompt' must be a non-empty string \\(the row has no 'prompt'; its fields: completion"),
+])
+def test_forms_that_are_not_read_are_refused_saying_what_to_do(tmp_path, row, needle):
+    with pytest.raises(DataFormatError, match=rf"d.jsonl:1: .*{needle}"):
+        load_jsonl(_jsonl(tmp_path / "d.jsonl", [row]))
+
+
+def test_a_column_that_does_not_exist_is_named_with_the_columns_that_do(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [{"question": "Q", "answer": "A"}, {"question": "R", "answer": "B"}])
+    with pytest.raises(DataFormatError, match=r"d.jsonl:1: no column 'answr' \(data.columns.response\); this "
+                                              r"row's columns: answer, question"):
+        load_jsonl(path, {"prompt": "question", "response": "answr"})
+    with pytest.raises(DataFormatError, match=r"d.jsonl: no row has the column 'categroy' \(data.columns.domain\); "
+                                              r"the rows' columns: answer, question"):
+        load_jsonl(path, {"prompt": "question", "response": "answer", "domain": "categroy"})
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"question": ["Q"] * 5, "answer": ["A"] * 5}).save_to_disk(str(tmp_path / "ds"))
+    cfg = load_config(overrides={"model": "tiny-llama", "data.dataset": str(tmp_path / "ds"),
+                                 "data.columns": {"prompt": "question", "response": "answr"}})
+    with pytest.raises(DataFormatError, match=r"no column 'answr' \(data.columns.response\); the dataset's "
+                                              r"columns: question, answer"):
+        build_data(cfg, IDS[:2])
+
+
+def test_a_json_error_says_all_of_where_and_what(tmp_path):
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a" "response": "b"}\n')
+    with pytest.raises(DataFormatError) as err:
+        load_jsonl(bad)
+    assert str(err.value) == (f"{bad}:2: not valid JSON: Expecting ',' delimiter at column 16 of 31 (line 2), "
+                              """here: '{"prompt": "a" "response": "b"}'""")
+    bad.write_text('[\n  {"prompt": "a", "response": "b"}\n]\n')
+    with pytest.raises(DataFormatError, match="d.jsonl:1: not valid JSON: Expecting value at the end of the line "
+                                              r"\(line 1\).* one JSON object per line \(JSONL\)"):
+        load_jsonl(bad)
+
+
+def test_every_cut_example_is_counted_training_and_held_out_apart():
+    from coordinator.partition import cut_note
+
+    train = [(10, 5), (60, 10), (30, 40), (2, 64)]   # (prompt, response) tokens: 3 over 64, one all response
+    held = [(20, 20), (50, 20)]
+    note = cut_note(train, held, 64)
+    assert note == ("3 of 4 training examples and 1 of 2 held-out ones are longer than train.max_seq_len 64 tokens "
+                    "(chat-formatted prompt and response) and are cut from the left of the prompt, in training and "
+                    "in evaluation alike; 1 of them have a response that alone fills it, so they keep none of their "
+                    "prompt and their response is cut at its end; the longest has 70 tokens: train.max_seq_len 70 "
+                    "would keep them all")
+    assert cut_note(train, held, 70) is None
+
+
+@pytest.mark.integration
+def test_a_free_text_run_leads_with_the_loss_and_says_what_it_cut(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from coordinator.report import ConsoleReporter
+    from coordinator.simulate import Simulation
+
+    rows = [{"prompt": f"Describe ticket {i}", "response": "The printer jams because the paper path needs a clean.",
+             "domain": "hw"} for i in range(40)]
+    cfg = load_config(overrides={"model": "tiny-llama", "method": "fedit", "rounds": 1, "clients_per_round": 2,
+                                 "train.steps": 1, "train.batch_size": 2, "lora.rank": 2, "lora.max_rank": 4,
+                                 "data.train_file": str(_jsonl(tmp_path / "t.jsonl", rows)),
+                                 "data.samples_per_client": 4, "max_new_tokens": 2})
+    buf = io.StringIO()
+
+    report = Simulation(cfg, tmp_path / "run", ConsoleReporter(Console(file=buf, width=400), progress_every=0)).run()
+
+    out = buf.getvalue()
+    assert report["metrics"]["lead"] == "loss"
+    (note,) = [n for n in report["data_notes"] if "longer than train.max_seq_len" in n]
+    # 40 rows, 10 held out by hash, 30 dealt to mixed8's eight devices; each row is 80-92 character tokens
+    assert note.startswith("30 of 30 training examples and 10 of 10 held-out ones are longer than train.max_seq_len "
+                           "64 tokens") and note.endswith("train.max_seq_len 92 would keep them all")
+    assert f"note: {note}" in " ".join(out.split())
+    assert "base model: held-out loss " in out and out.index("held-out loss", out.index("base model")) \
+        < out.index("exact match", out.index("base model"))
+    from coordinator.report import plot_figures
+
+    assert [name for name, _ in plot_figures(report)] == ["loss.png", "accuracy.png", "bytes.png"]
+
+
+@pytest.mark.parametrize("lead,line", [
+    ("exact_match", "base model: exact match 10.0% a=20.0 b=0.0; held-out loss 2.500"),
+    ("loss", "base model: held-out loss 2.500 a=2.000 b=3.000; exact match 10.0%"),
+])
+def test_the_base_models_line_leads_with_the_runs_metric(lead, line):
+    import io
+
+    from rich.console import Console
+
+    from coordinator.report import ConsoleReporter
+
+    acc = {"overall": 0.1, "per_domain": {"a": 0.2, "b": 0.0},
+           "loss": {"overall": 2.5, "per_domain": {"a": 2.0, "b": 3.0}}}
+    buf = io.StringIO()
+    rep = ConsoleReporter(Console(file=buf, width=400), progress_every=0)
+
+    rep.leading_metric(lead)
+    rep.base(acc, [], 8)
+
+    assert f"global rank R = 8; {line}\n" in buf.getvalue()
