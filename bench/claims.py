@@ -352,6 +352,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (processes), cores/jobs threads each")
     ap.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the preset's)")
     ap.add_argument("--only", help="comma-separated claims: " + ", ".join(c.name for c in CLAIMS))
+    ap.add_argument("--arms", help="comma-separated arms to run or report (default: every arm the claims need); "
+                    "a comparison whose arms are not all there is left out")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
     ap.add_argument("--report", action="store_true", help="no new runs: verdicts from the runs finished so far")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and exit")
@@ -370,6 +372,12 @@ def main(argv: list[str]) -> int:
         sets = dict(parse_override(s) for s in args.set)
         out = Path(args.out)
         runs = build_runs(out, preset, seeds, only, sets)
+        if args.arms:
+            keep = [x.strip() for x in args.arms.split(",")]
+            unknown = sorted(set(keep) - {a for a, _ in runs})
+            if unknown:
+                raise ConfigError(f"--arms: unknown arm(s) {unknown}; arms: {', '.join(dict.fromkeys(a for a, _ in runs))}")
+            runs = {k: r for k, r in runs.items() if k[0] in keep}
         from coordinator.compare import Entry
 
         by_fleet: dict[str, list] = {}  # the fairness check of `compare`, per fleet the arms share

@@ -3,7 +3,7 @@ against PyTorch with its KV cache and against onnxruntime-genai's own model buil
 
     python bench/export.py --out runs/export --adapter RUN/adapter [--model smollm2-135m]
         [--formats onnx:fp32,onnx:int8,onnx:int4,executorch:fp32,executorch:8da8w]
-        [--vendor fp32,int8,int4] [--prompts-per-task 4] [--new-tokens 64] [--threads 1]
+        [--vendor fp32,int8,int4] [--prompts-per-task 8] [--new-tokens 64] [--threads 1]
         [--llama-cpp f32,q8_0,q4_k_m --gguf-convert LLAMA_CPP/convert_hf_to_gguf.py]
 
 1. Each of our formats runs ``fedlora export`` (the base and the adapter apart) and
@@ -254,7 +254,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--llama-cpp", default="", help="llama.cpp quantization types to compare, e.g. f32,q8_0,q4_k_m "
                     "(needs llama-cpp-python and --gguf-convert; default: none)")
     ap.add_argument("--gguf-convert", help="llama.cpp's convert_hf_to_gguf.py (in its source tree)")
-    ap.add_argument("--prompts-per-task", type=int, default=4)
+    ap.add_argument("--prompts-per-task", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--measure", nargs=2, metavar=("KIND", "TARGET"), help=argparse.SUPPRESS)

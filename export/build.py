@@ -308,7 +308,7 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
     base_meta = json.loads((base_dir / onnx_genai.BASE_META).read_text())
     fields = {"base_sha256": base_meta["sha256"], "base_bytes": onnx_genai.base_bytes(out), "base_reused": cached,
               "adapted_modules": len(modules)}
-    if base_meta.get("grid"):  # int4 from a 4-bit GGUF: the file's own codes (export/gguf_grid.py)
+    if base_meta.get("grid"):  # int4 or int8 from a 4-bit GGUF: the file's own codes (export/gguf_grid.py)
         fields.update(weights_grid=base_meta["grid"], grid_tensors=base_meta["grid_tensors"],
                       requantized_tensors=base_meta["requantized"])
     adapter_file = out / onnx_genai.ADAPTER_FILE

@@ -49,10 +49,12 @@ def check_ready(method, classes: Iterable[tuple[str, str]]) -> None:
 
 
 def export_fleet(model_spec: str, adapter: str | Path, classes: dict[tuple[str, str], list[str]],
-                 out: str | Path, log=print, max_seq_len: int = 256, per_task: int = 4) -> list[dict]:
+                 out: str | Path, log=print, max_seq_len: int = 256, per_task: int | None = None) -> list[dict]:
     """Export ``adapter`` on ``model_spec`` for every class; returns the index rows."""
     from .build import export
-    from .parity import ParityError, parity_report
+    from .parity import PROMPTS_PER_TASK, ParityError, parity_report
+
+    per_task = per_task or PROMPTS_PER_TASK
 
     out = Path(out)
     rows = []

@@ -1,4 +1,4 @@
-"""A GGUF base's own quantization grid, carried into the ONNX int4 base instead of a second one.
+"""A GGUF base's own quantization grid, carried into the ONNX int4 and int8 bases instead of a second one.
 
 A base that comes from a GGUF file (the built-in SmolLM2 is ``Q4_1``: every decoder projection in
 4-bit blocks of 32, the tied embedding/head in ``Q8_0``) is already quantized: the float weights
@@ -23,6 +23,12 @@ bit (rows matched by content: the GGUF converter permutes the rows of q and k fo
 layout); any other tensor (a K-quant, a type not listed, a mismatch) keeps the builder's own
 quantization, and the export reports it.  The adapter stays apart in fp32, so an int4 base built
 this way loses nothing on the weights: what is left is the int8 activations inside the kernel.
+
+An int8 base (symmetric ``MatMulNBits``, 8-bit codes with the implied zero point 128) carries the
+same grids: a 4-bit block's codes, shifted by 128 minus its zero point (:func:`as_int8`), with the
+same scale and offset term.  Quantizing the file's 4-bit values again onto an 8-bit grid of its
+own added an error of its own (on the quick run's adapter as large as the int8 activations':
+docs/results.md); carried, the int8 base has the file's weights exactly, as int4 has.
 """
 
 from __future__ import annotations
@@ -97,6 +103,18 @@ def centred(g: Grid) -> Grid:
     return Grid(g.codes, g.scale, (g.offset + g.scale * z).astype(np.float32), g.zero + z.astype(np.uint8), g.bits)
 
 
+def as_int8(g: Grid) -> Grid:
+    """``g`` as 8-bit codes with zero point 128 (what a symmetric int8 ``MatMulNBits`` implies when it
+    has no zero-point input): the same values, every code shifted by ``128 - zero``."""
+    if g.bits == 8 and bool((g.zero == 128).all()):
+        return g
+    n, k = g.codes.shape
+    shift = 128 - np.repeat(g.zero.astype(np.int16), BLOCK, axis=1)
+    codes = g.codes.astype(np.int16) + shift
+    assert codes.min() >= 0 and codes.max() <= 255, "a 4-bit grid always fits 8 bits"
+    return Grid(codes.astype(np.uint8), g.scale, g.offset, np.full_like(g.zero, 128), 8)
+
+
 def dequantize(g: Grid) -> np.ndarray:
     n, k = g.codes.shape
     q = g.codes.reshape(n, k // BLOCK, BLOCK).astype(np.float32) - g.zero[:, :, None]
@@ -160,7 +178,8 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> tuple[list[str], li
     """Put ``grids`` into the built base's ``MatMulNBits`` initializers in place (graph and
     external data), adding the offset term where a grid has one; returns the initializer
     prefixes carried and those of every other quantized matmul (left as the builder quantized
-    them: no grid for it, no zero-point input, or another bit width or block size)."""
+    them: no grid for it, no zero-point input (8-bit codes carry one of 128 without it: :func:`as_int8`),
+    or another bit width or block size)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -184,8 +203,10 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> tuple[list[str], li
         prefix = node.input[1].rsplit(".weight_", 1)[0]
         grid = grids.get(prefix)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (grid is None or len(node.input) < 4 or attrs.get("bits") != grid.bits or attrs.get("block_size") != BLOCK
-                or (attrs.get("N"), attrs.get("K")) != grid.codes.shape):
+        implied = len(node.input) < 4  # no zero-point input: 2^(bits-1), the symmetric int8 build's
+        if (grid is None or attrs.get("bits") != grid.bits or attrs.get("block_size") != BLOCK
+                or (attrs.get("N"), attrs.get("K")) != grid.codes.shape
+                or (implied and not (grid.bits == 8 and bool((grid.zero == 128).all())))):
             other.append(prefix)
             continue
         n, k = grid.codes.shape
@@ -198,7 +219,8 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> tuple[list[str], li
             zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
         else:
             zp = grid.zero
-        put(node.input[3], zp)
+        if not implied:
+            put(node.input[3], zp)
         carried.append(prefix)
         if grid.offset is None:
             continue

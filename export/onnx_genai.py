@@ -37,16 +37,18 @@ ADAPTER_FILE = "adapter.onnx_adapter"
 MODEL_FILE = "model.onnx"
 BASE_META = "base.json"
 # bump when the built base changes (a cached base of another version is not reused); 2: int4 keeps a
-# GGUF base's own grid; 3: its block sums shared by projections of one input; 4: centred zero points
-FORMAT_VERSION = 4
+# GGUF base's own grid; 3: its block sums shared by projections of one input; 4: centred zero points;
+# 5: int8 keeps it too
+FORMAT_VERSION = 5
 _MODULE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>\w+)$")
 
 # The builder's weight-only quantization per --quant, at the CPU kernel's accuracy level 4 (int8
 # activations inside MatMulNBits, the builder's CPU default): level 1 (fp32 activations) agreed no
 # better on the answer tokens of trained SmolLM2 adapters and decoded 30x slower.  int4 uses k-quant
-# and keeps the largest, most output-sensitive matmul (lm_head) in int8; a base loaded from a 4-bit
-# GGUF (the built-in SmolLM2) then gets its own file's codes instead (export/gguf_grid.py): on that
-# base, no variant that quantized again reached 90% agreement, its own grid does (docs/results.md).
+# and keeps the largest, most output-sensitive matmul (lm_head) in int8.  A base loaded from a 4-bit
+# GGUF (the built-in SmolLM2) gets its own file's codes instead, in int4 and int8 alike
+# (export/gguf_grid.py): on that base, no int4 that quantized again reached 90% agreement, its own
+# grid does; int8 quantized again lost the bar on the quick run's adapter (docs/results.md).
 PRECISION = {
     "fp32": ("fp32", {}),
     "int8": ("int8", {"block_size": "32", "accuracy_level": "4", "is_symmetric": "true"}),
@@ -155,8 +157,8 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
                max_seq_len: int, log_file: Path | None = None, gguf: Path | None = None,
                log=None) -> tuple[Path, list[str], dict]:
     """Build the KV-cached base with LoRA inputs on ``modules`` into ``out``; returns
-    ``(model.onnx, layers left unquantized, how the int4 weights were quantized)``.  ``gguf``: the
-    file the base was loaded from; for int4, its own 4-bit grid is kept where it can be
+    ``(model.onnx, layers left unquantized, how the int4/int8 weights were quantized)``.  ``gguf``: the
+    file the base was loaded from; for int4 and int8, its own 4-bit grid is kept where it can be
     (:mod:`export.gguf_grid`) instead of quantizing its dequantized weights again.  ``log``: a line
     per stage."""
     log = log or (lambda line: None)
@@ -169,16 +171,18 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
         log(f"running onnxruntime-genai's model builder ({quant}; its log: {log_file or out.parent / 'builder.log'})")
         run_builder(stage, built, quant, bool(getattr(model.config, "tie_word_embeddings", False)),
                     log_file or out.parent / "builder.log")
-        if quant == "int4" and gguf is not None:
-            from .gguf_grid import apply_grids, read_grids
+        if quant in ("int4", "int8") and gguf is not None:
+            from .gguf_grid import apply_grids, as_int8, read_grids
 
-            log(f"carrying the 4-bit codes of {gguf.name} into the int4 matmuls")
+            log(f"carrying the codes of {gguf.name} into the {quant} matmuls")
             try:
                 grids = read_grids(gguf, model.state_dict())
             except (ValueError, OSError, KeyError) as exc:  # a file gguf cannot read: quantize again
-                print(f"export: {gguf}: its tensors cannot be read ({exc}); int4 quantizes the weights again",
+                print(f"export: {gguf}: its tensors cannot be read ({exc}); {quant} quantizes the weights again",
                       file=sys.stderr)
                 grids = {}
+            if quant == "int8":
+                grids = {name: as_int8(g) for name, g in grids.items()}
             carried, other = apply_grids(built / MODEL_FILE, grids)
             if carried:
                 grid_info = {"grid": "gguf", "grid_tensors": len(carried), "requantized": sorted(other)}
@@ -264,7 +268,7 @@ def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str
     import onnxruntime
     import onnxruntime_genai
 
-    gguf = _gguf_of(model_spec) if quant == "int4" else None
+    gguf = _gguf_of(model_spec) if quant in ("int4", "int8") else None
     key_fields = {"weights": weights, "modules": sorted(f"{m}:{i}x{o}" for m, (i, o) in modules.items()),
                   "gguf": _file_digest(gguf) if gguf is not None else None,
                   "quant": quant, "options": PRECISION[quant][1], "max_seq_len": max_seq_len, "format": FORMAT_VERSION,

@@ -57,6 +57,7 @@ class How:
     slow: str | None = "same"           # the slow tier: the same, or its own
     kind: str = "fg"                    # fg | bg | server
     why: str = ""                       # for None and FLAGS, and for a changed command
+    says: str | None = None             # the slow tier: what its output must hold (the SmolLM2 run's answer)
 
     def tier(self, slow: bool) -> str | None:
         return self.default if not slow or self.slow == "same" else self.slow
@@ -87,7 +88,7 @@ HOW: list[tuple[str, str, How]] = [
                                                          "tiny model's, whose random weights give near-flat logits: "
                                                          "top-1 agreement measures nothing there")),
     ("README.md", r"fedlora export .*--format executorch", How("{cmd}")),
-    ("README.md", r"fedlora generate", How("{cmd}")),
+    ("README.md", r"fedlora generate", How("{cmd}", says="42")),  # the quick and the default adapter: 42
     ("README.md", r"fedlora simulate --fleet edge-runtimes .*--export", How(FLAGS, TINY, why="an hour with "
                                                                              "SmolLM2 (two training programs, "
                                                                              "four exports): the tiny model's")),
@@ -277,6 +278,9 @@ def run_page(page: str, slow: bool) -> None:
                     os.killpg(proc.pid, signal.SIGKILL)
                     pytest.fail(f"{where} did not end within {limit} s: {_tail(log)}")
                 assert rc == 0, f"{where} exited {rc}: {_tail(log)}"
+                if slow and rule.says is not None:
+                    assert rule.says in log.read_text(errors="replace").split(), f"{where} did not say {rule.says}: " \
+                        f"{_tail(log)}"
                 continue
             started.append(Started(proc, where, rule.kind, log))
             if rule.kind == "server":

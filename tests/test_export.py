@@ -105,10 +105,13 @@ def test_a_damaged_cached_base_is_built_again(tmp_path, adapter):
     from export.onnx_genai import BASE_META
 
     _, meta1, _, _ = export("tiny-llama", adapter, "onnx", "int8", tmp_path / "one")
+    import json
     import os
     from pathlib import Path
 
-    cached = next(p for p in (Path(os.environ["FEDLORA_CACHE"]) / "onnx-bases").glob("int8-*") if (p / BASE_META).is_file())
+    # this export's base: other tests of the session cache bases of their own beside it
+    cached = next(p for p in (Path(os.environ["FEDLORA_CACHE"]) / "onnx-bases").glob("int8-*")
+                  if (p / BASE_META).is_file() and json.loads((p / BASE_META).read_text())["sha256"] == meta1["base_sha256"])
     (cached / "model.onnx.data").unlink()  # a cleaner took a file away
     artifact, meta2, reference, _ = export("tiny-llama", adapter, "onnx", "int8", tmp_path / "two")
     assert not meta2["base_reused"] and meta2["base_sha256"] == meta1["base_sha256"]
@@ -202,7 +205,7 @@ def test_the_runs_system_prompt_is_what_fedlora_json_says_and_a_legacy_null_what
 @pytest.mark.integration
 def test_a_built_in_task_run_exports_and_generates_with_the_prompt_it_trained_with(tmp_path, monkeypatch, capsys):
     """A run on the built-in tasks trained with their system prompt: fedlora.json records it (it
-    recorded null, and `generate` then gave the model no system prompt: "add 12 and 30" -> 15), the
+    recorded null, and `generate` then gave the model no system prompt: "What is 12 + 30?" -> 62), the
     export and its parity report use it, and so does `generate`."""
     import edge_client.data as data
     from edge_client.data import SYSTEM_PROMPT
@@ -222,7 +225,7 @@ def test_a_built_in_task_run_exports_and_generates_with_the_prompt_it_trained_wi
     real = data.prompt_ids
     monkeypatch.setattr(data, "prompt_ids", lambda tok, ex, *a, **k: seen.append(ex.system) or real(tok, ex, *a, **k))
     for extra, want in (([], SYSTEM_PROMPT), (["--system", ""], None), (["--system", "Be brief."], "Be brief.")):
-        assert main(["generate", "--artifact", str(onnx), "--prompt", "add 12 and 30", "--max-new-tokens", "2",
+        assert main(["generate", "--artifact", str(onnx), "--prompt", "What is 12 + 30?", "--max-new-tokens", "2",
                      *extra]) == 0
         assert seen[-1] == want
 
