@@ -52,7 +52,7 @@ def _where(exc: BaseException) -> str:
 
 def _registered(module: str | None = None) -> set[str]:
     """The registered methods' names (those whose class is defined in ``module`` or below it)."""
-    from .methods.base import _REGISTRY
+    from .methods.registry import _REGISTRY
 
     return {n for n, cls in _REGISTRY.items()
             if module is None or cls.__module__ == module or cls.__module__.startswith(module + ".")}
@@ -141,7 +141,7 @@ def load_installed(name: str) -> bool:
                               f"{ENTRY_POINTS}) failed to import: {type(exc).__name__}: {exc} "
                               f"(at {_where(exc)})") from exc
         if isinstance(obj, type):
-            from .methods.base import _REGISTRY, register
+            from .methods.registry import _REGISTRY, register
 
             if _REGISTRY.get(getattr(obj, "name", None)) is not obj:
                 register(obj)

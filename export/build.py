@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .runners import ExportError
+from .errors import ExportError
 
 FORMATS = {"onnx": ("fp32", "int8", "int4"), "executorch": ("fp32", "8da8w", "8da4w")}
 GROUP = 32  # 8da8w / 8da4w weight group size

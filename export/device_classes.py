@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from .runners import ExportError
+from .errors import ExportError
 
 MODULES = {"onnx": ("onnxruntime", "onnx", "onnxruntime_genai"), "executorch": ("executorch", "torchao")}
 

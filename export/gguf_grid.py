@@ -183,7 +183,7 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> tuple[list[str], li
     import onnx
     from onnx import helper, numpy_helper
 
-    from .onnx_genai import insert_after
+    from .onnx_edit import insert_after
 
     m = onnx.load(str(model_path))
     g = m.graph

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .runners import ArtifactError, ExportError
+from .errors import ArtifactError, ExportError
+from .onnx_edit import insert_after
 
 ADAPTER_FILE = "adapter.onnx_adapter"
 MODEL_FILE = "model.onnx"
@@ -131,16 +132,6 @@ def add_lora_inputs(model_path: Path, modules: dict[str, tuple[int, int]]) -> No
     insert_after(g, after)  # each branch right after its base matmul
     onnx.save(m, str(model_path))
 
-
-def insert_after(graph, after: dict[int, list]) -> None:
-    """Put the nodes ``after[i]`` right after the graph's node ``i``, in place: new nodes that read
-    only what node ``i`` and those before it make keep the node list in topological order."""
-    nodes = []
-    for i, n in enumerate(graph.node):
-        nodes.append(n)
-        nodes.extend(after.get(i, []))
-    del graph.node[:]
-    graph.node.extend(nodes)
 
 
 def _tune_config(folder: Path, max_seq_len: int) -> None:

@@ -20,15 +20,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .errors import ArtifactError, ExportError  # noqa: F401 - ExportError: imported from here by users
+
 META = "export.json"
-
-
-class ExportError(ValueError):
-    """Bad input to an export: an unknown format or quantization, an adapter folder that is not one."""
-
-
-class ArtifactError(ExportError):
-    """An artifact that is missing, of an unknown kind, or that its runtime cannot load."""
 
 
 class Runner(Protocol):

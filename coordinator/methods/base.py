@@ -27,6 +27,9 @@ from edge_client.lora import ClientPlan, Factors, ModulePlan, slice_factors, to_
 from ..aggregate import ComponentAverager, Contribution
 from ..planner import NO_FOOTPRINT, Footprint
 
+# the registry's names, imported from here by methods and plugins
+from .registry import _REGISTRY, method_names, register, section_of, settings_classes, unregister  # noqa: F401
+
 
 @dataclass(frozen=True)
 class MethodContext:
@@ -291,37 +294,7 @@ class Bound:
 
 
 # --------------------------------------------------------------------------------- registry
-
-_REGISTRY: dict[str, type] = {}
-
-
-def section_of(cls) -> str:
-    return getattr(cls, "section", None) or cls.name.replace("-", "_")
-
-
-def register(cls: type) -> type:
-    """Class decorator: add a method under its ``name`` (twice is an error)."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"method class {cls.__name__} has no 'name'")
-    if not callable(getattr(cls, "plan", None)):
-        raise ValueError(f"method '{name}' has no 'plan'")
-    if not (callable(getattr(cls, "aggregate", None)) or callable(getattr(cls, "accumulator", None))):
-        raise ValueError(f"method '{name}' has neither 'aggregate' nor 'accumulator'")
-    if name in _REGISTRY:
-        raise ValueError(f"method '{name}' is registered twice")
-    _REGISTRY[name] = cls
-    return cls
-
-
-def unregister(name: str) -> None:
-    """Remove a method (a test's throw-away one); unknown names are ignored."""
-    _REGISTRY.pop(name, None)
-
-
-def method_names() -> list[str]:
-    """The registered methods (the built-in ones and those plugins have registered so far)."""
-    return sorted(_REGISTRY)
+# the registry itself is coordinator/methods/registry.py (plugins load into it without this module)
 
 
 def is_registered(name: str) -> bool:
@@ -342,8 +315,3 @@ def get_method(name: str) -> Bound:
 
         raise ValueError(not_registered(name, method_names()))
     return Bound(_REGISTRY[name]())
-
-
-def settings_classes() -> dict[str, type]:
-    """Config section -> settings dataclass, of every registered method that has settings."""
-    return {section_of(cls): cls.Settings for cls in _REGISTRY.values() if getattr(cls, "Settings", None)}
