@@ -18,7 +18,7 @@ import yaml
 from edge_client.data import TASKS
 from edge_client.framing import NAME as RUN_ID
 from edge_client.profile import TRAINERS
-from edge_client.trainer import OPTIMIZERS, SCHEDULES, TrainSettings
+from edge_client.trainer import BASE_QUANTS, DTYPES, OPTIMIZERS, SCHEDULES, TrainSettings
 
 from .errors import ConfigError
 
@@ -339,6 +339,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0 <= t.warmup_steps < t.steps or t.warmup_steps == 0, "train.warmup_steps",
            f"must be non-negative and below train.steps ({t.steps})")
     _check(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+    _check(t.dtype in DTYPES, "train.dtype", f"must be one of {', '.join(DTYPES)}, got {t.dtype!r}")
+    _check(t.dtype != "fp16" or cfg.device != "cpu", "train.dtype",
+           "fp16 needs a CUDA device (device: cpu); use bf16 (half the base's bytes on a CPU as well) or fp32")
+    _check(t.base_quant in BASE_QUANTS, "train.base_quant", f"must be one of {', '.join(BASE_QUANTS)}, got {t.base_quant!r}")
     _check(cfg.planner.round_deadline_s > 0, "planner.round_deadline_s", "must be positive")
     _check(cfg.planner.transfer_budget_s > 0, "planner.transfer_budget_s", "must be positive")
     tr = cfg.transport

@@ -61,7 +61,7 @@ from .faults import crash_point
 from .fleet import Device, load_fleet
 from .methods import MethodContext, get_method
 from .partition import build_data, cut_note
-from .planner import NO_FOOTPRINT, Capacity, Footprint, ModelShape, plan_capacity
+from .planner import NO_FOOTPRINT, Capacity, Footprint, ModelShape, TrainForm, plan_capacity
 from .report import build_report, save_outputs, write_report
 from .runstate import RoundJournal, RunState, SnapshotStore, restore, snapshot_files
 from .validate import UpdateRejected, capped_weight, check_report, validate_update
@@ -140,7 +140,7 @@ def capacity_for(cfg: RunConfig, shape: ModelShape, profile, fp: Footprint = NO_
     t, p = cfg.train, cfg.planner
     return plan_capacity(profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
                          seq=t.max_seq_len, deadline_s=p.round_deadline_s, overhead_gb=p.runtime_overhead_gb,
-                         transfer_budget_s=p.transfer_budget_s, footprint=fp)
+                         transfer_budget_s=p.transfer_budget_s, footprint=fp, form=TrainForm.of(t))
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,9 @@ class Engine:
         self.source = resolve_model(cfg.model)
         self.fleet = load_fleet(cfg.fleet)
         self.device = pick_device(cfg.device)
+        if cfg.train.dtype == "fp16" and self.device != "cuda":
+            raise ConfigError(f"train.dtype: fp16 needs a CUDA device, and this run trains on the {self.device} "
+                              f"(device: {cfg.device}); use bf16 (half the base's bytes on a CPU as well) or fp32")
         self.reporter = reporter or _Silent()
         self.t_start = time.perf_counter()
 
@@ -208,11 +211,14 @@ class Engine:
             except TargetModulesError as exc:
                 raise ConfigError(str(exc)) from None
         self.reporter.status(f"loading model {cfg.model}")
-        self.model, self.tok = load_model(self.source, self.device)
+        self.model, self.tok = load_model(self.source, self.device, cfg.train.dtype, cfg.train.base_quant)
         targets = list(cfg.lora.target_modules) or default_target_modules(self.model)
         self.targets = targets
         self.dims = adapted_modules(self.model, targets)
         self.ctx = method_context(cfg, self.dims)
+        if cfg.train.base_quant != "none" and self.method.footprint(self.ctx).fold:
+            raise ConfigError(f"train.base_quant: method {cfg.method} folds components into the base weights, which a "
+                              f"quantized ({cfg.train.base_quant}) base cannot hold; use train.base_quant none")
         self.shape = ModelShape.from_model(self.model, self.dims)
         self.R = self.method.global_rank(self.ctx)
 

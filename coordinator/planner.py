@@ -68,6 +68,48 @@ EXECUTORCH_STEP_FACTOR = 1.4
 # bench/planner_memory.py --trainer executorch then predicts 0.955 of the measured peak (0.881
 # without the term).
 XNNPACK_WORKSPACE = 1.5
+# A quantized base computing in float32 dequantizes every weight to float32 in each forward and
+# backward pass (0.4 GB a pass on SmolLM2): these transients churn through the heap between the
+# activations, and glibc's heap holds more at its peak than with a float base: measured 1.9-2.2x
+# the counted activations at batch 4, 8 and 16 for NF4 and int8 (bench/planner_memory.py), where a
+# float base (or a quantized one computing in bf16, whose transients are half the size) holds 1.35x
+QUANT_FP32_SLACK = 2.05
+# Gradient checkpointing keeps each decoder layer's input and recomputes the layer in the backward
+# pass; at the peak the process holds about this many layers' activations beside them (the
+# recomputed layer, its gradients, and the heap's hold on the forward pass's freed intermediates;
+# fitted on SmolLM2 fp32 batch 8, where counting one layer predicted 0.89 of the measured peak)
+GC_LIVE_LAYERS = 6
+# Bytes per token and vocabulary entry at the loss: float32 logits, their log-softmax and the two
+# gradients (4 x 4); off float32, the head's output in the base's dtype is upcast to float32 for
+# the loss (transformers does), so its half-precision copy and gradient come on top (2 x 2)
+LOGITS_BYTES = {"fp32": 16, "bf16": 20, "fp16": 20}
+
+
+@dataclass(frozen=True)
+class TrainForm:
+    """How the torch trainer holds the frozen base and what it keeps for the backward pass:
+    ``train.dtype``, ``train.base_quant``, ``train.gradient_checkpointing`` and ``train.packing``
+    (a packed row is ``max_seq_len`` tokens, the worst case the planner counts for every batch; what
+    packing adds is the attention mask that keeps each example to itself, with which transformers
+    repeats the key and value heads for the attention kernel)."""
+
+    dtype: str = "fp32"
+    base_quant: str = "none"
+    checkpointing: bool = False
+    packing: bool = False
+
+    @classmethod
+    def of(cls, train) -> TrainForm:
+        """The form a run config's ``train`` section asks for."""
+        return cls(train.dtype, train.base_quant, train.gradient_checkpointing, train.packing)
+
+
+FP32 = TrainForm()
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# bytes per quantized weight: NF4 packs two 4-bit codes a byte, plus an int8 scale per block of 64
+# and a second-level scale per block of scales (edge_client/precision.py); int8 is a byte a weight
+# (its per-row scale is counted apart, per row)
+QUANT_BYTES = {"nf4": 0.5 + 1 / 64, "int8": 1.0}
 
 
 @dataclass(frozen=True)
@@ -82,6 +124,7 @@ class ModelShape:
     kv_dim: int
     vocab: int
     adapted: dict  # module path -> (in_features, out_features)
+    untied_head: int = 0  # parameters of an output head that is not the embedding (0: tied, or none)
 
     @classmethod
     def from_model(cls, model, adapted: Mapping[str, tuple[int, int]]) -> ModelShape:
@@ -91,8 +134,12 @@ class ModelShape:
         kv = getattr(cfg, "num_key_value_heads", None) or heads
         # tied embeddings are one tensor; parameters() already yields it once
         n = sum(p.numel() for p in model.parameters())
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        untied = (head.weight.numel() if head is not None and emb is not None and head.weight is not emb.weight
+                  else 0)
         return cls(n, cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
-                   cfg.num_hidden_layers, heads, kv * head_dim, cfg.vocab_size, dict(adapted))
+                   cfg.num_hidden_layers, heads, kv * head_dim, cfg.vocab_size, dict(adapted), untied)
 
     def lora_params(self, rank: int) -> int:
         return rank * sum(i + o for i, o in self.adapted.values())
@@ -103,22 +150,50 @@ def adapter_bytes(shape: ModelShape, rank: int) -> int:
     return shape.lora_params(rank) * BYTES + HEADER_BYTES
 
 
+def base_bytes(shape: ModelShape, dtype: str = "fp32", base_quant: str = "none") -> float:
+    """Bytes of the frozen base as the torch trainer holds it: every parameter in ``dtype``, or
+    with ``base_quant`` the decoder's Linear weights quantized (everything but the embedding and
+    an untied head; the norms, a few thousand weights, are counted with them) and the rest in
+    ``dtype``."""
+    b = DTYPE_BYTES[dtype]
+    if base_quant == "none":
+        return shape.n_params * b
+    kept = shape.vocab * shape.hidden + shape.untied_head
+    quantized = shape.n_params - kept
+    scales = quantized / shape.hidden * 4 if base_quant == "int8" else 0  # one float32 scale per row
+    return quantized * QUANT_BYTES[base_quant] + scales + kept * b
+
+
 def memory_bytes(shape: ModelShape, rank: int, batch: int, seq: int, overhead_gb: float,
-                 trainer: str = "torch", base: str = "fp32") -> dict[str, float]:
+                 trainer: str = "torch", base: str = "fp32", form: TrainForm = FP32) -> dict[str, float]:
     """Predicted peak memory of local training, by part, in bytes (``trainer``/``base``: the
-    profile's ``trainer`` and ``trainer_base``)."""
+    profile's ``trainer`` and ``trainer_base``; ``form``: the torch trainer's dtype, quantized base
+    and checkpointing, :class:`TrainForm`)."""
     tokens = batch * seq
     embedding = shape.vocab * shape.hidden
-    base_bytes = (shape.n_params * BYTES if base == "fp32"
-                  else (shape.n_params - embedding) + embedding * BYTES)
+    if trainer == "torch":
+        weights = base_bytes(shape, form.dtype, form.base_quant)
+    else:
+        weights = (shape.n_params * BYTES if base == "fp32" else (shape.n_params - embedding) + embedding * BYTES)
+        form = FP32
+    act = DTYPE_BYTES[form.dtype]
     lora_copies = 4 if trainer == "torch" else 2  # AdamW: weights, grads, two moments; SGD: weights, grads
     h, inter, kv = shape.hidden, shape.intermediate, shape.kv_dim
     per_layer_token = 6 * h + 2 * kv + 3 * inter + shape.heads  # see module docstring
-    lora_act = sum(rank for _ in shape.adapted.values())  # A·x per adapted module (x is the norm output)
+    if form.packing:  # a mask (the examples' bounds): transformers repeats k and v for all heads before sdpa
+        per_layer_token += 2 * (h - kv)
+    slack = QUANT_FP32_SLACK if form.base_quant != "none" and form.dtype == "fp32" else ACTIVATION_SLACK
+    # per adapted module, A·x (float32), and off float32 the float32 copy of x that peft makes for A
+    lora_act = sum(rank + (n_in if form.dtype != "fp32" else 0) for n_in, _ in shape.adapted.values()) * BYTES
+    layer_act = slack * per_layer_token * act + lora_act / shape.layers  # one layer's, per token
+    if form.checkpointing:  # each layer's input kept, and a few layers' activations live (GC_LIVE_LAYERS)
+        activations = tokens * (shape.layers * h * act + min(shape.layers, GC_LIVE_LAYERS) * layer_act)
+    else:
+        activations = tokens * shape.layers * layer_act
     parts = {
-        "base": base_bytes,
-        "activations": tokens * (ACTIVATION_SLACK * shape.layers * per_layer_token + lora_act) * BYTES,
-        "logits": 4 * tokens * shape.vocab * BYTES,
+        "base": weights,
+        "activations": activations,
+        "logits": tokens * shape.vocab * LOGITS_BYTES[form.dtype],
         "lora_train": lora_copies * shape.lora_params(rank) * BYTES,
         "runtime": overhead_gb * GB,
     }
@@ -127,14 +202,16 @@ def memory_bytes(shape: ModelShape, rank: int, batch: int, seq: int, overhead_gb
     return parts
 
 
-def step_flops(shape: ModelShape, rank: int, batch: int, seq: int) -> float:
+def step_flops(shape: ModelShape, rank: int, batch: int, seq: int, checkpointing: bool = False) -> float:
     """FLOPs of one training step: forward, plus the input-gradient half of the backward pass
-    (the base is frozen), plus full forward+backward of the LoRA factors, plus attention."""
+    (the base is frozen), plus full forward+backward of the LoRA factors, plus attention; with
+    gradient checkpointing the backward pass runs every layer's forward again (the head's not)."""
     tokens = batch * seq
     dense = 2 * shape.n_params * tokens * 2
     attn = 2 * 2 * batch * seq * seq * shape.hidden * shape.layers * 2
     lora = 6 * tokens * shape.lora_params(rank)
-    return float(dense + attn + lora)
+    again = (2 * (shape.n_params - shape.vocab * shape.hidden) * tokens + attn / 2 + lora / 3) if checkpointing else 0
+    return float(dense + attn + lora + again)
 
 
 @dataclass(frozen=True)
@@ -167,13 +244,16 @@ NO_FOOTPRINT = Footprint()
 
 
 def device_estimate(profile: DeviceProfile, shape: ModelShape, rank: int, steps: int, batch: int,
-                    seq: int, overhead_gb: float, fp: Footprint = NO_FOOTPRINT) -> tuple[float, float, float]:
-    """(memory GB, seconds per step, seconds per round) for ``profile`` at ``rank``."""
+                    seq: int, overhead_gb: float, fp: Footprint = NO_FOOTPRINT,
+                    form: TrainForm = FP32) -> tuple[float, float, float]:
+    """(memory GB, seconds per step, seconds per round) for ``profile`` at ``rank``; ``form``: the
+    torch trainer's dtype, quantized base and checkpointing (a device with another trainer has its own)."""
     held = max(rank, fp.hold_rank or 0)
-    fold_bytes = sum(n * m for n, m in shape.adapted.values()) * BYTES if fp.fold else 0
-    parts = memory_bytes(shape, held, batch, seq, overhead_gb, profile.trainer, profile.trainer_base)
+    fold_bytes = sum(n * m for n, m in shape.adapted.values()) * DTYPE_BYTES[form.dtype] if fp.fold else 0
+    parts = memory_bytes(shape, held, batch, seq, overhead_gb, profile.trainer, profile.trainer_base, form)
     mem = (sum(parts.values()) + fold_bytes) / GB
-    step = step_flops(shape, held, batch, seq) / (profile.compute_gflops * 1e9 * STEP_EFFICIENCY)
+    gc = form.checkpointing and profile.trainer == "torch"
+    step = step_flops(shape, held, batch, seq, gc) / (profile.compute_gflops * 1e9 * STEP_EFFICIENCY)
     if profile.trainer == "executorch":
         step *= EXECUTORCH_STEP_FACTOR
     return mem, step, transfer_seconds(profile, shape, rank, fp.down_rank) + steps * step
@@ -189,16 +269,17 @@ def transfer_seconds(profile: DeviceProfile, shape: ModelShape, rank: int, down_
 
 def plan_capacity(profile: DeviceProfile, shape: ModelShape, *, max_rank: int, steps: int, batch: int,
                   seq: int, deadline_s: float, overhead_gb: float, transfer_budget_s: float = float("inf"),
-                  footprint: Footprint = NO_FOOTPRINT) -> Capacity:
+                  footprint: Footprint = NO_FOOTPRINT, form: TrainForm = FP32) -> Capacity:
     """The largest rank in 1..max_rank that fits memory, deadline and transfer budget; rank 0 with
-    a reason if none.  ``footprint``: what the method adds (see :class:`Footprint`)."""
+    a reason if none.  ``footprint``: what the method adds (see :class:`Footprint`); ``form``: the
+    torch trainer's dtype, quantized base and checkpointing (:class:`TrainForm`)."""
     down_rank = footprint.down_rank
     for rank in range(max_rank, 0, -1):
-        mem, step, total = device_estimate(profile, shape, rank, steps, batch, seq, overhead_gb, footprint)
+        mem, step, total = device_estimate(profile, shape, rank, steps, batch, seq, overhead_gb, footprint, form)
         if (mem <= profile.memory_usable_gb and total <= deadline_s
                 and transfer_seconds(profile, shape, rank, down_rank) <= transfer_budget_s):
             return Capacity(profile.name, rank, mem, profile.memory_usable_gb, step, total)
-    mem, step, total = device_estimate(profile, shape, 1, steps, batch, seq, overhead_gb, footprint)
+    mem, step, total = device_estimate(profile, shape, 1, steps, batch, seq, overhead_gb, footprint, form)
     reasons = []
     moving = transfer_seconds(profile, shape, 1, down_rank)
     if moving > transfer_budget_s:

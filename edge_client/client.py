@@ -240,7 +240,8 @@ def run(args) -> int:
             if trainer_of(meta) == "executorch":  # the program holds the model: only the tokenizer is loaded
                 tokenizer = tokenizer or load_tokenizer(meta["model"])
                 programs = programs or ProgramStore(programs_dir, threads=args.threads or 0)
-            elif peft_model is None:
+            elif peft_model is None or not same_base(peft_model, meta):  # loaded once, again if the form changes
+                peft_model = None
                 peft_model, tokenizer = load_for_training(meta, args.threads, args.device)
             update, report = run_assignment(peft_model, tokenizer, examples, meta, plan.data, args.device,
                                             slowdown=args.slowdown, programs=programs)
@@ -297,7 +298,8 @@ def watch_memory(cap_gb: float, report, device: str) -> None:
 
 
 def load_for_training(meta: dict, threads: int | None, device: str = "cpu"):
-    """The base model named by the plan, on ``device``, wrapped for assignments (loaded once, kept)."""
+    """The base model named by the plan, on ``device``, in the dtype and quantization its ``train``
+    asks for (``train.dtype``, ``train.base_quant``), wrapped for assignments (loaded once, kept)."""
     import torch
 
     from .models import load_model
@@ -306,8 +308,17 @@ def load_for_training(meta: dict, threads: int | None, device: str = "cpu"):
         torch.set_num_threads(threads)
     from .work import wrap
 
-    model, tok = load_model(meta["model"], device)
+    train = meta.get("train") or {}
+    model, tok = load_model(meta["model"], device, train.get("dtype", "fp32"), train.get("base_quant", "none"))
     return wrap(model, meta), tok
+
+
+def same_base(peft_model, meta: dict) -> bool:
+    """Whether the loaded base has the dtype and quantization ``meta``'s ``train`` asks for."""
+    from .precision import base_form
+
+    train = meta.get("train") or {}
+    return base_form(peft_model.get_base_model()) == (train.get("dtype", "fp32"), train.get("base_quant", "none"))
 
 
 def log(device: str, text: str) -> None:

@@ -358,6 +358,56 @@ def collate(batch: Sequence[tuple[list[int], int]], pad_id: int, width: int | No
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+Block = list[tuple[list[int], int]]  # whole encoded examples packed into one row
+
+
+def pack_examples(encoded: Sequence[tuple[list[int], int]], max_len: int) -> list[Block]:
+    """Pack encoded examples (each at most ``max_len`` tokens: :func:`encode_examples` cut them)
+    into rows of at most ``max_len`` tokens, first-fit decreasing: each example whole in one row,
+    never split across two (TRL's ``packing_strategy="bfd"``).  Examples of equal length keep the
+    order they came in, so a shuffled input gives other rows."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    blocks: list[Block] = []
+    room: list[int] = []
+    for i in order:
+        n = len(encoded[i][0])
+        if n > max_len:
+            raise ValueError(f"an example of {n} tokens does not fit a packed row of {max_len}")
+        at = next((b for b, r in enumerate(room) if r >= n), None)
+        if at is None:
+            blocks.append([])
+            room.append(max_len)
+            at = len(blocks) - 1
+        blocks[at].append(encoded[i])
+        room[at] -= n
+    return blocks
+
+
+def collate_packed(batch: Sequence[Block], pad_id: int) -> dict:
+    """Rows of packed examples: ``input_ids``, ``position_ids`` restarting at 0 at each example, and
+    ``labels`` (-100 off each example's response), right-padded to the longest row; no
+    ``attention_mask``, so transformers reads the examples' bounds off ``position_ids`` and keeps
+    each token's attention within its own example (its packed-sequence mask; TRL's padding-free
+    form).  At a bound, the next example's first token is a prompt token (``labels`` -100), so no
+    token is ever predicted from another example; the padding is a segment of its own, never scored."""
+    import torch
+
+    width = max(sum(len(ids) for ids, _ in block) for block in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, block in enumerate(batch):
+        at = 0
+        for seq, plen in block:
+            n = len(seq)
+            ids[i, at: at + n] = torch.tensor(seq)
+            pos[i, at: at + n] = torch.arange(n)
+            labels[i, at + max(plen, 1): at + n] = torch.tensor(seq[max(plen, 1):])  # a first token is never scored
+            at += n
+        pos[i, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
 def normalize_answer(text: str) -> str:
     """What exact match compares: the first line, stripped of spaces, quotes and a final period."""
     line = text.strip().split("\n", 1)[0].strip()

@@ -548,10 +548,17 @@ def train_program(trainer: ProgramTrainer, tokenizer, examples: Sequence[Example
 
 
 def schedule_unsupported(settings: TrainSettings) -> str | None:
-    """Why the executorch trainer cannot run ``settings``' schedule or accumulation, or None."""
+    """Why the executorch trainer cannot run ``settings``' schedule, accumulation or training
+    options (dtype, quantized base, checkpointing, packing: the torch trainer's), or None."""
     if settings.lr_schedule != "constant" or settings.warmup_steps:
         return (f"the executorch trainer runs SGD at a constant rate; train.lr_schedule {settings.lr_schedule} "
                 f"with train.warmup_steps {settings.warmup_steps} needs the torch trainer")
     if settings.grad_accum > 1:
         return f"the executorch trainer steps on every batch; train.grad_accum {settings.grad_accum} needs the torch trainer"
+    asked = [f"train.{k} {getattr(settings, k)}" for k, off in
+             (("dtype", "fp32"), ("base_quant", "none"), ("gradient_checkpointing", False), ("packing", False))
+             if getattr(settings, k) != off]
+    if asked:
+        return (f"the executorch trainer's program fixes its base (the profile's trainer_base) and its batches "
+                f"(batch_size x max_seq_len); {', '.join(asked)} needs the torch trainer")
     return None

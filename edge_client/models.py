@@ -289,8 +289,14 @@ def load_tokenizer(spec: str | ModelSource):
     return tok
 
 
-def load_model(spec: str | ModelSource, device: str | torch.device = "cpu"):
-    """Load ``(model, tokenizer)``: float32, eval mode, base parameters frozen, on ``device``."""
+def load_model(spec: str | ModelSource, device: str | torch.device = "cpu", dtype: str = "fp32",
+               base_quant: str = "none"):
+    """Load ``(model, tokenizer)``: eval mode, base parameters frozen, on ``device``; float32, or
+    the ``dtype`` and quantized base of :func:`edge_client.precision.prepare_base` (``train.dtype``,
+    ``train.base_quant``)."""
+    from .precision import check_device, prepare_base
+
+    check_device(dtype, device)  # before anything loads
     src = spec if isinstance(spec, ModelSource) else resolve_model(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -311,7 +317,8 @@ def load_model(spec: str | ModelSource, device: str | torch.device = "cpu"):
     model.generation_config.pad_token_id = tok.pad_token_id
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.to(device).eval(), tok
+    prepare_base(model, dtype, base_quant, device)
+    return model.eval(), tok
 
 
 def default_target_modules(model) -> list[str]:

@@ -68,6 +68,12 @@ def folded(peft_model, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     ``factors`` hold all R components (global order).  Inside the block the base of each adapted
     module is ``W0 + s·B[:, F] A[F]`` with ``F`` the non-selected components.
     """
+    from .precision import is_quantized
+
+    for module in plan.modules:
+        if is_quantized(_lora_layer(peft_model, module).base_layer.weight):
+            raise ValueError(f"plan: folding components into the base needs a float base, and {module}'s weight "
+                             "is quantized (train.base_quant)")
     saved = {}
     try:
         with torch.no_grad():

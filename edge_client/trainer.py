@@ -12,10 +12,11 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .data import Example, collate, encode_examples
+from .data import Example, collate, collate_packed, encode_examples, pack_examples
 
 # torch is imported where a step runs, not here: the coordinator's config reads TrainSettings, and
 # commands that train nothing (`fedlora --help`, `devices`, `methods`) start without torch
@@ -36,10 +37,17 @@ class TrainSettings:
     lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over the round's steps)
     warmup_steps: int = 0     # linear warm-up from 0 over the first steps of each round's training
     grad_accum: int = 1       # batches whose gradients make one step (the effective batch is batch_size x this)
+    # the frozen base as peft/transformers users train it (edge_client/precision.py; the torch trainer's):
+    dtype: str = "fp32"       # fp32 | bf16 | fp16: the base's weights and the compute through them (LoRA stays fp32)
+    base_quant: str = "none"  # none | nf4 | int8: the base's Linear weights quantized by torchao (QLoRA-style)
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass (transformers')
+    packing: bool = False     # whole examples packed into rows of max_seq_len tokens, attention kept within each
 
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("fp32", "bf16", "fp16")
+BASE_QUANTS = ("none", "nf4", "int8")
 
 
 def lr_scheduler(opt, schedule: str, warmup_steps: int, steps: int):
@@ -78,16 +86,37 @@ def batches(encoded: Sequence, batch_size: int, seed: int) -> Iterator[list]:
         yield batch
 
 
+def packed_batches(encoded: Sequence, batch_size: int, max_len: int, seed: int) -> Iterator[list]:
+    """Endless batches of packed rows (``train.packing``): per pass over the data a fresh
+    permutation of the examples from ``seed``, packed into rows of ``max_len`` tokens
+    (:func:`edge_client.data.pack_examples`), the rows shuffled; ``batch_size`` rows a batch, so a
+    step sees every example its rows hold (TRL's packing: the batch counts packed sequences)."""
+    rng = random.Random(seed)
+    rows: list = []
+    while True:
+        batch = []
+        while len(batch) < batch_size:
+            if not rows:
+                order = list(range(len(encoded)))
+                rng.shuffle(order)
+                rows = pack_examples([encoded[i] for i in order], max_len)
+                rng.shuffle(rows)
+            batch.append(rows.pop())
+        yield batch
+
+
 def train_steps(model, params: list[torch.nn.Parameter], batch_iter: Iterator[dict], steps: int,
                 lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0, slowdown: float = 1.0,
                 hooks=None, optimizer: str = "adamw", schedule: str = "constant", warmup_steps: int = 0,
-                grad_accum: int = 1) -> list[float]:
+                grad_accum: int = 1, scaler=None) -> list[float]:
     """Run ``steps`` AdamW (or plain SGD) steps of ``model`` on ``params``, each on ``grad_accum``
     batches; returns each step's loss (the mean over its batches).
 
     ``slowdown > 1`` stretches every step to that multiple of its time (emulating a slower device).
     ``hooks`` (e.g. :class:`edge_client.partial.PartialTraining`) has ``after_backward()``, called
-    before gradient clipping, and ``after_step()``, called after each optimiser step.
+    before gradient clipping, and ``after_step()``, called after each optimiser step.  ``scaler``
+    (a ``torch.amp.GradScaler``, for a float16 base) scales the loss and unscales the gradients
+    before the hooks see them; a step whose gradients overflowed is skipped, as the scaler does.
     """
     import torch
 
@@ -104,14 +133,21 @@ def train_steps(model, params: list[torch.nn.Parameter], batch_iter: Iterator[di
             total = 0.0
             for _ in range(grad_accum):
                 loss = model(**next(batch_iter)).loss
-                (loss / grad_accum if grad_accum > 1 else loss).backward()
+                part = loss / grad_accum if grad_accum > 1 else loss
+                (scaler.scale(part) if scaler is not None else part).backward()
                 total += float(loss.detach())
             loss = total / grad_accum
+            if scaler is not None:
+                scaler.unscale_(opt)
             if hooks is not None:
                 hooks.after_backward()
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             if sched is not None:
                 sched.step()
             opt.zero_grad(set_to_none=True)
@@ -143,14 +179,50 @@ def train_local(peft_model, tokenizer, examples: Sequence[Example], settings: Tr
     pad = tokenizer.pad_token_id
 
     def to_device() -> Iterator[dict]:
-        for b in batches(encoded, settings.batch_size, seed):
-            yield {k: v.to(device) for k, v in collate(b, pad).items()}
+        if settings.packing:
+            for b in packed_batches(encoded, settings.batch_size, settings.max_seq_len, seed):
+                yield {k: v.to(device) for k, v in collate_packed(b, pad).items()}
+        else:
+            for b in batches(encoded, settings.batch_size, seed):
+                yield {k: v.to(device) for k, v in collate(b, pad).items()}
 
+    scaler = None
+    if settings.dtype == "fp16":  # a float16 base trains with loss scaling, as TrainingArguments(fp16=True) does
+        from .precision import check_device
+
+        check_device(settings.dtype, device)
+        scaler = torch.amp.GradScaler(torch.device(device).type)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    losses = train_steps(peft_model, params, to_device(), settings.steps, settings.lr,
-                         settings.weight_decay, settings.grad_clip, slowdown, hooks, settings.optimizer,
-                         settings.lr_schedule, settings.warmup_steps, settings.grad_accum)
+    with checkpointing(peft_model, settings.gradient_checkpointing):
+        losses = train_steps(peft_model, params, to_device(), settings.steps, settings.lr,
+                             settings.weight_decay, settings.grad_clip, slowdown, hooks, settings.optimizer,
+                             settings.lr_schedule, settings.warmup_steps, settings.grad_accum, scaler)
     seconds = time.perf_counter() - t0
     return TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses), seconds, len(examples),
                        tuple(losses))
+
+
+@contextmanager
+def checkpointing(peft_model, on: bool):
+    """Gradient (activation) checkpointing of the base's decoder layers while training, as
+    ``TrainingArguments(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant":
+    False})`` sets it: transformers' own switch, which also makes the embedding output require grad
+    (what peft needs where only adapters train); both undone on exit."""
+    if not on:
+        yield
+        return
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    try:
+        yield
+    finally:
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
+        base.disable_input_require_grads()

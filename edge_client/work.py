@@ -77,6 +77,12 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
         tensors, res = train_program(programs.trainer(meta["trainer"]["program"]), tokenizer, examples, plan,
                                      received, settings, seed, slowdown)
         return _finish(meta, tensors, res)
+    from .precision import base_form
+
+    have, want = base_form(peft_model.get_base_model()), (settings.dtype, settings.base_quant)
+    if have != want:
+        raise ValueError(f"the base is loaded as train.dtype {have[0]}, train.base_quant {have[1]}; the plan asks "
+                         f"for {want[0]}, {want[1]}")
     if mixture_of(plan) is not None:  # FedLEASE: own expert and router trained, other experts frozen
         with mixture_model(peft_model, ADAPTER, plan, received, meta["targets"], meta["dropout"]) as mix:
             res = train_local(peft_model, tokenizer, examples, settings, seed, device, slowdown)
