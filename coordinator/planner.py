@@ -35,6 +35,16 @@ times ``ACTIVATION_SLACK`` for the backward pass's transient gradients and alloc
 measured on this stack.  The logits term is four float32 copies of ``tokens × vocab``: logits,
 log-softmax, and their two gradients, alive together at the loss.  ``bench/planner_memory.py``
 checks the prediction against measured peak RSS.
+
+The torch trainer's training options (:class:`TrainForm`) change the terms: ``train.dtype`` bf16
+or fp16 halves the base's bytes and the activations' (peft's float32 copy of each adapted input
+counted on top), and adds a half-precision copy of the logits and its gradient; ``train.base_quant``
+counts the decoder's Linear weights at NF4's ~0.52 or int8's ~1 byte a weight (the embedding and an
+untied head in ``dtype``), and a float32-computing quantized base holds ``QUANT_FP32_SLACK``
+instead of ``ACTIVATION_SLACK`` (measured); ``train.gradient_checkpointing`` keeps each layer's
+input and ``GC_LIVE_LAYERS`` layers' activations, and its step recomputes the layers' forward;
+``train.packing`` adds what the attention mask of packed rows costs (key and value repeated per
+head).  ``bench/planner_memory.py --options`` measures each.
 """
 
 from __future__ import annotations

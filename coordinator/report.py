@@ -416,9 +416,12 @@ def plan_table(cfg):
     fp = method.footprint(ctx)
     knob_name = method.knob
     t = cfg.train
+    form = ", ".join(x for x in (t.dtype if t.dtype != "fp32" else "", f"{t.base_quant} base" if t.base_quant != "none"
+                                 else "", "checkpointing" if t.gradient_checkpointing else "",
+                                 "packing" if t.packing else "") if x)
     table = Table(title=f"plan: {cfg.model} ({shape.n_params / 1e6:.1f} M params), method {cfg.method}, "
-                        f"batch {t.batch_size} x seq {t.max_seq_len}, {t.steps} steps, deadline "
-                        f"{cfg.planner.round_deadline_s:.0f} s")
+                        f"batch {t.batch_size} x seq {t.max_seq_len}{f' ({form})' if form else ''}, {t.steps} steps, "
+                        f"deadline {cfg.planner.round_deadline_s:.0f} s")
     if fp.down_rank is not None:
         table.caption = (f"{cfg.method} sends every device more than it trains: capacity is planned "
                          f"with a rank-{fp.down_rank} download"

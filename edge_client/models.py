@@ -183,11 +183,12 @@ def _gguf_cache_dir(src: ModelSource) -> Path:
     return cache_root() / f"{gguf_path.stem}-{key}"
 
 
-def _load_gguf(src: ModelSource):
+def _load_gguf(src: ModelSource, dtype: torch.dtype = torch.float32):
     """Load a GGUF model, dequantised to float32, through a local cache of the dequantised weights.
 
     Dequantising SmolLM2's Q4_1 file takes ~25 s on two cores; the cache (keyed by the file's
-    path, size and mtime) brings later loads down to about a second.
+    path, size and mtime) brings later loads down to about a second.  A load from the cache reads
+    the weights in ``dtype`` (``train.dtype``); the first one, which writes the cache, in float32.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -195,7 +196,7 @@ def _load_gguf(src: ModelSource):
     gguf_path = Path(src.location) / str(src.gguf_file)
     if (cache / "complete.json").is_file():
         tok = AutoTokenizer.from_pretrained(cache)
-        model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)  # read in the dtype training holds
         return model, tok
     tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file,
@@ -294,7 +295,7 @@ def load_model(spec: str | ModelSource, device: str | torch.device = "cpu", dtyp
     """Load ``(model, tokenizer)``: eval mode, base parameters frozen, on ``device``; float32, or
     the ``dtype`` and quantized base of :func:`edge_client.precision.prepare_base` (``train.dtype``,
     ``train.base_quant``)."""
-    from .precision import check_device, prepare_base
+    from .precision import check_device, prepare_base, torch_dtype
 
     check_device(dtype, device)  # before anything loads
     src = spec if isinstance(spec, ModelSource) else resolve_model(spec)
@@ -307,10 +308,10 @@ def load_model(spec: str | ModelSource, device: str | torch.device = "cpu", dtyp
             torch.manual_seed(TINY_SEED)
             model = LlamaForCausalLM(cfg)
     elif src.kind in ("builtin-gguf", "gguf"):
-        model, tok = _load_gguf(src)
+        model, tok = _load_gguf(src, torch_dtype(dtype))
     else:
         tok = AutoTokenizer.from_pretrained(src.location)
-        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=torch_dtype(dtype))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.use_cache = False
