@@ -359,8 +359,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (processes), cores/jobs threads each")
     ap.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the preset's)")
     ap.add_argument("--only", help="comma-separated claims: " + ", ".join(c.name for c in CLAIMS))
-    ap.add_argument("--arms", help="comma-separated arms to run or report (default: every arm the claims need); "
-                    "a comparison whose arms are not all there is left out")
+    ap.add_argument("--arms", help="comma-separated arms to run or report, in that order, each ARM (every seed) or "
+                    "ARM@SEED (default: every arm the claims need); a comparison that lacks a seed of one of its "
+                    "arms is left out")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
     ap.add_argument("--report", action="store_true", help="no new runs: verdicts from the runs finished so far")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and exit")
@@ -380,11 +381,15 @@ def main(argv: list[str]) -> int:
         out = Path(args.out)
         runs = build_runs(out, preset, seeds, only, sets)
         if args.arms:
-            keep = [x.strip() for x in args.arms.split(",")]
-            unknown = sorted(set(keep) - {a for a, _ in runs})
-            if unknown:
-                raise ConfigError(f"--arms: unknown arm(s) {unknown}; arms: {', '.join(dict.fromkeys(a for a, _ in runs))}")
-            runs = {k: r for k, r in runs.items() if k[0] in keep}
+            picked = []  # in the order given: ARM (every seed) or ARM@SEED
+            for item in (x.strip() for x in args.arms.split(",") if x.strip()):
+                arm, _, seed = item.partition("@")
+                keys = [k for k in runs if k[0] == arm and (not seed or str(k[1]) == seed)]
+                if not keys:
+                    raise ConfigError(f"--arms: no run '{item}'; arms: {', '.join(dict.fromkeys(a for a, _ in runs))}; "
+                                      f"seeds: {', '.join(map(str, seeds))}")
+                picked += [k for k in keys if k not in picked]
+            runs = {k: runs[k] for k in picked}
         from coordinator.compare import Entry
 
         by_fleet: dict[str, list] = {}  # the fairness check of `compare`, per fleet the arms share
