@@ -250,3 +250,30 @@ def test_a_method_that_folds_refuses_a_quantized_base(tmp_path):
                                  "data.samples_per_client": 4, "data.eval_per_domain": 1})
     with pytest.raises(ConfigError, match="^train.base_quant: method fed-plora folds components into the base"):
         Simulation(cfg, tmp_path)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["hafl", "fedlease", "flexlora"])
+def test_methods_that_hold_route_or_refactor_run_on_a_bf16_nf4_base(tmp_path, method):
+    from coordinator.simulate import Simulation
+
+    cfg = load_config(overrides={"model": "tiny-llama", "method": method, "rounds": 2, "clients_per_round": 2,
+                                 "train.steps": 1, "train.batch_size": 2, "data.eval_per_domain": 1,
+                                 "data.samples_per_client": 4, "data.tasks": ["add", "upper"], "max_new_tokens": 2,
+                                 "lora.max_rank": 4, "lora.rank": 2, "train.dtype": "bf16", "train.base_quant": "nf4",
+                                 **({"fedlease.warmup_rounds": 1} if method == "fedlease" else {})})
+    report = Simulation(cfg, tmp_path).run()
+    losses = [x for r in report["rounds"] for c in r["clients"] for x in c["losses"]]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
+def test_a_device_loads_the_base_its_plan_asks_for():
+    from edge_client.client import load_for_training, same_base
+
+    meta = {"model": "tiny-llama", "targets": TARGETS, "dropout": 0.0,
+            "plan": uniform_plan({"model.layers.0.self_attn.q_proj": (64, 64)}, 1, 2.0).to_json(),
+            "train": {"dtype": "bf16", "base_quant": "int8"}}
+    pm, _ = load_for_training(meta, None)
+    assert base_form(pm.get_base_model()) == ("bf16", "int8") and same_base(pm, meta)
+    assert not same_base(pm, {**meta, "train": {"dtype": "bf16", "base_quant": "nf4"}})
+    assert not same_base(pm, {k: v for k, v in meta.items() if k != "train"})  # an older plan: fp32, none
