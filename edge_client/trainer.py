@@ -5,6 +5,11 @@ The loop is deliberately plain (forward, backward, step) so that its cost is the
 gradients of ``grad_accum`` batches; the learning rate follows ``lr_schedule`` (transformers'
 schedulers) with ``warmup_steps`` of linear warm-up, over the round's local steps (each round's
 local training starts its schedule again, as a fresh trainer per round does).
+
+The training options: ``gradient_checkpointing`` (transformers' switch, on while a round trains),
+``packing`` (:func:`packed_batches`: rows of whole examples, their bounds in ``position_ids``) and
+``dtype: fp16`` (loss scaling) are here; ``dtype`` and ``base_quant`` are the base as it is loaded
+(:mod:`edge_client.precision`).
 """
 
 from __future__ import annotations
