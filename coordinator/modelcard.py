@@ -176,6 +176,16 @@ def model_card(e, base_model: str, *, round_idx: int, acc: dict | None, acc_roun
                                              f"{', '.join(e.targets)}" if ranks else f"; on {', '.join(e.targets)}")
              + f", scale s = {cfg.lora.scale:g} (peft's lora_alpha / r)",
              *[f"- data: {x}" if i == 0 else f"- {x}" for i, x in enumerate(data_lines(cfg))]]
+    t = cfg.train
+    if (t.dtype, t.base_quant, t.gradient_checkpointing, t.packing) != ("fp32", "none", False, False):
+        lines.append(f"- training options: the frozen base in {t.dtype}"
+                     + (f" with its Linear weights quantized to {t.base_quant} (torchao; the LoRA factors float32)"
+                        if t.base_quant != "none" else "")
+                     + ("; gradient checkpointing" if t.gradient_checkpointing else "")
+                     + ("; packed rows of whole examples" if t.packing else "")
+                     + (". An adapter trained on a quantized base learnt to correct that base: load it onto the same "
+                        "quantized base for the figures below (on the full-precision base they differ)"
+                        if t.base_quant != "none" else ""))
     if cfg.contamination.attack != "none" and cfg.contamination.fraction > 0:
         lines.append(f"- made-up contamination (a robustness experiment): attack `{cfg.contamination.attack}` on "
                      f"{cfg.contamination.fraction:.0%} of the fleet's devices")

@@ -241,6 +241,8 @@ def test_simulate_trains_on_a_quantized_checkpointed_packed_base(tmp_path):
     losses = [x for c in report["rounds"][0]["clients"] for x in c["losses"]]
     assert losses and all(math.isfinite(x) for x in losses)
     assert math.isfinite(report["rounds"][0]["accuracy"]["loss"]["overall"])
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "the frozen base in bf16 with its Linear weights quantized to nf4" in card and "packed rows" in card
 
 
 def test_a_method_that_folds_refuses_a_quantized_base(tmp_path):
