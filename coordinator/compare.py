@@ -9,7 +9,7 @@ The table (markdown, ``OUT/compare.md``), the numbers (``OUT/compare.json``) and
 (``OUT/compare.png``) are written at the end.
 
 **Fair by construction.** Before anything runs, every method's round-1 plan is made for every
-device of the fleet (:func:`~coordinator.engine.fleet_plans`); where one method would leave out
+device of the fleet (:func:`~coordinator.fleetplan.fleet_plans`); where one method would leave out
 devices that another keeps (Fed-PLoRA, HAFL and FedLEASE download the whole rank-R adapter, which a
 slow link may not carry in ``planner.transfer_budget_s``), the comparison stops (ConfigError,
 exit 2) naming the method, the devices and why, unless ``allow_unequal`` (``--allow-unequal-fleets``):
@@ -49,8 +49,8 @@ class Entry:
 
 def fleet_rank_range(cfg: RunConfig) -> tuple[int, int]:
     """(smallest, largest) planner capacity over the fleet's devices that can train."""
-    from .engine import capacity_for
     from .fleet import load_fleet
+    from .fleetplan import capacity_for
     from .planner import meta_shape
 
     shape = meta_shape(cfg.model, list(cfg.lora.target_modules) or None)
@@ -91,7 +91,7 @@ def entries(base: RunConfig, specs: list[str]) -> list[Entry]:
 def devices_taking_part(e: Entry) -> dict[str, str]:
     """Device id -> '' when ``e``'s method plans it, else why not (a method that pools every
     client's data on the server takes no device: empty)."""
-    from .engine import fleet_plans
+    from .fleetplan import fleet_plans
 
     if get_method(e.cfg.method).pools_data:
         return {}

@@ -59,9 +59,10 @@ from .errors import StorageError
 from .evaluate import answer_rate, evaluate, lead_metric, mix_accuracy
 from .faults import crash_point
 from .fleet import Device, load_fleet
-from .methods import MethodContext, get_method
+from .fleetplan import capacity_for, method_context
+from .methods import get_method
 from .partition import build_data, cut_note
-from .planner import NO_FOOTPRINT, Capacity, Footprint, ModelShape, TrainForm, plan_capacity
+from .planner import Capacity, ModelShape
 from .report import build_report, save_outputs, write_report
 from .runstate import RoundJournal, RunState, SnapshotStore, restore, snapshot_files
 from .validate import UpdateRejected, capped_weight, check_report, validate_update
@@ -126,56 +127,6 @@ class Returned:
     @property
     def uplink_bytes(self) -> int:
         return len(self.update or b"") if self.update_len is None else self.update_len
-
-
-def method_context(cfg: RunConfig, dims) -> MethodContext:
-    method = get_method(cfg.method)
-    return MethodContext(dims, cfg.lora.scale, cfg.lora.rank, cfg.lora.max_rank, cfg.seed,
-                         cfg.method_settings.get(method.section))
-
-
-def capacity_for(cfg: RunConfig, shape: ModelShape, profile, fp: Footprint = NO_FOOTPRINT) -> Capacity:
-    """The planner's capacity for ``profile`` under this run's LoRA, training and planner settings,
-    with what the method adds beyond the trained rank (``fp``)."""
-    t, p = cfg.train, cfg.planner
-    return plan_capacity(profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
-                         seq=t.max_seq_len, deadline_s=p.round_deadline_s, overhead_gb=p.runtime_overhead_gb,
-                         transfer_budget_s=p.transfer_budget_s, footprint=fp, form=TrainForm.of(t))
-
-
-@dataclass(frozen=True)
-class FleetPlan:
-    """What the method plans for one device of the fleet, from its declared profile (round 1)."""
-
-    device: str
-    profile: str
-    capacity: Capacity
-    plan: ClientPlan | None  # None: the device cannot take part in this method's run
-
-    @property
-    def reason(self) -> str:
-        """Why it cannot take part ('' when it can)."""
-        if self.plan is not None:
-            return ""
-        return self.capacity.reason or f"capacity {self.capacity.rank} is below what the method plans"
-
-
-def fleet_plans(cfg: RunConfig) -> list[FleetPlan]:
-    """Per device of ``cfg``'s fleet, its capacity under the method's footprint and the method's
-    round-1 plan (None where it cannot take part): what ``fedlora plan`` shows and ``compare``
-    checks, from the model's shape alone (no weights are loaded)."""
-    from .fleet import load_fleet
-    from .planner import meta_shape
-
-    method = get_method(cfg.method)
-    shape = meta_shape(cfg.model, list(cfg.lora.target_modules) or None)
-    ctx = method_context(cfg, shape.adapted)
-    fp = method.footprint(ctx)
-    out = []
-    for dev in load_fleet(cfg.fleet):
-        cap = capacity_for(cfg, shape, dev.profile, fp)
-        out.append(FleetPlan(dev.id, dev.profile.name, cap, method.plan(dev.id, cap.rank, ctx, 1)))
-    return out
 
 
 def pick_device(name: str) -> str:

@@ -403,8 +403,8 @@ def plan_table(cfg):
     """`fedlora plan`: per device of the fleet, the planner's capacity and the method's knob."""
     from rich.table import Table
 
-    from .engine import capacity_for, method_context
     from .fleet import load_fleet
+    from .fleetplan import capacity_for, method_context
     from .methods import get_method
     from .planner import meta_shape
 

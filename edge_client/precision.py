@@ -41,30 +41,17 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from .trainer import BASE_QUANTS, DTYPES
+from .trainer import BASE_QUANTS, DTYPES, PrecisionError, check_device  # noqa: F401 - check_device: models' import
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NF4_BLOCK = 64          # QLoRA's block of weights sharing one scale
 NF4_SCALER_BLOCK = 256  # QLoRA's (and torchao's default) block of scales sharing one second-level scale
 
 
-class PrecisionError(ValueError):
-    """A dtype or quantized base this device cannot train with; the message says why and what can."""
-
-
 def torch_dtype(name: str) -> torch.dtype:
     if name not in TORCH_DTYPES:
         raise PrecisionError(f"train.dtype must be one of {', '.join(DTYPES)}, got '{name}'")
     return TORCH_DTYPES[name]
-
-
-def check_device(dtype: str, device: str | torch.device) -> None:
-    """Refuse ``fp16`` off CUDA: a CPU has no fast float16 matmul, and fp16 training needs loss
-    scaling that only the CUDA path has."""
-    torch_dtype(dtype)
-    if dtype == "fp16" and torch.device(device).type != "cuda":
-        raise PrecisionError(f"train.dtype: fp16 needs a CUDA device, and this one trains on '{torch.device(device).type}'; "
-                             "use bf16 (half the base's bytes on a CPU as well) or fp32")
 
 
 def _torchao(what: str):

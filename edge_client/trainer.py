@@ -29,6 +29,23 @@ if TYPE_CHECKING:
     import torch
 
 
+class PrecisionError(ValueError):
+    """A dtype or quantized base this device cannot train with; the message says why and what can."""
+
+
+def check_device(dtype: str, device) -> None:
+    """Refuse an unknown ``train.dtype``, and ``fp16`` off CUDA: a CPU has no fast float16 matmul,
+    and fp16 training needs loss scaling that only the CUDA path has."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise PrecisionError(f"train.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    kind = torch.device(device).type
+    if dtype == "fp16" and kind != "cuda":
+        raise PrecisionError(f"train.dtype: fp16 needs a CUDA device, and this one trains on '{kind}'; "
+                             "use bf16 (half the base's bytes on a CPU as well) or fp32")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     steps: int = 10
@@ -193,8 +210,6 @@ def train_local(peft_model, tokenizer, examples: Sequence[Example], settings: Tr
 
     scaler = None
     if settings.dtype == "fp16":  # a float16 base trains with loss scaling, as TrainingArguments(fp16=True) does
-        from .precision import check_device
-
         check_device(settings.dtype, device)
         scaler = torch.amp.GradScaler(torch.device(device).type)
     torch.manual_seed(seed)
