@@ -93,6 +93,17 @@ def _nbits_model(path: Path, bits: int, level: int, rng) -> None:
     onnx.save(m, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
 
 
+def _computes_the_file_values(ort, model, values, names, level, rng):
+    """Each output of ``model`` is ``x @ W.T`` for the file's values ``W``: exactly with fp32
+    activations (level 1), within the int8 activations' rounding at level 4."""
+    x = rng.standard_normal((1, 5, K)).astype(np.float32)
+    ys = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for y, name in zip(ys, names):
+        expect = x @ values[name].T
+        tol = 1e-4 if level == 1 else 2e-2
+        np.testing.assert_allclose(y, expect, rtol=0, atol=tol * np.abs(expect).max())
+
+
 @pytest.mark.parametrize("level", [1, 4])
 @pytest.mark.parametrize("kind,bits", [(T.Q4_1, 4), (T.Q4_0, 4), (T.Q8_0, 8)])
 def test_matmulnbits_computes_with_the_file_grid(tmp_path, kind, bits, level):
@@ -113,12 +124,7 @@ def test_matmulnbits_computes_with_the_file_grid(tmp_path, kind, bits, level):
     assert len(carried) == len(names) and len(other) == 2 - len(names)
     block_sums = [n for n in onnx.load(str(model), load_external_data=False).graph.node if "/BlockSum" in n.name]
     assert len(block_sums) == (1 if kind == T.Q4_1 else 0)  # one per input, only where there is an offset
-    x = rng.standard_normal((1, 5, K)).astype(np.float32)
-    ys = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    for y, g in zip(ys, names):
-        expect = x @ values[g].T
-        tol = 1e-4 if level == 1 else 2e-2
-        np.testing.assert_allclose(y, expect, rtol=0, atol=tol * np.abs(expect).max())
+    _computes_the_file_values(ort, model, values, names, level, rng)
 
 
 @pytest.mark.parametrize("level", [1, 4])
@@ -158,12 +164,7 @@ def test_a_4bit_grid_in_a_symmetric_int8_matmul_is_the_file_grid(tmp_path, kind,
               size_threshold=0)
     carried, other = apply_grids(model, grids)
     assert len(carried) == 2 and other == []
-    x = rng.standard_normal((1, 5, K)).astype(np.float32)
-    ys = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    for y, name in zip(ys, names):
-        expect = x @ values[name].T
-        tol = 1e-4 if level == 1 else 2e-2
-        np.testing.assert_allclose(y, expect, rtol=0, atol=tol * np.abs(expect).max())
+    _computes_the_file_values(ort, model, values, names, level, rng)
 
 
 @pytest.mark.integration
