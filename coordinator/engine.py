@@ -49,6 +49,7 @@ from edge_client.lora import (
 )
 from edge_client.models import cache_root, default_target_modules, load_model, resolve_model, weights_digest
 from edge_client.partial import split_update, update_shapes
+from edge_client.trainer import PrecisionError, check_device
 from edge_client.wire import PayloadError, decode_tensors, encode_tensors
 from edge_client.work import assignment_meta, trainer_of
 
@@ -146,9 +147,10 @@ class Engine:
         self.source = resolve_model(cfg.model)
         self.fleet = load_fleet(cfg.fleet)
         self.device = pick_device(cfg.device)
-        if cfg.train.dtype == "fp16" and self.device != "cuda":
-            raise ConfigError(f"train.dtype: fp16 needs a CUDA device, and this run trains on the {self.device} "
-                              f"(device: {cfg.device}); use bf16 (half the base's bytes on a CPU as well) or fp32")
+        try:  # the device's own rule (fp16 only on CUDA), before anything loads
+            check_device(cfg.train.dtype, self.device)
+        except PrecisionError as exc:
+            raise ConfigError(f"{exc} (device: {cfg.device})") from None
         self.reporter = reporter or _Silent()
         self.t_start = time.perf_counter()
 
