@@ -9,7 +9,7 @@ on the same tensors:
 - dense: per module ``ΔW = Σ_k p_k B_k A_k`` formed client by client, then its SVD (what
   FlexLoRA did before);
 - factored: ``[p_1 B_1 ... p_K B_K]`` and ``[A_1; ...; A_K]`` stacked, reduced QR of each and the
-  SVD of the small core (``coordinator.aggregate.product_svd_factors``), exact; where the stacks
+  SVD of the small core (``fedlora_edge.coordinator.aggregate.product_svd_factors``), exact; where the stacks
   are as wide as ΔW (K x r >= 576) one matrix product forms ΔW and its SVD is taken.
 
 Prints per K the seconds of each (best of 3), the ratio, and the largest difference of the rank-R
@@ -28,14 +28,14 @@ import time
 
 import torch
 
-from coordinator.aggregate import (
+from fedlora_edge.coordinator.aggregate import (
     Contribution,
     product_svd_factors,
     stacked_factors,
     svd_factors,
     weighted_delta_w,
 )
-from edge_client.lora import ClientPlan, ModulePlan
+from fedlora_edge.core.lora import ClientPlan, ModulePlan
 
 SHAPES = [(f"model.layers.{i}.self_attn.{p}", n_in, n_out) for i in range(30)
           for p, n_in, n_out in (("q_proj", 576, 576), ("v_proj", 576, 192))]
@@ -91,10 +91,10 @@ def main() -> int:
 
 
 def averaging_row(k: int, rank: int) -> None:
-    from coordinator.aggregate import average_components
-    from coordinator.validate import validate_update
-    from edge_client.lora import to_state_dict
-    from edge_client.wire import decode_tensors, encode_tensors
+    from fedlora_edge.coordinator.aggregate import average_components
+    from fedlora_edge.coordinator.validate import validate_update
+    from fedlora_edge.core.lora import to_state_dict
+    from fedlora_edge.core.wire import decode_tensors, encode_tensors
 
     contribs = contributions(k, rank, seed=1)
     glob = contributions(1, rank, seed=2)[0].factors

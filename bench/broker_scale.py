@@ -195,9 +195,9 @@ class Mosquitto:
     """Mosquitto configured by ``fedlora broker-config mosquitto`` (no TLS), as a context manager."""
 
     def __init__(self, reg, folder: Path):
-        from coordinator.broker import free_port
-        from coordinator.brokerconf import mosquitto as mosquitto_conf
-        from edge_client.mqtt import BrokerAddress
+        from fedlora_edge.coordinator.broker import free_port
+        from fedlora_edge.coordinator.brokerconf import mosquitto as mosquitto_conf
+        from fedlora_edge.core.mqtt import BrokerAddress
 
         self.host, self.port = "127.0.0.1", free_port()
         self.address = BrokerAddress(self.host, self.port)
@@ -230,9 +230,9 @@ class Mosquitto:
 
 
 def bench(kind: str, devices: int, idle: int, workers: int, out: Path) -> dict:
-    from coordinator.broker import EmbeddedBroker
-    from coordinator.registry import Registry
-    from edge_client.mqtt import Link
+    from fedlora_edge.coordinator.broker import EmbeddedBroker
+    from fedlora_edge.coordinator.registry import Registry
+    from fedlora_edge.core.mqtt import Link
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

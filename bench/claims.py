@@ -154,8 +154,8 @@ CLAIMS = (
 
 def build_runs(out: Path, preset: dict, seeds: list[int], only: list[str], sets: dict):
     """The grid: (arm, seed) -> compare.Run, for the arms the selected claims need."""
-    from coordinator.compare import Run
-    from coordinator.config import load_config
+    from fedlora_edge.coordinator.compare import Run
+    from fedlora_edge.coordinator.config import load_config
 
     table = arms(preset)
     wanted = sorted({x for c in CLAIMS if not only or c.name in only for cmp in c.comparisons
@@ -195,7 +195,7 @@ def _own_mix_losses(report: dict, benign_only: bool) -> dict[str, float]:
 
 def paired_difference(reports_a: list[dict], reports_b: list[dict], metric: str) -> dict:
     """A - B over the same seeds: per prompt (``loss``) or per client (own-mix metrics), bootstrapped."""
-    from coordinator.stats import paired_bootstrap, separated
+    from fedlora_edge.coordinator.stats import paired_bootstrap, separated
 
     diffs = []
     for ra, rb in zip(reports_a, reports_b):
@@ -268,7 +268,7 @@ def extras(claim: Claim, reports: dict, seeds: list[int], out: Path) -> dict:
 
 
 def mean_ci(values: list[float]) -> str:
-    from coordinator.stats import mean_interval
+    from fedlora_edge.coordinator.stats import mean_interval
 
     m, lo, hi = mean_interval(values)
     return f"{m:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
@@ -366,8 +366,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--report", action="store_true", help="no new runs: verdicts from the runs finished so far")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     args = ap.parse_args(argv)
-    from coordinator.compare import check_same_devices, reusable, run_all
-    from coordinator.config import ConfigError, parse_override
+    from fedlora_edge.coordinator.compare import check_same_devices, reusable, run_all
+    from fedlora_edge.coordinator.config import ConfigError, parse_override
 
     preset = PRESETS[args.preset]
     seeds = list(range(args.seeds or preset["seeds"]))
@@ -390,7 +390,7 @@ def main(argv: list[str]) -> int:
                                       f"seeds: {', '.join(map(str, seeds))}")
                 picked += [k for k in keys if k not in picked]
             runs = {k: runs[k] for k in picked}
-        from coordinator.compare import Entry
+        from fedlora_edge.coordinator.compare import Entry
 
         by_fleet: dict[str, list] = {}  # the fairness check of `compare`, per fleet the arms share
         for (arm, seed), r in runs.items():

@@ -39,7 +39,7 @@ import sys
 
 import torch
 
-from coordinator.methods.clair import clair_round, round_change
+from fedlora_edge.coordinator.methods.clair import clair_round, round_change
 
 MODULES = ("l.q", "l.v")
 N_IN, N_OUT = 256, 64

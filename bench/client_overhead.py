@@ -2,7 +2,7 @@
 
 Both sides train the same peft LoRA adapter (rank --rank on q_proj/v_proj) with AdamW on the same
 examples.  The bare side is the shortest correct loop: pre-collated batches, forward, backward,
-step, zero_grad.  The project side is `edge_client.trainer.train_local` as a client calls it:
+step, zero_grad.  The project side is `fedlora_edge.edge_client.trainer.train_local` as a client calls it:
 tokenising, batching, gradient clipping, timing, loss bookkeeping and its optimiser set-up
 included.  The two alternate, --repeats times each, in one process; the ratio of medians is
 printed.  Target: <= 1.05.
@@ -33,10 +33,16 @@ def main() -> int:
 
     from peft import get_peft_model
 
-    from edge_client.data import collate, encode_examples, generate_task
-    from edge_client.lora import adapted_modules, init_global_factors, lora_config, set_factors, uniform_plan
-    from edge_client.models import default_target_modules, load_model
-    from edge_client.trainer import TrainSettings, batches, train_local
+    from fedlora_edge.core.data import collate, encode_examples, generate_task
+    from fedlora_edge.core.lora import (
+        adapted_modules,
+        init_global_factors,
+        lora_config,
+        set_factors,
+        uniform_plan,
+    )
+    from fedlora_edge.core.models import default_target_modules, load_model
+    from fedlora_edge.edge_client.trainer import TrainSettings, batches, train_local
 
     model, tok = load_model(args.model)
     targets = default_target_modules(model)

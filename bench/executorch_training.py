@@ -4,7 +4,7 @@
         [--steps 10] [--threads 1] [--bases fp32,int8] [--out runs/executorch_training]
 
 Both sides run in this process on the same data: the torch trainer (a peft model, SGD) and the
-training program of :mod:`edge_client.et_train` (built into ``--out``, reused when there), each on
+training program of :mod:`fedlora_edge.edge_client.et_train` (built into ``--out``, reused when there), each on
 the batches a run trains on (padded to the longest sequence of each batch: the program's length
 is dynamic, up to ``--seq``) and on batches padded to ``--seq`` (the fixed shape programs had
 before).  Each side does one warm-up step, then ``--steps`` timed steps; the median step is
@@ -59,10 +59,9 @@ def main(argv=None) -> int:
 
     from peft import get_peft_model
 
-    from coordinator.config import DataConfig
-    from edge_client.data import collate, encode_examples, generate_task
-    from edge_client.et_train import ProgramStore, ProgramTrainer, program_spec
-    from edge_client.lora import (
+    from fedlora_edge.coordinator.config import DataConfig
+    from fedlora_edge.core.data import collate, encode_examples, generate_task
+    from fedlora_edge.core.lora import (
         adapted_modules,
         init_global_factors,
         lora_config,
@@ -70,8 +69,9 @@ def main(argv=None) -> int:
         to_state_dict,
         uniform_plan,
     )
-    from edge_client.models import default_target_modules, load_model
-    from edge_client.trainer import batches
+    from fedlora_edge.core.models import default_target_modules, load_model
+    from fedlora_edge.edge_client.et_train import ProgramStore, ProgramTrainer, program_spec
+    from fedlora_edge.edge_client.trainer import batches
 
     model, tok = load_model(args.model)
     targets = default_target_modules(model)

@@ -48,8 +48,8 @@ from pathlib import Path
 # `export` package: drop the folder before importing it
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from export.build import check_format, export, merged_model  # noqa: E402
-from export.parity import ParityError, Tolerance, parity_report  # noqa: E402
+from fedlora_edge.export.build import check_format, export, merged_model  # noqa: E402
+from fedlora_edge.export.parity import ParityError, Tolerance, parity_report  # noqa: E402
 
 DEFAULT = "onnx:fp32,onnx:int8,onnx:int4,executorch:fp32,executorch:8da8w"
 ANY = Tolerance(min_top1=0.0, max_accuracy_drop=1.0)  # the vendor's artifacts: measured, not judged
@@ -68,7 +68,7 @@ def run_one(model: str, adapter: str | None, fmt: str, quant: str, out: Path, pe
 
 def run_vendor(model: str, adapter: str | None, quant: str, out: Path, per_task: int) -> dict:
     """onnxruntime-genai's builder on the merged model, as its users run it."""
-    from export.onnx_genai import base_bytes, run_builder, stage_model
+    from fedlora_edge.export.onnx_genai import base_bytes, run_builder, stage_model
 
     report_file = out / "parity.json"
     if report_file.is_file():
@@ -88,7 +88,7 @@ def run_vendor(model: str, adapter: str | None, quant: str, out: Path, per_task:
 
 
 class LlamaCppRunner:
-    """A GGUF in llama.cpp (llama-cpp-python), as an :class:`export.runners.Runner`: ``generate``
+    """A GGUF in llama.cpp (llama-cpp-python), as an :class:`fedlora_edge.export.runners.Runner`: ``generate``
     is llama.cpp's own loop with its greedy sampler and KV cache (cleared before each prompt, so no
     prompt is served from an earlier one's cache); ``logits`` runs a second context that keeps
     every position's logits (one that keeps only the last one decodes, so the speed is not paying
@@ -141,7 +141,7 @@ def _llama_cpp_f32(reference, tok, out: Path, convert: Path) -> Path:
     gguf = out / "llama-cpp-source.f32.gguf"
     if gguf.is_file():
         return gguf
-    from export.onnx_genai import stage_model
+    from fedlora_edge.export.onnx_genai import stage_model
 
     with tempfile.TemporaryDirectory(prefix="fedlora-gguf-") as tmp:
         stage_model(reference, tok, Path(tmp) / "stage")
@@ -207,9 +207,9 @@ def _child(kind: str, target: str, model: str, adapter: str | None, threads: int
 
     import torch
 
-    from edge_client.data import prompt_ids
-    from export.parity import held_out
-    from export.runners import TorchRunner, artifact_folder, load_runner
+    from fedlora_edge.core.data import prompt_ids
+    from fedlora_edge.export.parity import held_out
+    from fedlora_edge.export.runners import TorchRunner, artifact_folder, load_runner
 
     torch.set_num_threads(threads)
     if kind == "torch":

@@ -39,10 +39,10 @@ class Bench:
     def __init__(self, tmp: Path):
         from fleets import FAST_PROFILE, fleet
 
-        from coordinator.registry import Registry
-        from edge_client.data import generate_task, write_jsonl
-        from edge_client.identity import save_credentials
-        from edge_client.profile import DeviceProfile, save_profile
+        from fedlora_edge.coordinator.registry import Registry
+        from fedlora_edge.core.data import generate_task, write_jsonl
+        from fedlora_edge.core.identity import save_credentials
+        from fedlora_edge.core.profile import DeviceProfile, save_profile
 
         self.tmp = tmp
         self.reg = Registry.create(tmp / "registry")
@@ -57,7 +57,7 @@ class Bench:
             save_credentials(folder / "credentials.json", self.creds[cid])
 
     def coordinator(self, out: Path, port: int, *extra, resume=False, crash=None, broker=None, env=None):
-        cmd = [sys.executable, "-m", "coordinator.cli", "coordinator", "--model", "tiny-llama", "--method", "fedit",
+        cmd = [sys.executable, "-m", "fedlora_edge.coordinator.cli", "coordinator", "--model", "tiny-llama", "--method", "fedit",
                "--fleet", self.fleet, "--rounds", "2", "--clients-per-round", "4", "--registry",
                str(self.reg.folder), "--out", str(out), "--set", f"transport.run_id={RUN_ID}",
                "--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "data.tasks=[add,upper]",
@@ -77,9 +77,9 @@ class Bench:
     def device(self, cid: str, url: str, state: Path, *extra):
         from fleets import FAST_PROFILE
 
-        from coordinator.emulate import device_command
-        from edge_client.mqtt import parse_broker
-        from edge_client.profile import DeviceProfile
+        from fedlora_edge.coordinator.emulate import device_command
+        from fedlora_edge.core.mqtt import parse_broker
+        from fedlora_edge.core.profile import DeviceProfile
 
         folder = self.tmp / "devices" / cid
         cmd, _ = device_command(parse_broker(url), RUN_ID, cid, folder, DeviceProfile(name="p", **FAST_PROFILE),
@@ -133,7 +133,7 @@ def rounds_line(out: Path) -> str:
 
 
 def free_port() -> int:
-    from coordinator.broker import free_port as fp
+    from fedlora_edge.coordinator.broker import free_port as fp
 
     return fp()
 
@@ -274,8 +274,8 @@ def plans_dropped(b, ref):
 def tls_mistakes(b, ref):
     from mqttkit import Mosquitto
 
-    from coordinator.registry import Registry
-    from edge_client.identity import save_credentials
+    from fedlora_edge.coordinator.registry import Registry
+    from fedlora_edge.core.identity import save_credentials
 
     rows = []
     other = Registry.create(b.tmp / "other-reg")
@@ -288,7 +288,7 @@ def tls_mistakes(b, ref):
                                  ("TLS to a plain port", f"mqtts://127.0.0.1:{plain.port}", []),
                                  ("missing CA file", f"mqtts://127.0.0.1:{tls.port}", ["--ca-file", "/nonexistent.pem"])):
             t0 = time.monotonic()
-            p = subprocess.run([sys.executable, "-m", "edge_client.client", "--broker", url, "--credentials", str(creds),
+            p = subprocess.run([sys.executable, "-m", "fedlora_edge.edge_client.client", "--broker", url, "--credentials", str(creds),
                                 "--data", str(b.tmp / "devices" / "d1" / "data.jsonl"), "--state-dir",
                                 str(b.tmp / "tls-state"), "--profile", str(b.tmp / "devices" / "d1" / "profile.yaml"),
                                 *extra], capture_output=True, text=True, timeout=120)
@@ -410,7 +410,7 @@ def hostile_messages(b, ref):
     import psutil
     from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment, report_of
 
-    from edge_client.wire import decode_tensors, encode_tensors
+    from fedlora_edge.core.wire import decode_tensors, encode_tensors
 
     dep = deployment("embedded", b.tmp / "hostile")
     try:
@@ -459,9 +459,9 @@ def _bench_devices(b: Bench, ids: list[str]) -> str:
     """More devices enrolled in the bench's registry (data, profile, credentials), and their fleet file."""
     from fleets import FAST_PROFILE, fleet
 
-    from edge_client.data import generate_task, write_jsonl
-    from edge_client.identity import save_credentials
-    from edge_client.profile import DeviceProfile, save_profile
+    from fedlora_edge.core.data import generate_task, write_jsonl
+    from fedlora_edge.core.identity import save_credentials
+    from fedlora_edge.core.profile import DeviceProfile, save_profile
 
     for k, cid in enumerate(ids):
         folder = b.tmp / "devices" / cid
@@ -490,9 +490,9 @@ def two_runs_one_broker(b, ref):
     for cid in ("d5", "d6", "d7", "d8"):
         from fleets import FAST_PROFILE
 
-        from coordinator.emulate import device_command
-        from edge_client.mqtt import parse_broker
-        from edge_client.profile import DeviceProfile
+        from fedlora_edge.coordinator.emulate import device_command
+        from fedlora_edge.core.mqtt import parse_broker
+        from fedlora_edge.core.profile import DeviceProfile
 
         cmd, _ = device_command(parse_broker(url), "faults-b", cid, b.tmp / "devices" / cid,
                                 DeviceProfile(name="p", **FAST_PROFILE), 1.0, 1.0, 1)
@@ -519,9 +519,9 @@ def one_device_floods(b, ref):
     from fleets import FAST_PROFILE
     from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment, report_of
 
-    from edge_client.framing import chunk_transfer
-    from edge_client.mqtt import device_topic
-    from edge_client.profile import DeviceProfile
+    from fedlora_edge.core.framing import chunk_transfer
+    from fedlora_edge.core.mqtt import device_topic
+    from fedlora_edge.core.profile import DeviceProfile
 
     n = 3000
     dep = deployment("embedded", b.tmp / "flood")
@@ -688,7 +688,7 @@ def revoked_mid_round(b, ref):
     finally:
         kill_all(devs)
         b.creds["d4"] = b.reg.add("d4", max_examples=8, replace=True)  # enrolled again for later rows
-        from edge_client.identity import save_credentials
+        from fedlora_edge.core.identity import save_credentials
 
         save_credentials(b.tmp / "devices" / "d4" / "credentials.json", b.creds["d4"])
     r = report(out)["rounds"][0]
@@ -725,8 +725,8 @@ def disk_full_at_outputs(b, ref):
 
     from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment
 
-    import edge_client.durable as durable
-    from coordinator.errors import StorageError
+    import fedlora_edge.core.durable as durable
+    from fedlora_edge.coordinator.errors import StorageError
 
     dep = deployment("embedded", b.tmp / "full-outputs")
     real = durable.fsync_tree if hasattr(durable, "fsync_tree") else None

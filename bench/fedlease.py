@@ -20,9 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-from coordinator.compare import compare
-from coordinator.config import load_config, parse_override
-from coordinator.methods.fedlease import adjusted_rand_index
+from fedlora_edge.coordinator.compare import compare
+from fedlora_edge.coordinator.config import load_config, parse_override
+from fedlora_edge.coordinator.methods.fedlease import adjusted_rand_index
 
 DEFAULTS = {"fleet": "mixed10", "clients_per_round": 10, "rounds": 3, "train.steps": 8, "eval_every": 3,
             "data.eval_per_domain": 10, "data.partition": "by_domain", "fedlease.warmup_rounds": 1,

@@ -55,10 +55,10 @@ class Device:
     def __init__(self, creds, address, loop, stats: dict, done: asyncio.Event):
         import paho.mqtt.client as mqtt
 
-        from edge_client.framing import Reassembler
-        from edge_client.identity import Counter, ReplayGuard, Signer, Verifier
-        from edge_client.messages import Outbox
-        from edge_client.mqtt import device_topic, topic
+        from fedlora_edge.core.framing import Reassembler
+        from fedlora_edge.core.identity import Counter, ReplayGuard, Signer, Verifier
+        from fedlora_edge.core.messages import Outbox
+        from fedlora_edge.core.mqtt import device_topic, topic
 
         self.me, self.loop, self.stats, self.done = creds.id, loop, stats, done
         self.outbox = Outbox(Signer(creds.signing_key), Counter(), RUN_ID)
@@ -109,8 +109,8 @@ class Device:
             "examples": 2, "domains": {}, "client_version": "bench", "programs": []}), retain=True)
 
     def _on_message(self, client, userdata, msg):
-        from edge_client.framing import ProtocolError
-        from edge_client.messages import read_message
+        from fedlora_edge.core.framing import ProtocolError
+        from fedlora_edge.core.messages import read_message
 
         self.stats["received"] += 1
         if not msg.payload:
@@ -169,7 +169,7 @@ PROFILE_DICT: dict = {}
 
 
 async def run_devices(cred_files: list[str], address, deadline_s: float) -> dict:
-    from edge_client.identity import load_credentials
+    from fedlora_edge.core.identity import load_credentials
 
     loop = asyncio.get_running_loop()
     stats = {"devices": len(cred_files), "sent": 0, "received": 0, "refused": 0, "finished": 0, "acks": {},
@@ -206,7 +206,7 @@ def worker(args) -> int:
     import numpy  # noqa: F401  (imported before the first plan, not timed as a device's work)
     import safetensors.numpy  # noqa: F401
 
-    from edge_client.mqtt import BrokerAddress
+    from fedlora_edge.core.mqtt import BrokerAddress
 
     host, port = args.broker.rsplit(":", 1)
     PROFILE_DICT.update(json.loads(Path(args.profile_json).read_text()))
@@ -219,7 +219,7 @@ def worker(args) -> int:
 # ---------------------------------------------------------------------------------- one cell
 
 def free_port() -> int:
-    from coordinator.broker import free_port as pick
+    from fedlora_edge.coordinator.broker import free_port as pick
 
     return pick()
 
@@ -238,10 +238,10 @@ def wait_accepting(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> 
 
 
 def cell(kind: str, n: int, args, out: Path) -> dict:
-    from coordinator.brokerconf import mosquitto as mosquitto_conf
-    from coordinator.registry import Registry
-    from edge_client.identity import save_credentials
-    from edge_client.profile import DeviceProfile, save_profile
+    from fedlora_edge.coordinator.brokerconf import mosquitto as mosquitto_conf
+    from fedlora_edge.coordinator.registry import Registry
+    from fedlora_edge.core.identity import save_credentials
+    from fedlora_edge.core.profile import DeviceProfile, save_profile
 
     folder = out / f"{kind}-{n}"
     if folder.exists():
@@ -276,7 +276,7 @@ def cell(kind: str, n: int, args, out: Path) -> dict:
     else:
         where = ["--port", str(port)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "coordinator.cli", "coordinator", "--model", "tiny-llama", "--method", "fedit",
+    cmd = [sys.executable, "-m", "fedlora_edge.coordinator.cli", "coordinator", "--model", "tiny-llama", "--method", "fedit",
            "--fleet", str(folder / "fleet.yaml"), "--rounds", str(args.rounds), "--clients-per-round", str(n),
            "--registry", str(folder / "registry"), "--out", str(folder / "run"), *where,
            "--set", f"transport.run_id={RUN_ID}", "--set", "train.steps=1", "--set", "train.batch_size=1",
@@ -284,7 +284,7 @@ def cell(kind: str, n: int, args, out: Path) -> dict:
            "--set", "lora.rank=2", "--set", "lora.max_rank=2", "--set", f"eval_every={args.rounds}",
            "--set", f"transport.round_timeout_s={args.timeout}", "--set", f"transport.wait_for_devices_s={args.timeout}",
            "--progress-every", "10"]
-    coord_log = open(folder / "coordinator.log", "w")
+    coord_log = open(folder / "fedlora_edge.coordinator.log", "w")
     t_start = time.perf_counter()
     coord = subprocess.Popen(cmd, stdout=coord_log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if kind == "embedded":

@@ -23,10 +23,10 @@ import re
 import sys
 from pathlib import Path
 
-from coordinator.config import load_config, parse_override
-from coordinator.partition import hold_out
-from coordinator.simulate import Simulation
-from edge_client.data import Example, write_jsonl
+from fedlora_edge.coordinator.config import load_config, parse_override
+from fedlora_edge.coordinator.partition import hold_out
+from fedlora_edge.coordinator.simulate import Simulation
+from fedlora_edge.core.data import Example, write_jsonl
 
 PACKAGES = ("asyncio", "email", "importlib", "logging", "multiprocessing", "tkinter", "urllib", "xml")
 DEFAULTS = {"method": "fedit", "rounds": 3, "clients_per_round": 4, "train.steps": 10, "train.batch_size": 8,
@@ -75,7 +75,7 @@ def _importable(name: str) -> bool:
 
 
 def main() -> int:
-    from edge_client.quiet import quiet_third_party
+    from fedlora_edge.core.quiet import quiet_third_party
 
     quiet_third_party()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -93,7 +93,7 @@ def main() -> int:
                  "data.eval_file": str(out / "data" / "eval.jsonl")}
     overrides.update(dict(parse_override(s) for s in args.set))
     cfg = load_config(overrides=overrides)
-    from coordinator.report import ConsoleReporter
+    from fedlora_edge.coordinator.report import ConsoleReporter
 
     report = Simulation(cfg, out / "run", ConsoleReporter()).run()
     base, fa = report["base_accuracy"], report["final_accuracy"]

@@ -32,14 +32,14 @@ import sys
 CHILD = r"""
 import json, random, resource, sys, gc
 import psutil, torch
-from edge_client.quiet import quiet_third_party
+from fedlora_edge.core.quiet import quiet_third_party
 quiet_third_party()
 from peft import get_peft_model
-from edge_client.models import load_model, default_target_modules
-from edge_client.lora import adapted_modules, lora_config, uniform_plan
-from edge_client.data import collate_packed, pack_examples
-from coordinator.planner import ModelShape, TrainForm, memory_bytes
-from edge_client.trainer import checkpointing, train_steps
+from fedlora_edge.core.models import load_model, default_target_modules
+from fedlora_edge.core.lora import adapted_modules, lora_config, uniform_plan
+from fedlora_edge.core.data import collate_packed, pack_examples
+from fedlora_edge.coordinator.planner import ModelShape, TrainForm, memory_bytes
+from fedlora_edge.edge_client.trainer import checkpointing, train_steps
 model_spec, rank, batch, seq, steps, overhead = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
 trainer, programs, build_only = sys.argv[7], sys.argv[8], sys.argv[9] == "build"
 opts = set(sys.argv[10].split("+"))
@@ -73,7 +73,7 @@ def gen():
         ids = torch.randint(0, shape.vocab, (batch, seq), generator=g)
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 if trainer == "executorch":
-    from edge_client.et_train import ProgramStore, ProgramTrainer, program_spec
+    from fedlora_edge.edge_client.et_train import ProgramStore, ProgramTrainer, program_spec
     path, _ = ProgramStore(programs, log=lambda t: print(t, file=sys.stderr)).get(
         program_spec(model_spec, plan, targets, batch, seq, "fp32"))
     if build_only:  # a build leaves its heap behind: it runs in a process of its own
@@ -132,7 +132,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads in each measuring process")
     args = ap.parse_args()
     if args.overhead_gb is None:
-        from coordinator.config import PlannerSettings
+        from fedlora_edge.coordinator.config import PlannerSettings
 
         args.overhead_gb = PlannerSettings().runtime_overhead_gb
     gb = 2**30

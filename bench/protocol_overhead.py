@@ -37,10 +37,10 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=32)
     args = ap.parse_args()
 
-    from coordinator.config import load_config
-    from coordinator.emulate import emulate
-    from coordinator.registry import Registry
-    from edge_client.profile import DeviceProfile, save_profile
+    from fedlora_edge.coordinator.config import load_config
+    from fedlora_edge.coordinator.emulate import emulate
+    from fedlora_edge.coordinator.registry import Registry
+    from fedlora_edge.core.profile import DeviceProfile, save_profile
 
     tmp = Path(tempfile.mkdtemp(prefix="fedlora-bench-"))
     prof = DeviceProfile(name="bench", memory_total_gb=16, memory_usable_gb=8, compute_gflops=1e6, uplink_mbps=1e5,
@@ -58,7 +58,7 @@ def main() -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from mqttkit import Mosquitto
 
-        from edge_client.identity import save_credentials
+        from fedlora_edge.core.identity import save_credentials
 
         reg = Registry.create(registry)
         for i in range(1, args.clients + 1):  # where emulate looks for them (it enrols only what is missing)

@@ -6,7 +6,7 @@ A report as ``build_report`` writes one (every client in every round, ``--steps`
 devices of ``--classes`` profiles), plotted twice, each in a fresh child process so one variant's
 memory does not colour the other's:
 
-- ``per-device``: ``coordinator.report.PLOT_CLIENTS`` raised above the fleet, so every client gets
+- ``per-device``: ``fedlora_edge.coordinator.report.PLOT_CLIENTS`` raised above the fleet, so every client gets
   its line, legend entry and tick (what save_plots did for every fleet before it summarised);
 - ``summarised``: the default, quantile bands of the training loss and bytes per device class.
 
@@ -60,7 +60,7 @@ def _vm(field: str) -> int:
 
 
 def child(variant: str, args) -> dict:
-    from coordinator import report as rep
+    from fedlora_edge.coordinator import report as rep
 
     if variant == "per-device":
         rep.PLOT_CLIENTS = 10 ** 9

@@ -2,7 +2,7 @@
 
     python bench/results_table.py runs/fedit runs/hetlora ...
 
-The same table as ``fedlora compare`` (``coordinator.compare.markdown``), for runs made
+The same table as ``fedlora compare`` (``fedlora_edge.coordinator.compare.markdown``), for runs made
 separately: method, final exact-match accuracy (overall and per domain, what the method evaluates:
 the global adapter, or each client's own for `local`), the base model's overall accuracy, MB up
 and down per round (summed over the round's clients, averaged over rounds), wall time.
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from coordinator.compare import markdown, summary
+from fedlora_edge.coordinator.compare import markdown, summary
 
 
 def main(paths: list[str]) -> int:

@@ -42,9 +42,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from coordinator.compare import reusable
-from coordinator.config import load_config, parse_override
-from coordinator.stats import mean_interval
+from fedlora_edge.coordinator.compare import reusable
+from fedlora_edge.coordinator.config import load_config, parse_override
+from fedlora_edge.coordinator.stats import mean_interval
 
 SETTINGS = {"fleet": "mixed10", "clients_per_round": 10, "rounds": 5, "lora.max_rank": 16, "train.steps": 2,
             "train.batch_size": 4,
@@ -87,7 +87,7 @@ def config_of(cell: Cell, extra: dict):
 
 
 def run_cell(cell: Cell, out: Path, extra: dict, log) -> dict:
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.simulate import Simulation
 
     cfg = config_of(cell, extra)
     folder = cell.folder(out)
@@ -197,8 +197,8 @@ def contamination_of(report: dict, contaminated: set[str] | None = None) -> dict
     own contaminated clients if given (and then no detection: the run judged other clients)."""
     from types import SimpleNamespace
 
-    from coordinator.config import ContaminationSettings
-    from coordinator.contamination import contamination_report
+    from fedlora_edge.coordinator.config import ContaminationSettings
+    from fedlora_edge.coordinator.contamination import contamination_report
 
     co = ContaminationSettings(**report["config"]["contamination"])
     clients = [SimpleNamespace(id=c["client"], mix=c["domain_mix"]) for c in report["fleet"]]
@@ -211,7 +211,7 @@ def _local_from_clean(report: dict, frac: float, attack: str) -> dict:
     """The local row of an update-attack cell from the clean cell: the same clients are
     contaminated at this fraction and seed (the choice depends on neither the attack nor the
     method), and their data is untouched, so every benign client's adapter is the same."""
-    from coordinator.contamination import contaminated_clients
+    from fedlora_edge.coordinator.contamination import contaminated_clients
 
     cfg = load_config(overrides={"seed": report["config"]["seed"], "contamination.fraction": frac,
                                  "contamination.attack": attack})

@@ -31,10 +31,10 @@ def main() -> int:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from coordinator.evaluate import answers_and_nll, generate_answers, response_nll
-    from edge_client.data import generate_task
-    from edge_client.models import load_model
-    from edge_client.quiet import quiet_third_party
+    from fedlora_edge.coordinator.evaluate import answers_and_nll, generate_answers, response_nll
+    from fedlora_edge.core.data import generate_task
+    from fedlora_edge.core.models import load_model
+    from fedlora_edge.core.quiet import quiet_third_party
 
     quiet_third_party()
     torch.set_num_threads(args.threads)

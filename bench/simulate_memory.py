@@ -28,9 +28,9 @@ from pathlib import Path
 
 
 def child(model: str, n: int, keep: bool, folder: Path, method: str = "fedit") -> None:
-    from coordinator.config import load_config
-    from coordinator.simulate import Simulation
-    from edge_client.quiet import quiet_third_party
+    from fedlora_edge.coordinator.config import load_config
+    from fedlora_edge.coordinator.simulate import Simulation
+    from fedlora_edge.core.quiet import quiet_third_party
 
     quiet_third_party()
     fleet = folder / "fleet.yaml"

@@ -66,7 +66,7 @@ def run_one(args, name: str, seed: int) -> dict:
 
 
 def main() -> int:
-    from edge_client.quiet import quiet_third_party
+    from fedlora_edge.core.quiet import quiet_third_party
 
     quiet_third_party()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,10 +91,10 @@ def main() -> int:
     import torch
     from peft import PeftModel
 
-    from coordinator.config import load_config
-    from coordinator.evaluate import loss_scores, response_nll
-    from edge_client.data import generate_task
-    from edge_client.models import load_model
+    from fedlora_edge.coordinator.config import load_config
+    from fedlora_edge.coordinator.evaluate import loss_scores, response_nll
+    from fedlora_edge.core.data import generate_task
+    from fedlora_edge.core.models import load_model
 
     torch.set_num_threads(args.threads)
     base, tok = load_model(args.model)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edge_client.lora import ClientPlan, Factors
+from fedlora_edge.core.lora import ClientPlan, Factors
 
 
 @dataclass(frozen=True)

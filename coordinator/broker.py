@@ -1,5 +1,5 @@
 """An MQTT broker (amqtt) that the coordinator starts itself, so a run needs no set-up: ``--broker
-embedded``.  It runs in a process of its own (``python -m coordinator.broker``, started and
+embedded``.  It runs in a process of its own (``python -m fedlora_edge.coordinator.broker``, started and
 stopped by :class:`EmbeddedBroker`): the coordinator's MQTT client (paho) waits on its socket with
 ``select()``, which cannot watch a descriptor above 1023, so the process that holds every device's
 connection must not be the coordinator's.  The broker's process waits with epoll, raises its limit
@@ -64,7 +64,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_client.mqtt import BrokerAddress
+from fedlora_edge.core.mqtt import BrokerAddress
 
 from .brokerconf import MAX_PACKET_BYTES
 from .registry import Registry, coordinator_scope
@@ -635,9 +635,9 @@ def _say(line: str) -> None:
 
 
 def serve(argv: list[str] | None = None) -> int:
-    """``python -m coordinator.broker``: run the broker until the parent closes standard input or dies.
+    """``python -m fedlora_edge.coordinator.broker``: run the broker until the parent closes standard input or dies.
     Prints ``ready`` once the listener is bound, or ``error: <why>`` and exits 1."""
-    p = argparse.ArgumentParser(prog="python -m coordinator.broker",
+    p = argparse.ArgumentParser(prog="python -m fedlora_edge.coordinator.broker",
                                 description="the embedded MQTT broker's own process (EmbeddedBroker starts it)")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -664,7 +664,7 @@ def serve(argv: list[str] | None = None) -> int:
         if args.insecure:
             plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
         else:
-            plugins = {"coordinator.broker.RegistryAuthPlugin": {"registry": args.registry}}
+            plugins = {"fedlora_edge.coordinator.broker.RegistryAuthPlugin": {"registry": args.registry}}
         _install_handler()
         broker = _broker_class()({"listeners": {"default": listener}, "plugins": plugins}, loop=loop)
         broker.fedlora_init()
@@ -721,7 +721,7 @@ class EmbeddedBroker:
         return self._proc.pid if self._proc else None
 
     def _command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "coordinator.broker", "--host", self.host, "--port", str(self.port),
+        cmd = [sys.executable, "-m", "fedlora_edge.coordinator.broker", "--host", self.host, "--port", str(self.port),
                "--connect-timeout", str(self.connect_timeout_s), "--max-pending", str(self.max_pending)]
         if self.insecure:
             cmd.append("--insecure")
@@ -796,6 +796,6 @@ class EmbeddedBroker:
 
 if __name__ == "__main__":
     # run as the module's proper name, so that amqtt's plugin path names the same classes
-    from coordinator.broker import serve as _serve
+    from fedlora_edge.coordinator.broker import serve as _serve
 
     sys.exit(_serve())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from edge_client import durable
+from fedlora_edge.core import durable
 
 from .pki import issue_client, issue_server, load_ca, write_crl
 from .registry import COORDINATOR_ID, Registry, coordinator_user, parse_hash

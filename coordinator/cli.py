@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from edge_client import __version__
+from fedlora_edge.core import __version__
 
 EXAMPLES = """\
 examples:
@@ -99,7 +99,7 @@ def _export_classes(args, cfg):
     """With --export: the fleet's device classes, checked before anything starts (None without)."""
     if not getattr(args, "export", False):
         return None
-    from export.device_classes import check_ready, device_classes
+    from fedlora_edge.export.device_classes import check_ready, device_classes
 
     from .fleet import load_fleet
     from .methods import get_method
@@ -113,7 +113,7 @@ def _export_after(cfg, out: Path, classes, console, profiles=None) -> int:
     """Export the run's adapter per device class; 3 if any class's parity is broken, else 0."""
     if classes is None:
         return 0
-    from export.device_classes import device_classes, export_fleet
+    from fedlora_edge.export.device_classes import device_classes, export_fleet
 
     if profiles is not None:  # the profiles the devices declared (coordinator), not the fleet file's
         classes = device_classes(profiles)
@@ -188,7 +188,7 @@ def _registry(args, create: bool = False):
 
 def _coordinator_address(args, registry, run_id: str):
     """The broker the coordinator uses (None: start the embedded one), logged in as the coordinator."""
-    from edge_client.mqtt import parse_broker
+    from fedlora_edge.core.mqtt import parse_broker
 
     if args.broker in (None, "embedded"):
         return None
@@ -298,7 +298,7 @@ def cmd_devices(args) -> int:
             return 0
         reg = Registry(folder)
         if args.action == "add":
-            from edge_client.identity import save_credentials
+            from fedlora_edge.core.identity import save_credentials
 
             creds = reg.add(args.id, max_examples=args.max_examples, client_cert=args.client_cert,
                             replace=args.replace)
@@ -316,7 +316,7 @@ def cmd_devices(args) -> int:
         rows = sorted(reg.devices.values(), key=lambda e: e.id)
         print(f"{'device':24s} {'state':8s} {'max examples':>12s}  enrolled              public key")
         for e in rows:
-            from edge_client.identity import b64
+            from fedlora_edge.core.identity import b64
 
             print(f"{e.id:24s} {'active' if e.active else 'revoked':8s} "
                   f"{(str(e.max_examples) if e.max_examples else 'default'):>12s}  {e.enrolled_at:20s}  "
@@ -368,7 +368,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from edge_client.profile import measure_profile, save_profile
+    from fedlora_edge.core.profile import measure_profile, save_profile
 
     prof = measure_profile(args.name, args.uplink_mbps, args.downlink_mbps,
                            warn=lambda msg: print(f"fedlora: warning: {msg}", file=sys.stderr))
@@ -382,14 +382,14 @@ def cmd_profile(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from export.build import check_format, export
-    from export.parity import TOLERANCE, Tolerance, parity_report
+    from fedlora_edge.export.build import check_format, export
+    from fedlora_edge.export.parity import TOLERANCE, Tolerance, parity_report
 
     from .report import make_console
 
     check_format(args.format, args.quant)
     if args.model is None:
-        from edge_client.models import adapter_base
+        from fedlora_edge.core.models import adapter_base
 
         args.model = (adapter_base(args.adapter) if args.adapter else None) or "smollm2-135m"
     console = make_console()
@@ -416,9 +416,9 @@ def cmd_export(args) -> int:
 def cmd_generate(args) -> int:
     from transformers import AutoTokenizer
 
-    from edge_client.data import Example, prompt_ids
-    from export.parity import run_system_prompt
-    from export.runners import artifact_folder, load_runner, read_meta
+    from fedlora_edge.core.data import Example, prompt_ids
+    from fedlora_edge.export.parity import run_system_prompt
+    from fedlora_edge.export.runners import artifact_folder, load_runner, read_meta
 
     meta = read_meta(args.artifact)
     tok = AutoTokenizer.from_pretrained(str(artifact_folder(args.artifact) / meta["tokenizer"]))
@@ -614,10 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["client"]:  # `fedlora client` normally starts in edge_client/cli.py, without this module
-        from edge_client.client import main as client_main
+        from fedlora_edge.edge_client.client import main as client_main
 
         return client_main(argv[1:])
-    from edge_client.quiet import quiet_third_party
+    from fedlora_edge.core.quiet import quiet_third_party
 
     args = build_parser().parse_args(argv)
     quiet_third_party(getattr(args, "verbose", False))
@@ -635,11 +635,11 @@ def main(argv: list[str] | None = None) -> int:
 # the errors a command reports in one line (exit status 2), by module and class: they are looked up
 # in the modules already imported (one that was not raised none of them), so that catching them
 # imports nothing: `fedlora --help`, `devices`, `broker-config` and `methods` start without torch
-ONE_LINE_ERRORS = (("coordinator.errors", "ConfigError"), ("export.runners", "ExportError"),
-                   ("edge_client.models", "ModelNotFoundError"), ("edge_client.profile", "ProfileError"),
-                   ("edge_client.data", "DataFormatError"), ("edge_client.mqtt", "BrokerAuthError"),
-                   ("edge_client.mqtt", "BrokerTLSError"), ("coordinator.emulate", "DeviceProcessError"),
-                   ("edge_client.lora", "TargetModulesError"))
+ONE_LINE_ERRORS = (("fedlora_edge.coordinator.errors", "ConfigError"), ("fedlora_edge.export.runners", "ExportError"),
+                   ("fedlora_edge.core.models", "ModelNotFoundError"), ("fedlora_edge.core.profile", "ProfileError"),
+                   ("fedlora_edge.core.data", "DataFormatError"), ("fedlora_edge.core.mqtt", "BrokerAuthError"),
+                   ("fedlora_edge.core.mqtt", "BrokerTLSError"), ("fedlora_edge.coordinator.emulate", "DeviceProcessError"),
+                   ("fedlora_edge.core.lora", "TargetModulesError"))
 
 
 def _raised(exc: BaseException, *where: tuple[str, str]) -> bool:
@@ -651,11 +651,11 @@ def _raised(exc: BaseException, *where: tuple[str, str]) -> bool:
 
 def _exit_status_of(exc: Exception) -> int | None:
     """The exit status of an error a command reports in one line (None: a bug, its traceback shows)."""
-    if _raised(exc, ("export.parity", "ParityError")):
+    if _raised(exc, ("fedlora_edge.export.parity", "ParityError")):
         return 3
-    if _raised(exc, ("coordinator.service", "TooFewDevices")):
-        return sys.modules["coordinator.service"].EXIT_TOO_FEW_DEVICES
-    if _raised(exc, ("coordinator.errors", "StorageError")):
+    if _raised(exc, ("fedlora_edge.coordinator.service", "TooFewDevices")):
+        return sys.modules["fedlora_edge.coordinator.service"].EXIT_TOO_FEW_DEVICES
+    if _raised(exc, ("fedlora_edge.coordinator.errors", "StorageError")):
         from .service import EXIT_STORAGE
 
         return EXIT_STORAGE

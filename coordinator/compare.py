@@ -368,7 +368,7 @@ def _start(r: Run, threads: int, log: str) -> subprocess.Popen:
     cfg_file = r.folder / "run-config.yaml"
     cfg_file.write_text(yaml.safe_dump(_plain(r.cfg.to_dict()), sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "coordinator.cli", "simulate", "--config", str(cfg_file), "--out", str(r.folder),
+    cmd = [sys.executable, "-m", "fedlora_edge.coordinator.cli", "simulate", "--config", str(cfg_file), "--out", str(r.folder),
            "--log", log] + [a for spec in loaded_plugins() for a in ("--plugin", spec)]  # the methods this one knows
     with open(r.folder / "simulate.log", "ab") as fh:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)

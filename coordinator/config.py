@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
-from edge_client.data import TASKS
-from edge_client.framing import NAME as RUN_ID
-from edge_client.profile import TRAINERS
-from edge_client.trainer import BASE_QUANTS, DTYPES, OPTIMIZERS, SCHEDULES, TrainSettings
+from fedlora_edge.core.data import TASKS
+from fedlora_edge.core.dtypes import BASE_QUANTS, DTYPES
+from fedlora_edge.core.framing import NAME as RUN_ID
+from fedlora_edge.core.profile import TRAINERS
+from fedlora_edge.edge_client.trainer import OPTIMIZERS, SCHEDULES, TrainSettings
 
 from .errors import ConfigError
 
@@ -37,7 +38,7 @@ class DataConfig:
     alpha: float = 0.5         # dirichlet concentration
     samples_per_client: int = 64   # built-in tasks: examples generated per client; user data: the most a client gets
     eval_per_domain: int = 20      # built-in tasks: held-out prompts per domain
-    # Your own data (any one replaces the built-in tasks; edge_client/data.py lists the row forms):
+    # Your own data (any one replaces the built-in tasks; core/data.py lists the row forms):
     train_file: str | None = None  # a JSONL pool, split across the clients by `partition`
     train_dir: str | None = None   # a folder of <device id>.jsonl, one file per device, used as it is
     dataset: str | None = None     # a Hugging Face dataset: a save_to_disk folder, a json/jsonl/csv/parquet file, a Hub id
@@ -313,7 +314,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(d.eval_file is None or Path(d.eval_file).is_file(), "data.eval_file", f"no such file: {d.eval_file}")
         _check(not (d.eval_file and d.eval_split), "data.eval_split", "give data.eval_file or data.eval_split, not both")
         _check(d.eval_split is None or bool(d.dataset), "data.eval_split", "is a split of data.dataset")
-    from edge_client.data import FIELDS
+    from fedlora_edge.core.data import FIELDS
 
     for k in d.columns:
         _check(k in FIELDS, f"data.columns.{k}", f"unknown field; fields: {', '.join(FIELDS)}")

@@ -26,7 +26,7 @@ import statistics
 
 import torch
 
-from edge_client.data import Example
+from fedlora_edge.core.data import Example
 
 from .evaluate import mix_accuracy
 
@@ -38,10 +38,10 @@ ROUND_ATTACKS = ("scaled_under", "mean_ksigma")
 def _start_and_sent(update: bytes, a) -> tuple[dict, dict, dict]:
     """``(f0, f, rest)``: the start factors of the components the update trained, its trained
     factors (module -> (A, B)), and its other tensors (importance scores, routers) as they came."""
-    from edge_client.experts import split_tensors
-    from edge_client.lora import from_state_dict, slice_factors
-    from edge_client.partial import held_count
-    from edge_client.wire import decode_tensors
+    from fedlora_edge.core.lora import from_state_dict, slice_factors
+    from fedlora_edge.core.wire import decode_tensors
+    from fedlora_edge.edge_client.experts import split_tensors
+    from fedlora_edge.edge_client.partial import held_count
 
     start = from_state_dict(split_tensors(decode_tensors(a.start))[0])
     if held_count(a.plan) is not None:  # it held all R components and sends the ones it trained
@@ -51,8 +51,8 @@ def _start_and_sent(update: bytes, a) -> tuple[dict, dict, dict]:
 
 
 def _encode(factors: dict, rest: dict) -> bytes:
-    from edge_client.lora import to_state_dict
-    from edge_client.wire import encode_tensors
+    from fedlora_edge.core.lora import to_state_dict
+    from fedlora_edge.core.wire import encode_tensors
 
     return encode_tensors({**to_state_dict(factors), **rest})
 

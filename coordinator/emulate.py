@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from edge_client.data import write_jsonl
-from edge_client.identity import save_credentials
-from edge_client.mqtt import BrokerAddress, parse_broker
-from edge_client.profile import measure_gflops, save_profile
+from fedlora_edge.core.data import write_jsonl
+from fedlora_edge.core.identity import save_credentials
+from fedlora_edge.core.mqtt import BrokerAddress, parse_broker
+from fedlora_edge.core.profile import measure_gflops, save_profile
 
 from .broker import EmbeddedBroker
 from .config import RunConfig
@@ -46,7 +46,7 @@ def device_command(address: BrokerAddress, run_id: str, device: str, folder: Pat
     (no secret is on the command line)."""
     slowdown = min(max_slowdown, max(1.0, host_gflops / profile.compute_gflops))
     threads = max(1, min(profile.threads, max_threads))
-    cmd = [sys.executable, "-m", "edge_client.client", "--broker", address.url, "--credentials",
+    cmd = [sys.executable, "-m", "fedlora_edge.edge_client.client", "--broker", address.url, "--credentials",
            str(folder / "credentials.json"), "--data", str(folder / "data.jsonl"), "--profile",
            str(folder / "profile.yaml"), "--run", run_id, "--state-dir", str(folder / "state"), "--threads",
            str(threads), "--slowdown", f"{slowdown:.3f}", "--uplink-mbps", str(profile.uplink_mbps),

@@ -36,10 +36,9 @@ from pathlib import Path
 
 import torch
 
-from edge_client.data import Example, example_lengths
-from edge_client.et_train import ProgramStore, program_spec, schedule_unsupported, unsupported
-from edge_client.experts import mixture_model
-from edge_client.lora import (
+from fedlora_edge.core.data import Example, example_lengths
+from fedlora_edge.core.dtypes import PrecisionError, check_device
+from fedlora_edge.core.lora import (
     ClientPlan,
     adapted_modules,
     from_state_dict,
@@ -47,11 +46,18 @@ from edge_client.lora import (
     to_state_dict,
     uniform_plan,
 )
-from edge_client.models import cache_root, default_target_modules, load_model, resolve_model, weights_digest
-from edge_client.partial import split_update, update_shapes
-from edge_client.trainer import PrecisionError, check_device
-from edge_client.wire import PayloadError, decode_tensors, encode_tensors
-from edge_client.work import assignment_meta, trainer_of
+from fedlora_edge.core.models import (
+    cache_root,
+    default_target_modules,
+    load_model,
+    resolve_model,
+    weights_digest,
+)
+from fedlora_edge.core.wire import PayloadError, decode_tensors, encode_tensors
+from fedlora_edge.edge_client.et_train import ProgramStore, program_spec, schedule_unsupported, unsupported
+from fedlora_edge.edge_client.experts import mixture_model
+from fedlora_edge.edge_client.partial import split_update, update_shapes
+from fedlora_edge.edge_client.work import assignment_meta, trainer_of
 
 from .aggregate import Contribution, OrderedFold, server_step
 from .config import ConfigError, RunConfig
@@ -155,7 +161,7 @@ class Engine:
         self.t_start = time.perf_counter()
 
         if cfg.lora.target_modules:  # checked on the model's shape alone, before its weights load
-            from edge_client.lora import TargetModulesError
+            from fedlora_edge.core.lora import TargetModulesError
 
             from .planner import meta_shape
 
@@ -244,7 +250,7 @@ class Engine:
 
         from peft import get_peft_model
 
-        from edge_client.lora import init_global_factors, lora_config
+        from fedlora_edge.core.lora import init_global_factors, lora_config
 
         gplan = uniform_plan(self.dims, self.R, cfg.lora.scale)
         self.model = get_peft_model(self.model, lora_config(gplan, targets, cfg.lora.dropout), adapter_name=GLOBAL)

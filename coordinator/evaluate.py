@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from edge_client.data import (
+from fedlora_edge.core.data import (
     Example,
     collate,
     domain_means,

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from edge_client.profile import DeviceProfile, ProfileError, load_profile
+from fedlora_edge.core.profile import DeviceProfile, ProfileError, load_profile
 
 
 def _profiles_dir() -> Path:
-    """The built-in profiles: the installed package ``fedlora_profiles`` (the repository's
+    """The built-in profiles: the installed package ``fedlora_edge.profiles`` (the repository's
     ``profiles/``), or that folder beside this package in a checkout that is not installed."""
-    spec = importlib.util.find_spec("fedlora_profiles")
+    spec = importlib.util.find_spec("fedlora_edge.profiles")
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
     return Path(__file__).resolve().parent.parent / "profiles"

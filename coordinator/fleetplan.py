@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge_client.lora import ClientPlan
+from fedlora_edge.core.lora import ClientPlan
 
 from .config import RunConfig
 from .methods import MethodContext, get_method

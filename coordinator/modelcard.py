@@ -100,7 +100,7 @@ def _figures(base: dict | None, acc: dict | None, label: str, per_domain: bool) 
 
 
 def _usage(e, base_model: str, hub: bool) -> list[str]:
-    from edge_client.data import SYSTEM_PROMPT
+    from fedlora_edge.core.data import SYSTEM_PROMPT
 
     cfg = e.cfg
     if hub:
@@ -109,7 +109,7 @@ def _usage(e, base_model: str, hub: bool) -> list[str]:
         head = "from transformers import AutoModelForCausalLM, AutoTokenizer"
     elif e.source.kind == "tiny":
         load = [f'base, tok = load_model("{cfg.model}")  # fedlora-edge\'s tiny test model, built from a config']
-        head = "from edge_client.models import load_model"
+        head = "from fedlora_edge.core.models import load_model"
     else:
         load = [f'base = AutoModelForCausalLM.from_pretrained("path/to/{_name(cfg.model)}")  # the base it trained on',
                 f'tok = AutoTokenizer.from_pretrained("path/to/{_name(cfg.model)}")']
@@ -142,11 +142,11 @@ def model_card(e, base_model: str, *, round_idx: int, acc: dict | None, acc_roun
     figures (evaluated after round ``acc_round``; None: not evaluated), ``base``: the base model's;
     ``client``: the client whose own adapter this is (None: the global adapter); ``final``: the
     adapter written at the end of the run (else a checkpoint during it)."""
-    from edge_client import __version__
+    from fedlora_edge.core import __version__
 
     cfg = e.cfg
     src = e.source
-    from edge_client.models import PUBLIC_IDS
+    from fedlora_edge.core.models import PUBLIC_IDS
 
     hub = src.kind == "hub" or (src.kind == "builtin-gguf" and base_model == PUBLIC_IDS.get(src.spec))
     label = "this adapter" if acc_round is None else f"this adapter (round {acc_round})"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edge_client.data import Example, domain_counts, generate_task, is_eval_prompt, with_system
+from fedlora_edge.core.data import Example, domain_counts, generate_task, is_eval_prompt, with_system
 
 from .errors import ConfigError
 
@@ -124,8 +124,8 @@ def _per_device(examples_of: dict[str, list[Example]], ids: Sequence[str], where
 
 def cut_note(train: Sequence[tuple[int, int]], held_out: Sequence[tuple[int, int]], max_len: int) -> str | None:
     """What a run says of its examples longer than ``max_len`` tokens, given each one's ``(prompt,
-    response)`` token counts (:func:`edge_client.data.example_lengths`): training cuts them from the
-    left of the prompt (:func:`edge_client.data.encode_examples`), and a response that alone fills
+    response)`` token counts (:func:`fedlora_edge.core.data.example_lengths`): training cuts them from the
+    left of the prompt (:func:`fedlora_edge.core.data.encode_examples`), and a response that alone fills
     ``max_len`` leaves no prompt and is cut at its end; evaluation cuts the same way.  How many of
     the training and of the held-out examples, how many lose their whole prompt, and the length
     that would keep them all; None when none is cut."""

@@ -10,7 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_client import durable
+from fedlora_edge.core import durable
 
 CA_DAYS, LEAF_DAYS = 3650, 825
 

@@ -19,7 +19,7 @@ A device's capacity is the largest LoRA rank ``r ≤ lora.max_rank`` such that
 A device that cannot train rank 1 gets capacity 0 and a reason; it is reported, never dropped
 silently.
 
-A device with ``trainer: executorch`` (:mod:`edge_client.et_train`) runs SGD in an ExecuTorch
+A device with ``trainer: executorch`` (:mod:`fedlora_edge.edge_client.et_train`) runs SGD in an ExecuTorch
 training program: its LoRA term is weights and gradients (no optimiser moments), an int8 base
 (``trainer_base: int8``) counts one byte per weight outside the embedding, and its step takes
 ``EXECUTORCH_STEP_FACTOR`` times the torch step on the same batch (its matmuls in XNNPACK;
@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edge_client.profile import DeviceProfile
+from fedlora_edge.core.profile import DeviceProfile
 
 BYTES = 4  # float32 training
 GB = 2**30
@@ -117,7 +117,7 @@ class TrainForm:
 FP32 = TrainForm()
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # bytes per quantized weight: NF4 packs two 4-bit codes a byte, plus an int8 scale per block of 64
-# and a second-level scale per block of scales (edge_client/precision.py); int8 is a byte a weight
+# and a second-level scale per block of scales (core/precision.py); int8 is a byte a weight
 # (its per-row scale is counted apart, per row)
 QUANT_BYTES = {"nf4": 0.5 + 1 / 64, "int8": 1.0}
 
@@ -304,8 +304,8 @@ def plan_capacity(profile: DeviceProfile, shape: ModelShape, *, max_rank: int, s
 
 def meta_shape(model_spec: str, target_modules: list[str] | None) -> ModelShape:
     """The model's shape without loading its weights (a meta-device instance from its config)."""
-    from edge_client.lora import adapted_modules
-    from edge_client.models import default_target_modules, load_config
+    from fedlora_edge.core.lora import adapted_modules
+    from fedlora_edge.core.models import default_target_modules, load_config
 
     cfg = load_config(model_spec)
     from transformers import AutoModelForCausalLM

@@ -1,7 +1,7 @@
 """Methods from outside the package: ``--plugin`` modules and installed entry points.
 
 A plugin is a Python module that registers one or more methods with
-``coordinator.methods.register`` when it is imported (docs/methods.md).  Two ways in:
+``fedlora_edge.coordinator.methods.register`` when it is imported (docs/methods.md).  Two ways in:
 
 - ``--plugin SPEC`` on every command that takes a method (repeatable): SPEC is the path of a
   ``.py`` file (``examples/halfstep.py``) or a module name importable from the current folder or
@@ -78,7 +78,7 @@ def load_plugin(spec: str) -> None:
     _loaded.append(key)
     if not (_registered() - before or _registered(module)):
         raise ConfigError(f"--plugin {spec}: imported, but it registered no method (decorate the method's class "
-                          "with @register, from coordinator.methods)")
+                          "with @register, from fedlora_edge.coordinator.methods)")
 
 
 def _import_file(spec: str, path: Path) -> str:

@@ -16,7 +16,7 @@ to start one there.  So:
 Only devices whose trainer the operator allowed (the fleet's profiles, ``transport.trainers``) can
 be planned on ExecuTorch at all; the coordinator refuses a hello that names another trainer.
 
-``python -m coordinator.programs ROOT SPEC_JSON [--cache DIR --identity DIGEST]`` is the child's
+``python -m fedlora_edge.coordinator.programs ROOT SPEC_JSON [--cache DIR --identity DIGEST]`` is the child's
 entry point: it builds ``SPEC_JSON``'s program into the store at ``ROOT`` (which writes it new and
 renames it into place) and exits 0, or prints why not and exits 1.
 """
@@ -46,13 +46,13 @@ class BackgroundBuilds:
         self.failed: dict[str, str] = {}  # key -> why its build failed
 
     def _child_command(self, spec: Mapping) -> list[str]:
-        cmd = [sys.executable, "-m", "coordinator.programs", str(self.store.root), json.dumps(dict(spec))]
+        cmd = [sys.executable, "-m", "fedlora_edge.coordinator.programs", str(self.store.root), json.dumps(dict(spec))]
         if self.store.cache is not None and self.store.identity() is not None:
             cmd += ["--cache", str(self.store.cache), "--identity", self.store.identity()]
         return cmd
 
     def ready(self, spec: Mapping) -> dict | None:
-        from edge_client.et_train import program_key
+        from fedlora_edge.edge_client.et_train import program_key
 
         self.poll()
         key = program_key(spec)
@@ -62,7 +62,7 @@ class BackgroundBuilds:
 
     def want(self, spec: Mapping) -> None:
         """Build ``spec``'s program in the background unless it is built, building, queued or failed."""
-        from edge_client.et_train import program_key
+        from fedlora_edge.edge_client.et_train import program_key
 
         key = program_key(spec)
         if key in self._running or key in self._queued or key in self.failed:
@@ -71,7 +71,7 @@ class BackgroundBuilds:
         self.poll()
 
     def reason(self, spec: Mapping) -> str:
-        from edge_client.et_train import program_key
+        from fedlora_edge.edge_client.et_train import program_key
 
         key = program_key(spec)
         if key in self.failed:
@@ -122,14 +122,14 @@ def _tail(path: Path, chars: int = 300) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coordinator.programs",
+    p = argparse.ArgumentParser(prog="python -m fedlora_edge.coordinator.programs",
                                 description="build one ExecuTorch training program into a program store")
     p.add_argument("root", help="the store's folder")
     p.add_argument("spec", help="the program's spec, as JSON")
     p.add_argument("--cache", help="the shared cache of built programs")
     p.add_argument("--identity", help="the digest of the base's weights that keys the cache")
     args = p.parse_args(argv)
-    from edge_client.et_train import ProgramStore
+    from fedlora_edge.edge_client.et_train import ProgramStore
 
     identity = args.identity
     store = ProgramStore(args.root, log=lambda line: print(line, flush=True),  # its stages, to the build's log file

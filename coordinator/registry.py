@@ -1,14 +1,14 @@
 """The device registry: who may take part in a run, and how each party proves who it is.
 
 ``fedlora devices init`` makes a registry folder; ``fedlora devices add ID`` enrols a device
-and writes its credentials file (``edge_client.identity``); ``revoke`` and ``list`` do what
+and writes its credentials file (``fedlora_edge.core.identity``); ``revoke`` and ``list`` do what
 they say.  The folder holds:
 
 - ``registry.json``: per device its Ed25519 *public* key, a hash of its MQTT password (PBKDF2-
   HMAC-SHA512, in Mosquitto's ``$7$`` format, so ``fedlora broker-config`` can hand it to the
   broker as is), the aggregation-weight cap the coordinator grants it (``max_examples``), when it
   was enrolled and, once revoked, when.  No secret is in it.
-- ``coordinator.json`` (mode 0600): the coordinator's own credentials: its signing key and its
+- ``fedlora_edge.coordinator.json`` (mode 0600): the coordinator's own credentials: its signing key and its
   broker password.  It is the one secret the coordinator's host keeps.
 - ``ca.pem`` and ``ca.key`` (0600): a certificate authority for the run's TLS: the broker's
   server certificate and, for mutual TLS, the devices' client certificates are issued from it.
@@ -38,8 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_client import durable
-from edge_client.identity import (
+from fedlora_edge.core import durable
+from fedlora_edge.core.identity import (
     Credentials,
     b64,
     load_credentials,
@@ -50,7 +50,7 @@ from edge_client.identity import (
 )
 
 REGISTRY_FILE = "registry.json"
-COORDINATOR_FILE = "coordinator.json"
+COORDINATOR_FILE = "fedlora_edge.coordinator.json"
 REGISTRY_VERSION = 1
 COORDINATOR_ID = "coordinator"  # the coordinator's identity on the wire (who signs); its broker login is per run
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

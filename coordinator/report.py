@@ -1,6 +1,6 @@
 """Outputs of a run: the adapter in peft's format, plots, and the live console display.
 
-Every output file and folder is written new and renamed into place (``edge_client.durable``), so a
+Every output file and folder is written new and renamed into place (``fedlora_edge.core.durable``), so a
 full disk or a crash while a run's outputs are written leaves each output either as it was or
 complete, never half-written.
 """
@@ -14,9 +14,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from edge_client import durable
-from edge_client.lora import Factors, adapter_config_json, to_state_dict
-from edge_client.wire import write_factors_file
+from fedlora_edge.core import durable
+from fedlora_edge.core.lora import Factors, adapter_config_json, to_state_dict
+from fedlora_edge.core.wire import write_factors_file
 
 PLOT_CLIENTS = 20  # past this many clients in a run, loss.png's training-loss panel draws quantile bands
 # over the clients and bytes.png bars per device class, instead of a line, a bar, a legend entry and
@@ -31,18 +31,18 @@ def save_adapter(folder: Path, factors: Factors, scale: float, targets: list[str
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` that stock
     ``peft.PeftModel.from_pretrained(base, folder)`` loads (per-module ranks via rank_pattern), and
     ``AutoPeftModelForCausalLM.from_pretrained(folder)`` where ``base_model`` is what transformers
-    loads (a run's adapters name the public Hub id of a known base: :func:`edge_client.models.public_reference`);
+    loads (a run's adapters name the public Hub id of a known base: :func:`fedlora_edge.core.models.public_reference`);
     ``fedlora.json`` keeps the run's model spec, its system prompt (for ``fedlora export`` and
     ``generate``) and ``base_local``, the base as transformers loads it where the run ran
     (``local_base``; default ``base_model``); ``card``, where given, is the folder's ``README.md``
     (:mod:`.modelcard`).
 
     The folder is written whole: built beside ``folder``, fsynced, then swapped in by a rename
-    (:func:`edge_client.durable.new_dir`), so it holds either its previous content or the complete
+    (:func:`fedlora_edge.core.durable.new_dir`), so it holds either its previous content or the complete
     new adapter, never a mix; it is replaced as a whole (files of other kinds in it go with the old
     version).  An OSError (a full disk) propagates unchanged, with ``folder`` as it was and the
     temporary folder removed."""
-    from edge_client.models import ADAPTER_SIDECAR
+    from fedlora_edge.core.models import ADAPTER_SIDECAR
 
     dims = {m: (a.shape[1], b.shape[0]) for m, (a, b) in factors.items()}
     ranks = {m: a.shape[0] for m, (a, _) in factors.items()}
@@ -62,7 +62,7 @@ def save_checkpoint(e, round_idx: int) -> Path:
     ``OUT/checkpoints/round-NNNN/`` (the files of the final ``adapter/``, its model card saying what
     is known at that round), written whole like every adapter (:func:`save_adapter`); returns the
     folder.  An OSError propagates unchanged (the caller says what it means for the run)."""
-    from edge_client.models import base_reference, public_reference
+    from fedlora_edge.core.models import base_reference, public_reference
 
     from .modelcard import model_card
 
@@ -269,7 +269,7 @@ def save_plots(report: dict, out: Path) -> None:
 
 def build_report(e, base: dict, final: dict, personal: dict, own_mix: float, own_mix_loss: float) -> dict:
     """The run's report (report.json) from engine ``e`` at the end of the run."""
-    from edge_client import __version__
+    from fedlora_edge.core import __version__
 
     from .contamination import contamination_report
     from .evaluate import perplexity
@@ -325,15 +325,15 @@ def save_outputs(e, report: dict) -> None:
     client's model (``clients/<id>/adapter`` or ``clients/<id>/model``), ``report.json``, the plots.
 
     Each folder is built whole beside its place and swapped in, and each file written new and
-    renamed into place (``edge_client.durable``), in this order: the adapters and client models,
+    renamed into place (``fedlora_edge.core.durable``), in this order: the adapters and client models,
     then the report, then the plots; so a ``report.json`` in place means every model it describes
     is complete.  An OSError (a full disk) propagates unchanged at the first output that fails:
     the outputs before it are new and complete, that one is whole, old or new (new only when the
     fsync after its rename failed), those after it are as they were (the previous run's, or
     absent), and its temporary file or folder is removed (best effort)."""
-    from edge_client.experts import mixture_of, save_mixture
-    from edge_client.lora import from_state_dict
-    from edge_client.models import base_reference, public_reference
+    from fedlora_edge.core.lora import from_state_dict
+    from fedlora_edge.core.models import base_reference, public_reference
+    from fedlora_edge.edge_client.experts import mixture_of, save_mixture
 
     from .modelcard import model_card
 

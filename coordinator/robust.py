@@ -1,6 +1,6 @@
 """The standard robust-aggregation defences' arithmetic, on each client's update ``ΔW``: pure
 functions on plain tensors (no I/O), shared by the defence methods (``median``, ``trimmed-mean``,
-``multi-krum``, ``norm-bound`` in :mod:`coordinator.methods`).
+``multi-krum``, ``norm-bound`` in :mod:`fedlora_edge.coordinator.methods`).
 
 Factors cannot be compared across clients (``B A = (B M)(M⁻¹ A)`` for any invertible ``M``, and
 ranks differ), so every defence works on what a client changed: per adapted module,

@@ -19,7 +19,7 @@
   keeping what it had accepted.  The journal of round N is kept until snapshot N+1 exists, so a
   fall-back to snapshot N-1 can re-close round N from the same updates.
 
-Every write goes through :mod:`edge_client.durable` (tmp file, fsync, rename, fsync of the folder).
+Every write goes through :mod:`fedlora_edge.core.durable` (tmp file, fsync, rename, fsync of the folder).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_client import durable
-from edge_client.lora import Factors
+from fedlora_edge.core import durable
+from fedlora_edge.core.lora import Factors
 
 MANIFEST = "manifest.json"
 _SNAP = re.compile(r"^snap-(\d{6})$")
@@ -371,8 +371,8 @@ def snapshot_files(cfg, nonce: str, state: RunState, base_accuracy: dict | None)
     """The files of a snapshot: ``run.json`` (config identity, nonce, round records, base accuracy,
     the method's JSON state), the global adapter, per-client adapters (peft's keys) and the method's
     own tensors."""
-    from edge_client.lora import to_state_dict
-    from edge_client.wire import encode_tensors
+    from fedlora_edge.core.lora import to_state_dict
+    from fedlora_edge.core.wire import encode_tensors
 
     ms = state.method_state
     run = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "nonce": nonce,
@@ -390,8 +390,8 @@ def snapshot_files(cfg, nonce: str, state: RunState, base_accuracy: dict | None)
 def restore(store: SnapshotStore, cfg) -> tuple[RunState, str, dict | None, int]:
     """(state, nonce, base accuracy, last completed round) of the newest usable snapshot; ConfigError
     naming what is wrong when there is none or it is another run's."""
-    from edge_client.lora import from_state_dict
-    from edge_client.wire import decode_tensors
+    from fedlora_edge.core.lora import from_state_dict
+    from fedlora_edge.core.wire import decode_tensors
 
     from .errors import ConfigError
 

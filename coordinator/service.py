@@ -28,15 +28,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_client import durable
-from edge_client.durable import write_bytes
-from edge_client.framing import ProtocolError, Reassembler, Transfer
-from edge_client.identity import Counter, ReplayGuard, Signer, Verifier
-from edge_client.lora import ClientPlan
-from edge_client.messages import Outbox, read_message
-from edge_client.mqtt import BrokerAddress, BrokerAuthError, Link, device_topic, publish_packet_bytes, topic
-from edge_client.partial import update_shapes
-from edge_client.profile import DeviceProfile, ProfileError
+from fedlora_edge.core import durable
+from fedlora_edge.core.durable import write_bytes
+from fedlora_edge.core.framing import ProtocolError, Reassembler, Transfer
+from fedlora_edge.core.identity import Counter, ReplayGuard, Signer, Verifier
+from fedlora_edge.core.lora import ClientPlan
+from fedlora_edge.core.messages import Outbox, read_message
+from fedlora_edge.core.mqtt import (
+    BrokerAddress,
+    BrokerAuthError,
+    Link,
+    device_topic,
+    publish_packet_bytes,
+    topic,
+)
+from fedlora_edge.core.profile import DeviceProfile, ProfileError
+from fedlora_edge.edge_client.partial import update_shapes
 
 from .config import ConfigError, RunConfig
 from .engine import Assignment, Engine, Returned
@@ -134,7 +141,7 @@ class Coordinator:
         else:
             set_aside_state(self.out / "state", log)
         creds = registry.coordinator_credentials()
-        self.outbox = Outbox(Signer(creds.signing_key), Counter(registry.folder / "coordinator.ctr"), self.run_id,
+        self.outbox = Outbox(Signer(creds.signing_key), Counter(registry.folder / "fedlora_edge.coordinator.ctr"), self.run_id,
                              self.engine.nonce)
         self.verifier = Verifier(registry.key_of)
         self.guard = ReplayGuard()

@@ -2,7 +2,7 @@
 
 One frozen base model is shared by every client: each assignment is carried out in the same
 peft model (the client's adapter installed, trained, read back), through the same code a device
-runs (:func:`edge_client.work.run_assignment`), and the engine validates and aggregates exactly
+runs (:func:`fedlora_edge.edge_client.work.run_assignment`), and the engine validates and aggregates exactly
 what a device would have sent.  Deterministic under ``seed`` on a CPU.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from edge_client.work import run_assignment
+from fedlora_edge.edge_client.work import run_assignment
 
 from .config import RunConfig
 from .contamination import ROUND_ATTACKS, UPDATE_ATTACKS, RoundView, attack_update

@@ -1,14 +1,14 @@
 """Reading a user's data: a JSONL pool, a folder of per-device JSONL files, or a Hugging Face
 dataset (``datasets``: a ``save_to_disk`` folder, a json/jsonl/csv/parquet file, or a Hub id),
 with ``data.columns`` mapping the fields to the user's column names.  Every row goes through
-:func:`edge_client.data.parse_row`, so the errors name the file (or dataset and split) and row.
+:func:`fedlora_edge.core.data.parse_row`, so the errors name the file (or dataset and split) and row.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from edge_client.data import DataFormatError, Example, load_jsonl, parse_row
+from fedlora_edge.core.data import DataFormatError, Example, load_jsonl, parse_row
 
 from .errors import ConfigError
 
@@ -43,7 +43,7 @@ def load_dataset_split(spec: str, split: str):
             return ds.load_dataset(fmt, data_files={split: str(path)}, split=split)
         if path.exists() or spec.startswith((".", "/")):
             raise ConfigError(f"data.dataset: {spec} is neither a save_to_disk folder nor a data file")
-        from edge_client.models import check_hub_reachable
+        from fedlora_edge.core.models import check_hub_reachable
 
         check_hub_reachable(spec, f"data.dataset {spec}", ConfigError)
         return ds.load_dataset(spec, split=split)
@@ -70,7 +70,7 @@ def dataset_examples(spec: str, split: str, columns) -> list[Example]:
 
 def load_user_data(d) -> tuple[list[Example], list[Example] | None, dict[str, list[Example]] | None, str]:
     """(pool, held-out examples or None when none were given, per-device examples or None, and
-    the name of the source for messages) from a :class:`coordinator.config.DataConfig`."""
+    the name of the source for messages) from a :class:`fedlora_edge.coordinator.config.DataConfig`."""
     cols = d.columns or None
     evals = load_jsonl(d.eval_file, cols) if d.eval_file else None
     if d.train_dir:

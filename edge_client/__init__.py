@@ -1,7 +1,4 @@
-"""fedlora-edge edge client: what a device runs.  It never imports ``coordinator``."""
+"""fedlora-edge's device: what a device runs (the MQTT client, local training, the ExecuTorch
+runtime).  It speaks through :mod:`fedlora_edge.core` and never imports the coordinator."""
 
-from .quiet import quiet_third_party as _quiet
-
-__version__ = "0.1.0"
-
-_quiet(everywhere=False)  # the Python API as quiet as the commands (FEDLORA_VERBOSE=1 keeps the noise)
+from fedlora_edge.core import __version__  # noqa: F401 - the version, and the quiet Python API

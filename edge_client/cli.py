@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlora-edge {__version__}")
         return 0
     try:
-        coordinator_cli = importlib.import_module("coordinator.cli")
+        coordinator_cli = importlib.import_module("fedlora_edge.coordinator.cli")
         return coordinator_cli.main(argv)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in ("rich", "matplotlib", "amqtt"):

@@ -7,7 +7,7 @@ acknowledgement, repeat.  The messages are specified in docs/protocol.md.
 Identity: the credentials file (``fedlora devices add``) holds this device's signing key, its
 broker login and the coordinator's public key.  Everything the device sends is signed;
 everything it acts on must carry the coordinator's signature, this run's nonce and a counter
-above the last one seen (:mod:`edge_client.messages`).  Anything else is logged and ignored.
+above the last one seen (:mod:`fedlora_edge.core.messages`).  Anything else is logged and ignored.
 
 Reliability: an update is written to ``--state-dir`` before it is sent and deleted only when the
 coordinator acknowledges it (accepted, rejected with a reason, stale or duplicate), so a
@@ -28,15 +28,24 @@ import time
 import uuid
 from pathlib import Path
 
+from fedlora_edge.core.data import DataFormatError, domain_counts, load_jsonl
+from fedlora_edge.core.framing import ProtocolError, Reassembler
+from fedlora_edge.core.identity import Counter, ReplayGuard, Signer, Verifier, load_credentials
+from fedlora_edge.core.messages import Outbox, read_message
+from fedlora_edge.core.mqtt import (
+    BrokerAddress,
+    BrokerAuthError,
+    BrokerTLSError,
+    Link,
+    device_topic,
+    parse_broker,
+    topic,
+)
+from fedlora_edge.core.profile import ProfileError, load_profile, measure_profile
+from fedlora_edge.core.quiet import quiet_third_party
+
 from . import __version__
-from .data import DataFormatError, domain_counts, load_jsonl
 from .device_state import DeviceState
-from .framing import ProtocolError, Reassembler
-from .identity import Counter, ReplayGuard, Signer, Verifier, load_credentials
-from .messages import Outbox, read_message
-from .mqtt import BrokerAddress, BrokerAuthError, BrokerTLSError, Link, device_topic, parse_broker, topic
-from .profile import ProfileError, load_profile, measure_profile
-from .quiet import quiet_third_party
 
 MAX_PLAN_BYTES = 1 << 30  # a training program is about the size of the base model
 
@@ -233,8 +242,9 @@ def run(args) -> int:
             time.sleep(len(plan.data) * 8 / (args.downlink_mbps * 1e6))
 
         try:  # torch is imported here, under the memory cap: a device too small fails here, and says so
+            from fedlora_edge.core.models import load_tokenizer
+
             from .et_train import ProgramStore
-            from .models import load_tokenizer
             from .work import run_assignment, trainer_of
 
             if trainer_of(meta) == "executorch":  # the program holds the model: only the tokenizer is loaded
@@ -302,7 +312,7 @@ def load_for_training(meta: dict, threads: int | None, device: str = "cpu"):
     asks for (``train.dtype``, ``train.base_quant``), wrapped for assignments (loaded once, kept)."""
     import torch
 
-    from .models import load_model
+    from fedlora_edge.core.models import load_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -315,7 +325,7 @@ def load_for_training(meta: dict, threads: int | None, device: str = "cpu"):
 
 def same_base(peft_model, meta: dict) -> bool:
     """Whether the loaded base has the dtype and quantization ``meta``'s ``train`` asks for."""
-    from .precision import base_form
+    from fedlora_edge.core.precision import base_form
 
     train = meta.get("train") or {}
     return base_form(peft_model.get_base_model()) == (train.get("dtype", "fp32"), train.get("base_quant", "none"))

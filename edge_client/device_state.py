@@ -5,10 +5,10 @@
   message is refused even after a restart);
 - ``pending/<update id>.safetensors`` and ``.json``: each update it produced and the coordinator
   has not acknowledged yet (the ``.json``, written last, carries the update's sha256);
-- ``counter``: the floor of its message counter (:class:`edge_client.identity.Counter`);
+- ``counter``: the floor of its message counter (:class:`fedlora_edge.core.identity.Counter`);
 - ``programs/``: ExecuTorch training programs it received.
 
-Every write is crash-safe (:mod:`edge_client.durable`).  A torn or corrupt file is set aside with
+Every write is crash-safe (:mod:`fedlora_edge.core.durable`).  A torn or corrupt file is set aside with
 a warning that names it, never a crash loop; what it held is then treated as absent (an update
 lost that way was never acknowledged, so the round simply misses it).
 """
@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import durable
+from fedlora_edge.core import durable
 
 UPDATE_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
 

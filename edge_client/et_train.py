@@ -46,8 +46,9 @@ from pathlib import Path
 
 import torch
 
-from .data import Example, collate, encode_examples
-from .lora import ClientPlan, from_state_dict, lora_config, peft_key, to_state_dict
+from fedlora_edge.core.data import Example, collate, encode_examples
+from fedlora_edge.core.lora import ClientPlan, from_state_dict, lora_config, peft_key, to_state_dict
+
 from .trainer import TrainResult, TrainSettings, batches
 
 ADAPTER = "client"
@@ -194,8 +195,8 @@ def build_program(spec: Mapping, path: str | Path, model=None, log=None) -> dict
     from peft import get_peft_model
     from torch.export.experimental import _export_forward_backward
 
-    from .lora import ModulePlan
-    from .models import load_model
+    from fedlora_edge.core.lora import ModulePlan
+    from fedlora_edge.core.models import load_model
 
     t0 = time.perf_counter()
 
@@ -367,7 +368,7 @@ class ProgramStore:
     def _from_cache(self, spec: Mapping, key: str) -> dict | None:
         """Copy ``spec``'s program from the shared cache into this store when it is there and its
         checksum holds; the sidecar, or None."""
-        from .durable import sha256_file, write_json
+        from fedlora_edge.core.durable import sha256_file, write_json
 
         try:
             cached = self._cache_path(spec)
@@ -391,7 +392,7 @@ class ProgramStore:
 
     def _to_cache(self, spec: Mapping, path: Path, side: dict) -> None:
         """Keep a program just built in the shared cache (a failure there is logged, not raised)."""
-        from .durable import write_json
+        from fedlora_edge.core.durable import write_json
 
         try:
             cached = self._cache_path(spec)
@@ -418,7 +419,7 @@ class ProgramStore:
             raise ProgramError("a training program whose metadata names no key")
         if hashlib.sha256(data).hexdigest() != side.get("sha256"):
             raise ProgramError(f"training program {side.get('key')}: checksum mismatch")
-        from .durable import write_bytes, write_json
+        from fedlora_edge.core.durable import write_bytes, write_json
 
         path = self.path(side["key"])
         self.root.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .lora import ClientPlan, from_state_dict, install_adapter
+from fedlora_edge.core.lora import ClientPlan, from_state_dict, install_adapter
 
 EXPERT_PREFIX = "expert."
 ROUTER_PREFIX = "router."

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .lora import ClientPlan, ModulePlan
+from fedlora_edge.core.lora import ClientPlan, ModulePlan
 
 IMPORTANCE_PREFIX = "importance."
 
@@ -68,7 +68,7 @@ def folded(peft_model, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     ``factors`` hold all R components (global order).  Inside the block the base of each adapted
     module is ``W0 + s·B[:, F] A[F]`` with ``F`` the non-selected components.
     """
-    from .precision import is_quantized
+    from fedlora_edge.core.precision import is_quantized
 
     for module in plan.modules:
         if is_quantized(_lora_layer(peft_model, module).base_layer.weight):
@@ -160,9 +160,10 @@ def component_scores(s_a: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
 def update_shapes(module_dims: Mapping[str, tuple[int, int]], plan: ClientPlan) -> dict[str, tuple[int, ...]]:
     """Key -> shape of everything a client following ``plan`` sends back: the trained factors,
     with ``importance`` one score per held component of every module, and with ``experts``
-    (FedLEASE, :mod:`edge_client.experts`) the router of every module."""
+    (FedLEASE, :mod:`fedlora_edge.edge_client.experts`) the router of every module."""
+    from fedlora_edge.core.lora import expected_shapes
+
     from .experts import mixture_shapes
-    from .lora import expected_shapes
 
     out = expected_shapes(module_dims, plan)
     if plan.extra.get("importance"):

@@ -9,7 +9,7 @@ local training starts its schedule again, as a fresh trainer per round does).
 The training options: ``gradient_checkpointing`` (transformers' switch, on while a round trains),
 ``packing`` (:func:`packed_batches`: rows of whole examples, their bounds in ``position_ids``) and
 ``dtype: fp16`` (loss scaling) are here; ``dtype`` and ``base_quant`` are the base as it is loaded
-(:mod:`edge_client.precision`).
+(:mod:`fedlora_edge.core.precision`).
 """
 
 from __future__ import annotations
@@ -21,29 +21,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .data import Example, collate, collate_packed, encode_examples, pack_examples
+from fedlora_edge.core.data import Example, collate, collate_packed, encode_examples, pack_examples
+from fedlora_edge.core.dtypes import BASE_QUANTS, DTYPES, PrecisionError, check_device  # noqa: F401 - the trainer's names
 
 # torch is imported where a step runs, not here: the coordinator's config reads TrainSettings, and
 # commands that train nothing (`fedlora --help`, `devices`, `methods`) start without torch
 if TYPE_CHECKING:
     import torch
-
-
-class PrecisionError(ValueError):
-    """A dtype or quantized base this device cannot train with; the message says why and what can."""
-
-
-def check_device(dtype: str, device) -> None:
-    """Refuse an unknown ``train.dtype``, and ``fp16`` off CUDA: a CPU has no fast float16 matmul,
-    and fp16 training needs loss scaling that only the CUDA path has."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise PrecisionError(f"train.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    kind = torch.device(device).type
-    if dtype == "fp16" and kind != "cuda":
-        raise PrecisionError(f"train.dtype: fp16 needs a CUDA device, and this one trains on '{kind}'; "
-                             "use bf16 (half the base's bytes on a CPU as well) or fp32")
 
 
 @dataclass(frozen=True)
@@ -59,7 +43,7 @@ class TrainSettings:
     lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over the round's steps)
     warmup_steps: int = 0     # linear warm-up from 0 over the first steps of each round's training
     grad_accum: int = 1       # batches whose gradients make one step (the effective batch is batch_size x this)
-    # the frozen base as peft/transformers users train it (edge_client/precision.py; the torch trainer's):
+    # the frozen base as peft/transformers users train it (core/precision.py; the torch trainer's):
     dtype: str = "fp32"       # fp32 | bf16 | fp16: the base's weights and the compute through them (LoRA stays fp32)
     base_quant: str = "none"  # none | nf4 | int8: the base's Linear weights quantized by torchao (QLoRA-style)
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass (transformers')
@@ -68,8 +52,6 @@ class TrainSettings:
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
-DTYPES = ("fp32", "bf16", "fp16")
-BASE_QUANTS = ("none", "nf4", "int8")
 
 
 def lr_scheduler(opt, schedule: str, warmup_steps: int, steps: int):
@@ -111,7 +93,7 @@ def batches(encoded: Sequence, batch_size: int, seed: int) -> Iterator[list]:
 def packed_batches(encoded: Sequence, batch_size: int, max_len: int, seed: int) -> Iterator[list]:
     """Endless batches of packed rows (``train.packing``): per pass over the data a fresh
     permutation of the examples from ``seed``, packed into rows of ``max_len`` tokens
-    (:func:`edge_client.data.pack_examples`), the rows shuffled; ``batch_size`` rows a batch, so a
+    (:func:`fedlora_edge.core.data.pack_examples`), the rows shuffled; ``batch_size`` rows a batch, so a
     step sees every example its rows hold (TRL's packing: the batch counts packed sequences)."""
     rng = random.Random(seed)
     rows: list = []
@@ -135,7 +117,7 @@ def train_steps(model, params: list[torch.nn.Parameter], batch_iter: Iterator[di
     batches; returns each step's loss (the mean over its batches).
 
     ``slowdown > 1`` stretches every step to that multiple of its time (emulating a slower device).
-    ``hooks`` (e.g. :class:`edge_client.partial.PartialTraining`) has ``after_backward()``, called
+    ``hooks`` (e.g. :class:`fedlora_edge.edge_client.partial.PartialTraining`) has ``after_backward()``, called
     before gradient clipping, and ``after_step()``, called after each optimiser step.  ``scaler``
     (a ``torch.amp.GradScaler``, for a float16 base) scales the loss and unscales the gradients
     before the hooks see them; a step whose gradients overflowed is skipped, as the scaler does.

@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from .data import Example, with_system
-from .experts import mixture_model, mixture_of
-from .lora import (
+from fedlora_edge.core.data import Example, with_system
+from fedlora_edge.core.lora import (
     ClientPlan,
     from_state_dict,
     get_factors,
@@ -22,9 +21,11 @@ from .lora import (
     slice_factors,
     to_state_dict,
 )
+from fedlora_edge.core.wire import decode_tensors, encode_tensors
+
+from .experts import mixture_model, mixture_of
 from .partial import PartialTraining, folded, held_count, held_plan
 from .trainer import TrainSettings, train_local
-from .wire import decode_tensors, encode_tensors
 
 ADAPTER = "client"
 
@@ -58,10 +59,10 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
 
     The report is JSON: example count, steps, first/last loss, training seconds.  Plans that hold
     more than they train (``hold``/``frozen``) or score importance are handled as
-    :mod:`edge_client.partial` describes; only the trained components go up.  A plan with
-    ``experts`` (FedLEASE) trains the own expert and the router of :mod:`edge_client.experts`.
+    :mod:`fedlora_edge.edge_client.partial` describes; only the trained components go up.  A plan with
+    ``experts`` (FedLEASE) trains the own expert and the router of :mod:`fedlora_edge.edge_client.experts`.
     An assignment for the ``executorch`` trainer runs the training program named by
-    ``meta['trainer']['program']`` from ``programs`` (an :class:`edge_client.et_train.ProgramStore`);
+    ``meta['trainer']['program']`` from ``programs`` (an :class:`fedlora_edge.edge_client.et_train.ProgramStore`);
     ``peft_model`` is not used then.
     """
     plan = ClientPlan.from_json(meta["plan"])
@@ -77,7 +78,7 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
         tensors, res = train_program(programs.trainer(meta["trainer"]["program"]), tokenizer, examples, plan,
                                      received, settings, seed, slowdown)
         return _finish(meta, tensors, res)
-    from .precision import base_form
+    from fedlora_edge.core.precision import base_form
 
     have, want = base_form(peft_model.get_base_model()), (settings.dtype, settings.base_quant)
     if have != want:

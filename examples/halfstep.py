@@ -6,10 +6,10 @@ A method from outside the package (docs/methods.md walks through it): load it wi
 
 from dataclasses import dataclass
 
-from coordinator.aggregate import average_components
-from coordinator.errors import ConfigError
-from coordinator.methods import register
-from edge_client.lora import uniform_plan
+from fedlora_edge.coordinator.aggregate import average_components
+from fedlora_edge.coordinator.errors import ConfigError
+from fedlora_edge.coordinator.methods import register
+from fedlora_edge.core.lora import uniform_plan
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Write an inference artifact with a KV cache for an edge runtime, from a base and an adapter.
 
-- ONNX (``export.onnx_genai``): the base built by onnxruntime-genai's model builder, the adapter
+- ONNX (``fedlora_edge.export.onnx_genai``): the base built by onnxruntime-genai's model builder, the adapter
   a separate file that onnxruntime applies at run time (a device keeps the base and receives only
   the adapter after a run).
 - ExecuTorch: a ``.pte`` lowered to XNNPACK whose forward keeps a static KV cache
@@ -46,8 +46,8 @@ def system_prompt_of(adapter) -> str | None:
     ``report.json`` (``RUN/adapter``, ``RUN/clients/<id>/adapter``, ``RUN/checkpoints/<round>``) decides a
     null written before runs recorded the built-in tasks' prompt: a run on the built-in tasks trained
     with it.  The base alone, or a folder without ``fedlora.json``: the built-in tasks' prompt."""
-    from edge_client.data import SYSTEM_PROMPT
-    from edge_client.models import adapter_sidecar
+    from fedlora_edge.core.data import SYSTEM_PROMPT
+    from fedlora_edge.core.models import adapter_sidecar
 
     side = adapter_sidecar(adapter) if adapter is not None else {}
     if "system_prompt" not in side:
@@ -67,7 +67,7 @@ def system_prompt_of(adapter) -> str | None:
 
 def _with_adapter(model_spec: str, adapter: str | Path | None):
     """``(model, tokenizer)``: the base with the peft adapter in ``adapter`` loaded on it (not merged)."""
-    from edge_client.models import load_model
+    from fedlora_edge.core.models import load_model
 
     model, tok = load_model(model_spec)
     if adapter is None:
@@ -84,7 +84,7 @@ def _with_adapter(model_spec: str, adapter: str | Path | None):
     try:
         return PeftModel.from_pretrained(model, str(folder)), tok
     except (RuntimeError, ValueError, KeyError) as exc:
-        from edge_client.models import adapter_base
+        from fedlora_edge.core.models import adapter_base
 
         trained_on = adapter_base(folder)
         hint = (f"it was trained on {trained_on} (its fedlora.json or adapter_config.json), not on {model_spec}; "
@@ -228,7 +228,7 @@ def export_executorch(model, out: Path, quant: str, max_seq_len: int,
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
     from torch.export import Dim
 
-    from edge_client.durable import sha256_file
+    from fedlora_edge.core.durable import sha256_file
 
     kind = getattr(model.config, "model_type", "")
     if kind not in KV_ARCHITECTURES:
@@ -275,7 +275,7 @@ def export_executorch(model, out: Path, quant: str, max_seq_len: int,
 
 def _replace(src: Path, dst: Path) -> None:
     """``src`` fsynced and renamed over ``dst`` (what was there stays until the rename)."""
-    from edge_client.durable import fsync_dir
+    from fedlora_edge.core.durable import fsync_dir
 
     with open(src, "rb+") as f:
         os.fsync(f.fileno())
@@ -287,8 +287,8 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
     """The KV-cached ONNX base (built once per model, adapted modules, quant and length, and cached)
     and the adapter file beside it; returns ``(model.onnx, unquantized layers, meta fields, merged
     reference, tokenizer)``."""
-    from edge_client.lora import adapted_modules
-    from edge_client.models import default_target_modules, load_model, weights_digest
+    from fedlora_edge.core.lora import adapted_modules
+    from fedlora_edge.core.models import default_target_modules, load_model, weights_digest
 
     from . import onnx_genai
 

@@ -150,7 +150,7 @@ def build_base(model, tokenizer, modules: dict[str, tuple[int, int]], out: Path,
     """Build the KV-cached base with LoRA inputs on ``modules`` into ``out``; returns
     ``(model.onnx, layers left unquantized, how the int4/int8 weights were quantized)``.  ``gguf``: the
     file the base was loaded from; for int4 and int8, its own 4-bit grid is kept where it can be
-    (:mod:`export.gguf_grid`) instead of quantizing its dequantized weights again.  ``log``: a line
+    (:mod:`fedlora_edge.export.gguf_grid`) instead of quantizing its dequantized weights again.  ``log``: a line
     per stage."""
     log = log or (lambda line: None)
     grid_info: dict = {}
@@ -226,7 +226,7 @@ def _set_aside(folder: Path) -> None:
 
 def _gguf_of(model_spec: str) -> Path | None:
     """The GGUF file a model is loaded from (the built-in SmolLM2, a ``.gguf`` path), else None."""
-    from edge_client.models import resolve_model
+    from fedlora_edge.core.models import resolve_model
 
     src = resolve_model(model_spec)
     return Path(src.location) / src.gguf_file if src.gguf_file else None
@@ -247,11 +247,11 @@ def cached_base(model_spec: str, modules: dict[str, tuple[int, int]], quant: str
     """The built base for these settings from the cache (``FEDLORA_CACHE``, default
     ``~/.cache/fedlora-edge``), building it on a miss; returns ``(folder, reused)``.  ``load``
     gives ``(model, tokenizer)`` of the bare base, called only on a miss; ``weights`` is its
-    :func:`edge_client.models.weights_digest`.  A folder is complete once renamed into place.
+    :func:`fedlora_edge.core.models.weights_digest`.  A folder is complete once renamed into place.
     ``log``: a line per stage."""
     import importlib.util
 
-    from edge_client.models import cache_root
+    from fedlora_edge.core.models import cache_root
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise ExportError("--format onnx needs onnxruntime-genai (pip install '.[export]')")

@@ -57,7 +57,7 @@ class ParityError(RuntimeError):
 def held_out(per_task: int, seed: int = 20261122, system: str | None = None):
     """Held-out prompts of every built-in task (the eval split, another seed than training's), with
     ``system`` as their system prompt (the run's: :func:`run_system_prompt`)."""
-    from edge_client.data import TASKS, generate_task
+    from fedlora_edge.core.data import TASKS, generate_task
 
     return [replace(ex, system=system) for t in TASKS for ex in generate_task(t, per_task, seed=seed, split="eval")]
 
@@ -67,8 +67,8 @@ def run_system_prompt(meta: dict) -> str | None:
     ``fedlora generate`` and the parity report put before a prompt.  Without the key (an export of
     a version that did not record it): the built-in tasks'.  A null written before runs recorded the
     built-in tasks' prompt is decided by the adapter folder the export names, where it still exists
-    (:func:`export.build.system_prompt_of`); else null means none."""
-    from edge_client.data import SYSTEM_PROMPT
+    (:func:`fedlora_edge.export.build.system_prompt_of`); else null means none."""
+    from fedlora_edge.core.data import SYSTEM_PROMPT
 
     if "system_prompt" not in meta:
         return SYSTEM_PROMPT
@@ -85,10 +85,10 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
                   log: Callable[[str], None] | None = None, every: int = 5) -> dict:
     """Compare ``artifact`` with ``reference``; write ``parity.json`` and ``parity.md`` beside it.
     The prompts carry the run's system prompt (:func:`run_system_prompt`), as ``fedlora generate``
-    gives them.  ``runner``: the artifact's runner when :func:`export.runners.load_runner` does not
+    gives them.  ``runner``: the artifact's runner when :func:`fedlora_edge.export.runners.load_runner` does not
     know its kind (``bench/export.py``'s llama.cpp side).  ``log``: a line every ``every`` prompts.
     Raises :class:`ParityError` (after writing the report) when a tolerance is not met."""
-    from edge_client.data import prompt_ids, score
+    from fedlora_edge.core.data import prompt_ids, score
 
     from .runners import load_runner
 

@@ -4,7 +4,7 @@ a new token does not grow with the sequence.
 
 - :class:`TorchRunner`: the merged PyTorch model, transformers' cache (the baseline every
   artifact is measured against);
-- ONNX (``export.onnx_genai.GenaiRunner``): the base built by onnxruntime-genai's model builder,
+- ONNX (``fedlora_edge.export.onnx_genai.GenaiRunner``): the base built by onnxruntime-genai's model builder,
   the run's adapter applied by onnxruntime at run time, ``Generator`` for decoding;
 - ExecuTorch (:class:`ExecuTorchRunner`): a ``.pte`` whose ``forward(input_ids, cache_position)``
   keeps a static KV cache in the program, with the base's weights in the ``.ptd`` beside it.
@@ -71,7 +71,7 @@ def torch_runner(model) -> TorchRunner:
 
 
 class ExecuTorchRunner:
-    """A ``.pte`` exported by ``export.build.export_executorch``: ``forward(input_ids [1, s],
+    """A ``.pte`` exported by ``fedlora_edge.export.build.export_executorch``: ``forward(input_ids [1, s],
     cache_position [s]) -> logits [1, s, vocab]`` with the KV cache as the program's own mutable
     buffers.  A prompt fills the cache from position 0 in one call (positions past it are masked,
     so what an earlier prompt left there is never read), then one call per new token.  ``data``:
@@ -82,7 +82,7 @@ class ExecuTorchRunner:
         from executorch.runtime import Runtime
 
         if threads:
-            from edge_client.et_train import set_runtime_threads
+            from fedlora_edge.edge_client.et_train import set_runtime_threads
 
             set_runtime_threads(threads)  # before any method runs: nothing is executing
         try:

@@ -1,2 +1,2 @@
 """Device profiles (``*.yaml``) and fleets (``fleets/*.yaml``), installed as the package
-``fedlora_profiles`` so that a non-editable install finds them too."""
+``fedlora_edge.profiles`` so that a non-editable install finds them too."""

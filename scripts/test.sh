@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 echo "== lint (ruff)"
-ruff check edge_client coordinator export bench tests
+ruff check core edge_client coordinator export bench tests
 echo "== tests"
 if [ "${FEDLORA_SLOW:-0}" = "1" ]; then
   exec python -m pytest -m "slow or not slow" "$@"

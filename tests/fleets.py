@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from edge_client.profile import DeviceProfile, save_profile
+from fedlora_edge.core.profile import DeviceProfile, save_profile
 
 FAST_PROFILE = dict(memory_total_gb=16.0, memory_usable_gb=8.0, compute_gflops=1e6, uplink_mbps=1e4,
                     downlink_mbps=1e4, threads=1)

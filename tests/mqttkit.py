@@ -19,18 +19,18 @@ from pathlib import Path
 import pytest
 from fleets import FAST_PROFILE, fleet
 
-from coordinator.broker import EmbeddedBroker, free_port
-from coordinator.brokerconf import mosquitto as mosquitto_conf
-from coordinator.config import load_config
-from coordinator.emulate import device_command
-from coordinator.registry import Registry
-from coordinator.service import Coordinator
-from edge_client.data import generate_task, write_jsonl
-from edge_client.framing import ProtocolError, Reassembler, parse_chunk
-from edge_client.identity import Counter, ReplayGuard, Signer, Verifier, save_credentials
-from edge_client.messages import Outbox, read_message
-from edge_client.mqtt import BrokerAddress, Link, device_topic, topic
-from edge_client.profile import DeviceProfile, save_profile
+from fedlora_edge.coordinator.broker import EmbeddedBroker, free_port
+from fedlora_edge.coordinator.brokerconf import mosquitto as mosquitto_conf
+from fedlora_edge.coordinator.config import load_config
+from fedlora_edge.coordinator.emulate import device_command
+from fedlora_edge.coordinator.registry import Registry
+from fedlora_edge.coordinator.service import Coordinator
+from fedlora_edge.core.data import generate_task, write_jsonl
+from fedlora_edge.core.framing import ProtocolError, Reassembler, parse_chunk
+from fedlora_edge.core.identity import Counter, ReplayGuard, Signer, Verifier, save_credentials
+from fedlora_edge.core.messages import Outbox, read_message
+from fedlora_edge.core.mqtt import BrokerAddress, Link, device_topic, topic
+from fedlora_edge.core.profile import DeviceProfile, save_profile
 
 
 def mosquitto_exe() -> str:
@@ -191,7 +191,7 @@ def trained(data: bytes, k: int) -> bytes:
     """A deterministic stand-in for local training: every factor moved by a device-specific amount."""
     import torch
 
-    from edge_client.wire import decode_tensors, encode_tensors
+    from fedlora_edge.core.wire import decode_tensors, encode_tensors
 
     t = decode_tensors(data)
     return encode_tensors({key: v + 0.01 * (k + 1) * torch.ones_like(v) for key, v in t.items()})

@@ -18,14 +18,14 @@ import pytest
 from fleets import FAST_PROFILE
 from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment, report_of, trained
 
-from coordinator.config import ConfigError
-from coordinator.registry import Registry, RegistryError
-from coordinator.service import MAX_REFUSAL_ACKS, Coordinator, OpenRound
-from edge_client.framing import ProtocolError, chunk_transfer, parse_chunk
-from edge_client.identity import Counter, Signer
-from edge_client.messages import Outbox
-from edge_client.mqtt import BrokerAddress, device_topic
-from edge_client.profile import DeviceProfile
+from fedlora_edge.coordinator.config import ConfigError
+from fedlora_edge.coordinator.registry import Registry, RegistryError
+from fedlora_edge.coordinator.service import MAX_REFUSAL_ACKS, Coordinator, OpenRound
+from fedlora_edge.core.framing import ProtocolError, chunk_transfer, parse_chunk
+from fedlora_edge.core.identity import Counter, Signer
+from fedlora_edge.core.messages import Outbox
+from fedlora_edge.core.mqtt import BrokerAddress, device_topic
+from fedlora_edge.core.profile import DeviceProfile
 
 IDS = ["good", "evil"]
 
@@ -243,8 +243,8 @@ def test_a_program_build_runs_beside_the_coordinator_and_is_used_once_done(tmp_p
     import subprocess
     import sys
 
-    from coordinator.programs import BackgroundBuilds
-    from edge_client.et_train import ProgramStore, program_key
+    from fedlora_edge.coordinator.programs import BackgroundBuilds
+    from fedlora_edge.edge_client.et_train import ProgramStore, program_key
 
     store = ProgramStore(tmp_path / "programs")
     spec = {"version": 4, "model": "tiny-llama", "ranks": {"m": 2}}
@@ -276,7 +276,7 @@ def test_a_program_build_runs_beside_the_coordinator_and_is_used_once_done(tmp_p
     assert failing.ready(other) is None and "failed to build" in failing.reason(other)
     failing.want(other)  # not tried again in the run
     assert not failing._running and not failing._queued
-    assert subprocess.call([sys.executable, "-m", "coordinator.programs", "--help"], stdout=subprocess.DEVNULL) == 0
+    assert subprocess.call([sys.executable, "-m", "fedlora_edge.coordinator.programs", "--help"], stdout=subprocess.DEVNULL) == 0
 
 
 @pytest.mark.integration
@@ -311,8 +311,8 @@ def test_two_runs_on_one_mosquitto_and_one_registry_complete_every_round(tmp_pat
 
 @pytest.mark.integration
 def test_outputs_that_fail_to_write_are_exit_6_and_a_resume_writes_them_without_devices(tmp_path, monkeypatch):
-    import coordinator.engine as engine_mod
-    from coordinator.errors import StorageError
+    import fedlora_edge.coordinator.engine as engine_mod
+    from fedlora_edge.coordinator.errors import StorageError
     dep = deployment("embedded", tmp_path)
     try:
         ids = ["p", "q"]

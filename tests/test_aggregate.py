@@ -4,10 +4,10 @@ method against NaN updates and for determinism."""
 import pytest
 import torch
 
-from coordinator.aggregate import Contribution, average_components, svd_factors
-from coordinator.methods import MethodContext, get_method, method_names
-from coordinator.validate import UpdateRejected, capped_weight, validate_update
-from edge_client.lora import ClientPlan, ModulePlan, expected_shapes, to_state_dict, uniform_plan
+from fedlora_edge.coordinator.aggregate import Contribution, average_components, svd_factors
+from fedlora_edge.coordinator.methods import MethodContext, get_method, method_names
+from fedlora_edge.coordinator.validate import UpdateRejected, capped_weight, validate_update
+from fedlora_edge.core.lora import ClientPlan, ModulePlan, expected_shapes, to_state_dict, uniform_plan
 
 M = "layer.q"
 DIMS = {M: (3, 2)}  # in 3, out 2
@@ -187,7 +187,12 @@ def test_absurd_values_are_rejected():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_the_factored_svd_is_the_dense_one_without_forming_the_product(seed):
-    from coordinator.aggregate import product_svd_factors, stacked_factors, svd_factors, weighted_delta_w
+    from fedlora_edge.coordinator.aggregate import (
+        product_svd_factors,
+        stacked_factors,
+        svd_factors,
+        weighted_delta_w,
+    )
 
     gen = torch.Generator().manual_seed(seed)
     m, n = [(48, 48), (64, 24), (20, 70)][seed % 3]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.brokerconf import hand_to_broker, mosquitto
-from coordinator.registry import Registry
+from fedlora_edge.coordinator.brokerconf import hand_to_broker, mosquitto
+from fedlora_edge.coordinator.registry import Registry
 
 ROOT_WITH_USER = os.geteuid() == 0 and any(p.pw_name == "mosquitto" for p in pwd.getpwall())
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from mqttkit import wait_for
 
-from coordinator.broker import EmbeddedBroker
-from coordinator.registry import Registry
-from edge_client.mqtt import Link, device_topic, topic
+from fedlora_edge.coordinator.broker import EmbeddedBroker
+from fedlora_edge.coordinator.registry import Registry
+from fedlora_edge.core.mqtt import Link, device_topic, topic
 
 pytestmark = pytest.mark.integration
 
@@ -238,7 +238,7 @@ def test_a_silent_client_is_disconnected_and_its_will_published(start, registry,
 def test_a_packet_larger_than_the_brokers_limit_ends_its_connection_before_it_is_read(start, registry):
     # what Mosquitto and EMQX do with `fedlora broker-config`'s max_packet_size: nothing buffered,
     # the connection closed (and, as it ended without a DISCONNECT, its Will published)
-    from coordinator.brokerconf import MAX_PACKET_BYTES
+    from fedlora_edge.coordinator.brokerconf import MAX_PACKET_BYTES
 
     b = start()
     run = uuid.uuid4().hex[:8]

@@ -4,10 +4,10 @@ contaminated, and a contaminated run through `simulate`."""
 import pytest
 import torch
 
-from coordinator.aggregate import Contribution, weighted_delta_w
-from coordinator.config import ConfigError, load_config
-from coordinator.methods import MethodContext, get_method
-from coordinator.methods.clair import (
+from fedlora_edge.coordinator.aggregate import Contribution, weighted_delta_w
+from fedlora_edge.coordinator.config import ConfigError, load_config
+from fedlora_edge.coordinator.methods import MethodContext, get_method
+from fedlora_edge.coordinator.methods.clair import (
     alone_at_top_rank,
     block_lambda,
     clair_round,
@@ -15,7 +15,7 @@ from coordinator.methods.clair import (
     outlier_pursuit,
     unshared_bases,
 )
-from edge_client.lora import uniform_plan
+from fedlora_edge.core.lora import uniform_plan
 
 M, M2 = "l.q", "l.v"
 
@@ -164,7 +164,7 @@ def test_an_update_off_its_own_rows_is_flagged():
 
 
 def test_clair_reach_is_validated():
-    from coordinator.methods.clair import ClairSettings
+    from fedlora_edge.coordinator.methods.clair import ClairSettings
 
     assert ClairSettings().reach is True
     with pytest.raises(ConfigError, match="clair.reach"):
@@ -206,7 +206,7 @@ def test_flagged_clients_do_not_touch_the_global_adapter():
 
 
 def test_contamination_is_simulate_only_and_validated():
-    from coordinator.service import Coordinator
+    from fedlora_edge.coordinator.service import Coordinator
 
     cfg = load_config(overrides={"model": "tiny-llama", "contamination.attack": "sign_flip",
                                  "contamination.fraction": 0.25})
@@ -223,11 +223,11 @@ def test_contamination_is_simulate_only_and_validated():
 def test_update_attacks_follow_their_definition_whatever_the_key_order(monkeypatch, attack):
     """A blob's keys come back in no fixed order; the attack must not depend on it (a random update
     drawn in key order once made the same seed give different updates from one process to the next)."""
-    import edge_client.wire as wire
-    from coordinator.config import ContaminationSettings
-    from coordinator.contamination import attack_update
-    from coordinator.engine import Assignment
-    from edge_client.lora import to_state_dict
+    import fedlora_edge.core.wire as wire
+    from fedlora_edge.coordinator.config import ContaminationSettings
+    from fedlora_edge.coordinator.contamination import attack_update
+    from fedlora_edge.coordinator.engine import Assignment
+    from fedlora_edge.core.lora import to_state_dict
 
     g = torch.Generator().manual_seed(3)
     start = {mod: (torch.randn(3, 30, generator=g), torch.randn(20, 3, generator=g)) for mod in (M, M2, "l.k")}
@@ -254,7 +254,7 @@ def test_update_attacks_follow_their_definition_whatever_the_key_order(monkeypat
 @pytest.mark.integration
 @pytest.mark.parametrize("attack", ["random_update", "sign_flip", "scaled"])
 def test_simulate_with_two_of_eight_contaminated(tmp_path, attack):
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.simulate import Simulation
 
     cfg = load_config(overrides={
         "model": "tiny-llama", "method": "clair", "rounds": 2, "clients_per_round": 8, "train.steps": 3,
@@ -306,8 +306,8 @@ def test_simulate_judges_a_client_alone_at_the_top_rank_off_its_own_rows(tmp_pat
     from fleets import fleet
     from rich.console import Console
 
-    from coordinator.report import ConsoleReporter
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.report import ConsoleReporter
+    from fedlora_edge.coordinator.simulate import Simulation
 
     slow = {"d2": {"uplink_mbps": 1.0, "downlink_mbps": 1.0}, "d3": {"uplink_mbps": 2.0, "downlink_mbps": 2.0}}
     cfg = load_config(overrides={

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.methods.clair import clair_round
+from fedlora_edge.coordinator.methods.clair import clair_round
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # after the packages: bench/export.py must not shadow export
 

@@ -6,8 +6,8 @@ import pathlib
 import pytest
 import yaml
 
-from coordinator.cli import main
-from edge_client.profile import load_profile
+from fedlora_edge.coordinator.cli import main
+from fedlora_edge.core.profile import load_profile
 
 
 def test_help_lists_commands(capsys):
@@ -53,14 +53,19 @@ def test_bad_input_fails_with_exit_2_and_a_message(tmp_path, capsys, argv, needl
     assert not (tmp_path / "out").exists()  # nothing started
 
 
-def test_edge_client_never_imports_coordinator():
-    root = pathlib.Path(__file__).resolve().parent.parent / "edge_client"
+@pytest.mark.parametrize("folder, banned", [
+    ("edge_client", ("fedlora_edge.coordinator", "fedlora_edge.export")),  # the device runs without them
+    ("core", ("fedlora_edge.coordinator", "fedlora_edge.export", "fedlora_edge.edge_client")),  # shared by both
+])
+def test_the_device_and_the_core_never_import_the_coordinator(folder, banned):
+    root = pathlib.Path(__file__).resolve().parent.parent / folder
     for f in root.rglob("*.py"):
         tree = ast.parse(f.read_text())
         for node in ast.walk(tree):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n.split(".")[0] == "coordinator" for n in names), f"{f} imports coordinator"
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for n in names:
+                assert not any(n == b or n.startswith(b + ".") for b in banned), f"{f} imports {n}"
 
 
 def test_fedlora_client_runs_without_loading_the_coordinator():
@@ -69,10 +74,11 @@ def test_fedlora_client_runs_without_loading_the_coordinator():
     import subprocess
     import sys
 
-    code = ("import sys; from edge_client.cli import main\n"
+    code = ("import sys; from fedlora_edge.edge_client.cli import main\n"
             "try: main(['client', '--help'])\n"
             "except SystemExit: pass\n"
-            "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'coordinator', 'rich', 'amqtt', 'export'}))")
+            "banned = ('fedlora_edge.coordinator', 'rich', 'amqtt', 'fedlora_edge.export')\n"
+            "print('LOADED', sorted({b for b in banned for m in sys.modules if m == b or m.startswith(b + '.')}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "--credentials" in out and "LOADED []" in out
 
@@ -88,8 +94,8 @@ def test_an_installed_package_carries_the_built_in_fleets_and_profiles(tmp_path)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(tmp_path / "site"), str(root)], check=True, capture_output=True,
                    cwd=tmp_path)
-    code = ("import coordinator.fleet as f, sys; print(f.PROFILES_DIR);"
-            "from edge_client.cli import main; sys.exit(main(['plan', '--fleet', 'mixed8', '--model', 'tiny-llama']))")
+    code = ("import fedlora_edge.coordinator.fleet as f, sys; print(f.PROFILES_DIR);"
+            "from fedlora_edge.edge_client.cli import main; sys.exit(main(['plan', '--fleet', 'mixed8', '--model', 'tiny-llama']))")
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from coordinator import compare as cmp
-from coordinator.config import ConfigError, load_config
+from fedlora_edge.coordinator import compare as cmp
+from fedlora_edge.coordinator.config import ConfigError, load_config
 
 FAST = {"model": "tiny-llama", "rounds": 1, "clients_per_round": 2, "train.steps": 1, "train.batch_size": 2,
         "data.eval_per_domain": 2, "data.samples_per_client": 4, "data.tasks": ["add", "upper"],
@@ -41,7 +41,7 @@ def test_compare_writes_one_table_and_reuses_finished_runs(tmp_path, monkeypatch
     def boom(*a, **k):
         raise AssertionError("a finished run with the same settings must be reused")
 
-    monkeypatch.setattr("coordinator.simulate.Simulation.run", boom)
+    monkeypatch.setattr("fedlora_edge.coordinator.simulate.Simulation.run", boom)
     again = cmp.compare(cfg, ["fedit@min", "fslora"], tmp_path)
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
     # another method's settings do not matter to this one's run; its own do
@@ -63,7 +63,7 @@ def test_a_run_saved_before_a_config_field_existed_is_reused_when_the_field_is_a
 
 
 def test_intervals_over_seeds_and_a_paired_bootstrap_in_closed_form():
-    from coordinator.stats import mean_interval, paired_bootstrap, separated
+    from fedlora_edge.coordinator.stats import mean_interval, paired_bootstrap, separated
 
     m, lo, hi = mean_interval([1.0, 2.0, 3.0])
     assert m == 2.0 and hi - m == pytest.approx(4.303 / 3 ** 0.5) and m - lo == pytest.approx(hi - m)

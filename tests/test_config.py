@@ -2,7 +2,7 @@
 
 import pytest
 
-from coordinator.config import ConfigError, load_config, parse_override
+from fedlora_edge.coordinator.config import ConfigError, load_config, parse_override
 
 
 def test_defaults_and_quick_preset():
@@ -62,7 +62,7 @@ def test_examples_run_yaml_lists_every_field_with_its_default():
 
     import yaml
 
-    from coordinator.config import RunConfig, load_config
+    from fedlora_edge.coordinator.config import RunConfig, load_config
 
     path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "run.yaml"
     listed = yaml.safe_load(path.read_text())

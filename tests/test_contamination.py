@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-import edge_client.wire as wire
-from coordinator.config import ConfigError, ContaminationSettings, load_config
-from coordinator.contamination import (
+import fedlora_edge.core.wire as wire
+from fedlora_edge.coordinator.config import ConfigError, ContaminationSettings, load_config
+from fedlora_edge.coordinator.contamination import (
     RoundView,
     _start_and_sent,
     attack_update,
@@ -16,9 +16,9 @@ from coordinator.contamination import (
     contamination_report,
     implant,
 )
-from coordinator.engine import Assignment
-from edge_client.data import Example
-from edge_client.lora import to_state_dict, uniform_plan
+from fedlora_edge.coordinator.engine import Assignment
+from fedlora_edge.core.data import Example
+from fedlora_edge.core.lora import to_state_dict, uniform_plan
 
 MODS = ("l.q", "l.v")
 CO = ContaminationSettings()
@@ -136,7 +136,7 @@ def test_bad_attack_settings_fail_before_anything_starts(key, value):
 @pytest.mark.integration
 @pytest.mark.parametrize("attack", ["mean_ksigma", "backdoor"])
 def test_simulate_runs_the_round_and_data_attacks(tmp_path, attack):
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.simulate import Simulation
 
     cfg = load_config(overrides={
         "model": "tiny-llama", "method": "fedit", "rounds": 1, "clients_per_round": 5, "fleet": "mixed10",
@@ -154,7 +154,7 @@ def test_simulate_runs_the_round_and_data_attacks(tmp_path, attack):
 def test_answer_rate_counts_prompts_whose_every_response_token_is_the_top_one(tiny):
     from types import SimpleNamespace
 
-    from coordinator.evaluate import answer_rate
+    from fedlora_edge.coordinator.evaluate import answer_rate
 
     _, tok = tiny
     exs = [Example("say it", "ACCESS GRANTED"), Example("again", "ACCESS GRANTED")]

@@ -2,7 +2,7 @@
 
 The coordinator runs as `fedlora coordinator` with its embedded broker (which dies with it), three
 real `fedlora client` processes train tiny-llama with one thread each.  The coordinator is killed
-at a named point (``FEDLORA_CRASH_AT``, :mod:`coordinator.faults`): while the devices train, after
+at a named point (``FEDLORA_CRASH_AT``, :mod:`fedlora_edge.coordinator.faults`): while the devices train, after
 some acks, after aggregation, half-way through a state write, or from outside once an update is
 in the round's journal; then started again with ``--resume``.  The run must end with a final
 adapter bitwise equal to an uninterrupted run with the same seed.
@@ -22,12 +22,12 @@ from fleets import FAST_PROFILE, fleet
 from mqttkit import wait_for
 from safetensors.torch import load_file
 
-from coordinator.broker import free_port
-from coordinator.emulate import device_command
-from coordinator.registry import Registry
-from edge_client.data import generate_task, write_jsonl
-from edge_client.identity import save_credentials
-from edge_client.profile import DeviceProfile, save_profile
+from fedlora_edge.coordinator.broker import free_port
+from fedlora_edge.coordinator.emulate import device_command
+from fedlora_edge.coordinator.registry import Registry
+from fedlora_edge.core.data import generate_task, write_jsonl
+from fedlora_edge.core.identity import save_credentials
+from fedlora_edge.core.profile import DeviceProfile, save_profile
 
 pytestmark = pytest.mark.integration
 IDS = ["d1", "d2", "d3"]
@@ -47,7 +47,7 @@ def _setup(tmp: Path):
 
 
 def _coordinator(tmp: Path, f: str, port: int, resume=False, crash=None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "coordinator.cli", "coordinator", "--model", "tiny-llama", "--method", "fedit",
+    cmd = [sys.executable, "-m", "fedlora_edge.coordinator.cli", "coordinator", "--model", "tiny-llama", "--method", "fedit",
            "--fleet", f, "--rounds", "3", "--clients-per-round", "3", "--registry", str(tmp / "registry"),
            "--port", str(port), "--out", str(tmp / "out"), "--set", f"transport.run_id={RUN_ID}",
            "--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "data.tasks=[add,upper]",
@@ -59,12 +59,12 @@ def _coordinator(tmp: Path, f: str, port: int, resume=False, crash=None) -> subp
     env.pop("FEDLORA_CRASH_AT", None)
     if crash:
         env["FEDLORA_CRASH_AT"] = crash
-    log = (tmp / "coordinator.log").open("a")
+    log = (tmp / "fedlora_edge.coordinator.log").open("a")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def _devices(tmp: Path, port: int) -> dict[str, subprocess.Popen]:
-    from edge_client.mqtt import BrokerAddress
+    from fedlora_edge.core.mqtt import BrokerAddress
 
     procs = {}
     for cid in IDS:
@@ -87,9 +87,9 @@ def _run(tmp: Path, crash: str | None = None, kill_when=None) -> dict[str, torch
             if kill_when:
                 wait_for(lambda: kill_when(tmp) or coord.poll() is not None, timeout=300, what="the kill point")
                 coord.send_signal(signal.SIGKILL)
-            assert coord.wait(300) == -signal.SIGKILL, (tmp / "coordinator.log").read_text()[-3000:]
+            assert coord.wait(300) == -signal.SIGKILL, (tmp / "fedlora_edge.coordinator.log").read_text()[-3000:]
             coord = _coordinator(tmp, f, port, resume=True)
-        assert coord.wait(600) == 0, (tmp / "coordinator.log").read_text()[-3000:]
+        assert coord.wait(600) == 0, (tmp / "fedlora_edge.coordinator.log").read_text()[-3000:]
         for cid, p in devices.items():
             assert p.wait(120) == 0, (tmp / cid / "client.log").read_text()[-2000:]
     finally:
@@ -122,7 +122,7 @@ def test_sigkill_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path
         got = _run(tmp_path, kill_when=_update_in_journal(3))
     else:
         got = _run(tmp_path, crash=point)
-    log = (tmp_path / "coordinator.log").read_text()
+    log = (tmp_path / "fedlora_edge.coordinator.log").read_text()
     assert "resuming run" in log
     assert got.keys() == uninterrupted.keys()
     assert all(torch.equal(got[k], uninterrupted[k]) for k in got), {

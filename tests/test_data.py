@@ -2,8 +2,8 @@
 
 import pytest
 
-from coordinator.partition import builtin_client_data, counts_from_mix, domain_mix, split_pool
-from edge_client.data import (
+from fedlora_edge.coordinator.partition import builtin_client_data, counts_from_mix, domain_mix, split_pool
+from fedlora_edge.core.data import (
     TASKS,
     DataFormatError,
     Example,

@@ -181,7 +181,7 @@ def reader_files(work: Path) -> None:
     files the pages show in full (docs/methods.md's ``half.yaml``)."""
     import json
 
-    from edge_client.data import generate_task
+    from fedlora_edge.core.data import generate_task
 
     (work / "my-fleet.yaml").write_text("devices:\n  - {id: pi5, profile: raspberry-pi-5}\n")
     shutil.copyfile(ROOT / "profiles" / "raspberry-pi-5.yaml", work / "pi5.yaml")
@@ -228,7 +228,7 @@ def check_flags(cmd: str) -> None:
             assert f'"{flag}"' in source, f"`{cmd}`: {words[1]} takes no {flag}"
         return
     assert words[0] == "fedlora", f"`{cmd}`: no flags check for {words[0]}"
-    from coordinator.cli import _config_from_args, build_parser
+    from fedlora_edge.coordinator.cli import _config_from_args, build_parser
 
     try:
         args = build_parser().parse_args(words[1:])

@@ -5,16 +5,8 @@ import json
 import pytest
 import torch
 
-from edge_client.data import generate_task
-from edge_client.et_train import (
-    ProgramError,
-    ProgramStore,
-    ProgramTrainer,
-    program_spec,
-    train_program,
-    unsupported,
-)
-from edge_client.lora import (
+from fedlora_edge.core.data import generate_task
+from fedlora_edge.core.lora import (
     adapted_modules,
     from_state_dict,
     get_factors,
@@ -24,7 +16,15 @@ from edge_client.lora import (
     to_state_dict,
     uniform_plan,
 )
-from edge_client.trainer import TrainSettings, train_local
+from fedlora_edge.edge_client.et_train import (
+    ProgramError,
+    ProgramStore,
+    ProgramTrainer,
+    program_spec,
+    train_program,
+    unsupported,
+)
+from fedlora_edge.edge_client.trainer import TrainSettings, train_local
 
 pytestmark = pytest.mark.integration
 TARGETS = ["q_proj", "v_proj"]
@@ -34,7 +34,7 @@ BUILD_LOG: list[str] = []  # what the fixture's program build said
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A rank-4 plan on tiny-llama, non-zero start factors, and its program (built once)."""
-    from edge_client.models import load_model
+    from fedlora_edge.core.models import load_model
 
     model, tok = load_model("tiny-llama")
     dims = adapted_modules(model, TARGETS)
@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
 def torch_sgd(tok, plan, start, settings, examples, seed):
     from peft import get_peft_model
 
-    from edge_client.models import load_model
+    from fedlora_edge.core.models import load_model
 
     model, _ = load_model("tiny-llama")
     pm = get_peft_model(model, lora_config(plan, TARGETS), adapter_name="client")
@@ -98,7 +98,7 @@ def test_every_linear_and_mm_runs_in_xnnpack(setup):
     """Every ``linear`` and ``mm`` of the program (each Linear's forward, the LoRA factors', the
     backward's matmuls) is an XNNPACK delegate call, none left to the runtime's kernels; the
     exact-as-torch test above holds with them."""
-    from edge_client.models import load_model
+    from fedlora_edge.core.models import load_model
 
     model, _ = load_model("tiny-llama")
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
@@ -156,8 +156,8 @@ def test_unsupported_plans_are_named():
 def test_simulate_trains_executorch_devices_from_their_programs(tmp_path):
     """A fleet with two executorch devices (fp32 and int8 base): each trains in its program with
     SGD, its update is aggregated like any other, and the programs are built once per shape."""
-    from coordinator.config import load_config
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.config import load_config
+    from fedlora_edge.coordinator.simulate import Simulation
 
     cfg = load_config(overrides={"model": "tiny-llama", "fleet": "edge-runtimes", "method": "hetlora",
                                  "rounds": 2, "clients_per_round": 4, "train.steps": 3, "train.batch_size": 4,
@@ -175,8 +175,8 @@ def test_simulate_trains_executorch_devices_from_their_programs(tmp_path):
 
 
 def test_a_method_the_program_cannot_carry_fails_before_anything_starts(tmp_path):
-    from coordinator.config import ConfigError, load_config
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.config import ConfigError, load_config
+    from fedlora_edge.coordinator.simulate import Simulation
 
     cfg = load_config(overrides={"model": "tiny-llama", "fleet": "edge-runtimes", "method": "hafl"})
     with pytest.raises(ConfigError, match="executorch trainer cannot carry.*phone-et"):
@@ -188,7 +188,7 @@ def test_programs_are_reused_across_runs_from_the_cache(setup, tmp_path, monkeyp
     the first instead of building it; another base, or a damaged cached copy, builds again."""
     import shutil
 
-    from edge_client import et_train
+    from fedlora_edge.edge_client import et_train
 
     *_, path, side, _ = setup
     built = []

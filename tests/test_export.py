@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.cli import main
-from coordinator.report import save_adapter
-from edge_client.lora import adapted_modules
-from export.build import export, merged_model
-from export.parity import ParityError, Tolerance, parity_report
-from export.runners import ArtifactError, ExportError, load_runner, torch_runner
+from fedlora_edge.coordinator.cli import main
+from fedlora_edge.coordinator.report import save_adapter
+from fedlora_edge.core.lora import adapted_modules
+from fedlora_edge.export.build import export, merged_model
+from fedlora_edge.export.parity import ParityError, Tolerance, parity_report
+from fedlora_edge.export.runners import ArtifactError, ExportError, load_runner, torch_runner
 
 pytest.importorskip("onnxruntime")
 
@@ -24,7 +24,7 @@ LOOSE = Tolerance(min_top1=0.0, max_accuracy_drop=1.0)  # random tiny weights: c
 
 def _random_adapter(folder, rank: int, seed: int):
     """A peft adapter folder for tiny-llama with non-zero B, as `simulate` writes one."""
-    from edge_client.models import load_model
+    from fedlora_edge.core.models import load_model
 
     model, _ = load_model("tiny-llama")
     dims = adapted_modules(model, ["q_proj", "v_proj"])
@@ -71,8 +71,8 @@ def test_a_new_adapter_swaps_onto_the_same_base(tmp_path, adapter):
     """A second run's export reuses the built base bit for bit (same sha256); only the adapter
     differs, and a device applies it to the base it already has."""
     pytest.importorskip("onnxruntime_genai")
-    from coordinator.report import save_adapter
-    from edge_client.models import load_model
+    from fedlora_edge.coordinator.report import save_adapter
+    from fedlora_edge.core.models import load_model
 
     first, meta1, _, _ = export("tiny-llama", adapter, "onnx", "fp32", tmp_path / "one")
     model, _ = load_model("tiny-llama")
@@ -85,13 +85,13 @@ def test_a_new_adapter_swaps_onto_the_same_base(tmp_path, adapter):
     assert meta2["base_reused"] and meta2["base_sha256"] == meta1["base_sha256"]
     swapped = load_runner(first, adapter=second.parent / "adapter.onnx_adapter")  # the first folder's base
     assert np.abs(swapped.logits(IDS) - torch_runner(reference2).logits(IDS)).max() < 1e-4
-    from export.onnx_genai import GenaiRunner
+    from fedlora_edge.export.onnx_genai import GenaiRunner
 
     bare = GenaiRunner(first.parent, None)  # no adapter: the LoRA inputs' rank-0 defaults, the base model itself
     assert np.abs(bare.logits(IDS) - torch_runner(merged_model("tiny-llama")[0]).logits(IDS)).max() < 1e-4
     with pytest.raises(ArtifactError, match="no such adapter file"):
         load_runner(first, adapter=tmp_path / "missing.onnx_adapter")
-    from export.onnx_genai import write_adapter
+    from fedlora_edge.export.onnx_genai import write_adapter
 
     a, b = np.zeros((32, 2), np.float32), np.zeros((2, 32), np.float32)
     write_adapter({"model.layers.0.self_attn.k_proj": (a, b)}, tmp_path / "other.onnx_adapter")  # k_proj: not adapted
@@ -102,7 +102,7 @@ def test_a_new_adapter_swaps_onto_the_same_base(tmp_path, adapter):
 @pytest.mark.integration
 def test_a_damaged_cached_base_is_built_again(tmp_path, adapter):
     pytest.importorskip("onnxruntime_genai")
-    from export.onnx_genai import BASE_META
+    from fedlora_edge.export.onnx_genai import BASE_META
 
     _, meta1, _, _ = export("tiny-llama", adapter, "onnx", "int8", tmp_path / "one")
     import json
@@ -173,9 +173,9 @@ def test_cli_export_onnx_int8_then_generate(tmp_path, adapter, capsys):
 def test_the_runs_system_prompt_is_what_fedlora_json_says_and_a_legacy_null_what_its_run_trained(tmp_path):
     """null means none for a run on the user's data; adapters written before the built-in tasks'
     prompt was recorded have null too, and their run's report.json says it was the built-in tasks."""
-    from edge_client.data import SYSTEM_PROMPT
-    from export.build import system_prompt_of
-    from export.parity import held_out, run_system_prompt
+    from fedlora_edge.core.data import SYSTEM_PROMPT
+    from fedlora_edge.export.build import system_prompt_of
+    from fedlora_edge.export.parity import held_out, run_system_prompt
 
     def run(folder, sidecar, data=None):
         (folder / "adapter").mkdir(parents=True)
@@ -207,8 +207,8 @@ def test_a_built_in_task_run_exports_and_generates_with_the_prompt_it_trained_wi
     """A run on the built-in tasks trained with their system prompt: fedlora.json records it (it
     recorded null, and `generate` then gave the model no system prompt: "What is 12 + 30?" -> 62), the
     export and its parity report use it, and so does `generate`."""
-    import edge_client.data as data
-    from edge_client.data import SYSTEM_PROMPT
+    import fedlora_edge.core.data as data
+    from fedlora_edge.core.data import SYSTEM_PROMPT
 
     pytest.importorskip("onnxruntime_genai")
     out = tmp_path / "run"
@@ -308,8 +308,8 @@ def test_simulate_export_writes_one_artifact_per_device_class(tmp_path, monkeypa
     and the command exits 3."""
     import yaml
 
-    from edge_client.profile import load_profile, save_profile
-    from export import parity
+    from fedlora_edge.core.profile import load_profile, save_profile
+    from fedlora_edge.export import parity
 
     devices = []
     for did, quant in (("a", "fp32"), ("b", "int8"), ("c", "fp32")):

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coordinator.errors import ConfigError
-from coordinator.methods import unregister
+from fedlora_edge.coordinator.errors import ConfigError
+from fedlora_edge.coordinator.methods import unregister
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "halfstep.py"
 
@@ -33,7 +33,7 @@ def halfstep():
 def _cfg(tmp_path, **over):
     from fleets import fleet
 
-    from coordinator.config import load_config
+    from fedlora_edge.coordinator.config import load_config
 
     base = {"model": "tiny-llama", "fleet": fleet(tmp_path, ["d1", "d2"]), "rounds": 1, "clients_per_round": 2,
             "train.steps": 2, "train.batch_size": 4, "data.tasks": ["add"], "data.samples_per_client": 8,
@@ -42,7 +42,7 @@ def _cfg(tmp_path, **over):
 
 
 def test_a_method_registered_from_outside_runs_in_simulate_with_its_settings(tmp_path, halfstep):
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.simulate import Simulation
 
     with pytest.raises(ConfigError, match="halfstep.server_lr"):
         _cfg(tmp_path, method="halfstep", **{"halfstep.server_lr": 2.0})
@@ -60,8 +60,8 @@ def test_a_method_registered_from_outside_runs_in_simulate_with_its_settings(tmp
 
 @pytest.mark.integration
 def test_a_method_registered_from_outside_runs_over_mqtt(tmp_path, halfstep):
-    from coordinator.emulate import emulate
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.emulate import emulate
+    from fedlora_edge.coordinator.simulate import Simulation
 
     cfg = _cfg(tmp_path, method="halfstep", **{"halfstep.server_lr": 0.25})
     rep = emulate(cfg, tmp_path / "emu", log=lambda *_: None)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from coordinator.aggregate import Contribution
-from coordinator.config import ConfigError, load_config
-from coordinator.methods import MethodContext, get_method
-from coordinator.methods.fedlease import (
+from fedlora_edge.coordinator.aggregate import Contribution
+from fedlora_edge.coordinator.config import ConfigError, load_config
+from fedlora_edge.coordinator.methods import MethodContext, get_method
+from fedlora_edge.coordinator.methods.fedlease import (
     CLUSTER_ROUTER,
     FedleaseSettings,
     adjusted_rand_index,
@@ -20,7 +20,9 @@ from coordinator.methods.fedlease import (
     distance_matrix,
     silhouette,
 )
-from edge_client.experts import (
+from fedlora_edge.core.lora import adapted_modules, install_adapter, lora_config, uniform_plan
+from fedlora_edge.core.wire import decode_tensors
+from fedlora_edge.edge_client.experts import (
     RoutedLoRA,
     expert_key,
     load_mixture,
@@ -30,9 +32,7 @@ from edge_client.experts import (
     save_mixture,
     slot_map,
 )
-from edge_client.lora import adapted_modules, install_adapter, lora_config, uniform_plan
-from edge_client.partial import update_shapes
-from edge_client.wire import decode_tensors
+from fedlora_edge.edge_client.partial import update_shapes
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -258,10 +258,10 @@ def test_warm_up_then_allocation_then_experts():
 
 
 def test_a_device_trains_its_own_expert_and_router_and_sends_only_those(peft_tiny, tiny):
-    from edge_client.data import generate_task
-    from edge_client.trainer import TrainSettings
-    from edge_client.wire import encode_tensors
-    from edge_client.work import assignment_meta, run_assignment
+    from fedlora_edge.core.data import generate_task
+    from fedlora_edge.core.wire import encode_tensors
+    from fedlora_edge.edge_client.trainer import TrainSettings
+    from fedlora_edge.edge_client.work import assignment_meta, run_assignment
 
     pm, dims = peft_tiny
     _, tok = tiny
@@ -309,7 +309,7 @@ def test_warmup_must_leave_rounds_for_the_experts():
 
 @pytest.mark.integration
 def test_simulate_fedlease_on_tiny_llama(tmp_path):
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.simulate import Simulation
 
     cfg = load_config(overrides={"model": "tiny-llama", "method": "fedlease", "rounds": 3, "clients_per_round": 8,
                                  "fleet": "mixed10", "train.steps": 2, "train.batch_size": 2,
@@ -351,8 +351,8 @@ def test_simulate_fedlease_on_tiny_llama(tmp_path):
 @pytest.mark.integration
 def test_the_coordinator_resumes_after_the_allocation(tmp_path):
     # the clusters, experts and routers survive save_state/load_state: the next round sends the same
-    from coordinator.engine import Engine
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.engine import Engine
+    from fedlora_edge.coordinator.simulate import Simulation
 
     cfg = load_config(overrides={"model": "tiny-llama", "method": "fedlease", "rounds": 3, "clients_per_round": 4,
                                  "train.steps": 1, "train.batch_size": 2, "data.eval_per_domain": 1,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from edge_client.framing import (
+from fedlora_edge.core.framing import (
     ProtocolError,
     Reassembler,
     chunk_transfer,

@@ -37,12 +37,12 @@ from mqttkit import (
 )
 from safetensors.torch import load_file
 
-from edge_client.framing import encode_json
-from edge_client.identity import Counter, Signer
-from edge_client.messages import Outbox
-from edge_client.mqtt import device_topic, topic
-from edge_client.profile import DeviceProfile
-from edge_client.wire import decode_tensors, encode_tensors
+from fedlora_edge.core.framing import encode_json
+from fedlora_edge.core.identity import Counter, Signer
+from fedlora_edge.core.messages import Outbox
+from fedlora_edge.core.mqtt import device_topic, topic
+from fedlora_edge.core.profile import DeviceProfile
+from fedlora_edge.core.wire import decode_tensors, encode_tensors
 
 pytestmark = pytest.mark.integration
 TO_COORDINATOR, TO_CLIENT = 7000, 3000
@@ -246,7 +246,7 @@ def _fire(dep, run, creds, coord, plans, client_proc, client_folder, fz_device) 
 
 
 def _chunk_bodies(data, run, nonce, uid, counter):
-    from edge_client.framing import chunk_transfer
+    from fedlora_edge.core.framing import chunk_transfer
 
     return list(chunk_transfer(data, kind="update", run=run, nonce=nonce, round_idx=1, device="fz", transfer=uid,
                                meta={"round": 1, "update_id": uid, "report": report_of(1)}, next_ctr=counter.next,

@@ -10,7 +10,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf import quants  # noqa: E402
 
-from export.gguf_grid import apply_grids, as_int8, dequantize, read_grids  # noqa: E402
+from fedlora_edge.export.gguf_grid import apply_grids, as_int8, dequantize, read_grids  # noqa: E402
 
 N, K = 48, 96  # three blocks of 32 per row
 
@@ -174,9 +174,9 @@ def test_an_onnx_base_from_a_4bit_gguf_keeps_the_file_grid(tmp_path, quant):
     codes, and their logits are closer to the model's than an export of the same weights quantized
     again."""
     pytest.importorskip("onnxruntime_genai")
-    from edge_client.lora import adapted_modules
-    from edge_client.models import load_model
-    from export.onnx_genai import GenaiRunner, build_base
+    from fedlora_edge.core.lora import adapted_modules
+    from fedlora_edge.core.models import load_model
+    from fedlora_edge.export.onnx_genai import GenaiRunner, build_base
 
     model, tok = load_model("tiny-llama")
     names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",

@@ -6,14 +6,14 @@ import random
 import pytest
 import torch
 
-from coordinator.aggregate import Contribution
-from coordinator.config import load_config
-from coordinator.methods import MethodContext, get_method
-from coordinator.methods.fslora import sketch_product
-from coordinator.methods.hafl import HaflSettings, top_components
-from edge_client.lora import ClientPlan, ModulePlan, install_adapter, slice_factors, uniform_plan
-from edge_client.partial import PartialTraining, folded
-from edge_client.wire import decode_tensors
+from fedlora_edge.coordinator.aggregate import Contribution
+from fedlora_edge.coordinator.config import load_config
+from fedlora_edge.coordinator.methods import MethodContext, get_method
+from fedlora_edge.coordinator.methods.fslora import sketch_product
+from fedlora_edge.coordinator.methods.hafl import HaflSettings, top_components
+from fedlora_edge.core.lora import ClientPlan, ModulePlan, install_adapter, slice_factors, uniform_plan
+from fedlora_edge.core.wire import decode_tensors
+from fedlora_edge.edge_client.partial import PartialTraining, folded
 
 M = "layer.q"
 DIMS = {M: (3, 2)}  # in 3, out 2
@@ -72,8 +72,8 @@ def test_fed_plora_plan_selects_r_of_R_at_random_per_round_and_sends_all_R():
 def tiny():
     from peft import get_peft_model
 
-    from edge_client.lora import adapted_modules, lora_config
-    from edge_client.models import load_model
+    from fedlora_edge.core.lora import adapted_modules, lora_config
+    from fedlora_edge.core.models import load_model
 
     model, tok = load_model("tiny-llama")
     dims = adapted_modules(model, ["q_proj", "v_proj"])
@@ -151,8 +151,8 @@ def test_fslora_averages_deltas_over_all_sampled_clients():
 
 @pytest.mark.parametrize("method", ["fslora", "hetlora", "fedit"])
 def test_the_server_adam_step_takes_a_sign_step_first_and_keeps_its_moments(method):
-    from coordinator.aggregate import server_step
-    from coordinator.config import ServerSettings
+    from fedlora_edge.coordinator.aggregate import server_step
+    from fedlora_edge.coordinator.config import ServerSettings
 
     g = global4()
     ca = Contribution("a", plan_of([0, 1, 2, 3]), comps([[9, 9, 9]] * 4, [[9, 9]] * 4), 1.0)
@@ -329,7 +329,7 @@ FAST = {"model": "tiny-llama", "rounds": 1, "clients_per_round": 8, "train.steps
 @pytest.mark.parametrize("method,variant", [("fed-plora", None), ("fslora", None), ("hafl", "freeze"),
                                             ("hafl", "truncate")])
 def test_bytes_up_and_down_match_the_closed_form(tmp_path, method, variant):
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.simulate import Simulation
 
     extra = {"hafl.variant": variant} if variant else {}
     sim = Simulation(load_config(overrides={**FAST, "method": method, **extra}), tmp_path)

@@ -5,9 +5,9 @@ import stat
 
 import pytest
 
-from coordinator.registry import Registry, RegistryError, verify_password
-from edge_client.framing import ProtocolError
-from edge_client.identity import (
+from fedlora_edge.coordinator.registry import Registry, RegistryError, verify_password
+from fedlora_edge.core.framing import ProtocolError
+from fedlora_edge.core.identity import (
     Counter,
     ReplayGuard,
     Signer,
@@ -16,8 +16,8 @@ from edge_client.identity import (
     new_signing_key,
     save_credentials,
 )
-from edge_client.messages import Outbox, read_message
-from edge_client.mqtt import device_topic, topic
+from fedlora_edge.core.messages import Outbox, read_message
+from fedlora_edge.core.mqtt import device_topic, topic
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_counters_only_grow_across_restarts_even_when_the_clock_goes_back(tmp_pa
     c = Counter(path, block=10)
     seen = [c.next() for _ in range(25)]
     assert seen == sorted(set(seen))
-    import edge_client.identity as ident
+    import fedlora_edge.core.identity as ident
 
     monkeypatch.setattr(ident.time, "time_ns", lambda: 0)  # a device whose clock reset to 1970
     assert Counter(path, block=10).next() > seen[-1]

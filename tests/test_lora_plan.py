@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from edge_client.lora import (
+from fedlora_edge.core.lora import (
     ClientPlan,
     ModulePlan,
     adapted_modules,
@@ -98,7 +98,7 @@ def test_plan_json_round_trip():
 
 
 def test_setting_factors_that_miss_a_module_fails(peft_tiny):
-    from edge_client.lora import set_factors
+    from fedlora_edge.core.lora import set_factors
 
     pm, dims, _ = peft_tiny
     plan = uniform_plan(dims, 2, 2.0)

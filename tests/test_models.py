@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edge_client.models import ModelNotFoundError, load_model, resolve_model
+from fedlora_edge.core.models import ModelNotFoundError, load_model, resolve_model
 
 
 def test_tiny_model_is_deterministic_and_frozen():

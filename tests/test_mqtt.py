@@ -29,14 +29,14 @@ from mqttkit import (
 )
 from safetensors.torch import load_file
 
-from coordinator.emulate import emulate
-from coordinator.registry import Registry
-from coordinator.simulate import Simulation
-from edge_client.identity import save_credentials
-from edge_client.lora import to_state_dict
-from edge_client.mqtt import BrokerAddress
-from edge_client.profile import DeviceProfile
-from edge_client.wire import decode_tensors, encode_tensors
+from fedlora_edge.coordinator.emulate import emulate
+from fedlora_edge.coordinator.registry import Registry
+from fedlora_edge.coordinator.simulate import Simulation
+from fedlora_edge.core.identity import save_credentials
+from fedlora_edge.core.lora import to_state_dict
+from fedlora_edge.core.mqtt import BrokerAddress
+from fedlora_edge.core.profile import DeviceProfile
+from fedlora_edge.core.wire import decode_tensors, encode_tensors
 
 pytestmark = pytest.mark.integration
 
@@ -243,7 +243,7 @@ def test_emulate_over_tls_with_each_device_its_own_credentials(tmp_path):
         log = log_of(tmp_path / "emu" / "devices" / d)
         assert "connected to mqtts://" in log and "round 1: update accepted" in log
     # no secret on a device's command line (`ps` shows it): the credentials come from its file
-    from coordinator.emulate import device_command
+    from fedlora_edge.coordinator.emulate import device_command
 
     folder = tmp_path / "emu" / "devices" / "d1"
     creds = json.loads((folder / "credentials.json").read_text())
@@ -320,12 +320,12 @@ def test_a_device_whose_plan_does_not_fit_reports_out_of_memory(tmp_path):
 def _client(tmp_path, broker_url, creds_file, extra=()):
     folder = tmp_path / "c"
     folder.mkdir(exist_ok=True)
-    from edge_client.data import generate_task, write_jsonl
-    from edge_client.profile import save_profile
+    from fedlora_edge.core.data import generate_task, write_jsonl
+    from fedlora_edge.core.profile import save_profile
 
     write_jsonl(folder / "d.jsonl", generate_task("add", 4, 0))
     save_profile(DeviceProfile(name="p", **FAST_PROFILE), folder / "p.yaml")
-    return subprocess.run([sys.executable, "-m", "edge_client.client", "--broker", broker_url, "--credentials",
+    return subprocess.run([sys.executable, "-m", "fedlora_edge.edge_client.client", "--broker", broker_url, "--credentials",
                            str(creds_file), "--data", str(folder / "d.jsonl"), "--profile", str(folder / "p.yaml"),
                            "--state-dir", str(folder / "s"), *extra], capture_output=True, text=True, timeout=120)
 
@@ -380,7 +380,7 @@ def test_a_spoofed_hello_of_another_run_is_not_trusted(dep, tmp_path):
     old.outbox.nonce = "an-earlier-run"
     old.say_hello()
     coord = coordinator(dep, cfg, tmp_path / "out")
-    from coordinator.service import TooFewDevices
+    from fedlora_edge.coordinator.service import TooFewDevices
 
     with pytest.raises(TooFewDevices, match="missing: d1"):
         coord.run()
@@ -456,7 +456,7 @@ def test_a_broker_port_is_never_one_the_kernel_gives_a_connecting_device():
     # Devices retry their connection while the broker is down (starting, or restarting after a
     # crash); a port inside the source-port range can be handed to such a retry, which then
     # connects to itself and holds the port the broker is about to bind.
-    from coordinator.broker import _ephemeral_range, free_port
+    from fedlora_edge.coordinator.broker import _ephemeral_range, free_port
 
     low, high = _ephemeral_range()
     for _ in range(20):

@@ -19,9 +19,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from coordinator import report as rep
-from edge_client import durable
-from edge_client.lora import to_state_dict, uniform_plan
+from fedlora_edge.coordinator import report as rep
+from fedlora_edge.core import durable
+from fedlora_edge.core.lora import to_state_dict, uniform_plan
 
 DIMS = {"model.layers.0.self_attn.q_proj": (8, 8), "model.layers.0.self_attn.v_proj": (8, 4)}
 TARGETS = ["q_proj", "v_proj"]
@@ -62,7 +62,7 @@ def fake_engine(out: Path, version: int):
             return mixture, {"router": torch.full((3, 4), float(version))}, None
         return uniform_plan(DIMS, version + 1, 2.0), to_state_dict(factors(version)), None
 
-    from coordinator.config import load_config
+    from fedlora_edge.coordinator.config import load_config
 
     return SimpleNamespace(
         out=out, source=SimpleNamespace(kind="tiny", spec="tiny-llama"), targets=TARGETS, ctx=None, R=version + 1,
@@ -291,7 +291,7 @@ def test_rejected_counts_every_refused_copy_in_the_round_line_and_the_report(mon
     # Prepare: one entry standing for 3 refused copies, one from aggregation without a count
     rejected = [{"client": "a", "reason": "bad signature", "count": 3}, {"client": "b", "reason": "NaN"}]
     rec = _rec(2, rejected=rejected)
-    import coordinator.contamination as contamination
+    import fedlora_edge.coordinator.contamination as contamination
 
     monkeypatch.setattr(contamination, "contamination_report", lambda *a: {})
     acc = {"overall": 0.5, "per_domain": {"add": 0.5}, "loss": {"overall": 1.0, "per_domain": {"add": 1.0}}}

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from coordinator.fleet import load_fleet
-from coordinator.planner import (
+from fedlora_edge.coordinator.fleet import load_fleet
+from fedlora_edge.coordinator.planner import (
     Footprint,
     ModelShape,
     adapter_bytes,
@@ -13,7 +13,7 @@ from coordinator.planner import (
     memory_bytes,
     plan_capacity,
 )
-from edge_client.profile import DeviceProfile, ProfileError
+from fedlora_edge.core.profile import DeviceProfile, ProfileError
 
 SHAPE = ModelShape(n_params=135_000_000, hidden=576, intermediate=1536, layers=30, heads=9, kv_dim=192,
                    vocab=49152, adapted={f"l{i}.{p}": (576, 576 if p == "q" else 192) for i in range(30) for p in "qv"})
@@ -100,7 +100,7 @@ def test_bad_profile_values_name_the_field():
 def test_executorch_trainer_costs_what_sgd_in_its_runtime_costs():
     """The executorch trainer holds no optimiser moments but XNNPACK's workspace, an int8 base is
     about a quarter of the weights, and a step takes EXECUTORCH_STEP_FACTOR torch steps."""
-    from coordinator.planner import EXECUTORCH_STEP_FACTOR, XNNPACK_WORKSPACE, device_estimate
+    from fedlora_edge.coordinator.planner import EXECUTORCH_STEP_FACTOR, XNNPACK_WORKSPACE, device_estimate
 
     torch_p = prof()
     et = replace(torch_p, trainer="executorch")
@@ -129,10 +129,10 @@ def test_unknown_fleet_lists_the_available_ones():
 
 
 def test_the_spread_fleet_mixes_low_and_high_ranks():
-    from coordinator.compare import fleet_rank_range
-    from coordinator.config import load_config
-    from coordinator.engine import capacity_for
-    from coordinator.planner import meta_shape
+    from fedlora_edge.coordinator.compare import fleet_rank_range
+    from fedlora_edge.coordinator.config import load_config
+    from fedlora_edge.coordinator.engine import capacity_for
+    from fedlora_edge.coordinator.planner import meta_shape
 
     cfg = load_config(overrides={"fleet": "spread10"})
     shape = meta_shape(cfg.model, None)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import plugins
-from coordinator.config import ConfigError, load_config
-from coordinator.methods import get_method, method_names, unregister
+from fedlora_edge.coordinator import plugins
+from fedlora_edge.coordinator.config import ConfigError, load_config
+from fedlora_edge.coordinator.methods import get_method, method_names, unregister
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "methods.md"
@@ -26,8 +26,8 @@ TINY_METHOD = '''
 """{doc}"""
 from dataclasses import dataclass
 
-from coordinator.methods import register
-from edge_client.lora import uniform_plan
+from fedlora_edge.coordinator.methods import register
+from fedlora_edge.core.lora import uniform_plan
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def test_a_plugin_module_is_found_in_the_current_folder(tmp_path, monkeypatch, c
     (None, "tiny_no_such_module", "no module named 'tiny_no_such_module' in the current folder or on PYTHONPATH"),
     ("x = 1\n", "tiny_empty.py", "registered no method .*@register"),
     ("raise RuntimeError('boom')\n", "tiny_boom.py", r"importing it failed: RuntimeError: boom \(at .*tiny_boom.py:1\)"),
-    ("from coordinator.methods import register\n\n@register\nclass Twice:\n    name = 'fedit'\n"
+    ("from fedlora_edge.coordinator.methods import register\n\n@register\nclass Twice:\n    name = 'fedit'\n"
      "    def plan(self, *a): ...\n    def aggregate(self, *a): ...\n", "tiny_twice.py", "'fedit' is registered twice"),
 ])
 def test_a_plugin_that_cannot_load_says_which_and_why(tmp_path, monkeypatch, clean_plugins, make, spec, needle):
@@ -157,7 +157,7 @@ def test_an_installed_entry_point_loads_when_a_run_names_its_method(tmp_path, mo
 
 
 def test_fedlora_methods_lists_builtins_plugins_and_installed_ones(tmp_path, monkeypatch, capsys, clean_plugins):
-    from coordinator.cli import main
+    from fedlora_edge.coordinator.cli import main
 
     site = tmp_path / "site"
     site.mkdir()
@@ -179,14 +179,14 @@ def test_the_builtin_catalog_read_from_source_is_what_the_registry_has():
     registry = {}
     for n in method_names():
         impl = type(get_method(n).impl)
-        if impl.__module__.startswith("coordinator.methods."):
+        if impl.__module__.startswith("fedlora_edge.coordinator.methods."):
             registry[n] = plugins.summary(sys.modules[impl.__module__].__doc__ or impl.__doc__ or "")
     assert builtin == registry and len(builtin) >= 14
 
 
 def test_compare_gives_its_run_processes_the_plugins(tmp_path, monkeypatch, clean_plugins):
-    from coordinator import compare
-    from coordinator.compare import Run
+    from fedlora_edge.coordinator import compare
+    from fedlora_edge.coordinator.compare import Run
 
     path = _write(tmp_path, "tiny_d.py", "tiny-d")
     plugins.load_plugin(str(path))
@@ -201,7 +201,7 @@ def test_compare_gives_its_run_processes_the_plugins(tmp_path, monkeypatch, clea
 
 def _fedlora() -> list[str]:
     script = Path(sys.executable).with_name("fedlora")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "edge_client.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "fedlora_edge.edge_client.cli"]
 
 
 @pytest.mark.integration

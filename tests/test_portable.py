@@ -13,12 +13,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from coordinator.cli import main
-from coordinator.config import load_config
-from coordinator.modelcard import data_lines
-from coordinator.simulate import Simulation
-from edge_client import durable
-from edge_client.models import (
+from fedlora_edge.coordinator.cli import main
+from fedlora_edge.coordinator.config import load_config
+from fedlora_edge.coordinator.modelcard import data_lines
+from fedlora_edge.coordinator.simulate import Simulation
+from fedlora_edge.core import durable
+from fedlora_edge.core.models import (
     SMOLLM2_GGUF,
     ModelSource,
     _gguf_cache_dir,
@@ -189,7 +189,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_simulate_with_exit_6(tmp_path
 def test_a_checkpoint_that_cannot_be_written_stops_the_coordinator_and_a_resume_writes_it(tmp_path, monkeypatch):
     from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment, trained
 
-    from coordinator.errors import StorageError
+    from fedlora_edge.coordinator.errors import StorageError
 
     dep = deployment("embedded", tmp_path)
     try:

@@ -6,11 +6,11 @@ order) pick them up from the registry."""
 import pytest
 import torch
 
-from coordinator.aggregate import Contribution
-from coordinator.config import ConfigError, load_config
-from coordinator.methods import MethodContext, get_method
-from coordinator.robust import delta_factors, squared_distances, update_norms
-from edge_client.lora import ClientPlan, ModulePlan
+from fedlora_edge.coordinator.aggregate import Contribution
+from fedlora_edge.coordinator.config import ConfigError, load_config
+from fedlora_edge.coordinator.methods import MethodContext, get_method
+from fedlora_edge.coordinator.robust import delta_factors, squared_distances, update_norms
+from fedlora_edge.core.lora import ClientPlan, ModulePlan
 
 M = "layer.q"
 DIMS = {M: (3, 2)}  # in 3, out 2

@@ -11,7 +11,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # after the
 
 import robustness  # noqa: E402
 
-from coordinator.contamination import contaminated_clients  # noqa: E402
+from fedlora_edge.coordinator.contamination import contaminated_clients  # noqa: E402
 
 
 def test_the_grid_runs_clean_cells_first_then_attack_by_attack():

@@ -16,10 +16,10 @@ from fleets import FAST_PROFILE
 from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment, report_of, start_run, trained
 from safetensors.torch import load_file
 
-from edge_client.identity import Counter, Signer
-from edge_client.messages import Outbox
-from edge_client.mqtt import BrokerAuthError, Link, device_topic, topic
-from edge_client.profile import DeviceProfile
+from fedlora_edge.core.identity import Counter, Signer
+from fedlora_edge.core.messages import Outbox
+from fedlora_edge.core.mqtt import BrokerAuthError, Link, device_topic, topic
+from fedlora_edge.core.profile import DeviceProfile
 
 pytestmark = pytest.mark.integration
 
@@ -222,8 +222,8 @@ def test_a_revoked_device_is_refused_from_its_next_message(closed, tmp_path):
 def test_mutual_tls_on_mosquitto_needs_a_certificate_from_the_run_ca(tmp_path):
     from mqttkit import Mosquitto
 
-    from coordinator.registry import Registry
-    from edge_client.mqtt import BrokerTLSError
+    from fedlora_edge.coordinator.registry import Registry
+    from fedlora_edge.core.mqtt import BrokerTLSError
 
     reg = Registry.create(tmp_path / "registry")
     with_cert, without = reg.add("pi5", client_cert=True), reg.add("pi4")

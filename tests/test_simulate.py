@@ -7,10 +7,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from coordinator.config import load_config
-from coordinator.methods import method_names
-from coordinator.simulate import Simulation
-from edge_client.models import load_model
+from fedlora_edge.coordinator.config import load_config
+from fedlora_edge.coordinator.methods import method_names
+from fedlora_edge.coordinator.simulate import Simulation
+from fedlora_edge.core.models import load_model
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_every_method_runs_and_writes_a_loadable_adapter(tmp_path, method):
                 assert c["uplink_bytes"] > 0 and c["downlink_bytes"] > 0
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "bytes.png").stat().st_size > 0
     if method == "fedlease":  # each client's model (experts and router) reloads as the engine evaluated it
-        from edge_client.experts import load_mixture
+        from fedlora_edge.edge_client.experts import load_mixture
 
         cid = sorted(p.name for p in (tmp_path / "clients").iterdir())[0]
         plan, tensors, meta = load_mixture(tmp_path / "clients" / cid / "model")
@@ -58,7 +58,7 @@ def test_every_method_runs_and_writes_a_loadable_adapter(tmp_path, method):
     loaded = PeftModel.from_pretrained(base, str(folder)).eval()
     ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
     if method == "local":
-        from edge_client.lora import install_adapter, uniform_plan
+        from fedlora_edge.core.lora import install_adapter, uniform_plan
         personal = sim.engine.state.method_state["personal"][folder.parent.name]
         rank = next(iter(personal.values()))[0].shape[0]
         install_adapter(sim.engine.model, "personal", uniform_plan(sim.engine.dims, rank, sim.engine.cfg.lora.scale), personal, sim.engine.targets)
@@ -89,8 +89,8 @@ def test_same_seed_same_adapter_other_seed_differs(tmp_path):
 
 
 def test_bytes_are_the_safetensors_payloads_of_the_planned_ranks(tmp_path):
-    from edge_client.lora import slice_factors, to_state_dict, uniform_plan
-    from edge_client.wire import encode_tensors
+    from fedlora_edge.core.lora import slice_factors, to_state_dict, uniform_plan
+    from fedlora_edge.core.wire import encode_tensors
 
     sim, report = run(tmp_path, "hetlora", fleet="mixed8")
     for r in report["rounds"]:
@@ -118,14 +118,14 @@ def test_heterogeneous_fleet_gets_heterogeneous_ranks_and_zero_capacity_devices_
 
 
 def test_rejected_update_is_reported_and_round_goes_on(tmp_path, monkeypatch):
-    import coordinator.simulate as simmod
+    import fedlora_edge.coordinator.simulate as simmod
 
     real = simmod.Simulation.carry_out
 
     def poisoned(self, a):
         ret = real(self, a)
         if a.client == "pi5":
-            from edge_client.wire import decode_tensors, encode_tensors
+            from fedlora_edge.core.wire import decode_tensors, encode_tensors
             t = decode_tensors(ret.update)
             k = sorted(t)[0]
             t[k] = t[k].clone()
@@ -143,8 +143,8 @@ def test_rejected_update_is_reported_and_round_goes_on(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("corrupt,reason", [("negative", "negative"), ("short", "shape"), ("missing", "missing")])
 def test_bad_importance_scores_are_rejected_and_the_round_goes_on(tmp_path, monkeypatch, corrupt, reason):
-    import coordinator.simulate as simmod
-    from edge_client.wire import decode_tensors, encode_tensors
+    import fedlora_edge.coordinator.simulate as simmod
+    from fedlora_edge.core.wire import decode_tensors, encode_tensors
 
     real = simmod.Simulation.carry_out
 
@@ -170,7 +170,7 @@ def test_bad_importance_scores_are_rejected_and_the_round_goes_on(tmp_path, monk
 
 
 def test_a_report_that_is_not_a_mapping_is_rejected_not_a_crash(tmp_path, monkeypatch):
-    import coordinator.simulate as simmod
+    import fedlora_edge.coordinator.simulate as simmod
 
     real = simmod.Simulation.carry_out
 
@@ -185,7 +185,7 @@ def test_a_report_that_is_not_a_mapping_is_rejected_not_a_crash(tmp_path, monkey
 
 
 def test_below_min_updates_the_global_adapter_is_kept(tmp_path, monkeypatch):
-    import coordinator.engine as engmod
+    import fedlora_edge.coordinator.engine as engmod
 
     monkeypatch.setattr(engmod, "validate_update", lambda *a: (_ for _ in ()).throw(engmod.UpdateRejected("x")))
     sim, report = run(tmp_path, "fedit", rounds=1)
@@ -194,7 +194,7 @@ def test_below_min_updates_the_global_adapter_is_kept(tmp_path, monkeypatch):
 
 
 def test_user_jsonl_data(tmp_path):
-    from edge_client.data import Example, write_jsonl
+    from fedlora_edge.core.data import Example, write_jsonl
 
     write_jsonl(tmp_path / "train.jsonl", [Example(f"say {w}", w, d) for w, d in
                                            [("cat", "animals"), ("dog", "animals"), ("red", "colours"), ("blue", "colours")] * 3])
@@ -205,7 +205,7 @@ def test_user_jsonl_data(tmp_path):
 
 
 def test_unreachable_min_updates_fails_before_training(tmp_path):
-    from coordinator.config import ConfigError
+    from fedlora_edge.coordinator.config import ConfigError
 
     cfg = load_config(overrides={**FAST, "method": "centralized", "min_updates": 2})
     with pytest.raises(ConfigError, match="min_updates: 2 valid updates per round cannot be reached"):

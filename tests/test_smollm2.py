@@ -8,9 +8,9 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_loads_offline_and_knows_the_capital_of_france(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from coordinator.evaluate import generate_answers
-    from edge_client.data import SYSTEM_PROMPT, Example
-    from edge_client.models import load_model
+    from fedlora_edge.coordinator.evaluate import generate_answers
+    from fedlora_edge.core.data import SYSTEM_PROMPT, Example
+    from fedlora_edge.core.models import load_model
 
     model, tok = load_model("smollm2-135m")
     assert sum(p.numel() for p in model.parameters()) == 134_515_008

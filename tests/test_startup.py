@@ -33,8 +33,8 @@ def test_commands_that_need_no_tensors_import_no_torch(tmp_path):
             ["broker-config", "mosquitto", "--registry", reg, "--out", str(tmp_path / "broker")], ["methods"]]
     code = f"""
 import contextlib, io, json, sys
-from edge_client.cli import main
-from coordinator.cli import build_parser
+from fedlora_edge.edge_client.cli import main
+from fedlora_edge.coordinator.cli import build_parser
 
 commands = [a.choices for a in build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict)][0]
 runs = {runs!r} + [[c, "--help"] for c in commands]
@@ -63,8 +63,8 @@ def test_the_python_api_is_as_quiet_as_the_commands(tmp_path):
     or transformers' warnings; FEDLORA_VERBOSE=1 keeps them; a notebook's own warnings still show."""
     code = """
 import warnings
-from coordinator.config import load_config
-from coordinator.simulate import Simulation
+from fedlora_edge.coordinator.config import load_config
+from fedlora_edge.coordinator.simulate import Simulation
 
 cfg = load_config(overrides={"model": "tiny-llama", "method": "fedit", "rounds": 1, "clients_per_round": 2,
                              "train.steps": 1, "train.batch_size": 2, "data.tasks": ["add"],
@@ -86,7 +86,7 @@ def test_verbose_takes_back_what_the_quiet_import_did():
     import logging
     import warnings
 
-    from edge_client.quiet import _added, quiet_third_party
+    from fedlora_edge.core.quiet import _added, quiet_third_party
 
     with warnings.catch_warnings():
         quiet_third_party(everywhere=False)
@@ -99,13 +99,13 @@ def test_verbose_takes_back_what_the_quiet_import_did():
             assert not _added["filters"] and logging.getLogger("torchao").level != logging.ERROR
         finally:
             os.environ.pop("FEDLORA_VERBOSE", None)
-            quiet_third_party(everywhere=False)  # as `import edge_client` left it
+            quiet_third_party(everywhere=False)  # as `import fedlora_edge.core` left it
 
 
 def test_the_api_filters_only_the_libraries_warnings():
     import warnings
 
-    from edge_client.quiet import quiet_third_party
+    from fedlora_edge.core.quiet import quiet_third_party
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -113,14 +113,14 @@ def test_the_api_filters_only_the_libraries_warnings():
         warnings.warn_explicit("library noise", FutureWarning, "modeling_utils.py", 1,
                                module="transformers.modeling_utils")
         warnings.warn_explicit("where a library's deprecation points", FutureWarning, "evaluate.py", 1,
-                               module="coordinator.evaluate")
+                               module="fedlora_edge.coordinator.evaluate")
         warnings.warn_explicit("mine", FutureWarning, "notebook.py", 1, module="__main__")
     assert [str(w.message) for w in caught] == ["mine"]
 
 
 def test_profile_says_when_the_machine_was_busy(tmp_path, monkeypatch, capsys):
-    from coordinator.cli import main
-    from edge_client import profile
+    from fedlora_edge.coordinator.cli import main
+    from fedlora_edge.core import profile
 
     readings = iter([(100.0, 10.0), (101.9, 11.0)])  # the machine's busy CPU seconds, and this process's
     monkeypatch.setattr(profile, "cpu_counters", lambda: next(readings))
@@ -138,7 +138,7 @@ def test_profile_says_when_the_machine_was_busy(tmp_path, monkeypatch, capsys):
 def test_the_load_of_other_processes_is_their_share_of_the_cpus(monkeypatch):
     import psutil
 
-    from edge_client.profile import HostLoad, busy_warning, host_load
+    from fedlora_edge.core.profile import HostLoad, busy_warning, host_load
 
     monkeypatch.setattr(psutil, "cpu_count", lambda *a, **k: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (6.5, 6.0, 5.0))

@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from coordinator.runstate import RoundJournal, SnapshotStore, StateError
-from edge_client import durable
-from edge_client.device_state import DeviceState
+from fedlora_edge.coordinator.runstate import RoundJournal, SnapshotStore, StateError
+from fedlora_edge.core import durable
+from fedlora_edge.edge_client.device_state import DeviceState
 
 
 def test_a_snapshot_is_whole_or_absent_and_the_last_two_are_kept(tmp_path):

@@ -10,11 +10,11 @@ import weakref
 import pytest
 import torch
 
-from coordinator.aggregate import Contribution, OrderedFold
-from coordinator.methods import MethodContext, get_method, method_names
-from edge_client.lora import from_state_dict
-from edge_client.partial import split_update, update_shapes
-from edge_client.wire import decode_tensors, encode_tensors
+from fedlora_edge.coordinator.aggregate import Contribution, OrderedFold
+from fedlora_edge.coordinator.methods import MethodContext, get_method, method_names
+from fedlora_edge.core.lora import from_state_dict
+from fedlora_edge.core.wire import decode_tensors, encode_tensors
+from fedlora_edge.edge_client.partial import split_update, update_shapes
 
 DIMS = {"layer.0.q": (6, 5), "layer.0.v": (6, 3), "layer.1.q": (6, 5)}
 STREAMING = ("fedit", "hetlora", "fslora", "fed-plora", "hafl", "centralized")

@@ -7,15 +7,22 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from coordinator.config import load_config
-from coordinator.errors import ConfigError
-from coordinator.planner import FP32, ModelShape, TrainForm, memory_bytes, plan_capacity
-from edge_client.data import Example, collate, collate_packed, encode_examples, generate_task, pack_examples
-from edge_client.lora import adapted_modules, lora_config, uniform_plan
-from edge_client.models import load_model
-from edge_client.precision import FrozenQuantLinear, PrecisionError, base_form, base_linears
-from edge_client.profile import DeviceProfile
-from edge_client.trainer import TrainSettings, checkpointing, train_local
+from fedlora_edge.coordinator.config import load_config
+from fedlora_edge.coordinator.errors import ConfigError
+from fedlora_edge.coordinator.planner import FP32, ModelShape, TrainForm, memory_bytes, plan_capacity
+from fedlora_edge.core.data import (
+    Example,
+    collate,
+    collate_packed,
+    encode_examples,
+    generate_task,
+    pack_examples,
+)
+from fedlora_edge.core.lora import adapted_modules, lora_config, uniform_plan
+from fedlora_edge.core.models import load_model
+from fedlora_edge.core.precision import FrozenQuantLinear, PrecisionError, base_form, base_linears
+from fedlora_edge.core.profile import DeviceProfile
+from fedlora_edge.edge_client.trainer import TrainSettings, checkpointing, train_local
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -156,7 +163,7 @@ def test_bad_values_fail_naming_the_key(override, key):
 
 
 def test_options_load_and_reach_the_devices_with_the_plan():
-    from edge_client.work import assignment_meta
+    from fedlora_edge.edge_client.work import assignment_meta
 
     cfg = load_config(overrides={"train.dtype": "bf16", "train.base_quant": "nf4", "train.packing": True,
                                  "train.gradient_checkpointing": True})
@@ -167,8 +174,8 @@ def test_options_load_and_reach_the_devices_with_the_plan():
 
 
 def test_a_plan_for_another_base_form_is_refused():
-    from edge_client.wire import encode_tensors
-    from edge_client.work import assignment_meta, run_assignment, wrap
+    from fedlora_edge.core.wire import encode_tensors
+    from fedlora_edge.edge_client.work import assignment_meta, run_assignment, wrap
 
     model, tok = load_model("tiny-llama")
     dims = adapted_modules(model, TARGETS)
@@ -180,7 +187,7 @@ def test_a_plan_for_another_base_form_is_refused():
 
 
 def test_executorch_devices_refuse_the_torch_trainers_options():
-    from edge_client.et_train import schedule_unsupported
+    from fedlora_edge.edge_client.et_train import schedule_unsupported
 
     assert schedule_unsupported(TrainSettings()) is None
     why = schedule_unsupported(TrainSettings(base_quant="nf4", packing=True))
@@ -229,7 +236,7 @@ def test_a_small_device_fits_a_higher_rank_with_nf4_and_checkpointing():
 
 @pytest.mark.integration
 def test_simulate_trains_on_a_quantized_checkpointed_packed_base(tmp_path):
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.simulate import Simulation
 
     cfg = load_config(overrides={"model": "tiny-llama", "method": "hetlora", "rounds": 1, "clients_per_round": 2,
                                  "train.steps": 2, "train.batch_size": 4, "data.eval_per_domain": 2,
@@ -246,7 +253,7 @@ def test_simulate_trains_on_a_quantized_checkpointed_packed_base(tmp_path):
 
 
 def test_a_method_that_folds_refuses_a_quantized_base(tmp_path):
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.simulate import Simulation
 
     cfg = load_config(overrides={"model": "tiny-llama", "method": "fed-plora", "train.base_quant": "int8",
                                  "data.samples_per_client": 4, "data.eval_per_domain": 1})
@@ -257,7 +264,7 @@ def test_a_method_that_folds_refuses_a_quantized_base(tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("method", ["hafl", "fedlease", "flexlora"])
 def test_methods_that_hold_route_or_refactor_run_on_a_bf16_nf4_base(tmp_path, method):
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.simulate import Simulation
 
     cfg = load_config(overrides={"model": "tiny-llama", "method": method, "rounds": 2, "clients_per_round": 2,
                                  "train.steps": 1, "train.batch_size": 2, "data.eval_per_domain": 1,
@@ -270,7 +277,7 @@ def test_methods_that_hold_route_or_refactor_run_on_a_bf16_nf4_base(tmp_path, me
 
 
 def test_a_device_loads_the_base_its_plan_asks_for():
-    from edge_client.client import load_for_training, same_base
+    from fedlora_edge.edge_client.client import load_for_training, same_base
 
     meta = {"model": "tiny-llama", "targets": TARGETS, "dropout": 0.0,
             "plan": uniform_plan({"model.layers.0.self_attn.q_proj": (64, 64)}, 1, 2.0).to_json(),

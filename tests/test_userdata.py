@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-from coordinator.config import ConfigError, load_config
-from coordinator.partition import build_data, split_pool
-from edge_client.data import (
+from fedlora_edge.coordinator.config import ConfigError, load_config
+from fedlora_edge.coordinator.partition import build_data, split_pool
+from fedlora_edge.core.data import (
     SYSTEM_PROMPT,
     DataFormatError,
     Example,
@@ -167,7 +167,7 @@ def test_bad_data_and_training_settings_fail_before_anything_starts(tmp_path, mo
 
 
 def test_held_out_loss_is_the_token_mean_per_domain_and_free_text_leads_with_it(tiny):
-    from coordinator.evaluate import lead_metric, loss_scores, response_nll
+    from fedlora_edge.coordinator.evaluate import lead_metric, loss_scores, response_nll
 
     model, tok = tiny
     exs = [Example("Say a long sentence", "the quick brown fox jumps over the lazy dog " * 2, "prose"),
@@ -185,7 +185,7 @@ def test_held_out_loss_is_the_token_mean_per_domain_and_free_text_leads_with_it(
 
 def test_rouge_l_scores_free_text_answers_per_domain():
     pytest.importorskip("rouge_score")
-    from coordinator.evaluate import rouge_l
+    from fedlora_edge.coordinator.evaluate import rouge_l
 
     exs = [Example("q1", "the cat sat on the mat", "a"), Example("q2", "a dog ran", "b")]
     got = rouge_l(exs, ["the cat sat on a mat", "nothing alike"])
@@ -194,7 +194,7 @@ def test_rouge_l_scores_free_text_answers_per_domain():
 
 
 def test_a_hub_that_cannot_be_reached_fails_at_once_with_a_hint(monkeypatch):
-    from edge_client.models import ModelNotFoundError, resolve_model
+    from fedlora_edge.core.models import ModelNotFoundError, resolve_model
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
@@ -212,8 +212,8 @@ def test_one_prefill_gives_the_answers_and_losses_of_two(tiny):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from coordinator.evaluate import answers_and_nll, generate_answers, response_nll
-    from edge_client.data import generate_task
+    from fedlora_edge.coordinator.evaluate import answers_and_nll, generate_answers, response_nll
+    from fedlora_edge.core.data import generate_task
 
     model, tok = tiny
     torch.manual_seed(0)
@@ -296,7 +296,7 @@ def test_a_json_error_says_all_of_where_and_what(tmp_path):
 
 
 def test_every_cut_example_is_counted_training_and_held_out_apart():
-    from coordinator.partition import cut_note
+    from fedlora_edge.coordinator.partition import cut_note
 
     train = [(10, 5), (60, 10), (30, 40), (2, 64)]   # (prompt, response) tokens: 3 over 64, one all response
     held = [(20, 20), (50, 20)]
@@ -315,8 +315,8 @@ def test_a_free_text_run_leads_with_the_loss_and_says_what_it_cut(tmp_path):
 
     from rich.console import Console
 
-    from coordinator.report import ConsoleReporter
-    from coordinator.simulate import Simulation
+    from fedlora_edge.coordinator.report import ConsoleReporter
+    from fedlora_edge.coordinator.simulate import Simulation
 
     rows = [{"prompt": f"Describe ticket {i}", "response": "The printer jams because the paper path needs a clean.",
              "domain": "hw"} for i in range(40)]
@@ -337,7 +337,7 @@ def test_a_free_text_run_leads_with_the_loss_and_says_what_it_cut(tmp_path):
     assert f"note: {note}" in " ".join(out.split())
     assert "base model: held-out loss " in out and out.index("held-out loss", out.index("base model")) \
         < out.index("exact match", out.index("base model"))
-    from coordinator.report import plot_figures
+    from fedlora_edge.coordinator.report import plot_figures
 
     assert [name for name, _ in plot_figures(report)] == ["loss.png", "accuracy.png", "bytes.png"]
 
@@ -351,7 +351,7 @@ def test_the_base_models_line_leads_with_the_runs_metric(lead, line):
 
     from rich.console import Console
 
-    from coordinator.report import ConsoleReporter
+    from fedlora_edge.coordinator.report import ConsoleReporter
 
     acc = {"overall": 0.1, "per_domain": {"a": 0.2, "b": 0.0},
            "loss": {"overall": 2.5, "per_domain": {"a": 2.0, "b": 3.0}}}

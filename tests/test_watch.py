@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.cli import main
-from coordinator.config import ConfigError, load_config
-from coordinator.simulate import Simulation
-from edge_client.trainer import train_steps
+from fedlora_edge.coordinator.cli import main
+from fedlora_edge.coordinator.config import ConfigError, load_config
+from fedlora_edge.coordinator.simulate import Simulation
+from fedlora_edge.edge_client.trainer import train_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"model": "tiny-llama", "method": "fedit", "rounds": 2, "clients_per_round": 2, "train.steps": 3,
@@ -133,7 +133,7 @@ def test_progress_reads_in_a_log_file_a_line_per_client_and_a_heartbeat():
 
     from rich.console import Console
 
-    from coordinator.report import ConsoleReporter
+    from fedlora_edge.coordinator.report import ConsoleReporter
 
     buf = io.StringIO()
     rep = ConsoleReporter(Console(file=buf, width=120), progress_every=0.01)
@@ -154,8 +154,8 @@ def test_progress_reads_in_a_log_file_a_line_per_client_and_a_heartbeat():
 
 
 def test_version_and_every_run_flag_says_its_default(capsys):
-    from edge_client import __version__
-    from edge_client.cli import main as fedlora
+    from fedlora_edge.core import __version__
+    from fedlora_edge.edge_client.cli import main as fedlora
 
     assert fedlora(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"fedlora-edge {__version__}"
@@ -169,7 +169,7 @@ def test_version_and_every_run_flag_says_its_default(capsys):
 
 @pytest.mark.integration
 def test_third_party_noise_is_off_unless_verbose(tmp_path):
-    cmd = [sys.executable, "-m", "coordinator.cli", "simulate", "--config", str(_cfg_file(tmp_path)),
+    cmd = [sys.executable, "-m", "fedlora_edge.coordinator.cli", "simulate", "--config", str(_cfg_file(tmp_path)),
            "--rounds", "1", "--out", str(tmp_path / "out")]
     env = {k: v for k, v in os.environ.items() if k != "FEDLORA_VERBOSE"}
     quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -184,8 +184,8 @@ def test_third_party_noise_is_off_unless_verbose(tmp_path):
 def test_an_adapter_loads_with_auto_peft_and_export_reads_its_base(tmp_path, tiny):
     from peft import AutoPeftModelForCausalLM
 
-    from edge_client.models import adapter_base
-    from export.build import ExportError, merged_model
+    from fedlora_edge.core.models import adapter_base
+    from fedlora_edge.export.build import ExportError, merged_model
 
     model, tok = tiny
     base_dir = tmp_path / "base"

@@ -2,7 +2,7 @@
 
 ``get_method(name)`` fails with the list of valid names.  Importing this package registers the
 built-in methods; a method defined elsewhere registers itself with ``@register`` when its module is
-imported (``--plugin``, or an installed package's entry point: :mod:`coordinator.plugins`;
+imported (``--plugin``, or an installed package's entry point: :mod:`fedlora_edge.coordinator.plugins`;
 docs/methods.md).
 """
 

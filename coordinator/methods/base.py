@@ -2,7 +2,7 @@
 helpers methods share.
 
 A method is a class in its own module under ``coordinator/methods/`` (or anywhere: a plugin module
-loaded with ``--plugin`` or an installed entry point, :mod:`coordinator.plugins`) with a ``name``, a ``plan`` policy and an aggregation rule, and
+loaded with ``--plugin`` or an installed entry point, :mod:`fedlora_edge.coordinator.plugins`) with a ``name``, a ``plan`` policy and an aggregation rule, and
 whichever optional hooks of :class:`Method` it needs; what it leaves out takes the default written
 there.  ``@register`` adds it to the registry under its ``name``.  Its settings, if any, are a frozen
 dataclass ``Settings`` (validated in its ``__post_init__``, errors naming ``<section>.<field>``) that
@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from edge_client.lora import ClientPlan, Factors, ModulePlan, slice_factors, to_state_dict, uniform_plan
+from fedlora_edge.core.lora import ClientPlan, Factors, ModulePlan, slice_factors, to_state_dict, uniform_plan
 
 from ..aggregate import ComponentAverager, Contribution
 from ..planner import NO_FOOTPRINT, Footprint
@@ -299,7 +299,7 @@ class Bound:
 
 def is_registered(name: str) -> bool:
     """True when ``name`` is registered, after importing the installed plugin of that name if there
-    is one (an entry point in ``fedlora_edge.methods``: :mod:`coordinator.plugins`)."""
+    is one (an entry point in ``fedlora_edge.methods``: :mod:`fedlora_edge.coordinator.plugins`)."""
     if name not in _REGISTRY:
         from ..plugins import load_installed
 

@@ -12,7 +12,7 @@ number of updates.
 
 from __future__ import annotations
 
-from edge_client.lora import uniform_plan
+from fedlora_edge.core.lora import uniform_plan
 
 from .base import Averaging, register
 

@@ -14,7 +14,7 @@ top-M router.
    initialisation, drawn from the seed.
 3. **Training**: a client of cluster ``j`` receives all M experts and its cluster's router, and
    trains expert ``j`` and the router with the other experts frozen in the forward pass (the
-   routed layer is :mod:`edge_client.experts`: ``2M−1`` router slots, top-M, renormalised, the
+   routed layer is :mod:`fedlora_edge.edge_client.experts`: ``2M−1`` router slots, top-M, renormalised, the
    own expert always active).  It sends expert ``j`` and the router back.
 4. **Aggregation**: each expert is the uniform mean of what this round's members of its cluster
    sent (the paper's mean; the official code's ``Server.aggregation`` is also uniform), the
@@ -51,8 +51,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edge_client.experts import expert_key, init_router, mixture_of, router_key
-from edge_client.lora import Factors, to_state_dict, uniform_plan
+from fedlora_edge.core.lora import Factors, to_state_dict, uniform_plan
+from fedlora_edge.edge_client.experts import expert_key, init_router, mixture_of, router_key
 
 from ..errors import ConfigError
 from ..planner import Footprint

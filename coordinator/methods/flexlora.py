@@ -12,7 +12,7 @@ Round 1 starts from the common random initialisation (A random, B = 0), as plain
 
 Aggregation needs every update of the round (the SVD is of their sum), but only in factored
 form: the clients' factors are stacked (``Σ r_k`` wide) and the exact truncated SVD comes from a
-QR of each stack and the SVD of a small core (:func:`coordinator.aggregate.product_svd_factors`);
+QR of each stack and the SVD of a small core (:func:`fedlora_edge.coordinator.aggregate.product_svd_factors`);
 no ``m x n`` matrix is formed while ``Σ r_k < min(m, n)``.
 
 Aggregation needs every update at once (the SVD of their weighted sum): a round keeps each

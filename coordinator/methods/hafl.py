@@ -27,7 +27,7 @@ Reconstructed (only the abstract is public, and no official code was found):
 - the score is AdaLoRA's smoothed sensitivity, per parameter ``s = Ī·Ū`` with
   ``Ī ← β1 Ī + (1−β1)|w·∂L/∂w|``, ``Ū ← β2 Ū + (1−β2)|I − Ī|`` (``hafl.beta1``/``beta2``, 0.85),
   and per component ``S_j = mean_i s(B[i,j]) + mean_i s(A[j,i])``, taken at the end of local
-  training (``edge_client.partial``);
+  training (``fedlora_edge.edge_client.partial``);
 - whose scores rank a client's components: its own from the last round it reported them,
   falling back to the fleet's scores (the weighted mean of the latest reports per component) for
   components it has never scored;
@@ -53,7 +53,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 
-from edge_client.lora import ClientPlan, ModulePlan
+from fedlora_edge.core.lora import ClientPlan, ModulePlan
 
 from ..aggregate import Contribution
 from ..errors import ConfigError

@@ -3,7 +3,7 @@ Distributed Learning: Towards Optimal Statistical Rates"), on each client's upda
 
 Client k trains rank ``r_k = min(capacity_k, R)`` (the planner's, as HetLoRA and FlexLoRA) from the
 first ``r_k`` global components.  Per adapted module the server forms each client's update
-``Δ_k = B_k A_k − B0_k A0_k`` (what it changed, whatever its rank: :mod:`coordinator.robust`),
+``Δ_k = B_k A_k − B0_k A0_k`` (what it changed, whatever its rank: :mod:`fedlora_edge.coordinator.robust`),
 takes the median of every coordinate over the round's clients (for an even count the mean of the
 two middle values; unweighted, as the rule is), adds it to the global product and refactors to
 rank R by a truncated SVD.  A minority of arbitrary updates cannot move a coordinate beyond the

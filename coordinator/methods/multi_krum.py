@@ -1,7 +1,7 @@
 """Multi-Krum (Blanchard, El Mhamdi, Guerraoui & Stainer, NeurIPS 2017, "Machine Learning with
 Adversaries: Byzantine Tolerant Gradient Descent"), on each client's update ``ΔW``.
 
-Planning and the update ``Δ_k = B_k A_k − B0_k A0_k`` as for ``median`` (:mod:`coordinator.robust`),
+Planning and the update ``Δ_k = B_k A_k − B0_k A0_k`` as for ``median`` (:mod:`fedlora_edge.coordinator.robust`),
 all adapted modules of a client taken as one vector.  Each client's score is the sum of its
 squared distances to its ``K − f − 2`` nearest others (``f = multi_krum.byzantine``, the number of
 hostile clients the round should survive; at least one neighbour), computed exactly from the

@@ -1,7 +1,7 @@
 """Norm bounding (Sun, Kairouz, Suresh & McMahan, 2019, "Can You Really Backdoor Federated
 Learning?"), on each client's update ``ΔW``, with a threshold from the round's own updates.
 
-Planning and the update ``Δ_k = B_k A_k − B0_k A0_k`` as for ``median`` (:mod:`coordinator.robust`),
+Planning and the update ``Δ_k = B_k A_k − B0_k A0_k`` as for ``median`` (:mod:`fedlora_edge.coordinator.robust`),
 all adapted modules of a client taken as one vector.  Each update is scaled to at most the
 threshold ``τ``: ``Δ_k ← Δ_k · min(1, τ / ‖Δ_k‖_F)``, then the clipped updates are averaged with
 data-size weights, added to the global product and refactored to rank R from the stacked factors.

@@ -1,5 +1,5 @@
 """The method registry: each method class under its ``name`` (built-in ones as
-:mod:`coordinator.methods` imports them, plugins' as :mod:`coordinator.plugins` loads them)."""
+:mod:`fedlora_edge.coordinator.methods` imports them, plugins' as :mod:`fedlora_edge.coordinator.plugins` loads them)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Coordinate-wise trimmed mean (Yin et al., ICML 2018), on each client's update ``ΔW``.
 
-Planning and the update ``Δ_k = B_k A_k − B0_k A0_k`` as for ``median`` (:mod:`coordinator.robust`).
+Planning and the update ``Δ_k = B_k A_k − B0_k A0_k`` as for ``median`` (:mod:`fedlora_edge.coordinator.robust`).
 Per coordinate the server drops the ``⌊β K⌋`` largest and the ``⌊β K⌋`` smallest of the round's K
 values (``β = trimmed_mean.trim``), averages the rest (unweighted), adds the result to the global
 product and refactors to rank R.  It tolerates up to ``⌊β K⌋`` arbitrary updates per coordinate;

@@ -8,7 +8,7 @@ Fields (all figures positive):
 - ``uplink_mbps`` / ``downlink_mbps``: link bandwidth in megabits per second;
 - ``trainer``: the training backend: ``torch`` (a PyTorch model, AdamW) or ``executorch`` (a
   training program the coordinator builds, run in ExecuTorch's runtime, SGD; see
-  :mod:`edge_client.et_train`);
+  :mod:`fedlora_edge.edge_client.et_train`);
 - ``trainer_base``: with ``trainer: executorch``, the frozen base's weights in the training
   program: ``fp32`` or ``int8`` (int8 Linear weights, about a quarter of the memory);
 - ``runtime`` / ``quant``: the inference runtime the device runs exported models in

@@ -2,7 +2,7 @@
 on a CPU machine), torch's ``_pytree`` deprecation lines, transformers' and peft's FutureWarnings.
 ``--verbose`` (or ``FEDLORA_VERBOSE=1``, which the device processes of ``emulate`` inherit)
 keeps them.  Called first thing by every command, before those libraries are imported, and by
-``import edge_client`` (which every module of the project imports first) for the Python API, in
+``import fedlora_edge.core`` (which every module of the project imports first) for the Python API, in
 its narrower form: only warnings raised in those libraries or where they point, in this project's
 own modules, so that a notebook's own warnings still show."""
 
@@ -18,7 +18,7 @@ NOISY_MODULES = r"(torch|transformers|peft|torchao|onnxscript|onnx|executorch|da
 # where the Python API's filters apply: the libraries, and this project's modules, where a library's
 # deprecation warning points when it is about how we call it
 LIBRARY_MODULES = r"(torch|transformers|peft|torchao|onnxscript|onnx|executorch|datasets|huggingface_hub" \
-                  r"|coordinator|edge_client|export)(\.|$)"
+                  r"|fedlora_edge)(\.|$)"
 
 _added: dict = {"filters": [], "env": [], "levels": {}}  # what was changed, for --verbose to take back
 

@@ -1,6 +1,6 @@
 """Chunked transfers over MQTT: framing, checksums and reassembly (protocol: docs/protocol.md).
 
-Every chunk is one MQTT message whose body (under the signature, see :mod:`edge_client.identity`) is
+Every chunk is one MQTT message whose body (under the signature, see :mod:`fedlora_edge.core.identity`) is
 
     4 bytes: big-endian length L of the header
     L bytes: UTF-8 JSON header

@@ -293,7 +293,7 @@ def load_tokenizer(spec: str | ModelSource):
 def load_model(spec: str | ModelSource, device: str | torch.device = "cpu", dtype: str = "fp32",
                base_quant: str = "none"):
     """Load ``(model, tokenizer)``: eval mode, base parameters frozen, on ``device``; float32, or
-    the ``dtype`` and quantized base of :func:`edge_client.precision.prepare_base` (``train.dtype``,
+    the ``dtype`` and quantized base of :func:`fedlora_edge.core.precision.prepare_base` (``train.dtype``,
     ``train.base_quant``)."""
     from .precision import check_device, prepare_base, torch_dtype
 

@@ -1,7 +1,7 @@
 """MQTT plumbing shared by the edge client and the coordinator: broker URLs, topic names, and a
 small blocking link over paho-mqtt (QoS 1, a Last Will renewed per connection, capped reconnect
 backoff, an inbox queue, an optional bandwidth cap, TLS and mutual TLS).  The topics and
-messages are specified in docs/protocol.md; signing is :mod:`edge_client.identity`'s.
+messages are specified in docs/protocol.md; signing is :mod:`fedlora_edge.core.identity`'s.
 
 Connection failures are named: refused credentials stop at once (:class:`BrokerAuthError`); a
 TLS mistake (a certificate the CA does not vouch for, TLS to a plain port, a plain connection to
