@@ -73,14 +73,93 @@ class ModulePlan:
         return len(self.components)
 
 
+FROZEN_MODES = ("fold", "forward")
+
+
+@dataclass(frozen=True)
+class DeviceSteps:
+    """The device half of a method: what a device does beyond "train these components", declared
+    here and read nowhere else (:mod:`fedlora_edge.edge_client.work`, ``partial``, ``experts`` and
+    the executorch trainer all read a plan's :attr:`ClientPlan.steps`).  A method sets them with
+    :meth:`to_extra` into its plan's ``extra``; on the wire they are these JSON keys of ``extra``:
+
+    ``hold: R`` with ``frozen: "fold" | "forward"``
+        the start factors carry all R global components; the plan's components are trained, the
+        others are folded into the frozen base (Fed-PLoRA's Select-N-Fold) or kept in the forward
+        pass with their gradients zeroed (HAFL's freezing);
+    ``importance: {"beta1": b1, "beta2": b2}``
+        every held component is scored (AdaLoRA's smoothed sensitivity) and the scores go up with
+        the update (HAFL);
+    ``experts: {"count": M, "own": c}``
+        the start holds M experts and a router; the device trains expert ``c`` and the router with
+        the others frozen (FedLEASE).
+
+    Any other key of ``extra`` is the coordinator's own (a method's bookkeeping) and the device
+    ignores it.  A plan with none of these is plain LoRA training, which every trainer carries.
+    """
+
+    hold: int | None = None
+    frozen: str | None = None
+    importance: tuple[float, float] | None = None  # (beta1, beta2)
+    experts: tuple[int, int] | None = None          # (M, own expert)
+
+    def __post_init__(self):
+        if (self.hold is None) != (self.frozen is None) or (self.hold is not None and self.frozen not in FROZEN_MODES):
+            raise ValueError(f"plan: 'hold' needs a 'frozen' mode 'fold' or 'forward' (and 'frozen' a 'hold'), "
+                             f"got hold {self.hold!r}, frozen {self.frozen!r}")
+        if self.hold is not None and self.hold < 1:
+            raise ValueError(f"plan: 'hold' must be a positive rank, got {self.hold}")
+        if self.experts is not None:
+            m, own = self.experts
+            if m < 1 or not 0 <= own < m:
+                raise ValueError(f"plan: experts count {m} and own expert {own} are inconsistent")
+
+    @classmethod
+    def from_extra(cls, extra: Mapping) -> DeviceSteps:
+        """Read (and check) the device's steps from a plan's ``extra``; a malformed one raises
+        ValueError naming the key."""
+        try:
+            hold = extra.get("hold")
+            imp = extra.get("importance")
+            exp = extra.get("experts")
+            return cls(hold=int(hold) if hold is not None else None, frozen=extra.get("frozen"),
+                       importance=(float(imp["beta1"]), float(imp["beta2"])) if imp else None,
+                       experts=(int(exp["count"]), int(exp["own"])) if exp is not None else None)
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"plan: malformed device steps in 'extra' ({type(exc).__name__}: {exc})") from None
+
+    def to_extra(self) -> dict:
+        """The JSON keys of ``extra`` that say these steps (only those set)."""
+        out: dict = {}
+        if self.hold is not None:
+            out.update(hold=self.hold, frozen=self.frozen)
+        if self.importance is not None:
+            out["importance"] = {"beta1": self.importance[0], "beta2": self.importance[1]}
+        if self.experts is not None:
+            out["experts"] = {"count": self.experts[0], "own": self.experts[1]}
+        return out
+
+    @property
+    def plain(self) -> bool:
+        """Nothing beyond training the plan's components (what the executorch trainer carries)."""
+        return self.hold is None and self.importance is None and self.experts is None
+
+
 @dataclass(frozen=True)
 class ClientPlan:
-    """What one client trains in one round.  ``scale`` is the run's ``s``; ``rank`` is for display."""
+    """What one client trains in one round.  ``scale`` is the run's ``s``; ``rank`` is for display.
+    ``extra`` is JSON: the device's steps (:class:`DeviceSteps`, read as :attr:`steps`) and any
+    bookkeeping of the method's own."""
 
     modules: dict[str, ModulePlan]
     scale: float
     rank: int = 0
     extra: dict = field(default_factory=dict)  # method-specific, JSON-serialisable
+
+    @property
+    def steps(self) -> DeviceSteps:
+        """What the device does with this plan beyond training its components."""
+        return DeviceSteps.from_extra(self.extra)
 
     def to_json(self) -> dict:
         return {"scale": self.scale, "rank": self.rank, "extra": self.extra,

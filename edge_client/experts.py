@@ -49,13 +49,7 @@ def router_key(module: str) -> str:
 
 def mixture_of(plan: ClientPlan) -> tuple[int, int] | None:
     """``(M, own expert)`` for a FedLEASE training plan, else None."""
-    e = plan.extra.get("experts")
-    if e is None:
-        return None
-    m, own = int(e["count"]), int(e["own"])
-    if m < 1 or not 0 <= own < m:
-        raise ValueError(f"plan: experts count {m} and own expert {own} are inconsistent")
-    return m, own
+    return plan.steps.experts
 
 
 def slot_map(m: int, own: int) -> torch.Tensor:

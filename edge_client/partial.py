@@ -1,7 +1,8 @@
-"""Training part of an adapter: the plan extras that HAFL, FSLoRA and Fed-PLoRA use.
+"""Training part of an adapter: the device steps that HAFL and Fed-PLoRA use.
 
-A plan normally says "here are ``r`` components, train them all".  Three extras change that
-(all set by the coordinator in ``plan.extra``, all JSON):
+A plan normally says "here are ``r`` components, train them all".  Three of its device steps
+(:class:`fedlora_edge.core.lora.DeviceSteps`, read as ``plan.steps``; JSON keys of ``plan.extra``
+on the wire) change that:
 
 ``hold: R``
     The start factors carry all ``R`` global components of every module (global order); the
@@ -29,6 +30,7 @@ Only the trained components go up, in plan order, whatever was held.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from contextlib import contextmanager
 
@@ -45,8 +47,7 @@ def importance_key(module: str) -> str:
 
 def held_count(plan: ClientPlan) -> int | None:
     """R when the plan holds all R global components, else None (it holds what it trains)."""
-    hold = plan.extra.get("hold")
-    return int(hold) if hold is not None else None
+    return plan.steps.hold
 
 
 def held_plan(plan: ClientPlan) -> ClientPlan:
@@ -54,7 +55,7 @@ def held_plan(plan: ClientPlan) -> ClientPlan:
     hold = held_count(plan)
     if hold is None:
         return plan
-    return ClientPlan({m: ModulePlan(tuple(range(hold))) for m in plan.modules}, plan.scale, hold, plan.extra)
+    return dataclasses.replace(plan, modules={m: ModulePlan(tuple(range(hold))) for m in plan.modules}, rank=hold)
 
 
 def _lora_layer(peft_model, module: str):
@@ -102,7 +103,7 @@ class PartialTraining:
     :meth:`after_step` after every optimiser step.
     """
 
-    def __init__(self, peft_model, adapter: str, plan: ClientPlan, freeze: bool, importance: dict | None):
+    def __init__(self, peft_model, adapter: str, plan: ClientPlan, freeze: bool, importance: tuple[float, float] | None):
         self.entries = []  # (module, "A" or "B", parameter, component mask or None when nothing is frozen)
         self.importance = importance
         for module, mp in plan.modules.items():
@@ -128,7 +129,7 @@ class PartialTraining:
                 if p.grad is None:
                     continue
                 if self.importance:
-                    b1, b2 = float(self.importance["beta1"]), float(self.importance["beta2"])
+                    b1, b2 = self.importance
                     i_now = (p * p.grad).abs()
                     ibar, ubar = self.ibar[id(p)], self.ubar[id(p)]
                     ibar.mul_(b1).add_(i_now, alpha=1 - b1)
@@ -166,9 +167,10 @@ def update_shapes(module_dims: Mapping[str, tuple[int, int]], plan: ClientPlan) 
     from .experts import mixture_shapes
 
     out = expected_shapes(module_dims, plan)
-    if plan.extra.get("importance"):
+    steps = plan.steps
+    if steps.importance:
         for module, mp in plan.modules.items():
-            scored = held_count(plan) if plan.extra.get("frozen") == "forward" else mp.rank
+            scored = steps.hold if steps.frozen == "forward" else mp.rank
             out[importance_key(module)] = (scored,)
     out.update(mixture_shapes(module_dims, plan))
     return out

@@ -24,7 +24,7 @@ from fedlora_edge.core.lora import (
 from fedlora_edge.core.wire import decode_tensors, encode_tensors
 
 from .experts import mixture_model, mixture_of
-from .partial import PartialTraining, folded, held_count, held_plan
+from .partial import PartialTraining, folded, held_plan
 from .trainer import TrainSettings, train_local
 
 ADAPTER = "client"
@@ -90,10 +90,9 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
         # read after the peft layers are back in place (their state-dict keys are the wire's)
         return _finish(meta, {**to_state_dict(get_factors(peft_model, ADAPTER)), **mix.routers()}, res)
     factors = from_state_dict(received)
-    frozen = plan.extra.get("frozen") if held_count(plan) is not None else None
-    if held_count(plan) is not None and frozen not in ("fold", "forward"):
-        raise ValueError(f"plan: 'hold' needs a 'frozen' mode 'fold' or 'forward', got {frozen!r}")
-    importance = plan.extra.get("importance")
+    steps = plan.steps
+    frozen = steps.frozen
+    importance = steps.importance
     if frozen == "fold":
         with folded(peft_model, factors, plan):
             install_adapter(peft_model, ADAPTER, plan, slice_factors(factors, plan), meta["targets"],

@@ -27,6 +27,7 @@ class HalfStep:
 
     name = "halfstep"
     Settings = HalfStepSettings          # read from the `halfstep:` config section
+    equal_in_same_out = False            # a server step: equal updates move the global only a share of the way
 
     def global_rank(self, ctx):
         return ctx.rank                  # lora.rank, as FedIT

@@ -85,6 +85,8 @@ def test_svd_factors_pads_past_the_rank_of_delta_w():
 @pytest.mark.parametrize("name", [n for n in method_names()])
 def test_all_clients_equal_in_same_out(name):
     m = get_method(name)
+    if not m.equal_in_same_out:  # a server step: the result also depends on the previous global adapter
+        pytest.skip(f"{name} declares equal_in_same_out = False")
     ctx = MethodContext(DIMS, 1.0, 2, 2)
     torch.manual_seed(0)
     same = fac(torch.randn(2, 3).tolist(), torch.randn(2, 2).tolist())

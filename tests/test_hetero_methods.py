@@ -283,7 +283,7 @@ def test_importance_is_monotone_in_w_times_grad():
         a.fill_(1.0)
         b.fill_(1.0)
     plan = ClientPlan({"q_proj": ModulePlan((0, 1, 2, 3))}, 1.0, 4)
-    hooks = PartialTraining(model, "c", plan, False, {"beta1": 0.85, "beta2": 0.85})
+    hooks = PartialTraining(model, "c", plan, False, (0.85, 0.85))
     strength = torch.tensor([0.5, 3.0, 1.0, 2.0])  # |w·grad| per component
     for step in range(6):
         noise = 1.0 + 0.5 * (step % 2)  # varying gradients so the uncertainty term is not zero
@@ -300,7 +300,7 @@ def test_forward_freeze_trains_only_the_selected_components(tiny):
     g = {m: (torch.randn(R, n) * 0.1, torch.randn(o, R) * 0.1) for m, (n, o) in dims.items()}
     plan = ClientPlan({m: ModulePlan((1, 3)) for m in dims}, 2.0, 2, {"hold": R, "frozen": "forward"})
     install_adapter(peft_model, "client", uniform_plan(dims, R, 2.0), g, ["q_proj", "v_proj"])
-    hooks = PartialTraining(peft_model, "client", plan, True, {"beta1": 0.85, "beta2": 0.85})
+    hooks = PartialTraining(peft_model, "client", plan, True, (0.85, 0.85))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
     for _ in range(3):

@@ -60,6 +60,10 @@ class Method(Protocol):
     knob: ClassVar[str]               # default "rank": what `fedlora plan` calls the method's knob
     personal_fallback: ClassVar[str]  # default "base": what a client without a model of its own is
     # scored on: "base" (the base model) or "global" (the global adapter)
+    equal_in_same_out: ClassVar[bool]  # default True: when every client sends the same adapter, the
+    # new global adapter is that adapter (every averaging rule; tests/test_aggregate.py checks it for
+    # every registered method).  False for a rule whose result also depends on the previous global
+    # adapter (a server step, server momentum): the test then skips it, saying so
 
     def plan(self, client: str, capacity: int, ctx: MethodContext, round_idx: int,
              state: dict | None = None) -> ClientPlan | None:
@@ -219,18 +223,21 @@ def random_plan(ctx: MethodContext, tag: str, client: str, round_idx: int, k: in
 
 # ------------------------------------------------------------------------------- the binding
 
-_FLAGS = {"Settings": None, "personalised": False, "global_model": True, "plain_plans": True, "pools_data": False,
-          "knob": "rank", "personal_fallback": "base"}
-
-
 class Bound:
     """A method with every hook of :class:`Method`: its own, or the default."""
 
     def __init__(self, impl):
         self.impl = impl
         self.name: str = impl.name
-        for flag, default in _FLAGS.items():
-            setattr(self, flag, getattr(impl, flag, default))
+        # the flags of :class:`Method`, each with its default
+        self.Settings: type | None = getattr(impl, "Settings", None)
+        self.personalised: bool = getattr(impl, "personalised", False)
+        self.global_model: bool = getattr(impl, "global_model", True)
+        self.plain_plans: bool = getattr(impl, "plain_plans", True)
+        self.pools_data: bool = getattr(impl, "pools_data", False)
+        self.knob: str = getattr(impl, "knob", "rank")
+        self.personal_fallback: str = getattr(impl, "personal_fallback", "base")
+        self.equal_in_same_out: bool = getattr(impl, "equal_in_same_out", True)
         self.section: str = getattr(impl, "section", None) or section_of(impl)
 
     def _own(self, hook: str):

@@ -26,6 +26,8 @@ number of updates.
 
 from __future__ import annotations
 
+from fedlora_edge.core.lora import DeviceSteps
+
 from ..planner import Footprint
 from .base import Averaging, MethodContext, global_copy, random_plan, register, trained_rank
 
@@ -44,7 +46,7 @@ class FedPLoRA:
         r = trained_rank(capacity, ctx)
         if r < 1:
             return None
-        return random_plan(ctx, "fed-plora", client, round_idx, r, ctx.scale, {"hold": ctx.max_rank, "frozen": "fold"})
+        return random_plan(ctx, "fed-plora", client, round_idx, r, ctx.scale, DeviceSteps(hold=ctx.max_rank, frozen="fold").to_extra())
 
     def accumulator(self, global_factors, ctx, state):
         return Averaging(global_factors, "trainers")

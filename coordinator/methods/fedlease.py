@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedlora_edge.core.lora import Factors, to_state_dict, uniform_plan
+from fedlora_edge.core.lora import DeviceSteps, Factors, to_state_dict, uniform_plan
 from fedlora_edge.edge_client.experts import expert_key, init_router, mixture_of, router_key
 
 from ..errors import ConfigError
@@ -193,7 +193,7 @@ class FedLEASE:
         st = (state or {}).get("fedlease", {})
         clusters = st.get("clusters")
         if clusters and client in clusters:
-            return uniform_plan(ctx.modules, r, ctx.scale, experts={"count": st["experts"], "own": clusters[client]})
+            return uniform_plan(ctx.modules, r, ctx.scale, **DeviceSteps(experts=(st["experts"], clusters[client])).to_extra())
         extra = {"phase": "warmup"}
         if not clusters and round_idx >= ctx.settings.warmup_rounds:
             extra["cluster_after"] = True
@@ -227,7 +227,7 @@ class FedLEASE:
         clusters = st.get("clusters") or {}
         if client in clusters:
             plan = uniform_plan(ctx.modules, ctx.rank, ctx.scale,
-                                experts={"count": st["experts"], "own": clusters[client]})
+                                **DeviceSteps(experts=(st["experts"], clusters[client])).to_extra())
             tensors = {**to_state_dict(self.start_factors(client, None, plan, state)),
                        **self.start_extras(client, plan, state)}
             return plan, tensors, ("cluster", clusters[client])

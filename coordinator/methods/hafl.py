@@ -53,7 +53,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 
-from fedlora_edge.core.lora import ClientPlan, ModulePlan
+from fedlora_edge.core.lora import ClientPlan, DeviceSteps, ModulePlan
 
 from ..aggregate import Contribution
 from ..errors import ConfigError
@@ -128,13 +128,13 @@ class HAFL:
             return None
         st = ctx.settings
         modules = {m: ModulePlan(selection(state, client, m, big_r, r, st.explore)) for m in sorted(ctx.modules)}
-        extra = {"importance": {"beta1": st.beta1, "beta2": st.beta2}, "variant": st.variant}
+        extra = {**DeviceSteps(importance=(st.beta1, st.beta2)).to_extra(), "variant": st.variant}
         if st.variant == "freeze":
-            extra.update({"hold": big_r, "frozen": "forward"})
+            extra.update(DeviceSteps(hold=big_r, frozen="forward").to_extra())
         return ClientPlan(modules, ctx.scale, r, extra)
 
     def start_factors(self, client, global_factors, plan, state):
-        starter = global_copy if plan.extra.get("hold") is not None else global_slice
+        starter = global_copy if plan.steps.hold is not None else global_slice
         return starter(client, global_factors, plan, state)
 
     def accumulator(self, global_factors, ctx, state):
@@ -162,7 +162,7 @@ def update_importance(state: dict, contributions, total: int) -> None:
     for c in contributions:
         own = imp["clients"].setdefault(c.client, {})
         for module, scores in c.importance.items():
-            idx = (list(range(total)) if c.plan.extra.get("frozen") == "forward"  # it scored all it held
+            idx = (list(range(total)) if c.plan.steps.frozen == "forward"  # it scored all it held
                    else list(c.plan.modules[module].components))
             mine = own.setdefault(module, {})  # component index (a string: JSON keys) -> its latest score
             s, w = sums.setdefault(module, [0.0] * total), weights.setdefault(module, [0.0] * total)
