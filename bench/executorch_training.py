@@ -4,7 +4,8 @@
         [--steps 10] [--threads 1] [--bases fp32,int8] [--out runs/executorch_training]
 
 Both sides run in this process on the same data: the torch trainer (a peft model, SGD) and the
-training program of :mod:`fedlora_edge.edge_client.et_train` (built into ``--out``, reused when there), each on
+training program of :mod:`fedlora_edge.edge_client.et_train` (built by :mod:`fedlora_edge.coordinator.et_compile`
+into ``--out``, reused when there), each on
 the batches a run trains on (padded to the longest sequence of each batch: the program's length
 is dynamic, up to ``--seq``) and on batches padded to ``--seq`` (the fixed shape programs had
 before).  Each side does one warm-up step, then ``--steps`` timed steps; the median step is
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     from peft import get_peft_model
 
     from fedlora_edge.coordinator.config import DataConfig
+    from fedlora_edge.coordinator.et_compile import CompilingStore
     from fedlora_edge.core.data import collate, encode_examples, generate_task
     from fedlora_edge.core.lora import (
         adapted_modules,
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
         uniform_plan,
     )
     from fedlora_edge.core.models import default_target_modules, load_model
-    from fedlora_edge.edge_client.et_train import ProgramStore, ProgramTrainer, program_spec
+    from fedlora_edge.edge_client.et_train import ProgramTrainer, program_spec
     from fedlora_edge.edge_client.trainer import batches
 
     model, tok = load_model(args.model)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     t_fixed, l_fixed = torch_side(fixed)
     rows.append((f"torch eager, run batches (mean width {width})", t_nat, t_nat, None, ""))
     rows.append((f"torch eager, batches padded to {args.seq}", t_fixed, t_fixed, None, ""))
-    store = ProgramStore(Path(args.out), log=print)
+    store = CompilingStore(Path(args.out), log=print)
     for base in [b for b in args.bases.split(",") if b]:
         path, side = store.get(program_spec(args.model, plan, targets, args.batch, args.seq, base))
         trainer = ProgramTrainer(path, threads=args.threads)

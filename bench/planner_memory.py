@@ -73,8 +73,9 @@ def gen():
         ids = torch.randint(0, shape.vocab, (batch, seq), generator=g)
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 if trainer == "executorch":
-    from fedlora_edge.edge_client.et_train import ProgramStore, ProgramTrainer, program_spec
-    path, _ = ProgramStore(programs, log=lambda t: print(t, file=sys.stderr)).get(
+    from fedlora_edge.coordinator.et_compile import CompilingStore
+    from fedlora_edge.edge_client.et_train import ProgramTrainer, program_spec
+    path, _ = CompilingStore(programs, log=lambda t: print(t, file=sys.stderr)).get(
         program_spec(model_spec, plan, targets, batch, seq, "fp32"))
     if build_only:  # a build leaves its heap behind: it runs in a process of its own
         sys.exit(0)

@@ -54,7 +54,7 @@ from fedlora_edge.core.models import (
     weights_digest,
 )
 from fedlora_edge.core.wire import PayloadError, decode_tensors, encode_tensors
-from fedlora_edge.edge_client.et_train import ProgramStore, program_spec, schedule_unsupported, unsupported
+from fedlora_edge.edge_client.et_train import program_spec, schedule_unsupported, unsupported
 from fedlora_edge.edge_client.experts import mixture_model
 from fedlora_edge.edge_client.partial import split_update, update_shapes
 from fedlora_edge.edge_client.work import assignment_meta, trainer_of
@@ -63,6 +63,7 @@ from .aggregate import Contribution, OrderedFold, server_step
 from .config import ConfigError, RunConfig
 from .contamination import DATA_ATTACKS, contaminated_clients, corrupt_data, triggered
 from .errors import StorageError
+from .et_compile import CompilingStore
 from .evaluate import answer_rate, evaluate, lead_metric, mix_accuracy
 from .faults import crash_point
 from .fleet import Device, load_fleet
@@ -201,9 +202,9 @@ class Engine:
         able = self._eligible()
         # training programs for devices with the executorch trainer, built when first planned
         # (kept across runs in FEDLORA_CACHE/et-programs, keyed on the spec, the base's weights and versions)
-        self.programs = ProgramStore(self.out / "programs", log=self.reporter.status,
-                                     cache=cache_root() / "et-programs",
-                                     identity=lambda: weights_digest(self.model, self.tok))
+        self.programs = CompilingStore(self.out / "programs", log=self.reporter.status,
+                                       cache=cache_root() / "et-programs",
+                                       identity=lambda: weights_digest(self.model, self.tok))
         self.builds = None  # over MQTT: BackgroundBuilds (programs needed mid-run are built off the thread)
         # a device's hello may name only these trainers (torch, the fleet's own, transport.trainers)
         self.trainers_allowed = {"torch", *cfg.transport.trainers, *(d.profile.trainer for d in self.fleet)}

@@ -129,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", help="the shared cache of built programs")
     p.add_argument("--identity", help="the digest of the base's weights that keys the cache")
     args = p.parse_args(argv)
-    from fedlora_edge.edge_client.et_train import ProgramStore
+    from fedlora_edge.coordinator.et_compile import CompilingStore
 
     identity = args.identity
-    store = ProgramStore(args.root, log=lambda line: print(line, flush=True),  # its stages, to the build's log file
-                         cache=args.cache, identity=(lambda: identity) if identity else None)
+    store = CompilingStore(args.root, log=lambda line: print(line, flush=True),  # its stages, to the build's log file
+                           cache=args.cache, identity=(lambda: identity) if identity else None)
     try:
         path, side = store.get(json.loads(args.spec))
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator through the exit status and the log

@@ -243,10 +243,11 @@ def test_a_program_build_runs_beside_the_coordinator_and_is_used_once_done(tmp_p
     import subprocess
     import sys
 
+    from fedlora_edge.coordinator.et_compile import CompilingStore
     from fedlora_edge.coordinator.programs import BackgroundBuilds
-    from fedlora_edge.edge_client.et_train import ProgramStore, program_key
+    from fedlora_edge.edge_client.et_train import program_key
 
-    store = ProgramStore(tmp_path / "programs")
+    store = CompilingStore(tmp_path / "programs")
     spec = {"version": 4, "model": "tiny-llama", "ranks": {"m": 2}}
     key = program_key(spec)
     go = tmp_path / "go"

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from fedlora_edge.coordinator.et_compile import CompilingStore
 from fedlora_edge.core.data import generate_task
 from fedlora_edge.core.lora import (
     adapted_modules,
@@ -43,7 +44,7 @@ def setup(tmp_path_factory):
     start = {m: (torch.randn(4, i, generator=gen) * 0.1, torch.randn(o, 4, generator=gen) * 0.1)
              for m, (i, o) in dims.items()}
     settings = TrainSettings(steps=6, batch_size=4, lr=0.5, max_seq_len=48, grad_clip=1.0, optimizer="sgd")
-    store = ProgramStore(tmp_path_factory.mktemp("programs"), log=BUILD_LOG.append)
+    store = CompilingStore(tmp_path_factory.mktemp("programs"), log=BUILD_LOG.append)
     path, side = store.get(program_spec("tiny-llama", plan, TARGETS, settings.batch_size, settings.max_seq_len))
     examples = generate_task("add", 20, seed=1) + generate_task("upper", 20, seed=1)
     return tok, plan, start, settings, path, side, examples
@@ -91,7 +92,7 @@ def test_sidecar_maps_runtime_names_to_wire_keys(setup):
     keys = {v["key"] for v in side["parameters"].values()}
     assert keys == set(to_state_dict(setup[2]))
     assert all(n.startswith("m.base_model.model.") for n in side["parameters"])
-    assert ProgramStore(path.parent).get(side["spec"])[1]["sha256"] == side["sha256"]  # cached, not rebuilt
+    assert CompilingStore(path.parent).get(side["spec"])[1]["sha256"] == side["sha256"]  # cached, not rebuilt
 
 
 def test_every_linear_and_mm_runs_in_xnnpack(setup):
@@ -188,7 +189,7 @@ def test_programs_are_reused_across_runs_from_the_cache(setup, tmp_path, monkeyp
     the first instead of building it; another base, or a damaged cached copy, builds again."""
     import shutil
 
-    from fedlora_edge.edge_client import et_train
+    from fedlora_edge.coordinator import et_compile
 
     *_, path, side, _ = setup
     built = []
@@ -200,21 +201,75 @@ def test_programs_are_reused_across_runs_from_the_cache(setup, tmp_path, monkeyp
         shutil.copyfile(path.with_suffix(".json"), dest.with_suffix(".json"))
         return json.loads(path.with_suffix(".json").read_text())
 
-    monkeypatch.setattr(et_train, "build_program", fake_build)
+    monkeypatch.setattr(et_compile, "build_program", fake_build)
     spec, cache = side["spec"], tmp_path / "cache"
     logs = []
-    first = ProgramStore(tmp_path / "run1", log=logs.append, cache=cache, identity=lambda: "base-a")
+    first = CompilingStore(tmp_path / "run1", log=logs.append, cache=cache, identity=lambda: "base-a")
     first.get(spec)
     assert len(built) == 1 and len(list(cache.glob("*.pte"))) == 1
-    p2, side2 = ProgramStore(tmp_path / "run2", log=logs.append, cache=cache, identity=lambda: "base-a").get(spec)
+    p2, side2 = CompilingStore(tmp_path / "run2", log=logs.append, cache=cache, identity=lambda: "base-a").get(spec)
     assert len(built) == 1 and side2["sha256"] == side["sha256"] and p2.read_bytes() == path.read_bytes()
     assert any("reused from" in line for line in logs)
-    ProgramStore(tmp_path / "run3", cache=cache, identity=lambda: "base-b").get(spec)
+    CompilingStore(tmp_path / "run3", cache=cache, identity=lambda: "base-b").get(spec)
     assert len(built) == 2  # another base: another program
     for p in cache.glob("*.pte"):  # damage every cached copy (replaced, not written through a link)
         p.unlink()
         p.write_bytes(b"damaged")
-    p4, side4 = ProgramStore(tmp_path / "run4", log=logs.append, cache=cache, identity=lambda: "base-a").get(spec)
+    p4, side4 = CompilingStore(tmp_path / "run4", log=logs.append, cache=cache, identity=lambda: "base-a").get(spec)
     assert len(built) == 3 and p4.read_bytes() == path.read_bytes()
     assert any("does not check out" in line for line in logs)
     assert (tmp_path / "run2" / path.name).read_bytes() == path.read_bytes()  # earlier runs' copies untouched
+
+
+def test_the_build_cache_key_hashes_the_compiler_alone(tmp_path, monkeypatch):
+    """A built program is cached under a digest of the compiler (coordinator/et_compile.py), not
+    of the device's runtime (edge_client/et_train.py): an edit to the runtime rebuilds nothing (a
+    SmolLM2 program takes 11-12 minutes), an edit to the compiler rebuilds everything."""
+    import hashlib
+    from pathlib import Path
+
+    from fedlora_edge.coordinator import et_compile
+    from fedlora_edge.edge_client import et_train
+
+    root = Path(__file__).resolve().parent.parent
+    compiler, runtime = root / "coordinator" / "et_compile.py", root / "edge_client" / "et_train.py"
+    assert et_compile.SOURCE.resolve() == compiler and Path(et_train.__file__).resolve() == runtime
+    digest = et_compile._builder_digest()
+    assert digest == hashlib.sha256(compiler.read_bytes()).hexdigest()[:16]
+    spec = program_spec("tiny-llama", uniform_plan({"m": (4, 4)}, 2, 1.0), TARGETS, 4, 48)
+    store = CompilingStore(tmp_path / "programs", cache=tmp_path / "cache", identity=lambda: "base-a")
+    cached = store._cache_path(spec)
+
+    edited = tmp_path / "et_train.py"  # the runtime's text changed: the same key
+    edited.write_text(runtime.read_text() + "\n# an edit to the runtime\n")
+    monkeypatch.setattr(et_train, "__file__", str(edited))
+    assert et_compile._builder_digest() == digest and store._cache_path(spec) == cached
+
+    edited = tmp_path / "et_compile.py"  # the compiler's text changed: another key
+    edited.write_text(compiler.read_text() + "\n# an edit to the compiler\n")
+    monkeypatch.setattr(et_compile, "SOURCE", edited)
+    assert et_compile._builder_digest() != digest and store._cache_path(spec) != cached
+
+
+def test_the_device_runtime_holds_no_compiler():
+    """edge_client/et_train.py runs programs; building them (torch.export, to_edge, the XNNPACK
+    lowering, the build cache) is coordinator/et_compile.py's, which the device never imports."""
+    import ast
+    from pathlib import Path
+
+    from fedlora_edge.edge_client import et_train
+
+    text = (Path(__file__).resolve().parent.parent / "edge_client" / "et_train.py").read_text()
+    assert "torch.export" not in text and "to_edge" not in text and "exir" not in text
+    imported = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+    assert not {m for m in imported if m.startswith(("torch.export", "executorch.exir", "executorch.backends",
+                                                     "peft", "torchao", "fedlora_edge.coordinator"))}
+    for name in ("build_program", "_builder_digest", "_delegate_matmuls", "_fold_weight_transposes",
+                 "_rewrite_empty_permuted", "_cache_path", "_to_cache", "_from_cache"):
+        assert not hasattr(et_train, name) and not hasattr(et_train.ProgramStore, name), name
+    assert not hasattr(et_train.ProgramStore, "get")  # a device keeps and runs programs; it builds none
