@@ -54,9 +54,10 @@ class ProgramError(ValueError):
 def unsupported(plan: ClientPlan) -> str | None:
     """Why the executorch backend cannot carry ``plan`` (None when it can): it trains plain LoRA
     factors, so plans that hold frozen components, score importance or route experts are out."""
-    for key, what in (("hold", "frozen components held beside the trained ones"),
-                      ("importance", "importance scoring"), ("experts", "routed experts")):
-        if plan.extra.get(key) is not None:
+    steps = plan.steps
+    for needed, what in ((steps.hold, "frozen components held beside the trained ones"),
+                         (steps.importance, "importance scoring"), (steps.experts, "routed experts")):
+        if needed is not None:
             return f"the executorch trainer trains plain LoRA factors; this plan needs {what}"
     return None
 
