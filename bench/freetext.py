@@ -93,7 +93,7 @@ def main() -> int:
                  "data.eval_file": str(out / "data" / "eval.jsonl")}
     overrides.update(dict(parse_override(s) for s in args.set))
     cfg = load_config(overrides=overrides)
-    from fedlora_edge.coordinator.report import ConsoleReporter
+    from fedlora_edge.coordinator.console import ConsoleReporter
 
     report = Simulation(cfg, out / "run", ConsoleReporter()).run()
     base, fa = report["base_accuracy"], report["final_accuracy"]

@@ -6,7 +6,7 @@ A report as ``build_report`` writes one (every client in every round, ``--steps`
 devices of ``--classes`` profiles), plotted twice, each in a fresh child process so one variant's
 memory does not colour the other's:
 
-- ``per-device``: ``fedlora_edge.coordinator.report.PLOT_CLIENTS`` raised above the fleet, so every client gets
+- ``per-device``: ``fedlora_edge.coordinator.plots.PLOT_CLIENTS`` raised above the fleet, so every client gets
   its line, legend entry and tick (what save_plots did for every fleet before it summarised);
 - ``summarised``: the default, quantile bands of the training loss and bytes per device class.
 
@@ -60,10 +60,10 @@ def _vm(field: str) -> int:
 
 
 def child(variant: str, args) -> dict:
-    from fedlora_edge.coordinator import report as rep
+    from fedlora_edge.coordinator import plots
 
     if variant == "per-device":
-        rep.PLOT_CLIENTS = 10 ** 9
+        plots.PLOT_CLIENTS = 10 ** 9
     data = synthetic_report(args.clients, args.rounds, args.steps, args.classes)
     import matplotlib  # noqa: F401 - imported before the measurement, as a run has it by then
 
@@ -71,12 +71,12 @@ def child(variant: str, args) -> dict:
         before = _vm("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         t0 = time.perf_counter()
-        rep.save_plots(data, Path(tmp))
+        plots.save_plots(data, Path(tmp))
         seconds = time.perf_counter() - t0
         rss = _vm("VmHWM") - before
         png = sum(p.stat().st_size for p in Path(tmp).glob("*.png"))
         tracemalloc.start()
-        rep.save_plots(data, Path(tmp))
+        plots.save_plots(data, Path(tmp))
         traced = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     return {"variant": variant, "seconds": seconds, "rss_growth": rss, "traced_peak": traced, "png_bytes": png}

@@ -119,14 +119,14 @@ def _export_after(cfg, out: Path, classes, console, profiles=None) -> int:
         classes = device_classes(profiles)
     rows = export_fleet(cfg.model, out / "adapter", classes, out / "export", log=console.print,
                         max_seq_len=max(256, cfg.train.max_seq_len))
-    from .report import export_table
+    from .console import export_table
 
     console.print(export_table(rows, out / "export"))
     return 3 if any(r["parity"] != "ok" for r in rows) else 0
 
 
 def cmd_simulate(args) -> int:
-    from .report import ConsoleReporter
+    from .console import ConsoleReporter
     from .simulate import Simulation
     from .tracking import tracked
 
@@ -149,7 +149,7 @@ def cmd_compare(args) -> int:
     from rich.markdown import Markdown
 
     from .compare import DEFAULT_METHODS, compare
-    from .report import make_console
+    from .console import make_console
 
     cfg = _config_from_args(args)
     specs = [m.strip() for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m.strip()]
@@ -234,7 +234,7 @@ def _exit_status(report: dict) -> int:
 
 
 def cmd_coordinator(args) -> int:
-    from .report import ConsoleReporter
+    from .console import ConsoleReporter
     from .service import Coordinator, check_deployable, check_resume
     from .tracking import tracked
 
@@ -263,8 +263,8 @@ def cmd_coordinator(args) -> int:
 
 
 def cmd_emulate(args) -> int:
+    from .console import ConsoleReporter
     from .emulate import emulate
-    from .report import ConsoleReporter
     from .tracking import tracked
 
     cfg = _config_from_args(args)
@@ -275,7 +275,7 @@ def cmd_emulate(args) -> int:
     report = emulate(cfg, args.out, broker=None if args.broker in (None, "embedded") else args.broker,
                      registry=args.registry, tls=args.tls, ca_file=args.ca_file, insecure=args.insecure_broker,
                      reporter=reporter, log=reporter.console.print)
-    from .report import device_timings_table
+    from .console import device_timings_table
 
     reporter.console.print(device_timings_table(report["devices"]))
     reporter.console.print(f"report: {Path(args.out) / 'report.json'}; device logs: {Path(args.out) / 'devices'}")
@@ -361,7 +361,7 @@ def cmd_broker_config(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .report import make_console, plan_table
+    from .console import make_console, plan_table
 
     make_console().print(plan_table(_config_from_args(args)))
     return 0
@@ -385,7 +385,7 @@ def cmd_export(args) -> int:
     from fedlora_edge.export.build import check_format, export
     from fedlora_edge.export.parity import TOLERANCE, Tolerance, parity_report
 
-    from .report import make_console
+    from .console import make_console
 
     check_format(args.format, args.quant)
     if args.model is None:

@@ -262,7 +262,7 @@ def compare(base: RunConfig, specs: list[str], out: str | Path, fresh: bool = Fa
     every spec on seeds ``base.seed .. base.seed + seeds - 1`` (runs in ``out/seed-<s>/``), and the
     table gives each metric's mean with its 95 % interval over the seeds, and paired differences
     between methods (:func:`paired`).  ``jobs``, ``allow_unequal``: see the module text."""
-    from .report import ConsoleReporter
+    from .console import ConsoleReporter
 
     if seeds < 1:
         raise ConfigError(f"--seeds: must be at least 1, got {seeds}")
@@ -313,7 +313,7 @@ def run_all(runs: list[Run], jobs: int = 1, fresh: bool = False, console=None, l
     here one after another (``jobs`` 1) or in ``jobs`` processes at once, each with ``cores // jobs``
     torch threads (its output in ``<folder>/simulate.log``).  A run that fails stops the grid with
     its log's tail; runs already finished stay reusable."""
-    from .report import ConsoleReporter, make_console
+    from .console import ConsoleReporter, make_console
     from .simulate import Simulation
     from .tracking import tracked
 

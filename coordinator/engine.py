@@ -73,6 +73,7 @@ from .partition import build_data, cut_note
 from .planner import Capacity, ModelShape
 from .report import build_report, save_outputs, write_report
 from .runstate import RoundJournal, RunState, SnapshotStore, restore, snapshot_files
+from .summary import RunSummary
 from .validate import UpdateRejected, capped_weight, check_report, validate_update
 
 GLOBAL, CLIENT = "global", "personal"
@@ -150,31 +151,48 @@ class Engine:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, reporter=None):
         self.cfg = cfg
         self.out = Path(out_dir)
+        self._resolve()
+        self.reporter = reporter or _Silent()
+        self.t_start = time.perf_counter()
+        self._load_model()
+        self._build_data()
+        # devices the method can give a plan; the others are reported (fleet table, report) and
+        # never sampled, so every round gets clients_per_round devices that can train
+        self._able: dict[str, bool] = {}  # device -> the method can plan it (kept per device: a hello re-plans one)
+        able = self._eligible()
+        self._check_trainers(able)
+        # a method that pools every client's data (the centralized reference, `pools_data`) is a run
+        # of one pooled client per round, with the step budget of the round's federated clients,
+        # and nothing crosses a wire; the rest of the engine only sees its participants
+        self.pooled = self.method.pools_data
+        self._apply_contamination(able)
+        self._choose_participants(able)
+        self._note_cut_examples()
+        self._add_global_adapter()
+        self._open_stores()
+
+    def _resolve(self) -> None:
+        """The run's method, model source, fleet and torch device; the device's own precision rule
+        (fp16 only on CUDA) is checked before anything loads."""
+        cfg = self.cfg
         self.method = get_method(cfg.method)
         self.source = resolve_model(cfg.model)
         self.fleet = load_fleet(cfg.fleet)
         self.device = pick_device(cfg.device)
-        try:  # the device's own rule (fp16 only on CUDA), before anything loads
+        try:
             check_device(cfg.train.dtype, self.device)
         except PrecisionError as exc:
             raise ConfigError(f"{exc} (device: {cfg.device})") from None
-        self.reporter = reporter or _Silent()
-        self.t_start = time.perf_counter()
 
-        if cfg.lora.target_modules:  # checked on the model's shape alone, before its weights load
-            from fedlora_edge.core.lora import TargetModulesError
-
-            from .planner import meta_shape
-
-            try:
-                meta_shape(cfg.model, list(cfg.lora.target_modules))
-            except TargetModulesError as exc:
-                raise ConfigError(str(exc)) from None
+    def _load_model(self) -> None:
+        """The base model and what follows from its shape: the adapted modules, the method's
+        context, the planner's model shape and the global rank R."""
+        cfg = self.cfg
+        self._check_targets()
         self.reporter.status(f"loading model {cfg.model}")
         self.model, self.tok = load_model(self.source, self.device, cfg.train.dtype, cfg.train.base_quant)
-        targets = list(cfg.lora.target_modules) or default_target_modules(self.model)
-        self.targets = targets
-        self.dims = adapted_modules(self.model, targets)
+        self.targets = list(cfg.lora.target_modules) or default_target_modules(self.model)
+        self.dims = adapted_modules(self.model, self.targets)
         self.ctx = method_context(cfg, self.dims)
         if cfg.train.base_quant != "none" and self.method.footprint(self.ctx).fold:
             raise ConfigError(f"train.base_quant: method {cfg.method} folds components into the base weights, which a "
@@ -182,6 +200,23 @@ class Engine:
         self.shape = ModelShape.from_model(self.model, self.dims)
         self.R = self.method.global_rank(self.ctx)
 
+    def _check_targets(self) -> None:
+        """lora.target_modules, where given, checked on the model's shape alone, before its weights load."""
+        if not self.cfg.lora.target_modules:
+            return
+        from fedlora_edge.core.lora import TargetModulesError
+
+        from .planner import meta_shape
+
+        try:
+            meta_shape(self.cfg.model, list(self.cfg.lora.target_modules))
+        except TargetModulesError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _build_data(self) -> None:
+        """Each device's training data and the held-out set, the run's prompt format and leading
+        metric, and the clients with their planned capacity."""
+        cfg = self.cfg
         self.data_notes: list[str] = []
         train, mixes, self.eval_examples = build_data(cfg, [d.id for d in self.fleet], self.data_notes)
         for note in self.data_notes:
@@ -196,10 +231,12 @@ class Engine:
         self.by_id = {c.id: c for c in self.clients}
         for c in self.clients:
             c.capacity = self._capacity(c.device.profile)
-        # devices the method can give a plan; the others are reported (fleet table, report) and
-        # never sampled, so every round gets clients_per_round devices that can train
-        self._able: dict[str, bool] = {}  # device -> the method can plan it (kept per device: a hello re-plans one)
-        able = self._eligible()
+
+    def _check_trainers(self, able: list[ClientData]) -> None:
+        """The store of the executorch devices' training programs and the trainers a hello may name;
+        ConfigError where devices of ``able`` train with executorch and the run asks for what that
+        trainer cannot carry."""
+        cfg = self.cfg
         # training programs for devices with the executorch trainer, built when first planned
         # (kept across runs in FEDLORA_CACHE/et-programs, keyed on the spec, the base's weights and versions)
         self.programs = CompilingStore(self.out / "programs", log=self.reporter.status,
@@ -216,10 +253,12 @@ class Engine:
             raise ConfigError(f"method {cfg.method}: its plans hold frozen components, score importance or route "
                               f"experts, which the executorch trainer cannot carry; devices {on_et} run it "
                               "(their profiles say trainer: executorch)")
-        # a method that pools every client's data (the centralized reference, `pools_data`) is a run
-        # of one pooled client per round, with the step budget of the round's federated clients,
-        # and nothing crosses a wire; the rest of the engine only sees its participants
-        self.pooled = self.method.pools_data
+
+    def _apply_contamination(self, able: list[ClientData]) -> None:
+        """Made-up contamination (contamination.*) of the devices that can train: their data corrupted
+        now for a data attack, the backdoor's probes for the held-out set; a pooled run refuses an
+        attack on updates (it sends none)."""
+        cfg = self.cfg
         if self.pooled and cfg.contamination.attack not in ("none", *DATA_ATTACKS):
             raise ConfigError(f"contamination.attack: {cfg.contamination.attack} corrupts a device's update, and "
                               f"method {cfg.method} sends none (its data is pooled); use one of {', '.join(DATA_ATTACKS)}")
@@ -230,6 +269,11 @@ class Engine:
         # the backdoor's probes: every held-out prompt with the trigger, the target as its answer
         self.backdoor_probes = ([triggered(e, cfg.contamination) for e in self.eval_examples]
                                 if cfg.contamination.attack == "backdoor" else [])
+
+    def _choose_participants(self, able: list[ClientData]) -> None:
+        """The clients that take part (``able``, or the one pooled client), the step budget of a round;
+        ConfigError where ``min_updates`` cannot be reached."""
+        cfg = self.cfg
         self.per_round = min(cfg.clients_per_round, len(able))  # devices that can train in a round
         self.round_steps = cfg.train.steps * (self.per_round if self.pooled else 1)
         self.participants = ([ClientData("pooled", None, [ex for c in self.clients for ex in c.train], {})]
@@ -241,22 +285,31 @@ class Engine:
                 f"min_updates: {cfg.min_updates} valid updates per round cannot be reached: "
                 f"{reachable} client(s) per round can train with method {cfg.method} on fleet {cfg.fleet} "
                 f"({len(able)} of {len(self.clients)} devices have the capacity)")
-        # every example longer than train.max_seq_len is cut (training, the held-out loss and greedy answers
-        # alike): said once, training and held-out apart, with the length that would keep them all
+
+    def _note_cut_examples(self) -> None:
+        """Every example longer than train.max_seq_len is cut (training, the held-out loss and greedy
+        answers alike): said once, training and held-out apart, with the length that would keep them all."""
         cut = cut_note(example_lengths(self.tok, [ex for c in self.clients for ex in c.train]),
-                       example_lengths(self.tok, self.eval_examples), cfg.train.max_seq_len)
+                       example_lengths(self.tok, self.eval_examples), self.cfg.train.max_seq_len)
         if cut:
             self.data_notes.append(cut)
             self.reporter.status(f"note: {cut}")
 
+    def _add_global_adapter(self) -> None:
+        """The model wrapped by peft with the global adapter, and the run's state from its first factors."""
         from peft import get_peft_model
 
         from fedlora_edge.core.lora import init_global_factors, lora_config
 
-        gplan = uniform_plan(self.dims, self.R, cfg.lora.scale)
-        self.model = get_peft_model(self.model, lora_config(gplan, targets, cfg.lora.dropout), adapter_name=GLOBAL)
-        self.state = RunState(init_global_factors(self.dims, self.R, cfg.seed))
-        self.nonce = secrets.token_hex(16)  # this run's identity on the wire (kept by a resume)
+        gplan = uniform_plan(self.dims, self.R, self.cfg.lora.scale)
+        self.model = get_peft_model(self.model, lora_config(gplan, self.targets, self.cfg.lora.dropout),
+                                    adapter_name=GLOBAL)
+        self.state = RunState(init_global_factors(self.dims, self.R, self.cfg.seed))
+
+    def _open_stores(self) -> None:
+        """The run's identity on the wire (kept by a resume) and its state on disk: snapshots and the
+        round journal (:mod:`.runstate`)."""
+        self.nonce = secrets.token_hex(16)
         self.store = SnapshotStore(self.out / "state", log=self.reporter.status)
         self.journal = RoundJournal(self.out / "state", log=self.reporter.status)
 
@@ -477,7 +530,7 @@ class Engine:
                 from .report import save_checkpoint
 
                 try:  # written whole and swapped in, as every adapter; a full disk stops the run (exit 6)
-                    folder = save_checkpoint(self, round_idx)
+                    folder = save_checkpoint(self.run_summary(), round_idx)
                 except OSError as exc:
                     raise StorageError(f"cannot write round {round_idx}'s checkpoint in {self.out / 'checkpoints'}: "
                                        f"{exc.strerror or exc}; free the space, then run again (coordinator: "
@@ -575,9 +628,10 @@ class Engine:
                    sum(mix_accuracy(final["per_domain"], c.mix) for c in self.clients) / len(self.clients))
         own_mix_loss = (personal.get("own_mix_loss") if personal else
                         sum(mix_accuracy(final["loss"]["per_domain"], c.mix) for c in self.clients) / len(self.clients))
-        report = build_report(self, base, final, personal, own_mix, own_mix_loss)
+        summary = self.run_summary()
+        report = build_report(summary, base, final, personal, own_mix, own_mix_loss)
         try:
-            save_outputs(self, report)  # each file and folder written new and renamed into place
+            save_outputs(summary, report)  # each file and folder written new and renamed into place
         except OSError as exc:
             raise StorageError(f"cannot write the run's outputs in {self.out}: {exc.strerror or exc}; nothing "
                                "half-written was left in place and every round is saved in "
@@ -588,6 +642,16 @@ class Engine:
 
     def write_report(self, report: dict) -> None:
         write_report(self.out, report)
+
+    def run_summary(self) -> RunSummary:
+        """What the report, the output files and a checkpoint read of the run, as it is now."""
+        return RunSummary(
+            cfg=self.cfg, out=self.out, source=self.source, device=self.device, method=self.method, ctx=self.ctx,
+            R=self.R, targets=tuple(self.targets), system_prompt=self.system_prompt, lead=self.lead,
+            lead_reason=self.lead_reason, data_notes=tuple(self.data_notes), clients=tuple(self.clients),
+            pooled=self.pooled, participants=frozenset(c.id for c in self.participants),
+            contaminated=frozenset(self.contaminated), eval_examples=tuple(self.eval_examples), state=self.state,
+            base_accuracy=getattr(self, "base_accuracy", None), t_start=self.t_start)
 
 
 def _mean_per_example(per_client: list[dict]) -> dict:

@@ -306,7 +306,7 @@ def test_simulate_judges_a_client_alone_at_the_top_rank_off_its_own_rows(tmp_pat
     from fleets import fleet
     from rich.console import Console
 
-    from fedlora_edge.coordinator.report import ConsoleReporter
+    from fedlora_edge.coordinator.console import ConsoleReporter
     from fedlora_edge.coordinator.simulate import Simulation
 
     slow = {"d2": {"uplink_mbps": 1.0, "downlink_mbps": 1.0}, "d3": {"uplink_mbps": 2.0, "downlink_mbps": 2.0}}

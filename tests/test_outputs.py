@@ -1,6 +1,6 @@
 """The end-of-run outputs: crash-consistent under a full disk, and summarised for large fleets.
 
-A fake engine carries only what ``save_outputs`` reads; a run's "version" is stamped into every
+A run summary with fakes carries only what ``save_outputs`` reads; a run's "version" is stamped into every
 output (the factors' values and rank, the sidecar's system prompt, the report, the plots), so a
 folder that mixes two runs is seen.
 """
@@ -19,7 +19,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from fedlora_edge.coordinator import console, plots
 from fedlora_edge.coordinator import report as rep
+from fedlora_edge.coordinator.summary import RunSummary
 from fedlora_edge.core import durable
 from fedlora_edge.core.lora import to_state_dict, uniform_plan
 
@@ -54,7 +56,7 @@ def small_report(version: int, clients: list[str] = CLIENTS, rounds: int = 2, st
             "fleet": [{"client": c, "profile": f"class-{i % classes}"} for i, c in enumerate(clients)]}
 
 
-def fake_engine(out: Path, version: int):
+def fake_run(out: Path, version: int) -> RunSummary:
     mixture = uniform_plan(DIMS, 2, 2.0, experts={"count": 2, "own": 0})
 
     def personal_model(cid, ctx, state):
@@ -64,13 +66,15 @@ def fake_engine(out: Path, version: int):
 
     from fedlora_edge.coordinator.config import load_config
 
-    return SimpleNamespace(
-        out=out, source=SimpleNamespace(kind="tiny", spec="tiny-llama"), targets=TARGETS, ctx=None, R=version + 1,
-        method=SimpleNamespace(global_model=True, personal_model=personal_model),
-        state=SimpleNamespace(global_factors=factors(version), method_state={}, rounds=[]), eval_examples=[],
+    return RunSummary(
+        out=out, source=SimpleNamespace(kind="tiny", spec="tiny-llama"), targets=tuple(TARGETS), ctx=None,
+        R=version + 1, method=SimpleNamespace(global_model=True, personal_model=personal_model),
+        state=SimpleNamespace(global_factors=factors(version), method_state={}, rounds=[]), eval_examples=(),
         system_prompt=f"v{version}",
         cfg=load_config(overrides={"model": "tiny-llama", "lora.scale": 2.0, "data.system_prompt": f"v{version}"}),
-        clients=[SimpleNamespace(id=c, device=None, capacity=None) for c in CLIENTS])
+        clients=tuple(SimpleNamespace(id=c, device=None, capacity=None) for c in CLIENTS), device="cpu",
+        lead="exact_match", lead_reason="", data_notes=(), pooled=False, participants=frozenset(CLIENTS),
+        contaminated=frozenset(), base_accuracy=None, t_start=0.0)
 
 
 def adapter_version(folder: Path) -> int:
@@ -143,21 +147,21 @@ def test_a_full_disk_anywhere_in_save_outputs_leaves_each_output_old_or_new_neve
                                                                                         primitive):
     # Prepare: count the calls a clean save makes, so every one of them can be the one that fails
     out = tmp_path / "run"
-    monkeypatch.setattr(rep, "plot_figures", fake_figures)
+    monkeypatch.setattr(plots, "plot_figures", fake_figures)
     with monkeypatch.context() as m:
         calls = count_calls(m, primitive)
-        rep.save_outputs(fake_engine(out, 1), small_report(1))
+        rep.save_outputs(fake_run(out, 1), small_report(1))
     n = len(calls)
     assert n >= 7  # a swap per adapter/model folder, the report, three plots
     old, new = ({n: f.data for n, f in fake_figures({"version": v})} for v in (1, 2))
     for k in range(1, n + 1):
         # Prepare: a complete previous run's outputs in place
-        rep.save_outputs(fake_engine(out, 1), small_report(1))
+        rep.save_outputs(fake_run(out, 1), small_report(1))
         # Execute: the k-th fsync / rename of the next run hits a full disk
         with monkeypatch.context() as m:
             count_calls(m, primitive, fail_at=k)
             with pytest.raises(OSError) as caught:
-                rep.save_outputs(fake_engine(out, 2), small_report(2))
+                rep.save_outputs(fake_run(out, 2), small_report(2))
         # Assert: the error is the disk's, unchanged; each output is the whole old or the whole new one
         assert caught.value.errno == errno.ENOSPC and "injected" in str(caught.value), k
         got = snapshot(out)
@@ -169,7 +173,7 @@ def test_a_full_disk_anywhere_in_save_outputs_leaves_each_output_old_or_new_neve
         assert {p: b in (old[p], new[p]) for p, b in got["plots"].items()} == dict.fromkeys(old, True), k
         assert not [x for x in got["names"] if ".tmp" in x], (k, got["names"])
     # Assert: with space again, the next save puts every output in new, and nothing else stays
-    rep.save_outputs(fake_engine(out, 2), small_report(2))
+    rep.save_outputs(fake_run(out, 2), small_report(2))
     got = snapshot(out)
     assert [got[x] for x in ("adapter", "pi5", "orin", "phone", "report")] == [2] * 5 and got["plots"] == new
     assert not [x for x in got["names"] if ".tmp" in x or ".old-" in x], got["names"]
@@ -183,7 +187,7 @@ def test_a_failure_on_a_fresh_folder_leaves_nothing_half_written(tmp_path, monke
         count_calls(m, "fsync", fail_at=3)
         # Execute
         with pytest.raises(OSError, match="injected"):
-            rep.save_outputs(fake_engine(out, 1), small_report(1))
+            rep.save_outputs(fake_run(out, 1), small_report(1))
     # Assert: no adapter folder, half or whole, and no temporary folder
     assert sorted(p.name for p in out.iterdir()) == []
 
@@ -223,17 +227,17 @@ def test_a_large_fleet_is_plotted_as_loss_quantiles_and_bytes_per_device_class(t
     names = [f"dev-{i:03d}" for i in range(60)]
     report = small_report(1, names, rounds=3, steps=4, classes=25)
     # Execute
-    figs = dict(rep.plot_figures(report))
+    figs = dict(plots.plot_figures(report))
     # Assert: a band and a median per round, two legend entries; bars per class, at most PLOT_CLASSES ticks
     loss_ax = figs["loss.png"].axes[1]
     assert len(loss_ax.lines) == 3 and len(loss_ax.collections) == 3
     assert sorted(_legend(loss_ax)) == ["10-90 % of clients", "median"] and "60 clients" in loss_ax.get_title()
     bytes_ax = figs["bytes.png"].axes[0]
     ticks = [t.get_text() for t in bytes_ax.get_xticklabels()]
-    assert len(ticks) == rep.PLOT_CLASSES and ticks[-1].startswith("other (6 classes)")
+    assert len(ticks) == plots.PLOT_CLASSES and ticks[-1].startswith("other (6 classes)")
     assert sum(int(t.split("\n")[1].split()[0]) for t in ticks) == 60  # every client in one bar
     assert _legend(bytes_ax) == ["uplink", "downlink"]
-    rep.save_plots(report, tmp_path)
+    plots.save_plots(report, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "bytes.png", "loss.png"]
 
 
@@ -244,7 +248,7 @@ def test_the_quantile_band_is_the_10th_to_90th_percentile_per_step():
     for i, row in enumerate(report["rounds"][0]["clients"]):
         row["losses"] = [float(i), 10.0 + i]
     # Execute
-    ax = dict(rep.plot_figures(report))["loss.png"].axes[1]
+    ax = dict(plots.plot_figures(report))["loss.png"].axes[1]
     # Assert: the median at 10 and 20; the band from the 10th (2) to the 90th (18) percentile, +10 at step 2
     assert list(ax.lines[0].get_xdata()) == [0.5, 1.0] and list(ax.lines[0].get_ydata()) == [10.0, 20.0]
     band = ax.collections[0].get_paths()[0].vertices[:, 1]
@@ -255,7 +259,7 @@ def test_a_small_fleet_keeps_a_line_and_a_bar_per_client():
     # Prepare
     report = small_report(1)
     # Execute
-    figs = dict(rep.plot_figures(report))
+    figs = dict(plots.plot_figures(report))
     # Assert
     assert _legend(figs["loss.png"].axes[1]) == CLIENTS
     assert [t.get_text() for t in figs["bytes.png"].axes[0].get_xticklabels()] == sorted(CLIENTS)
@@ -263,7 +267,7 @@ def test_a_small_fleet_keeps_a_line_and_a_bar_per_client():
 
 def _round_line(rec: dict) -> str:
     buf = io.StringIO()
-    rep.ConsoleReporter(Console(file=buf, width=10_000), progress_every=0).round_end(rec)
+    console.ConsoleReporter(Console(file=buf, width=10_000), progress_every=0).round_end(rec)
     return buf.getvalue()
 
 
@@ -295,13 +299,14 @@ def test_rejected_counts_every_refused_copy_in_the_round_line_and_the_report(mon
 
     monkeypatch.setattr(contamination, "contamination_report", lambda *a: {})
     acc = {"overall": 0.5, "per_domain": {"add": 0.5}, "loss": {"overall": 1.0, "per_domain": {"add": 1.0}}}
-    e = SimpleNamespace(
-        state=SimpleNamespace(rounds=[rec], method_state={}), clients=[], device="cpu", R=8, targets=TARGETS,
+    run = RunSummary(
+        state=SimpleNamespace(rounds=[rec], method_state={}), clients=(), device="cpu", R=8, targets=tuple(TARGETS),
         cfg=SimpleNamespace(method="hetlora", model="tiny-llama", to_dict=dict, contamination=None),
-        lead="exact_match", lead_reason="", data_notes=[], contaminated=set(), pooled=False, participants=[],
-        method=SimpleNamespace(summary=lambda state: {}), t_start=0.0)
+        lead="exact_match", lead_reason="", data_notes=(), contaminated=frozenset(), pooled=False,
+        participants=frozenset(), method=SimpleNamespace(summary=lambda state: {}), t_start=0.0, out=Path("."),
+        source=None, ctx=None, system_prompt=None, eval_examples=(), base_accuracy=None)
     # Execute
     line = _round_line(rec)
-    report = rep.build_report(e, acc, acc, {}, 0.5, 1.0)
+    report = rep.build_report(run, acc, acc, {}, 0.5, 1.0)
     # Assert
     assert "rejected 4: bad signature" in line and report["totals"]["rejected_updates"] == 4

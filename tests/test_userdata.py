@@ -315,7 +315,7 @@ def test_a_free_text_run_leads_with_the_loss_and_says_what_it_cut(tmp_path):
 
     from rich.console import Console
 
-    from fedlora_edge.coordinator.report import ConsoleReporter
+    from fedlora_edge.coordinator.console import ConsoleReporter
     from fedlora_edge.coordinator.simulate import Simulation
 
     rows = [{"prompt": f"Describe ticket {i}", "response": "The printer jams because the paper path needs a clean.",
@@ -337,7 +337,7 @@ def test_a_free_text_run_leads_with_the_loss_and_says_what_it_cut(tmp_path):
     assert f"note: {note}" in " ".join(out.split())
     assert "base model: held-out loss " in out and out.index("held-out loss", out.index("base model")) \
         < out.index("exact match", out.index("base model"))
-    from fedlora_edge.coordinator.report import plot_figures
+    from fedlora_edge.coordinator.plots import plot_figures
 
     assert [name for name, _ in plot_figures(report)] == ["loss.png", "accuracy.png", "bytes.png"]
 
@@ -351,7 +351,7 @@ def test_the_base_models_line_leads_with_the_runs_metric(lead, line):
 
     from rich.console import Console
 
-    from fedlora_edge.coordinator.report import ConsoleReporter
+    from fedlora_edge.coordinator.console import ConsoleReporter
 
     acc = {"overall": 0.1, "per_domain": {"a": 0.2, "b": 0.0},
            "loss": {"overall": 2.5, "per_domain": {"a": 2.0, "b": 3.0}}}

@@ -133,7 +133,7 @@ def test_progress_reads_in_a_log_file_a_line_per_client_and_a_heartbeat():
 
     from rich.console import Console
 
-    from fedlora_edge.coordinator.report import ConsoleReporter
+    from fedlora_edge.coordinator.console import ConsoleReporter
 
     buf = io.StringIO()
     rep = ConsoleReporter(Console(file=buf, width=120), progress_every=0.01)
