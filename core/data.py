@@ -121,14 +121,27 @@ def _fields(obj: Mapping) -> str:
     return ", ".join(sorted(map(str, obj))) or "no fields"
 
 
-def _text(obj: Mapping, key: str, where: str, required: bool = True) -> str | None:
+def _text(obj: Mapping, key: str, where: str) -> str:
+    """A required text field: a non-empty string."""
     v = obj.get(key)
-    if v is None and not required:
-        return None
-    if not isinstance(v, str) or (required and not v.strip()):
-        raise DataFormatError(f"{where}: field '{key}' must be a non-empty string"
-                              + (f" (the row has no '{key}'; its fields: {_fields(obj)})" if key not in obj else ""))
+    if not isinstance(v, str) or not v.strip():
+        raise _not_text(obj, key, where)
     return v
+
+
+def _optional_text(obj: Mapping, key: str, where: str) -> str | None:
+    """An optional text field: absent (or null) is None, else a string (it may be empty)."""
+    v = obj.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise _not_text(obj, key, where)
+    return v
+
+
+def _not_text(obj: Mapping, key: str, where: str) -> DataFormatError:
+    return DataFormatError(f"{where}: field '{key}' must be a non-empty string"
+                           + (f" (the row has no '{key}'; its fields: {_fields(obj)})" if key not in obj else ""))
 
 
 def parse_row(obj, where: str, columns: Mapping[str, str] | None = None) -> Example:
@@ -148,8 +161,8 @@ def parse_row(obj, where: str, columns: Mapping[str, str] | None = None) -> Exam
     domain = obj.get("domain", "default")
     if not isinstance(domain, str) or not domain:
         raise DataFormatError(f"{where}: field 'domain' must be a non-empty string")
-    device = _text(obj, "device", where, required=False)
-    system = _text(obj, "system", where, required=False)
+    device = _optional_text(obj, "device", where)
+    system = _optional_text(obj, "system", where)
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or len(msgs) < 2:
@@ -170,7 +183,7 @@ def parse_row(obj, where: str, columns: Mapping[str, str] | None = None) -> Exam
         return Example(turns[-2][1], turns[-1][1], domain, system, tuple(turns[:-2]), device)
     if "instruction" in obj:
         instruction = _text(obj, "instruction", where)
-        extra = _text(obj, "input", where, required=False)
+        extra = _optional_text(obj, "input", where)
         prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         return Example(prompt, _text(obj, "output", where), domain, system, (), device)
     if "completion" in obj:

@@ -30,6 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import durable
 from .framing import ProtocolError
@@ -37,6 +38,9 @@ from .framing import ProtocolError
 SIG_BYTES = 64
 DOMAIN = b"fedlora/2\x00"
 CREDENTIALS_VERSION = 2
+
+if TYPE_CHECKING:  # cryptography is imported when first used (_ed25519)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 
 def _ed25519():
@@ -97,7 +101,7 @@ class Verifier:
 
     def __init__(self, keys):
         self._keys = keys
-        self._cache: dict[bytes, object] = {}
+        self._cache: dict[bytes, Ed25519PublicKey] = {}
 
     def open(self, sender: str, topic: str, payload: bytes) -> bytes:
         """The body of a message from ``sender`` on ``topic``; ProtocolError naming the reason."""
@@ -224,8 +228,8 @@ def load_credentials(path: str | Path, role: str | None = None) -> Credentials:
             raise ValueError(f"{where}: field '{key}' missing")
     if role and obj["role"] != role:
         raise ValueError(f"{where}: holds a {obj['role']} identity, a {role} one is needed")
-    key = unb64(obj["signing_key"], f"{where}: signing_key")
-    if len(key) != 32:
+    signing_key = unb64(obj["signing_key"], f"{where}: signing_key")
+    if len(signing_key) != 32:
         raise ValueError(f"{where}: signing_key must be 32 bytes (an Ed25519 private key)")
     coord = None
     if obj["role"] == "device":
@@ -238,7 +242,7 @@ def load_credentials(path: str | Path, role: str | None = None) -> Credentials:
     tls = obj.get("tls") or {}
     if mode_is_loose(path):
         print(f"warning: {where} is readable by other users; chmod 600 it", flush=True)
-    return Credentials(obj["id"], obj["role"], key, coord, mqtt.get("username"), mqtt.get("password"),
+    return Credentials(obj["id"], obj["role"], signing_key, coord, mqtt.get("username"), mqtt.get("password"),
                        tls.get("ca"), tls.get("cert"), tls.get("key"))
 
 

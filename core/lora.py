@@ -189,7 +189,7 @@ def slice_factors(global_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]
 
 def expected_shapes(module_dims: Mapping[str, tuple[int, int]], plan: ClientPlan) -> dict[str, tuple[int, ...]]:
     """peft key -> shape of what a client following ``plan`` sends back.  dims are (in, out)."""
-    out = {}
+    out: dict[str, tuple[int, ...]] = {}
     for module, mp in plan.modules.items():
         n_in, n_out = module_dims[module]
         out[peft_key(module, "A")] = (mp.rank, n_in)
@@ -212,7 +212,9 @@ def lora_config(plan: ClientPlan, target_modules: list[str], dropout: float = 0.
     base_r = max(set(values), key=values.count)
     rank_pattern = {re.escape(m): r for m, r in ranks.items() if r != base_r}
     alpha_pattern = {k: plan.scale * r for k, r in rank_pattern.items()}
-    return LoraConfig(r=base_r, lora_alpha=plan.scale * base_r, target_modules=list(target_modules),
+    # peft annotates lora_alpha as int, but any number works (it only enters lora_alpha / r)
+    return LoraConfig(r=base_r, lora_alpha=plan.scale * base_r,  # type: ignore[arg-type]
+                      target_modules=list(target_modules),
                       lora_dropout=dropout, bias="none", rank_pattern=rank_pattern,
                       alpha_pattern=alpha_pattern, task_type="CAUSAL_LM")
 

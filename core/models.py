@@ -24,8 +24,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # transformers is imported where a model is built
+    from transformers import PreTrainedModel
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 1234
@@ -301,6 +305,7 @@ def load_model(spec: str | ModelSource, device: str | torch.device = "cpu", dtyp
     src = spec if isinstance(spec, ModelSource) else resolve_model(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    model: PreTrainedModel
     if src.kind == "tiny":
         tok = char_tokenizer()
         cfg = _tiny_config(src.location, tok)

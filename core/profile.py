@@ -84,7 +84,7 @@ class DeviceProfile:
             raise ProfileError(f"profile '{self.name}': threads must be a positive integer")
 
     @classmethod
-    def from_dict(cls, obj: dict, where: str = "profile") -> DeviceProfile:
+    def from_dict(cls, obj: object, where: str = "profile") -> DeviceProfile:
         if not isinstance(obj, dict):
             raise ProfileError(f"{where}: expected a mapping of profile fields")
         known = set(cls.__dataclass_fields__)

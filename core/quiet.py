@@ -53,9 +53,11 @@ def _ignore(category: type[Warning], module: str) -> None:
 
 
 def _take_back() -> None:
+    filters = warnings.filters
+    assert isinstance(filters, list), "warnings.filters is a list (typeshed types it a Sequence)"
     for entry in _added["filters"]:
-        if entry in warnings.filters:
-            warnings.filters.remove(entry)
+        if entry in filters:
+            filters.remove(entry)
     mutated = getattr(warnings, "_filters_mutated", None)  # warnings' caches see the change
     if mutated is not None:
         mutated()

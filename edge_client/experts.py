@@ -78,6 +78,8 @@ def init_router(n_in: int, m: int, gen: torch.Generator) -> torch.Tensor:
 class RoutedLoRA(torch.nn.Module):
     """A peft LoRA layer whose adapter ``adapter`` is the own expert of a routed mixture."""
 
+    mapping: torch.Tensor  # a buffer (register_buffer): the expert of each router slot (slot_map)
+
     def __init__(self, layer, adapter: str, m: int, own: int, others: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
                  router: torch.Tensor, scale: float):
         super().__init__()
@@ -108,9 +110,10 @@ class RoutedLoRA(torch.nn.Module):
         return out
 
 
-def split_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+def split_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(peft LoRA keys of the own expert, expert/router tensors) of a mixture payload."""
-    lora, rest = {}, {}
+    lora: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
         (rest if k.startswith((EXPERT_PREFIX, ROUTER_PREFIX)) else lora)[k] = v
     return lora, rest
@@ -136,7 +139,10 @@ def routed(peft_model, adapter: str, plan: ClientPlan, tensors: Mapping[str, tor
     """Route every module of ``plan`` through a :class:`RoutedLoRA` whose own expert is the
     installed adapter ``adapter``; the peft layers are put back on exit.  ``tensors`` hold the
     other experts and the routers (a missing one raises KeyError naming it)."""
-    m, own = mixture_of(plan)
+    mixture = mixture_of(plan)
+    if mixture is None:
+        raise ValueError("routed: the plan has no experts (not a mixture plan)")
+    m, own = mixture
     root = peft_model.base_model.model
     swapped: dict[str, tuple] = {}
     try:

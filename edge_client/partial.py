@@ -170,7 +170,11 @@ def update_shapes(module_dims: Mapping[str, tuple[int, int]], plan: ClientPlan) 
     steps = plan.steps
     if steps.importance:
         for module, mp in plan.modules.items():
-            scored = steps.hold if steps.frozen == "forward" else mp.rank
+            if steps.frozen == "forward":
+                assert steps.hold is not None, "DeviceSteps: a frozen mode comes with a hold"
+                scored = steps.hold
+            else:
+                scored = mp.rank
             out[importance_key(module)] = (scored,)
     out.update(mixture_shapes(module_dims, plan))
     return out

@@ -19,15 +19,17 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from fedlora_edge.core.data import Example, collate, collate_packed, encode_examples, pack_examples
+from fedlora_edge.core.data import Block, Example, collate, collate_packed, encode_examples, pack_examples
 from fedlora_edge.core.dtypes import BASE_QUANTS, DTYPES, PrecisionError, check_device  # noqa: F401 - the trainer's names
 
 # torch is imported where a step runs, not here: the coordinator's config reads TrainSettings, and
 # commands that train nothing (`fedlora --help`, `devices`, `methods`) start without torch
 if TYPE_CHECKING:
     import torch
+
+T = TypeVar("T")  # what a batch is made of
 
 
 @dataclass(frozen=True)
@@ -76,12 +78,12 @@ class TrainResult:
     losses: tuple[float, ...] = ()  # every step's loss
 
 
-def batches(encoded: Sequence, batch_size: int, seed: int) -> Iterator[list]:
+def batches(encoded: Sequence[T], batch_size: int, seed: int) -> Iterator[list[T]]:
     """Endless shuffled batches: a fresh permutation per pass over the data, from ``seed``."""
     rng = random.Random(seed)
     order: list[int] = []
     while True:
-        batch = []
+        batch: list[T] = []
         while len(batch) < batch_size:
             if not order:
                 order = list(range(len(encoded)))
@@ -90,15 +92,15 @@ def batches(encoded: Sequence, batch_size: int, seed: int) -> Iterator[list]:
         yield batch
 
 
-def packed_batches(encoded: Sequence, batch_size: int, max_len: int, seed: int) -> Iterator[list]:
+def packed_batches(encoded: Sequence, batch_size: int, max_len: int, seed: int) -> Iterator[list[Block]]:
     """Endless batches of packed rows (``train.packing``): per pass over the data a fresh
     permutation of the examples from ``seed``, packed into rows of ``max_len`` tokens
     (:func:`fedlora_edge.core.data.pack_examples`), the rows shuffled; ``batch_size`` rows a batch, so a
     step sees every example its rows hold (TRL's packing: the batch counts packed sequences)."""
     rng = random.Random(seed)
-    rows: list = []
+    rows: list[Block] = []
     while True:
-        batch = []
+        batch: list[Block] = []
         while len(batch) < batch_size:
             if not rows:
                 order = list(range(len(encoded)))
@@ -187,8 +189,8 @@ def train_local(peft_model, tokenizer, examples: Sequence[Example], settings: Tr
             for b in packed_batches(encoded, settings.batch_size, settings.max_seq_len, seed):
                 yield {k: v.to(device) for k, v in collate_packed(b, pad).items()}
         else:
-            for b in batches(encoded, settings.batch_size, seed):
-                yield {k: v.to(device) for k, v in collate(b, pad).items()}
+            for batch in batches(encoded, settings.batch_size, seed):
+                yield {k: v.to(device) for k, v in collate(batch, pad).items()}
 
     scaler = None
     if settings.dtype == "fp16":  # a float16 base trains with loss scaling, as TrainingArguments(fp16=True) does

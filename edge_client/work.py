@@ -86,6 +86,7 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
                          f"for {want[0]}, {want[1]}")
     if mixture_of(plan) is not None:  # FedLEASE: own expert and router trained, other experts frozen
         with mixture_model(peft_model, ADAPTER, plan, received, meta["targets"], meta["dropout"]) as mix:
+            assert mix is not None, "a plan with experts is routed"
             res = train_local(peft_model, tokenizer, examples, settings, seed, device, slowdown)
         # read after the peft layers are back in place (their state-dict keys are the wire's)
         return _finish(meta, {**to_state_dict(get_factors(peft_model, ADAPTER)), **mix.routers()}, res)

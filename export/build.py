@@ -124,7 +124,9 @@ def quantize_linears(model, quant: str) -> list[str]:
     if quant == "8da8w":
         cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
     else:
-        cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP))
+        # torch.int4 exists (a sub-byte dtype for torchao's configs) but torch's stubs leave it out
+        cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
+                                                    weight_granularity=PerGroup(GROUP))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
     def take(mod, fqn):
@@ -163,6 +165,8 @@ class KVCacheLM(torch.nn.Module):
     ExecuTorch keeps them as mutable buffers across calls of one loaded method.  Attention runs over
     the whole fixed-size cache with key ``j`` visible to query ``i`` iff ``j <= cache_position[i]``,
     so a new prompt restarts at position 0 and what an earlier one left is never read."""
+
+    key_pos: torch.Tensor  # a buffer (register_buffer), 0 .. max_len - 1
 
     def __init__(self, model, max_len: int):
         super().__init__()
@@ -313,7 +317,7 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
                       requantized_tensors=base_meta["requantized"])
     adapter_file = out / onnx_genai.ADAPTER_FILE
     adapter_file.unlink(missing_ok=True)
-    if adapter is not None:
+    if factors is not None:  # an adapter was given
         log(f"writing the adapter apart: {adapter_file.name} (onnxruntime's adapter format, fp32)")
         onnx_genai.write_adapter(factors, adapter_file)
         fields.update(adapter_file=adapter_file.name, adapter_bytes=adapter_file.stat().st_size)

@@ -19,13 +19,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import ExportError
+
+if TYPE_CHECKING:
+    from fedlora_edge.core.profile import DeviceProfile
 
 MODULES = {"onnx": ("onnxruntime", "onnx", "onnxruntime_genai"), "executorch": ("executorch", "torchao")}
 
 
-def device_classes(devices: Iterable[tuple[str, object]]) -> dict[tuple[str, str], list[str]]:
+def device_classes(devices: Iterable[tuple[str, DeviceProfile]]) -> dict[tuple[str, str], list[str]]:
     """(format, quant) -> device ids, from ``(id, profile)`` pairs, in a stable order."""
     out: dict[tuple[str, str], list[str]] = {}
     for did, profile in devices:
@@ -61,7 +65,7 @@ def export_fleet(model_spec: str, adapter: str | Path, classes: dict[tuple[str, 
     for (fmt, quant), devices in classes.items():
         folder = out / f"{fmt}-{quant}"
         log(f"exporting {fmt} {quant} for {', '.join(devices)}")
-        row = {"format": fmt, "quant": quant, "devices": devices, "folder": folder.name}
+        row: dict[str, Any] = {"format": fmt, "quant": quant, "devices": devices, "folder": folder.name}
         try:
             artifact, meta, reference, tok = export(model_spec, adapter, fmt, quant, folder, max_seq_len, log=log)
             row.update(artifact=f"{folder.name}/{artifact.name}", skipped_layers=meta["skipped_layers"])

@@ -36,6 +36,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 
@@ -132,9 +133,12 @@ def _match_rows(grid: Grid, weight: np.ndarray) -> Grid | None:
     if np.array_equal(w, weight):
         return grid
     index = {row.tobytes(): i for i, row in enumerate(w)}
-    order = [index.get(row.tobytes()) for row in np.ascontiguousarray(weight, dtype=np.float32)]
-    if any(i is None for i in order):
-        return None
+    order: list[int] = []
+    for row in np.ascontiguousarray(weight, dtype=np.float32):
+        i = index.get(row.tobytes())
+        if i is None:
+            return None
+        order.append(i)
     return Grid(grid.codes[order], grid.scale[order], None if grid.offset is None else grid.offset[order],
                 grid.zero[order], grid.bits)
 
@@ -174,6 +178,14 @@ def _pack4(codes: np.ndarray) -> np.ndarray:
     return (c[..., 0] | (c[..., 1] << 4)).astype(np.uint8)
 
 
+def _fits(grid: Grid | None, attrs: dict, implied: bool) -> TypeGuard[Grid]:
+    """Whether ``grid`` can replace the codes of a ``MatMulNBits`` node with attributes ``attrs``
+    (``implied``: the node has no zero-point input)."""
+    return not (grid is None or attrs.get("bits") != grid.bits or attrs.get("block_size") != BLOCK
+                or (attrs.get("N"), attrs.get("K")) != grid.codes.shape
+                or (implied and not (grid.bits == 8 and bool((grid.zero == 128).all()))))
+
+
 def apply_grids(model_path: Path, grids: dict[str, Grid]) -> tuple[list[str], list[str]]:
     """Put ``grids`` into the built base's ``MatMulNBits`` initializers in place (graph and
     external data), adding the offset term where a grid has one; returns the initializer
@@ -204,9 +216,7 @@ def apply_grids(model_path: Path, grids: dict[str, Grid]) -> tuple[list[str], li
         grid = grids.get(prefix)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         implied = len(node.input) < 4  # no zero-point input: 2^(bits-1), the symmetric int8 build's
-        if (grid is None or attrs.get("bits") != grid.bits or attrs.get("block_size") != BLOCK
-                or (attrs.get("N"), attrs.get("K")) != grid.codes.shape
-                or (implied and not (grid.bits == 8 and bool((grid.zero == 128).all())))):
+        if not _fits(grid, attrs, implied):
             other.append(prefix)
             continue
         n, k = grid.codes.shape

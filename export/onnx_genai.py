@@ -103,7 +103,7 @@ def add_lora_inputs(model_path: Path, modules: dict[str, tuple[int, int]]) -> No
 
     m = onnx.load(str(model_path), load_external_data=False)
     g = m.graph
-    by_prefix = {}
+    by_prefix: dict[str, int] = {}  # a matmul node's name prefix -> the index of its first node
     for i, n in enumerate(g.node):
         if n.op_type in ("MatMul", "MatMulNBits"):
             by_prefix.setdefault(n.name.rsplit("/", 1)[0] + "/", i)

@@ -102,7 +102,7 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
     t0 = time.perf_counter()
     eos = tokenizer.eos_token_id
     max_abs, agree, positions, agree_all, positions_all = 0.0, 0, 0, 0, 0
-    answers = {"torch": [], "artifact": []}
+    answers: dict[str, list[list[int]]] = {"torch": [], "artifact": []}
     seconds = {"torch": 0.0, "artifact": 0.0}
     tokens = {"torch": 0, "artifact": 0}
     warm = prompt_ids(tokenizer, examples[0], meta["max_seq_len"] - max_new_tokens)

@@ -55,7 +55,8 @@ class TorchRunner:
         t0 = time.perf_counter()
         x = torch.tensor([ids], dtype=torch.long)
         out = self.model(input_ids=x, use_cache=True)
-        past, new = getattr(out, self._cache), []
+        past = getattr(out, self._cache)
+        new: list[int] = []
         nxt = int(out.logits[0, -1].argmax())
         while len(new) < max_new_tokens and nxt != eos:
             new.append(nxt)
@@ -104,7 +105,8 @@ class ExecuTorchRunner:
     def generate(self, ids: list[int], max_new_tokens: int, eos: int | None) -> tuple[list[int], float]:
         t0 = time.perf_counter()
         budget = min(max_new_tokens, self.max_seq_len - len(ids))
-        nxt, new = int(self._call(list(ids), 0)[0, -1].argmax()), []
+        nxt = int(self._call(list(ids), 0)[0, -1].argmax())
+        new: list[int] = []
         while len(new) < budget and nxt != eos:
             new.append(nxt)
             if len(new) == budget:
