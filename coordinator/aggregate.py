@@ -47,15 +47,16 @@ def server_step(old: Factors, aggregate: Factors, settings, state: dict) -> Fact
     tensors = state.setdefault("tensors", {})
     step = int(state.get("server_step", 0)) + 1
     state["server_step"] = step
-    out = {}
+    out: Factors = {}
     for module, (na, nb) in aggregate.items():
-        oa, ob = old.get(module, (None, None))
-        if oa is None or oa.shape != na.shape or ob.shape != nb.shape:
+        prev = old.get(module)
+        if prev is None or prev[0].shape != na.shape or prev[1].shape != nb.shape:
             out[module] = (na, nb)
             for which in ("A", "B"):
                 for k in ("m", "v"):
                     tensors.pop(f"server.{k}.{module}.{which}", None)
             continue
+        oa, ob = prev
         new = []
         for which, g, agg in (("A", oa, na), ("B", ob, nb)):
             grad = g - agg
@@ -94,9 +95,9 @@ class ComponentAverager:
         self._tmp: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # reused: no allocation per client
 
     def add(self, c: Contribution) -> None:
-        for module, mp in c.plan.modules.items():
-            if module in self.global_factors and max(mp.components) >= self.global_factors[module][0].shape[0]:
-                raise ValueError(f"client {c.client}: plan trains component {max(mp.components)} of "
+        for module, planned in c.plan.modules.items():
+            if module in self.global_factors and max(planned.components) >= self.global_factors[module][0].shape[0]:
+                raise ValueError(f"client {c.client}: plan trains component {max(planned.components)} of "
                                  f"'{module}', which has {self.global_factors[module][0].shape[0]}")
         self.total += c.weight
         for module, (ga, gb) in self.global_factors.items():

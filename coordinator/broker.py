@@ -64,6 +64,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+
 from fedlora_edge.core.mqtt import BrokerAddress
 
 from .brokerconf import MAX_PACKET_BYTES
@@ -122,15 +124,9 @@ def device_may(action: str, device: str, topic_name: str) -> bool:
     """The embedded broker's ACL for an enrolled device (see the module text)."""
     if action == "publish":
         m = DEVICE_PUBLISH.match(topic_name)
-        return bool(m) and m.group("dev") == device
+        return m is not None and m.group("dev") == device
     m = DEVICE_RECEIVE.match(topic_name)  # subscribe (a filter: no wildcard may pass) and receive
-    return bool(m) and m.group("dev") in (None, device)
-
-
-def _plugin_bases():
-    from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
-
-    return BaseAuthPlugin, BaseTopicPlugin
+    return m is not None and m.group("dev") in (None, device)
 
 
 @dataclass
@@ -138,7 +134,7 @@ class _PluginConfig:
     registry: str = ""
 
 
-class RegistryAuthPlugin(*_plugin_bases()):
+class RegistryAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):
     """amqtt authentication and topic plugin over the registry (amqtt loads it by dotted path,
     and takes only subclasses of its plugin bases)."""
 
@@ -234,7 +230,8 @@ def _stream_adapters():
             else:
                 # in pieces, each with its own timer: "silent" means no byte at all, however slowly a
                 # large packet trickles in over a thin link; a packet cut off half-way times out like silence
-                parts, left = [], n
+                parts: list[bytes] = []
+                left = n
                 while left:
                     got = await asyncio.wait_for(self._reader.read(left), self.idle)
                     if not got:
@@ -382,7 +379,7 @@ def _broker_class():
         max_connections = MAX_CONNECTIONS
 
         def fedlora_init(self) -> None:
-            self._subscriptions = _CopyOnIterate(self._subscriptions)
+            self._subscriptions: _CopyOnIterate = _CopyOnIterate(self._subscriptions)
             self.fedlora_pending: collections.OrderedDict = collections.OrderedDict()  # writer -> None, oldest first
             self.fedlora_open = 0
             self.fedlora_idle = asyncio.Event()  # set while no connection is open
@@ -726,6 +723,7 @@ class EmbeddedBroker:
         if self.insecure:
             cmd.append("--insecure")
         else:
+            assert self.registry is not None, "only an insecure broker has no registry (__init__)"
             cmd += ["--registry", str(self.registry.folder)]
         if self.tls:
             cmd += ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
@@ -742,9 +740,11 @@ class EmbeddedBroker:
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         self._stopping = False
-        self._proc = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        proc = self._proc = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        stdout = proc.stdout
+        assert stdout is not None, "stdout is a pipe"
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self._proc.stdout.readline()), daemon=True).start()
+        threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
         where = f"{self.host}:{self.port}"
         try:
             line = lines.get(timeout=START_TIMEOUT_S).decode(errors="replace").strip()
@@ -755,13 +755,14 @@ class EmbeddedBroker:
         if line != "ready":
             self._end()
             why = line[len("error:"):].strip() if line.startswith("error:") else \
-                f"its process exited with code {self._proc.returncode} (its error is above)"
+                f"its process exited with code {proc.returncode} (its error is above)"
             raise RuntimeError(f"the embedded MQTT broker could not start on {where}: {why}")
         threading.Thread(target=self._watch, name="fedlora-broker-watch", daemon=True).start()
         return self  # its listener is bound and serving: clients may come
 
     def _watch(self) -> None:
         proc = self._proc
+        assert proc is not None, "start() runs the process before it watches it"
         code = proc.wait()
         if not self._stopping and proc is self._proc:
             self.log(f"the embedded MQTT broker (process {proc.pid}) exited with code {code}: devices cannot reach "
@@ -772,6 +773,7 @@ class EmbeddedBroker:
         if proc is None:
             return
         self._stopping = True
+        assert proc.stdin is not None and proc.stdout is not None, "start() opens both as pipes"
         try:
             proc.stdin.write(b"stop\n")  # wind down (EOF alone: exit at once, as when this process dies)
             proc.stdin.close()

@@ -258,7 +258,10 @@ def cmd_coordinator(args) -> int:
     finally:
         if embedded:
             embedded.stop()
-    declared = [(c.id, c.device.profile) for c in coord.engine.clients]
+    declared = []
+    for c in coord.engine.clients:
+        assert c.device is not None, "a fleet's client is a device (only the pooled participant has none)"
+        declared.append((c.id, c.device.profile))
     return max(_export_after(cfg, Path(args.out), classes, reporter.console, declared), _exit_status(report))
 
 

@@ -63,7 +63,8 @@ def fleet_rank_range(cfg: RunConfig) -> tuple[int, int]:
 
 def entries(base: RunConfig, specs: list[str]) -> list[Entry]:
     """One validated config per method spec; a bad spec fails before anything runs."""
-    out, span = [], None
+    out: list[Entry] = []
+    span: tuple[int, int] | None = None  # the fleet's (min, max) rank, once a spec asks for it
     for spec in specs:
         name, _, rank = spec.partition("@")
         if not is_registered(name):
@@ -244,10 +245,10 @@ def plot(rows: list[dict], path: Path, intervals: list[dict] | None = None) -> N
     ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.legend(fontsize=7)
     labels = [s["run"] for s in rows]
-    x = range(len(rows))
-    ax2.bar([i - 0.2 for i in x], [s["mb_up_per_round"] for s in rows], width=0.4, label="up")
-    ax2.bar([i + 0.2 for i in x], [s["mb_down_per_round"] for s in rows], width=0.4, label="down")
-    ax2.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=8)
+    at = range(len(rows))
+    ax2.bar([i - 0.2 for i in at], [s["mb_up_per_round"] for s in rows], width=0.4, label="up")
+    ax2.bar([i + 0.2 for i in at], [s["mb_down_per_round"] for s in rows], width=0.4, label="down")
+    ax2.set_xticks(list(at), labels, rotation=45, ha="right", fontsize=8)
     ax2.set(ylabel="MB per round (all clients)", title="communication")
     ax2.legend()
     fig.tight_layout()
@@ -440,10 +441,14 @@ def paired(per_seed: dict[int, list[dict]]) -> list[dict]:
                     m, lo, hi = paired_bootstrap(diffs)
                     row[key] = {"mean": m, "low": lo, "high": hi, "separated": separated(lo, hi)}
             own = {s: {r["run"]: r.get("own_mix_loss") for r in rows} for s, rows in per_seed.items()}
-            d = [own[s][a] - own[s][b] for s in per_seed if own[s].get(a) is not None and own[s].get(b) is not None]
+            d = []
+            for s in per_seed:
+                loss_a, loss_b = own[s].get(a), own[s].get(b)
+                if loss_a is not None and loss_b is not None:
+                    d.append(loss_a - loss_b)
             if len(d) >= 2:
-                m, lo, hi = mean_interval(d)
-                row["own_mix_loss"] = {"mean": m, "low": lo, "high": hi, "separated": separated(lo, hi)}
+                mean, low, high = mean_interval(d)
+                row["own_mix_loss"] = {"mean": mean, "low": low, "high": high, "separated": separated(low, high)}
             out.append(row)
     return out
 

@@ -301,9 +301,9 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"give one of data.train_file, data.train_dir, data.dataset, not {' and '.join(sources)}")
     if not sources:
         _check(len(d.tasks) >= 1, "data.tasks", "needs at least one task")
-        for i, t in enumerate(d.tasks):
-            _check(t in TASKS, f"data.tasks[{i}]", f"unknown task '{t}'; built-in tasks: {', '.join(TASKS)}")
-            _check(t not in d.tasks[:i], f"data.tasks[{i}]", f"task '{t}' is listed twice")
+        for i, task in enumerate(d.tasks):
+            _check(task in TASKS, f"data.tasks[{i}]", f"unknown task '{task}'; built-in tasks: {', '.join(TASKS)}")
+            _check(task not in d.tasks[:i], f"data.tasks[{i}]", f"task '{task}' is listed twice")
         for k in ("eval_file", "eval_split"):
             _check(getattr(d, k) is None, f"data.{k}", "is for your own data (data.train_file, train_dir or dataset)")
     else:

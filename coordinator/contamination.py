@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import statistics
+from collections.abc import Set as AbstractSet
 
 import torch
 
@@ -197,7 +198,7 @@ def corrupt_data(cfg, client: str, examples: list[Example]) -> list[Example]:
     return examples
 
 
-def contamination_report(co, contaminated: set[str], clients, rounds: list[dict], final: dict,
+def contamination_report(co, contaminated: AbstractSet[str], clients, rounds: list[dict], final: dict,
                          personal: dict) -> dict:
     """Who was contaminated, how, the benign clients' accuracy and held-out loss (their own models
     for personalised methods, the global one otherwise), the backdoor's success on them, and

@@ -106,6 +106,7 @@ def emulate(cfg: RunConfig, out_dir: str | Path, broker: str | BrokerAddress | N
         limits = {}
         coord.connect()  # the broker accepts the coordinator: the devices can come
         for c in coord.engine.clients:
+            assert c.device is not None, "a fleet's client is a device (only the pooled participant has none)"
             folder = out / "devices" / c.id
             folder.mkdir(parents=True, exist_ok=True)
             write_jsonl(folder / "data.jsonl", c.train)

@@ -66,7 +66,7 @@ def response_nll(model, tokenizer, examples: Sequence[Example], max_seq_len: int
                  batch_size: int = 16) -> list[tuple[float, int]]:
     """Per example, the summed negative log-likelihood of its response tokens (teacher-forced, the
     sequence cut as training cuts it) and their count."""
-    out = []
+    out: list[tuple[float, int]] = []
     for logits, labels in _teacher_forced(model, tokenizer, examples, max_seq_len, device, batch_size):
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
         mask = labels != -100

@@ -87,7 +87,8 @@ class Answers:
         self._recent: dict[str, deque] = {}  # device -> the update ids of its last few re-sends
 
     def get(self, device: str, update_id: str) -> tuple[int, str, str] | None:
-        return self._by_device.get(device, {}).get(update_id)
+        answers = self._by_device.get(device)
+        return None if answers is None else answers.get(update_id)
 
     def put(self, device: str, update_id: str, round_idx: int, status: str, reason: str = "") -> None:
         mine = self._by_device.setdefault(device, OrderedDict())

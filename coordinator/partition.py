@@ -9,13 +9,16 @@ Everything is deterministic in the seed.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from fedlora_edge.core.data import Example, domain_counts, generate_task, is_eval_prompt, with_system
 
 from .errors import ConfigError
+
+K = TypeVar("K", bound=Hashable)  # what a mix is over: domains, or clients
 
 
 def domain_mix(n_clients: int, domains: Sequence[str], partition: str, *, skew: float, alpha: float,
@@ -41,7 +44,7 @@ def domain_mix(n_clients: int, domains: Sequence[str], partition: str, *, skew: 
     raise ValueError(f"unknown partition '{partition}'")
 
 
-def counts_from_mix(mix: dict[str, float], n: int) -> dict[str, int]:
+def counts_from_mix(mix: Mapping[K, float], n: int) -> dict[K, int]:
     """Largest-remainder rounding of ``n × mix`` (sums to exactly n)."""
     raw = {k: v * n for k, v in mix.items()}
     counts = {k: int(v) for k, v in raw.items()}
@@ -153,8 +156,8 @@ def build_data(cfg, ids: Sequence[str], notes: list[str] | None = None
         domains = list(d.tasks)
         mixes = domain_mix(len(ids), domains, d.partition, skew=d.skew, alpha=d.alpha, seed=cfg.seed)
         train = builtin_client_data(mixes, d.samples_per_client, cfg.seed)
-        evals = [ex for t in domains for ex in generate_task(t, d.eval_per_domain, seed=cfg.seed, split="eval")]
-        return train, mixes, evals
+        held_out = [ex for t in domains for ex in generate_task(t, d.eval_per_domain, seed=cfg.seed, split="eval")]
+        return train, mixes, held_out
     from .userdata import load_user_data
 
     pool, evals, per_device, where = load_user_data(d)

@@ -9,16 +9,21 @@ import datetime
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedlora_edge.core import durable
+
+if TYPE_CHECKING:  # cryptography is imported where it is used (_x509)
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 CA_DAYS, LEAF_DAYS = 3650, 825
 
 
 @dataclass(frozen=True)
 class Authority:
-    cert: object  # x509.Certificate
-    key: object   # ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
 
 
 def _x509():

@@ -91,6 +91,8 @@ def _import_file(spec: str, path: Path) -> str:
         raise ConfigError(f"--plugin {spec}: a module named '{name}' is already imported "
                           f"({getattr(sys.modules[name], '__file__', None) or 'built in'}); rename the file")
     found = importlib.util.spec_from_file_location(name, path)
+    if found is None or found.loader is None:
+        raise ConfigError(f"--plugin {spec}: cannot be loaded as a Python module")
     module = importlib.util.module_from_spec(found)
     sys.modules[name] = module  # before it runs: dataclasses look their module up by name
     try:
@@ -143,7 +145,8 @@ def load_installed(name: str) -> bool:
         if isinstance(obj, type):
             from .methods.registry import _REGISTRY, register
 
-            if _REGISTRY.get(getattr(obj, "name", None)) is not obj:
+            obj_name = getattr(obj, "name", None)
+            if not isinstance(obj_name, str) or _REGISTRY.get(obj_name) is not obj:
                 register(obj)
     return bool(found)
 
@@ -173,6 +176,7 @@ def builtin_catalog() -> list[tuple[str, str]]:
                 continue
             name = next(s.value.value for s in cls.body if isinstance(s, ast.Assign) and isinstance(s.value, ast.Constant)
                         and any(isinstance(t, ast.Name) and t.id == "name" for t in s.targets))
+            assert isinstance(name, str), f"methods/{mod}.py: {cls.name}.name is not a string"
             out.append((name, summary(ast.get_docstring(tree) or ast.get_docstring(cls) or "")))
     return sorted(out)
 

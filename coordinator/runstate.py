@@ -31,6 +31,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from fedlora_edge.core import durable
 from fedlora_edge.core.lora import Factors
@@ -69,7 +70,7 @@ class SnapshotStore:
         tmp = self.folder / f"snap-{number:06d}.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        manifest = {"snapshot": number, "files": {}}
+        listing: dict[str, dict] = {}  # name -> its sha256 and size
         for name, data in sorted(files.items()):
             path = tmp / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,11 +78,11 @@ class SnapshotStore:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            listing[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         from .faults import crash_point
 
         crash_point("state-write")  # a test kills the process here: the snapshot is half-written
-        durable.write_json(tmp / MANIFEST, manifest)
+        durable.write_json(tmp / MANIFEST, {"snapshot": number, "files": listing})
         _fsync_tree(tmp)
         if final.exists():  # the same round written again (a resumed run): replace it
             old = self.folder / f"{final.name}.old-{os.getpid()}"
@@ -164,8 +165,8 @@ class RoundJournal:
     def __init__(self, folder: str | Path, log=print):
         self.folder = Path(folder)
         self.log = log
-        self._fh = None  # the open round's update log, appended to
-        self._fh_round = None
+        self._fh: BinaryIO | None = None  # the open round's update log, appended to
+        self._fh_round: int | None = None
         self._index: dict[tuple[int, str], tuple[int, int]] = {}  # (round, client) -> (offset, length) of its record
         self._dirty = False
 
@@ -250,9 +251,9 @@ class RoundJournal:
             raise durable.CorruptFile(f"{self._dir(round_idx) / self.LOG}: the update of {client} fails its checksum")
         return got[:3]
 
-    def _parse(self, raw: bytes, at: int) -> tuple[int, tuple[str, bytes, dict] | None]:
-        """(offset of the next record, this record's (update id, bytes, report) or None if it fails its
-        checksum); CorruptFile where the record cannot even be framed (a torn tail)."""
+    def _parse(self, raw: bytes, at: int) -> tuple[int, tuple[str, bytes, dict, str] | None]:
+        """(offset of the next record, this record's (update id, bytes, report, client) or None if it
+        fails its checksum); CorruptFile where the record cannot even be framed (a torn tail)."""
         if raw[at:at + 4] != self.MAGIC or len(raw) < at + 16:
             raise durable.CorruptFile(f"no update record at offset {at}")
         n_head, n_data = int.from_bytes(raw[at + 4:at + 8], "big"), int.from_bytes(raw[at + 8:at + 16], "big")

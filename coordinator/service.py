@@ -52,6 +52,7 @@ from .faults import crash_point
 from .ledger import Answers, Refusals, kind_of
 from .methods import get_method
 from .registry import Registry, RegistryError
+from .runstate import JournalRound
 from .validate import UpdateRejected
 
 # exit statuses of `fedlora coordinator` and `fedlora emulate` (README, docs/protocol.md)
@@ -158,6 +159,7 @@ class Coordinator:
         self.reassembler = Reassembler(cfg.transport.max_update_bytes)
         self.wire_up: dict[str, int] = {}  # device -> MQTT bytes received on its up topic this round
         self.round: OpenRound | None = None
+        self._journal_round: JournalRound | None = None  # run(): the round a resumed run was in, read once
         self.completed = self.first_round - 1
         self.announce = False  # (re)publish the round state: set by every (re)connect
         self.engine.prepare_programs()  # before anyone is served: no build falls in a round
@@ -259,6 +261,7 @@ class Coordinator:
                                         chunk_bytes=self.cfg.transport.chunk_bytes):
             if not self._publish(t, chunk, wait=False):
                 return
+        assert r is not None, "a plan is sent in an open round"
         r.plan_sent[a.client] = time.monotonic()
         r.plan_sessions[a.client] = self.sessions.get(a.client, "")
 
@@ -328,6 +331,7 @@ class Coordinator:
             elif leaf == "event":
                 self._event(device, msg)
             else:
+                assert data is not None, "read_message gives a chunked topic's message its data"
                 self._chunk(device, t, payload, msg, data)
         except (ProtocolError, ProfileError, UpdateRejected) as exc:
             self._reject(device, str(exc))
@@ -468,18 +472,18 @@ class Coordinator:
         try:
             tr = self.reassembler.add(header, data, limit=self._expected_bytes(r.assignments[device]))
         except ProtocolError as exc:
-            self._refuse_update(device, rnd, uid, str(exc))
+            self._refuse_update(r, device, rnd, uid, str(exc))
             return
         if tr is not None:
-            self._update(device, tr)
+            self._update(r, device, tr)
 
     def _expected_bytes(self, a: Assignment) -> int:
         """The largest update this device's plan allows: its tensors plus a generous safetensors header."""
         shapes = update_shapes(self.engine.dims, a.plan)
         return 4 * sum(math.prod(s) for s in shapes.values()) + 256 * len(shapes) + 65536
 
-    def _refuse_update(self, device: str, rnd: int, uid: str, reason: str) -> None:
-        self._note_rejection(self.round, device, reason)
+    def _refuse_update(self, r: OpenRound, device: str, rnd: int, uid: str, reason: str) -> None:
+        self._note_rejection(r, device, reason)
         self._decide(device, rnd, uid, "rejected", reason)
         self._reject(device, f"update {uid[:12]}: {reason}")
 
@@ -501,9 +505,9 @@ class Coordinator:
                 r.rejected.append(entry)
         entry["count"] += 1
 
-    def _update(self, device: str, tr: Transfer) -> None:
-        """A complete update: check it, make it durable, then acknowledge it."""
-        r, meta, uid = self.round, tr.meta, tr.transfer
+    def _update(self, r: OpenRound, device: str, tr: Transfer) -> None:
+        """A complete update to the open round ``r``: check it, make it durable, then acknowledge it."""
+        meta, uid = tr.meta, tr.transfer
         a = r.assignments[device]
         try:
             if meta.get("update_id") != uid or meta.get("round") != r.index:
@@ -511,7 +515,7 @@ class Coordinator:
                                      f"{str(meta.get('round'))[:20]}) disagrees with its chunks ({uid[:40]}, {r.index})")
             contribution = self.engine.accept(a, tr.data, meta.get("report"))
         except UpdateRejected as exc:
-            self._refuse_update(device, r.index, uid, str(exc))
+            self._refuse_update(r, device, r.index, uid, str(exc))
             return
         report = dict(meta["report"])
         self._store(lambda: self.engine.journal.accept(r.index, device, uid, tr.data, report, sync=False))
@@ -599,7 +603,7 @@ class Coordinator:
 
     def _reopen(self, round_idx: int) -> bool:
         """Re-open round ``round_idx`` from its journal, if it was open when the coordinator stopped."""
-        jr = getattr(self, "_journal_round", None)
+        jr = self._journal_round
         self._journal_round = None
         if jr is None or jr.round != round_idx:
             jr = self.engine.journal.load(round_idx)
@@ -633,6 +637,7 @@ class Coordinator:
             self.round = OpenRound(round_idx, {a.client: a for a in assignments}, skipped, time.perf_counter(),
                                    time.monotonic() + tr.round_timeout_s)
         r = self.round
+        assert r is not None, "the round was just opened or re-opened"
         r.grace_s = tr.offline_grace_s
         self._publish_round(round_idx, "training")
         e.reporter.round_start(round_idx, len(r.assignments))

@@ -19,9 +19,9 @@ def t975(df: int) -> float:
     return next((v for d, v in sorted(_T975.items()) if df <= d), 1.96)
 
 
-def mean_interval(values: Sequence[float]) -> tuple[float, float | None, float | None]:
-    """(mean, low, high): the 95 % t-interval of the mean of ``values`` (one per seed); no
-    interval from a single value."""
+def mean_interval(values: Sequence[float | None]) -> tuple[float, float | None, float | None]:
+    """(mean, low, high): the 95 % t-interval of the mean of ``values`` (one per seed; a None, a
+    run without the figure, is left out); no interval from a single value."""
     x = [float(v) for v in values if v is not None]
     if not x:
         return float("nan"), None, None

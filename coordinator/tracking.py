@@ -18,6 +18,7 @@ for a method without a global adapter, each client's folder under ``clients/`` u
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 KINDS = ("none", "tensorboard", "mlflow")
@@ -33,6 +34,7 @@ class Tracker:
             raise ValueError(f"--log must be one of {', '.join(KINDS)}, not '{kind}'")
         self.kind = kind
         self.out = Path(out)
+        self.folder: Path | str  # where the log is: TensorBoard's folder, or MLflow's tracking URI
         if kind == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -57,13 +59,14 @@ class Tracker:
             if params:
                 mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        values = {k: float(v) for k, v in values.items() if v is not None}
+    def scalars(self, values: Mapping[str, float | None], step: int) -> None:
+        """Log ``values`` at ``step``; a None (a figure the round does not have) is left out."""
+        kept = {k: float(v) for k, v in values.items() if v is not None}
         if self.kind == "tensorboard":
-            for k, v in values.items():
+            for k, v in kept.items():
                 self._tb.add_scalar(k, v, step)
         else:
-            self._ml.log_metrics({k.replace("@", "_"): v for k, v in values.items()}, step=step)
+            self._ml.log_metrics({k.replace("@", "_"): v for k, v in kept.items()}, step=step)
 
     def evaluation(self, acc: dict, step: int) -> None:
         vals = {"heldout/exact_match/overall": acc.get("overall")}

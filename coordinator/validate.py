@@ -61,8 +61,8 @@ def check_report(client: str, report, round_idx: int, max_steps: int) -> dict:
 
     def number(key: str, integer: bool = False, low: float = 0.0, high: float | None = None):
         v = report.get(key)
-        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-        if not ok or isinstance(v, bool) or not math.isfinite(v) or v < low or (high is not None and v > high):
+        if (not isinstance(v, (int, float)) or (integer and not isinstance(v, int)) or isinstance(v, bool)
+                or not math.isfinite(v) or v < low or (high is not None and v > high)):
             bound = f" <= {high:g}" if high is not None else ""
             raise UpdateRejected(f"client {client}: report field '{key}' must be a finite "
                                  f"{'integer' if integer else 'number'} >= {low:g}{bound}, got {str(v)[:40]!r}")

@@ -110,6 +110,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 
@@ -310,10 +311,20 @@ def unshared_bases(bases: dict[str, torch.Tensor], tol: float = 1e-6) -> dict[st
     return out
 
 
+class ClairResult(TypedDict):
+    """What :func:`clair_round` finds in a round."""
+
+    flagged: list[str]                            # the clients set aside, sorted
+    scores: dict[str, dict[str, float]]           # client -> sparse_share (and in_reach, unshared)
+    benign: list[str]                             # the others, in client order
+    subspace: dict[str, torch.Tensor]             # module -> the shared subspace's basis Û
+    refined: dict[str, dict[str, torch.Tensor]]   # benign client -> module -> its refined change Δ̃
+
+
 def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], weights: dict[str, float],
                 lam_scale: float = 0.75, threshold: float = 0.5, consistency: bool = True, z: float = 3.5,
                 max_norm_ratio: float = 3.0, side: str = "input",
-                reach: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:
+                reach: dict[str, dict[str, torch.Tensor]] | None = None) -> ClairResult:
     """The numeric core: ``updates[client][module] = (A, B)``, each client's change in factors.
     Returns ``{"flagged", "scores", "benign", "subspace" (module -> Û), "refined" (client -> module
     -> Δ̃)}``.  ``side="output"``: the shared subspace is a column space of ``Δ = BA``; ``"input"``: a
@@ -377,14 +388,15 @@ def clair_round(updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
             scores[c].update(scores_c[c])
         flagged |= moved
     benign = [c for c in clients if c not in flagged]
-    result = {"flagged": sorted(flagged), "scores": scores, "benign": benign, "subspace": {}, "refined": {}}
+    result: ClairResult = {"flagged": sorted(flagged), "scores": scores, "benign": benign, "subspace": {},
+                           "refined": {}}
     if not benign:
         return result
     wsum = sum(weights[c] for c in benign)
     for m in modules:
         mean = sum((weights[c] / wsum) * deltas[c][m] for c in benign)
-        low = torch.cat([lows[m][clients.index(c)] for c in benign], dim=1)
-        u, s, _ = torch.linalg.svd(low, full_matrices=False)
+        stacked = torch.cat([lows[m][clients.index(c)] for c in benign], dim=1)
+        u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
         keep = s > 1e-3 * float(s[0]) if s.numel() and float(s[0]) > 0 else torch.zeros_like(s, dtype=torch.bool)
         basis = u[:, keep]
         result["subspace"][m] = basis
@@ -469,4 +481,5 @@ def _product(ab: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 
 
 def _refactor(delta_w: torch.Tensor, rank: int, fill_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(t.to(torch.float32) for t in svd_factors(delta_w, rank, fill_a=fill_a))
+    a, b = svd_factors(delta_w, rank, fill_a=fill_a)
+    return a.to(torch.float32), b.to(torch.float32)

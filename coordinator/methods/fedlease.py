@@ -99,12 +99,14 @@ def average_linkage(dist: np.ndarray, k: int) -> list[int]:
     down to ``k`` clusters; labels numbered by each cluster's first member."""
     clusters = [[i] for i in range(len(dist))]
     while len(clusters) > k:
-        best, pair = None, None
+        best: float | None = None
+        pair: tuple[int, int] | None = None
         for a in range(len(clusters)):
             for b in range(a + 1, len(clusters)):
                 link = float(dist[np.ix_(clusters[a], clusters[b])].mean())
                 if best is None or link < best:
                     best, pair = link, (a, b)
+        assert pair is not None, f"k must be at least 1, got {k}"
         a, b = pair
         clusters[a] = sorted(clusters[a] + clusters[b])
         del clusters[b]
@@ -117,15 +119,15 @@ def average_linkage(dist: np.ndarray, k: int) -> list[int]:
 
 def silhouette(dist: np.ndarray, labels: Sequence[int]) -> float:
     """The mean silhouette coefficient for precomputed distances (a singleton scores 0)."""
-    labels = np.asarray(labels)
+    lab = np.asarray(labels)
     scores = []
-    for i in range(len(labels)):
-        same = (labels == labels[i]) & (np.arange(len(labels)) != i)
+    for i in range(len(lab)):
+        same = (lab == lab[i]) & (np.arange(len(lab)) != i)
         if not same.any():
             scores.append(0.0)
             continue
         a = dist[i, same].mean()
-        b = min(dist[i, labels == other].mean() for other in set(labels.tolist()) if other != labels[i])
+        b = min(dist[i, lab == other].mean() for other in set(lab.tolist()) if other != lab[i])
         scores.append(0.0 if max(a, b) == 0 else (b - a) / max(a, b))
     return float(np.mean(scores))
 
@@ -194,7 +196,7 @@ class FedLEASE:
         clusters = st.get("clusters")
         if clusters and client in clusters:
             return uniform_plan(ctx.modules, r, ctx.scale, **DeviceSteps(experts=(st["experts"], clusters[client])).to_extra())
-        extra = {"phase": "warmup"}
+        extra: dict[str, object] = {"phase": "warmup"}
         if not clusters and round_idx >= ctx.settings.warmup_rounds:
             extra["cluster_after"] = True
         return uniform_plan(ctx.modules, r, ctx.scale, **extra)
@@ -250,8 +252,9 @@ class FedLEASE:
             personal[c.client] = c.factors
         by_expert: dict[int, list] = {}
         for c in contributions:
-            if mixture_of(c.plan) is not None:
-                by_expert.setdefault(mixture_of(c.plan)[1], []).append(c)
+            mix = mixture_of(c.plan)
+            if mix is not None:
+                by_expert.setdefault(mix[1], []).append(c)
         for j, members in by_expert.items():
             for m in ctx.modules:
                 set_expert(tensors, j, m, [c.factors[m] for c in members])

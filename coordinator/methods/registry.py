@@ -37,4 +37,9 @@ def method_names() -> list[str]:
 
 def settings_classes() -> dict[str, type]:
     """Config section -> settings dataclass, of every registered method that has settings."""
-    return {section_of(cls): cls.Settings for cls in _REGISTRY.values() if getattr(cls, "Settings", None)}
+    out: dict[str, type] = {}
+    for cls in _REGISTRY.values():
+        settings = getattr(cls, "Settings", None)
+        if settings:
+            out[section_of(cls)] = settings
+    return out
