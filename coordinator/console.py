@@ -8,6 +8,10 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # rich is imported where a console is made: `fedlora --help` starts without it
+    from rich.progress import Progress, TaskID
 
 
 def export_table(rows: list[dict], folder: Path):
@@ -112,8 +116,8 @@ class ConsoleReporter:
     def __init__(self, console=None, progress_every: float = 30.0):
         self.console = console or make_console()
         self.progress_every = progress_every
-        self.progress = None
-        self.task = None
+        self.progress: Progress | None = None  # rich's live bar, on a terminal, while a round trains
+        self.task: TaskID | None = None
         self._beat: threading.Event | None = None
         self._round = (0, 0, 0, 0.0)  # round, clients done, clients, start time
         self.lead = "exact_match"  # the run's leading metric (:meth:`leading_metric`), shown first
@@ -168,11 +172,12 @@ class ConsoleReporter:
             return
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(TextColumn("round {task.fields[r]}"), BarColumn(), TextColumn("{task.completed}/{task.total} clients"),
-                                 TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=self.console,
-                                 transient=True)
-        self.progress.start()
-        self.task = self.progress.add_task("round", total=n, r=round_idx, last="")
+        progress = Progress(TextColumn("round {task.fields[r]}"), BarColumn(), TextColumn("{task.completed}/{task.total} clients"),
+                            TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=self.console,
+                            transient=True)
+        progress.start()
+        self.task = progress.add_task("round", total=n, r=round_idx, last="")
+        self.progress = progress
 
     def _heartbeat(self, stop: threading.Event) -> None:
         while not stop.wait(self.progress_every):
@@ -185,7 +190,7 @@ class ConsoleReporter:
                 f"{client}: r={rank} loss {report['first_loss']:.2f}->{report['last_loss']:.2f}")
         r, done, n, t0 = self._round
         self._round = (r, done + 1, n, t0)
-        if self.progress is not None:
+        if self.progress is not None and self.task is not None:
             self.progress.update(self.task, advance=1, last=last)
         elif n <= self.FLEET_ROWS or (done + 1) % max(1, n // 20) == 0 or done + 1 == n:
             self.console.print(f"  round {r} [{done + 1}/{n}] {last} ({time.monotonic() - t0:.0f} s)")
@@ -267,8 +272,7 @@ class ConsoleReporter:
             cells = []
             for key, _, fmt in cols:
                 b, a = pick(base, key), pick(fa, key)
-                get = (lambda m: m.get("overall")) if d == "overall" else (lambda m, d=d: m.get("per_domain", {}).get(d))
-                cells += [fmt(get(b)), fmt(get(a))]
+                cells += [fmt(_cell(b, d)), fmt(_cell(a, d))]
             t.add_row("[b]overall[/b]" if d == "overall" else d, *cells)
         self.console.print(t)
         why = report.get("metrics", {}).get("reason")
@@ -278,3 +282,8 @@ class ConsoleReporter:
         self.console.print(f"uplink {tot['uplink_bytes'] / 1e6:.2f} MB, downlink {tot['downlink_bytes'] / 1e6:.2f} MB, "
                            f"wall {report['wall_seconds']:.0f} s; failed rounds {tot['failed_rounds']}, "
                            f"rejected updates {tot['rejected_updates']}")
+
+
+def _cell(metric: dict, domain: str):
+    """A metric's overall figure, or its figure for ``domain``."""
+    return metric.get("overall") if domain == "overall" else metric.get("per_domain", {}).get(domain)

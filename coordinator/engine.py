@@ -33,6 +33,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -76,6 +77,9 @@ from .runstate import RoundJournal, RunState, SnapshotStore, restore, snapshot_f
 from .summary import RunSummary
 from .validate import UpdateRejected, capped_weight, check_report, validate_update
 
+if TYPE_CHECKING:
+    from .programs import BackgroundBuilds
+
 GLOBAL, CLIENT = "global", "personal"
 MAX_UPDATE_BYTES = 512 * 2**20
 
@@ -96,6 +100,21 @@ class ClientData:
     def examples(self) -> int:
         """Its example count as shown: what a real device declared, else its simulated data."""
         return self.declared_examples if self.declared_examples is not None else len(self.train)
+
+    @property
+    def fleet_device(self) -> Device:
+        """Its device: every client of the fleet has one (only the centralized reference's pooled
+        data has none, and it is never planned)."""
+        if self.device is None:
+            raise ValueError(f"client {self.id} has no device")
+        return self.device
+
+    @property
+    def planned(self) -> Capacity:
+        """What the planner gave it (set as soon as its device is known)."""
+        if self.capacity is None:
+            raise ValueError(f"client {self.id} has not been planned")
+        return self.capacity
 
 
 @dataclass(frozen=True)
@@ -230,7 +249,7 @@ class Engine:
         self.clients = [ClientData(dev.id, dev, tr, mix) for dev, tr, mix in zip(self.fleet, train, mixes)]
         self.by_id = {c.id: c for c in self.clients}
         for c in self.clients:
-            c.capacity = self._capacity(c.device.profile)
+            c.capacity = self._capacity(c.fleet_device.profile)
 
     def _check_trainers(self, able: list[ClientData]) -> None:
         """The store of the executorch devices' training programs and the trainers a hello may name;
@@ -242,10 +261,10 @@ class Engine:
         self.programs = CompilingStore(self.out / "programs", log=self.reporter.status,
                                        cache=cache_root() / "et-programs",
                                        identity=lambda: weights_digest(self.model, self.tok))
-        self.builds = None  # over MQTT: BackgroundBuilds (programs needed mid-run are built off the thread)
+        self.builds: BackgroundBuilds | None = None  # over MQTT: BackgroundBuilds (programs needed mid-run are built off the thread)
         # a device's hello may name only these trainers (torch, the fleet's own, transport.trainers)
         self.trainers_allowed = {"torch", *cfg.transport.trainers, *(d.profile.trainer for d in self.fleet)}
-        on_et = [c.id for c in able if c.device.profile.trainer == "executorch"]
+        on_et = [c.id for c in able if c.fleet_device.profile.trainer == "executorch"]
         why = schedule_unsupported(cfg.train)
         if on_et and why:
             raise ConfigError(f"devices {on_et} train with executorch (their profiles say trainer: executorch): {why}")
@@ -363,7 +382,7 @@ class Engine:
         """Devices the method can give a plan; the others are reported and never sampled.  With
         ``changed`` only that device is planned again (a hello: no scan of the fleet's plans)."""
         for c in ([changed] if changed is not None and self._able else self.clients):
-            self._able[c.id] = c.examples > 0 and self.method.plan(c.id, c.capacity.rank, self.ctx, 1, None) is not None
+            self._able[c.id] = c.examples > 0 and self.method.plan(c.id, c.planned.rank, self.ctx, 1, None) is not None
         return [c for c in self.clients if self._able.get(c.id)]
 
     def open_round(self, round_idx: int, available: set[str] | None = None) -> tuple[list[Assignment], list[dict]]:
@@ -382,13 +401,14 @@ class Engine:
             trainer, device_settings = None, settings
             profile = c.device.profile if c.device else None
             if profile is not None and profile.trainer == "executorch":
-                why = unsupported(plan)
-                if why:
-                    skipped.append({"client": c.id, "capacity": capacity, "reason": why})
+                cannot = unsupported(plan)
+                if cannot:
+                    skipped.append({"client": c.id, "capacity": capacity, "reason": cannot})
                     continue
                 device_settings = dataclasses.replace(settings, optimizer="sgd", lr=t.sgd_lr)
                 spec = program_spec(self.cfg.model, plan, self.targets, t.batch_size, t.max_seq_len,
                                     profile.trainer_base)
+                side: dict | None
                 if self.builds is None:  # simulate: built here, the run waits for it
                     _, side = self.programs.get(spec)
                 else:  # over MQTT: never in the coordinator's thread; the device waits for the build
@@ -514,7 +534,7 @@ class Engine:
                                          if self.method.global_model else new)
             said = dict(said or {})
         crash_point("aggregate")
-        record = {"round": round_idx, "status": "ok" if ok else "failed", "clients": rows,
+        record: dict = {"round": round_idx, "status": "ok" if ok else "failed", "clients": rows,
                   "skipped": skipped, "failed": failed, "rejected": rejected, "valid_updates": valid}
         record.update(said)  # what the method says of this round (CLAIR's detection, FedLEASE's allocation)
         # a method without a global model (local, fedlease) has nothing to score per round
@@ -569,7 +589,9 @@ class Engine:
         """Each client's own model on the held-out set, and on its own domain mix.  A client with no
         model of its own is scored on ``fallback`` (the global adapter's accuracy, for methods
         whose such clients use it), else on the base model (its starting adapter has B = 0)."""
-        per_client, shared, examples = {}, {}, []
+        per_client: dict[str, dict] = {}
+        shared: dict = {}
+        examples: list = []
         for c in self.clients:
             own = self.method.personal_model(c.id, self.ctx, self.state.method_state)
             if own is None:
@@ -624,9 +646,9 @@ class Engine:
         final = self.state.rounds[-1].get("accuracy") or self.evaluate_global()
         fallback = final if self.method.personal_fallback == "global" else None
         personal = self.evaluate_personal(base, fallback) if self.method.personalised else {}
-        own_mix = (personal.get("own_mix") if personal else
+        own_mix = (personal["own_mix"] if personal else
                    sum(mix_accuracy(final["per_domain"], c.mix) for c in self.clients) / len(self.clients))
-        own_mix_loss = (personal.get("own_mix_loss") if personal else
+        own_mix_loss = (personal["own_mix_loss"] if personal else
                         sum(mix_accuracy(final["loss"]["per_domain"], c.mix) for c in self.clients) / len(self.clients))
         summary = self.run_summary()
         report = build_report(summary, base, final, personal, own_mix, own_mix_loss)

@@ -72,8 +72,11 @@ def _fold_weight_transposes(gm) -> int:
                         exir_ops.edge.aten.linear.default)
 
     def transposed(node) -> bool:
-        return (isinstance(node, torch.fx.Node) and node.target == perm and list(node.args[1]) == [1, 0]
-                and node.args[0].meta["val"].dim() == 2)
+        if not (isinstance(node, torch.fx.Node) and node.target == perm):
+            return False
+        src, dims = node.args[0], node.args[1]
+        return (isinstance(dims, (list, tuple)) and list(dims) == [1, 0] and isinstance(src, torch.fx.Node)
+                and src.meta["val"].dim() == 2)
 
     n_done = 0
     for node in list(gm.graph.nodes):
@@ -352,7 +355,7 @@ class CompilingStore(ProgramStore):
             cached = self._cache_path(spec)
             if cached is None:
                 return
-            self.cache.mkdir(parents=True, exist_ok=True)
+            cached.parent.mkdir(parents=True, exist_ok=True)
             # the sidecar first: a reader that finds a program finds the sidecar it was built with, or
             # (two runs filling the same entry) another run's, which the checksum then refuses
             write_json(cached.with_suffix(".json"), side)

@@ -14,6 +14,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .summary import RunSummary
 
 FLEET_LINES = 20  # most device classes listed; the rest are counted
 
@@ -58,10 +62,10 @@ def data_lines(cfg) -> list[str]:
     return [f"the user's data: {src}", f"held out: {held}"]
 
 
-def fleet_lines(e) -> list[str]:
+def fleet_lines(s: RunSummary) -> list[str]:
     """One line per device class (its profile) and the planner's capacity, the largest classes first."""
-    groups = Counter((c.device.profile.name if c.device else "unknown", c.capacity.rank if c.capacity else None)
-                     for c in e.clients)
+    groups = Counter((c.fleet_device.profile.name, c.planned.rank)
+                     for c in s.clients)
     order = sorted(groups.items(), key=lambda kv: (-kv[1], str(kv[0][0])))
     out = [f"  - {prof}: {n} device{'s' if n > 1 else ''}, capacity rank {rank if rank else '0 (cannot train)'}"
            for (prof, rank), n in order[:FLEET_LINES]]
@@ -99,15 +103,15 @@ def _figures(base: dict | None, acc: dict | None, label: str, per_domain: bool) 
     return rows
 
 
-def _usage(e, base_model: str, hub: bool) -> list[str]:
+def _usage(s: RunSummary, base_model: str, hub: bool) -> list[str]:
     from fedlora_edge.core.data import SYSTEM_PROMPT
 
-    cfg = e.cfg
+    cfg = s.cfg
     if hub:
         load = [f'base = AutoModelForCausalLM.from_pretrained("{base_model}")',
                 f'tok = AutoTokenizer.from_pretrained("{base_model}")']
         head = "from transformers import AutoModelForCausalLM, AutoTokenizer"
-    elif e.source.kind == "tiny":
+    elif s.source.kind == "tiny":
         load = [f'base, tok = load_model("{cfg.model}")  # fedlora-edge\'s tiny test model, built from a config']
         head = "from fedlora_edge.core.models import load_model"
     else:
@@ -115,7 +119,7 @@ def _usage(e, base_model: str, hub: bool) -> list[str]:
                 f'tok = AutoTokenizer.from_pretrained("path/to/{_name(cfg.model)}")']
         head = "from transformers import AutoModelForCausalLM, AutoTokenizer"
     system = SYSTEM_PROMPT if not cfg.data.user_data else None
-    prompt = e.eval_examples[0].prompt if not cfg.data.user_data and e.eval_examples else "your prompt"
+    prompt = s.eval_examples[0].prompt if not cfg.data.user_data and s.eval_examples else "your prompt"
     msgs = f'{{"role": "system", "content": {json.dumps(system)}}}, ' if system else ""
     lines = ["```python", "from peft import PeftModel", head, "", *load,
              'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
@@ -134,9 +138,9 @@ def _usage(e, base_model: str, hub: bool) -> list[str]:
     return lines
 
 
-def model_card(e, base_model: str, *, round_idx: int, acc: dict | None, acc_round: int | None,
+def model_card(s: RunSummary, base_model: str, *, round_idx: int, acc: dict | None, acc_round: int | None,
                base: dict | None, client: str | None = None, final: bool = False) -> str:
-    """The card of one adapter of engine ``e``'s run after round ``round_idx``.
+    """The card of one adapter of run ``s`` after round ``round_idx``.
 
     ``base_model``: the adapter's ``base_model_name_or_path``; ``acc``: the adapter's held-out
     figures (evaluated after round ``acc_round``; None: not evaluated), ``base``: the base model's;
@@ -144,13 +148,13 @@ def model_card(e, base_model: str, *, round_idx: int, acc: dict | None, acc_roun
     adapter written at the end of the run (else a checkpoint during it)."""
     from fedlora_edge.core import __version__
 
-    cfg = e.cfg
-    src = e.source
+    cfg = s.cfg
+    src = s.source
     from fedlora_edge.core.models import PUBLIC_IDS
 
     hub = src.kind == "hub" or (src.kind == "builtin-gguf" and base_model == PUBLIC_IDS.get(src.spec))
     label = "this adapter" if acc_round is None else f"this adapter (round {acc_round})"
-    rounds = [r for r in e.state.rounds if r["round"] <= round_idx]
+    rounds = [r for r in s.state.rounds if r["round"] <= round_idx]
     failed = sum(r["status"] == "failed" for r in rounds)
     what = f"client {client}'s own adapter" if client else "global adapter"
     front = ["---", *([f"base_model: {base_model}"] if hub else []), "library_name: peft",
@@ -160,7 +164,7 @@ def model_card(e, base_model: str, *, round_idx: int, acc: dict | None, acc_roun
     when = (f"Written at the end of the run, after round {round_idx} of {cfg.rounds}." if final else
             f"A checkpoint written during the run, after round {round_idx} of {cfg.rounds} (`save_every: "
             f"{cfg.save_every}`): the figures below are what was known at that round.")
-    ranks = sorted({a.shape[0] for a, _ in e.state.global_factors.values()}) if not client else None
+    ranks = sorted({a.shape[0] for a, _ in s.state.global_factors.values()}) if not client else None
     lines = [*front, title, "", f"A LoRA adapter trained by federated learning with fedlora-edge {__version__}: "
              "each device of a fleet trained on its own data, and the coordinator aggregated their updates. " + when,
              "", "## Training", "",
@@ -170,10 +174,10 @@ def model_card(e, base_model: str, *, round_idx: int, acc: dict | None, acc_roun
                                                           f"`min_updates`, the global adapter kept)" if failed else "")
              + f"; {cfg.clients_per_round} clients per round, {cfg.train.steps} local steps of batch "
              f"{cfg.train.batch_size} ({cfg.train.optimizer}, lr {cfg.train.lr:g})",
-             f"- fleet: `{_fleet_name(cfg.fleet)}`, {len(e.clients)} devices:", *fleet_lines(e),
-             f"- ranks: global rank R = {e.R}; ranks the clients trained, per client and round: "
+             f"- fleet: `{_fleet_name(cfg.fleet)}`, {len(s.clients)} devices:", *fleet_lines(s),
+             f"- ranks: global rank R = {s.R}; ranks the clients trained, per client and round: "
              f"{_trained_ranks(rounds)}" + (f"; this adapter: rank {', '.join(map(str, ranks))} on "
-                                             f"{', '.join(e.targets)}" if ranks else f"; on {', '.join(e.targets)}")
+                                             f"{', '.join(s.targets)}" if ranks else f"; on {', '.join(s.targets)}")
              + f", scale s = {cfg.lora.scale:g} (peft's lora_alpha / r)",
              *[f"- data: {x}" if i == 0 else f"- {x}" for i, x in enumerate(data_lines(cfg))]]
     t = cfg.train
@@ -197,5 +201,5 @@ def model_card(e, base_model: str, *, round_idx: int, acc: dict | None, acc_roun
               *_figures(base, acc, label, per_domain=not cfg.data.user_data), "",
               "Exact match: the greedy answer of at most "
               f"{cfg.max_new_tokens} new tokens equals the reference. Every figure is in the run's `report.json`.",
-              "", "## Use", "", *_usage(e, base_model, hub), ""]
+              "", "## Use", "", *_usage(s, base_model, hub), ""]
     return "\n".join(lines)

@@ -8,6 +8,10 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn
+    from matplotlib.figure import Figure
 
 from fedlora_edge.core import durable
 
@@ -98,7 +102,7 @@ def _bytes_by_class(ax, report: dict, up: dict[str, int], down: dict[str, int]) 
     ax.set_title(f"bytes per client by device class ({len(up)} clients; whiskers: least to most)")
 
 
-def plot_figures(report: dict) -> Iterator[tuple[str, object]]:
+def plot_figures(report: dict) -> Iterator[tuple[str, Figure]]:
     """``(file name, matplotlib Figure)`` of each plot, each made when the caller asks for it (so a
     caller that drops each one holds at most two): ``accuracy.png`` (exact match per round, overall and
     per domain), ``loss.png`` (held-out loss per round per domain; the training loss per step,

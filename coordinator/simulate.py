@@ -47,18 +47,22 @@ class Simulation:
         attack = e.cfg.contamination.attack
         view = RoundView(e.R) if attack in ROUND_ATTACKS and e.contaminated else None
         held = []
-        for i, a in enumerate(assignments):
+        pending: list[Assignment | None] = list(assignments)
+        del assignments
+        for i, a in enumerate(pending):
+            assert a is not None
             ret = self.carry_out(a)
             e.reporter.client_done(a.client, ret.report, a.plan.rank)
             if view is not None:
-                view.add(a, ret.update)
+                view.add(a, ret.update or b"")
                 if a.client in e.contaminated:
                     held.append(ret)
                     continue
             returned.append(self._settle(ret))
-            assignments[i] = None  # its start blob is released with it
+            pending[i] = None  # its start blob is released with it
         for ret in held:
-            crafted = view.craft(ret.assignment, ret.update, attack, e.cfg.contamination)
+            assert view is not None  # only a round under a round attack holds updates back
+            crafted = view.craft(ret.assignment, ret.update or b"", attack, e.cfg.contamination)
             returned.append(self._settle(Returned(ret.assignment, crafted, ret.report)))
         return e.close_round(round_idx, returned, skipped, t0)
 

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
     from .config import RunConfig
     from .fleet import Device
-    from .methods import Method, MethodContext
+    from .methods import MethodContext
+    from .methods.base import Bound
     from .planner import Capacity
     from .runstate import RunState
 
@@ -25,13 +26,20 @@ if TYPE_CHECKING:
 class Member(Protocol):
     """A device of the run as the report sees it (the engine's ``ClientData`` is one)."""
 
-    id: str
-    device: Device | None
-    capacity: Capacity | None
-    mix: Mapping[str, float]
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def mix(self) -> Mapping[str, float]: ...
 
     @property
     def examples(self) -> int: ...
+
+    @property
+    def fleet_device(self) -> Device: ...
+
+    @property
+    def planned(self) -> Capacity: ...
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ class RunSummary:
     out: Path  # the run's output folder
     source: ModelSource  # the base model, resolved
     device: str  # the torch device the coordinator ran on
-    method: Method  # its ``global_model``, ``summary`` and ``personal_model``
+    method: Bound  # its ``global_model``, ``summary`` and ``personal_model``
     ctx: MethodContext
     R: int  # the global rank
     targets: tuple[str, ...]  # the adapted module names

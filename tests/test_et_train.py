@@ -8,6 +8,7 @@ import torch
 from fedlora_edge.coordinator.et_compile import CompilingStore
 from fedlora_edge.core.data import generate_task
 from fedlora_edge.core.lora import (
+    DeviceSteps,
     adapted_modules,
     from_state_dict,
     get_factors,
@@ -151,7 +152,8 @@ def test_unsupported_plans_are_named():
     plan = uniform_plan({"m": (4, 4)}, 2, 1.0)
     assert unsupported(plan) is None
     assert "frozen" in unsupported(uniform_plan({"m": (4, 4)}, 2, 1.0, hold=4, frozen="fold"))
-    assert "importance" in unsupported(uniform_plan({"m": (4, 4)}, 2, 1.0, importance="grad"))
+    assert "importance" in unsupported(uniform_plan({"m": (4, 4)}, 2, 1.0, **DeviceSteps(importance=(0.85, 0.85)).to_extra()))
+    assert "experts" in unsupported(uniform_plan({"m": (4, 4)}, 2, 1.0, **DeviceSteps(experts=(2, 0)).to_extra()))
 
 
 def test_simulate_trains_executorch_devices_from_their_programs(tmp_path):

@@ -72,7 +72,8 @@ def fake_run(out: Path, version: int) -> RunSummary:
         state=SimpleNamespace(global_factors=factors(version), method_state={}, rounds=[]), eval_examples=(),
         system_prompt=f"v{version}",
         cfg=load_config(overrides={"model": "tiny-llama", "lora.scale": 2.0, "data.system_prompt": f"v{version}"}),
-        clients=tuple(SimpleNamespace(id=c, device=None, capacity=None) for c in CLIENTS), device="cpu",
+        clients=tuple(SimpleNamespace(id=c, fleet_device=SimpleNamespace(profile=SimpleNamespace(name="phone")),
+                                      planned=SimpleNamespace(rank=4)) for c in CLIENTS), device="cpu",
         lead="exact_match", lead_reason="", data_notes=(), pooled=False, participants=frozenset(CLIENTS),
         contaminated=frozenset(), base_accuracy=None, t_start=0.0)
 

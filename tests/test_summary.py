@@ -30,8 +30,9 @@ def _acc(k: float) -> dict:
 
 def _client(cid: str, rank: int) -> SimpleNamespace:
     capacity = SimpleNamespace(rank=rank, memory_gb=1.23456, usable_gb=4.0, round_s=12.34, reason="" if rank else "x")
-    return SimpleNamespace(id=cid, device=SimpleNamespace(profile=SimpleNamespace(name=f"class-{cid}")),
-                           capacity=capacity, examples=8, mix={"add": 2 / 3, "upper": 1 / 3})
+    device = SimpleNamespace(profile=SimpleNamespace(name=f"class-{cid}"))
+    return SimpleNamespace(id=cid, device=device, fleet_device=device, capacity=capacity, planned=capacity,
+                           examples=8, mix={"add": 2 / 3, "upper": 1 / 3})
 
 
 def summary(out: Path) -> RunSummary:
