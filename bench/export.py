@@ -16,15 +16,18 @@ against PyTorch with its KV cache and against onnxruntime-genai's own model buil
    llama.cpp's own quantizer (``llama_model_quantize``, what ``llama-quantize`` runs) for each type
    asked (``q8_0``, ``q4_k_m``, ``q4_0``, ...), into ``OUT/llama-cpp-<type>/``; it decodes through
    llama-cpp-python (greedy sampler, its KV cache), and the parity report runs on it.
-3. Speed and memory: every artifact, and PyTorch eager with transformers' KV cache, is loaded in a
-   fresh child process (so peak RSS is its own) with ``--threads`` threads and decodes
-   ``--new-tokens`` tokens greedily (end of sequence ignored) after each of 5 held-out prompts:
-   time to first token (prompt + first token), then ms per further token; peak RSS of the process
-   (its VmHWM).
+3. Speed: every artifact, and PyTorch eager with transformers' KV cache, is loaded into one process
+   with ``--threads`` threads each, and they take turns: for every held-out prompt (``--speed-prompts``
+   of them, each ``--reps`` times) each runner decodes ``--new-tokens`` tokens greedily (end of
+   sequence ignored), in an order rotated from prompt to prompt, so that the host's load falls on
+   every runner alike.  Reported: the median time to first token (prompt + first token) and ms per
+   further token, and the median over prompts of each runner's per-prompt speed against PyTorch's
+   with its range; the host's load average before and after is printed.  Memory: each artifact's peak
+   RSS (VmHWM) in a fresh child process of its own (a process's peak is its own).
 
 Exports and parity reports already in OUT are read back, not redone.  Prints one markdown table;
-the speed column is each artifact's tokens per second over PyTorch's, measured on this host in the
-same run (ratios; absolute times on a shared machine are noise).
+the speed column is each artifact's tokens per second over PyTorch's, interleaved in one process on
+this host (ratios; absolute times on a shared machine are noise).
 
 llama.cpp is optional.  Its Python package builds from source (a C++ compiler and cmake, several
 minutes), and its converter is a script in llama.cpp's source tree, not in a package::
@@ -192,53 +195,95 @@ def run_llama_cpp(model: str, adapter: str | None, qtype: str, out: Path, per_ta
         runner.close()
 
 
-def measure(kind: str, target: str, model: str, adapter: str | None, threads: int, new_tokens: int) -> dict:
-    """In a child process: time to first token, ms per further token, peak RSS."""
+def _runner(kind: str, target: str, model: str, adapter: str | None, threads: int):
+    """(runner, tokenizer) of one side: PyTorch (the merged model with its KV cache), a llama.cpp
+    GGUF, or one of the project's artifacts."""
+    from transformers import AutoTokenizer
+
+    from fedlora_edge.export.runners import TorchRunner, artifact_folder, load_runner
+
+    if kind == "torch":
+        ref, tok = merged_model(model, adapter)
+        return TorchRunner(ref), tok
+    run = LlamaCppRunner(Path(target), threads) if kind == "gguf" else load_runner(target, threads)
+    return run, AutoTokenizer.from_pretrained(str(artifact_folder(target) / "tokenizer"))
+
+
+def _prompts(tok, n: int, new_tokens: int) -> list[list[int]]:
+    from fedlora_edge.core.data import TASKS, prompt_ids
+    from fedlora_edge.export.parity import held_out
+
+    per_task = -(-n // len(TASKS))
+    examples = held_out(per_task)  # task by task: take them round-robin over the tasks
+    mixed = [ex for j in range(per_task) for ex in examples[j::per_task]]
+    return [prompt_ids(tok, ex, 256 - new_tokens) for ex in mixed[:n]]
+
+
+def _time_one(run, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """(time to first token s, s per further token) of one greedy decode, both as the runner times
+    its own decoding: the prompt and one token, then the prompt and ``new_tokens``."""
+    _, first = run.generate(ids, 1, None)
+    new, secs = run.generate(ids, new_tokens, None)
+    return first, max(0.0, secs - first) / max(1, len(new) - 1)
+
+
+def interleaved_speed(sides: dict[str, tuple[str, str]], model: str, adapter: str | None, threads: int,
+                      new_tokens: int, n_prompts: int, reps: int) -> dict[str, dict]:
+    """Every side loaded into this process, then for each prompt (``reps`` times) every side decodes it
+    in turn, the order rotated each time.  Per side: median ms/token and time to first token, and
+    the median (min, max) over prompts of its speed against the side named ``torch``."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(threads)
+    runners = {name: _runner(kind, target, model, adapter, threads) for name, (kind, target) in sides.items()}
+    tok = runners["torch"][1]
+    prompts = _prompts(tok, n_prompts, new_tokens)
+    for run, _ in runners.values():
+        run.generate(prompts[0], 2, None)  # one-off set-up costs
+    names = list(runners)
+    per: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    turn = 0
+    for ids in prompts:
+        for _ in range(reps):
+            order = names[turn % len(names):] + names[:turn % len(names)]
+            turn += 1
+            for name in order:
+                per[name].append(_time_one(runners[name][0], ids, new_tokens))
+    out = {}
+    for name in names:
+        firsts, rests = zip(*per[name])
+        ratios = [b[1] / a[1] for a, b in zip(per[name], per["torch"])]  # same prompt, same repetition
+        out[name] = {"ms_per_token": 1000 * statistics.median(rests), "ttft_ms": 1000 * statistics.median(firsts),
+                     "speed_vs_torch": statistics.median(ratios), "speed_range": [min(ratios), max(ratios)],
+                     "samples": len(rests)}
+    for run, _ in runners.values():
+        if isinstance(run, LlamaCppRunner):
+            run.close()
+    return out
+
+
+def peak_rss(kind: str, target: str, model: str, adapter: str | None, threads: int, new_tokens: int) -> float:
+    """In a child process of its own: the peak RSS (MB) of loading ``target`` and decoding one prompt."""
     cmd = [sys.executable, __file__, "--measure", kind, target, "--model", model, "--threads", str(threads),
            "--new-tokens", str(new_tokens)] + (["--adapter", adapter] if adapter else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"measuring {target} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
 def _child(kind: str, target: str, model: str, adapter: str | None, threads: int, new_tokens: int) -> None:
-    import time
-
     import torch
 
-    from fedlora_edge.core.data import prompt_ids
-    from fedlora_edge.export.parity import held_out
-    from fedlora_edge.export.runners import TorchRunner, artifact_folder, load_runner
-
     torch.set_num_threads(threads)
-    if kind == "torch":
-        ref, tok = merged_model(model, adapter)
-        run = TorchRunner(ref)
-    elif kind == "gguf":
-        from transformers import AutoTokenizer
-
-        run = LlamaCppRunner(Path(target), threads)
-        tok = AutoTokenizer.from_pretrained(str(artifact_folder(target) / "tokenizer"))
-    else:
-        from transformers import AutoTokenizer
-
-        run = load_runner(target, threads)
-        tok = AutoTokenizer.from_pretrained(str(artifact_folder(target) / "tokenizer"))
-    prompts = [prompt_ids(tok, ex, 256 - new_tokens) for ex in held_out(1)]
-    run.generate(prompts[0], 2, None)  # one-off set-up costs
-    first, rest = [], []
-    for ids in prompts:
-        t0 = time.perf_counter()
-        run.generate(ids, 1, None)
-        first.append(time.perf_counter() - t0)
-        new, secs = run.generate(ids, new_tokens, None)
-        rest.append((secs - first[-1]) / max(1, len(new) - 1))
+    run, tok = _runner(kind, target, model, adapter, threads)
+    run.generate(_prompts(tok, 1, new_tokens)[0], new_tokens, None)
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over an exec, so a child would report
     # this bench's own peak
     hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    print(json.dumps({"ttft_ms": 1000 * sum(first) / len(first), "ms_per_token": 1000 * sum(rest) / len(rest),
-                      "peak_rss_mb": hwm / 1024}), flush=True)
+    print(json.dumps({"peak_rss_mb": hwm / 1024}), flush=True)
     if isinstance(run, LlamaCppRunner):
         run.close()
 
@@ -257,6 +302,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--prompts-per-task", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--speed-prompts", type=int, default=8, help="held-out prompts timed per side (default 8)")
+    ap.add_argument("--reps", type=int, default=2, help="times each prompt is decoded per side (default 2)")
     ap.add_argument("--measure", nargs=2, metavar=("KIND", "TARGET"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.measure:
@@ -296,28 +343,44 @@ def main(argv: list[str]) -> int:
         folder = out / f"llama-cpp-{qtype}"
         rows[f"llama.cpp {qtype}"] = (folder / "model.gguf", run_llama_cpp(
             args.model, args.adapter, qtype, folder, args.prompts_per_task, Path(args.gguf_convert)))
-    print("measuring speed and memory ...", file=sys.stderr, flush=True)
-    base = measure("torch", "torch", args.model, args.adapter, args.threads, args.new_tokens)
-    speed = {name: measure("gguf" if name.startswith("llama.cpp") else "artifact", str(path), args.model,
-                           args.adapter, args.threads, args.new_tokens)
-             for name, (path, _) in rows.items()}
-    (out / "bench.json").write_text(json.dumps({"torch": base, "artifacts": {
-        n: {"speed": speed[n], "parity": r} for n, (_, r) in rows.items()}}, indent=1))
-    print(f"PyTorch fp32 eager with KV cache, {args.threads} thread(s): time to first token {base['ttft_ms']:.1f} ms, "
-          f"{base['ms_per_token']:.2f} ms/token, peak RSS {base['peak_rss_mb']:.0f} MB\n")
-    print("| artifact | MB | MB per update | tokens/s vs torch | ms/token | time to first token ms | peak RSS MB | "
-          "top-1 answer tokens | top-1 all positions | exact match torch / artifact % | parity |")
+    import os
+
+    load_before = os.getloadavg()
+    print(f"measuring speed, interleaved in one process (host: {os.cpu_count()} CPUs, load average "
+          f"{load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}) ...", file=sys.stderr, flush=True)
+    sides = {"torch": ("torch", "torch"), **{
+        name: ("gguf" if name.startswith("llama.cpp") else "artifact", str(path)) for name, (path, _) in rows.items()}}
+    speed = interleaved_speed(sides, args.model, args.adapter, args.threads, args.new_tokens, args.speed_prompts,
+                              args.reps)
+    load_after = os.getloadavg()
+    print("measuring peak memory, one process per side ...", file=sys.stderr, flush=True)
+    rss = {name: peak_rss(kind, target, args.model, args.adapter, args.threads, args.new_tokens)
+           for name, (kind, target) in sides.items()}
+    (out / "bench.json").write_text(json.dumps({
+        "host": {"cpus": os.cpu_count(), "load_before": load_before, "load_after": load_after,
+                 "threads": args.threads, "speed_prompts": args.speed_prompts, "reps": args.reps},
+        "torch": {**speed["torch"], "peak_rss_mb": rss["torch"]},
+        "artifacts": {n: {"speed": {**speed[n], "peak_rss_mb": rss[n]}, "parity": r} for n, (_, r) in rows.items()}},
+        indent=1))
+    base = speed["torch"]
+    print(f"host: {os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+          f"{args.threads} thread(s) per side; {args.speed_prompts} prompts x {args.reps}, interleaved in one process")
+    print(f"PyTorch fp32 eager with KV cache: time to first token {base['ttft_ms']:.1f} ms, "
+          f"{base['ms_per_token']:.2f} ms/token, peak RSS {rss['torch']:.0f} MB\n")
+    print("| artifact | MB | MB per update | tokens/s vs torch (per-prompt range) | ms/token | time to first token ms | "
+          "peak RSS MB | top-1 answer tokens | top-1 all positions | exact match torch / artifact % | parity |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (_, r) in rows.items():
-        s = speed[name]
+        sp = speed[name]
         update = r.get("adapter_bytes") or r["size_bytes"]
         parity = "ok" if r["ok"] else "BROKEN: " + "; ".join(r["failures"])
         if name.startswith(("genai builder", "llama.cpp")):
             parity = "(not judged)"
-        print(f"| {name} | {r['size_bytes'] / 1e6:.1f} | {update / 1e6:.2f} | {base['ms_per_token'] / s['ms_per_token']:.2f} | "
-              f"{s['ms_per_token']:.2f} | {s['ttft_ms']:.1f} | {s['peak_rss_mb']:.0f} | {r['top1_agreement']:.3f} | "
-              f"{r.get('top1_agreement_all', float('nan')):.3f} | {100 * r['accuracy_torch']['overall']:.1f} / "
-              f"{100 * r['accuracy_artifact']['overall']:.1f} | {parity} |")
+        lo, hi = sp["speed_range"]
+        print(f"| {name} | {r['size_bytes'] / 1e6:.1f} | {update / 1e6:.2f} | {sp['speed_vs_torch']:.2f} "
+              f"({lo:.2f}-{hi:.2f}) | {sp['ms_per_token']:.2f} | {sp['ttft_ms']:.1f} | {rss[name]:.0f} | "
+              f"{r['top1_agreement']:.3f} | {r.get('top1_agreement_all', float('nan')):.3f} | "
+              f"{100 * r['accuracy_torch']['overall']:.1f} / {100 * r['accuracy_artifact']['overall']:.1f} | {parity} |")
     return 0
 
 
