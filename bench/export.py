@@ -254,7 +254,8 @@ def interleaved_speed(sides: dict[str, tuple[str, str]], model: str, adapter: st
     out = {}
     for name in names:
         firsts, rests = zip(*per[name])
-        ratios = [b[1] / a[1] for a, b in zip(per[name], per["torch"])]  # same prompt, same repetition
+        # same prompt, same repetition (a decode too short to time, as on a tiny model, is left out)
+        ratios = [b[1] / a[1] for a, b in zip(per[name], per["torch"]) if a[1] > 0 and b[1] > 0] or [float("nan")]
         out[name] = {"ms_per_token": 1000 * statistics.median(rests), "ttft_ms": 1000 * statistics.median(firsts),
                      "speed_vs_torch": statistics.median(ratios), "speed_range": [min(ratios), max(ratios)],
                      "samples": len(rests)}
