@@ -315,11 +315,13 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
     if base_meta.get("grid"):  # int4 or int8 from a 4-bit GGUF: the file's own codes (export/gguf_grid.py)
         fields.update(weights_grid=base_meta["grid"], grid_tensors=base_meta["grid_tensors"],
                       requantized_tensors=base_meta["requantized"])
+    if base_meta.get("weights_note"):  # int8 on a 4-bit GGUF: the int4 graph (onnx_genai.build_base)
+        fields.update(weights_note=base_meta["weights_note"])
     adapter_file = out / onnx_genai.ADAPTER_FILE
     adapter_file.unlink(missing_ok=True)
     if factors is not None:  # an adapter was given
         log(f"writing the adapter apart: {adapter_file.name} (onnxruntime's adapter format, fp32)")
-        onnx_genai.write_adapter(factors, adapter_file)
+        onnx_genai.write_adapter(factors, adapter_file, base_meta.get("lora"))  # q/k/v: one fused branch per layer
         fields.update(adapter_file=adapter_file.name, adapter_bytes=adapter_file.stat().st_size)
     skipped = base_meta["unquantized"]
     return out / onnx_genai.MODEL_FILE, skipped, fields, _merged(peft_or_base), tok

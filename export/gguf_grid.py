@@ -24,11 +24,16 @@ layout); any other tensor (a K-quant, a type not listed, a mismatch) keeps the b
 quantization, and the export reports it.  The adapter stays apart in fp32, so an int4 base built
 this way loses nothing on the weights: what is left is the int8 activations inside the kernel.
 
-An int8 base (symmetric ``MatMulNBits``, 8-bit codes with the implied zero point 128) carries the
-same grids: a 4-bit block's codes, shifted by 128 minus its zero point (:func:`as_int8`), with the
-same scale and offset term.  Quantizing the file's 4-bit values again onto an 8-bit grid of its
-own added an error of its own (on the quick run's adapter as large as the int8 activations':
-docs/results.md); carried, the int8 base has the file's weights exactly, as int4 has.
+The builder fuses a layer's q, k and v into one matmul (``model.layers.N.attn.qkv_proj.MatMul``):
+:func:`fuse_qkv` concatenates their grids along the output dimension, q|k|v, scales, zero points
+and offsets alike, so the fused matmul holds the same codes and the same offset term.
+
+On a base whose every decoder projection has a 4-bit grid (:func:`decoder_on_4bit`), an int8 export
+builds the int4 graph (export/onnx_genai.py ``build_base``): an 8-bit matmul holds no more than those
+4-bit codes, and its kernel measured slower and noisier.  Elsewhere an int8 base (symmetric
+``MatMulNBits``, 8-bit codes with the implied zero point 128) carries the grids it can: a 4-bit
+block's codes, shifted by 128 minus its zero point (:func:`as_int8`), with the same scale and offset
+term, the file's weights exactly, as int4 has.
 """
 
 from __future__ import annotations
@@ -114,6 +119,45 @@ def as_int8(g: Grid) -> Grid:
     codes = g.codes.astype(np.int16) + shift
     assert codes.min() >= 0 and codes.max() <= 255, "a 4-bit grid always fits 8 bits"
     return Grid(codes.astype(np.uint8), g.scale, g.offset, np.full_like(g.zero, 128), 8)
+
+
+def fuse_qkv(grids: dict[str, Grid]) -> dict[str, Grid]:
+    """``grids`` and, for each layer whose q, k and v all have grids of one bit width, their
+    concatenation along the output dimension (q|k|v, the builder's fused ``qkv_proj``); a projection
+    without an offset term contributes zeros to the fused one's."""
+    out = dict(grids)
+    layers = {m[1] for name in grids if (m := re.match(r"^model\.layers\.(\d+)\.attn\.q_proj\.MatMul$", name))}
+    for layer in sorted(layers, key=int):
+        parts = [grids.get(f"model.layers.{layer}.attn.{p}_proj.MatMul") for p in "qkv"]
+        gs = [g for g in parts if g is not None]
+        if len(gs) != 3 or len({g.bits for g in gs}) != 1:
+            continue
+        offset = None
+        if any(g.offset is not None for g in gs):
+            offset = np.concatenate([g.offset if g.offset is not None else np.zeros_like(g.scale) for g in gs], 0)
+        out[f"model.layers.{layer}.attn.qkv_proj.MatMul"] = Grid(
+            np.concatenate([g.codes for g in gs], 0), np.concatenate([g.scale for g in gs], 0), offset,
+            np.concatenate([g.zero for g in gs], 0), gs[0].bits)
+    return out
+
+
+def decoder_on_4bit(grids: dict[str, Grid], state_dict: dict) -> bool:
+    """Whether every decoder projection of the model (``state_dict``'s ``layers.N.self_attn|mlp.*_proj``
+    weights of the kinds :data:`_NAMES` knows) has a 4-bit grid in ``grids``."""
+    projections = set(_NAMES.values())
+    found = 0
+    for name in state_dict:
+        m = re.match(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight$", name)
+        if m is None:
+            continue
+        proj = f"{'attn' if m[2] == 'self_attn' else 'mlp'}.{m[3]}"
+        if proj not in projections:
+            continue
+        g = grids.get(f"model.layers.{m[1]}.{proj}.MatMul")
+        if g is None or g.bits != 4:
+            return False
+        found += 1
+    return found > 0
 
 
 def dequantize(g: Grid) -> np.ndarray:

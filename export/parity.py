@@ -137,6 +137,7 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
         "adapter_file": meta.get("adapter_file"),
         "skipped_layers": meta.get("skipped_layers", []),
         "weights_grid": meta.get("weights_grid"), "requantized_tensors": meta.get("requantized_tensors"),
+        "weights_note": meta.get("weights_note"),
         "runtime_threads": threads or "runtime default", "system_prompt": system,
         "prompts": len(examples), "positions": positions, "positions_all": positions_all,
         "max_abs_logits_diff": max_abs, "top1_agreement": agree / positions,
@@ -184,6 +185,8 @@ def markdown(r: dict) -> str:
         lines += ["", f"The {r['quant']} base keeps the codes of the GGUF file the base model was loaded from (no second "
                   "rounding)" + (f"; quantized again: {', '.join(r['requantized_tensors'])}"
                                  if r.get("requantized_tensors") else "; every projection and the head") + "."]
+    if r.get("weights_note"):
+        lines += ["", f"Weights: {r['weights_note']}."]
     if r["skipped_layers"]:
         lines += ["", f"Layers left in fp32 (the scheme cannot take their shape): {', '.join(r['skipped_layers'])}."]
     return "\n".join(lines) + "\n"

@@ -22,16 +22,19 @@ IDS = np.array([[3, 8, 1, 22, 9, 14, 2, 5], [4, 4, 7, 30, 2, 1, 9, 11]], dtype=n
 LOOSE = Tolerance(min_top1=0.0, max_accuracy_drop=1.0)  # random tiny weights: check the mechanism only
 
 
-def _random_adapter(folder, rank: int, seed: int):
-    """A peft adapter folder for tiny-llama with non-zero B, as `simulate` writes one."""
+def _random_adapter(folder, rank: int, seed: int, targets=("q_proj", "v_proj"), ranks=None):
+    """A peft adapter folder for tiny-llama with non-zero B, as `simulate` writes one; ``ranks``: a
+    rank per target where they differ."""
     from fedlora_edge.core.models import load_model
 
     model, _ = load_model("tiny-llama")
-    dims = adapted_modules(model, ["q_proj", "v_proj"])
+    dims = adapted_modules(model, list(targets))
     gen = torch.Generator().manual_seed(seed)
-    factors = {m: (torch.randn(rank, n, generator=gen) * 0.3, torch.randn(o, rank, generator=gen) * 0.3)
-               for m, (n, o) in dims.items()}
-    save_adapter(folder, factors, 2.0, ["q_proj", "v_proj"], "tiny-llama")
+    factors = {}
+    for m, (n, o) in dims.items():
+        r = (ranks or {}).get(m.rsplit(".", 1)[-1], rank)
+        factors[m] = (torch.randn(r, n, generator=gen) * 0.3, torch.randn(o, r, generator=gen) * 0.3)
+    save_adapter(folder, factors, 2.0, list(targets), "tiny-llama")
     return folder
 
 
@@ -94,9 +97,61 @@ def test_a_new_adapter_swaps_onto_the_same_base(tmp_path, adapter):
     from fedlora_edge.export.onnx_genai import write_adapter
 
     a, b = np.zeros((32, 2), np.float32), np.zeros((2, 32), np.float32)
-    write_adapter({"model.layers.0.self_attn.k_proj": (a, b)}, tmp_path / "other.onnx_adapter")  # k_proj: not adapted
+    write_adapter({"model.layers.0.self_attn.o_proj": (a, b)}, tmp_path / "other.onnx_adapter")  # o_proj: not adapted
     with pytest.raises(ArtifactError, match="is not a LoRA input of the base"):
         load_runner(first, adapter=tmp_path / "other.onnx_adapter")
+
+
+@pytest.mark.integration
+def test_qkv_are_fused_with_one_lora_branch_per_layer_and_any_ranks_swap_on(tmp_path):
+    """The base fuses q/k/v (one matmul per layer) and hangs ONE branch on it, A = [A_q | A_v] and B a
+    block matrix: q and v of different ranks match the merged model; a q-only adapter, and one on k
+    that the base was not built for, swap onto the same base; rank 0 is the base itself; an adapter
+    of the layout before (its own q/v inputs) or with factors of two ranks is refused."""
+    import onnx
+
+    pytest.importorskip("onnxruntime_genai")
+    from fedlora_edge.export.build import _with_adapter
+    from fedlora_edge.export.onnx_genai import BASE_META, GenaiRunner, lora_factors, write_adapter
+
+    qv = _random_adapter(tmp_path / "qv", 4, 3, ranks={"v_proj": 2})
+    artifact, meta, reference, _ = export("tiny-llama", qv, "onnx", "fp32", tmp_path / "out")
+    graph = onnx.load(str(artifact), load_external_data=False).graph
+    layers = {int(n.name.split("layers.")[1].split("/")[0]) for n in graph.node if "/attn/qkv_proj/MatMul" in n.name}
+    assert layers and not [n for n in graph.node if "/attn/q_proj/" in n.name or "/attn/v_proj/" in n.name]
+    lora_in = sorted(i.name for i in graph.input if i.name.startswith("lora."))
+    assert lora_in == sorted(f"lora.layers.{i}.attn.qkv.{f}" for i in layers for f in "AB")
+    assert len([n for n in graph.node if "/lora/Add" in n.name]) == len(layers)  # one branch per layer
+    run = load_runner(artifact)
+    assert np.abs(run.logits(IDS) - torch_runner(reference).logits(IDS)).max() < 1e-4
+    bare = GenaiRunner(artifact.parent, None)  # rank 0: the base
+    assert np.abs(bare.logits(IDS) - torch_runner(merged_model("tiny-llama")[0]).logits(IDS)).max() < 1e-4
+    assert meta["adapted_modules"] == 2 * len(layers)
+    import os
+    from pathlib import Path
+
+    lora = None
+    for p in (Path(os.environ["FEDLORA_CACHE"]) / "onnx-bases").glob("fp32-*/" + BASE_META):
+        if json.loads(p.read_text())["sha256"] == meta["base_sha256"]:
+            lora = json.loads(p.read_text())["lora"]
+    assert lora is not None and set(lora) == {f"layers.{i}.attn.qkv" for i in layers}
+    # other adapters onto this base, no rebuild: q only (rank 3), and k and v (k: not in the base's modules)
+    for targets, ranks in ((("q_proj",), {"q_proj": 3}), (("k_proj", "v_proj"), {"k_proj": 1, "v_proj": 5})):
+        folder = _random_adapter(tmp_path / "-".join(targets), 2, 5, targets, ranks)
+        peft_model, _ = _with_adapter("tiny-llama", folder)
+        file = write_adapter(lora_factors(peft_model), tmp_path / f"{'-'.join(targets)}.onnx_adapter", lora)
+        want = torch_runner(merged_model("tiny-llama", folder)[0]).logits(IDS)
+        assert np.abs(load_runner(artifact, adapter=file).logits(IDS) - want).max() < 1e-4
+    # the adapter of a base with q/v apart, and factors of two ranks on one branch
+    peft_model, _ = _with_adapter("tiny-llama", qv)
+    write_adapter(lora_factors(peft_model), tmp_path / "apart.onnx_adapter")
+    with pytest.raises(ArtifactError, match="fuses them"):
+        load_runner(artifact, adapter=tmp_path / "apart.onnx_adapter")
+    fused = lora["layers.0.attn.qkv"]
+    write_adapter({"layers.0.attn.qkv": (np.zeros((fused["in"], 3), np.float32), np.zeros((2, fused["out"]), np.float32))},
+                  tmp_path / "bad.onnx_adapter")
+    with pytest.raises(ArtifactError, match="disagree on their rank"):
+        load_runner(artifact, adapter=tmp_path / "bad.onnx_adapter")
 
 
 @pytest.mark.integration
@@ -141,6 +196,9 @@ def test_onnx_quantized_bases_are_weight_only_and_keep_the_adapter_in_fp32(tmp_p
     attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
     assert nbits and all(a["block_size"] == 32 and a["accuracy_level"] == 4 for a in attrs)  # the CPU kernel's fast level
     assert {a["bits"] for a in attrs} == ({8} if quant == "int8" else {4, 8})  # int4: lm_head in int8
+    # q/k/v fused (tiny-llama is no GGUF: int8 is the builder's int8), one branch on each layer's
+    assert any("/attn/qkv_proj/" in n.name for n in nbits) and not any("/attn/q_proj/" in n.name for n in nbits)
+    assert "weights_note" not in meta
     assert "MatMulInteger" not in {n.op_type for n in graph.node}
     lora = [n for n in graph.node if "/lora_" in n.name]
     assert lora and all(n.op_type == "MatMul" for n in lora)  # the adapter's branch stays fp32

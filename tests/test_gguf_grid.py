@@ -10,7 +10,15 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf import quants  # noqa: E402
 
-from fedlora_edge.export.gguf_grid import apply_grids, as_int8, dequantize, read_grids  # noqa: E402
+from fedlora_edge.export.gguf_grid import (  # noqa: E402
+    Grid,
+    apply_grids,
+    as_int8,
+    decoder_on_4bit,
+    dequantize,
+    fuse_qkv,
+    read_grids,
+)
 
 N, K = 48, 96  # three blocks of 32 per row
 
@@ -65,6 +73,29 @@ def test_grids_reproduce_the_loaded_weights(gguf_file):
     state["model.layers.0.mlp.down_proj.weight"] = state["model.layers.0.mlp.down_proj.weight"] + 1e-3
     grids = read_grids(path, state)
     assert set(grids) == {"model.layers.0.attn.q_proj.MatMul", "lm_head.MatMul"}
+
+
+def test_fused_qkv_grid_is_q_k_v_stacked_along_the_output(gguf_file):
+    """The builder's fused q/k/v matmul takes the three grids concatenated along N: the same values,
+    q's rows first; a projection without an offset term (Q4_0) gives zeros to the fused one's."""
+    rng = np.random.default_rng(4)
+
+    def grid(n, offset):
+        scale = rng.random((n, K // 32), dtype=np.float32)
+        return Grid(rng.integers(0, 16, (n, K), dtype=np.uint8), scale,
+                    (scale * 0.3).astype(np.float32) if offset else None,
+                    rng.integers(0, 16, (n, K // 32), dtype=np.uint8), 4)
+
+    grids = {f"model.layers.0.attn.{p}_proj.MatMul": grid(n, p != "k") for p, n in (("q", 64), ("k", 32), ("v", 32))}
+    fused = fuse_qkv(grids)["model.layers.0.attn.qkv_proj.MatMul"]
+    assert np.array_equal(dequantize(fused), np.concatenate([dequantize(grids[f"model.layers.0.attn.{p}_proj.MatMul"])
+                                                            for p in "qkv"], 0))
+    grids["model.layers.0.attn.v_proj.MatMul"] = as_int8(grids["model.layers.0.attn.v_proj.MatMul"])
+    assert "model.layers.0.attn.qkv_proj.MatMul" not in fuse_qkv(grids)  # bit widths differ: left to the builder
+    state = {f"model.layers.0.self_attn.{p}_proj.weight": None for p in "qkv"}
+    assert not decoder_on_4bit(grids, state)  # v is 8-bit
+    del state["model.layers.0.self_attn.v_proj.weight"]
+    assert decoder_on_4bit(grids, state) and not decoder_on_4bit({}, state)
 
 
 def _nbits_model(path: Path, bits: int, level: int, rng) -> None:
@@ -171,12 +202,15 @@ def test_a_4bit_grid_in_a_symmetric_int8_matmul_is_the_file_grid(tmp_path, kind,
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_an_onnx_base_from_a_4bit_gguf_keeps_the_file_grid(tmp_path, quant):
     """A base whose weights are a Q4_1 file's values: the int4 and int8 exports carry the file's
-    codes, and their logits are closer to the model's than an export of the same weights quantized
-    again."""
+    codes (q|k|v into the fused matmul), and their logits are closer to the model's than an export
+    of the same weights quantized again; int8 on that base is the int4 graph (4-bit matmuls, the
+    head in 8 bits) and says so."""
     pytest.importorskip("onnxruntime_genai")
+    import onnx
+
     from fedlora_edge.core.lora import adapted_modules
     from fedlora_edge.core.models import load_model
-    from fedlora_edge.export.onnx_genai import GenaiRunner, build_base
+    from fedlora_edge.export.onnx_genai import INT8_ON_4BIT, GenaiRunner, build_base
 
     model, tok = load_model("tiny-llama")
     names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -201,10 +235,17 @@ def test_an_onnx_base_from_a_4bit_gguf_keeps_the_file_grid(tmp_path, quant):
                                           gguf=path)
         assert left == []
         err[kind] = float(np.abs(GenaiRunner(artifact.parent, None, 1).logits(ids) - want).max())
-        if kind == "grid":
-            assert info["grid_tensors"] == len(tensors) and info["requantized"] == []
+        nbits = [n for n in onnx.load(str(artifact), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+        bits = {n.name.split("/")[-2]: {a.name: a.i for a in n.attribute}["bits"] for n in nbits}
+        layers = len([n for n in nbits if "/attn/qkv_proj/" in n.name])
+        assert layers and not [n for n in nbits if "/attn/q_proj/" in n.name]  # q/k/v fused
+        if kind == "grid":  # q, k and v: one fused tensor per layer
+            assert info["grid_tensors"] == len(tensors) - 2 * layers and info["requantized"] == []
+            assert info.get("weights_note") == (INT8_ON_4BIT if quant == "int8" else None)
+            assert bits.pop("lm_head") == 8 and set(bits.values()) == {4}  # int8 too: the int4 graph
         else:
-            assert info == {}
-    # an 8-bit second rounding errs less than a 4-bit one: the file's grid gains less there (tiny model:
-    # max |dlogits| 0.0039 against 0.0063 for int8, a half or better for int4)
+            assert "grid" not in info and "weights_note" not in info
+            assert set(info["lora"]) == {f"layers.{i}.attn.qkv" for i in range(layers)}
+            assert set(bits.values()) == ({8} if quant == "int8" else {4, 8})
+    # an 8-bit second rounding errs less than a 4-bit one: the file's grid gains less there
     assert err["grid"] < err["again"] / (2 if quant == "int4" else 1.2)
