@@ -136,13 +136,13 @@ def cmd_simulate(args) -> int:
     reporter.console.print(f"[b]fedlora simulate[/b]: method {cfg.method}, model {cfg.model}, fleet {cfg.fleet}, "
                            f"{cfg.rounds} rounds x {cfg.clients_per_round} clients, {cfg.train.steps} local steps")
     sim = Simulation(cfg, args.out, reporter)
-    sim.run()
+    report = sim.run()
     out = Path(args.out)
     adapters = out / "adapter" if sim.engine.method.global_model else out / "clients" / "*" / "adapter"
     plots = ["loss.png", "accuracy.png"] if sim.engine.lead == "loss" else ["accuracy.png", "loss.png"]
     reporter.console.print(f"report: {out / 'report.json'}; adapter: {adapters}; "
                            f"plots: {', '.join(str(out / p) for p in [*plots, 'bytes.png'])}")
-    return _export_after(cfg, out, classes, reporter.console)
+    return max(_export_after(cfg, out, classes, reporter.console), _privacy_status(report))
 
 
 def cmd_compare(args) -> int:
@@ -222,8 +222,24 @@ def _embedded(args, registry, console, host="127.0.0.1", port=None):
                           insecure=args.insecure_broker, log=console.print).start()
 
 
+def _privacy_status(report: dict) -> int:
+    """EXIT_PRIVACY_BUDGET when the run stopped early for its privacy budget (its outputs written)."""
+    from .service import EXIT_PRIVACY_BUDGET
+
+    why = (report.get("privacy") or {}).get("stopped")
+    if why:
+        print(f"fedlora: stopped after round {len(report['rounds'])}: {why}: exit status {EXIT_PRIVACY_BUDGET}",
+              file=sys.stderr)
+        return EXIT_PRIVACY_BUDGET
+    return 0
+
+
 def _exit_status(report: dict) -> int:
     from .service import EXIT_ROUNDS_FAILED
+
+    stopped = _privacy_status(report)
+    if stopped:
+        return stopped
 
     failed = [r["round"] for r in report["rounds"] if r["status"] == "failed"]
     if failed:

@@ -22,6 +22,7 @@ from fedlora_edge.core.profile import TRAINERS
 from fedlora_edge.edge_client.trainer import OPTIMIZERS, SCHEDULES, TrainSettings
 
 from .errors import ConfigError
+from .privacy import PrivacySettings
 
 # the methods (and torch, which they import) are imported where a config is built, not here: the
 # commands' --help reads RunConfig's defaults and starts in a fraction of a second
@@ -169,6 +170,7 @@ class RunConfig:
     weights: WeightSettings = field(default_factory=WeightSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     contamination: ContaminationSettings = field(default_factory=ContaminationSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     # each method's own settings, by config section (``hafl:``, ``clair:``...): the sections come
     # from the methods' ``Settings`` classes (coordinator/methods), not from this file
     method_settings: dict[str, Any] = field(default_factory=lambda: _default_method_settings())
@@ -281,6 +283,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     from .plugins import not_registered
 
     _check(is_registered(cfg.method), "method", not_registered(cfg.method, method_names()))
+    if cfg.privacy.dp.enabled:
+        from .privacy import dp_refusal
+
+        why = dp_refusal(get_method(cfg.method), method_names())
+        _check(why is None, "privacy.dp", why or "")
     _check(cfg.rounds >= 1, "rounds", "must be at least 1")
     _check(cfg.clients_per_round >= 1, "clients_per_round", "must be at least 1")
     _check(cfg.min_updates >= 1, "min_updates", "must be at least 1")

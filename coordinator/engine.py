@@ -41,6 +41,7 @@ from fedlora_edge.core.data import Example, example_lengths
 from fedlora_edge.core.dtypes import PrecisionError, check_device
 from fedlora_edge.core.lora import (
     ClientPlan,
+    Factors,
     adapted_modules,
     from_state_dict,
     install_adapter,
@@ -70,8 +71,19 @@ from .faults import crash_point
 from .fleet import Device, load_fleet
 from .fleetplan import capacity_for, method_context
 from .methods import get_method
+from .methods.base import Accumulator
 from .partition import build_data, cut_note
 from .planner import Capacity, ModelShape
+from .privacy import (
+    Accountant,
+    DPSettings,
+    NoisedSum,
+    adaptive_clip,
+    epsilon_for,
+    no_amplification_epsilon,
+    noise_generator,
+    poisson_sample,
+)
 from .report import build_report, save_outputs, write_report
 from .runstate import RoundJournal, RunState, SnapshotStore, restore, snapshot_files
 from .summary import RunSummary
@@ -189,6 +201,7 @@ class Engine:
         self._note_cut_examples()
         self._add_global_adapter()
         self._open_stores()
+        self._setup_privacy()
 
     def _resolve(self) -> None:
         """The run's method, model source, fleet and torch device; the device's own precision rule
@@ -332,6 +345,93 @@ class Engine:
         self.store = SnapshotStore(self.out / "state", log=self.reporter.status)
         self.journal = RoundJournal(self.out / "state", log=self.reporter.status)
 
+    def _setup_privacy(self) -> None:
+        """Device-level DP (``privacy.dp``): the sampling rate, delta, the clip and the accountant."""
+        dp = self.cfg.privacy.dp
+        self.dp: DPSettings | None = dp if dp.enabled else None
+        self.privacy_stopped: str | None = None
+        if self.dp is None:
+            return
+        n = len(self.participants)
+        self.dp_rate = min(1.0, self.cfg.clients_per_round / max(1, n))
+        self.dp_delta = dp.target_delta if dp.target_delta is not None else 1.0 / max(2, n)
+        self.dp_clip = dp.clip_norm
+        self.accountant = Accountant(dp.accountant)
+        planned = epsilon_for(dp.noise_multiplier, self.dp_rate, self.cfg.rounds, self.dp_delta, dp.accountant)
+        self.reporter.status(f"privacy: device-level DP, z {dp.noise_multiplier:g}, clip {dp.clip_norm:g}, "
+                             f"each of {n} devices sampled with probability {self.dp_rate:.3g}; epsilon after "
+                             f"{self.cfg.rounds} rounds {planned:.2f} at delta {self.dp_delta:.2g} ({dp.accountant})")
+        if n * self.dp_rate < 100 or planned > 10:
+            self.reporter.status(f"privacy: warning: {n} devices, {n * self.dp_rate:.0f} a round on average: "
+                                 f"epsilon {planned:.1f} after {self.cfg.rounds} rounds; a useful guarantee "
+                                 "(epsilon of a few units) needs hundreds of devices a round")
+
+    def _dp_expected(self, order: list[str]) -> dict[str, torch.Tensor]:
+        """Per module, the expected number of devices that train each global component this round:
+        the sampling rate times the eligible devices whose plan has it ("trainers"), or times the
+        eligible devices with a plan ("all"): fixed before the round, whoever comes."""
+        round_idx = len(self.state.rounds) + 1
+        out = {m: torch.zeros(ga.shape[0], dtype=ga.dtype) for m, (ga, _) in self.state.global_factors.items()}
+        planned = 0
+        for c in self.participants:
+            plan = self.method.plan(c.id, c.planned.rank, self.ctx, round_idx, self.state.method_state)
+            if plan is None:
+                continue
+            planned += 1
+            for module, mp in plan.modules.items():
+                out[module][list(mp.components)] += self.dp_rate
+        if self.method.dp_normalise == "all":
+            return {m: torch.full_like(e, self.dp_rate * planned) for m, e in out.items()}
+        return out
+
+    def _check_clip(self, a: Assignment, factors: Factors) -> None:
+        """Refuse an update whose change from the global adapter is over the round's clip."""
+        sq = 0.0
+        for module, mp in a.plan.modules.items():
+            ga, gb = self.state.global_factors[module]
+            idx = torch.tensor(mp.components, dtype=torch.long)
+            fa, fb = factors[module]
+            sq += float((fa - ga.index_select(0, idx)).double().pow(2).sum())
+            sq += float((fb - gb.index_select(1, idx)).double().pow(2).sum())
+        norm = math.sqrt(sq)
+        if norm > self.dp_clip * (1 + 1e-4) + 1e-7:
+            raise UpdateRejected(f"client {a.client}: its update's norm {norm:.4g} is over privacy.dp's clip "
+                                 f"{self.dp_clip:.4g}")
+
+    def privacy_stop(self) -> str | None:
+        """Why the next round must not run (it would take epsilon past ``privacy.dp.max_epsilon``), or None."""
+        if self.dp is None or math.isinf(self.dp.max_epsilon):
+            return None
+        ahead = self.accountant.epsilon_after_next(self.dp.noise_multiplier, self.dp_rate, self.dp_delta)
+        if ahead > self.dp.max_epsilon:
+            return (f"privacy budget: round {len(self.state.rounds) + 1} would take epsilon to {ahead:.3f}, past "
+                    f"privacy.dp.max_epsilon {self.dp.max_epsilon:g}")
+        return None
+
+    def stop_for_privacy(self) -> bool:
+        """True (and the reason reported and kept for the report) when the next round would exceed
+        the privacy budget: the run stops there and writes its outputs."""
+        why = self.privacy_stop()
+        if why:
+            self.privacy_stopped = why
+            self.reporter.status(f"privacy: stopping: {why}")
+        return why is not None
+
+    def _privacy_round(self, record: dict, returned: list[Returned]) -> None:
+        """Account for a round that ran under DP; adapt the clip (its count noised)."""
+        dp = self.dp
+        assert dp is not None
+        self.accountant.step(dp.noise_multiplier, self.dp_rate)
+        eps = self.accountant.epsilon(self.dp_delta)
+        record["privacy"] = {"epsilon": eps, "delta": self.dp_delta, "noise_multiplier": dp.noise_multiplier,
+                             "clip_norm": self.dp_clip, "sample_rate": self.dp_rate, "accountant": dp.accountant}
+        if dp.adaptive_clipping:
+            unclipped = sum(1 for r in returned if (r.report or {}).get("dp_unclipped"))
+            expected = self.dp_rate * len(self.participants)
+            self.dp_clip = adaptive_clip(self.dp_clip, unclipped, expected, dp, noise_generator())
+            record["privacy"]["next_clip_norm"] = self.dp_clip
+        self.reporter.status(f"privacy: epsilon {eps:.3f} at delta {self.dp_delta:.2g} after round {record['round']}")
+
     def _capacity(self, profile) -> Capacity:
         return capacity_for(self.cfg, self.shape, profile, self.method.footprint(self.ctx))
 
@@ -348,6 +448,12 @@ class Engine:
         self.state, self.nonce, base, done = restore(self.store, self.cfg)
         if base:
             self.base_accuracy = base
+        if self.dp is not None:  # the privacy already spent, from the rounds on record
+            for r in self.state.rounds:
+                p = r.get("privacy")
+                if p:
+                    self.accountant.step(p["noise_multiplier"], p["sample_rate"])
+                    self.dp_clip = p.get("next_clip_norm", p["clip_norm"])
         return done
 
     # ------------------------------------------------------------------------------------ rounds
@@ -355,6 +461,9 @@ class Engine:
     def sample(self, round_idx: int, available: set[str] | None = None) -> list[ClientData]:
         """This round's devices: ``clients_per_round`` of the eligible (and available) ones, from
         the seed; with every device available, the same choice in simulation and over MQTT."""
+        if self.dp is not None:  # device-level DP: each eligible device takes part with probability q
+            chosen = set(poisson_sample([c.id for c in self.participants], self.dp_rate))
+            return [c for c in self.participants if c.id in chosen and (available is None or c.id in available)]
         pool = [c for c in self.participants if available is None or c.id in available]
         rng = random.Random(f"sample|{self.cfg.seed}|{round_idx}")
         return sorted(rng.sample(pool, min(self.cfg.clients_per_round, len(pool))), key=lambda c: c.id)
@@ -422,7 +531,8 @@ class Engine:
             start = self.method.start_factors(c.id, self.state.global_factors, plan, self.state.method_state)
             meta = assignment_meta(round_idx=round_idx, plan=plan, seed=hash_seed(self.cfg.seed, round_idx, c.id),
                                    settings=device_settings, targets=self.targets, dropout=self.cfg.lora.dropout,
-                                   model=self.cfg.model, system_prompt=self.cfg.data.system_prompt)
+                                   model=self.cfg.model, system_prompt=self.cfg.data.system_prompt,
+                                   clip_norm=self.dp_clip if self.dp is not None else None)
             if trainer:
                 meta["trainer"] = trainer
             tensors = {**to_state_dict(start), **self.method.start_extras(c.id, plan, self.state.method_state)}
@@ -450,7 +560,12 @@ class Engine:
     def start_fold(self, order: list[str]) -> OrderedFold:
         """The round's fold over ``order`` (its devices in assignment order), from the global adapter
         as it is now; :meth:`open_round` calls it, a transport re-opening a round calls it itself."""
-        acc = self.method.accumulator(self.state.global_factors, self.ctx, self.state.method_state)
+        acc: Accumulator
+        if self.dp is not None:  # DP-FedAvg over the method's plans (coordinator/privacy.py)
+            acc = NoisedSum(self.state.global_factors, self._dp_expected(order), self.dp.noise_multiplier * self.dp_clip,
+                            noise_generator())
+        else:
+            acc = self.method.accumulator(self.state.global_factors, self.ctx, self.state.method_state)
         self.fold = OrderedFold(acc, order)
         return self.fold
 
@@ -472,6 +587,8 @@ class Engine:
         for module, scores in importance.items():
             if bool((scores < 0).any()):
                 raise UpdateRejected(f"client {a.client}: importance scores of '{module}' are negative")
+        if self.dp is not None:
+            self._check_clip(a, from_state_dict(tensors))
         return Contribution(a.client, a.plan, from_state_dict(tensors), self.weight(a.client, rep["num_examples"]),
                             importance, extras)
 
@@ -479,7 +596,7 @@ class Engine:
         """A client's aggregation weight: 1 under ``weights.policy: equal``; else its claimed example
         count capped by what the coordinator grants it (its enrolment's ``max_examples``, or in
         simulation its data), never more."""
-        if self.cfg.weights.policy == "equal":
+        if self.cfg.weights.policy == "equal" or self.dp is not None:  # DP: every update weighs 1
             return 1.0
         c = self.by_id[client]
         cap = c.max_examples if c.max_examples is not None else (len(c.train) or self.cfg.weights.max_examples)
@@ -537,6 +654,8 @@ class Engine:
         record: dict = {"round": round_idx, "status": "ok" if ok else "failed", "clients": rows,
                   "skipped": skipped, "failed": failed, "rejected": rejected, "valid_updates": valid}
         record.update(said)  # what the method says of this round (CLAIR's detection, FedLEASE's allocation)
+        if self.dp is not None:
+            self._privacy_round(record, returned)
         # a method without a global model (local, fedlease) has nothing to score per round
         if self.method.global_model and (round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds):
             record["accuracy"] = self.evaluate_global()
@@ -643,7 +762,7 @@ class Engine:
     def finish(self) -> dict:
         """Final evaluation, report, adapters and plots on disk; returns the report."""
         base = self.base_accuracy
-        final = self.state.rounds[-1].get("accuracy") or self.evaluate_global()
+        final = (self.state.rounds[-1].get("accuracy") if self.state.rounds else None) or self.evaluate_global()
         fallback = final if self.method.personal_fallback == "global" else None
         personal = self.evaluate_personal(base, fallback) if self.method.personalised else {}
         own_mix = (personal["own_mix"] if personal else
@@ -667,11 +786,22 @@ class Engine:
 
     def run_summary(self) -> RunSummary:
         """What the report, the output files and a checkpoint read of the run, as it is now."""
+        privacy = None
+        if self.dp is not None:
+            privacy = {"guarantee": "device-level (epsilon, delta) for the sequence of global adapters released",
+                       "epsilon": self.accountant.epsilon(self.dp_delta), "delta": self.dp_delta,
+                       "noise_multiplier": self.dp.noise_multiplier, "clip_norm": self.dp.clip_norm,
+                       "adaptive_clipping": self.dp.adaptive_clipping, "sampling": "poisson",
+                       "sample_rate": self.dp_rate, "eligible_devices": len(self.participants),
+                       "accountant": f"opacus {self.dp.accountant}", "rounds": self.accountant.rounds,
+                       "epsilon_without_amplification": no_amplification_epsilon(
+                           self.dp.noise_multiplier, self.accountant.rounds, self.dp_delta),
+                       "stopped": self.privacy_stopped}
         return RunSummary(
             cfg=self.cfg, out=self.out, source=self.source, device=self.device, method=self.method, ctx=self.ctx,
             R=self.R, targets=tuple(self.targets), system_prompt=self.system_prompt, lead=self.lead,
             lead_reason=self.lead_reason, data_notes=tuple(self.data_notes), clients=tuple(self.clients),
-            pooled=self.pooled, participants=frozenset(c.id for c in self.participants),
+            pooled=self.pooled, participants=frozenset(c.id for c in self.participants), privacy=privacy,
             contaminated=frozenset(self.contaminated), eval_examples=tuple(self.eval_examples), state=self.state,
             base_accuracy=getattr(self, "base_accuracy", None), t_start=self.t_start)
 

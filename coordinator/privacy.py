@@ -12,7 +12,7 @@ update before the noise (secure aggregation is what hides those).  The guarantee
   without replacement, as a run without DP does, would need another accountant; a system that
   samples one way and accounts the other over-promises.)
 - **Clipping.**  A device's update (every tensor it sends, as one vector, minus what it started
-  from) is scaled to norm at most ``clip_norm`` (:func:`clip_update`), on the device.
+  from) is scaled to norm at most ``clip_norm`` (:func:`fedlora_edge.core.clip.clip_update`), on the device.
 - **Noise.**  The coordinator adds ``N(0, (z C)^2)`` to each coordinate of the sum of the round's
   clipped updates and divides by a fixed denominator (the expected number of participants), never
   by the number that came (:func:`gaussian_noise`).
@@ -30,52 +30,86 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: the config reads this module
+    import torch
 
 ACCOUNTANTS = ("rdp", "prv")
 
 
-class PrivacyError(ValueError):
-    """A privacy setting or budget that cannot hold; the message names it."""
+class PrivacyError(ConfigError):
+    """A privacy setting that cannot hold; the message names it."""
 
 
-def poisson_sample(ids: Sequence[str], rate: float, seed: int, round_idx: int) -> list[str]:
-    """The devices of ``ids`` that take part in round ``round_idx``: each independently with
-    probability ``rate``, drawn from ``(seed, round, device)`` alone, so a device's draw does not
-    depend on which others are eligible or on their order.  Sorted."""
+# why a built-in method has no device-level DP variant (its aggregate is not a sum of clipped changes)
+NO_DP = {
+    "flexlora": "its SVD redistributes the product of every device's factors, not a sum of clipped changes",
+    "median": "a coordinate-wise median reads individual updates; noise on a sum does not cover it",
+    "trimmed-mean": "a trimmed mean reads individual updates; noise on a sum does not cover it",
+    "multi-krum": "Krum scores individual updates against each other; noise on a sum does not cover it",
+    "clair": "its low-rank plus sparse recovery reads every update to find the contaminated ones",
+    "fedlease": "its clustering reads each device's adapter, and each cluster's expert is one group's mean",
+    "hafl": "its importance scores go up unclipped and steer which components the fleet trains",
+    "local": "it releases each device's own adapter",
+    "centralized": "it pools every device's data on the server",
+}
+
+
+def dp_refusal(method, names) -> str | None:
+    """Why ``method`` cannot run under ``privacy.dp`` (None when it can)."""
+    if method.dp_normalise in ("trainers", "all"):
+        return None
+    able = sorted(n for n in names if _dp_able(n))
+    why = NO_DP.get(method.name, "it declares no DP variant (dp_normalise)")
+    return f"method {method.name} has no device-level DP variant: {why}; methods that have one: {', '.join(able)}"
+
+
+def _dp_able(name: str) -> bool:
+    from .methods import get_method
+
+    return get_method(name).dp_normalise in ("trainers", "all")
+
+
+def poisson_sample(ids: Sequence[str], rate: float, rng: random.Random | None = None) -> list[str]:
+    """The devices of ``ids`` that take part in a round: each independently with probability
+    ``rate``, in sorted order.  ``rng``: by default the operating system's CSPRNG: the
+    amplification by sampling holds only against someone who cannot know the draw, so it never
+    comes from the run's seed, which the config and the report show."""
     if not 0.0 < rate <= 1.0:
         raise PrivacyError(f"sampling rate must be in (0, 1], got {rate}")
-    return sorted(d for d in ids if random.Random(f"dp-sample|{seed}|{round_idx}|{d}").random() < rate)
+    rng = rng or random.SystemRandom()
+    return [d for d in sorted(ids) if rng.random() < rate]
 
 
-def update_norm(tensors: Mapping[str, torch.Tensor]) -> float:
-    """The L2 norm of every tensor of ``tensors`` taken as one vector (float64 sums)."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+def noise_generator() -> torch.Generator:
+    """A torch generator seeded from the operating system's CSPRNG (never from the run's seed, which
+    is public: noise that can be regenerated can be subtracted)."""
+    import secrets
 
+    import torch
 
-def clip_update(delta: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], float]:
-    """(``delta`` scaled to norm at most ``clip_norm``, its norm before).  An update within the
-    bound is returned unchanged (copied)."""
-    if clip_norm <= 0:
-        raise PrivacyError(f"clip_norm must be positive, got {clip_norm}")
-    norm = update_norm(delta)
-    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    return {k: (t * scale).to(t.dtype) for k, t in delta.items()}, norm
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def gaussian_noise(shape: Sequence[int], std: float, generator: torch.Generator) -> torch.Tensor:
     """``N(0, std^2)`` noise of ``shape`` (float32), drawn from ``generator``."""
+    import torch
+
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float64).mul_(std).float()
 
 
-def adaptive_clip(clip_norm: float, unclipped: int, participants: int, settings: DPSettings,
+def adaptive_clip(clip_norm: float, unclipped: int, expected_participants: float, settings: DPSettings,
                   generator: torch.Generator) -> float:
-    """The next round's clip: ``C exp(-lr (b - target_quantile))``, ``b`` the fraction of this
-    round's ``participants`` whose update norm was at most ``C``, counted with Gaussian noise of
-    ``clipped_count_stddev`` (default: the expected participants / 20) and divided by the expected
-    number of participants (fixed)."""
-    expected = max(1.0, settings.expected_participants)
+    """The next round's clip: ``C exp(-lr (b - target_quantile))``, ``b`` the fraction of the
+    round's updates whose norm was at most ``C`` (``unclipped`` of them), counted with Gaussian
+    noise of ``clipped_count_stddev`` (default: the expected participants / 20) and divided by the
+    expected number of participants (fixed, not the number that came)."""
+    import torch
+
+    expected = max(1.0, expected_participants)
     stddev = settings.clipped_count_stddev if settings.clipped_count_stddev is not None else expected / 20
     noised = unclipped + float(torch.randn((), generator=generator, dtype=torch.float64)) * stddev
     b = noised / expected
@@ -95,7 +129,6 @@ class DPSettings:
     target_quantile: float = 0.5          # adaptive: the fraction of updates the clip should leave unclipped
     clip_lr: float = 0.2                  # adaptive: the geometric step
     clipped_count_stddev: float | None = None  # adaptive: the count's noise (default expected / 20)
-    expected_participants: float = field(default=0.0, compare=False)  # set by the run: q x eligible
 
     @property
     def enabled(self) -> bool:
@@ -116,6 +149,13 @@ class DPSettings:
             raise PrivacyError(f"privacy.dp.target_quantile must be in (0, 1), got {self.target_quantile}")
         if self.clip_lr <= 0:
             raise PrivacyError(f"privacy.dp.clip_lr must be positive, got {self.clip_lr}")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """``privacy:``: device-level differential privacy (``dp``)."""
+
+    dp: DPSettings = field(default_factory=DPSettings)
 
 
 class Accountant:
@@ -171,3 +211,50 @@ def no_amplification_epsilon(noise_multiplier: float, rounds: int, delta: float)
     """Epsilon when sampling earns no amplification (each round counted as if every device took
     part; the only mode Flower's accountant accepts), RDP."""
     return epsilon_for(noise_multiplier, 1.0, rounds, delta, "rdp")
+
+
+class NoisedSum:
+    """DP-FedAvg's aggregate of one round, as a streaming accumulator (``add`` / ``finish``): per
+    module and global component ``j``, ``c_j <- c_j + (sum_k (c_kj - c_j) + N(0, (z C)^2)) / E_j``
+    over the round's clipped contributions ``k``, where ``E_j`` is the expected number of devices
+    that train ``j`` this round (fixed before the round: the sampling rate times the eligible
+    devices whose plan has ``j``), not the number that came.  Every contribution weighs 1.  A
+    component no eligible device trains keeps its value (and gets no noise: it is not released
+    changed).  The noise is drawn at ``finish`` from ``generator``."""
+
+    def __init__(self, global_factors: Mapping, expected: Mapping[str, torch.Tensor], std: float,
+                 generator: torch.Generator):
+        import torch
+
+        self.global_factors = global_factors
+        self.expected = expected
+        self.std = std
+        self.generator = generator
+        self.count = 0
+        self._num = {m: (torch.zeros_like(ga), torch.zeros_like(gb)) for m, (ga, gb) in global_factors.items()}
+
+    def add(self, c) -> None:
+        import torch
+
+        for module, mp in c.plan.modules.items():
+            ga, gb = self.global_factors[module]
+            a, b = c.factors[module]
+            idx = torch.tensor(mp.components, dtype=torch.long)
+            num_a, num_b = self._num[module]
+            num_a.index_add_(0, idx, a - ga.index_select(0, idx))
+            num_b.index_add_(1, idx, b - gb.index_select(1, idx))
+        self.count += 1
+
+    def finish(self) -> tuple[dict, dict]:
+        out = {}
+        for module, (ga, gb) in self.global_factors.items():
+            num_a, num_b = self._num[module]
+            e = self.expected[module].to(ga.dtype)
+            live = e > 0
+            na = num_a + gaussian_noise(num_a.shape, self.std, self.generator)
+            nb = num_b + gaussian_noise(num_b.shape, self.std, self.generator)
+            safe = e.clamp(min=1e-12)
+            new_a = ga + na / safe[:, None]
+            new_b = gb + nb / safe[None, :]
+            out[module] = (new_a.where(live[:, None], ga).clone(), new_b.where(live[None, :], gb).clone())
+        return out, {}

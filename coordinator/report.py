@@ -120,6 +120,7 @@ def build_report(s: RunSummary, base: dict, final: dict, personal: dict, own_mix
                    "rejected_updates": sum(x.get("count", 1) for r in rounds for x in r["rejected"])},
         "contamination": contamination_report(s.cfg.contamination, s.contaminated, s.clients, rounds, final, personal),
         "method_summary": s.method.summary(s.state.method_state),
+        **({"privacy": s.privacy} if s.privacy is not None else {}),
         "wall_seconds": round(time.perf_counter() - s.t_start, 1),
     }
 

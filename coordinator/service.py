@@ -59,6 +59,7 @@ from .validate import UpdateRejected
 EXIT_ROUNDS_FAILED = 4
 EXIT_TOO_FEW_DEVICES = 5
 EXIT_STORAGE = 6
+EXIT_PRIVACY_BUDGET = 7  # the run stopped before a round would take epsilon past privacy.dp.max_epsilon
 
 UPDATE_ID = re.compile(r"^[0-9a-f]{32}$")  # an update id's documented form (docs/protocol.md)
 MAX_REFUSAL_ACKS = 64    # refusals answered per device and round; past it a device's junk gets no answer
@@ -750,6 +751,8 @@ class Coordinator:
             elif not hasattr(self.engine, "base_accuracy"):
                 self.engine.base_accuracy = self.engine.evaluate_base()
             for r in range(self.first_round, self.cfg.rounds + 1):
+                if self.engine.stop_for_privacy():
+                    break
                 self.run_round(r)
             report = self.engine.finish()
             t_round = topic(self.run_id, "round")

@@ -84,5 +84,7 @@ class Simulation:
     def run(self) -> dict:
         self.engine.begin()
         for r in range(1, self.engine.cfg.rounds + 1):
+            if self.engine.stop_for_privacy():
+                break
             self.run_round(r)
         return self.engine.finish()

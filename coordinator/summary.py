@@ -70,3 +70,4 @@ class RunSummary:
     state: RunState
     base_accuracy: dict | None  # the base model's held-out figures (None before they are measured)
     t_start: float  # ``time.perf_counter()`` when the run started (the report's wall_seconds)
+    privacy: dict | None = None  # device-level DP: the guarantee, its parameters and the epsilon spent

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from fedlora_edge.core.clip import clip_to_start
 from fedlora_edge.core.data import Example, with_system
 from fedlora_edge.core.lora import (
     ClientPlan,
@@ -31,12 +32,17 @@ ADAPTER = "client"
 
 
 def assignment_meta(*, round_idx: int, plan: ClientPlan, seed: int, settings: TrainSettings, targets: list[str],
-                    dropout: float, model: str, system_prompt: str | None = None) -> dict:
+                    dropout: float, model: str, system_prompt: str | None = None,
+                    clip_norm: float | None = None) -> dict:
     """The JSON a device needs, beside the start factors, to carry out one round.  ``system_prompt``
-    is the run's, for the device's examples that carry none of their own."""
-    return {"round": round_idx, "plan": plan.to_json(), "seed": seed, "model": model,
+    is the run's, for the device's examples that carry none of their own; ``clip_norm`` (device-level
+    DP) the norm its update is clipped to."""
+    meta = {"round": round_idx, "plan": plan.to_json(), "seed": seed, "model": model,
             "targets": list(targets), "dropout": dropout, "train": dataclasses.asdict(settings),
             "system_prompt": system_prompt}
+    if clip_norm is not None:
+        meta["privacy"] = {"clip_norm": clip_norm}
+    return meta
 
 
 def wrap(model, meta: dict):
@@ -77,7 +83,7 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
             raise ProgramError("an executorch assignment needs the device's training programs")
         tensors, res = train_program(programs.trainer(meta["trainer"]["program"]), tokenizer, examples, plan,
                                      received, settings, seed, slowdown)
-        return _finish(meta, tensors, res)
+        return _finish(meta, tensors, res, start=received)
     from fedlora_edge.core.precision import base_form
 
     have, want = base_form(peft_model.get_base_model()), (settings.dtype, settings.base_quant)
@@ -101,7 +107,10 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
             hooks = PartialTraining(peft_model, ADAPTER, plan, False, importance) if importance else None
             res = train_local(peft_model, tokenizer, examples, settings, seed, device, slowdown, hooks)
         trained = get_factors(peft_model, ADAPTER)
+        start_sd = to_state_dict(slice_factors(factors, plan)) if meta.get("privacy") else None
     else:
+        # what it starts from, kept for the clip (device-level DP) before training moves anything
+        start_sd = {k: v.clone() for k, v in received.items()} if meta.get("privacy") else None
         held = held_plan(plan)
         install_adapter(peft_model, ADAPTER, held, factors, meta["targets"], meta["dropout"])
         hooks = (PartialTraining(peft_model, ADAPTER, plan, frozen == "forward", importance)
@@ -113,11 +122,17 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
     tensors = to_state_dict(trained)
     if hooks is not None:
         tensors.update(hooks.scores())
-    return _finish(meta, tensors, res)
+    return _finish(meta, tensors, res, start=start_sd)
 
 
-def _finish(meta: dict, tensors: dict, res) -> tuple[bytes, dict]:
+def _finish(meta: dict, tensors: dict, res, start: dict | None = None) -> tuple[bytes, dict]:
     report = {"round": meta["round"], "num_examples": res.num_examples, "steps": res.steps,
               "first_loss": res.first_loss, "last_loss": res.last_loss, "seconds": round(res.seconds, 3),
               "losses": [round(x, 5) for x in res.losses]}
+    clip = (meta.get("privacy") or {}).get("clip_norm")
+    if clip is not None:  # device-level DP: what goes up is the start plus the clipped change
+        if start is None:
+            raise ValueError("privacy.dp: this assignment's update has no start to clip against")
+        tensors, norm = clip_to_start(tensors, start, float(clip))
+        report["dp_unclipped"] = norm <= float(clip)  # adaptive clipping counts these, with noise
     return encode_tensors(tensors), report

@@ -3,8 +3,8 @@ it claims, Poisson sampling samples at its rate, and the accountant agrees with 
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import random
 
 import pytest
 import torch
@@ -14,13 +14,12 @@ from fedlora_edge.coordinator.privacy import (
     DPSettings,
     PrivacyError,
     adaptive_clip,
-    clip_update,
     epsilon_for,
     gaussian_noise,
     no_amplification_epsilon,
     poisson_sample,
-    update_norm,
 )
+from fedlora_edge.core.clip import clip_update, update_norm
 
 
 def test_an_update_of_norm_100_moves_the_sum_by_at_most_the_clip():
@@ -46,18 +45,16 @@ def test_the_noise_has_the_standard_deviation_it_claims():
     assert x.std().item() == pytest.approx(0.37, rel=0.01)
 
 
-def test_poisson_sampling_samples_at_its_rate_and_each_draw_is_the_devices_own():
+def test_poisson_sampling_samples_at_its_rate_from_a_draw_the_seed_cannot_replay():
     ids = [f"d{i:04d}" for i in range(2000)]
-    counts = [len(poisson_sample(ids, 0.1, seed=3, round_idx=r)) for r in range(1, 21)]
+    counts = [len(poisson_sample(ids, 0.1)) for _ in range(20)]
     mean = sum(counts) / len(counts)
-    assert abs(mean - 200) < 3 * math.sqrt(2000 * 0.1 * 0.9 / len(counts))
+    assert abs(mean - 200) < 4 * math.sqrt(2000 * 0.1 * 0.9 / len(counts))
     assert len(set(counts)) > 1  # the number taking part is random, not fixed
-    chosen = poisson_sample(ids, 0.1, seed=3, round_idx=1)
-    assert poisson_sample(list(reversed(ids)), 0.1, seed=3, round_idx=1) == chosen
-    half = set(poisson_sample(ids[:1000], 0.1, seed=3, round_idx=1))
-    assert half == {d for d in chosen if d in set(ids[:1000])}  # others' eligibility changes nothing
+    assert poisson_sample(ids, 0.1) != poisson_sample(ids, 0.1)  # the OS's randomness, not a seed
+    assert poisson_sample(list(reversed(ids)), 0.1, random.Random(5)) == poisson_sample(ids, 0.1, random.Random(5))
     with pytest.raises(PrivacyError, match="sampling rate"):
-        poisson_sample(ids, 0.0, 0, 1)
+        poisson_sample(ids, 0.0)
 
 
 def test_the_accountant_agrees_with_an_independent_accountant():
@@ -80,8 +77,7 @@ def test_the_accountant_steps_round_by_round_and_checks_the_next_round_ahead():
 
 
 def test_adaptive_clipping_moves_towards_the_target_quantile():
-    s = dataclasses.replace(DPSettings(noise_multiplier=1.0, adaptive_clipping=True, clipped_count_stddev=0.0),
-                            expected_participants=100)
+    s = DPSettings(noise_multiplier=1.0, adaptive_clipping=True, clipped_count_stddev=0.0)
     g = torch.Generator().manual_seed(0)
     assert adaptive_clip(1.0, 90, 100, s, g) < 1.0   # most updates fit: the clip shrinks
     assert adaptive_clip(1.0, 10, 100, s, g) > 1.0   # most were clipped: it grows
@@ -97,3 +93,89 @@ def test_adaptive_clipping_moves_towards_the_target_quantile():
 def test_a_bad_setting_names_itself(field, value, needle):
     with pytest.raises(PrivacyError, match=f"privacy.dp.{needle}"):
         DPSettings(**{field: value})
+
+
+# ------------------------------------------------------------------ a run under privacy.dp (tiny-llama)
+
+FAST = {"model": "tiny-llama", "rounds": 2, "clients_per_round": 6, "train.steps": 2, "train.batch_size": 4,
+        "data.eval_per_domain": 2, "data.samples_per_client": 8, "data.tasks": ["add", "upper"],
+        "max_new_tokens": 2, "lora.max_rank": 4, "lora.rank": 4}
+
+
+def _fleet(tmp_path, n: int) -> str:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("devices:\n" + "".join(f"  - {{id: d{i:03d}, profile: jetson-agx-orin}}\n" for i in range(n)))
+    return str(path)
+
+
+def _sim(tmp_path, **extra):
+    from fedlora_edge.coordinator.config import load_config
+    from fedlora_edge.coordinator.simulate import Simulation
+
+    cfg = load_config(overrides={**FAST, "fleet": _fleet(tmp_path, 12), **extra})
+    return Simulation(cfg, tmp_path / "out")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["fedit", "hetlora", "fed-plora"])
+def test_a_run_under_dp_clips_every_update_and_reports_the_epsilon_it_spent(tmp_path, method):
+    sim = _sim(tmp_path, method=method, **{"privacy.dp.noise_multiplier": 1.0, "privacy.dp.clip_norm": 0.05})
+    report = sim.run()
+    e = sim.engine
+    assert e.dp_rate == pytest.approx(0.5) and e.dp_delta == pytest.approx(1 / 12)
+    spent = [r["privacy"]["epsilon"] for r in report["rounds"]]
+    assert spent == sorted(spent) and spent[-1] == pytest.approx(epsilon_for(1.0, 0.5, 2, 1 / 12))
+    p = report["privacy"]
+    assert p["epsilon"] == pytest.approx(spent[-1]) and p["sampling"] == "poisson" and p["stopped"] is None
+    assert p["epsilon_without_amplification"] > p["epsilon"]
+    for r in report["rounds"]:
+        assert not r["rejected"], r["rejected"]  # every device clipped what it sent
+    # the global adapter moved by at most the noise plus the clipped changes (a norm-100 update cannot)
+    assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in e.state.global_factors.values())
+
+
+@pytest.mark.integration
+def test_an_update_over_the_clip_is_rejected_by_the_coordinator(tmp_path):
+    from fedlora_edge.coordinator.validate import UpdateRejected
+    from fedlora_edge.core.lora import to_state_dict
+    from fedlora_edge.core.wire import encode_tensors
+
+    sim = _sim(tmp_path, method="fedit", **{"privacy.dp.noise_multiplier": 1.0, "privacy.dp.clip_norm": 0.05})
+    e = sim.engine
+    a = None
+    while a is None:  # Poisson sampling may pick nobody
+        assignments, _ = e.open_round(1)
+        a = assignments[0] if assignments else None
+    big = {m: (ga[list(a.plan.modules[m].components)] + 1.0, gb[:, list(a.plan.modules[m].components)] + 1.0)
+           for m, (ga, gb) in e.state.global_factors.items()}
+    report = {"round": 1, "num_examples": 8, "steps": 2, "first_loss": 1.0, "last_loss": 1.0, "seconds": 0.1,
+              "losses": [1.0, 1.0]}
+    with pytest.raises(UpdateRejected, match="over privacy.dp's clip"):
+        e.accept(a, encode_tensors(to_state_dict(big)), report)
+
+
+@pytest.mark.integration
+def test_the_run_stops_before_a_round_would_spend_past_the_budget(tmp_path):
+    budget = (epsilon_for(1.0, 0.5, 1, 1 / 12) + epsilon_for(1.0, 0.5, 2, 1 / 12)) / 2  # room for one round
+    sim = _sim(tmp_path, method="fedit", rounds=3,
+               **{"privacy.dp.noise_multiplier": 1.0, "privacy.dp.clip_norm": 0.05, "privacy.dp.max_epsilon": budget})
+    report = sim.run()
+    assert len(report["rounds"]) == 1
+    assert "privacy budget" in report["privacy"]["stopped"] and report["privacy"]["epsilon"] <= budget
+    assert (tmp_path / "out" / "adapter").is_dir()  # the outputs of the rounds that ran are written
+
+
+@pytest.mark.parametrize("method", ["flexlora", "median", "clair", "fedlease", "hafl"])
+def test_methods_whose_aggregate_is_not_a_clipped_sum_are_refused_before_the_run(method):
+    from fedlora_edge.coordinator.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"privacy.dp: method {method} has no device-level DP variant"):
+        load_config(overrides={"method": method, "privacy.dp.noise_multiplier": 1.0})
+
+
+def test_the_device_sends_its_start_plus_the_clipped_change():
+    from fedlora_edge.core.clip import clip_to_start
+
+    start = {"w": torch.zeros(10)}
+    sent, norm = clip_to_start({"w": torch.full((10,), 10.0)}, start, 2.0)
+    assert norm == pytest.approx(math.sqrt(1000)) and update_norm({"w": sent["w"] - start["w"]}) == pytest.approx(2.0)

@@ -60,6 +60,10 @@ class Method(Protocol):
     knob: ClassVar[str]               # default "rank": what `fedlora plan` calls the method's knob
     personal_fallback: ClassVar[str]  # default "base": what a client without a model of its own is
     # scored on: "base" (the base model) or "global" (the global adapter)
+    dp_normalise: ClassVar[str | None]  # default None: no device-level DP variant (privacy.dp refuses
+    # the method before the run).  "trainers" | "all": under privacy.dp the round's aggregate is
+    # DP-FedAvg's noised sum of the clipped changes, over each component's expected trainers
+    # ("trainers", FedIT's mean) or over the expected participants ("all", HetLoRA's zero-padding)
     equal_in_same_out: ClassVar[bool]  # default True: when every client sends the same adapter, the
     # new global adapter is that adapter (every averaging rule; tests/test_aggregate.py checks it for
     # every registered method).  False for a rule whose result also depends on the previous global
@@ -238,6 +242,7 @@ class Bound:
         self.knob: str = getattr(impl, "knob", "rank")
         self.personal_fallback: str = getattr(impl, "personal_fallback", "base")
         self.equal_in_same_out: bool = getattr(impl, "equal_in_same_out", True)
+        self.dp_normalise: str | None = getattr(impl, "dp_normalise", None)
         self.section: str = getattr(impl, "section", None) or section_of(impl)
 
     def _own(self, hook: str):

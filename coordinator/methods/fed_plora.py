@@ -35,6 +35,7 @@ from .base import Averaging, MethodContext, global_copy, random_plan, register, 
 @register
 class FedPLoRA:
     name = "fed-plora"
+    dp_normalise = "trainers"  # under privacy.dp: DP-FedAvg over the same plans
     plain_plans = False  # its plans hold the R modules and fold the untrained ones
     knob = "modules r"
     start_factors = staticmethod(global_copy)

@@ -22,6 +22,7 @@ from .base import Averaging, MethodContext, register
 @register
 class FedIT:
     name = "fedit"
+    dp_normalise = "trainers"  # under privacy.dp: DP-FedAvg over the same plans
 
     def global_rank(self, ctx: MethodContext) -> int:
         return ctx.rank

@@ -44,6 +44,7 @@ def sketch_product(a: torch.Tensor, b: torch.Tensor, components, total: int) -> 
 @register
 class FSLoRA:
     name = "fslora"
+    dp_normalise = "all"  # under privacy.dp: DP-FedAvg over the same plans
     knob = "sketch size k"
 
     def plan(self, client, capacity, ctx, round_idx, state=None):

@@ -25,6 +25,7 @@ from .base import Averaging, capacity_plan, register
 @register
 class HetLoRA:
     name = "hetlora"
+    dp_normalise = "all"  # under privacy.dp: DP-FedAvg over the same plans
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
         return capacity_plan(capacity, ctx)

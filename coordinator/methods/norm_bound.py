@@ -42,6 +42,7 @@ class NormBoundSettings:
 @register
 class NormBound:
     name = "norm-bound"
+    dp_normalise = "trainers"  # under privacy.dp: DP-FedAvg over the same plans
     Settings = NormBoundSettings
 
     def plan(self, client, capacity, ctx, round_idx, state=None):
