@@ -83,6 +83,7 @@ from .privacy import (
     no_amplification_epsilon,
     noise_generator,
     poisson_sample,
+    update_noise_multiplier,
 )
 from .report import build_report, save_outputs, write_report
 from .runstate import RoundJournal, RunState, SnapshotStore, restore, snapshot_files
@@ -356,6 +357,7 @@ class Engine:
         self.dp_rate = min(1.0, self.cfg.clients_per_round / max(1, n))
         self.dp_delta = dp.target_delta if dp.target_delta is not None else 1.0 / max(2, n)
         self.dp_clip = dp.clip_norm
+        self.dp_update_z = update_noise_multiplier(dp, n * self.dp_rate)
         self.accountant = Accountant(dp.accountant)
         planned = epsilon_for(dp.noise_multiplier, self.dp_rate, self.cfg.rounds, self.dp_delta, dp.accountant)
         self.reporter.status(f"privacy: device-level DP, z {dp.noise_multiplier:g}, clip {dp.clip_norm:g}, "
@@ -562,7 +564,7 @@ class Engine:
         as it is now; :meth:`open_round` calls it, a transport re-opening a round calls it itself."""
         acc: Accumulator
         if self.dp is not None:  # DP-FedAvg over the method's plans (coordinator/privacy.py)
-            acc = NoisedSum(self.state.global_factors, self._dp_expected(order), self.dp.noise_multiplier * self.dp_clip,
+            acc = NoisedSum(self.state.global_factors, self._dp_expected(order), self.dp_update_z * self.dp_clip,
                             noise_generator())
         else:
             acc = self.method.accumulator(self.state.global_factors, self.ctx, self.state.method_state)

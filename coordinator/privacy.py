@@ -110,10 +110,33 @@ def adaptive_clip(clip_norm: float, unclipped: int, expected_participants: float
     import torch
 
     expected = max(1.0, expected_participants)
-    stddev = settings.clipped_count_stddev if settings.clipped_count_stddev is not None else expected / 20
+    stddev = count_stddev(settings, expected_participants)
     noised = unclipped + float(torch.randn((), generator=generator, dtype=torch.float64)) * stddev
     b = noised / expected
     return clip_norm * math.exp(-settings.clip_lr * (b - settings.target_quantile))
+
+
+def update_noise_multiplier(settings: DPSettings, expected_participants: float) -> float:
+    """The noise multiplier of the updates' sum.  Without adaptive clipping it is ``z``.  With it,
+    the noised count of unclipped updates is a second release each round, so the sum gets
+    ``z_update = (z^-2 - (2 sigma_b)^-2)^-1/2`` and the two together cost what ``z`` alone would
+    (Andrew et al. 2021, Flower's adaptive-clipping wrappers): the accountant counts ``z``.
+    ``sigma_b`` must exceed ``z / 2``."""
+    z = settings.noise_multiplier
+    if not settings.adaptive_clipping:
+        return z
+    sigma_b = count_stddev(settings, expected_participants)
+    if 2 * sigma_b <= z:
+        raise PrivacyError(f"privacy.dp.clipped_count_stddev: {sigma_b:.3g} (expected participants / 20 unless "
+                           f"set) must exceed noise_multiplier / 2 = {z / 2:g} for adaptive clipping to fit in "
+                           "the budget; set it higher, or sample more devices a round")
+    return (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
+
+
+def count_stddev(settings: DPSettings, expected_participants: float) -> float:
+    """The noise on the count of unclipped updates (adaptive clipping)."""
+    return (settings.clipped_count_stddev if settings.clipped_count_stddev is not None
+            else max(1.0, expected_participants) / 20)
 
 
 @dataclass(frozen=True)

@@ -179,3 +179,26 @@ def test_the_device_sends_its_start_plus_the_clipped_change():
     start = {"w": torch.zeros(10)}
     sent, norm = clip_to_start({"w": torch.full((10,), 10.0)}, start, 2.0)
     assert norm == pytest.approx(math.sqrt(1000)) and update_norm({"w": sent["w"] - start["w"]}) == pytest.approx(2.0)
+
+
+def test_adaptive_clipping_pays_for_its_count_out_of_the_same_budget():
+    from fedlora_edge.coordinator.privacy import update_noise_multiplier
+
+    fixed = DPSettings(noise_multiplier=1.0)
+    assert update_noise_multiplier(fixed, 100) == 1.0
+    adaptive = DPSettings(noise_multiplier=1.0, adaptive_clipping=True)  # sigma_b = 100 / 20 = 5
+    z_update = update_noise_multiplier(adaptive, 100)
+    assert z_update > 1.0 and (z_update ** -2 + 10.0 ** -2) == pytest.approx(1.0)  # together: z = 1
+    with pytest.raises(PrivacyError, match="clipped_count_stddev"):
+        update_noise_multiplier(adaptive, 6)  # sigma_b 0.3 <= z / 2
+
+
+@pytest.mark.integration
+def test_a_run_with_adaptive_clipping_moves_its_clip_and_records_it(tmp_path):
+    sim = _sim(tmp_path, method="fedit", **{"privacy.dp.noise_multiplier": 1.0, "privacy.dp.clip_norm": 0.05,
+                                            "privacy.dp.adaptive_clipping": True,
+                                            "privacy.dp.clipped_count_stddev": 1.0})
+    report = sim.run()
+    clips = [r["privacy"]["clip_norm"] for r in report["rounds"]]
+    assert clips[0] == 0.05 and clips[1] == pytest.approx(report["rounds"][0]["privacy"]["next_clip_norm"])
+    assert clips[1] != clips[0]
