@@ -88,6 +88,8 @@ class Tracker:
                       "round/uplink_mb": sum(c["uplink_bytes"] for c in cl) / 1e6,
                       "round/downlink_mb": sum(c["downlink_bytes"] for c in cl) / 1e6,
                       "round/seconds": rec.get("seconds")}, r)
+        if rec.get("privacy"):  # device-level DP: what the run has spent so far
+            self.scalars({"privacy/epsilon": rec["privacy"]["epsilon"], "privacy/clip_norm": rec["privacy"]["clip_norm"]}, r)
         for c in cl:
             steps = c.get("losses") or []
             for i, loss in enumerate(steps):

@@ -202,3 +202,32 @@ def test_a_run_with_adaptive_clipping_moves_its_clip_and_records_it(tmp_path):
     clips = [r["privacy"]["clip_norm"] for r in report["rounds"]]
     assert clips[0] == 0.05 and clips[1] == pytest.approx(report["rounds"][0]["privacy"]["next_clip_norm"])
     assert clips[1] != clips[0]
+
+
+@pytest.mark.integration
+def test_the_command_line_shows_logs_and_exits_on_the_budget(tmp_path, capsys):
+    import json
+
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedlora_edge.coordinator.cli import main
+
+    budget = (epsilon_for(1.0, 0.5, 1, 1 / 12) + epsilon_for(1.0, 0.5, 2, 1 / 12)) / 2
+    cfg = {**{k: v for k, v in FAST.items()}, "fleet": _fleet(tmp_path, 12), "method": "fedit", "rounds": 3,
+           "privacy": {"dp": {"noise_multiplier": 1.0, "clip_norm": 0.05, "max_epsilon": budget}}}
+    cfg = {**{k: v for k, v in cfg.items() if "." not in k}, "train": {"steps": 2, "batch_size": 4},
+           "data": {"eval_per_domain": 2, "samples_per_client": 8, "tasks": ["add", "upper"]},
+           "lora": {"max_rank": 4, "rank": 4}}
+    path = tmp_path / "dp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["simulate", "--config", str(path), "--out", str(out), "--log", "tensorboard"]) == 7
+    err = capsys.readouterr()
+    assert "privacy: epsilon" in err.out + err.err and "exit status 7" in err.err
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["rounds"]) == 1 and report["privacy"]["stopped"]
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    (point,) = acc.Scalars("privacy/epsilon")
+    assert point.step == 1 and point.value == pytest.approx(report["privacy"]["epsilon"], rel=1e-5)
