@@ -231,3 +231,19 @@ def test_the_command_line_shows_logs_and_exits_on_the_budget(tmp_path, capsys):
     acc.Reload()
     (point,) = acc.Scalars("privacy/epsilon")
     assert point.step == 1 and point.value == pytest.approx(report["privacy"]["epsilon"], rel=1e-5)
+
+
+@pytest.mark.integration
+def test_over_mqtt_devices_clip_and_the_coordinator_accounts_as_in_simulate(tmp_path):
+    from mqttkit import config
+
+    from fedlora_edge.coordinator.emulate import emulate
+
+    cfg = config(tmp_path, ["d1", "d2", "d3"], method="hetlora", rounds=2, clients_per_round=3,
+                 **{"privacy.dp.noise_multiplier": 1.0, "privacy.dp.clip_norm": 0.05})
+    rep = emulate(cfg, tmp_path / "emu", log=lambda *_: None)
+    assert all(d["exit_code"] == 0 for d in rep["devices"].values())
+    for r in rep["rounds"]:  # every device took part (q = 1), clipped what it sent, and was accepted
+        assert r["status"] == "ok" and r["valid_updates"] == 3 and not r["rejected"]
+        assert r["privacy"]["sample_rate"] == 1.0
+    assert rep["privacy"]["epsilon"] == pytest.approx(epsilon_for(1.0, 1.0, 2, 1 / 3))
