@@ -191,8 +191,11 @@ def _load_gguf(src: ModelSource, dtype: torch.dtype = torch.float32):
     """Load a GGUF model, dequantised to float32, through a local cache of the dequantised weights.
 
     Dequantising SmolLM2's Q4_1 file takes ~25 s on two cores; the cache (keyed by the file's
-    path, size and mtime) brings later loads down to about a second.  A load from the cache reads
-    the weights in ``dtype`` (``train.dtype``); the first one, which writes the cache, in float32.
+    path, size and mtime) brings later loads down to about a second.  A load reads the weights in
+    ``dtype`` (``train.dtype``) from the cache; the first one writes the cache and then loads from
+    it too, so every load gives the same plain (not GGUF-quantized) model, which ``save_pretrained``
+    can write.  Without a writable cache the dequantised model is returned with the GGUF marker
+    dropped.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -218,9 +221,15 @@ def _load_gguf(src: ModelSource, dtype: torch.dtype = torch.float32):
         save_model(model, str(cache / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(cache)
         (cache / "complete.json").write_text(json.dumps({"source": str(gguf_path)}))
-    except OSError:
-        pass  # a read-only home only costs the next load its dequantisation time
-    return model, tok
+    except OSError:  # a read-only home only costs the next load its dequantisation time
+        # dequantised already: a plain model, which save_pretrained writes (transformers types the
+        # attribute as a Module's and `to` as a decorator's; both are as used here)
+        model.hf_quantizer = None  # type: ignore[assignment]
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model.to(dtype), tok  # type: ignore[arg-type]
+    del model
+    return AutoModelForCausalLM.from_pretrained(cache, dtype=dtype), AutoTokenizer.from_pretrained(cache)
 
 
 def base_reference(src: ModelSource) -> str:

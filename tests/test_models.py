@@ -37,3 +37,14 @@ def test_local_directory_model_loads(tmp_path, tiny):
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         assert torch.allclose(m(ids).logits, model(ids).logits)
+
+
+@pytest.mark.slow
+def test_the_first_load_of_a_gguf_model_is_a_plain_model_that_saves(tmp_path, monkeypatch):
+    # the load that dequantises and fills the cache gives what every later load gives: a model
+    # save_pretrained can write (it used to carry transformers' GGUF quantizer and refuse)
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path / "cache"))
+    first, _ = load_model("smollm2-135m")
+    first.save_pretrained(str(tmp_path / "saved"))
+    again, _ = load_model("smollm2-135m")
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
