@@ -110,13 +110,14 @@ def main(argv: list[str]) -> int:
     print(f"fleet: {args.devices} devices, each sampled with probability {args.rate} (about "
           f"{args.rate * args.devices:.0f} a round), {args.rounds} rounds, delta {delta:.2g}, clip {args.clip}"
           f"{' (adaptive)' if args.adaptive else ''}, model {args.model}, seeds {args.seeds}\n")
-    print("| target epsilon | z | epsilon reached | without amplification | held-out loss | exact match % | "
+    print("| target epsilon | z | epsilon after each round | without amplification | held-out loss | exact match % | "
           "loss - (epsilon inf), paired by seed |")
     print("|---|---|---|---|---|---|---|")
     for eps, (z, reports) in rows.items():
         loss = [r["final_accuracy"]["loss"]["overall"] for r in reports.values()]
         em = [100 * r["final_accuracy"]["overall"] for r in reports.values()]
-        reached = [r["privacy"]["epsilon"] for r in reports.values()]
+        per_round = [max(r["rounds"][i]["privacy"]["epsilon"] for r in reports.values())
+                     for i in range(min(len(r["rounds"]) for r in reports.values()))]
         lm, llo, lhi = mean_interval(loss)
         em_m, em_lo, em_hi = mean_interval(em)
         diff = "-"
@@ -127,7 +128,7 @@ def main(argv: list[str]) -> int:
             verdict = "within noise" if dlo is not None and dlo <= 0 <= dhi else "worse" if dm > 0 else "better"
             diff = f"{dm:+.3f} [{dlo:+.3f}, {dhi:+.3f}] {verdict}" if dlo is not None else f"{dm:+.3f}"
         noamp = "-" if math.isinf(eps) else f"{no_amplification_epsilon(z, args.rounds, delta):.1f}"
-        shown = "inf" if math.isinf(eps) else f"{max(reached):.2f}"
+        shown = "inf" if math.isinf(eps) else ", ".join(f"{e:.2f}" for e in per_round)
         iv = f" [{llo:.3f}, {lhi:.3f}]" if llo is not None else ""
         ev = f" [{em_lo:.1f}, {em_hi:.1f}]" if em_lo is not None else ""
         print(f"| {eps:g} | {z:.3f} | {shown} | {noamp} | {lm:.3f}{iv} | {em_m:.1f}{ev} | {diff} |")
