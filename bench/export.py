@@ -369,8 +369,9 @@ def main(argv: list[str]) -> int:
     print(f"PyTorch fp32 eager with KV cache: time to first token {base['ttft_ms']:.1f} ms, "
           f"{base['ms_per_token']:.2f} ms/token, peak RSS {rss['torch']:.0f} MB\n")
     print("| artifact | MB | MB per update | tokens/s vs torch (per-prompt range) | ms/token | time to first token ms | "
-          "peak RSS MB | top-1 answer tokens | top-1 all positions | exact match torch / artifact % | parity |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "peak RSS MB | top-1 answer tokens | top-1 all positions | KL per position | exact match torch / artifact % | "
+          "parity |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (_, r) in rows.items():
         sp = speed[name]
         update = r.get("adapter_bytes") or r["size_bytes"]
@@ -381,6 +382,7 @@ def main(argv: list[str]) -> int:
         print(f"| {name} | {r['size_bytes'] / 1e6:.1f} | {update / 1e6:.2f} | {sp['speed_vs_torch']:.2f} "
               f"({lo:.2f}-{hi:.2f}) | {sp['ms_per_token']:.2f} | {sp['ttft_ms']:.1f} | {rss[name]:.0f} | "
               f"{r['top1_agreement']:.3f} | {r.get('top1_agreement_all', float('nan')):.3f} | "
+              f"{r.get('mean_kl_all', float('nan')):.4f} | "
               f"{100 * r['accuracy_torch']['overall']:.1f} / {100 * r['accuracy_artifact']['overall']:.1f} | {parity} |")
     return 0
 

@@ -79,6 +79,16 @@ def run_system_prompt(meta: dict) -> str | None:
     return meta["system_prompt"]
 
 
+def _kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """KL(softmax(a) || softmax(b)) per row of logits, in nats (float64)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    la = a - a.max(-1, keepdims=True)
+    la -= np.log(np.exp(la).sum(-1, keepdims=True))
+    lb = b - b.max(-1, keepdims=True)
+    lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
+    return (np.exp(la) * (la - lb)).sum(-1)
+
+
 def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: int = PROMPTS_PER_TASK,
                   max_new_tokens: int = 8,
                   tolerance: Tolerance | None = None, threads: int = 0, runner=None,
@@ -101,7 +111,7 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
         "decoding with its KV cache, then both teacher-forced on PyTorch's answer")
     t0 = time.perf_counter()
     eos = tokenizer.eos_token_id
-    max_abs, agree, positions, agree_all, positions_all = 0.0, 0, 0, 0, 0
+    max_abs, agree, positions, agree_all, positions_all, kl_sum = 0.0, 0, 0, 0, 0, 0.0
     answers: dict[str, list[list[int]]] = {"torch": [], "artifact": []}
     seconds = {"torch": 0.0, "artifact": 0.0}
     tokens = {"torch": 0, "artifact": 0}
@@ -121,6 +131,7 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
         same = a.argmax(-1) == b.argmax(-1)
         agree_all += int(same.sum())
         positions_all += len(same)
+        kl_sum += float(_kl(a, b).sum())
         agree += int(same[len(ids) - 1:].sum())
         positions += len(same) - len(ids) + 1
         done = len(answers["torch"])
@@ -142,6 +153,8 @@ def parity_report(reference, tokenizer, artifact: Path, meta: dict, per_task: in
         "prompts": len(examples), "positions": positions, "positions_all": positions_all,
         "max_abs_logits_diff": max_abs, "top1_agreement": agree / positions,
         "top1_agreement_all": agree_all / positions_all,
+        # KL(PyTorch || artifact) per position, nats: unlike top-1, not decided by near-ties
+        "mean_kl_all": kl_sum / positions_all,
         "same_greedy_answer": same_answers,
         "accuracy_torch": acc["torch"], "accuracy_artifact": acc["artifact"],
         "ms_per_token_torch": 1000 * seconds["torch"] / tokens["torch"],
@@ -178,7 +191,8 @@ def markdown(r: dict) -> str:
     lines += ["",
              f"Top-1 agreement {r['top1_agreement']:.3f} on {r['positions']} answer tokens "
              f"({r['top1_agreement_all']:.3f} over all {r['positions_all']} positions) of {r['prompts']} held-out "
-             f"prompts; max |Δlogits| {r['max_abs_logits_diff']:.3g}; same greedy answer on "
+             f"prompts; KL(PyTorch || artifact) {r.get('mean_kl_all', float('nan')):.4f} nats per position (not decided by "
+             f"near-ties, as top-1 is); max |Δlogits| {r['max_abs_logits_diff']:.3g}; same greedy answer on "
              f"{100 * r['same_greedy_answer']:.0f}% of prompts. Both decode with a KV cache.", "",
              f"Tolerance: {r['tolerance']}. Result: {'OK' if r['ok'] else 'BROKEN: ' + '; '.join(r['failures'])}."]
     if r.get("weights_grid"):

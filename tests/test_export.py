@@ -63,6 +63,7 @@ def test_onnx_fp32_base_plus_adapter_matches_the_merged_model_and_writes_its_par
     assert run.generate(prompt, 6, None)[0] == torch_runner(reference).generate(prompt, 6, None)[0]  # KV cache
     rep = parity_report(reference, tok, artifact, meta, per_task=1)
     assert rep["ok"] and rep["top1_agreement"] == 1.0 and rep["max_abs_logits_diff"] < 1e-3
+    assert 0 <= rep["mean_kl_all"] < 1e-6  # fp32: the same distribution at every position
     assert rep["accuracy_artifact"] == rep["accuracy_torch"] and rep["positions"] < rep["positions_all"]
     assert rep["size_bytes"] == meta["base_bytes"] + meta["adapter_bytes"] and rep["ms_per_token_artifact"] > 0
     saved = json.loads((tmp_path / "parity.json").read_text())
@@ -397,3 +398,13 @@ def test_export_of_a_run_without_a_global_adapter_fails_before_training(tmp_path
     assert main(["simulate", "--model", "tiny-llama", "--method", "local", "--export", "--out", str(tmp_path)]) == 2
     assert "no single global adapter" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
+
+
+def test_the_parity_kl_is_the_divergence_of_the_two_softmaxes():
+    from fedlora_edge.export.parity import _kl
+
+    a = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    assert np.allclose(_kl(a, a), 0.0) and np.allclose(_kl(a, a + 7.0), 0.0)  # shifts do not count
+    b = np.array([[0.0, 2.0, -1.0], [0.5, 0.5, 0.5]])
+    p, q = np.exp(a[0]) / np.exp(a[0]).sum(), np.exp(b[0]) / np.exp(b[0]).sum()
+    assert _kl(a, b)[0] == pytest.approx(float((p * np.log(p / q)).sum())) and _kl(a, b)[1] == pytest.approx(0.0)
