@@ -122,6 +122,11 @@ class ComponentAverager:
             num_b.index_add_(1, idx, c.weight * (b - gb.index_select(1, idx)))
             z.index_add_(0, idx, torch.full((len(idx),), float(c.weight), dtype=ga.dtype))
 
+    def sums(self) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per module, the weighted sums of the contributions' changes, ``Σ_k w_k (c_kj − c_j)``
+        (zero for a component nobody trained): the numerators :meth:`result` divides."""
+        return self._num
+
     def result(self) -> Factors:
         out: Factors = {}
         for module, (ga, gb) in self.global_factors.items():

@@ -373,17 +373,14 @@ class Engine:
         the sampling rate times the eligible devices whose plan has it ("trainers"), or times the
         eligible devices with a plan ("all"): fixed before the round, whoever comes."""
         round_idx = len(self.state.rounds) + 1
+        plans = [p for c in self.participants
+                 if (p := self.method.plan(c.id, c.planned.rank, self.ctx, round_idx, self.state.method_state))]
         out = {m: torch.zeros(ga.shape[0], dtype=ga.dtype) for m, (ga, _) in self.state.global_factors.items()}
-        planned = 0
-        for c in self.participants:
-            plan = self.method.plan(c.id, c.planned.rank, self.ctx, round_idx, self.state.method_state)
-            if plan is None:
-                continue
-            planned += 1
+        if self.method.dp_normalise == "all":
+            return {m: e.fill_(self.dp_rate * len(plans)) for m, e in out.items()}
+        for plan in plans:
             for module, mp in plan.modules.items():
                 out[module][list(mp.components)] += self.dp_rate
-        if self.method.dp_normalise == "all":
-            return {m: torch.full_like(e, self.dp_rate * planned) for m, e in out.items()}
         return out
 
     def _check_clip(self, a: Assignment, factors: Factors) -> None:

@@ -239,39 +239,31 @@ def no_amplification_epsilon(noise_multiplier: float, rounds: int, delta: float)
 class NoisedSum:
     """DP-FedAvg's aggregate of one round, as a streaming accumulator (``add`` / ``finish``): per
     module and global component ``j``, ``c_j <- c_j + (sum_k (c_kj - c_j) + N(0, (z C)^2)) / E_j``
-    over the round's clipped contributions ``k``, where ``E_j`` is the expected number of devices
-    that train ``j`` this round (fixed before the round: the sampling rate times the eligible
-    devices whose plan has ``j``), not the number that came.  Every contribution weighs 1.  A
-    component no eligible device trains keeps its value (and gets no noise: it is not released
-    changed).  The noise is drawn at ``finish`` from ``generator``."""
+    over the round's clipped contributions ``k`` (each of weight 1: the engine's weight under DP),
+    where ``E_j`` is the expected number of devices that train ``j`` this round (fixed before the
+    round: the sampling rate times the eligible devices whose plan has ``j``), not the number that
+    came.  The sums are :class:`~fedlora_edge.coordinator.aggregate.ComponentAverager`'s.  A
+    component no eligible device trains keeps its value (its noise is not released).  The noise is
+    drawn at ``finish`` from ``generator``."""
 
     def __init__(self, global_factors: Mapping, expected: Mapping[str, torch.Tensor], std: float,
                  generator: torch.Generator):
-        import torch
+        from .aggregate import ComponentAverager
 
         self.global_factors = global_factors
         self.expected = expected
         self.std = std
         self.generator = generator
-        self.count = 0
-        self._num = {m: (torch.zeros_like(ga), torch.zeros_like(gb)) for m, (ga, gb) in global_factors.items()}
+        self.sum = ComponentAverager(global_factors, "trainers")
 
     def add(self, c) -> None:
-        import torch
-
-        for module, mp in c.plan.modules.items():
-            ga, gb = self.global_factors[module]
-            a, b = c.factors[module]
-            idx = torch.tensor(mp.components, dtype=torch.long)
-            num_a, num_b = self._num[module]
-            num_a.index_add_(0, idx, a - ga.index_select(0, idx))
-            num_b.index_add_(1, idx, b - gb.index_select(1, idx))
-        self.count += 1
+        self.sum.add(c)
 
     def finish(self) -> tuple[dict, dict]:
         out = {}
+        sums = self.sum.sums()
         for module, (ga, gb) in self.global_factors.items():
-            num_a, num_b = self._num[module]
+            num_a, num_b = sums[module]
             e = self.expected[module].to(ga.dtype)
             live = e > 0
             na = num_a + gaussian_noise(num_a.shape, self.std, self.generator)

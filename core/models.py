@@ -308,7 +308,8 @@ def load_model(spec: str | ModelSource, device: str | torch.device = "cpu", dtyp
     """Load ``(model, tokenizer)``: eval mode, base parameters frozen, on ``device``; float32, or
     the ``dtype`` and quantized base of :func:`fedlora_edge.core.precision.prepare_base` (``train.dtype``,
     ``train.base_quant``)."""
-    from .precision import check_device, prepare_base, torch_dtype
+    from .dtypes import check_device
+    from .precision import prepare_base, torch_dtype
 
     check_device(dtype, device)  # before anything loads
     src = spec if isinstance(spec, ModelSource) else resolve_model(spec)

@@ -41,7 +41,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from .dtypes import BASE_QUANTS, DTYPES, PrecisionError, check_device  # noqa: F401 - check_device: models' import
+from .dtypes import BASE_QUANTS, DTYPES, PrecisionError, check_device
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NF4_BLOCK = 64          # QLoRA's block of weights sharing one scale

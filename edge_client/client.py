@@ -33,9 +33,7 @@ from fedlora_edge.core.quiet import quiet_third_party
 
 from . import __version__
 from .device_state import DeviceState
-from .session import DeviceSession, Training, Will, load_for_training, log, same_base
-
-__all__ = ["build_parser", "main", "run", "build_session", "broker_address", "load_for_training", "same_base"]
+from .session import DeviceSession, Training, Will, log
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from fedlora_edge.core.data import Block, Example, collate, collate_packed, encode_examples, pack_examples
-from fedlora_edge.core.dtypes import BASE_QUANTS, DTYPES, PrecisionError, check_device  # noqa: F401 - the trainer's names
+from fedlora_edge.core.dtypes import check_device
 
 # torch is imported where a step runs, not here: the coordinator's config reads TrainSettings, and
 # commands that train nothing (`fedlora --help`, `devices`, `methods`) start without torch

@@ -93,26 +93,8 @@ def _fused_stem(module: str) -> tuple[str, str] | None:
     return f"layers.{m['layer']}.attn.qkv", f"/model/layers.{m['layer']}/attn/qkv_proj/"
 def stage_model(model, tokenizer, folder: Path) -> None:
     """The base as a transformers folder the builder reads (the GGUF loader leaves the config's
-    ``architectures`` empty; saving the loaded model fills it).  A model straight from a GGUF file
-    (the first load of one, before :func:`fedlora_edge.core.models.load_model` caches its dequantised
-    weights) still carries transformers' GGUF quantizer, whose ``save_pretrained`` refuses ("not
-    serializable"): its float weights are written as they are, the config without the GGUF marker."""
-    quant = getattr(getattr(model.config, "quantization_config", None), "quant_method", None)
-    if getattr(model, "hf_quantizer", None) is not None and str(getattr(quant, "value", quant)) == "gguf":
-        import copy
-
-        from safetensors.torch import save_model
-
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg = copy.deepcopy(model.config)
-        del cfg.quantization_config
-        cfg.architectures = [type(model).__name__]
-        cfg.save_pretrained(str(folder))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(str(folder))
-        save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        model.save_pretrained(str(folder))
+    ``architectures`` empty; saving the loaded model fills it)."""
+    model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
 
 

@@ -48,7 +48,7 @@ class FakeLink:
         self.closed = False
         self.drained_ok = True  # False: waiting on an empty inbox fails the test (loop() would spin)
 
-    def connect(self, timeout_s=30.0):
+    def connect(self, timeout_s=None):  # nothing to wait for: the fake is connected at once
         self.wills.append(self.will())
         for hook in self.on_connect_hooks:
             hook()
@@ -56,7 +56,7 @@ class FakeLink:
     def subscribe(self, topic_filter):
         self.subscribed.append(topic_filter)
 
-    def publish(self, topic_name, payload, *, retain=False, timeout_s=120.0):
+    def publish(self, topic_name, payload, *, retain=False, timeout_s=None):
         self.published.append((topic_name, payload, retain))
 
     def get(self, timeout_s):

@@ -277,7 +277,7 @@ def test_methods_that_hold_route_or_refactor_run_on_a_bf16_nf4_base(tmp_path, me
 
 
 def test_a_device_loads_the_base_its_plan_asks_for():
-    from fedlora_edge.edge_client.client import load_for_training, same_base
+    from fedlora_edge.edge_client.session import load_for_training, same_base
 
     meta = {"model": "tiny-llama", "targets": TARGETS, "dropout": 0.0,
             "plan": uniform_plan({"model.layers.0.self_attn.q_proj": (64, 64)}, 1, 2.0).to_json(),
