@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedlora_edge.core.clip import update_norm
 from fedlora_edge.core.data import Example, example_lengths
 from fedlora_edge.core.dtypes import PrecisionError, check_device
 from fedlora_edge.core.lora import (
@@ -45,6 +46,7 @@ from fedlora_edge.core.lora import (
     adapted_modules,
     from_state_dict,
     install_adapter,
+    slice_factors,
     to_state_dict,
     uniform_plan,
 )
@@ -385,14 +387,8 @@ class Engine:
 
     def _check_clip(self, a: Assignment, factors: Factors) -> None:
         """Refuse an update whose change from the global adapter is over the round's clip."""
-        sq = 0.0
-        for module, mp in a.plan.modules.items():
-            ga, gb = self.state.global_factors[module]
-            idx = torch.tensor(mp.components, dtype=torch.long)
-            fa, fb = factors[module]
-            sq += float((fa - ga.index_select(0, idx)).double().pow(2).sum())
-            sq += float((fb - gb.index_select(1, idx)).double().pow(2).sum())
-        norm = math.sqrt(sq)
+        start = slice_factors(self.state.global_factors, a.plan)  # what the device started from
+        norm = update_norm(to_state_dict({m: (fa - start[m][0], fb - start[m][1]) for m, (fa, fb) in factors.items()}))
         if norm > self.dp_clip * (1 + 1e-4) + 1e-7:
             raise UpdateRejected(f"client {a.client}: its update's norm {norm:.4g} is over privacy.dp's clip "
                                  f"{self.dp_clip:.4g}")
