@@ -359,7 +359,8 @@ class Engine:
         self.dp_rate = min(1.0, self.cfg.clients_per_round / max(1, n))
         self.dp_delta = dp.target_delta if dp.target_delta is not None else 1.0 / max(2, n)
         self.dp_clip = dp.clip_norm
-        self.dp_update_z = update_noise_multiplier(dp, n * self.dp_rate)
+        # each noised sum's multiplier: the updates', and HAFL's importance scores' as a second sum
+        self.dp_update_z = update_noise_multiplier(dp, n * self.dp_rate, 2 if self.method.dp_scores else 1)
         self.accountant = Accountant(dp.accountant)
         planned = epsilon_for(dp.noise_multiplier, self.dp_rate, self.cfg.rounds, self.dp_delta, dp.accountant)
         self.reporter.status(f"privacy: device-level DP, z {dp.noise_multiplier:g}, clip {dp.clip_norm:g}, "
@@ -370,20 +371,26 @@ class Engine:
                                  f"epsilon {planned:.1f} after {self.cfg.rounds} rounds; a useful guarantee "
                                  "(epsilon of a few units) needs hundreds of devices a round")
 
-    def _dp_expected(self, order: list[str]) -> dict[str, torch.Tensor]:
+    def _dp_expected(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """Per module, the expected number of devices that train each global component this round:
         the sampling rate times the eligible devices whose plan has it ("trainers"), or times the
-        eligible devices with a plan ("all"): fixed before the round, whoever comes."""
+        eligible devices with a plan ("all"): fixed before the round, whoever comes.  Second, for
+        a method whose devices score importance, the expected number that score each component
+        (None otherwise)."""
         round_idx = len(self.state.rounds) + 1
         plans = [p for c in self.participants
                  if (p := self.method.plan(c.id, c.planned.rank, self.ctx, round_idx, self.state.method_state))]
-        out = {m: torch.zeros(ga.shape[0], dtype=ga.dtype) for m, (ga, _) in self.state.global_factors.items()}
-        if self.method.dp_normalise == "all":
-            return {m: e.fill_(self.dp_rate * len(plans)) for m, e in out.items()}
+        zeros = {m: torch.zeros(ga.shape[0], dtype=ga.dtype) for m, (ga, _) in self.state.global_factors.items()}
+        trainers = {m: e.clone() for m, e in zeros.items()}
+        scorers = {m: e.clone() for m, e in zeros.items()} if self.method.dp_scores else None
         for plan in plans:
             for module, mp in plan.modules.items():
-                out[module][list(mp.components)] += self.dp_rate
-        return out
+                trainers[module][list(mp.components)] += self.dp_rate
+                if scorers is not None:
+                    scorers[module][list(plan.scored(module))] += self.dp_rate
+        if self.method.dp_rule(self.ctx) == "all":
+            trainers = {m: e.fill_(self.dp_rate * len(plans)) for m, e in zeros.items()}
+        return trainers, scorers
 
     def _check_clip(self, a: Assignment, factors: Factors) -> None:
         """Refuse an update whose change from the global adapter is over the round's clip."""
@@ -557,8 +564,11 @@ class Engine:
         as it is now; :meth:`open_round` calls it, a transport re-opening a round calls it itself."""
         acc: Accumulator
         if self.dp is not None:  # DP-FedAvg over the method's plans (coordinator/privacy.py)
-            acc = NoisedSum(self.state.global_factors, self._dp_expected(order), self.dp_update_z * self.dp_clip,
-                            noise_generator())
+            trainers, scorers = self._dp_expected()
+            state = self.state.method_state
+            acc = NoisedSum(self.state.global_factors, trainers, self.dp_update_z * self.dp_clip, noise_generator(),
+                            scorers=scorers, score_std=self.dp_update_z,  # the scores' bound is 1 (unit_norm)
+                            then=lambda noised, expected: self.method.dp_importance(state, noised, expected))
         else:
             acc = self.method.accumulator(self.state.global_factors, self.ctx, self.state.method_state)
         self.fold = OrderedFold(acc, order)
@@ -584,6 +594,9 @@ class Engine:
                 raise UpdateRejected(f"client {a.client}: importance scores of '{module}' are negative")
         if self.dp is not None:
             self._check_clip(a, from_state_dict(tensors))
+            if importance and update_norm(importance) > 1 + 1e-4:
+                raise UpdateRejected(f"client {a.client}: its importance scores' norm {update_norm(importance):.4g} is "
+                                     "over 1 (under privacy.dp a device sends them scaled to norm 1)")
         return Contribution(a.client, a.plan, from_state_dict(tensors), self.weight(a.client, rep["num_examples"]),
                             importance, extras)
 
@@ -787,6 +800,10 @@ class Engine:
                        "epsilon": self.accountant.epsilon(self.dp_delta), "delta": self.dp_delta,
                        "noise_multiplier": self.dp.noise_multiplier, "clip_norm": self.dp.clip_norm,
                        "adaptive_clipping": self.dp.adaptive_clipping, "sampling": "poisson",
+                       # the sums each round releases (the updates', HAFL's importance scores') and the
+                       # noise multiplier each gets so that together they cost noise_multiplier
+                       "noised_sums": ["updates", "importance"] if self.method.dp_scores else ["updates"],
+                       "sum_noise_multiplier": self.dp_update_z,
                        "sample_rate": self.dp_rate, "eligible_devices": len(self.participants),
                        "accountant": f"opacus {self.dp.accountant}", "rounds": self.accountant.rounds,
                        "epsilon_without_amplification": no_amplification_epsilon(

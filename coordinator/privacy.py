@@ -16,6 +16,12 @@ update before the noise (secure aggregation is what hides those).  The guarantee
 - **Noise.**  The coordinator adds ``N(0, (z C)^2)`` to each coordinate of the sum of the round's
   clipped updates and divides by a fixed denominator (the expected number of participants), never
   by the number that came (:func:`gaussian_noise`).
+- **Importance scores** (HAFL): a device sends its scores scaled to norm 1
+  (:func:`fedlora_edge.core.clip.unit_norm`); the coordinator checks the bound, noises their sum as
+  it noises the updates' and divides by the expected scorers; the components are ranked by those
+  noised fleet scores alone (a device's own scores are never kept).  The round then releases two
+  noised sums, each with ``sqrt(2)`` times the noise multiplier, which together cost what one at
+  ``z`` does (:func:`update_noise_multiplier`).
 - **Adaptive clipping** (Andrew et al., 2021; Flower's defaults): ``C <- C exp(-lr (b - gamma))``
   with ``b`` the noised fraction of updates whose norm was at most ``C`` (:func:`adaptive_clip`).
 - **Accounting** with Opacus's RDP accountant (or its PRV accountant), whose figures for this
@@ -52,7 +58,6 @@ NO_DP = {
     "multi-krum": "Krum scores individual updates against each other; noise on a sum does not cover it",
     "clair": "its low-rank plus sparse recovery reads every update to find the contaminated ones",
     "fedlease": "its clustering reads each device's adapter, and each cluster's expert is one group's mean",
-    "hafl": "its importance scores go up unclipped and steer which components the fleet trains",
     "local": "it releases each device's own adapter",
     "centralized": "it pools every device's data on the server",
 }
@@ -116,21 +121,24 @@ def adaptive_clip(clip_norm: float, unclipped: int, expected_participants: float
     return clip_norm * math.exp(-settings.clip_lr * (b - settings.target_quantile))
 
 
-def update_noise_multiplier(settings: DPSettings, expected_participants: float) -> float:
-    """The noise multiplier of the updates' sum.  Without adaptive clipping it is ``z``.  With it,
-    the noised count of unclipped updates is a second release each round, so the sum gets
-    ``z_update = (z^-2 - (2 sigma_b)^-2)^-1/2`` and the two together cost what ``z`` alone would
-    (Andrew et al. 2021, Flower's adaptive-clipping wrappers): the accountant counts ``z``.
-    ``sigma_b`` must exceed ``z / 2``."""
+def update_noise_multiplier(settings: DPSettings, expected_participants: float, sums: int = 1) -> float:
+    """The noise multiplier of each noised sum a round releases (``sums``: the updates', and HAFL's
+    importance scores' as a second), in units of its own bound.  Gaussian releases of one round
+    compose as one whose ``z^-2`` is the sum of theirs, so ``sums`` sums of multiplier ``z_s`` cost
+    what one of ``z = z_s / sqrt(sums)`` would: ``z_s = sqrt(sums) z``.  With adaptive clipping the
+    noised count of unclipped updates is one more release (noise ``sigma_b``, sensitivity 1/2 in the
+    count's units), so ``z_s = sqrt(sums) (z^-2 - (2 sigma_b)^-2)^-1/2`` (Andrew et al. 2021,
+    Flower's adaptive-clipping wrappers) and all of them together cost what ``z`` alone would: the
+    accountant counts ``z``.  ``sigma_b`` must exceed ``z / 2``."""
     z = settings.noise_multiplier
     if not settings.adaptive_clipping:
-        return z
+        return math.sqrt(sums) * z
     sigma_b = count_stddev(settings, expected_participants)
     if 2 * sigma_b <= z:
         raise PrivacyError(f"privacy.dp.clipped_count_stddev: {sigma_b:.3g} (expected participants / 20 unless "
                            f"set) must exceed noise_multiplier / 2 = {z / 2:g} for adaptive clipping to fit in "
                            "the budget; set it higher, or sample more devices a round")
-    return (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
+    return math.sqrt(sums) * (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
 
 
 def count_stddev(settings: DPSettings, expected_participants: float) -> float:
@@ -244,10 +252,19 @@ class NoisedSum:
     round: the sampling rate times the eligible devices whose plan has ``j``), not the number that
     came.  The sums are :class:`~fedlora_edge.coordinator.aggregate.ComponentAverager`'s.  A
     component no eligible device trains keeps its value (its noise is not released).  The noise is
-    drawn at ``finish`` from ``generator``."""
+    drawn at ``finish`` from ``generator``.
+
+    ``scorers`` (HAFL): per module, the expected number of devices that score each component.  Each
+    contribution's importance scores (norm at most 1 over all its modules, checked on arrival) are
+    summed per component too, noised with ``N(0, score_std^2)`` and divided by ``scorers``; at
+    ``finish``, ``then(noised, expected)`` gets them (``nan`` where nobody was expected to score)
+    with the expected trainers, and the method ranks by them alone."""
 
     def __init__(self, global_factors: Mapping, expected: Mapping[str, torch.Tensor], std: float,
-                 generator: torch.Generator):
+                 generator: torch.Generator, scorers: Mapping[str, torch.Tensor] | None = None,
+                 score_std: float = 0.0, then=None):
+        import torch
+
         from .aggregate import ComponentAverager
 
         self.global_factors = global_factors
@@ -255,9 +272,16 @@ class NoisedSum:
         self.std = std
         self.generator = generator
         self.sum = ComponentAverager(global_factors, "trainers")
+        self.scorers = scorers
+        self.score_std = score_std
+        self.then = then
+        self.score_sums = {m: torch.zeros(len(e), dtype=torch.float64) for m, e in (scorers or {}).items()}
 
     def add(self, c) -> None:
         self.sum.add(c)
+        for module, scores in c.importance.items():
+            if module in self.score_sums:
+                self.score_sums[module][list(c.plan.scored(module))] += scores.double()
 
     def finish(self) -> tuple[dict, dict]:
         out = {}
@@ -272,4 +296,12 @@ class NoisedSum:
             new_a = ga + na / safe[:, None]
             new_b = gb + nb / safe[None, :]
             out[module] = (new_a.where(live[:, None], ga).clone(), new_b.where(live[None, :], gb).clone())
+        if self.scorers is not None:
+            noised = {}
+            for module, total in self.score_sums.items():
+                e = self.scorers[module].double()
+                noisy = total + gaussian_noise(total.shape, self.score_std, self.generator).double()
+                noised[module] = (noisy / e.clamp(min=1e-12)).where(e > 0, math.nan)
+            if self.then is not None:
+                self.then(noised, self.expected)
         return out, {}

@@ -1,6 +1,8 @@
 """The clip of device-level differential privacy, which both sides apply: a device clips what it
 sends (:func:`clip_to_start`), the coordinator checks the bound (:func:`update_norm`).  An update is
-every tensor a device sends, as one vector, minus what it started from."""
+every tensor a device sends, as one vector, minus what it started from.  Importance scores (HAFL)
+are not a change from a start: the device sends them scaled to norm 1 (:func:`unit_norm`), which
+bounds one device's part in their sum as the clip bounds its part in the update's."""
 
 from __future__ import annotations
 
@@ -37,3 +39,10 @@ def clip_to_start(trained: Mapping[str, torch.Tensor], start: Mapping[str, torch
     delta = {k: trained[k] - start[k] for k in trained}
     clipped, norm = clip_update(delta, clip_norm)
     return {k: start[k] + clipped[k] for k in trained}, norm
+
+
+def unit_norm(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (as one vector) scaled to norm 1; all zeros stay zeros.  Only the ranking of a
+    device's importance scores matters to the coordinator, and the scale bounds their sensitivity."""
+    norm = update_norm(tensors)
+    return {k: (t / norm if norm > 0 else t.clone()).to(t.dtype) for k, t in tensors.items()}

@@ -161,6 +161,16 @@ class ClientPlan:
         """What the device does with this plan beyond training its components."""
         return DeviceSteps.from_extra(self.extra)
 
+    def scored(self, module: str) -> tuple[int, ...]:
+        """The global components whose importance a device following this plan scores in ``module``
+        (in the order its scores come), where the plan asks for scores (``steps.importance``):
+        every held one when the rest are frozen in the forward pass, else the plan's own."""
+        steps = self.steps
+        if steps.frozen == "forward":
+            assert steps.hold is not None, "DeviceSteps: a frozen mode comes with a hold"
+            return tuple(range(steps.hold))
+        return self.modules[module].components
+
     def to_json(self) -> dict:
         return {"scale": self.scale, "rank": self.rank, "extra": self.extra,
                 "modules": {m: list(p.components) for m, p in self.modules.items()}}

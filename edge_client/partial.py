@@ -169,13 +169,8 @@ def update_shapes(module_dims: Mapping[str, tuple[int, int]], plan: ClientPlan) 
     out = expected_shapes(module_dims, plan)
     steps = plan.steps
     if steps.importance:
-        for module, mp in plan.modules.items():
-            if steps.frozen == "forward":
-                assert steps.hold is not None, "DeviceSteps: a frozen mode comes with a hold"
-                scored = steps.hold
-            else:
-                scored = mp.rank
-            out[importance_key(module)] = (scored,)
+        for module in plan.modules:
+            out[importance_key(module)] = (len(plan.scored(module)),)
     out.update(mixture_shapes(module_dims, plan))
     return out
 

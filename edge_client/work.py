@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from fedlora_edge.core.clip import clip_to_start
+from fedlora_edge.core.clip import clip_to_start, unit_norm
 from fedlora_edge.core.data import Example, with_system
 from fedlora_edge.core.lora import (
     ClientPlan,
@@ -25,7 +25,7 @@ from fedlora_edge.core.lora import (
 from fedlora_edge.core.wire import decode_tensors, encode_tensors
 
 from .experts import mixture_model, mixture_of
-from .partial import PartialTraining, folded, held_plan
+from .partial import IMPORTANCE_PREFIX, PartialTraining, folded, held_plan
 from .trainer import TrainSettings, train_local
 
 ADAPTER = "client"
@@ -133,6 +133,9 @@ def _finish(meta: dict, tensors: dict, res, start: dict | None = None) -> tuple[
     if clip is not None:  # device-level DP: what goes up is the start plus the clipped change
         if start is None:
             raise ValueError("privacy.dp: this assignment's update has no start to clip against")
-        tensors, norm = clip_to_start(tensors, start, float(clip))
+        scores = {k: tensors[k] for k in tensors if k.startswith(IMPORTANCE_PREFIX)}
+        factors = {k: t for k, t in tensors.items() if k not in scores}
+        tensors, norm = clip_to_start(factors, start, float(clip))
+        tensors.update(unit_norm(scores))  # HAFL's scores: norm 1, the coordinator noises their sum
         report["dp_unclipped"] = norm <= float(clip)  # adaptive clipping counts these, with noise
     return encode_tensors(tensors), report

@@ -165,7 +165,7 @@ def test_the_run_stops_before_a_round_would_spend_past_the_budget(tmp_path):
     assert (tmp_path / "out" / "adapter").is_dir()  # the outputs of the rounds that ran are written
 
 
-@pytest.mark.parametrize("method", ["flexlora", "median", "clair", "fedlease", "hafl"])
+@pytest.mark.parametrize("method", ["flexlora", "median", "clair", "fedlease"])
 def test_methods_whose_aggregate_is_not_a_clipped_sum_are_refused_before_the_run(method):
     from fedlora_edge.coordinator.config import ConfigError, load_config
 
@@ -247,3 +247,104 @@ def test_over_mqtt_devices_clip_and_the_coordinator_accounts_as_in_simulate(tmp_
         assert r["status"] == "ok" and r["valid_updates"] == 3 and not r["rejected"]
         assert r["privacy"]["sample_rate"] == 1.0
     assert rep["privacy"]["epsilon"] == pytest.approx(epsilon_for(1.0, 1.0, 2, 1 / 3))
+
+
+# ------------------------------------------------------------------ HAFL: its importance scores under DP
+
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", ["freeze", "truncate"])
+def test_hafl_under_dp_ranks_by_noised_fleet_scores_and_pays_for_them(tmp_path, variant):
+    sim = _sim(tmp_path, method="hafl", **{"privacy.dp.noise_multiplier": 1.0, "privacy.dp.clip_norm": 0.05,
+                                           "hafl.variant": variant, "lora.rank": 2})
+    report = sim.run()
+    e = sim.engine
+    for r in report["rounds"]:
+        assert not r["rejected"], r["rejected"]  # factors clipped, scores of norm 1
+    # two noised sums a round (the updates', the scores'), each at sqrt(2) z: together they cost z
+    assert report["privacy"]["noised_sums"] == ["updates", "importance"]
+    assert e.dp_update_z == pytest.approx(math.sqrt(2.0))
+    assert report["privacy"]["epsilon"] == pytest.approx(epsilon_for(1.0, 0.5, 2, 1 / 12))
+    imp = e.state.method_state["importance"]
+    assert imp["clients"] == {}  # no device's own scores are kept: plans rank by the noised fleet scores
+    assert any(v < 0 for scores in imp["global"].values() for v in scores)  # the noise shows (scores are >= 0)
+    assert imp["trained"] and all(imp["trained"].values())
+
+
+def test_the_device_sends_its_importance_scores_at_norm_1_beside_its_clipped_factors():
+    from fedlora_edge.edge_client.work import _finish
+
+    class Res:
+        num_examples, steps, first_loss, last_loss, seconds, losses = 8, 2, 1.0, 0.5, 0.1, [1.0, 0.5]
+
+    start = {"a": torch.zeros(4, 3), "b": torch.zeros(5, 4)}
+    sent = {"a": torch.full((4, 3), 3.0), "b": torch.full((5, 4), -2.0),
+            "importance.m1": torch.tensor([3e-9, 0.0, 0.0, 0.0]), "importance.m2": torch.tensor([0.0, 4e-9])}
+    blob, report = _finish({"round": 1, "privacy": {"clip_norm": 0.5}}, sent, Res(), start=start)
+    from fedlora_edge.core.wire import decode_tensors
+
+    out = decode_tensors(blob)
+    assert update_norm({k: out[k] for k in ("a", "b")}) == pytest.approx(0.5, rel=1e-5) and not report["dp_unclipped"]
+    scores = {k: v for k, v in out.items() if k.startswith("importance.")}
+    assert update_norm(scores) == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(scores["importance.m1"], torch.tensor([0.6, 0.0, 0.0, 0.0]), atol=1e-6)
+    assert torch.allclose(scores["importance.m2"], torch.tensor([0.0, 0.8]), atol=1e-6)  # one vector, its ranking kept
+
+
+def test_the_noised_scores_are_their_sum_plus_gaussian_noise_over_the_expected_scorers():
+    from fedlora_edge.coordinator.aggregate import Contribution
+    from fedlora_edge.coordinator.privacy import NoisedSum
+    from fedlora_edge.core.lora import ClientPlan, DeviceSteps, ModulePlan
+
+    g = {"m": (torch.zeros(4, 3), torch.zeros(5, 4))}
+    truncate = ClientPlan({"m": ModulePlan((1, 3))}, 1.0, 2, DeviceSteps(importance=(0.85, 0.85)).to_extra())
+    got = {}
+    expected = {"m": torch.tensor([0.0, 2.0, 0.0, 2.0])}
+    acc = NoisedSum(g, expected, 0.0, torch.Generator().manual_seed(0), scorers={"m": torch.tensor([0.0, 2.0, 0.0, 2.0])},
+                    score_std=0.0, then=lambda noised, e: got.update(noised=noised, e=e))
+    zeros = (torch.zeros(2, 3), torch.zeros(5, 2))
+    acc.add(Contribution("x", truncate, {"m": zeros}, 1.0, {"m": torch.tensor([0.6, 0.8])}))
+    acc.add(Contribution("y", truncate, {"m": zeros}, 1.0, {"m": torch.tensor([0.0, 1.0])}))
+    acc.finish()
+    noised = got["noised"]["m"]
+    assert torch.isnan(noised[0]) and torch.isnan(noised[2])  # nobody was expected to score them: not released
+    assert noised[1].item() == pytest.approx(0.3) and noised[3].item() == pytest.approx(0.9)
+    # with noise: the released scores spread as score_std / expected scorers
+    draws = []
+    for seed in range(400):
+        acc = NoisedSum(g, expected, 0.0, torch.Generator().manual_seed(seed), scorers={"m": torch.full((4,), 2.0)},
+                        score_std=1.5, then=lambda noised, e: draws.append(noised["m"]))
+        acc.finish()
+    assert torch.stack(draws).std().item() == pytest.approx(0.75, rel=0.08)
+
+
+@pytest.mark.integration
+def test_importance_scores_over_norm_1_are_rejected_under_dp(tmp_path):
+    from fedlora_edge.coordinator.validate import UpdateRejected
+    from fedlora_edge.core.lora import to_state_dict
+    from fedlora_edge.core.wire import encode_tensors
+
+    sim = _sim(tmp_path, method="hafl", **{"privacy.dp.noise_multiplier": 1.0, "privacy.dp.clip_norm": 0.05,
+                                           "hafl.variant": "truncate", "lora.rank": 2})
+    e = sim.engine
+    a = None
+    while a is None:  # Poisson sampling may pick nobody
+        assignments, _ = e.open_round(1)
+        a = assignments[0] if assignments else None
+    same = {m: (ga[list(mp.components)].clone(), gb[:, list(mp.components)].clone())
+            for m, mp in a.plan.modules.items() for ga, gb in [e.state.global_factors[m]]}
+    report = {"round": 1, "num_examples": 8, "steps": 2, "first_loss": 1.0, "last_loss": 1.0, "seconds": 0.1,
+              "losses": [1.0, 1.0]}
+    unit = {f"importance.{m}": torch.full((mp.rank,), 1.0) for m, mp in a.plan.modules.items()}
+    with pytest.raises(UpdateRejected, match="importance scores' norm"):
+        e.accept(a, encode_tensors({**to_state_dict(same), **unit}), report)
+    n = math.sqrt(sum(t.numel() for t in unit.values()))
+    e.accept(a, encode_tensors({**to_state_dict(same), **{k: v / n for k, v in unit.items()}}), report)
+
+
+def test_two_noised_sums_a_round_each_get_sqrt_2_times_the_multiplier():
+    from fedlora_edge.coordinator.privacy import update_noise_multiplier
+
+    assert update_noise_multiplier(DPSettings(noise_multiplier=1.3), 100, sums=2) == pytest.approx(1.3 * math.sqrt(2))
+    adaptive = DPSettings(noise_multiplier=1.0, adaptive_clipping=True)  # sigma_b = 100 / 20 = 5
+    z_s = update_noise_multiplier(adaptive, 100, sums=2)
+    assert 2 * z_s ** -2 + 10.0 ** -2 == pytest.approx(1.0)  # the two sums and the count together: z = 1

@@ -127,6 +127,19 @@ class Method(Protocol):
         Default: none."""
         ...
 
+    def dp_rule(self, ctx: MethodContext) -> str | None:
+        """Under ``privacy.dp``, what the noised sum divides by, where it depends on the method's
+        settings ("trainers" or "all", as ``dp_normalise``).  Default: ``dp_normalise``."""
+        ...
+
+    def dp_importance(self, state: dict, noised: dict, expected: dict) -> None:
+        """Under ``privacy.dp``, for a method whose devices send importance scores: the round's
+        noised fleet scores (module -> one per global component, ``nan`` where nobody was expected
+        to score) and expected trainers (module -> one per component), to keep in ``state`` for
+        the next plans, which must rank by nothing else.  Default: none (the method's devices send
+        no scores)."""
+        ...
+
 
 class Accumulator(Protocol):
     """One round's aggregation as it is fed: ``add`` each valid contribution (in the round's order),
@@ -276,6 +289,23 @@ class Bound:
             acc.add(c)
         factors, record = acc.finish()
         return factors, dict(record or {})
+
+    def dp_rule(self, ctx) -> str | None:
+        """Under ``privacy.dp``: what the noised sum divides by ("trainers" or "all", see
+        ``dp_normalise``), which a method may make depend on its settings (its own ``dp_rule``)."""
+        f = self._own("dp_rule")
+        return f(self._ctx(ctx)) if f else self.dp_normalise
+
+    @property
+    def dp_scores(self) -> bool:
+        """True when the method's devices send importance scores that, under ``privacy.dp``, are
+        noised and handed to its ``dp_importance(state, noised, expected)`` hook (HAFL)."""
+        return self._own("dp_importance") is not None
+
+    def dp_importance(self, state, noised, expected) -> None:
+        f = self._own("dp_importance")
+        if f:
+            f(state, noised, expected)
 
     def global_rank(self, ctx) -> int:
         f = self._own("global_rank")

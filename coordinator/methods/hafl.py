@@ -42,6 +42,12 @@ Reconstructed (only the abstract is public, and no official code was found):
   does), and the lock-in stays;
 - rank-1 aggregation weights are data sizes.
 
+Under ``privacy.dp`` (docs/privacy.md): the aggregate is DP-FedAvg's noised sum over the same
+plans (each component over its expected trainers, or over the expected participants with
+``zero_pad``); the devices send their scores scaled to norm 1, the coordinator noises their sum
+(:class:`~fedlora_edge.coordinator.privacy.NoisedSum`) and :func:`noised_importance` keeps the
+noised fleet scores and no device's own, so every plan ranks by the noised scores alone.
+
 Aggregation streams: each update is folded into running sums as it is validated, then dropped
 (:class:`~coordinator.methods.base.Averaging`), so a round holds adapter-sized sums whatever its
 number of updates.
@@ -115,6 +121,13 @@ class HAFL:
     name = "hafl"
     Settings = HaflSettings
     plain_plans = False  # its plans score importance (and with freeze hold frozen components)
+    dp_normalise = "trainers"  # under privacy.dp: DP-FedAvg over the same plans (dp_rule: by hafl.aggregation)
+
+    def dp_rule(self, ctx: MethodContext) -> str:
+        return "trainers" if ctx.settings.aggregation == "rank1" else "all"
+
+    def dp_importance(self, state: dict, noised: dict, expected: dict) -> None:
+        noised_importance(state, noised, expected)
 
     def footprint(self, ctx: MethodContext) -> Footprint:
         if ctx.settings.variant == "freeze":
@@ -162,8 +175,7 @@ def update_importance(state: dict, contributions, total: int) -> None:
     for c in contributions:
         own = imp["clients"].setdefault(c.client, {})
         for module, scores in c.importance.items():
-            idx = (list(range(total)) if c.plan.steps.frozen == "forward"  # it scored all it held
-                   else list(c.plan.modules[module].components))
+            idx = c.plan.scored(module)
             mine = own.setdefault(module, {})  # component index (a string: JSON keys) -> its latest score
             s, w = sums.setdefault(module, [0.0] * total), weights.setdefault(module, [0.0] * total)
             for j, v in zip(idx, scores.tolist()):
@@ -175,3 +187,20 @@ def update_importance(state: dict, contributions, total: int) -> None:
         for j in range(total):
             if weights[module][j] > 0:
                 g[j] = s[j] / weights[module][j]
+
+
+def noised_importance(state: dict, noised: dict, expected: dict) -> None:
+    """Under ``privacy.dp``: set the fleet's score of every component scored this round to its noised
+    mean (others keep theirs) and record as trained the components some plan had (``expected``
+    trainers > 0: the plans, not who came).  No device's own scores are kept, so every plan ranks by
+    the noised scores alone (:func:`ranking_scores` falls back to the fleet's)."""
+    imp = state.setdefault("importance", {"global": {}, "clients": {}})
+    trained = imp.setdefault("trained", {})
+    for module, e in expected.items():
+        planned = [j for j, v in enumerate(e.tolist()) if v > 0]
+        trained[module] = sorted(set(trained.get(module, [])) | set(planned))
+    for module, scores in noised.items():
+        g = imp["global"].setdefault(module, [0.0] * len(scores))
+        for j, v in enumerate(scores.tolist()):
+            if v == v:  # not nan: released this round
+                g[j] = v
