@@ -117,8 +117,9 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
                  if importance or frozen == "forward" else None)
         res = train_local(peft_model, tokenizer, examples, settings, seed, device, slowdown, hooks)
         trained = get_factors(peft_model, ADAPTER)
-        if frozen == "forward":
+        if frozen == "forward":  # only the plan's components go up: so is the start they are clipped against
             trained = slice_factors(trained, plan)
+            start_sd = to_state_dict(slice_factors(from_state_dict(start_sd), plan)) if start_sd is not None else None
     tensors = to_state_dict(trained)
     if hooks is not None:
         tensors.update(hooks.scores())

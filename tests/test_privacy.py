@@ -348,3 +348,39 @@ def test_two_noised_sums_a_round_each_get_sqrt_2_times_the_multiplier():
     adaptive = DPSettings(noise_multiplier=1.0, adaptive_clipping=True)  # sigma_b = 100 / 20 = 5
     z_s = update_noise_multiplier(adaptive, 100, sums=2)
     assert 2 * z_s ** -2 + 10.0 ** -2 == pytest.approx(1.0)  # the two sums and the count together: z = 1
+
+
+def test_a_hafl_freeze_device_below_the_global_rank_clips_its_trained_components_against_their_start():
+    # it holds all R components but sends only its r: its clip must compare like with like
+    from fedlora_edge.core.data import generate_task
+    from fedlora_edge.core.lora import (
+        ClientPlan,
+        DeviceSteps,
+        ModulePlan,
+        adapted_modules,
+        init_global_factors,
+        to_state_dict,
+    )
+    from fedlora_edge.core.models import load_model
+    from fedlora_edge.core.wire import decode_tensors, encode_tensors
+    from fedlora_edge.edge_client.trainer import TrainSettings
+    from fedlora_edge.edge_client.work import assignment_meta, run_assignment, wrap
+
+    model, tok = load_model("tiny-llama")
+    dims = adapted_modules(model, ["q_proj", "v_proj"])
+    steps = DeviceSteps(hold=4, frozen="forward", importance=(0.85, 0.85)).to_extra()
+    plan = ClientPlan({m: ModulePlan((0, 2)) for m in dims}, 2.0, 2, {**steps, "variant": "freeze"})
+    meta = assignment_meta(round_idx=1, plan=plan, seed=0, settings=TrainSettings(steps=2, batch_size=2, lr=0.05),
+                           targets=["q_proj", "v_proj"], dropout=0.0, model="tiny-llama", clip_norm=0.01)
+    start = init_global_factors(dims, 4, 0)
+    blob, report = run_assignment(wrap(model, meta), tok, generate_task("add", 4, 0), meta,
+                                  encode_tensors(to_state_dict(start)))
+    sent = decode_tensors(blob)
+    change = {}
+    for m, (a, b) in start.items():
+        key_a = next(k for k in sent if m in k and "lora_A" in k)
+        key_b = next(k for k in sent if m in k and "lora_B" in k)
+        change[key_a], change[key_b] = sent[key_a] - a[[0, 2]], sent[key_b] - b[:, [0, 2]]
+    assert update_norm(change) <= 0.01 * (1 + 1e-4) and not report["dp_unclipped"]
+    scores = {k: v for k, v in sent.items() if k.startswith("importance.")}
+    assert all(v.shape == (4,) for v in scores.values()) and update_norm(scores) == pytest.approx(1.0, rel=1e-5)
