@@ -122,6 +122,18 @@ class ComponentAverager:
             num_b.index_add_(1, idx, c.weight * (b - gb.index_select(1, idx)))
             z.index_add_(0, idx, torch.full((len(idx),), float(c.weight), dtype=ga.dtype))
 
+    @classmethod
+    def from_sums(cls, global_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], normalise: str,
+                  num: Mapping[str, tuple[torch.Tensor, torch.Tensor]], z: Mapping[str, torch.Tensor],
+                  total: float) -> ComponentAverager:
+        """An averager holding sums computed elsewhere (secure aggregation's): ``num`` the weighted
+        changes, ``z`` the weight per component (0 where nobody trained), ``total`` the weight."""
+        avg = cls(global_factors, normalise)
+        avg._num = {m: (a.clone(), b.clone()) for m, (a, b) in num.items()}
+        avg._z = {m: v.clone() for m, v in z.items()}
+        avg.total = float(total)
+        return avg
+
     def sums(self) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per module, the weighted sums of the contributions' changes, ``Σ_k w_k (c_kj − c_j)``
         (zero for a component nobody trained): the numerators :meth:`result` divides."""

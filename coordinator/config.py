@@ -288,6 +288,21 @@ def validate(cfg: RunConfig) -> RunConfig:
 
         why = dp_refusal(get_method(cfg.method), method_names())
         _check(why is None, "privacy.dp", why or "")
+    sa = cfg.privacy.secure_aggregation
+    if sa.enabled:
+        from .privacy import secagg_refusal
+
+        why = secagg_refusal(get_method(cfg.method), method_names())
+        _check(why is None, "privacy.secure_aggregation", why or "")
+        bound = getattr(cfg.method_settings.get("norm_bound"), "max_norm", 0.0)
+        _check(cfg.method != "norm-bound" or cfg.privacy.dp.enabled or bound > 0, "privacy.secure_aggregation",
+               "norm-bound bounds each update on the device here, since the coordinator sees none: set "
+               "norm_bound.max_norm (or privacy.dp, whose clip is the bound)")
+        _check(cfg.clients_per_round >= 3, "privacy.secure_aggregation",
+               f"needs at least 3 devices a round (clients_per_round is {cfg.clients_per_round})")
+        if sa.degree is not None and sa.threshold is not None:
+            _check(sa.threshold <= sa.degree, "privacy.secure_aggregation.threshold",
+                   f"({sa.threshold}) cannot exceed degree ({sa.degree}): a device has only that many shareholders")
     _check(cfg.rounds >= 1, "rounds", "must be at least 1")
     _check(cfg.clients_per_round >= 1, "clients_per_round", "must be at least 1")
     _check(cfg.min_updates >= 1, "min_updates", "must be at least 1")

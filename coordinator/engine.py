@@ -57,6 +57,7 @@ from fedlora_edge.core.models import (
     resolve_model,
     weights_digest,
 )
+from fedlora_edge.core.secagg import Params
 from fedlora_edge.core.wire import PayloadError, decode_tensors, encode_tensors
 from fedlora_edge.edge_client.et_train import program_spec, schedule_unsupported, unsupported
 from fedlora_edge.edge_client.experts import mixture_model
@@ -65,7 +66,14 @@ from fedlora_edge.edge_client.work import assignment_meta, trainer_of
 
 from .aggregate import Contribution, OrderedFold, server_step
 from .config import ConfigError, RunConfig
-from .contamination import DATA_ATTACKS, contaminated_clients, corrupt_data, triggered
+from .contamination import (
+    DATA_ATTACKS,
+    ROUND_ATTACKS,
+    UPDATE_ATTACKS,
+    contaminated_clients,
+    corrupt_data,
+    triggered,
+)
 from .errors import StorageError
 from .et_compile import CompilingStore
 from .evaluate import answer_rate, evaluate, lead_metric, mix_accuracy
@@ -89,6 +97,7 @@ from .privacy import (
 )
 from .report import build_report, save_outputs, write_report
 from .runstate import RoundJournal, RunState, SnapshotStore, restore, snapshot_files
+from .secure import SecureSum
 from .summary import RunSummary
 from .validate import UpdateRejected, capped_weight, check_report, validate_update
 
@@ -349,7 +358,18 @@ class Engine:
         self.journal = RoundJournal(self.out / "state", log=self.reporter.status)
 
     def _setup_privacy(self) -> None:
-        """Device-level DP (``privacy.dp``): the sampling rate, delta, the clip and the accountant."""
+        """Device-level DP (``privacy.dp``): the sampling rate, delta, the clip and the accountant;
+        secure aggregation (``privacy.secure_aggregation``)."""
+        sa = self.cfg.privacy.secure_aggregation
+        self.secagg = sa if sa.enabled else None
+        if self.secagg is not None:
+            if self.cfg.privacy.dp.enabled and self.cfg.privacy.dp.adaptive_clipping:
+                raise ConfigError("privacy.secure_aggregation: adaptive clipping counts which devices' updates were "
+                                  "clipped, one bit per device the coordinator would see; use a fixed clip_norm")
+            if self.cfg.contamination.attack in (*UPDATE_ATTACKS, *ROUND_ATTACKS):
+                raise ConfigError(f"privacy.secure_aggregation: contamination.attack {self.cfg.contamination.attack} "
+                                  "corrupts an update, which secure aggregation hides; use a data attack "
+                                  f"({', '.join(DATA_ATTACKS)})")
         dp = self.cfg.privacy.dp
         self.dp: DPSettings | None = dp if dp.enabled else None
         self.privacy_stopped: str | None = None
@@ -360,7 +380,7 @@ class Engine:
         self.dp_delta = dp.target_delta if dp.target_delta is not None else 1.0 / max(2, n)
         self.dp_clip = dp.clip_norm
         # each noised sum's multiplier: the updates', and HAFL's importance scores' as a second sum
-        self.dp_update_z = update_noise_multiplier(dp, n * self.dp_rate, 2 if self.method.dp_scores else 1)
+        self.dp_update_z = update_noise_multiplier(dp, n * self.dp_rate, 2 if self.method.sends_scores else 1)
         self.accountant = Accountant(dp.accountant)
         planned = epsilon_for(dp.noise_multiplier, self.dp_rate, self.cfg.rounds, self.dp_delta, dp.accountant)
         self.reporter.status(f"privacy: device-level DP, z {dp.noise_multiplier:g}, clip {dp.clip_norm:g}, "
@@ -382,7 +402,7 @@ class Engine:
                  if (p := self.method.plan(c.id, c.planned.rank, self.ctx, round_idx, self.state.method_state))]
         zeros = {m: torch.zeros(ga.shape[0], dtype=ga.dtype) for m, (ga, _) in self.state.global_factors.items()}
         trainers = {m: e.clone() for m, e in zeros.items()}
-        scorers = {m: e.clone() for m, e in zeros.items()} if self.method.dp_scores else None
+        scorers = {m: e.clone() for m, e in zeros.items()} if self.method.sends_scores else None
         for plan in plans:
             for module, mp in plan.modules.items():
                 trainers[module][list(mp.components)] += self.dp_rate
@@ -391,6 +411,31 @@ class Engine:
         if self.method.dp_rule(self.ctx) == "all":
             trainers = {m: e.fill_(self.dp_rate * len(plans)) for m, e in zeros.items()}
         return trainers, scorers
+
+    def device_clip(self) -> float | None:
+        """The norm a device clips its change to: DP's clip, or under secure aggregation norm-bound's
+        ``max_norm`` (the coordinator cannot bound updates it never sees); None for no clip."""
+        if self.dp is not None:
+            return self.dp_clip
+        if self.secagg is not None and self.method.name == "norm-bound":
+            return float(self.cfg.method_settings["norm_bound"].max_norm)
+        return None
+
+    def _secagg_round(self, round_idx: int, chosen: list[ClientData]) -> dict | None:
+        """Under secure aggregation: the round's protocol parameters, the layout of the vector each
+        device sums (``{"params", "dims", "rank", "context"}``) and each chosen device's weight
+        (``secagg_weights``: the coordinator's own, scaled by the round's largest); else None."""
+        self.secagg_weights: dict[str, float] = {}
+        if self.secagg is None:
+            return None
+        sa = self.secagg
+        self.secagg_params = Params.for_round(max(3, len(chosen)), sa.clip_range, sa.degree, sa.threshold)
+        raw = {c.id: self.weight(c.id, len(c.train) or c.declared_examples or 1) for c in chosen}
+        top = max(raw.values(), default=1.0)
+        self.secagg_weights = {k: v / top for k, v in raw.items()}
+        self.secagg_context = f"{self.nonce}|{round_idx}".encode()
+        return {"params": self.secagg_params.to_json(), "rank": self.R, "context": self.secagg_context.decode(),
+                "dims": {m: [int(d[0]), int(d[1])] for m, d in sorted(self.dims.items())}}
 
     def _check_clip(self, a: Assignment, factors: Factors) -> None:
         """Refuse an update whose change from the global adapter is over the round's clip."""
@@ -502,7 +547,9 @@ class Engine:
         settings = dataclasses.replace(t, steps=self.round_steps)
         out, skipped = [], []
         blobs: dict[bytes, bytes] = {}  # equal start blobs (every FedIT device's) held once, not once per device
-        for c in self.sample(round_idx, available):
+        chosen = self.sample(round_idx, available)
+        secagg = self._secagg_round(round_idx, chosen)
+        for c in chosen:
             capacity = c.capacity.rank if c.capacity else self.R
             plan = self.method.plan(c.id, capacity, self.ctx, round_idx, self.state.method_state)
             if plan is None:
@@ -534,7 +581,8 @@ class Engine:
             meta = assignment_meta(round_idx=round_idx, plan=plan, seed=hash_seed(self.cfg.seed, round_idx, c.id),
                                    settings=device_settings, targets=self.targets, dropout=self.cfg.lora.dropout,
                                    model=self.cfg.model, system_prompt=self.cfg.data.system_prompt,
-                                   clip_norm=self.dp_clip if self.dp is not None else None)
+                                   clip_norm=self.device_clip(),
+                                   secagg={**secagg, "weight": self.secagg_weights[c.id]} if secagg else None)
             if trainer:
                 meta["trainer"] = trainer
             tensors = {**to_state_dict(start), **self.method.start_extras(c.id, plan, self.state.method_state)}
@@ -563,12 +611,22 @@ class Engine:
         """The round's fold over ``order`` (its devices in assignment order), from the global adapter
         as it is now; :meth:`open_round` calls it, a transport re-opening a round calls it itself."""
         acc: Accumulator
+        state = self.state.method_state
+
+        def then(scores, trained):
+            self.method.fleet_importance(state, scores, trained)
+
+        noised = None
         if self.dp is not None:  # DP-FedAvg over the method's plans (coordinator/privacy.py)
             trainers, scorers = self._dp_expected()
-            state = self.state.method_state
-            acc = NoisedSum(self.state.global_factors, trainers, self.dp_update_z * self.dp_clip, noise_generator(),
-                            scorers=scorers, score_std=self.dp_update_z,  # the scores' bound is 1 (unit_norm)
-                            then=lambda noised, expected: self.method.dp_importance(state, noised, expected))
+            noised = NoisedSum(self.state.global_factors, trainers, self.dp_update_z * self.dp_clip, noise_generator(),
+                               scorers=scorers, score_std=self.dp_update_z,  # the scores' bound is 1 (unit_norm)
+                               then=then)
+        if self.secagg is not None:  # the sum only (coordinator/secure.py); DP's noise on it
+            acc = SecureSum(self.state.global_factors, self.method.dp_rule(self.ctx), self.dims, self.R,
+                            self.method.sends_scores, self.secagg_params, noised=noised, then=then)
+        elif noised is not None:
+            acc = noised
         else:
             acc = self.method.accumulator(self.state.global_factors, self.ctx, self.state.method_state)
         self.fold = OrderedFold(acc, order)
@@ -802,7 +860,7 @@ class Engine:
                        "adaptive_clipping": self.dp.adaptive_clipping, "sampling": "poisson",
                        # the sums each round releases (the updates', HAFL's importance scores') and the
                        # noise multiplier each gets so that together they cost noise_multiplier
-                       "noised_sums": ["updates", "importance"] if self.method.dp_scores else ["updates"],
+                       "noised_sums": ["updates", "importance"] if self.method.sends_scores else ["updates"],
                        "sum_noise_multiplier": self.dp_update_z,
                        "sample_rate": self.dp_rate, "eligible_devices": len(self.participants),
                        "accountant": f"opacus {self.dp.accountant}", "rounds": self.accountant.rounds,

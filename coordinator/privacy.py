@@ -72,6 +72,17 @@ def dp_refusal(method, names) -> str | None:
     return f"method {method.name} has no device-level DP variant: {why}; methods that have one: {', '.join(able)}"
 
 
+def secagg_refusal(method, names) -> str | None:
+    """Why ``method`` cannot run under ``privacy.secure_aggregation`` (None when it can): its
+    aggregate must be a sum of the devices' changes, as DP needs (``dp_normalise``)."""
+    if method.dp_normalise in ("trainers", "all"):
+        return None
+    able = sorted(n for n in names if _dp_able(n))
+    why = NO_DP.get(method.name, "it declares no sum-based aggregate (dp_normalise)")
+    return (f"method {method.name} cannot run with secure aggregation, where the coordinator sees only the sum: "
+            f"{why}; methods that can: {', '.join(able)}")
+
+
 def _dp_able(name: str) -> bool:
     from .methods import get_method
 
@@ -183,10 +194,32 @@ class DPSettings:
 
 
 @dataclass(frozen=True)
+class SecureAggregationSettings:
+    """``privacy.secure_aggregation``: the coordinator learns each round's sum, never one device's
+    update (SecAgg+, :mod:`fedlora_edge.core.secagg`; docs/security.md)."""
+
+    enabled: bool = False
+    clip_range: float = 1.0        # every summed value is clipped on the device to [-clip_range, clip_range]
+    degree: int | None = None      # neighbours per device (default: everyone up to 25 devices, else ~3 log2 n)
+    threshold: int | None = None   # shares that rebuild a device's secrets (default: a neighbourhood's majority)
+
+    def __post_init__(self):
+        if not self.clip_range > 0:
+            raise PrivacyError(f"privacy.secure_aggregation.clip_range must be positive, got {self.clip_range}")
+        if self.degree is not None and self.degree < 2:
+            raise PrivacyError(f"privacy.secure_aggregation.degree must be at least 2, got {self.degree}")
+        if self.threshold is not None and self.threshold < 2:
+            raise PrivacyError(f"privacy.secure_aggregation.threshold must be at least 2 (one neighbour alone must "
+                               f"not unmask a device), got {self.threshold}")
+
+
+@dataclass(frozen=True)
 class PrivacySettings:
-    """``privacy:``: device-level differential privacy (``dp``)."""
+    """``privacy:``: device-level differential privacy (``dp``) and secure aggregation
+    (``secure_aggregation``)."""
 
     dp: DPSettings = field(default_factory=DPSettings)
+    secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
 
 
 class Accountant:
@@ -276,6 +309,14 @@ class NoisedSum:
         self.score_std = score_std
         self.then = then
         self.score_sums = {m: torch.zeros(len(e), dtype=torch.float64) for m, e in (scorers or {}).items()}
+
+    def load(self, averager, score_sums: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Take the round's sums from ``averager`` (a ComponentAverager built from secure
+        aggregation's sum) instead of from contributions: the noise goes on the same sums."""
+        self.sum = averager
+        for module, total in (score_sums or {}).items():
+            if module in self.score_sums:
+                self.score_sums[module] = total.double().clone()
 
     def add(self, c) -> None:
         self.sum.add(c)

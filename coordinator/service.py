@@ -789,6 +789,10 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError(f"method {cfg.method}: trains on every client's data pooled on the server, the reference "
                           "point of `fedlora simulate`; over MQTT the data stays on the devices, so no device could "
                           f"take part (use `fedlora simulate --method {cfg.method}`)")
+    if cfg.privacy.secure_aggregation.enabled:
+        raise ConfigError("privacy.secure_aggregation: this version runs secure aggregation in `fedlora simulate` "
+                          "only (every device's half of the protocol in process, over real keys, shares and "
+                          "masks); the MQTT protocol does not carry its four stages yet")
 
 
 def set_aside_state(folder: Path, log) -> None:

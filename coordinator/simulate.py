@@ -11,8 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from fedlora_edge.edge_client.work import run_assignment
 
+from .aggregate import Contribution
 from .config import RunConfig
 from .contamination import ROUND_ATTACKS, UPDATE_ATTACKS, RoundView, attack_update
 from .engine import Assignment, Engine, Returned, hash_seed
@@ -23,6 +26,9 @@ class Simulation:
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path, reporter=None):
         self.engine = Engine(cfg, out_dir, reporter)
+        # secure aggregation's dropouts, for tests and benches: devices that vanish mid-protocol
+        self.drop_before_masking: set[str] = set()
+        self.drop_after_masking: set[str] = set()
 
     def carry_out(self, a: Assignment) -> Returned:
         """Train one assignment in-process, as the device would (and, for a contaminated client
@@ -38,6 +44,8 @@ class Simulation:
 
     def run_round(self, round_idx: int) -> dict:
         e = self.engine
+        if e.secagg is not None:
+            return self.secure_round(round_idx)
         t0 = time.perf_counter()
         assignments, skipped = e.open_round(round_idx)
         e.reporter.round_start(round_idx, len(assignments))
@@ -64,6 +72,66 @@ class Simulation:
             assert view is not None  # only a round under a round attack holds updates back
             crafted = view.craft(ret.assignment, ret.update or b"", attack, e.cfg.contamination)
             returned.append(self._settle(Returned(ret.assignment, crafted, ret.report)))
+        return e.close_round(round_idx, returned, skipped, t0)
+
+    def secure_round(self, round_idx: int) -> dict:
+        """A round under ``privacy.secure_aggregation``: every device's half of SecAgg+ runs here as it
+        would on the device (:mod:`fedlora_edge.core.secagg`), over real keys, shares and masks, and
+        the coordinator's half sees only what a coordinator would: public keys, encrypted shares,
+        masked vectors, the shares that unmask the sum.  Devices in ``drop_before_masking`` vanish
+        after sharing their keys, those in ``drop_after_masking`` after their masked vector (tests)."""
+        from fedlora_edge.core.secagg import DeviceSecAgg, SecAggError, ServerSecAgg, vector_length
+
+        e = self.engine
+        t0 = time.perf_counter()
+        assignments, skipped = e.open_round(round_idx)
+        e.reporter.round_start(round_idx, len(assignments))
+        ids = [a.client for a in assignments]
+        length = vector_length(e.dims, e.R, e.method.sends_scores)
+        failed: dict[str, str] = {}
+        reports: dict[str, dict] = {}
+        sent_bytes: dict[str, int] = {}
+        survivors: list[str] = []
+        try:
+            server = ServerSecAgg(ids, e.secagg_context, e.secagg_params, length)
+            agents = {u: DeviceSecAgg(u, e.secagg_context) for u in ids}
+            for u in ids:
+                server.keys(u, agents[u].keys())
+            for u, roster in server.rosters().items():
+                server.shares(u, agents[u].share(roster, e.secagg_params))
+            for v, inbox in server.relay().items():
+                agents[v].receive(inbox)
+            for a in assignments:
+                ret = self.carry_out(a)
+                e.reporter.client_done(a.client, ret.report, a.plan.rank)
+                reports[a.client] = ret.report or {}
+                if a.client in self.drop_before_masking:
+                    failed[a.client] = "dropped out of secure aggregation before its masked vector"
+                    continue
+                masked = agents[a.client].mask(np.frombuffer(ret.update or b"", dtype="<u4").astype(np.uint32))
+                sent_bytes[a.client] = masked.nbytes
+                server.masked(a.client, masked)
+            alive, dropped = server.request()
+            for u in alive:
+                if u in self.drop_after_masking:
+                    continue
+                server.unmasking(u, agents[u].unmask(alive, dropped))
+            words, survivors = server.result()
+            e.fold.acc.load(words, survivors, {"dropped_before_masking": dropped,
+                                               "unmasked_by": len(server.responses)})
+        except SecAggError as exc:
+            for u in ids:
+                failed.setdefault(u, str(exc))
+            survivors = []
+        returned = []
+        for a in assignments:
+            if a.client in survivors:
+                e.offer(a.client, Contribution(a.client, a.plan, {}, e.secagg_weights[a.client]))
+                returned.append(Returned(a.released(), None, reports[a.client], update_len=sent_bytes[a.client],
+                                         folded=True))
+            else:
+                returned.append(Returned(a.released(), failure=failed.get(
+                    a.client, "its masked vector was not in the unmasked sum")))
         return e.close_round(round_idx, returned, skipped, t0)
 
     def _settle(self, ret: Returned) -> Returned:

@@ -33,16 +33,44 @@ ADAPTER = "client"
 
 def assignment_meta(*, round_idx: int, plan: ClientPlan, seed: int, settings: TrainSettings, targets: list[str],
                     dropout: float, model: str, system_prompt: str | None = None,
-                    clip_norm: float | None = None) -> dict:
+                    clip_norm: float | None = None, secagg: dict | None = None) -> dict:
     """The JSON a device needs, beside the start factors, to carry out one round.  ``system_prompt``
     is the run's, for the device's examples that carry none of their own; ``clip_norm`` (device-level
-    DP) the norm its update is clipped to."""
+    DP) the norm its update is clipped to; ``secagg`` (secure aggregation) what its summed vector
+    is: ``{"params", "dims", "rank", "weight"}`` (:func:`secure_vector`)."""
     meta = {"round": round_idx, "plan": plan.to_json(), "seed": seed, "model": model,
             "targets": list(targets), "dropout": dropout, "train": dataclasses.asdict(settings),
             "system_prompt": system_prompt}
     if clip_norm is not None:
         meta["privacy"] = {"clip_norm": clip_norm}
+    if secagg is not None:
+        meta["secagg"] = secagg
     return meta
+
+
+def _needs_start(meta: dict) -> bool:
+    """Whether what a device sends is computed from its change (a clip, or secure aggregation)."""
+    return bool(meta.get("privacy") or meta.get("secagg"))
+
+
+def secure_vector(meta: dict, tensors: dict, start: dict) -> bytes:
+    """Under secure aggregation: the device's vector to sum (its weighted change in the global
+    adapter's coordinates, its weight per component, and HAFL's weighted scores), encoded as
+    little-endian 32-bit words (:mod:`fedlora_edge.core.secagg`), unmasked: the device's session
+    masks it before it leaves."""
+    from fedlora_edge.core.secagg import Params, contribution, encode
+
+    sa = meta["secagg"]
+    plan = ClientPlan.from_json(meta["plan"])
+    scores = {k[len(IMPORTANCE_PREFIX):]: t for k, t in tensors.items() if k.startswith(IMPORTANCE_PREFIX)}
+    trained = from_state_dict({k: t for k, t in tensors.items() if not k.startswith(IMPORTANCE_PREFIX)})
+    begun = from_state_dict(start)
+    changes = {m: ((a - begun[m][0]).numpy(), (b - begun[m][1]).numpy()) for m, (a, b) in trained.items()}
+    vec = contribution(changes, {m: mp.components for m, mp in plan.modules.items()},
+                       {m: (int(d[0]), int(d[1])) for m, d in sa["dims"].items()}, int(sa["rank"]),
+                       float(sa["weight"]),
+                       {m: (plan.scored(m), s.numpy()) for m, s in scores.items()} if plan.steps.importance else None)
+    return encode(vec, Params.from_json(sa["params"])).astype("<u4").tobytes()
 
 
 def wrap(model, meta: dict):
@@ -107,10 +135,10 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
             hooks = PartialTraining(peft_model, ADAPTER, plan, False, importance) if importance else None
             res = train_local(peft_model, tokenizer, examples, settings, seed, device, slowdown, hooks)
         trained = get_factors(peft_model, ADAPTER)
-        start_sd = to_state_dict(slice_factors(factors, plan)) if meta.get("privacy") else None
+        start_sd = to_state_dict(slice_factors(factors, plan)) if _needs_start(meta) else None
     else:
         # what it starts from, kept for the clip (device-level DP) before training moves anything
-        start_sd = {k: v.clone() for k, v in received.items()} if meta.get("privacy") else None
+        start_sd = {k: v.clone() for k, v in received.items()} if _needs_start(meta) else None
         held = held_plan(plan)
         install_adapter(peft_model, ADAPTER, held, factors, meta["targets"], meta["dropout"])
         hooks = (PartialTraining(peft_model, ADAPTER, plan, frozen == "forward", importance)
@@ -139,4 +167,8 @@ def _finish(meta: dict, tensors: dict, res, start: dict | None = None) -> tuple[
         tensors, norm = clip_to_start(factors, start, float(clip))
         tensors.update(unit_norm(scores))  # HAFL's scores: norm 1, the coordinator noises their sum
         report["dp_unclipped"] = norm <= float(clip)  # adaptive clipping counts these, with noise
+    if meta.get("secagg"):
+        if start is None:
+            raise ValueError("secure aggregation: this assignment's update has no start to measure its change from")
+        return secure_vector(meta, tensors, start), report
     return encode_tensors(tensors), report

@@ -132,12 +132,13 @@ class Method(Protocol):
         settings ("trainers" or "all", as ``dp_normalise``).  Default: ``dp_normalise``."""
         ...
 
-    def dp_importance(self, state: dict, noised: dict, expected: dict) -> None:
-        """Under ``privacy.dp``, for a method whose devices send importance scores: the round's
-        noised fleet scores (module -> one per global component, ``nan`` where nobody was expected
-        to score) and expected trainers (module -> one per component), to keep in ``state`` for
-        the next plans, which must rank by nothing else.  Default: none (the method's devices send
-        no scores)."""
+    def fleet_importance(self, state: dict, scores: dict, trained: dict) -> None:
+        """For a method whose devices send importance scores, where the coordinator sees only their
+        sum (``privacy.dp``: noised; ``privacy.secure_aggregation``: summed securely): the round's
+        fleet scores (module -> one per global component, ``nan`` where nobody scored) and the
+        components trained (module -> one value per component, > 0 where trained), to keep in
+        ``state`` for the next plans, which must rank by nothing else.  Default: none (the method's
+        devices send no scores)."""
         ...
 
 
@@ -297,15 +298,15 @@ class Bound:
         return f(self._ctx(ctx)) if f else self.dp_normalise
 
     @property
-    def dp_scores(self) -> bool:
-        """True when the method's devices send importance scores that, under ``privacy.dp``, are
-        noised and handed to its ``dp_importance(state, noised, expected)`` hook (HAFL)."""
-        return self._own("dp_importance") is not None
+    def sends_scores(self) -> bool:
+        """True when the method's devices send importance scores that, where the coordinator sees
+        only sums, reach its ``fleet_importance(state, scores, trained)`` hook (HAFL)."""
+        return self._own("fleet_importance") is not None
 
-    def dp_importance(self, state, noised, expected) -> None:
-        f = self._own("dp_importance")
+    def fleet_importance(self, state, scores, trained) -> None:
+        f = self._own("fleet_importance")
         if f:
-            f(state, noised, expected)
+            f(state, scores, trained)
 
     def global_rank(self, ctx) -> int:
         f = self._own("global_rank")

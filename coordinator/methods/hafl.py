@@ -45,7 +45,7 @@ Reconstructed (only the abstract is public, and no official code was found):
 Under ``privacy.dp`` (docs/privacy.md): the aggregate is DP-FedAvg's noised sum over the same
 plans (each component over its expected trainers, or over the expected participants with
 ``zero_pad``); the devices send their scores scaled to norm 1, the coordinator noises their sum
-(:class:`~fedlora_edge.coordinator.privacy.NoisedSum`) and :func:`noised_importance` keeps the
+(:class:`~fedlora_edge.coordinator.privacy.NoisedSum`) and :func:`summed_importance` keeps the
 noised fleet scores and no device's own, so every plan ranks by the noised scores alone.
 
 Aggregation streams: each update is folded into running sums as it is validated, then dropped
@@ -126,8 +126,8 @@ class HAFL:
     def dp_rule(self, ctx: MethodContext) -> str:
         return "trainers" if ctx.settings.aggregation == "rank1" else "all"
 
-    def dp_importance(self, state: dict, noised: dict, expected: dict) -> None:
-        noised_importance(state, noised, expected)
+    def fleet_importance(self, state: dict, scores: dict, trained: dict) -> None:
+        summed_importance(state, scores, trained)
 
     def footprint(self, ctx: MethodContext) -> Footprint:
         if ctx.settings.variant == "freeze":
@@ -189,18 +189,19 @@ def update_importance(state: dict, contributions, total: int) -> None:
                 g[j] = s[j] / weights[module][j]
 
 
-def noised_importance(state: dict, noised: dict, expected: dict) -> None:
-    """Under ``privacy.dp``: set the fleet's score of every component scored this round to its noised
-    mean (others keep theirs) and record as trained the components some plan had (``expected``
-    trainers > 0: the plans, not who came).  No device's own scores are kept, so every plan ranks by
-    the noised scores alone (:func:`ranking_scores` falls back to the fleet's)."""
+def summed_importance(state: dict, scores: dict, trained: dict) -> None:
+    """Where the coordinator sees only sums (``privacy.dp``, ``privacy.secure_aggregation``): set the
+    fleet's score of every component scored this round to the round's mean (noised under DP; others
+    keep theirs) and record as trained the components ``trained`` marks (> 0: under DP the plans'
+    expected trainers, not who came).  No device's own scores are kept, so every plan ranks by the
+    fleet's scores alone (:func:`ranking_scores` falls back to them)."""
     imp = state.setdefault("importance", {"global": {}, "clients": {}})
-    trained = imp.setdefault("trained", {})
-    for module, e in expected.items():
+    done = imp.setdefault("trained", {})
+    for module, e in trained.items():
         planned = [j for j, v in enumerate(e.tolist()) if v > 0]
-        trained[module] = sorted(set(trained.get(module, [])) | set(planned))
-    for module, scores in noised.items():
-        g = imp["global"].setdefault(module, [0.0] * len(scores))
-        for j, v in enumerate(scores.tolist()):
-            if v == v:  # not nan: released this round
+        done[module] = sorted(set(done.get(module, [])) | set(planned))
+    for module, values in scores.items():
+        g = imp["global"].setdefault(module, [0.0] * len(values))
+        for j, v in enumerate(values.tolist()):
+            if v == v:  # not nan: scored this round
                 g[j] = v
