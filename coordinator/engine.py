@@ -623,7 +623,9 @@ class Engine:
                                scorers=scorers, score_std=self.dp_update_z,  # the scores' bound is 1 (unit_norm)
                                then=then)
         if self.secagg is not None:  # the sum only (coordinator/secure.py); DP's noise on it
-            acc = SecureSum(self.state.global_factors, self.method.dp_rule(self.ctx), self.dims, self.R,
+            rule = self.method.dp_rule(self.ctx)
+            assert rule is not None, "the config refuses secure aggregation for a method without a sum"
+            acc = SecureSum(self.state.global_factors, rule, self.dims, self.R,
                             self.method.sends_scores, self.secagg_params, noised=noised, then=then)
         elif noised is not None:
             acc = noised

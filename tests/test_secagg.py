@@ -1,0 +1,243 @@
+"""Secure aggregation (SecAgg+): the coordinator gets the sum within the encoding's bound and nothing
+that shows one device's vector; fewer than ``t`` colluders cannot unmask a device; dropouts before
+and after masking are unmasked from the survivors' shares; a round below the threshold fails and
+says why; a simulated run gives the plain run's adapter within the quantisation bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedlora_edge.core.secagg import (
+    DeviceSecAgg,
+    Params,
+    SecAggError,
+    ServerSecAgg,
+    decode_sum,
+    encode,
+    neighbours,
+    quantisation_bound,
+    run_round,
+)
+
+CTX = b"0123456789abcdef0123456789abcdef|1"
+
+
+def _fleet(n: int, length: int = 64, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return {f"d{i:02d}": rng.normal(0, 0.05, length) for i in range(n)}
+
+
+@pytest.mark.parametrize("n, before, after", [(5, [], []), (12, ["d03"], ["d07"]), (30, ["d01", "d02", "d09"], ["d20", "d21"])])
+def test_the_sum_is_the_survivors_plain_sum_within_the_quantisation_bound(n, before, after):
+    xs = _fleet(n)
+    p = Params.for_round(n)
+    words, survivors, _ = run_round({u: encode(x, p) for u, x in xs.items()}, CTX, p, before, after)
+    assert survivors == sorted(set(xs) - set(before))  # a device that vanished after masking is still summed
+    got = decode_sum(words, len(survivors), p)
+    want = sum(xs[u] for u in survivors)
+    assert np.abs(got - want).max() <= quantisation_bound(len(survivors), p)
+
+
+def test_the_encoding_is_unbiased_and_zero_is_exact():
+    p = Params.for_round(10, clip_range=1.0)
+    x = np.full(20000, 0.3e-6)  # a tenth of a step
+    assert decode_sum(encode(x, p), 1, p).mean() == pytest.approx(0.3e-6, rel=0.1)
+    assert np.array_equal(decode_sum(encode(np.zeros(8), p) * 3, 3, p), np.zeros(8))  # untrained stays 0
+
+
+def test_the_coordinator_sees_no_device_vector_in_the_clear():
+    xs = _fleet(8, length=256)
+    p = Params.for_round(8)
+    server = ServerSecAgg(sorted(xs), CTX, p, 256)
+    agents = {u: DeviceSecAgg(u, CTX) for u in xs}
+    seen = []  # everything the coordinator receives
+    for u, a in agents.items():
+        k = a.keys()
+        seen.append(repr(k))
+        server.keys(u, k)
+    for u, roster in server.rosters().items():
+        cts = agents[u].share(roster, p)
+        seen.append(repr(cts))
+        server.shares(u, cts)
+    for v, inbox in server.relay().items():
+        agents[v].receive(inbox)
+    words = {u: encode(x, p) for u, x in xs.items()}
+    for u in xs:
+        masked = agents[u].mask(words[u])
+        # a masked vector shares no more words with its plain one than chance (2^-32 each)
+        assert np.count_nonzero(masked == words[u]) <= 1
+        for w in words.values():
+            assert w.tobytes() not in masked.tobytes()
+        server.masked(u, masked)
+    alive, dropped = server.request()
+    for u in alive:
+        server.unmasking(u, agents[u].unmask(alive, dropped))
+    total, _ = server.result()
+    assert np.abs(decode_sum(total, 8, p) - sum(xs.values())).max() <= quantisation_bound(8, p)
+    for w in words.values():  # no key, share or vector it holds contains a device's encoded vector
+        assert w.tobytes() not in server.total.tobytes() and all(w.tobytes() not in s.encode() for s in seen)
+
+
+def test_t_minus_1_colluders_and_the_coordinator_cannot_unmask_one_device():
+    from fedlora_edge.core.secagg import _combine, prg
+
+    xs = _fleet(9, length=128)
+    p = Params.for_round(9)  # everyone a neighbour: degree 8, threshold 5
+    agents = {u: DeviceSecAgg(u, CTX) for u in xs}
+    server = ServerSecAgg(sorted(xs), CTX, p, 128)
+    for u, a in agents.items():
+        server.keys(u, a.keys())
+    for u, roster in server.rosters().items():
+        server.shares(u, agents[u].share(roster, p))
+    for v, inbox in server.relay().items():
+        agents[v].receive(inbox)
+    victim = "d00"
+    masked = agents[victim].mask(encode(xs[victim], p))
+    colluders = [u for u in sorted(xs) if u != victim][: p.threshold - 1]
+    b_shares = [(agents[c].held[victim][0], agents[c].held[victim][2]) for c in colluders]
+    s_shares = [(agents[c].held[victim][0], agents[c].held[victim][1]) for c in colluders]
+    # their t - 1 shares rebuild neither of the victim's secrets ...
+    assert _combine(b_shares) != agents[victim]._b
+    assert _combine(s_shares) != agents[victim]._s.private_bytes_raw()
+    # ... so removing the masks they can compute leaves noise, not the victim's vector
+    guess = masked - prg(_combine(b_shares), 128)
+    assert np.abs(decode_sum(guess, 1, p) - xs[victim]).max() > 1.0
+    # one more honest share (t in all) does rebuild it: the threshold is what protects
+    extra = next(u for u in sorted(xs) if u not in colluders and u != victim)
+    assert _combine(b_shares + [(agents[extra].held[victim][0], agents[extra].held[victim][2])]) == agents[victim]._b
+
+
+def test_a_device_never_reveals_both_shares_of_one_peer():
+    xs = _fleet(5)
+    p = Params.for_round(5)
+    agents = {u: DeviceSecAgg(u, CTX) for u in xs}
+    server = ServerSecAgg(sorted(xs), CTX, p, 64)
+    for u, a in agents.items():
+        server.keys(u, a.keys())
+    for u, roster in server.rosters().items():
+        server.shares(u, agents[u].share(roster, p))
+    for v, inbox in server.relay().items():
+        agents[v].receive(inbox)
+    me = agents["d00"]
+    with pytest.raises(SecAggError, match=r"named both survived and dropped"):
+        me.unmask(["d00", "d01", "d02"], ["d02", "d03"])
+    first = me.unmask(["d00", "d01", "d02", "d04"], ["d03"])
+    assert set(first["b"]) == {"d01", "d02", "d04"} and set(first["s"]) == {"d03"}
+    # a coordinator that asks again, now saying d01 dropped, would get d01's mask key too: refused
+    with pytest.raises(SecAggError, match="twice with different survivors"):
+        me.unmask(["d00", "d02", "d04"], ["d01", "d03"])
+
+
+def test_too_many_dropouts_fail_the_round_and_say_why():
+    xs = _fleet(5)
+    p = Params.for_round(5)  # degree 4, threshold 3
+    with pytest.raises(SecAggError, match=r"2 shares of d\d\d's self mask came back; 3 are needed"):
+        run_round({u: encode(x, p) for u, x in xs.items()}, CTX, p, ["d00"], ["d03"])
+
+
+def test_a_share_tampered_with_on_the_way_is_refused():
+    xs = _fleet(4)
+    p = Params.for_round(4)
+    agents = {u: DeviceSecAgg(u, CTX) for u in xs}
+    server = ServerSecAgg(sorted(xs), CTX, p, 64)
+    for u, a in agents.items():
+        server.keys(u, a.keys())
+    for u, roster in server.rosters().items():
+        server.shares(u, agents[u].share(roster, p))
+    inbox = server.relay()["d01"]
+    import base64
+
+    raw = bytearray(base64.b64decode(inbox["d00"]))
+    raw[20] ^= 1
+    with pytest.raises(SecAggError, match="d00's share to d01 does not decrypt"):
+        agents["d01"].receive({**inbox, "d00": base64.b64encode(bytes(raw)).decode()})
+    # and a share relayed to the wrong device does not decrypt for it either
+    with pytest.raises(SecAggError, match="does not decrypt"):
+        agents["d02"].receive({"d00": inbox["d00"]})
+
+
+def test_the_neighbour_graph_is_sparse_symmetric_and_logarithmic():
+    ids = [f"d{i:04d}" for i in range(1000)]
+    p = Params.for_round(1000)
+    g = neighbours(ids, p.degree, CTX)
+    assert p.degree == 30 and p.threshold == 16
+    assert all(len(vs) == p.degree for vs in g.values())
+    assert all(u in g[v] for u, vs in g.items() for v in vs) and all(u not in vs for u, vs in g.items())
+    assert neighbours(ids[:10], Params.for_round(10).degree, CTX)["d0000"] == ids[1:10]  # small: everyone
+
+
+@pytest.mark.parametrize("n, needle", [(2, "at least 3 devices")])
+def test_parameters_that_cannot_protect_are_refused(n, needle):
+    with pytest.raises(SecAggError, match=needle):
+        Params.for_round(n)
+    with pytest.raises(SecAggError, match="one neighbour alone"):
+        Params.for_round(6, threshold=1)
+
+
+# ------------------------------------------------------------------------------ in a run
+
+FAST = {"model": "tiny-llama", "rounds": 2, "clients_per_round": 6, "train.steps": 2, "train.batch_size": 4,
+        "data.eval_per_domain": 2, "data.samples_per_client": 8, "data.tasks": ["add", "upper"],
+        "max_new_tokens": 2, "lora.max_rank": 4, "lora.rank": 4}
+
+
+def _sim(tmp_path, name, **extra):
+    from fedlora_edge.coordinator.config import load_config
+    from fedlora_edge.coordinator.simulate import Simulation
+
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("devices:\n" + "".join(f"  - {{id: d{i:03d}, profile: jetson-agx-orin}}\n" for i in range(6)))
+    return Simulation(load_config(overrides={**FAST, "fleet": str(fleet), **extra}), tmp_path / name)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method, extra", [("fedit", {}), ("hetlora", {}), ("hafl", {"lora.rank": 2})])
+def test_a_secure_run_gives_the_plain_runs_adapter_within_the_encodings_bound(tmp_path, method, extra):
+    secure = _sim(tmp_path, "secure", method=method, **{"privacy.secure_aggregation.enabled": True, **extra})
+    report = secure.run()
+    for r in report["rounds"]:
+        assert r["status"] == "ok" and r["valid_updates"] == 6 and r["secure_aggregation"]["survivors"] == 6
+    plain = _sim(tmp_path, "plain", method=method, **extra)
+    plain.run()
+    for m, (a, b) in secure.engine.state.global_factors.items():
+        pa, pb = plain.engine.state.global_factors[m]
+        assert (a - pa).abs().max() < 1e-4 and (b - pb).abs().max() < 1e-4
+    if method == "hafl":  # the coordinator kept the fleet's summed scores, no device's own
+        assert secure.engine.state.method_state["importance"]["clients"] == {}
+
+
+@pytest.mark.integration
+def test_a_secure_run_survives_dropouts_and_fails_a_round_below_the_threshold(tmp_path):
+    sim = _sim(tmp_path, "drop", method="fedit", rounds=1, **{"privacy.secure_aggregation.enabled": True})
+    sim.drop_before_masking, sim.drop_after_masking = {"d001"}, {"d004"}
+    report = sim.run()
+    (r,) = report["rounds"]
+    assert r["status"] == "ok" and r["valid_updates"] == 5  # d004's vector is unmasked from the others' shares
+    assert r["secure_aggregation"]["dropped_before_masking"] == ["d001"]
+    assert [f["client"] for f in r["failed"]] == ["d001"]
+    sim = _sim(tmp_path, "fail", method="fedit", rounds=1, **{"privacy.secure_aggregation.enabled": True})
+    sim.drop_before_masking, sim.drop_after_masking = {"d000", "d001"}, {"d002", "d003"}
+    (r,) = sim.run()["rounds"]
+    assert r["status"] == "failed" and r["valid_updates"] == 0
+    assert all("are needed to unmask the round" in f["reason"] for f in r["failed"] if f["client"] not in ("d000", "d001"))
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"method": "flexlora"}, "method flexlora cannot run with secure aggregation"),
+    ({"method": "norm-bound"}, "set norm_bound.max_norm"),
+    ({"clients_per_round": 2}, "at least 3 devices a round"),
+])
+def test_what_secure_aggregation_cannot_carry_is_refused_before_the_run(overrides, needle):
+    from fedlora_edge.coordinator.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(overrides={"privacy.secure_aggregation.enabled": True, **overrides})
+
+
+def test_over_mqtt_secure_aggregation_is_refused_before_the_run_starts():
+    from fedlora_edge.coordinator.config import ConfigError, load_config
+    from fedlora_edge.coordinator.service import check_deployable
+
+    with pytest.raises(ConfigError, match="secure aggregation in `fedlora simulate` only"):
+        check_deployable(load_config(overrides={"privacy.secure_aggregation.enabled": True}))
