@@ -76,62 +76,46 @@ class Simulation:
 
     def secure_round(self, round_idx: int) -> dict:
         """A round under ``privacy.secure_aggregation``: every device's half of SecAgg+ runs here as it
-        would on the device (:mod:`fedlora_edge.core.secagg`), over real keys, shares and masks, and
-        the coordinator's half sees only what a coordinator would: public keys, encrypted shares,
-        masked vectors, the shares that unmask the sum.  Devices in ``drop_before_masking`` vanish
-        after sharing their keys, those in ``drop_after_masking`` after their masked vector (tests)."""
-        from fedlora_edge.core.secagg import DeviceSecAgg, SecAggError, ServerSecAgg, vector_length
+        would on the device (:func:`fedlora_edge.core.secagg.run_round`), over real keys, shares and
+        masks: a device trains after the keys are shared and masks what it would send; the
+        coordinator's half sees only what a coordinator would.  Devices in ``drop_before_masking``
+        vanish after sharing their keys, those in ``drop_after_masking`` after their masked vector
+        (tests)."""
+        from fedlora_edge.core.secagg import SecAggError, run_round, vector_length
 
         e = self.engine
         t0 = time.perf_counter()
         assignments, skipped = e.open_round(round_idx)
         e.reporter.round_start(round_idx, len(assignments))
-        ids = [a.client for a in assignments]
-        length = vector_length(e.dims, e.R, e.method.sends_scores)
-        failed: dict[str, str] = {}
         reports: dict[str, dict] = {}
-        sent_bytes: dict[str, int] = {}
-        survivors: list[str] = []
-        try:
-            server = ServerSecAgg(ids, e.secagg_context, e.secagg_params, length)
-            agents = {u: DeviceSecAgg(u, e.secagg_context) for u in ids}
-            for u in ids:
-                server.keys(u, agents[u].keys())
-            for u, roster in server.rosters().items():
-                server.shares(u, agents[u].share(roster, e.secagg_params))
-            for v, inbox in server.relay().items():
-                agents[v].receive(inbox)
-            for a in assignments:
+
+        def trained(a: Assignment):
+            def vector() -> np.ndarray:
                 ret = self.carry_out(a)
                 e.reporter.client_done(a.client, ret.report, a.plan.rank)
                 reports[a.client] = ret.report or {}
-                if a.client in self.drop_before_masking:
-                    failed[a.client] = "dropped out of secure aggregation before its masked vector"
-                    continue
-                masked = agents[a.client].mask(np.frombuffer(ret.update or b"", dtype="<u4").astype(np.uint32))
-                sent_bytes[a.client] = masked.nbytes
-                server.masked(a.client, masked)
-            alive, dropped = server.request()
-            for u in alive:
-                if u in self.drop_after_masking:
-                    continue
-                server.unmasking(u, agents[u].unmask(alive, dropped))
-            words, survivors = server.result()
-            e.fold.acc.load(words, survivors, {"dropped_before_masking": dropped,
-                                               "unmasked_by": len(server.responses)})
+                return np.frombuffer(ret.update or b"", dtype="<u4").astype(np.uint32)
+            return vector
+
+        length = vector_length(e.dims, e.R, e.method.sends_scores)
+        survivors: list[str] = []
+        why = "dropped out of secure aggregation before its masked vector"
+        try:
+            words, survivors, stats = run_round({a.client: trained(a) for a in assignments}, e.secagg_context,
+                                                e.secagg_params, self.drop_before_masking, self.drop_after_masking,
+                                                length=length)
+            dropped = sorted({a.client for a in assignments} - set(survivors))
+            e.fold.acc.load(words, survivors, {"dropped_before_masking": dropped, "bytes": stats["bytes"]})
         except SecAggError as exc:
-            for u in ids:
-                failed.setdefault(u, str(exc))
-            survivors = []
+            why = str(exc)
         returned = []
         for a in assignments:
             if a.client in survivors:
                 e.offer(a.client, Contribution(a.client, a.plan, {}, e.secagg_weights[a.client]))
-                returned.append(Returned(a.released(), None, reports[a.client], update_len=sent_bytes[a.client],
-                                         folded=True))
+                returned.append(Returned(a.released(), None, reports[a.client], update_len=4 * length, folded=True))
             else:
-                returned.append(Returned(a.released(), failure=failed.get(
-                    a.client, "its masked vector was not in the unmasked sum")))
+                returned.append(Returned(a.released(), failure=why if a.client not in self.drop_before_masking
+                                         else "dropped out of secure aggregation before its masked vector"))
         return e.close_round(round_idx, returned, skipped, t0)
 
     def _settle(self, ret: Returned) -> Returned:

@@ -49,7 +49,7 @@ import json
 import math
 import random
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -571,46 +571,67 @@ class ServerSecAgg:
             raise SecAggError("secure aggregation: the round is already unmasked")
 
 
-def run_round(devices: Mapping[str, np.ndarray], context: bytes, params: Params,
-              drop_before_masking: Iterable[str] = (), drop_after_masking: Iterable[str] = ()) -> tuple[np.ndarray, list[str], dict]:
-    """The whole protocol in one process, over real key agreement, shares and masks (simulation
-    and tests): ``devices`` maps each id to its encoded vector (uint32).  Devices in
+def run_round(devices: Mapping[str, np.ndarray | Callable[[], np.ndarray]], context: bytes, params: Params,
+              drop_before_masking: Iterable[str] = (), drop_after_masking: Iterable[str] = (),
+              length: int | None = None) -> tuple[np.ndarray, list[str], dict]:
+    """The whole protocol in one process, over real key agreement, shares and masks (``simulate``,
+    tests and ``bench/secagg.py``): ``devices`` maps each id to its encoded vector (uint32), or to a
+    callable that gives it when the device's turn to mask comes (``simulate`` trains there, after
+    the keys are shared, as a device would; ``length`` then says the vectors' size).  Devices in
     ``drop_before_masking`` vanish after sharing their keys (their pairwise masks are removed from
     their neighbours' shares of their ``s`` key); those in ``drop_after_masking`` after their masked
     vector (their self mask is removed from the survivors' shares of their ``b``).  Returns (the
-    sum's words, the survivors, the bytes each stage carried)."""
+    sum's words, the survivors, what each stage carried: ``bytes`` per stage, as JSON or raw
+    words, and ``seconds``: every device's work added up, and the coordinator's)."""
+    import time
+
     ids = _ids(devices)
-    length = int(next(iter(devices.values())).size) if devices else 0
+    if length is None:
+        first = next(iter(devices.values()), None)
+        length = int(first.size) if isinstance(first, np.ndarray) else 0
+    clock = {"devices": 0.0, "coordinator": 0.0}
+
+    def timed(side: str, f, *args):
+        t = time.perf_counter()
+        out = f(*args)
+        clock[side] += time.perf_counter() - t
+        return out
+
     server = ServerSecAgg(ids, context, params, length)
-    agents = {u: DeviceSecAgg(u, context) for u in ids}
-    bytes_ = {"keys": 0, "roster": 0, "shares": 0, "relay": 0, "masked": 0, "request": 0, "unmasking": 0}
+    agents = {u: timed("devices", DeviceSecAgg, u, context) for u in ids}
+    sizes = {"keys": 0, "roster": 0, "shares": 0, "relay": 0, "masked": 0, "request": 0, "unmasking": 0}
     for u, a in agents.items():
-        k = a.keys()
-        bytes_["keys"] += len(json.dumps(k))
-        server.keys(u, k)
-    rosters = server.rosters()
+        k = timed("devices", a.keys)
+        sizes["keys"] += len(json.dumps(k))
+        timed("coordinator", server.keys, u, k)
+    rosters = timed("coordinator", server.rosters)
     for u, roster in rosters.items():
-        bytes_["roster"] += len(json.dumps(roster))
-        cts = agents[u].share(roster, params)
-        bytes_["shares"] += len(json.dumps(cts))
-        server.shares(u, cts)
-    for v, inbox in server.relay().items():
-        bytes_["relay"] += len(json.dumps(inbox))
-        agents[v].receive(inbox)
+        sizes["roster"] += len(json.dumps(roster))
+        cts = timed("devices", agents[u].share, roster, params)
+        sizes["shares"] += len(json.dumps(cts))
+        timed("coordinator", server.shares, u, cts)
+    for v, inbox in timed("coordinator", server.relay).items():
+        sizes["relay"] += len(json.dumps(inbox))
+        timed("devices", agents[v].receive, inbox)
     before, after = set(drop_before_masking), set(drop_after_masking)
     for u in ids:
-        if u in before or u not in server.shared:
+        if u not in server.shared:
             continue
-        masked = agents[u].mask(devices[u])
-        bytes_["masked"] += masked.nbytes
-        server.masked(u, masked)
+        vector = devices[u]
+        if callable(vector):
+            vector = vector()
+        if u in before:  # it vanished while it trained
+            continue
+        masked = timed("devices", agents[u].mask, vector)
+        sizes["masked"] += masked.nbytes
+        timed("coordinator", server.masked, u, masked)
     survivors, dropped = server.request()
     for u in survivors:
         if u in after:
             continue
-        bytes_["request"] += len(json.dumps([survivors, dropped]))
-        resp = agents[u].unmask(survivors, dropped)
-        bytes_["unmasking"] += len(json.dumps(resp))
-        server.unmasking(u, resp)
-    total, survivors = server.result()
-    return total, survivors, bytes_
+        sizes["request"] += len(json.dumps([survivors, dropped]))
+        resp = timed("devices", agents[u].unmask, survivors, dropped)
+        sizes["unmasking"] += len(json.dumps(resp))
+        timed("coordinator", server.unmasking, u, resp)
+    total, survivors = timed("coordinator", server.result)
+    return total, survivors, {"bytes": sizes, "seconds": clock}
