@@ -132,6 +132,7 @@ class TransportSettings:
     max_update_bytes: int = 256 * 2**20  # a larger transfer is refused before anything is buffered
     offline_grace_s: float = 30.0     # a device that goes offline mid-round may come back this long, then the round stops waiting
     plan_ack_s: float = 60.0          # a plan no device acknowledges this long is reported (dropped by the broker?)
+    secagg_unmask_s: float = 60.0     # secure aggregation: how long the unmasking may take past the round's deadline
     resend_interval_s: float = 10.0   # a reconnected device's plan goes again at most this often
     max_program_sends: int = 3        # training programs (hundreds of MiB) sent to one device in a run, at most
     trainers: tuple[str, ...] = ()    # trainers a device may name in its hello besides torch and the fleet's own

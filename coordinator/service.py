@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fedlora_edge.core import durable
 from fedlora_edge.core.durable import write_bytes
 from fedlora_edge.core.framing import ProtocolError, Reassembler, Transfer
@@ -43,8 +45,10 @@ from fedlora_edge.core.mqtt import (
     topic,
 )
 from fedlora_edge.core.profile import DeviceProfile, ProfileError
+from fedlora_edge.core.secagg import ServerSecAgg
 from fedlora_edge.edge_client.partial import update_shapes
 
+from .aggregate import Contribution
 from .config import ConfigError, RunConfig
 from .engine import Assignment, Engine, Returned
 from .errors import StorageError
@@ -53,7 +57,7 @@ from .ledger import Answers, Refusals, kind_of
 from .methods import get_method
 from .registry import Registry, RegistryError
 from .runstate import JournalRound
-from .validate import UpdateRejected
+from .validate import UpdateRejected, check_report
 
 # exit statuses of `fedlora coordinator` and `fedlora emulate` (README, docs/protocol.md)
 EXIT_ROUNDS_FAILED = 4
@@ -94,6 +98,17 @@ class OpenRound:
     rejected_kinds: dict[str, int] = field(default_factory=dict)  # device -> kinds of rejection recorded
 
     grace_s: float = 30.0  # how long a device that went offline may take to come back
+    # secure aggregation (privacy.secure_aggregation): the coordinator's half of the round's protocol
+    # and its stage: keys -> shares -> masked -> unmask -> done (run_secure_round)
+    secagg: ServerSecAgg | None = None
+    sa_stage: str = "done"
+    sa_deadline: float = 0.0
+
+    def live(self) -> list[str]:
+        """The round's devices that may still answer: not failed, not offline past the grace."""
+        now = time.monotonic()
+        return [d for d in self.assignments if d not in self.failed
+                and (d not in self.gone or now - self.gone[d] < self.grace_s)]
 
     def waiting_for(self) -> list[str]:
         """The devices the round still waits for: not answered, and not offline for longer than the grace."""
@@ -435,6 +450,8 @@ class Coordinator:
             return  # about a round that is not open, or not this device's: nothing to do
         if msg["type"] == "received":
             r.plan_received.add(device)
+        elif msg["type"] == "secagg":
+            self._secure_message(r, device, msg)
         elif device not in r.accepted and device not in r.failed:
             reason = str(msg.get("reason"))[:500]
             self._store(lambda: self.engine.journal.fail(r.index, device, reason))
@@ -479,7 +496,10 @@ class Coordinator:
             self._update(r, device, tr)
 
     def _expected_bytes(self, a: Assignment) -> int:
-        """The largest update this device's plan allows: its tensors plus a generous safetensors header."""
+        """The largest update this device's plan allows: its tensors plus a generous safetensors header
+        (under secure aggregation: the masked vector, 4 bytes per value)."""
+        if self.round is not None and self.round.secagg is not None:
+            return 4 * self.round.secagg.length
         shapes = update_shapes(self.engine.dims, a.plan)
         return 4 * sum(math.prod(s) for s in shapes.values()) + 256 * len(shapes) + 65536
 
@@ -514,13 +534,16 @@ class Coordinator:
             if meta.get("update_id") != uid or meta.get("round") != r.index:
                 raise UpdateRejected(f"client {device}: update meta (update_id {str(meta.get('update_id'))[:40]}, round "
                                      f"{str(meta.get('round'))[:20]}) disagrees with its chunks ({uid[:40]}, {r.index})")
-            contribution = self.engine.accept(a, tr.data, meta.get("report"))
+            if r.secagg is not None:
+                contribution = self._accept_masked(r, a, tr.data, meta.get("report"))
+            else:
+                contribution = self.engine.accept(a, tr.data, meta.get("report"))
         except UpdateRejected as exc:
             self._refuse_update(r, device, r.index, uid, str(exc))
             return
         report = dict(meta["report"])
         self._store(lambda: self.engine.journal.accept(r.index, device, uid, tr.data, report, sync=False))
-        self.engine.offer(device, contribution, self._reloader(r.index, a))
+        self.engine.offer(device, contribution, None if r.secagg is not None else self._reloader(r.index, a))
         r.accepted[device] = (uid, Returned(a, None, report, update_len=len(tr.data), folded=True))
         r.gone.pop(device, None)
         self._unsynced[device] = (r.index, uid, report, a.plan.rank)  # acknowledged by the next _commit
@@ -615,6 +638,13 @@ class Coordinator:
         r = self.round = OpenRound(round_idx, assignments, jr.skipped, time.perf_counter(),
                                    time.monotonic() + self.cfg.transport.round_timeout_s)
         self.engine.start_fold(list(jr.clients))
+        if self.engine.secagg is not None:  # the key exchange lived in memory: this round cannot be unmasked
+            why = ("the coordinator restarted during this secure-aggregation round; its key exchange is not kept "
+                   "on disk (it would let whoever reads the disk unmask), so the round fails and the run goes on")
+            r.failed.update({c: why for c in assignments})
+            r.sa_stage = "failed"
+            self.log(f"re-opened round {round_idx}: {why}")
+            return True
         for c, (uid, data, report) in jr.updates.items():
             a = assignments[c]
             try:
@@ -637,6 +667,8 @@ class Coordinator:
             self._store(lambda: e.journal.open(round_idx, e.nonce, assignments, skipped))
             self.round = OpenRound(round_idx, {a.client: a for a in assignments}, skipped, time.perf_counter(),
                                    time.monotonic() + tr.round_timeout_s)
+            if e.secagg is not None:
+                self._open_secure(self.round)
         r = self.round
         assert r is not None, "the round was just opened or re-opened"
         r.grace_s = tr.offline_grace_s
@@ -650,6 +682,9 @@ class Coordinator:
                 self.send_plan(r.assignments[c])
         self._settle(0, 0)  # every plan acknowledged by the broker
         crash_point("plans-sent")
+        if r.secagg is not None or r.sa_stage != "done":
+            self.run_secure_round(r)
+            return self._close(r, time.perf_counter() - t_send)
         checked = 0.0
         while r.any_waiting() and time.monotonic() < r.deadline:
             self._pump(min(1.0, max(0.0, r.deadline - time.monotonic())))
@@ -661,6 +696,133 @@ class Coordinator:
         self._commit()
         exchange_s = time.perf_counter() - t_send
         return self._close(r, exchange_s)
+
+    # ----------------------------------------------------------------------- secure aggregation
+
+    def _open_secure(self, r: OpenRound) -> None:
+        """The coordinator's half of the round's SecAgg+ (:mod:`fedlora_edge.core.secagg`)."""
+        from fedlora_edge.core.secagg import ServerSecAgg, vector_length
+
+        e = self.engine
+        r.secagg = ServerSecAgg(list(r.assignments), e.secagg_context, e.secagg_params,
+                                vector_length(e.dims, e.R, e.method.sends_scores))
+        r.sa_stage = "keys"
+
+    def _secure_message(self, r: OpenRound, device: str, msg: dict) -> None:
+        """A device's secure-aggregation message: its keys, its encrypted shares, or its unmasking
+        answer.  One the protocol refuses is a logged rejection (ProtocolError)."""
+        from fedlora_edge.core.secagg import SecAggError
+
+        sa, stage = r.secagg, msg.get("stage")
+        if sa is None:
+            raise ProtocolError("a secure-aggregation message in a round without secure aggregation")
+        try:
+            if stage == "keys" and r.sa_stage == "keys":
+                sa.keys(device, msg["keys"])
+            elif stage == "shares" and r.sa_stage == "shares":
+                sa.shares(device, msg["shares"])
+            elif stage == "unmask" and r.sa_stage == "unmask":
+                sa.unmasking(device, msg["response"])
+            else:
+                raise SecAggError(f"'{str(stage)[:20]}' came while the round is at '{r.sa_stage}'")
+        except (SecAggError, KeyError, TypeError, AttributeError) as exc:
+            raise ProtocolError(f"secure aggregation: {exc}") from None
+
+    def _accept_masked(self, r: OpenRound, a: Assignment, data: bytes, report) -> Contribution:
+        """A masked vector (stage 3): checked for its size and its report, summed, and offered to the
+        fold as a contribution without factors (the coordinator never holds one device's update)."""
+        from fedlora_edge.core.secagg import SecAggError
+
+        check_report(a.client, report, a.round, int(a.meta["train"]["steps"]))
+        sa = r.secagg
+        assert sa is not None, "only a secure round takes masked vectors"
+        if r.sa_stage != "masked":
+            raise UpdateRejected(f"client {a.client}: a masked vector while the round is at '{r.sa_stage}'")
+        if len(data) != 4 * sa.length:
+            raise UpdateRejected(f"client {a.client}: a masked vector of {len(data)} bytes, the round's are "
+                                 f"{4 * sa.length}")
+        try:
+            sa.masked(a.client, np.frombuffer(data, dtype="<u4").astype(np.uint32))
+        except SecAggError as exc:
+            raise UpdateRejected(f"client {a.client}: {exc}") from None
+        return Contribution(a.client, a.plan, {}, self.engine.secagg_weights[a.client])
+
+    def _secure_send(self, r: OpenRound, device: str, stage: str, body: dict) -> None:
+        t = device_topic(self.run_id, device, "down")
+        for chunk in self.outbox.chunks(t, json.dumps(body).encode(), kind="secagg", round_idx=r.index,
+                                        device=device, transfer=f"secagg-{r.index}-{stage}-{device}",
+                                        meta={"round": r.index, "stage": stage},
+                                        chunk_bytes=self.cfg.transport.chunk_bytes):
+            if not self._publish(t, chunk, wait=False):
+                return
+
+    def run_secure_round(self, r: OpenRound) -> None:
+        """Drive the round's four stages (docs/protocol.md): each ends when every device that may
+        still answer has (or at the round's deadline; the unmasking gets ``transport.secagg_unmask_s``
+        more).  Fewer shares than the threshold fail the round, saying why."""
+        from fedlora_edge.core.secagg import SecAggError
+
+        e, tr = self.engine, self.cfg.transport
+        sa = r.secagg
+        checked = 0.0
+        while r.sa_stage not in ("done", "failed"):
+            now = time.monotonic()
+            late = now >= (r.sa_deadline if r.sa_stage == "unmask" else r.deadline)
+            live = set(r.live())
+            try:
+                assert sa is not None
+                if r.sa_stage == "keys":
+                    if late or not [d for d in live if d not in sa.public]:
+                        for d, roster in sa.rosters().items():
+                            self._secure_send(r, d, "roster", {"roster": roster, "params": sa.params.to_json()})
+                        r.sa_stage = "shares"
+                        continue
+                elif r.sa_stage == "shares":
+                    if late or not [d for d in sa.graph if d in live and d not in sa.shared]:
+                        if late and not sa.shared:
+                            raise SecAggError("no device shared its keys by the round's deadline")
+                        for d, inbox in sa.relay().items():
+                            self._secure_send(r, d, "relay", {"inbox": inbox})
+                        r.sa_stage = "masked"
+                        continue
+                elif r.sa_stage == "masked":
+                    self._commit()
+                    if late or not [d for d in sa.shared if d in live and d not in sa.sent]:
+                        survivors, dropped = sa.request()
+                        for d in survivors:
+                            self._secure_send(r, d, "unmask", {"survivors": survivors, "dropped": dropped})
+                        r.sa_stage, r.sa_deadline = "unmask", time.monotonic() + tr.secagg_unmask_s
+                        continue
+                elif r.sa_stage == "unmask":
+                    if late or not [d for d in sa.sent if d in live and d not in sa.responses]:
+                        words, survivors = sa.result()
+                        dropped = sorted(set(sa.shared) - set(survivors))
+                        e.fold.acc.load(words, survivors, {"dropped_before_masking": dropped,
+                                                           "unmasked_by": len(sa.responses)})
+                        for d in dropped:
+                            r.failed.setdefault(d, "dropped out of secure aggregation before its masked vector")
+                        r.sa_stage = "done"
+                        continue
+            except SecAggError as exc:
+                self._fail_secure(r, str(exc))
+                break
+            self._pump(min(1.0, max(0.0, (r.sa_deadline if r.sa_stage == "unmask" else r.deadline)
+                                    - time.monotonic())))
+            if time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                self._check_plan_acks(r)
+                self._send_due_plans(r)
+                self._leave_revoked(r)
+        self._commit()
+
+    def _fail_secure(self, r: OpenRound, why: str) -> None:
+        """The round cannot be unmasked: every device's part fails with the reason, nothing is summed."""
+        self.log(f"round {r.index}: secure aggregation failed: {why}")
+        for d in r.assignments:
+            r.failed.setdefault(d, f"secure aggregation failed: {why}")
+        r.accepted.clear()
+        self.engine.start_fold(list(r.assignments))  # an empty fold: the round records no valid update
+        r.sa_stage = "failed"
 
     def _check_plan_acks(self, r: OpenRound) -> None:
         now = time.monotonic()
@@ -789,10 +951,6 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError(f"method {cfg.method}: trains on every client's data pooled on the server, the reference "
                           "point of `fedlora simulate`; over MQTT the data stays on the devices, so no device could "
                           f"take part (use `fedlora simulate --method {cfg.method}`)")
-    if cfg.privacy.secure_aggregation.enabled:
-        raise ConfigError("privacy.secure_aggregation: this version runs secure aggregation in `fedlora simulate` "
-                          "only (every device's half of the protocol in process, over real keys, shares and "
-                          "masks); the MQTT protocol does not carry its four stages yet")
 
 
 def set_aside_state(folder: Path, log) -> None:

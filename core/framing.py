@@ -34,7 +34,7 @@ MIN_CHUNK_BYTES = 4096  # every chunk but a transfer's last carries at least thi
 _LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32  # objects and lists nested deeper than this are refused (no message needs more than 4)
-KINDS = ("plan", "program", "update")
+KINDS = ("plan", "program", "update", "secagg")
 # ids by their documented form: a transfer id (an update's is 32 hex digits; a plan's "plan-<round>-<device>"),
 # a device id, a run id and a nonce
 TRANSFER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")

@@ -19,7 +19,7 @@ from .mqtt import sender_of
 
 # the body types each topic leaf carries
 TYPES = {"round": ("round",), "ack": ("ack",), "hello": ("hello",), "status": ("status",),
-         "event": ("failure", "received"), "up": ("chunk",), "down": ("chunk",)}
+         "event": ("failure", "received", "secagg"), "up": ("chunk",), "down": ("chunk",)}
 CHUNKED = ("up", "down")
 
 

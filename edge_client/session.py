@@ -27,6 +27,7 @@ tests/test_session.py drives a session through a fake one, without a broker.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -41,6 +42,7 @@ from fedlora_edge.core.identity import Counter, Credentials, ReplayGuard, Signer
 from fedlora_edge.core.messages import Outbox, read_message
 from fedlora_edge.core.mqtt import device_topic, topic
 from fedlora_edge.core.profile import DeviceProfile
+from fedlora_edge.core.secagg import DeviceSecAgg
 
 from . import __version__
 from .device_state import DeviceState
@@ -107,6 +109,11 @@ class DeviceSession:
         self.hello_due = True  # set by every (re)connect: announce ourselves, re-send what is unacknowledged
         self.live = False  # saw this run waiting or training: its "done" ends this device, plan or not
         self.current_round = 0  # the round being worked on, for a failure report
+        # secure aggregation, per round: this device's half of the protocol (in memory only: a device
+        # that restarts mid-round has dropped out of it), its trained vector until the shares are in
+        self.secagg: dict[int, DeviceSecAgg] = {}
+        self.sa_vector: dict[int, tuple[bytes, dict, dict]] = {}
+        self.sa_ready: set[int] = set()
         self.link = make_link(self.last_will)  # last: the link arms its will at once
 
     def log(self, text: str) -> None:
@@ -216,6 +223,9 @@ class DeviceSession:
         if transfer.kind == "program":
             self.program(transfer)
             return None
+        if transfer.kind == "secagg":
+            self.secure_stage(transfer)
+            return None
         if transfer.kind != "plan" or transfer.meta.get("round") != transfer.round:
             self.log(f"ignored a transfer of kind '{transfer.kind}' for round {transfer.round} "
                      f"(meta round {transfer.meta.get('round')})")
@@ -292,16 +302,71 @@ class DeviceSession:
             return None
         if self.training.downlink_mbps:
             time.sleep(len(plan.data) * 8 / (self.training.downlink_mbps * 1e6))
+        secure = plan.meta.get("secagg")
+        if secure and round_idx not in self.secagg:  # stage 1 before training: the keys go out at once
+            agent = self.secagg[round_idx] = DeviceSecAgg(self.me, str(secure.get("context", "")).encode())
+            self.event("secagg", round=round_idx, stage="keys", keys=agent.keys())
         try:
             update, report = self.train(plan.meta, plan.data)
         except TRAINING_ERRORS as exc:
             return self.failed(round_idx, exc)
+        if secure:  # sent masked, once the neighbours' shares are in (secure_stage)
+            self.sa_vector[round_idx] = (update, report, plan.meta)
+            self.send_masked(round_idx)
+            return None
+        self.send_update(round_idx, update, report, plan.meta)
+        return None
+
+    def send_update(self, round_idx: int, update: bytes, report: dict, meta: dict) -> None:
+        """Make an update durable, then send it."""
         up_meta = {"round": round_idx, "update_id": uuid.uuid4().hex, "report": report}
         self.state.add(up_meta, update)  # durable before it is sent
         self.upload(up_meta, update)
-        self.log(f"round {round_idx}: trained rank {plan.meta['plan'].get('rank')} in {report['seconds']:.1f} s, "
+        self.log(f"round {round_idx}: trained rank {meta['plan'].get('rank')} in {report['seconds']:.1f} s, "
                  f"loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}, sent {len(update)} bytes")
-        return None
+
+    # ------------------------------------------------------------------------- secure aggregation
+
+    def secure_stage(self, transfer: Transfer) -> None:
+        """A secure-aggregation message from the coordinator (docs/protocol.md): the neighbours' keys
+        (answered with this device's encrypted shares), the shares sent to it (then its masked
+        vector goes out, once trained), or the unmasking request (answered with the shares it may
+        reveal).  A step the protocol's rules refuse is logged and not answered."""
+        from fedlora_edge.core.secagg import SecAggError
+
+        round_idx, stage = transfer.round, transfer.meta.get("stage")
+        agent = self.secagg.get(round_idx)
+        if agent is None:
+            self.log(f"ignored a secure-aggregation '{str(stage)[:20]}' for round {round_idx}: no key exchange of "
+                     "this device's in that round (it restarted since?)")
+            return
+        try:
+            body = json.loads(transfer.data)
+            if stage == "roster":
+                shares = agent.share(body["roster"], body["params"])
+                self.event("secagg", round=round_idx, stage="shares", shares=shares)
+            elif stage == "relay":
+                agent.receive(body["inbox"])
+                self.sa_ready.add(round_idx)
+                self.send_masked(round_idx)
+            elif stage == "unmask":
+                self.event("secagg", round=round_idx, stage="unmask",
+                           response=agent.unmask(body["survivors"], body["dropped"]))
+            else:
+                raise SecAggError(f"unknown stage {str(stage)[:20]!r}")
+        except (SecAggError, ValueError, KeyError, TypeError) as exc:
+            self.log(f"round {round_idx}: secure aggregation: refused the coordinator's '{str(stage)[:20]}': {exc}")
+
+    def send_masked(self, round_idx: int) -> None:
+        """The trained vector, masked, as this round's update: when it is trained and the shares
+        are in (whichever comes last)."""
+        import numpy as np
+
+        if round_idx not in self.sa_ready or round_idx not in self.sa_vector:
+            return
+        words, report, meta = self.sa_vector.pop(round_idx)
+        masked = self.secagg[round_idx].mask(np.frombuffer(words, dtype="<u4").astype(np.uint32))
+        self.send_update(round_idx, masked.astype("<u4").tobytes(), report, meta)
 
     def train(self, meta: dict, start: bytes) -> tuple[bytes, dict]:
         """(update bytes, report) of the plan ``meta`` from the factors ``start``.  Torch is imported
