@@ -235,9 +235,75 @@ def test_what_secure_aggregation_cannot_carry_is_refused_before_the_run(override
         load_config(overrides={"privacy.secure_aggregation.enabled": True, **overrides})
 
 
-def test_over_mqtt_secure_aggregation_is_refused_before_the_run_starts():
-    from fedlora_edge.coordinator.config import ConfigError, load_config
-    from fedlora_edge.coordinator.service import check_deployable
+# ------------------------------------------------------------------------------ over MQTT
 
-    with pytest.raises(ConfigError, match="secure aggregation in `fedlora simulate` only"):
-        check_deployable(load_config(overrides={"privacy.secure_aggregation.enabled": True}))
+@pytest.mark.integration
+def test_over_mqtt_the_coordinator_sums_masked_vectors_and_unmasks_past_dropouts(tmp_path):
+    """Six hand-driven devices run the four stages against a real coordinator and broker: d3 fails
+    after sharing its keys (before its masked vector), d4 never answers the unmasking.  The round
+    sums d0, d1, d2, d4 and d5 within the encoding's bound, and nothing the coordinator wrote to
+    disk holds a device's vector in the clear."""
+    import json as _json
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import torch
+    from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment
+
+    from fedlora_edge.core.lora import from_state_dict
+    from fedlora_edge.core.wire import decode_tensors
+    from fedlora_edge.edge_client.work import secure_vector
+
+    ids = [f"d{i}" for i in range(6)]
+    dep = deployment("embedded", tmp_path)
+    try:
+        cfg = config(tmp_path, ids, **{"privacy.secure_aggregation.enabled": True, "transport.round_timeout_s": 120,
+                                       "transport.secagg_unmask_s": 5})
+        creds = dep.enrol(*ids, max_examples=8)
+        coord = coordinator(dep, cfg, tmp_path / "out")
+        th = CoordThread(coord)
+        th.start()
+        devs = {i: FakeDevice(dep, cfg.transport.run_id, i, creds=creds[i]) for i in ids}
+        plans = {i: d.next_plan() for i, d in devs.items()}
+        start = {i: decode_tensors(p.data) for i, p in plans.items()}
+        agents = {}
+        for i, d in devs.items():
+            meta = plans[i].meta
+            agents[i] = DeviceSecAgg(i, meta["secagg"]["context"].encode())
+            d.event(type="secagg", round=1, stage="keys", keys=agents[i].keys())
+        for i, d in devs.items():
+            body = _json.loads(d.next_plan().data)  # the roster
+            d.event(type="secagg", round=1, stage="shares", shares=agents[i].share(body["roster"], body["params"]))
+        plain = {}
+        for k, (i, d) in enumerate(devs.items()):
+            agents[i].receive(_json.loads(d.next_plan().data)["inbox"])
+            if i == "d3":
+                d.event(type="failure", round=1, reason="dropped out")
+                continue
+            trained = {key: v + 0.01 * (k + 1) for key, v in start[i].items()}
+            plain[i] = secure_vector(plans[i].meta, trained, start[i])
+            masked = agents[i].mask(np.frombuffer(plain[i], dtype="<u4").astype(np.uint32))
+            assert d.wait_ack(d.send(1, masked.astype("<u4").tobytes()))["status"] == "accepted"
+        for i, d in devs.items():
+            if i in ("d3", "d4"):
+                continue
+            body = _json.loads(d.next_plan().data)
+            assert body["survivors"] == ["d0", "d1", "d2", "d4", "d5"] and body["dropped"] == ["d3"]
+            d.event(type="secagg", round=1, stage="unmask", response=agents[i].unmask(body["survivors"], body["dropped"]))
+        report = th.result()
+    finally:
+        for d in locals().get("devs", {}).values():
+            d.close()
+        dep.close()
+    (r,) = report["rounds"]
+    assert r["status"] == "ok" and r["valid_updates"] == 5, (r["failed"], r["rejected"])
+    assert [f["client"] for f in r["failed"]] == ["d3"]
+    g0 = from_state_dict(start["d0"])
+    got = coord.engine.state.global_factors
+    shift = 0.01 * (1 + 2 + 3 + 5 + 6) / 5  # the survivors' mean change (equal weights)
+    for m, (a, b) in got.items():
+        assert torch.allclose(a, g0[m][0] + shift, atol=1e-4) and torch.allclose(b, g0[m][1] + shift, atol=1e-4)
+    kept = b"".join(p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    for words in plain.values():  # no file of the coordinator's holds a device's vector (any 64-byte piece of it)
+        for at in range(0, len(words) - 64, len(words) // 7):
+            assert words[at:at + 64] not in kept
