@@ -2,6 +2,17 @@
 
     python bench/fleet_scale.py [--sizes 100,300,1000] [--brokers embedded,mosquitto] [--rounds 3]
                                 [--workers 4] [--out runs/fleet-scale]
+                                [--secagg] [--dropouts 0,0.1,0.3]
+
+With ``--secagg`` every cell runs twice or more: plain, and with ``privacy.secure_aggregation`` at
+each ``--dropouts`` fraction.  Then a client also runs its half of SecAgg+ (its keys before its
+update, its encrypted shares, its masked vector, its unmasking answer: the protocol of
+docs/protocol.md, through :class:`fedlora_edge.core.secagg.DeviceSecAgg`); the dropping fraction
+(chosen by id, the same in every round) is split in two: half say they failed after sharing their
+keys (they send no masked vector), half never answer the unmasking, so the coordinator waits the
+unmasking's deadline for them (``transport.secagg_unmask_s``, 10 s here): a silent device costs a
+round that long, as it does over a real network.  The row adds the bytes each device sent and
+received per round (MQTT payloads).
 
 Per broker and N, in a fresh folder: a registry with N enrolled devices, a fleet of N devices,
 ``fedlora coordinator`` in its own process (tiny-llama, fedit at rank 2 on q/v: 4 KB updates;
@@ -52,7 +63,7 @@ PROFILE = dict(name="bench-device", memory_total_gb=8.0, memory_usable_gb=6.0, c
 class Device:
     """One device's protocol session on an asyncio loop (see the module text)."""
 
-    def __init__(self, creds, address, loop, stats: dict, done: asyncio.Event):
+    def __init__(self, creds, address, loop, stats: dict, done: asyncio.Event, drop: str = ""):
         import paho.mqtt.client as mqtt
 
         from fedlora_edge.core.framing import Reassembler
@@ -61,6 +72,8 @@ class Device:
         from fedlora_edge.core.mqtt import device_topic, topic
 
         self.me, self.loop, self.stats, self.done = creds.id, loop, stats, done
+        self.drop = drop  # secure aggregation: "before" (fails after its shares), "after" (no unmasking) or ""
+        self.secagg: dict = {}   # round -> (DeviceSecAgg, its unmasked vector or None, inbox received)
         self.outbox = Outbox(Signer(creds.signing_key), Counter(), RUN_ID)
         self.verifier = Verifier(lambda s: creds.coordinator_key if s == "coordinator" else None)
         self.guard = ReplayGuard()
@@ -93,6 +106,41 @@ class Device:
     def _send(self, t: str, payload: bytes, retain: bool = False) -> None:
         self.client.publish(t, payload, qos=1, retain=retain)
         self.stats["sent"] += 1
+        self.stats["bytes_sent"] += len(payload)
+
+    def _event(self, **fields) -> None:
+        self._send(self.t["event"], self.outbox.json(self.t["event"], {"device": self.me, **fields}))
+
+    def _update(self, round_idx: int, update: bytes, t0: float) -> None:
+        report = {"round": round_idx, "num_examples": 2, "steps": 1, "first_loss": 1.0, "last_loss": 1.0,
+                  "losses": [1.0], "seconds": time.perf_counter() - t0}
+        meta = {"round": round_idx, "update_id": os.urandom(16).hex(), "report": report}
+        for chunk in self.outbox.chunks(self.t["up"], update, kind="update", round_idx=round_idx, device=self.me,
+                                        transfer=meta["update_id"], meta=meta):
+            self._send(self.t["up"], chunk)
+
+    def _secure(self, tr) -> None:
+        """A secure-aggregation transfer (the roster, the relayed shares, the unmasking request)."""
+        import numpy as np
+
+        got = self.secagg.get(tr.round)
+        if got is None:
+            return
+        agent, vector = got
+        body = json.loads(tr.data)
+        stage = tr.meta.get("stage")
+        if stage == "roster":
+            self._event(type="secagg", round=tr.round, stage="shares", shares=agent.share(body["roster"], body["params"]))
+        elif stage == "relay":
+            agent.receive(body["inbox"])
+            if self.drop == "before":
+                self._event(type="failure", round=tr.round, reason="dropped out (bench)")
+                return
+            masked = agent.mask(np.frombuffer(vector, dtype="<u4").astype(np.uint32))
+            self._update(tr.round, masked.astype("<u4").tobytes(), time.perf_counter())
+        elif stage == "unmask" and self.drop != "after":
+            self._event(type="secagg", round=tr.round, stage="unmask",
+                        response=agent.unmask(body["survivors"], body["dropped"]))
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
@@ -113,6 +161,7 @@ class Device:
         from fedlora_edge.core.messages import read_message
 
         self.stats["received"] += 1
+        self.stats["bytes_received"] += len(msg.payload)
         if not msg.payload:
             return
         try:
@@ -135,18 +184,23 @@ class Device:
         except ProtocolError as exc:
             self.stats["errors"].append(f"{self.me}: {exc}"[:200])
             return
+        if plan is not None and plan.kind == "secagg":
+            self._secure(plan)
+            return
         if plan is None or plan.kind != "plan":
             return
-        self._send(self.t["event"], self.outbox.json(self.t["event"], {
-            "type": "received", "device": self.me, "round": plan.round, "transfer": plan.transfer}))
+        self._event(type="received", round=plan.round, transfer=plan.transfer)
         t0 = time.perf_counter()
         update = trivial_update(plan.data)
-        report = {"round": plan.round, "num_examples": 2, "steps": 1, "first_loss": 1.0, "last_loss": 1.0,
-                  "losses": [1.0], "seconds": time.perf_counter() - t0}
-        meta = {"round": plan.round, "update_id": os.urandom(16).hex(), "report": report}
-        for chunk in self.outbox.chunks(self.t["up"], update, kind="update", round_idx=plan.round, device=self.me,
-                                        transfer=meta["update_id"], meta=meta):
-            self._send(self.t["up"], chunk)
+        if plan.meta.get("secagg"):  # keys now; the masked vector once the shares are in
+            from fedlora_edge.core.secagg import DeviceSecAgg
+            from fedlora_edge.edge_client.work import secure_vector
+
+            agent = DeviceSecAgg(self.me, plan.meta["secagg"]["context"].encode())
+            self._event(type="secagg", round=plan.round, stage="keys", keys=agent.keys())
+            self.secagg = {plan.round: (agent, secure_vector(plan.meta, _tensors(update), _tensors(plan.data)))}
+            return
+        self._update(plan.round, update, t0)
 
     def _finish(self) -> None:
         if not self.finished:
@@ -155,6 +209,12 @@ class Device:
             self.stats["finished"] += 1
             if self.stats["finished"] == self.stats["devices"]:
                 self.loop.call_later(1.0, self.done.set)
+
+
+def _tensors(data: bytes) -> dict:
+    from fedlora_edge.core.wire import decode_tensors
+
+    return decode_tensors(data)
 
 
 def trivial_update(start: bytes) -> bytes:
@@ -168,14 +228,26 @@ def trivial_update(start: bytes) -> bytes:
 PROFILE_DICT: dict = {}
 
 
-async def run_devices(cred_files: list[str], address, deadline_s: float) -> dict:
+def dropping(device: str, fraction: float) -> str:
+    """Whether ``device`` drops out of secure aggregation, and when: "before" its masked vector,
+    "after" it, or "" (a stable choice by id: the same devices in every round)."""
+    import hashlib
+
+    u = int(hashlib.sha256(device.encode()).hexdigest()[:8], 16) / 2**32
+    return "before" if u < fraction / 2 else "after" if u < fraction else ""
+
+
+async def run_devices(cred_files: list[str], address, deadline_s: float, dropout: float = 0.0) -> dict:
     from fedlora_edge.core.identity import load_credentials
 
     loop = asyncio.get_running_loop()
     stats = {"devices": len(cred_files), "sent": 0, "received": 0, "refused": 0, "finished": 0, "acks": {},
-             "errors": []}
+             "errors": [], "bytes_sent": 0, "bytes_received": 0}
     done = asyncio.Event()
-    devices = [Device(load_credentials(f, role="device"), address, loop, stats, done) for f in cred_files]
+    devices = []
+    for f in cred_files:
+        creds = load_credentials(f, role="device")
+        devices.append(Device(creds, address, loop, stats, done, dropping(creds.id, dropout)))
     for i, d in enumerate(devices):
         for _attempt in range(50):
             try:
@@ -211,7 +283,7 @@ def worker(args) -> int:
     host, port = args.broker.rsplit(":", 1)
     PROFILE_DICT.update(json.loads(Path(args.profile_json).read_text()))
     files = Path(args.creds_list).read_text().split()
-    stats = asyncio.run(run_devices(files, BrokerAddress(host, int(port)), args.timeout))
+    stats = asyncio.run(run_devices(files, BrokerAddress(host, int(port)), args.timeout, args.dropout))
     Path(args.stats_out).write_text(json.dumps(stats))
     return 0
 
@@ -237,13 +309,14 @@ def wait_accepting(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> 
     raise RuntimeError(f"nothing accepts on port {port}")
 
 
-def cell(kind: str, n: int, args, out: Path) -> dict:
+def cell(kind: str, n: int, args, out: Path, secure: float | None = None) -> dict:
+    """One run: ``secure`` None for plain rounds, else the dropping fraction under secure aggregation."""
     from fedlora_edge.coordinator.brokerconf import mosquitto as mosquitto_conf
     from fedlora_edge.coordinator.registry import Registry
     from fedlora_edge.core.identity import save_credentials
     from fedlora_edge.core.profile import DeviceProfile, save_profile
 
-    folder = out / f"{kind}-{n}"
+    folder = out / (f"{kind}-{n}" if secure is None else f"{kind}-{n}-secagg-{secure:g}")
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -284,6 +357,9 @@ def cell(kind: str, n: int, args, out: Path) -> dict:
            "--set", "lora.rank=2", "--set", "lora.max_rank=2", "--set", f"eval_every={args.rounds}",
            "--set", f"transport.round_timeout_s={args.timeout}", "--set", f"transport.wait_for_devices_s={args.timeout}",
            "--progress-every", "10"]
+    if secure is not None:
+        cmd += ["--set", "privacy.secure_aggregation.enabled=true", "--set", "transport.secagg_unmask_s=10",
+                "--set", "min_updates=1"]
     coord_log = open(folder / "fedlora_edge.coordinator.log", "w")
     t_start = time.perf_counter()
     coord = subprocess.Popen(cmd, stdout=coord_log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -297,7 +373,8 @@ def cell(kind: str, n: int, args, out: Path) -> dict:
         workers.append(subprocess.Popen(
             [sys.executable, __file__, "--worker", "--broker", f"127.0.0.1:{port}", "--creds-list",
              str(folder / f"worker-{w}.list"), "--profile-json", str(folder / "profile.json"),
-             "--stats-out", str(folder / f"worker-{w}.json"), "--timeout", str(args.timeout)],
+             "--stats-out", str(folder / f"worker-{w}.json"), "--timeout", str(args.timeout),
+             "--dropout", str(secure or 0.0)],
             stdout=open(folder / f"worker-{w}.log", "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT))
     status, usage = None, None
     end = time.monotonic() + args.timeout
@@ -320,7 +397,9 @@ def cell(kind: str, n: int, args, out: Path) -> dict:
         broker.terminate()
         broker.wait(10)
     stats = [json.loads(p.read_text()) for p in sorted(folder.glob("worker-*.json"))]
-    row = {"broker": kind, "devices": n, "enrol_s": round(enrol_s, 2), "wall_s": round(wall, 1),
+    row = {"broker": kind, "devices": n, "secagg_dropout": secure, "enrol_s": round(enrol_s, 2), "wall_s": round(wall, 1),
+           "bytes_up_per_device_round": sum(s["bytes_sent"] for s in stats) / max(1, n * args.rounds),
+           "bytes_down_per_device_round": sum(s["bytes_received"] for s in stats) / max(1, n * args.rounds),
            "exit": status if isinstance(status, str) else os.waitstatus_to_exitcode(status),
            "coordinator_cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
            "messages": sum(s["sent"] + s["received"] for s in stats),
@@ -346,6 +425,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4, help="device processes (each an asyncio loop)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a cell may take")
     ap.add_argument("--out", default="runs/fleet-scale")
+    ap.add_argument("--secagg", action="store_true", help="also run each cell with secure aggregation")
+    ap.add_argument("--dropouts", default="0,0.1,0.3", help="with --secagg: the fractions of devices dropping out")
+    ap.add_argument("--dropout", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--broker", help=argparse.SUPPRESS)
     ap.add_argument("--creds-list", help=argparse.SUPPRESS)
@@ -359,19 +441,27 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    print("| broker | devices | enrol s | round overhead s (median / max) | coordinator CPU s | peak RSS MB | "
-          "messages/s | rounds ok | wall s |", flush=True)
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| broker | devices | secure aggregation (dropping) | enrol s | round overhead s (median / max) | "
+          "coordinator CPU s | peak RSS MB | messages/s | kB up / down per device and round | rounds ok "
+          "(valid updates) | wall s |", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    modes: list[float | None] = [None]
+    if args.secagg:
+        modes += [float(x) for x in args.dropouts.split(",")]
     for kind in args.brokers.split(","):
         for n in (int(x) for x in args.sizes.split(",")):
-            row = cell(kind, n, args, out)
-            rows.append(row)
-            (out / "results.json").write_text(json.dumps(rows, indent=1))
-            print(f"| {kind} | {n} | {row['enrol_s']} | {row.get('overhead_median_s', '-')} / "
-                  f"{row.get('overhead_max_s', '-')} | {row['coordinator_cpu_s']} | {row['peak_rss_mb']} | "
-                  f"{row.get('messages_per_s', '-')} | {row.get('rounds_ok', 0)}/{args.rounds} | {row['wall_s']}"
-                  + (f" (exit {row['exit']}; {'; '.join(row['errors'])})" if row['exit'] != 0 or row['errors'] else ""),
-                  flush=True)
+            for secure in modes:
+                row = cell(kind, n, args, out, secure)
+                rows.append(row)
+                (out / "results.json").write_text(json.dumps(rows, indent=1))
+                mode = "-" if secure is None else f"yes ({secure:.0%})"
+                print(f"| {kind} | {n} | {mode} | {row['enrol_s']} | {row.get('overhead_median_s', '-')} / "
+                      f"{row.get('overhead_max_s', '-')} | {row['coordinator_cpu_s']} | {row['peak_rss_mb']} | "
+                      f"{row.get('messages_per_s', '-')} | {row['bytes_up_per_device_round'] / 1e3:.1f} / "
+                      f"{row['bytes_down_per_device_round'] / 1e3:.1f} | {row.get('rounds_ok', 0)}/{args.rounds} "
+                      f"({', '.join(str(v) for v in row.get('valid', []))}) | {row['wall_s']}"
+                      + (f" (exit {row['exit']}; {'; '.join(row['errors'])})" if row['exit'] != 0 or row['errors']
+                         else ""), flush=True)
     return 0
 
 
