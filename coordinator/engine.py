@@ -421,7 +421,7 @@ class Engine:
             return float(self.cfg.method_settings["norm_bound"].max_norm)
         return None
 
-    def _secagg_round(self, round_idx: int, chosen: list[ClientData]) -> dict | None:
+    def secagg_round(self, round_idx: int, chosen: list[ClientData]) -> dict | None:
         """Under secure aggregation: the round's protocol parameters, the layout of the vector each
         device sums (``{"params", "dims", "rank", "context"}``) and each chosen device's weight
         (``secagg_weights``: the coordinator's own, scaled by the round's largest); else None."""
@@ -548,7 +548,7 @@ class Engine:
         out, skipped = [], []
         blobs: dict[bytes, bytes] = {}  # equal start blobs (every FedIT device's) held once, not once per device
         chosen = self.sample(round_idx, available)
-        secagg = self._secagg_round(round_idx, chosen)
+        secagg = self.secagg_round(round_idx, chosen)
         for c in chosen:
             capacity = c.capacity.rank if c.capacity else self.R
             plan = self.method.plan(c.id, capacity, self.ctx, round_idx, self.state.method_state)

@@ -637,6 +637,8 @@ class Coordinator:
                        for c, (meta, start, nbytes) in jr.assignments.items()}
         r = self.round = OpenRound(round_idx, assignments, jr.skipped, time.perf_counter(),
                                    time.monotonic() + self.cfg.transport.round_timeout_s)
+        if self.engine.secagg is not None:  # the round's parameters again (they follow from its devices)
+            self.engine.secagg_round(round_idx, [self.engine.by_id[c] for c in assignments])
         self.engine.start_fold(list(jr.clients))
         if self.engine.secagg is not None:  # the key exchange lived in memory: this round cannot be unmasked
             why = ("the coordinator restarted during this secure-aggregation round; its key exchange is not kept "

@@ -307,3 +307,76 @@ def test_over_mqtt_the_coordinator_sums_masked_vectors_and_unmasks_past_dropouts
     for words in plain.values():  # no file of the coordinator's holds a device's vector (any 64-byte piece of it)
         for at in range(0, len(words) - 64, len(words) // 7):
             assert words[at:at + 64] not in kept
+
+
+@pytest.mark.integration
+def test_a_coordinator_stopped_mid_secure_round_fails_that_round_on_resume_and_goes_on(tmp_path):
+    """Stopped between the shares and their relay in round 2 (real client processes): resumed, it
+    fails round 2 saying why (the key exchange is not kept on disk) and runs round 3 securely."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from fleets import FAST_PROFILE
+    from mqttkit import CoordThread, config, coordinator, deployment, spawn
+
+    from fedlora_edge.core.profile import DeviceProfile
+
+    ids = ["p", "q", "s"]
+    dep = deployment("embedded", tmp_path)
+    procs = {}
+    try:
+        cfg = config(tmp_path, ids, rounds=3, **{"privacy.secure_aggregation.enabled": True})
+        creds = dep.enrol(*ids, max_examples=8)
+        out = tmp_path / "out"
+        coord = coordinator(dep, cfg, out)
+        real = coord._secure_send
+
+        def stop_at_the_relay(r, device, stage, body):
+            if r.index == 2 and stage == "relay":
+                raise KeyboardInterrupt("coordinator stopped")
+            return real(r, device, stage, body)
+
+        coord._secure_send = stop_at_the_relay
+        prof = DeviceProfile(name="p", **FAST_PROFILE)
+        procs = {i: spawn(dep, cfg.transport.run_id, i, tmp_path / i, prof, creds[i]) for i in ids}
+        th = CoordThread(coord)
+        th.start()
+        with pytest.raises(KeyboardInterrupt):
+            th.result()
+        resumed = coordinator(dep, cfg, out, resume=True)
+        assert resumed.first_round == 2
+        th2 = CoordThread(resumed)
+        th2.start()
+        rep = th2.result()
+    finally:
+        for p in procs.values():
+            p.kill()
+        dep.close()
+    r1, r2, r3 = rep["rounds"]
+    assert r1["status"] == "ok" and r1["valid_updates"] == 3
+    assert r2["status"] == "failed" and all("restarted during this secure-aggregation round" in f["reason"]
+                                            for f in r2["failed"])
+    assert r3["status"] == "ok" and r3["valid_updates"] == 3 and r3["secure_aggregation"]["survivors"] == 3
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["fedit", "hafl"])
+def test_secure_aggregation_composes_with_device_level_dp(tmp_path, method):
+    from fedlora_edge.coordinator.privacy import epsilon_for
+
+    sim = _sim(tmp_path, "both", method=method, **{"privacy.secure_aggregation.enabled": True, "lora.rank": 2,
+                                                   "privacy.dp.noise_multiplier": 1.0, "privacy.dp.clip_norm": 0.05})
+    report = sim.run()
+    ran = [r for r in report["rounds"] if r["status"] == "ok"]
+    assert ran and all("secure_aggregation" in r for r in ran)  # Poisson sampling may leave a round under 3
+    assert report["privacy"]["epsilon"] == pytest.approx(epsilon_for(1.0, 1.0, 2, 1 / 6))
+    for r in report["rounds"]:
+        assert not r["rejected"]
+
+
+def test_adaptive_clipping_is_refused_with_secure_aggregation(tmp_path):
+    from fedlora_edge.coordinator.config import ConfigError
+
+    with pytest.raises(ConfigError, match="adaptive clipping counts which devices"):
+        _sim(tmp_path, "x", method="fedit", **{"privacy.secure_aggregation.enabled": True,
+                                               "privacy.dp.noise_multiplier": 1.0, "privacy.dp.adaptive_clipping": True})
