@@ -2,7 +2,9 @@
 """An independent fedlora-edge device client (wire protocol 2.0), written from docs/protocol.md only.
 
 It does not train: for every plan it adds 0.001 to every element of the plan's tensors and sends
-that back as the update. Dependencies: paho-mqtt 2.x, cryptography, safetensors, numpy, stdlib.
+that back as the update. Under secure aggregation (a plan with `meta.secagg`) it runs the four
+stages of the document's "Secure aggregation" section and sends its masked vector instead.
+Dependencies: paho-mqtt 2.x, cryptography, pycryptodome (Shamir), safetensors, numpy, stdlib.
 
     python tests/independent_client.py --broker mqtt://HOST:PORT --credentials FILE.json \
         --run RUN_ID --state-dir DIR --examples N
@@ -169,6 +171,133 @@ def load_credentials(path: str) -> dict:
 # ---------------------------------------------------------------- the client
 
 
+class SecureRound:
+    """One round of secure aggregation, as docs/protocol.md's "Secure aggregation" says."""
+
+    def __init__(self, me: str, sa: dict, plan: dict, start: dict):
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        self.me, self.sa, self.plan, self.start = me, sa, plan, start
+        self.ctx = sa["context"].encode()
+        self.c, self.s = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+        self.b = secrets.token_bytes(32)
+        self.roster: dict = {}
+        self.held: dict = {}  # sender -> (index, s share, b share)
+        self.asked = None
+
+    @staticmethod
+    def _pub(key) -> str:
+        return base64.b64encode(key.public_key().public_bytes_raw()).decode()
+
+    def keys(self) -> dict:
+        return {"c": self._pub(self.c), "s": self._pub(self.s)}
+
+    @staticmethod
+    def _hkdf(secret: bytes, info: bytes) -> bytes:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+    def _x(self, private, peer_b64: str) -> bytes:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+        return private.exchange(X25519PublicKey.from_public_bytes(base64.b64decode(peer_b64)))
+
+    def _share_key(self, peer: str) -> bytes:
+        return self._hkdf(self._x(self.c, self.roster[peer]["c"]), b"fedlora secagg shares\x00" + self.ctx)
+
+    def _aad(self, sender: str, recipient: str) -> bytes:
+        return b"fedlora secagg share\x00" + self.ctx + b"\x00" + sender.encode() + b"\x00" + recipient.encode()
+
+    def shares(self, roster: dict, params: dict) -> dict:
+        from Crypto.Protocol.SecretSharing import Shamir
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        t = int(params["threshold"])
+        if self.me in roster or len(roster) < t:
+            raise Refused(f"a roster of {len(roster)} neighbours (threshold {t}), or one naming this device")
+        self.roster, self.params = roster, params
+        peers = sorted(roster)
+        n = len(peers) + 1
+
+        def split(secret: bytes) -> list:
+            lo, hi = Shamir.split(t, n, secret[:16]), Shamir.split(t, n, secret[16:])
+            return [(i, a + b) for (i, a), (_, b) in zip(lo, hi)]
+
+        s_sh, b_sh = split(self.s.private_bytes_raw()), split(self.b)
+        out = {}
+        for v, (i, ss), (_, bs) in zip(peers, s_sh[1:], b_sh[1:]):
+            body = json.dumps({"from": self.me, "to": v, "index": i, "s": base64.b64encode(ss).decode(),
+                               "b": base64.b64encode(bs).decode()}).encode()
+            nonce = secrets.token_bytes(12)
+            out[v] = base64.b64encode(nonce + AESGCM(self._share_key(v)).encrypt(nonce, body, self._aad(self.me, v))).decode()
+        return out
+
+    @staticmethod
+    def _stream(seed: bytes, n: int) -> np.ndarray:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        enc = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
+        return np.frombuffer(enc.update(b"\x00" * (4 * n)), dtype="<u4").astype(np.uint32)
+
+    def _vector(self) -> np.ndarray:
+        """The change (every value +0.001, as this client's 'training') in the document's layout."""
+        R, w = int(self.sa["rank"]), float(self.sa["weight"])
+        parts = []
+        for m in sorted(self.sa["dims"]):
+            n_in, n_out = self.sa["dims"][m]
+            comps = self.plan["modules"][m]
+            a, bb, z = np.zeros((R, n_in)), np.zeros((n_out, R)), np.zeros(R)
+            a[comps, :] = w * 0.001
+            bb[:, comps] = w * 0.001
+            z[comps] = w
+            parts += [a.ravel(), bb.ravel(), z]
+        parts.append(np.array([w]))
+        return np.concatenate(parts)
+
+    def masked(self, inbox: dict) -> bytes:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        for u, ct in inbox.items():
+            if u not in self.roster:
+                raise Refused(f"a share from {u}, not a neighbour")
+            raw = base64.b64decode(ct)
+            body = json.loads(AESGCM(self._share_key(u)).decrypt(raw[:12], raw[12:], self._aad(u, self.me)))
+            if body["from"] != u or body["to"] != self.me:
+                raise Refused(f"{u}'s share names another pair")
+            self.held[u] = (body["index"], body["s"], body["b"])
+        p = self.params
+        c, levels = float(p["clip_range"]), int(p["levels"])
+        x = (np.clip(self._vector(), -c, c) + c) * ((levels - 1) / (2 * c))
+        low = np.floor(x)
+        words = np.minimum(low + (np.random.random(x.shape) < x - low), levels - 1).astype(np.uint32)
+        words += self._stream(self.b, words.size)
+        for v in sorted(self.held):
+            lo, hi = sorted((self.me, v))
+            seed = self._hkdf(self._x(self.s, self.roster[v]["s"]),
+                              b"fedlora secagg mask\x00" + self.ctx + b"\x00" + lo.encode() + b"\x00" + hi.encode())
+            if self.me < v:
+                words += self._stream(seed, words.size)
+            else:
+                words -= self._stream(seed, words.size)
+        return words.astype("<u4").tobytes()
+
+    def unmask(self, survivors: list, dropped: list) -> dict:
+        if set(survivors) & set(dropped) or self.me in dropped:
+            raise Refused("an unmasking request naming a device both survived and dropped (or this one dropped)")
+        if self.asked is not None and self.asked != (sorted(survivors), sorted(dropped)):
+            raise Refused("a second, different unmasking request")
+        self.asked = (sorted(survivors), sorted(dropped))
+        out: dict = {"b": {}, "s": {}}
+        for v, (i, s_share, b_share) in self.held.items():
+            if v in survivors:
+                out["b"][v] = [i, b_share]
+            elif v in dropped:
+                out["s"][v] = [i, s_share]
+        return out
+
+
 class Device:
     def __init__(self, args, creds):
         self.args = args
@@ -202,6 +331,7 @@ class Device:
         self.refused_connect: str | None = None
         self.done = False
         self.pending: list = []
+        self.secure: dict[int, SecureRound] = {}  # round -> this device's secure-aggregation state
 
     # ---- persistence
 
@@ -499,7 +629,7 @@ class Device:
             raise Refused(f"chunk of another run (nonce {h['nonce']}), not acted on")
         kind, rnd, tid = h.get("kind"), h.get("round"), h.get("transfer")
         seq, total, nbytes, digest = h.get("seq"), h.get("total"), h.get("nbytes"), h.get("sha256")
-        if kind not in ("plan", "program"):
+        if kind not in ("plan", "program", "secagg"):
             raise Refused(f"kind {kind!r} is not sent to a device")
         for name, v in (("round", rnd), ("seq", seq), ("total", total), ("nbytes", nbytes)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -563,6 +693,8 @@ class Device:
             raise Refused(f"transfer {tid}: sha256 mismatch")
         if kind == "plan":
             self.on_plan(tid, rnd, t["meta"], whole)
+        elif kind == "secagg":
+            self.on_secagg(rnd, t["meta"], whole)
         else:
             self.on_program(tid, t["meta"], whole)
 
@@ -595,6 +727,13 @@ class Device:
             log(f"round {rnd} already trained; re-sending {len(held)} held update(s)")
             for uid, m in held:
                 self.send_update(uid, m)
+            return
+        sa = meta.get("secagg")
+        if isinstance(sa, dict) and rnd not in self.secure:  # stage 1 at once; the masked vector comes later
+            sr = self.secure[rnd] = SecureRound(self.id, sa, meta["plan"], st_load(data))
+            ev = self.common("secagg")
+            ev.update(round=rnd, stage="keys", keys=sr.keys())
+            self.send_json(self.t_event, ev)
             return
         try:
             t0 = time.time()
@@ -634,6 +773,35 @@ class Device:
             log("IC_CRASH_BEFORE_SEND: exiting abruptly with the update held on disk")
             os._exit(9)
         self.send_update(uid, umeta)
+
+    def on_secagg(self, rnd: int, meta: dict, data: bytes) -> None:
+        sr = self.secure.get(rnd)
+        if sr is None:
+            raise Refused(f"secure aggregation message for round {rnd}, where this device exchanged no keys")
+        body = parse_json(data)
+        stage = meta.get("stage")
+        if stage == "roster":
+            ev = self.common("secagg")
+            ev.update(round=rnd, stage="shares", shares=sr.shares(body["roster"], body["params"]))
+            self.send_json(self.t_event, ev)
+        elif stage == "relay":
+            blob = sr.masked(body["inbox"])
+            uid = secrets.token_hex(16)
+            umeta = {"round": rnd, "update_id": uid, "report": {"round": rnd, "num_examples": self.examples,
+                                                                  "steps": 1, "first_loss": 1.0, "last_loss": 0.9,
+                                                                  "seconds": 0.01}}
+            d = self.updates_dir(self.state["nonce"])
+            write_durable(os.path.join(d, uid + ".safetensors"), blob)
+            write_durable(os.path.join(d, uid + ".json"), dump_json(umeta))
+            self.state["trained"].append(rnd)
+            self._save_state()
+            self.send_update(uid, umeta)
+        elif stage == "unmask":
+            ev = self.common("secagg")
+            ev.update(round=rnd, stage="unmask", response=sr.unmask(body["survivors"], body["dropped"]))
+            self.send_json(self.t_event, ev)
+        else:
+            raise Refused(f"secure aggregation stage {stage!r}")
 
     def send_failure(self, rnd: int, reason: str) -> None:
         ev = self.common("failure")

@@ -380,3 +380,49 @@ def test_adaptive_clipping_is_refused_with_secure_aggregation(tmp_path):
     with pytest.raises(ConfigError, match="adaptive clipping counts which devices"):
         _sim(tmp_path, "x", method="fedit", **{"privacy.secure_aggregation.enabled": True,
                                                "privacy.dp.noise_multiplier": 1.0, "privacy.dp.adaptive_clipping": True})
+
+
+@pytest.mark.integration
+def test_clients_written_from_the_protocol_document_alone_take_part_in_a_secure_round(tmp_path):
+    """tests/independent_client.py implements the stages from docs/protocol.md (no project imports):
+    three of them make secure rounds whose sum is their mean change (+0.001 everywhere)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torch
+    from mqttkit import CoordThread, config, coordinator, deployment
+
+    from fedlora_edge.core.identity import save_credentials
+
+    ids = ["i1", "i2", "i3"]
+    d = deployment("embedded", tmp_path)
+    procs = []
+    try:
+        cfg = config(tmp_path, ids, rounds=2, **{"privacy.secure_aggregation.enabled": True})
+        creds = d.enrol(*ids, max_examples=8)
+        coord = coordinator(d, cfg, tmp_path / "out")
+        g0 = {m: (a.clone(), b.clone()) for m, (a, b) in coord.engine.state.global_factors.items()}
+        th = CoordThread(coord)
+        th.start()
+        for i in ids:
+            save_credentials(tmp_path / f"{i}.json", creds[i])
+            procs.append(subprocess.Popen(
+                [sys.executable, str(Path(__file__).parent / "independent_client.py"), "--broker", d.address.url,
+                 "--credentials", str(tmp_path / f"{i}.json"), "--run", cfg.transport.run_id, "--state-dir",
+                 str(tmp_path / f"{i}-state"), "--examples", "8"],
+                stdout=(tmp_path / f"{i}.log").open("w"), stderr=subprocess.STDOUT))
+        report = th.result()
+        for i, p in zip(ids, procs):
+            assert p.wait(120) == 0, (tmp_path / f"{i}.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+        d.close()
+    assert [(r["status"], r["valid_updates"]) for r in report["rounds"]] == [("ok", 3), ("ok", 3)]
+    assert not coord.events, coord.events  # nothing they sent was refused
+    for m, (a, b) in coord.engine.state.global_factors.items():  # two rounds of +0.001 on the trained components
+        r = report["rounds"][0]["clients"][0]["rank"]
+        assert torch.allclose(a[:r], g0[m][0][:r] + 0.002, atol=1e-4)
+        assert torch.allclose(b[:, :r], g0[m][1][:, :r] + 0.002, atol=1e-4)
