@@ -194,6 +194,37 @@ def sigkill_state_write(b, ref):
     return crash_and_resume(b, ref, "sigkill-state", crash="state-write:2")
 
 
+def sigkill_secure(b, stage: str):
+    """SIGKILL at a secure-aggregation stage of round 2 (of 3), then ``--resume``: the round it was in
+    fails, saying why (its key exchange was only in memory), and the run goes on."""
+    out, port = b.tmp / f"sigkill-secagg-{stage}", free_port()
+    extra = ("--set", "privacy.secure_aggregation.enabled=true", "--clients-per-round", "4", "--rounds", "3")
+    devs = b.devices(f"mqtt://127.0.0.1:{port}", b.tmp / f"state-secagg-{stage}")
+    try:
+        rc1 = b.coordinator(out, port, *extra, crash=f"secagg-{stage}:2").wait(300)
+        rc2 = finish(b.coordinator(out, port, *extra, resume=True), devs)
+    finally:
+        kill_all(devs)
+    rounds = report(out)["rounds"]
+    why = next((f["reason"] for r in rounds if r["status"] == "failed" for f in r["failed"]), "")
+    clean = ([r["status"] for r in rounds] == ["ok", "failed", "ok"] and "restarted during this secure" in why
+             and rc2 == 4)
+    return (f"killed (status {rc1}); `--resume`: {rounds_line(out)}; round 2: \"{why[:90]}...\"; exit {rc2}",
+            "the round it was in (failed on resume, saying why; the run went on)" if clean else "UNEXPECTED")
+
+
+def sigkill_secure_keys(b, ref):
+    return sigkill_secure(b, "keys")
+
+
+def sigkill_secure_shares(b, ref):
+    return sigkill_secure(b, "shares")
+
+
+def sigkill_secure_masked(b, ref):
+    return sigkill_secure(b, "masked")
+
+
 def corrupt_snapshot(b, ref):
     def damage(out):
         snaps = sorted((out / "state").glob("snap-*"))
@@ -805,6 +836,9 @@ SCENARIOS = [
     ("SIGKILL while the final outputs are written, devices gone", sigkill_at_outputs),
     ("disk full while the final outputs are written", disk_full_at_outputs),
     ("the open round's start blobs missing from the journal", missing_start_blob),
+    ("secure aggregation: SIGKILL after the rosters went out (round 2)", sigkill_secure_keys),
+    ("secure aggregation: SIGKILL after the shares were relayed (round 2)", sigkill_secure_shares),
+    ("secure aggregation: SIGKILL after the unmasking was asked for (round 2)", sigkill_secure_masked),
 ]
 
 

@@ -5,7 +5,9 @@ first (or N-th) time it reaches ``crash_point(NAME)``: no clean-up runs, exactly
 had pulled the plug there.  The points: ``plans-sent`` (every device of the round has its plan),
 ``ack`` (after an accepted update's ack went out), ``aggregate`` (after aggregation, before the
 state is written), ``state-write`` (a snapshot half-written, its manifest not yet), ``outputs`` (the
-run's final models written, its report and plots not yet).  Without the
+run's final models written, its report and plots not yet); under secure aggregation
+``secagg-keys`` (the rosters sent), ``secagg-shares`` (the shares relayed), ``secagg-masked`` (the
+unmasking asked for).  Without the
 variable a crash point costs one dictionary lookup.
 """
 

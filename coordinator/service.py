@@ -778,6 +778,7 @@ class Coordinator:
                         for d, roster in sa.rosters().items():
                             self._secure_send(r, d, "roster", {"roster": roster, "params": sa.params.to_json()})
                         r.sa_stage = "shares"
+                        crash_point("secagg-keys")
                         continue
                 elif r.sa_stage == "shares":
                     if late or not [d for d in sa.graph if d in live and d not in sa.shared]:
@@ -786,6 +787,7 @@ class Coordinator:
                         for d, inbox in sa.relay().items():
                             self._secure_send(r, d, "relay", {"inbox": inbox})
                         r.sa_stage = "masked"
+                        crash_point("secagg-shares")
                         continue
                 elif r.sa_stage == "masked":
                     self._commit()
@@ -794,6 +796,7 @@ class Coordinator:
                         for d in survivors:
                             self._secure_send(r, d, "unmask", {"survivors": survivors, "dropped": dropped})
                         r.sa_stage, r.sa_deadline = "unmask", time.monotonic() + tr.secagg_unmask_s
+                        crash_point("secagg-masked")
                         continue
                 elif r.sa_stage == "unmask":
                     if late or not [d for d in sa.sent if d in live and d not in sa.responses]:
