@@ -278,12 +278,20 @@ def worker(args) -> int:
     import numpy  # noqa: F401  (imported before the first plan, not timed as a device's work)
     import safetensors.numpy  # noqa: F401
 
+    if args.dropout is not None:  # secure aggregation's imports too (torch for the vector's layout)
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        import fedlora_edge.edge_client.work  # noqa: F401
+        from fedlora_edge.core.secagg import DeviceSecAgg, SecAggError  # noqa: F401
+
+        X25519PrivateKey.generate()
+
     from fedlora_edge.core.mqtt import BrokerAddress
 
     host, port = args.broker.rsplit(":", 1)
     PROFILE_DICT.update(json.loads(Path(args.profile_json).read_text()))
     files = Path(args.creds_list).read_text().split()
-    stats = asyncio.run(run_devices(files, BrokerAddress(host, int(port)), args.timeout, args.dropout))
+    stats = asyncio.run(run_devices(files, BrokerAddress(host, int(port)), args.timeout, args.dropout or 0.0))
     Path(args.stats_out).write_text(json.dumps(stats))
     return 0
 
@@ -374,7 +382,7 @@ def cell(kind: str, n: int, args, out: Path, secure: float | None = None) -> dic
             [sys.executable, __file__, "--worker", "--broker", f"127.0.0.1:{port}", "--creds-list",
              str(folder / f"worker-{w}.list"), "--profile-json", str(folder / "profile.json"),
              "--stats-out", str(folder / f"worker-{w}.json"), "--timeout", str(args.timeout),
-             "--dropout", str(secure or 0.0)],
+             *(["--dropout", str(secure)] if secure is not None else [])],
             stdout=open(folder / f"worker-{w}.log", "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT))
     status, usage = None, None
     end = time.monotonic() + args.timeout
@@ -427,7 +435,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/fleet-scale")
     ap.add_argument("--secagg", action="store_true", help="also run each cell with secure aggregation")
     ap.add_argument("--dropouts", default="0,0.1,0.3", help="with --secagg: the fractions of devices dropping out")
-    ap.add_argument("--dropout", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--dropout", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--broker", help=argparse.SUPPRESS)
     ap.add_argument("--creds-list", help=argparse.SUPPRESS)
