@@ -367,6 +367,7 @@ def cell(kind: str, n: int, args, out: Path, secure: float | None = None) -> dic
            "--progress-every", "10"]
     if secure is not None:
         cmd += ["--set", "privacy.secure_aggregation.enabled=true", "--set", "transport.secagg_unmask_s=10",
+                "--set", f"privacy.secure_aggregation.dropout={max(secure, 0.1)}",
                 "--set", "min_updates=1"]
     coord_log = open(folder / "fedlora_edge.coordinator.log", "w")
     t_start = time.perf_counter()

@@ -9,7 +9,8 @@ dropouts, and the held-out loss of a secure run against the plain one.
    neighbour, ChaCha20 masks, the unmasking), each device's vector the size of the global adapter
    of ``--model`` at ``--rank`` (q and v, every layer: FedIT's update at that rank), with the given
    fraction of devices dropping out: half of them after sharing their keys (before their masked
-   vector), half after it (before the unmasking).  Reported per device (the mean over devices):
+   vector), half after it (before the unmasking); the neighbourhoods are sized for that fraction
+   (``privacy.secure_aggregation.dropout``, at least 0.1).  Reported per device (the mean over devices):
    bytes up and down through the coordinator beside a plain update's bytes (float32 safetensors of
    the same factors), and its protocol work; the coordinator's work for the whole round.  A
    device's work is what it adds to a round (keys, shares, masks, unmasking answers); in a
@@ -57,7 +58,7 @@ def adapter_dims(model: str) -> dict[str, tuple[int, int]]:
 
 def protocol(n: int, dropout: float, dims: dict, rank: int, seed: int = 0) -> dict:
     length = vector_length(dims, rank, False)
-    params = Params.for_round(n)
+    params = Params.for_round(n, dropout=max(dropout, 0.1))  # neighbourhoods sized to survive what drops
     rng = np.random.default_rng(seed)
     ids = [f"d{i:04d}" for i in range(n)]
     gone = [ids[i] for i in rng.permutation(n)[: round(dropout * n)]]

@@ -429,7 +429,7 @@ class Engine:
         if self.secagg is None:
             return None
         sa = self.secagg
-        self.secagg_params = Params.for_round(max(3, len(chosen)), sa.clip_range, sa.degree, sa.threshold)
+        self.secagg_params = Params.for_round(max(3, len(chosen)), sa.clip_range, sa.degree, sa.threshold, sa.dropout)
         raw = {c.id: self.weight(c.id, len(c.train) or c.declared_examples or 1) for c in chosen}
         top = max(raw.values(), default=1.0)
         self.secagg_weights = {k: v / top for k, v in raw.items()}

@@ -200,12 +200,16 @@ class SecureAggregationSettings:
 
     enabled: bool = False
     clip_range: float = 1.0        # every summed value is clipped on the device to [-clip_range, clip_range]
-    degree: int | None = None      # neighbours per device (default: everyone up to 25 devices, else ~3 log2 n)
+    dropout: float = 0.3           # the fraction of a round's devices the default degree must survive dropping out
+    degree: int | None = None      # neighbours per device (default: from dropout and the round's size, core/secagg.py)
     threshold: int | None = None   # shares that rebuild a device's secrets (default: a neighbourhood's majority)
 
     def __post_init__(self):
         if not self.clip_range > 0:
             raise PrivacyError(f"privacy.secure_aggregation.clip_range must be positive, got {self.clip_range}")
+        if not 0.0 <= self.dropout < 0.5:
+            raise PrivacyError(f"privacy.secure_aggregation.dropout must be in [0, 0.5) (a majority must answer), got "
+                               f"{self.dropout}")
         if self.degree is not None and self.degree < 2:
             raise PrivacyError(f"privacy.secure_aggregation.degree must be at least 2, got {self.degree}")
         if self.threshold is not None and self.threshold < 2:

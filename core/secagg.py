@@ -65,19 +65,30 @@ class SecAggError(ValueError):
 
 # ------------------------------------------------------------------------------ parameters
 
-def default_degree(n: int) -> int:
-    """Neighbours per device for a round of ``n``: everyone up to 24 devices, else about
-    ``3 log2 n`` (even, at most ``n - 1``): SecAgg+'s logarithmic neighbourhoods."""
-    if n <= 25:
-        return max(0, n - 1)
-    k = 2 * math.ceil(1.5 * math.log2(n))
-    return min(n - 1, k)
-
-
 def default_threshold(degree: int) -> int:
-    """Shares needed to rebuild a secret: a majority of a neighbourhood (device included), so that
-    up to just under half of a device's neighbours may drop and fewer than half can collude."""
+    """Shares needed to rebuild a secret: a majority of a device's neighbours, so that fewer than
+    half of them colluding (with the coordinator) cannot unmask it."""
     return degree // 2 + 1
+
+
+def _short(k: int, t: int, dropout: float) -> float:
+    """P(fewer than ``t`` of ``k`` neighbours answer) when each drops out with probability ``dropout``."""
+    q = 1.0 - dropout
+    return sum(math.comb(k, j) * q ** j * dropout ** (k - j) for j in range(t))
+
+
+def default_degree(n: int, dropout: float = 0.3, failure: float = 1e-3) -> int:
+    """Neighbours per device for a round of ``n`` that must survive a fraction ``dropout`` of its
+    devices dropping out: the smallest even ``k`` of at least ``3 log2 n`` (SecAgg+'s logarithmic
+    neighbourhoods) for which, with the majority threshold, the chance that some device keeps fewer
+    than ``t`` answering neighbours is at most ``failure`` (each device dropping independently; a
+    union bound over the ``n`` devices); everyone (``n - 1``) when that is not fewer."""
+    if n <= 3:
+        return max(0, n - 1)
+    k = max(2, 2 * math.ceil(1.5 * math.log2(n)))
+    while k < n - 1 and n * _short(k, default_threshold(k), dropout) > failure:
+        k += 2
+    return min(n - 1, k)
 
 
 @dataclass(frozen=True)
@@ -94,8 +105,8 @@ class Params:
 
     @classmethod
     def for_round(cls, n: int, clip_range: float = 8.0, degree: int | None = None,
-                  threshold: int | None = None) -> Params:
-        k = default_degree(n) if degree is None else min(degree, n - 1)
+                  threshold: int | None = None, dropout: float = 0.3) -> Params:
+        k = default_degree(n, dropout) if degree is None else min(degree, n - 1)
         t = default_threshold(k) if threshold is None else threshold
         steps = min(1 << 22, ((1 << MODULUS_BITS) - 1) // max(1, n))
         p = cls(k, t, clip_range, steps - steps % 2 + 1)  # odd: zero is a word exactly, so a sum of zeros is 0

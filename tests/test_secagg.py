@@ -157,11 +157,19 @@ def test_a_share_tampered_with_on_the_way_is_refused():
         agents["d02"].receive({"d00": inbox["d00"]})
 
 
-def test_the_neighbour_graph_is_sparse_symmetric_and_logarithmic():
+def test_the_neighbour_graph_is_sparse_symmetric_and_sized_for_the_dropouts():
+    from fedlora_edge.core.secagg import _short
+
     ids = [f"d{i:04d}" for i in range(1000)]
-    p = Params.for_round(1000)
+    p = Params.for_round(1000, dropout=0.1)
     g = neighbours(ids, p.degree, CTX)
     assert p.degree == 30 and p.threshold == 16
+    # sized so that some device keeps fewer than t answering neighbours with chance <= 1e-3, and no smaller
+    for dropout in (0.1, 0.3):
+        q = Params.for_round(1000, dropout=dropout)
+        assert 1000 * _short(q.degree, q.threshold, dropout) <= 1e-3
+        if q.degree > 30:  # above the 3 log2 n floor, it is the smallest that holds
+            assert 1000 * _short(q.degree - 2, (q.degree - 2) // 2 + 1, dropout) > 1e-3
     assert all(len(vs) == p.degree for vs in g.values())
     assert all(u in g[v] for u, vs in g.items() for v in vs) and all(u not in vs for u, vs in g.items())
     assert neighbours(ids[:10], Params.for_round(10).degree, CTX)["d0000"] == ids[1:10]  # small: everyone
