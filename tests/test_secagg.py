@@ -434,3 +434,18 @@ def test_clients_written_from_the_protocol_document_alone_take_part_in_a_secure_
         r = report["rounds"][0]["clients"][0]["rank"]
         assert torch.allclose(a[:r], g0[m][0][:r] + 0.002, atol=1e-4)
         assert torch.allclose(b[:, :r], g0[m][1][:, :r] + 0.002, atol=1e-4)
+
+
+@pytest.mark.integration
+def test_norm_bound_under_secure_aggregation_bounds_each_change_on_the_device(tmp_path):
+    sim = _sim(tmp_path, "nb", method="norm-bound", rounds=1,
+               **{"privacy.secure_aggregation.enabled": True, "norm_bound.max_norm": 0.01})
+    g0 = {m: (a.clone(), b.clone()) for m, (a, b) in sim.engine.state.global_factors.items()}
+    (r,) = sim.run()["rounds"]
+    assert r["status"] == "ok" and r["valid_updates"] == 6
+    assert sim.engine.device_clip() == 0.01
+    import math as _math
+
+    moved = _math.sqrt(sum(float((a - g0[m][0]).pow(2).sum() + (b - g0[m][1]).pow(2).sum())
+                           for m, (a, b) in sim.engine.state.global_factors.items()))
+    assert moved <= 0.01 * 1.01  # a mean of changes each at most 0.01 long
