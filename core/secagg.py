@@ -493,7 +493,13 @@ class ServerSecAgg:
         if len(self.public) < self.params.threshold:
             raise SecAggError(f"secure aggregation: {len(self.public)} devices sent keys; the threshold is "
                               f"{self.params.threshold}")
-        self.graph = neighbours(self.public, self.params.degree, self.context)
+        graph = neighbours(self.public, self.params.degree, self.context)
+        few = min((len(vs) for vs in graph.values()), default=0)
+        if few < self.params.threshold:
+            raise SecAggError(f"secure aggregation: {len(self.public)} devices sent keys, so a device has {few} "
+                              f"neighbours, fewer than the threshold {self.params.threshold} (a round needs at least 3 "
+                              "devices)")
+        self.graph = graph
         return {u: {v: self.public[v] for v in vs} for u, vs in self.graph.items()}
 
     # stage 2

@@ -449,3 +449,12 @@ def test_norm_bound_under_secure_aggregation_bounds_each_change_on_the_device(tm
     moved = _math.sqrt(sum(float((a - g0[m][0]).pow(2).sum() + (b - g0[m][1]).pow(2).sum())
                            for m, (a, b) in sim.engine.state.global_factors.items()))
     assert moved <= 0.01 * 1.01  # a mean of changes each at most 0.01 long
+
+
+def test_a_round_left_with_two_devices_fails_at_the_roster_saying_why():
+    p = Params.for_round(3)
+    server = ServerSecAgg(["a", "b", "c"], CTX, p, 8)
+    for u in ("a", "b"):  # c never sent its keys
+        server.keys(u, DeviceSecAgg(u, CTX).keys())
+    with pytest.raises(SecAggError, match="a device has 1 neighbours, fewer than the threshold 2"):
+        server.rosters()
