@@ -16,7 +16,11 @@ dropouts, and the held-out loss of a secure run against the plain one.
    device's work is what it adds to a round (keys, shares, masks, unmasking answers); in a
    deployment the devices work in parallel, so a round's added time is about one device's work
    plus the coordinator's.
-2. **Loss** (``--loss``): ``fedlora simulate`` with FedIT on ``--loss-devices`` devices (every one
+2. **Shamir** (``--shamir 20,30,99,134``): what pycryptodome's Shamir (GF(2^128), pure Python) takes
+   to split one 16-byte secret into ``k + 1`` shares of threshold ``k // 2 + 1`` and to combine
+   them, at each degree ``k`` (a device splits four per round, two secrets of two halves; the
+   coordinator combines two per secret it rebuilds): the cost that grows fastest with the degree.
+3. **Loss** (``--loss``): ``fedlora simulate`` with FedIT on ``--loss-devices`` devices (every one
    a round, 2 rounds, the built-in tasks), plain and with ``privacy.secure_aggregation``, on each
    seed; the held-out loss of each and their difference paired by seed with its 95 % interval
    ("within noise" where it holds 0).  Finished runs in OUT are reused.
@@ -75,6 +79,27 @@ def protocol(n: int, dropout: float, dims: dict, rank: int, seed: int = 0) -> di
             "coordinator_seconds": stats["seconds"]["coordinator"]}
 
 
+def shamir_cost(degrees: list[int], reps: int = 5) -> list[dict]:
+    import time
+
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    rows = []
+    for k in degrees:
+        t = k // 2 + 1
+        split, combine = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            shares = Shamir.split(t, k + 1, b"0123456789abcdef")
+            split.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            Shamir.combine(shares[1:t + 1])
+            combine.append(time.perf_counter() - t0)
+        rows.append({"degree": k, "threshold": t, "split_ms": 1e3 * statistics.median(split),
+                     "combine_ms": 1e3 * statistics.median(combine)})
+    return rows
+
+
 def loss_runs(out: Path, model: str, devices: int, seeds: list[int]) -> list[dict]:
     bench = _privacy_bench()
     fleet = out / "fleet.yaml"
@@ -100,12 +125,24 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dropouts", default="0,0.1,0.3")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--shamir", default="", help="degrees at which to time pycryptodome's Shamir split and combine")
     ap.add_argument("--loss", action="store_true", help="also compare a secure FedIT run's held-out loss with the plain one")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--loss-devices", type=int, default=6)
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.shamir:
+        cost = shamir_cost([int(k) for k in args.shamir.split(",")])
+        (out / "shamir.json").write_text(json.dumps(cost, indent=1))
+        print("| neighbours | threshold | split one 16-byte secret, ms | combine it, ms | a device's splits per round, s |")
+        print("|---|---|---|---|---|")
+        for r in cost:
+            print(f"| {r['degree']} | {r['threshold']} | {r['split_ms']:.1f} | {r['combine_ms']:.1f} | "
+                  f"{4 * r['split_ms'] / 1e3:.2f} |")
+        print()
+    if not args.devices:
+        return 0
     dims = adapter_dims(args.model)
     rows = []
     for n in (int(x) for x in args.devices.split(",")):
