@@ -33,7 +33,7 @@ TRAINED = 1e-6  # a component whose summed weight is above this was trained (wei
 
 class SecureSum:
     """A round's accumulator under secure aggregation.  The round's fold offers each surviving
-    device as a contribution without factors (:meth:`add` only counts it); the round's driver hands
+    device as a contribution without factors (:meth:`add` only checks that it has none); the round's driver hands
     over the unmasked sum with :meth:`load`; :meth:`finish` gives the method's mean (or, with
     ``noised``, DP's noised mean) and the round's record."""
 
@@ -47,7 +47,6 @@ class SecureSum:
         self.params = params
         self.noised = noised      # a NoisedSum (privacy.dp) that takes the sums, else None
         self.then = then          # HAFL: then(scores, trained)
-        self.offered: list[str] = []
         self.words: np.ndarray | None = None
         self.survivors: list[str] = []
         self.stats: dict = {}
@@ -55,7 +54,6 @@ class SecureSum:
     def add(self, contribution) -> None:
         if contribution.factors:
             raise ValueError(f"client {contribution.client}: an update in the clear under secure aggregation")
-        self.offered.append(contribution.client)
 
     def load(self, words: np.ndarray, survivors: list[str], stats: dict | None = None) -> None:
         """The unmasked sum (words) of ``survivors``' vectors, and what to record of the protocol."""

@@ -252,6 +252,7 @@ class DeviceSession:
         """Take part in run ``nonce`` (an earlier run's updates are dropped) and say hello in it."""
         dropped = self.state.join(nonce)
         self.outbox.nonce, self.live = self.state.nonce, False
+        self.forget_secure_rounds()  # an earlier run's key exchanges are of another context
         self.log(f"run '{self.run_id}' is live (nonce {nonce[:8]})"
                  + (f"; dropped {dropped} update(s) of an earlier run" if dropped else ""))
         self.hello_due = True
@@ -304,6 +305,7 @@ class DeviceSession:
             time.sleep(len(plan.data) * 8 / (self.training.downlink_mbps * 1e6))
         secure = plan.meta.get("secagg")
         if secure and round_idx not in self.secagg:  # stage 1 before training: the keys go out at once
+            self.forget_secure_rounds(before=round_idx)  # a round's exchange ends when the next one starts
             agent = self.secagg[round_idx] = DeviceSecAgg(self.me, str(secure.get("context", "")).encode())
             self.event("secagg", round=round_idx, stage="keys", keys=agent.keys())
         try:
@@ -356,6 +358,13 @@ class DeviceSession:
                 raise SecAggError(f"unknown stage {str(stage)[:20]!r}")
         except (SecAggError, ValueError, KeyError, TypeError) as exc:
             self.log(f"round {round_idx}: secure aggregation: refused the coordinator's '{str(stage)[:20]}': {exc}")
+
+    def forget_secure_rounds(self, before: int | None = None) -> None:
+        """Drop the secure-aggregation state of every round (of the rounds before ``before``)."""
+        for held in (self.secagg, self.sa_vector):
+            for r in [r for r in held if before is None or r < before]:
+                del held[r]
+        self.sa_ready = {r for r in self.sa_ready if before is not None and r >= before}
 
     def send_masked(self, round_idx: int) -> None:
         """The trained vector, masked, as this round's update: when it is trained and the shares

@@ -28,6 +28,20 @@ def _fleet(n: int, length: int = 64, seed: int = 0):
     return {f"d{i:02d}": rng.normal(0, 0.05, length) for i in range(n)}
 
 
+def _exchanged(ids, p: Params, length: int, relay: bool = True):
+    """(server, agents) after stages 1 and 2 (with ``relay``, each device holding its inbox)."""
+    agents = {u: DeviceSecAgg(u, CTX) for u in ids}
+    server = ServerSecAgg(sorted(ids), CTX, p, length)
+    for u, a in agents.items():
+        server.keys(u, a.keys())
+    for u, roster in server.rosters().items():
+        server.shares(u, agents[u].share(roster, p))
+    if relay:
+        for v, inbox in server.relay().items():
+            agents[v].receive(inbox)
+    return server, agents
+
+
 @pytest.mark.parametrize("n, before, after", [(5, [], []), (12, ["d03"], ["d07"]), (30, ["d01", "d02", "d09"], ["d20", "d21"])])
 def test_the_sum_is_the_survivors_plain_sum_within_the_quantisation_bound(n, before, after):
     xs = _fleet(n)
@@ -84,14 +98,7 @@ def test_t_minus_1_colluders_and_the_coordinator_cannot_unmask_one_device():
 
     xs = _fleet(9, length=128)
     p = Params.for_round(9)  # everyone a neighbour: degree 8, threshold 5
-    agents = {u: DeviceSecAgg(u, CTX) for u in xs}
-    server = ServerSecAgg(sorted(xs), CTX, p, 128)
-    for u, a in agents.items():
-        server.keys(u, a.keys())
-    for u, roster in server.rosters().items():
-        server.shares(u, agents[u].share(roster, p))
-    for v, inbox in server.relay().items():
-        agents[v].receive(inbox)
+    server, agents = _exchanged(xs, p, 128)
     victim = "d00"
     masked = agents[victim].mask(encode(xs[victim], p))
     colluders = [u for u in sorted(xs) if u != victim][: p.threshold - 1]
@@ -111,14 +118,7 @@ def test_t_minus_1_colluders_and_the_coordinator_cannot_unmask_one_device():
 def test_a_device_never_reveals_both_shares_of_one_peer():
     xs = _fleet(5)
     p = Params.for_round(5)
-    agents = {u: DeviceSecAgg(u, CTX) for u in xs}
-    server = ServerSecAgg(sorted(xs), CTX, p, 64)
-    for u, a in agents.items():
-        server.keys(u, a.keys())
-    for u, roster in server.rosters().items():
-        server.shares(u, agents[u].share(roster, p))
-    for v, inbox in server.relay().items():
-        agents[v].receive(inbox)
+    _, agents = _exchanged(xs, p, 64)
     me = agents["d00"]
     with pytest.raises(SecAggError, match=r"named both survived and dropped"):
         me.unmask(["d00", "d01", "d02"], ["d02", "d03"])
@@ -139,12 +139,7 @@ def test_too_many_dropouts_fail_the_round_and_say_why():
 def test_a_share_tampered_with_on_the_way_is_refused():
     xs = _fleet(4)
     p = Params.for_round(4)
-    agents = {u: DeviceSecAgg(u, CTX) for u in xs}
-    server = ServerSecAgg(sorted(xs), CTX, p, 64)
-    for u, a in agents.items():
-        server.keys(u, a.keys())
-    for u, roster in server.rosters().items():
-        server.shares(u, agents[u].share(roster, p))
+    server, agents = _exchanged(xs, p, 64, relay=False)
     inbox = server.relay()["d01"]
     import base64
 

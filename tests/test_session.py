@@ -263,3 +263,17 @@ def test_forged_garbled_replayed_or_foreign_messages_are_logged_and_ignored(tmp_
     out = capsys.readouterr().out
     assert out.count("ignored a message on") == len(bad) and "replayed or out-of-date" in out
     assert len(fake_training.calls) == 1 and s.state.nonce == "n1"  # the genuine messages still worked
+
+
+def test_a_devices_secure_aggregation_state_is_kept_for_its_current_round_and_run_only(tmp_path):
+    from fedlora_edge.core.secagg import DeviceSecAgg
+
+    s, _ = make(tmp_path, nonce="a" * 32)
+    for r in (1, 2, 3):
+        s.secagg[r] = DeviceSecAgg(s.me, f"{'a' * 32}|{r}".encode())
+        s.sa_vector[r] = (b"", {}, {})
+        s.sa_ready.add(r)
+    s.forget_secure_rounds(before=3)  # a plan for round 3 ends the exchanges of rounds 1 and 2
+    assert list(s.secagg) == [3] and list(s.sa_vector) == [3] and s.sa_ready == {3}
+    s.join("b" * 32)  # a new run: no key exchange of the old one may be reused in its round 3
+    assert not s.secagg and not s.sa_vector and not s.sa_ready
