@@ -65,28 +65,31 @@ NO_DP = {
 
 def dp_refusal(method, names) -> str | None:
     """Why ``method`` cannot run under ``privacy.dp`` (None when it can)."""
-    if method.dp_normalise in ("trainers", "all"):
+    if _is_a_sum(method):
         return None
-    able = sorted(n for n in names if _dp_able(n))
     why = NO_DP.get(method.name, "it declares no DP variant (dp_normalise)")
-    return f"method {method.name} has no device-level DP variant: {why}; methods that have one: {', '.join(able)}"
+    return f"method {method.name} has no device-level DP variant: {why}; methods that have one: {_sums(names)}"
 
 
 def secagg_refusal(method, names) -> str | None:
     """Why ``method`` cannot run under ``privacy.secure_aggregation`` (None when it can): its
     aggregate must be a sum of the devices' changes, as DP needs (``dp_normalise``)."""
-    if method.dp_normalise in ("trainers", "all"):
+    if _is_a_sum(method):
         return None
-    able = sorted(n for n in names if _dp_able(n))
     why = NO_DP.get(method.name, "it declares no sum-based aggregate (dp_normalise)")
     return (f"method {method.name} cannot run with secure aggregation, where the coordinator sees only the sum: "
-            f"{why}; methods that can: {', '.join(able)}")
+            f"{why}; methods that can: {_sums(names)}")
 
 
-def _dp_able(name: str) -> bool:
+def _is_a_sum(method) -> bool:
+    return method.dp_normalise in ("trainers", "all")
+
+
+def _sums(names) -> str:
+    """The methods of ``names`` whose aggregate is a sum of the devices' changes."""
     from .methods import get_method
 
-    return get_method(name).dp_normalise in ("trainers", "all")
+    return ", ".join(sorted(n for n in names if _is_a_sum(get_method(n))))
 
 
 def poisson_sample(ids: Sequence[str], rate: float, rng: random.Random | None = None) -> list[str]:
