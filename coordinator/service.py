@@ -112,9 +112,7 @@ class OpenRound:
 
     def waiting_for(self) -> list[str]:
         """The devices the round still waits for: not answered, and not offline for longer than the grace."""
-        now = time.monotonic()
-        return [d for d in self.assignments if d not in self.accepted and d not in self.failed
-                and (d not in self.gone or now - self.gone[d] < self.grace_s)]
+        return [d for d in self.live() if d not in self.accepted]
 
     def any_waiting(self) -> bool:
         """``bool(waiting_for())`` without a scan of the round's devices (checked after every message)."""
@@ -768,8 +766,8 @@ class Coordinator:
         sa = r.secagg
         checked = 0.0
         while r.sa_stage not in ("done", "failed"):
-            now = time.monotonic()
-            late = now >= (r.sa_deadline if r.sa_stage == "unmask" else r.deadline)
+            deadline = r.sa_deadline if r.sa_stage == "unmask" else r.deadline
+            late = time.monotonic() >= deadline
             live = set(r.live())
             try:
                 assert sa is not None
@@ -811,8 +809,7 @@ class Coordinator:
             except SecAggError as exc:
                 self._fail_secure(r, str(exc))
                 break
-            self._pump(min(1.0, max(0.0, (r.sa_deadline if r.sa_stage == "unmask" else r.deadline)
-                                    - time.monotonic())))
+            self._pump(min(1.0, max(0.0, deadline - time.monotonic())))
             if time.monotonic() - checked >= 1.0:
                 checked = time.monotonic()
                 self._check_plan_acks(r)
