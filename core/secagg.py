@@ -285,14 +285,6 @@ def _x25519_public(raw: bytes):
         raise SecAggError(f"secure aggregation: a bad X25519 public key ({exc})") from None
 
 
-def _raw_private(key) -> bytes:
-    return key.private_bytes_raw()
-
-
-def _raw_public(key) -> bytes:
-    return key.public_key().public_bytes_raw()
-
-
 def _pair_seed(private, peer_public: bytes, context: bytes, a: str, b: str) -> bytes:
     """The mask seed of devices ``a`` and ``b`` (either side computes it)."""
     lo, hi = sorted((a, b))
@@ -362,7 +354,7 @@ class DeviceSecAgg:
 
     def keys(self) -> dict:
         """Stage 1: the public keys to advertise."""
-        return {"c": _b64(_raw_public(self._c)), "s": _b64(_raw_public(self._s))}
+        return {"c": _b64(self._c.public_key().public_bytes_raw()), "s": _b64(self._s.public_key().public_bytes_raw())}
 
     def share(self, roster: Mapping[str, Mapping[str, str]], params: Mapping | Params) -> dict[str, str]:
         """Stage 2: from the neighbours' public keys (``{id: {"c", "s"}}``) and the round's
@@ -379,7 +371,7 @@ class DeviceSecAgg:
         self.roster = {v: {"c": _unb64(k["c"], f"{v}'s key"), "s": _unb64(k["s"], f"{v}'s key")}
                        for v, k in roster.items()}
         peers = _ids(self.roster)
-        s_shares = _split(_raw_private(self._s), p.threshold, len(peers) + 1)
+        s_shares = _split(self._s.private_bytes_raw(), p.threshold, len(peers) + 1)
         b_shares = _split(self._b, p.threshold, len(peers) + 1)
         # share 1 is this device's own (never sent: a device does not answer for itself)
         out = {}
