@@ -25,7 +25,7 @@ from fedlora_edge.core.lora import (
 from fedlora_edge.core.wire import decode_tensors, encode_tensors
 
 from .experts import mixture_model, mixture_of
-from .partial import IMPORTANCE_PREFIX, PartialTraining, folded, held_plan
+from .partial import IMPORTANCE_PREFIX, PartialTraining, folded, held_plan, split_update
 from .trainer import TrainSettings, train_local
 
 ADAPTER = "client"
@@ -62,8 +62,8 @@ def secure_vector(meta: dict, tensors: dict, start: dict) -> bytes:
 
     sa = meta["secagg"]
     plan = ClientPlan.from_json(meta["plan"])
-    scores = {k[len(IMPORTANCE_PREFIX):]: t for k, t in tensors.items() if k.startswith(IMPORTANCE_PREFIX)}
-    trained = from_state_dict({k: t for k, t in tensors.items() if not k.startswith(IMPORTANCE_PREFIX)})
+    factors, scores, _ = split_update(tensors)
+    trained = from_state_dict(factors)
     begun = from_state_dict(start)
     changes = {m: ((a - begun[m][0]).numpy(), (b - begun[m][1]).numpy()) for m, (a, b) in trained.items()}
     vec = contribution(changes, {m: mp.components for m, mp in plan.modules.items()},
