@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -93,15 +94,35 @@ class Device:
         c.on_connect = self._on_connect
         c.on_message = self._on_message
         c.on_socket_open = lambda client, ud, sock: loop.add_reader(sock, client.loop_read)
-        c.on_socket_close = lambda client, ud, sock: loop.remove_reader(sock)
+        c.on_socket_close = self._socket_closed
         c.on_socket_register_write = lambda client, ud, sock: loop.add_writer(sock, client.loop_write)
         c.on_socket_unregister_write = lambda client, ud, sock: loop.remove_writer(sock)
         self.client = c
         self.address = address
+        self.connected = False
 
     def connect(self) -> None:
         self.client.connect(self.address.host, self.address.port, keepalive=60)
         self.client.socket().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+
+    def _socket_closed(self, client, userdata, sock) -> None:
+        """The broker closed the connection (the embedded broker closes the oldest of more than 256
+        connections waiting for their CONNACK when a fleet connects at once): connect again, as
+        ``fedlora client`` does, unless this device is done."""
+        self.loop.remove_reader(sock)
+        self.loop.remove_writer(sock)
+        self.connected = False
+        if not self.finished:
+            self.stats["reconnects"] += 1
+            self.loop.call_later(0.2 + random.random(), self._retry)
+
+    def _retry(self) -> None:
+        if self.finished or self.connected:
+            return
+        try:
+            self.connect()
+        except OSError:
+            self.loop.call_later(0.5 + random.random(), self._retry)
 
     def _send(self, t: str, payload: bytes, retain: bool = False) -> None:
         self.client.publish(t, payload, qos=1, retain=retain)
@@ -144,9 +165,13 @@ class Device:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
+            if reason_code.value == 3:  # "server unavailable": turned away while busy; the close brings a retry
+                self.stats["busy"] += 1
+                return
             self.stats["refused"] += 1
             self._finish()
             return
+        self.connected = True
         for leaf in ("down", "ack"):
             client.subscribe(self.t[leaf], qos=1)
         client.subscribe(self.t_round, qos=1)
@@ -241,7 +266,8 @@ async def run_devices(cred_files: list[str], address, deadline_s: float, dropout
     from fedlora_edge.core.identity import load_credentials
 
     loop = asyncio.get_running_loop()
-    stats = {"devices": len(cred_files), "sent": 0, "received": 0, "refused": 0, "finished": 0, "acks": {},
+    stats = {"devices": len(cred_files), "sent": 0, "received": 0, "refused": 0, "busy": 0, "reconnects": 0, "finished": 0,
+             "acks": {},
              "errors": [], "bytes_sent": 0, "bytes_received": 0}
     done = asyncio.Event()
     devices = []
@@ -412,7 +438,9 @@ def cell(kind: str, n: int, args, out: Path, secure: float | None = None) -> dic
            "exit": status if isinstance(status, str) else os.waitstatus_to_exitcode(status),
            "coordinator_cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
            "messages": sum(s["sent"] + s["received"] for s in stats),
-           "refused": sum(s["refused"] for s in stats), "errors": [e for s in stats for e in s["errors"]][:5]}
+           "refused": sum(s["refused"] for s in stats), "reconnects": sum(s.get("reconnects", 0) for s in stats),
+           "busy": sum(s.get("busy", 0) for s in stats),
+           "errors": [e for s in stats for e in s["errors"]][:5]}
     report_file = folder / "run" / "report.json"
     if report_file.is_file():
         rep = json.loads(report_file.read_text())

@@ -28,7 +28,9 @@ It is bounded against clients that misbehave or vanish (amqtt 0.12 bounds none o
   included), or whose CONNECT is larger than ``MAX_CONNECT_BYTES``, is closed;
 - at most ``MAX_PENDING`` connections may be waiting for their CONNECT: a new one beyond that
   closes the *oldest* waiting one, so a flood of idle sockets cannot lock devices out (a device's
-  CONNECT follows its TCP handshake at once; a flooder's sockets are the old ones);
+  CONNECT follows its TCP handshake at once; a flooder's sockets are the old ones).  The one
+  closed is told "server unavailable" (a CONNACK with return code 3) first: when a whole fleet
+  connects at once it is a device whose CONNECT the broker had no time to read, and it retries;
 - at most ``MAX_CONNECTIONS`` connections in all (fewer where the open-file limit is lower): one
   more is closed at once, before it costs anything;
 - a packet larger than ``MAX_PACKET_BYTES`` (2 MiB, what ``fedlora broker-config`` sets on
@@ -77,6 +79,7 @@ INSECURE_WARNING = ("WARNING: the embedded broker is OPEN (--insecure-broker): a
                     "every message and publish on every topic. Messages are still signed and checked, but use "
                     "this for development on a closed machine only.")
 CONNECT_TIMEOUT_S = 5.0     # from the TCP accept to a whole CONNECT (a device sends it at once; TLS included)
+CONNACK_SERVER_UNAVAILABLE = b"\x20\x02\x00\x03"  # what a connection turned away by MAX_PENDING is told
 MAX_PENDING = 256           # connections accepted and still waiting for their CONNECT
 MAX_CONNECTIONS = 10000     # in all, lowered to what the open-file limit leaves room for
 MAX_CONNECT_BYTES = 64 * 1024  # a CONNECT (ids, password, the Last Will) is well under 1 KiB from our clients
@@ -261,6 +264,18 @@ def _stream_adapters():
             self.is_closed = True
             self._writer.transport.abort()
 
+        def busy(self) -> None:
+            """Turn away a connection whose CONNECT was not read yet: a CONNACK "server unavailable"
+            (MQTT 3.1.1 return code 3; four bytes, whatever the client sent) and the close.  A client
+            told so retries with its backoff; one cut off without a word could take the close for a
+            mistake of its own (a plain connection to a TLS port) and give up."""
+            self.is_closed = True
+            transport = self._writer.transport
+            try:
+                transport.write(CONNACK_SERVER_UNAVAILABLE)
+            finally:
+                transport.close()
+
     return _Reader, _Writer
 
 
@@ -409,7 +424,7 @@ def _broker_class():
             self.fedlora_pending[writer] = None
             if len(self.fedlora_pending) > self.max_pending:
                 oldest, _ = self.fedlora_pending.popitem(last=False)
-                oldest.abort()  # its CONNECT read ends (NoDataError) and closes it
+                oldest.busy()  # told to come back later; its CONNECT read ends (NoDataError) and closes it
             try:
                 await super()._client_connected(listener_name, reader, writer)
             except asyncio.CancelledError:

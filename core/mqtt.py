@@ -160,6 +160,7 @@ class Link:
         self._send_lock = threading.Lock()
         self._will = will
         self._early_drops = 0  # connections closed by the broker before it answered CONNECT
+        self._answered = False  # the broker answered this connection's CONNECT (a refusal included)
         self.on_connect_hooks: list = []
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
                         clean_session=False)
@@ -192,6 +193,8 @@ class Link:
                 self._fatal = BrokerAuthError(f"broker {self.address.url} refused the connection: {reason_code}")
                 client.disconnect()
                 self._connected.set()
+            else:  # "server unavailable" (a busy broker) and the like: paho tries again after its backoff
+                self._answered = True
             return
         self._early_drops = 0
         for t in self._subs:
@@ -211,8 +214,9 @@ class Link:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if self._fatal:
             return  # a refused login: connect() reports it (clearing here would race with its wait)
-        if not self._connected.is_set():
+        if not self._connected.is_set() and not self._answered:
             self._early_drops += 1
+        self._answered = False
         self._connected.clear()
 
     def _cause_of_early_drops(self) -> str:

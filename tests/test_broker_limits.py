@@ -191,6 +191,8 @@ def test_pending_connections_beyond_the_cap_close_the_oldest_and_a_device_still_
     b = start(max_pending=cap, connect_timeout_s=GUARD_S * 2)  # only the cap can close them here
     socks = [socket.create_connection((b.host, b.port)) for _ in range(cap + 4)]
     for s in socks[:4]:
+        # told "server unavailable" (so a device retries rather than taking it for a TLS mistake), then closed
+        assert recv_exactly(s, 4) == b"\x20\x02\x00\x03"
         assert closed_by_peer(s), "the oldest pending connections stay open"
     creds = registry.add("d1")
     run = uuid.uuid4().hex[:8]
@@ -203,6 +205,41 @@ def test_pending_connections_beyond_the_cap_close_the_oldest_and_a_device_still_
     assert coord.connected and still_open(dev)
     for s in socks + [dev]:
         s.close()
+
+
+def test_a_link_turned_away_as_busy_keeps_trying_and_gets_in(tmp_path):
+    # A fleet connecting at once makes the broker turn away connections whose CONNECT it had no time
+    # to read ("server unavailable"). Three closes before any answer mean a plain connection to a TLS
+    # port to the Link, and it gives up; a busy answer is not that: it tries again and gets in.
+    from fedlora_edge.core.mqtt import BrokerAddress
+
+    server = socket.create_server(("127.0.0.1", 0))
+    answers = [b"\x20\x02\x00\x03"] * 3 + [b"\x20\x02\x00\x00"]  # busy, busy, busy, accepted
+    kept: list[socket.socket] = []
+
+    def serve():
+        for answer in answers:
+            conn, _ = server.accept()
+            conn.recv(65536)  # the CONNECT
+            conn.sendall(answer)
+            if answer[3]:
+                conn.close()
+            else:
+                kept.append(conn)
+
+    import threading
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    link = Link(BrokerAddress("127.0.0.1", server.getsockname()[1]), "d1", max_backoff_s=2)
+    try:
+        link.connect(timeout_s=GUARD_S)
+        assert link.connected
+    finally:
+        link.close()
+        for c in kept:
+            c.close()
+        server.close()
 
 
 def test_a_runs_coordinator_subscribes_only_within_its_run(start, registry):
