@@ -82,14 +82,11 @@ class Device:
         self.t = {leaf: device_topic(RUN_ID, self.me, leaf) for leaf in ("hello", "status", "up", "event", "down", "ack")}
         self.t_round = topic(RUN_ID, "round")
         self.nonce = None
-        self.session = os.urandom(8).hex()
+        self.session = ""
         self.finished = False
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.me, protocol=mqtt.MQTTv311,
                         clean_session=False)
         c.username_pw_set(creds.mqtt_username or creds.id, creds.mqtt_password)
-        c.will_set(self.t["status"], self.outbox.json(self.t["status"], {
-            "type": "status", "device": self.me, "session": self.session, "state": "offline"}, nonce=False),
-            qos=1, retain=True)
         c.max_inflight_messages_set(20)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
@@ -100,21 +97,33 @@ class Device:
         self.client = c
         self.address = address
         self.connected = False
+        self.backoff_s = 1.0
 
     def connect(self) -> None:
+        """A connection attempt, a session of its own (as ``fedlora client``: the Last Will of a
+        connection cut off while it was being opened must not mark the next one offline)."""
+        self.session = os.urandom(8).hex()
+        self.client.will_set(self.t["status"], self.outbox.json(self.t["status"], {
+            "type": "status", "device": self.me, "session": self.session, "state": "offline"}, nonce=False),
+            qos=1, retain=True)
         self.client.connect(self.address.host, self.address.port, keepalive=60)
         self.client.socket().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
 
     def _socket_closed(self, client, userdata, sock) -> None:
         """The broker closed the connection (the embedded broker closes the oldest of more than 256
         connections waiting for their CONNACK when a fleet connects at once): connect again, as
-        ``fedlora client`` does, unless this device is done."""
+        ``fedlora client`` does (paho's backoff: 1 s doubling to 30 s, here with jitter), unless this
+        device is done."""
         self.loop.remove_reader(sock)
         self.loop.remove_writer(sock)
         self.connected = False
         if not self.finished:
             self.stats["reconnects"] += 1
-            self.loop.call_later(0.2 + random.random(), self._retry)
+            self._later()
+
+    def _later(self) -> None:
+        self.loop.call_later(self.backoff_s * (0.5 + random.random()), self._retry)
+        self.backoff_s = min(30.0, self.backoff_s * 2)
 
     def _retry(self) -> None:
         if self.finished or self.connected:
@@ -122,7 +131,7 @@ class Device:
         try:
             self.connect()
         except OSError:
-            self.loop.call_later(0.5 + random.random(), self._retry)
+            self._later()
 
     def _send(self, t: str, payload: bytes, retain: bool = False) -> None:
         self.client.publish(t, payload, qos=1, retain=retain)
@@ -165,16 +174,19 @@ class Device:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            if reason_code.value == 3:  # "server unavailable": turned away while busy; the close brings a retry
+            if reason_code.value in (3, 136):  # "server unavailable" (paho gives 3.1.1's 3 as MQTT 5's 136): turned away while busy; the close brings a retry
                 self.stats["busy"] += 1
                 return
             self.stats["refused"] += 1
+            self.stats["errors"].append(f"{self.me}: refused: {reason_code}")
             self._finish()
             return
-        self.connected = True
+        self.connected, self.backoff_s = True, 1.0
         for leaf in ("down", "ack"):
             client.subscribe(self.t[leaf], qos=1)
         client.subscribe(self.t_round, qos=1)
+        if self.nonce is not None:  # a new session: announced again
+            self._hello()
 
     def _hello(self) -> None:
         self._send(self.t["hello"], self.outbox.json(self.t["hello"], {
@@ -262,7 +274,8 @@ def dropping(device: str, fraction: float) -> str:
     return "before" if u < fraction / 2 else "after" if u < fraction else ""
 
 
-async def run_devices(cred_files: list[str], address, deadline_s: float, dropout: float = 0.0) -> dict:
+async def run_devices(cred_files: list[str], address, deadline_s: float, dropout: float = 0.0,
+                      progress: bool = False) -> dict:
     from fedlora_edge.core.identity import load_credentials
 
     loop = asyncio.get_running_loop()
@@ -288,7 +301,12 @@ async def run_devices(cred_files: list[str], address, deadline_s: float, dropout
         while not done.is_set():
             for d in devices:
                 d.client.loop_misc()
-            await asyncio.sleep(1.0)
+            if progress:  # where the devices are, every 5 s while the cell runs (the worker's log)
+                print(json.dumps({"connected": sum(d.connected for d in devices),
+                                  "in_run": sum(d.nonce is not None for d in devices),
+                                  **{k: stats[k] for k in ("finished", "busy", "reconnects", "sent", "received")}}),
+                      file=sys.stderr, flush=True)
+            await asyncio.sleep(5.0 if progress else 1.0)
 
     task = loop.create_task(misc())
     try:
@@ -317,7 +335,8 @@ def worker(args) -> int:
     host, port = args.broker.rsplit(":", 1)
     PROFILE_DICT.update(json.loads(Path(args.profile_json).read_text()))
     files = Path(args.creds_list).read_text().split()
-    stats = asyncio.run(run_devices(files, BrokerAddress(host, int(port)), args.timeout, args.dropout or 0.0))
+    stats = asyncio.run(run_devices(files, BrokerAddress(host, int(port)), args.timeout, args.dropout or 0.0,
+                                    progress=True))
     Path(args.stats_out).write_text(json.dumps(stats))
     return 0
 
