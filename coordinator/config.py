@@ -138,6 +138,11 @@ class TransportSettings:
     trainers: tuple[str, ...] = ()    # trainers a device may name in its hello besides torch and the fleet's own
     max_slowdown: float = 2.0         # emulate: a device runs at most this many times slower than the host
     # (2 by default: on a small host the concurrent devices already share its cores)
+    compression: str = "none"         # adapters on the wire, both ways: none | fp16 | int8 | int4 | auto (per device,
+    # the least lossy that fits planner.transfer_budget_s); in simulate too (core/compress.py)
+    compression_block: int = 64       # int8/int4: values per block scale
+    stochastic_rounding: bool = False  # int8/int4 updates: unbiased stochastic rounding (seeded per assignment)
+    error_feedback: bool = True       # int4 updates: what rounding lost is carried into the device's next update
 
 
 @dataclass(frozen=True)
@@ -383,6 +388,18 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(tr.resend_interval_s > 0, "transport.resend_interval_s", "must be positive")
     _check(tr.max_program_sends >= 1, "transport.max_program_sends", "must be at least 1")
     _check(all(t in TRAINERS for t in tr.trainers), "transport.trainers", f"each must be one of {', '.join(TRAINERS)}")
+    from fedlora_edge.core.compress import CODECS
+
+    _check(tr.compression in CODECS + ("auto",), "transport.compression",
+           f"must be one of {', '.join(CODECS + ('auto',))}")
+    _check(2 <= tr.compression_block <= 4096 and tr.compression_block % 2 == 0, "transport.compression_block",
+           "must be an even number of values from 2 to 4096")
+    _check(tr.compression == "none" or not cfg.privacy.dp.enabled, "transport.compression",
+           "is not available with privacy.dp yet: the device's clip must hold for what the coordinator decodes, "
+           "and a quantized change can exceed it")
+    _check(tr.compression == "none" or not sa.enabled, "transport.compression",
+           "does not apply with privacy.secure_aggregation: its masked vectors are 32-bit words already "
+           "(4 bytes a value), and the coordinator never sees an update to decode")
     _check(cfg.weights.policy in ("examples", "equal"), "weights.policy", "must be 'examples' or 'equal'")
     _check(cfg.weights.max_examples >= 1, "weights.max_examples", "must be at least 1")
     sv = cfg.server

@@ -39,15 +39,16 @@ ROUND_ATTACKS = ("scaled_under", "mean_ksigma")
 def _start_and_sent(update: bytes, a) -> tuple[dict, dict, dict]:
     """``(f0, f, rest)``: the start factors of the components the update trained, its trained
     factors (module -> (A, B)), and its other tensors (importance scores, routers) as they came."""
+    from fedlora_edge.core.compress import decode
     from fedlora_edge.core.lora import from_state_dict, slice_factors
-    from fedlora_edge.core.wire import decode_tensors
     from fedlora_edge.edge_client.experts import split_tensors
     from fedlora_edge.edge_client.partial import held_count
 
-    start = from_state_dict(split_tensors(decode_tensors(a.start))[0])
+    received = decode(a.start)  # as the device decoded it (under transport.compression, its update's reference)
+    start = from_state_dict(split_tensors(received)[0])
     if held_count(a.plan) is not None:  # it held all R components and sends the ones it trained
         start = slice_factors(start, a.plan)
-    factors, rest = split_tensors(decode_tensors(update))
+    factors, rest = split_tensors(decode(update, reference=received))
     return start, from_state_dict(factors), rest
 
 

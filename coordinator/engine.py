@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedlora_edge.core.clip import update_norm
+from fedlora_edge.core.compress import decode as decode_payload
+from fedlora_edge.core.compress import encode as encode_payload
 from fedlora_edge.core.data import Example, example_lengths
 from fedlora_edge.core.dtypes import PrecisionError, check_device
 from fedlora_edge.core.lora import (
@@ -58,7 +60,7 @@ from fedlora_edge.core.models import (
     weights_digest,
 )
 from fedlora_edge.core.secagg import Params
-from fedlora_edge.core.wire import PayloadError, decode_tensors, encode_tensors
+from fedlora_edge.core.wire import PayloadError
 from fedlora_edge.edge_client.et_train import program_spec, schedule_unsupported, unsupported
 from fedlora_edge.edge_client.experts import mixture_model
 from fedlora_edge.edge_client.partial import split_update, update_shapes
@@ -586,7 +588,13 @@ class Engine:
             if trainer:
                 meta["trainer"] = trainer
             tensors = {**to_state_dict(start), **self.method.start_extras(c.id, plan, self.state.method_state)}
-            blob = encode_tensors(tensors)
+            codec = c.capacity.compression if c.capacity else "none"
+            if codec != "none":  # both ways: the start goes so, the update comes back so (core/compress.py)
+                tr = self.cfg.transport
+                meta["compression"] = {"codec": codec, "block": tr.compression_block,
+                                       "stochastic": tr.stochastic_rounding,
+                                       "error_feedback": tr.error_feedback and codec == "int4"}
+            blob = encode_payload(tensors, codec, block=self.cfg.transport.compression_block)
             out.append(Assignment(c.id, round_idx, plan, meta, blobs.setdefault(blob, blob),
                                   4 * sum(t.numel() for t in tensors.values())))
         self.start_fold([a.client for a in out])
@@ -644,7 +652,8 @@ class Engine:
         weight is the coordinator's (:meth:`weight`).  UpdateRejected, naming the client, if bad."""
         rep = check_report(a.client, report, a.round, int(a.meta["train"]["steps"]))
         try:
-            tensors = decode_tensors(update, MAX_UPDATE_BYTES)
+            reference = decode_payload(a.start) if "compression" in a.meta else None  # what the device started from
+            tensors = decode_payload(update, MAX_UPDATE_BYTES, reference)
         except PayloadError as exc:
             raise UpdateRejected(f"client {a.client}: {exc}") from None
         validate_update(a.client, tensors, update_shapes(self.dims, a.plan))
@@ -697,6 +706,7 @@ class Engine:
                          "num_examples": rep.get("num_examples"),
                          "tensor_bytes": 4 * sum(math.prod(s) for s in update_shapes(self.dims, a.plan).values()),
                          "downlink_tensor_bytes": a.start_tensor_bytes,
+                         "compression": (a.meta.get("compression") or {}).get("codec", "none"),
                          "predicted_round_seconds": round(c.capacity.round_s, 1) if c.capacity else None})
             if ret.folded:
                 continue

@@ -20,12 +20,23 @@ def method_context(cfg: RunConfig, dims) -> MethodContext:
 
 
 def capacity_for(cfg: RunConfig, shape: ModelShape, profile, fp: Footprint = NO_FOOTPRINT) -> Capacity:
-    """The planner's capacity for ``profile`` under this run's LoRA, training and planner settings,
-    with what the method adds beyond the trained rank (``fp``)."""
+    """The planner's capacity for ``profile`` under this run's LoRA, training, planner and
+    compression settings, with what the method adds beyond the trained rank (``fp``).  Under
+    ``transport.compression: auto`` the device gets the least lossy encoding at which it can take
+    part (none, fp16, int8, int4 in turn), or int4's capacity and reason when none lets it."""
+    from fedlora_edge.core.compress import CODECS
+
     t, p = cfg.train, cfg.planner
-    return plan_capacity(profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
-                         seq=t.max_seq_len, deadline_s=p.round_deadline_s, overhead_gb=p.runtime_overhead_gb,
-                         transfer_budget_s=p.transfer_budget_s, footprint=fp, form=TrainForm.of(t))
+    codec = cfg.transport.compression
+    cap = None
+    for c in (CODECS if codec == "auto" else (codec,)):
+        cap = plan_capacity(profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
+                            seq=t.max_seq_len, deadline_s=p.round_deadline_s, overhead_gb=p.runtime_overhead_gb,
+                            transfer_budget_s=p.transfer_budget_s, footprint=fp, form=TrainForm.of(t), compression=c)
+        if cap.can_train:
+            break
+    assert cap is not None
+    return cap
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,7 @@ def build_report(s: RunSummary, base: dict, final: dict, personal: dict, own_mix
         "personalised": personal,
         "totals": {"uplink_bytes": sum(r["uplink_bytes"] for x in rounds for r in x["clients"]),
                    "downlink_bytes": sum(r["downlink_bytes"] for x in rounds for r in x["clients"]),
+                   **wire_ratios(rounds),
                    "failed_rounds": sum(x["status"] == "failed" for x in rounds),
                    # an entry may stand for several refused copies (``count``; absent: one)
                    "rejected_updates": sum(x.get("count", 1) for r in rounds for x in r["rejected"])},
@@ -123,6 +124,19 @@ def build_report(s: RunSummary, base: dict, final: dict, personal: dict, own_mix
         **({"privacy": s.privacy} if s.privacy is not None else {}),
         "wall_seconds": round(time.perf_counter() - s.t_start, 1),
     }
+
+
+def wire_ratios(rounds: list[dict]) -> dict:
+    """What went on the wire against the same tensors in float32 (the payloads' bytes, framing
+    aside), up and down: 1.0 without ``transport.compression``; and each encoding's device count."""
+    rows = [r for x in rounds for r in x["clients"] if r.get("tensor_bytes")]
+    up = sum(r["uplink_bytes"] for r in rows) / max(1, sum(r["tensor_bytes"] for r in rows))
+    down = sum(r["downlink_bytes"] for r in rows) / max(1, sum(r.get("downlink_tensor_bytes") or 0 for r in rows))
+    codecs: dict[str, set] = {}
+    for r in rows:
+        codecs.setdefault(r.get("compression", "none"), set()).add(r["client"])
+    return {"uplink_vs_fp32": round(up, 4), "downlink_vs_fp32": round(down, 4),
+            "compression": {c: len(v) for c, v in sorted(codecs.items())}}
 
 
 def write_report(out: Path, report: dict) -> None:

@@ -29,13 +29,15 @@ class Simulation:
         # secure aggregation's dropouts, for tests and benches: devices that vanish mid-protocol
         self.drop_before_masking: set[str] = set()
         self.drop_after_masking: set[str] = set()
+        # transport.compression int4: each device's error feedback, as the device keeps it (in memory)
+        self.feedback: dict[str, dict] = {}
 
     def carry_out(self, a: Assignment) -> Returned:
         """Train one assignment in-process, as the device would (and, for a contaminated client
         under an update attack, corrupt what it sends)."""
         e = self.engine
         update, report = run_assignment(e.model, e.tok, e.by_id[a.client].train, a.meta, a.start, e.device,
-                                        programs=e.programs)
+                                        programs=e.programs, feedback=self.feedback.setdefault(a.client, {}))
         attack = e.cfg.contamination.attack
         if a.client in e.contaminated and attack in UPDATE_ATTACKS:
             update = attack_update(update, a, attack, e.cfg.contamination,

@@ -114,6 +114,9 @@ class DeviceSession:
         self.secagg: dict[int, DeviceSecAgg] = {}
         self.sa_vector: dict[int, tuple[bytes, dict, dict]] = {}
         self.sa_ready: set[int] = set()
+        # transport.compression int4: what rounding lost, carried into the next update (this run's, in
+        # memory: a device that restarts starts again from none)
+        self.feedback: dict = {}
         self.link = make_link(self.last_will)  # last: the link arms its will at once
 
     def log(self, text: str) -> None:
@@ -253,6 +256,7 @@ class DeviceSession:
         dropped = self.state.join(nonce)
         self.outbox.nonce, self.live = self.state.nonce, False
         self.forget_secure_rounds()  # an earlier run's key exchanges are of another context
+        self.feedback = {}
         self.log(f"run '{self.run_id}' is live (nonce {nonce[:8]})"
                  + (f"; dropped {dropped} update(s) of an earlier run" if dropped else ""))
         self.hello_due = True
@@ -391,7 +395,7 @@ class DeviceSession:
             self.peft_model = None
             self.peft_model, self.tokenizer = load_for_training(meta, self.training.threads, self.training.device)
         return run_assignment(self.peft_model, self.tokenizer, self.examples, meta, start, self.training.device,
-                              slowdown=self.training.slowdown, programs=self.programs)
+                              slowdown=self.training.slowdown, programs=self.programs, feedback=self.feedback)
 
     def failed(self, round_idx: int, exc: BaseException) -> int | None:
         """Training failed: say why (log, and a failure event); out of memory ends the device (4)."""
@@ -405,11 +409,12 @@ class DeviceSession:
 
 
 def run_assignment(peft_model, tokenizer, examples, meta: dict, start: bytes, device: str, *, slowdown: float,
-                   programs) -> tuple[bytes, dict]:
+                   programs, feedback: dict | None = None) -> tuple[bytes, dict]:
     """:func:`fedlora_edge.edge_client.work.run_assignment`, imported when called (it imports torch)."""
     from .work import run_assignment as run
 
-    return run(peft_model, tokenizer, examples, meta, start, device, slowdown=slowdown, programs=programs)
+    return run(peft_model, tokenizer, examples, meta, start, device, slowdown=slowdown, programs=programs,
+               feedback=feedback)
 
 
 def load_for_training(meta: dict, threads: int | None, device: str = "cpu"):

@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Sequence
 
 from fedlora_edge.core.clip import clip_to_start, unit_norm
+from fedlora_edge.core.compress import decode as decode_payload
+from fedlora_edge.core.compress import encode as encode_payload
 from fedlora_edge.core.data import Example, with_system
 from fedlora_edge.core.lora import (
     ClientPlan,
@@ -22,7 +24,6 @@ from fedlora_edge.core.lora import (
     slice_factors,
     to_state_dict,
 )
-from fedlora_edge.core.wire import decode_tensors, encode_tensors
 
 from .experts import mixture_model, mixture_of
 from .partial import IMPORTANCE_PREFIX, PartialTraining, folded, held_plan, split_update
@@ -88,7 +89,7 @@ def trainer_of(meta: dict) -> str:
 
 def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dict, start: bytes,
                    device="cpu", max_bytes: int | None = None, slowdown: float = 1.0,
-                   programs=None) -> tuple[bytes, dict]:
+                   programs=None, feedback: dict | None = None) -> tuple[bytes, dict]:
     """Install the start factors under the plan, train, and return ``(update bytes, report)``.
 
     The report is JSON: example count, steps, first/last loss, training seconds.  Plans that hold
@@ -98,9 +99,14 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
     An assignment for the ``executorch`` trainer runs the training program named by
     ``meta['trainer']['program']`` from ``programs`` (an :class:`fedlora_edge.edge_client.et_train.ProgramStore`);
     ``peft_model`` is not used then.
+
+    Under ``meta['compression']`` (``transport.compression``) the start arrives encoded and the update
+    goes back so, as its change from the start as decoded here (:mod:`fedlora_edge.core.compress`);
+    ``feedback`` is the device's error feedback for int4, a dict kept across its rounds.
     """
     plan = ClientPlan.from_json(meta["plan"])
-    received = decode_tensors(start, max_bytes)
+    received = decode_payload(start, max_bytes)
+    sent = Sending(meta, received, feedback)
     settings = TrainSettings(**meta["train"])
     examples = with_system(examples, meta.get("system_prompt"))
     seed = int(meta["seed"])
@@ -111,7 +117,7 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
             raise ProgramError("an executorch assignment needs the device's training programs")
         tensors, res = train_program(programs.trainer(meta["trainer"]["program"]), tokenizer, examples, plan,
                                      received, settings, seed, slowdown)
-        return _finish(meta, tensors, res, start=received)
+        return _finish(meta, tensors, res, sent, start=received)
     from fedlora_edge.core.precision import base_form
 
     have, want = base_form(peft_model.get_base_model()), (settings.dtype, settings.base_quant)
@@ -123,7 +129,7 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
             assert mix is not None, "a plan with experts is routed"
             res = train_local(peft_model, tokenizer, examples, settings, seed, device, slowdown)
         # read after the peft layers are back in place (their state-dict keys are the wire's)
-        return _finish(meta, {**to_state_dict(get_factors(peft_model, ADAPTER)), **mix.routers()}, res)
+        return _finish(meta, {**to_state_dict(get_factors(peft_model, ADAPTER)), **mix.routers()}, res, sent)
     factors = from_state_dict(received)
     steps = plan.steps
     frozen = steps.frozen
@@ -151,10 +157,31 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
     tensors = to_state_dict(trained)
     if hooks is not None:
         tensors.update(hooks.scores())
-    return _finish(meta, tensors, res, start=start_sd)
+    return _finish(meta, tensors, res, sent, start=start_sd)
 
 
-def _finish(meta: dict, tensors: dict, res, start: dict | None = None) -> tuple[bytes, dict]:
+@dataclasses.dataclass
+class Sending:
+    """How an update goes back: the plan's ``compression`` (or none), the start as this device
+    decoded it (the reference of a compressed update), its error feedback (int4)."""
+
+    meta: dict
+    received: dict
+    feedback: dict | None = None
+
+    def encode(self, tensors: dict) -> bytes:
+        import torch
+
+        c = self.meta.get("compression")
+        if not c:
+            return encode_payload(tensors)
+        generator = torch.Generator().manual_seed(int(self.meta["seed"]) ^ 0x5EED) if c.get("stochastic") else None
+        return encode_payload(tensors, c["codec"], block=int(c["block"]), reference=self.received,
+                              stochastic=bool(c.get("stochastic")), generator=generator,
+                              feedback=self.feedback if c.get("error_feedback") else None)
+
+
+def _finish(meta: dict, tensors: dict, res, sent: Sending, start: dict | None = None) -> tuple[bytes, dict]:
     report = {"round": meta["round"], "num_examples": res.num_examples, "steps": res.steps,
               "first_loss": res.first_loss, "last_loss": res.last_loss, "seconds": round(res.seconds, 3),
               "losses": [round(x, 5) for x in res.losses]}
@@ -171,4 +198,4 @@ def _finish(meta: dict, tensors: dict, res, start: dict | None = None) -> tuple[
         if start is None:
             raise ValueError("secure aggregation: this assignment's update has no start to measure its change from")
         return secure_vector(meta, tensors, start), report
-    return encode_tensors(tensors), report
+    return sent.encode(tensors), report
