@@ -129,6 +129,94 @@ def dump_json(obj: dict) -> bytes:
 # ---------------------------------------------------------------- credentials
 
 
+ENCODING = "fedlora.encoding"
+LEVELS = {"int8": 127, "int4": 7}
+CODE_DTYPE = {"fp16": np.float16, "int8": np.int8, "int4": np.uint8}
+
+
+def st_metadata(blob: bytes) -> dict:
+    """The safetensors header's __metadata__ (the format: 8-byte little-endian length, JSON)."""
+    n = struct.unpack("<Q", blob[:8])[0]
+    return json.loads(blob[8:8 + n]).get("__metadata__") or {}
+
+
+def decode_payload(blob: bytes, reference: dict | None = None) -> dict:
+    """A compressed payload's tensors as float32 (the protocol document's "Compressed payloads")."""
+    enc = json.loads(st_metadata(blob)[ENCODING])
+    codec, block = enc["codec"], int(enc["block"])
+    raw = st_load(blob)
+    keys = sorted(k for k, v in raw.items() if not k.startswith("::") and v.dtype == CODE_DTYPE[codec])
+    out = {k: v for k, v in raw.items() if k not in keys and not k.startswith("::")}
+    at = 0
+    for i, k in enumerate(keys):
+        v = raw[k]
+        if codec == "fp16":
+            out[k] = v.astype(np.float32)
+            continue
+        if codec == "int8":
+            shape, codes = v.shape, v.reshape(-1).astype(np.float32)
+        else:
+            shape = tuple(enc["shapes"][k])
+            n = int(np.prod(shape))
+            pairs = np.stack([(v & 0x0F).astype(np.int16) - 8, (v >> 4).astype(np.int16) - 8], axis=1)
+            codes = pairs.reshape(-1)[:n].astype(np.float32)
+        nb = max(1, -(-codes.size // block))
+        scales = np.float32(raw["::tensor_scales"][i]) * raw["::block_scales"][at:at + nb].astype(np.float32)
+        at += nb
+        padded = np.zeros(nb * block, dtype=np.float32)
+        padded[:codes.size] = codes
+        out[k] = (padded.reshape(nb, block) * scales[:, None]).reshape(-1)[:codes.size].reshape(shape)
+    if enc.get("delta"):
+        for k in keys:
+            if reference is not None and k in reference and reference[k].shape == out[k].shape:
+                out[k] = reference[k] + out[k]
+    return out
+
+
+def encode_payload(tensors: dict, comp: dict, reference: dict) -> bytes:
+    """``tensors`` under the plan's ``compression``, as the change from ``reference`` (the plan's
+    data as decoded); rounding to nearest (this client ignores ``stochastic`` and
+    ``error_feedback``, which only make it more accurate)."""
+    codec, block = comp["codec"], int(comp["block"])
+    out, shapes, t_scales, b_scales = {}, {}, [], []
+    for k in sorted(tensors):
+        x = np.asarray(tensors[k], dtype=np.float32)
+        if k in reference and reference[k].shape == x.shape:
+            x = x - reference[k]
+        if codec == "fp16":
+            out[k] = x.astype(np.float16)
+            continue
+        level = LEVELS[codec]
+        flat = x.reshape(-1)
+        nb = max(1, -(-flat.size // block))
+        padded = np.zeros(nb * block, dtype=np.float32)
+        padded[:flat.size] = flat
+        blocks = padded.reshape(nb, block)
+        s = np.abs(blocks).max(axis=1) / np.float32(level)
+        t = np.float32(s.max())
+        r = (s / t if t > 0 else np.zeros_like(s)).astype(np.float16)
+        scale = (t * r.astype(np.float32))[:, None]
+        safe = np.where(scale > 0, scale, np.float32(1))
+        codes = np.where(scale > 0, np.clip(np.round(blocks / safe), -level, level), 0).reshape(-1)[:flat.size]
+        t_scales.append(t)
+        b_scales.append(r)
+        if codec == "int8":
+            out[k] = codes.astype(np.int8).reshape(x.shape)
+        else:
+            nib = (codes.astype(np.int16) + 8).astype(np.uint8)
+            if nib.size % 2:
+                nib = np.concatenate([nib, np.array([8], dtype=np.uint8)])
+            out[k] = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
+            shapes[k] = list(x.shape)
+    if codec != "fp16":
+        out["::tensor_scales"] = np.array(t_scales, dtype=np.float32)
+        out["::block_scales"] = np.concatenate(b_scales).astype(np.float16)
+    enc = {"codec": codec, "block": block, "delta": True}
+    if shapes:
+        enc["shapes"] = shapes
+    return st_save(out, metadata={ENCODING: json.dumps(enc)})
+
+
 def load_credentials(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -737,12 +825,13 @@ class Device:
             return
         try:
             t0 = time.time()
-            tensors = st_load(data)
+            comp = meta.get("compression")
+            tensors = decode_payload(data) if comp else st_load(data)
             out = {
                 k: (np.asarray(v, dtype=np.float32) + np.float32(0.001)).astype(np.float32)
                 for k, v in tensors.items()
             }
-            blob = st_save(out)
+            blob = encode_payload(out, comp, tensors) if comp else st_save(out)
             uid = secrets.token_hex(16)
             umeta = {
                 "round": rnd,

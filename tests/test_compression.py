@@ -178,3 +178,57 @@ def test_compression_with_dp_or_secure_aggregation_is_refused_before_the_run():
                                "privacy.secure_aggregation.enabled": True})
     with pytest.raises(ConfigError, match="transport.compression"):
         load_config(overrides={"transport.compression": "int3"})
+
+
+FAST = {"model": "tiny-llama", "rounds": 2, "clients_per_round": 3, "train.steps": 2, "train.batch_size": 4,
+        "data.eval_per_domain": 3, "data.samples_per_client": 12, "data.tasks": ["add", "upper"],
+        "max_new_tokens": 4, "lora.max_rank": 8, "lora.rank": 4}
+
+
+def simulate(tmp_path, method, **extra):
+    from fedlora_edge.coordinator.config import load_config
+    from fedlora_edge.coordinator.simulate import Simulation
+
+    cfg = load_config(overrides={**FAST, "method": method, **({"fedlease.warmup_rounds": 1} if method == "fedlease"
+                                                                else {}), **extra})
+    sim = Simulation(cfg, tmp_path)
+    return sim, sim.run()
+
+
+def _methods():
+    from fedlora_edge.coordinator.methods import method_names
+
+    return [m for m in method_names() if m != "centralized"]  # centralized sends nothing
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", _methods())
+def test_every_method_runs_with_int8_transfers_both_ways(tmp_path, method):
+    sim, report = simulate(tmp_path / method, method, **{"transport.compression": "int8"})
+    assert [r["status"] for r in report["rounds"]] == ["ok", "ok"]
+    assert report["totals"]["rejected_updates"] == 0
+    rows = [c for r in report["rounds"] for c in r["clients"]]
+    assert rows and all(c["compression"] == "int8" for c in rows)
+    assert report["totals"]["compression"] == {"int8": len({c["client"] for c in rows})}
+    # tiny-llama's tensors are small, so the header weighs more than on a real model
+    assert report["totals"]["uplink_vs_fp32"] < 0.45 and report["totals"]["downlink_vs_fp32"] < 0.45
+
+
+@pytest.mark.integration
+def test_compressed_runs_end_near_the_fp32_run(tmp_path):
+    ends = {}
+    for codec in ("none", "fp16", "int8", "int4"):
+        sim, report = simulate(tmp_path / codec, "fedit", **{"transport.compression": codec, "rounds": 3})
+        ends[codec] = {m: (a.clone(), b.clone()) for m, (a, b) in sim.engine.state.global_factors.items()}
+        if codec == "none":
+            assert report["totals"]["uplink_vs_fp32"] > 0.99
+    base = ends["none"]
+
+    def dist(x):
+        num = sum(float((x[m][i] - base[m][i]).pow(2).sum()) for m in base for i in (0, 1))
+        return (num / sum(float(base[m][i].pow(2).sum()) for m in base for i in (0, 1))) ** 0.5
+
+    # each run trains the same examples from the same seeds; only the wire differs
+    assert dist(ends["fp16"]) < 1e-3
+    assert dist(ends["int8"]) < 1e-2
+    assert dist(ends["int8"]) < dist(ends["int4"]) < 0.2

@@ -428,12 +428,14 @@ def test_an_enrolled_device_outside_the_fleet_joins_only_with_open_enrolment(tmp
         assert any("not in fleet" in e["reason"] for e in coord.events if e["device"] == "newcomer")
 
 
-def test_a_client_written_from_the_protocol_document_alone_takes_part(tmp_path):
+@pytest.mark.parametrize("compression", ["none", "int8", "int4"])
+def test_a_client_written_from_the_protocol_document_alone_takes_part(tmp_path, compression):
     # tests/independent_client.py was written from docs/protocol.md only (no project imports, no
-    # torch): a stranger's client, which must join, be accepted, and leave at the run's done
+    # torch): a stranger's client, which must join, be accepted, and leave at the run's done; under
+    # transport.compression it decodes its plans and encodes its updates from the document too
     d = deployment("embedded", tmp_path)
     try:
-        cfg = config(tmp_path, ["ind"], rounds=2)
+        cfg = config(tmp_path, ["ind"], rounds=2, **{"transport.compression": compression})
         creds = d.enrol("ind", max_examples=8)["ind"]
         save_credentials(tmp_path / "ind.json", creds)
         coord = coordinator(d, cfg, tmp_path / "out")
@@ -450,6 +452,11 @@ def test_a_client_written_from_the_protocol_document_alone_takes_part(tmp_path):
         d.close()
     assert [(r["status"], r["valid_updates"]) for r in report["rounds"]] == [("ok", 1), ("ok", 1)]
     assert not coord.events, coord.events  # nothing it sent was refused
+    assert report["totals"]["compression"] == {compression: 1}
+    # its one update a round is FedIT's global adapter: B started at zero and gained 0.001 a round,
+    # which the codecs carry (as the change from the start) to within float32's rounding
+    for _, b in coord.engine.state.global_factors.values():
+        assert float((b - 0.002).abs().max()) < 1e-6
 
 
 def test_a_broker_port_is_never_one_the_kernel_gives_a_connecting_device():
