@@ -51,7 +51,7 @@ def plan_table(cfg):
     from rich.table import Table
 
     from .fleet import load_fleet
-    from .fleetplan import capacity_for, method_context
+    from .fleetplan import capacity_for, method_context, planned_by
     from .methods import get_method
     from .planner import meta_shape
 
@@ -74,11 +74,13 @@ def plan_table(cfg):
                          f"with a rank-{fp.down_rank} download"
                          + (f" and a rank-{fp.hold_rank} adapter in memory" if fp.hold_rank else "")
                          + (" and a copy of the adapted base weights" if fp.fold else ""))
+    wire = cfg.transport.compression != "none"
     for col in ("device", "profile", "trainer", "usable GB", "capacity (rank)", "memory GB", "s/step", "round s",
-                f"{cfg.method} {knob_name}"):
+                *(("on the wire",) if wire else ()), f"{cfg.method} {knob_name}"):
         table.add_column(col, justify="right" if col != "device" else "left")
     for dev in fleet:
-        cap = capacity_for(cfg, shape, dev.profile, fp)  # memory and times are at its rank (rank 1 when 0)
+        # memory and times are at its rank (rank 1 when 0)
+        cap = capacity_for(cfg, shape, dev.profile, fp, planned_by(method, dev.id, ctx))
         plan = method.plan(dev.id, cap.rank, ctx, 1)
         knob = (f"{plan.rank}" + (f" of {big_r}" if big_r != plan.rank and not method.pools_data else "")
                 if plan else "[red]cannot take part[/red]")
@@ -86,7 +88,7 @@ def plan_table(cfg):
         trainer = dev.profile.trainer + (f" ({dev.profile.trainer_base} base)" if dev.profile.trainer_base != "fp32" else "")
         table.add_row(dev.id, dev.profile.name, trainer, f"{dev.profile.memory_usable_gb:.1f}", cap_s,
                       f"{cap.memory_gb:.2f}",
-                      f"{cap.step_s:.2f}", f"{cap.round_s:.0f}", knob)
+                      f"{cap.step_s:.2f}", f"{cap.round_s:.0f}", *((cap.compression,) if wire else ()), knob)
     return table
 
 

@@ -81,7 +81,7 @@ from .et_compile import CompilingStore
 from .evaluate import answer_rate, evaluate, lead_metric, mix_accuracy
 from .faults import crash_point
 from .fleet import Device, load_fleet
-from .fleetplan import capacity_for, method_context
+from .fleetplan import capacity_for, method_context, planned_by
 from .methods import get_method
 from .methods.base import Accumulator
 from .partition import build_data, cut_note
@@ -276,7 +276,7 @@ class Engine:
         self.clients = [ClientData(dev.id, dev, tr, mix) for dev, tr, mix in zip(self.fleet, train, mixes)]
         self.by_id = {c.id: c for c in self.clients}
         for c in self.clients:
-            c.capacity = self._capacity(c.fleet_device.profile)
+            c.capacity = self._capacity(c.fleet_device.profile, c.id)
 
     def _check_trainers(self, able: list[ClientData]) -> None:
         """The store of the executorch devices' training programs and the trainers a hello may name;
@@ -481,8 +481,9 @@ class Engine:
             record["privacy"]["next_clip_norm"] = self.dp_clip
         self.reporter.status(f"privacy: epsilon {eps:.3f} at delta {self.dp_delta:.2g} after round {record['round']}")
 
-    def _capacity(self, profile) -> Capacity:
-        return capacity_for(self.cfg, self.shape, profile, self.method.footprint(self.ctx))
+    def _capacity(self, profile, client: str) -> Capacity:
+        return capacity_for(self.cfg, self.shape, profile, self.method.footprint(self.ctx),
+                            planned_by(self.method, client, self.ctx))
 
     # ----------------------------------------------------------------------------- state on disk
 
@@ -522,7 +523,7 @@ class Engine:
         c = self.by_id[client]
         c.declared_examples = examples
         c.device = Device(client, profile)
-        c.capacity = self._capacity(profile)
+        c.capacity = self._capacity(profile, client)
         self.participants = self._eligible(changed=c)
 
     def add_client(self, client: str, profile, examples: int, domains: dict[str, int]) -> ClientData:

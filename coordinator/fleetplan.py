@@ -4,6 +4,7 @@ table and `compare`'s same-devices check all start here."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedlora_edge.core.lora import ClientPlan
@@ -19,11 +20,13 @@ def method_context(cfg: RunConfig, dims) -> MethodContext:
                          cfg.method_settings.get(method.section))
 
 
-def capacity_for(cfg: RunConfig, shape: ModelShape, profile, fp: Footprint = NO_FOOTPRINT) -> Capacity:
+def capacity_for(cfg: RunConfig, shape: ModelShape, profile, fp: Footprint = NO_FOOTPRINT,
+                 takes_part: Callable[[Capacity], bool] | None = None) -> Capacity:
     """The planner's capacity for ``profile`` under this run's LoRA, training, planner and
     compression settings, with what the method adds beyond the trained rank (``fp``).  Under
-    ``transport.compression: auto`` the device gets the least lossy encoding at which it can take
-    part (none, fp16, int8, int4 in turn), or int4's capacity and reason when none lets it."""
+    ``transport.compression: auto`` the device gets the least lossy encoding at which it takes
+    part (none, fp16, int8, int4 in turn): its capacity can train and ``takes_part`` says yes (the
+    method plans it at that rank); int4's capacity when none does."""
     from fedlora_edge.core.compress import CODECS
 
     t, p = cfg.train, cfg.planner
@@ -33,10 +36,15 @@ def capacity_for(cfg: RunConfig, shape: ModelShape, profile, fp: Footprint = NO_
         cap = plan_capacity(profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
                             seq=t.max_seq_len, deadline_s=p.round_deadline_s, overhead_gb=p.runtime_overhead_gb,
                             transfer_budget_s=p.transfer_budget_s, footprint=fp, form=TrainForm.of(t), compression=c)
-        if cap.can_train:
+        if cap.can_train and (takes_part is None or takes_part(cap)):
             break
     assert cap is not None
     return cap
+
+
+def planned_by(method, device: str, ctx: MethodContext) -> Callable[[Capacity], bool]:
+    """Whether ``method`` gives ``device`` a round-1 plan at a capacity (``capacity_for``'s ``takes_part``)."""
+    return lambda cap: method.plan(device, cap.rank, ctx, 1) is not None
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,6 @@ def fleet_plans(cfg: RunConfig) -> list[FleetPlan]:
     fp = method.footprint(ctx)
     out = []
     for dev in load_fleet(cfg.fleet):
-        cap = capacity_for(cfg, shape, dev.profile, fp)
+        cap = capacity_for(cfg, shape, dev.profile, fp, planned_by(method, dev.id, ctx))
         out.append(FleetPlan(dev.id, dev.profile.name, cap, method.plan(dev.id, cap.rank, ctx, 1)))
     return out
