@@ -23,14 +23,16 @@ def method_context(cfg: RunConfig, dims) -> MethodContext:
 def capacity_for(cfg: RunConfig, shape: ModelShape, profile, fp: Footprint = NO_FOOTPRINT,
                  takes_part: Callable[[Capacity], bool] | None = None) -> Capacity:
     """The planner's capacity for ``profile`` under this run's LoRA, training, planner and
-    compression settings, with what the method adds beyond the trained rank (``fp``).  Under
-    ``transport.compression: auto`` the device gets the least lossy encoding at which it takes
+    compression settings (the profile's own ``compression`` first), with what the method adds beyond
+    the trained rank (``fp``).  Under compression ``auto`` the device gets the least lossy encoding at which it takes
     part (none, fp16, int8, int4 in turn): its capacity can train and ``takes_part`` says yes (the
     method plans it at that rank); int4's capacity when none does."""
     from fedlora_edge.core.compress import CODECS
 
     t, p = cfg.train, cfg.planner
-    codec = cfg.transport.compression
+    codec = profile.compression or cfg.transport.compression
+    if cfg.privacy.dp.enabled or cfg.privacy.secure_aggregation.enabled:
+        codec = "none"  # refused for the run (config.validate); a profile's own wish does not override that
     cap = None
     for c in (CODECS if codec == "auto" else (codec,)):
         cap = plan_capacity(profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,

@@ -16,6 +16,9 @@ Fields (all figures positive):
   ``int8``, ``int4``, weight-only; executorch: ``fp32``, ``8da8w``, ``8da4w``); ``--export`` writes one artifact per
   (runtime, quant) class in the fleet;
 - ``threads``: CPU threads a training process may use;
+- ``compression``: optional, how this device's adapters go on the wire (``none``, ``fp16``,
+  ``int8``, ``int4`` or ``auto``; empty: the run's ``transport.compression``), for a device whose
+  link is known to need it;
 - ``sources``: for each figure, where it comes from.
 """
 
@@ -33,6 +36,7 @@ TRAINERS = ("torch", "executorch")
 TRAINER_BASES = ("fp32", "int8")
 # inference runtime -> (export format, quantizations it can run)
 RUNTIMES = {"onnxruntime": ("onnx", ("fp32", "int8", "int4")), "executorch": ("executorch", ("fp32", "8da8w", "8da4w"))}
+COMPRESSIONS = ("none", "fp16", "int8", "int4", "auto")  # core/compress.py's codecs, and the planner's choice
 _NUMERIC = ("memory_total_gb", "memory_usable_gb", "compute_gflops", "uplink_mbps", "downlink_mbps")
 
 
@@ -53,6 +57,7 @@ class DeviceProfile:
     runtime: str = "onnxruntime"
     quant: str = "fp32"
     threads: int = 4
+    compression: str = ""  # the run's transport.compression unless set (core/compress.py)
     description: str = ""
     sources: dict = field(default_factory=dict)
 
@@ -82,6 +87,9 @@ class DeviceProfile:
                                f"it runs {', '.join(RUNTIMES[self.runtime][1])}")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ProfileError(f"profile '{self.name}': threads must be a positive integer")
+        if self.compression not in ("", *COMPRESSIONS):
+            raise ProfileError(f"profile '{self.name}': compression must be one of {', '.join(COMPRESSIONS)} (or "
+                               f"absent: the run's), got {self.compression!r}")
 
     @classmethod
     def from_dict(cls, obj: object, where: str = "profile") -> DeviceProfile:
@@ -94,7 +102,7 @@ class DeviceProfile:
         missing = [f for f in ("name", *_NUMERIC) if f not in obj]
         if missing:
             raise ProfileError(f"{where}: missing field(s) {missing}")
-        for f in ("name", "trainer", "trainer_base", "runtime", "quant", "description"):
+        for f in ("name", "trainer", "trainer_base", "runtime", "quant", "compression", "description"):
             if f in obj and (not isinstance(obj[f], str) or len(obj[f]) > 2000):
                 raise ProfileError(f"{where}: {f} must be a string (at most 2000 characters)")
         if "sources" in obj and not isinstance(obj["sources"], dict):

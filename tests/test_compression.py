@@ -232,3 +232,28 @@ def test_compressed_runs_end_near_the_fp32_run(tmp_path):
     assert dist(ends["fp16"]) < 1e-3
     assert dist(ends["int8"]) < 1e-2
     assert dist(ends["int8"]) < dist(ends["int4"]) < 0.2
+
+
+def test_a_profile_may_pin_its_own_encoding_unless_the_run_refuses_compression(tmp_path):
+    from fedlora_edge.coordinator.config import load_config
+    from fedlora_edge.coordinator.fleetplan import fleet_plans
+    from fedlora_edge.core.profile import DeviceProfile, ProfileError, load_profile, save_profile
+
+    from pathlib import Path
+
+    base = load_profile(Path(__file__).parents[1] / "profiles" / "phone-3g.yaml")
+    import dataclasses
+
+    save_profile(dataclasses.replace(base, name="phone-3g-int8", compression="int8"), tmp_path / "pinned.yaml")
+    (tmp_path / "fleet.yaml").write_text(
+        f"devices:\n  - {{id: plain, profile: phone-3g}}\n  - {{id: pinned, profile: {tmp_path / 'pinned.yaml'}}}\n"
+        "  - {id: other, profile: jetson-agx-orin}\n")
+    plans = {p.device: p for p in fleet_plans(load_config(overrides={"method": "hetlora",
+                                                                    "fleet": str(tmp_path / "fleet.yaml")}))}
+    assert plans["pinned"].capacity.compression == "int8" and plans["plain"].capacity.compression == "none"
+    assert plans["pinned"].capacity.rank > plans["plain"].capacity.rank  # its bytes are a quarter
+    dp = {p.device: p for p in fleet_plans(load_config(overrides={
+        "method": "hetlora", "fleet": str(tmp_path / "fleet.yaml"), "privacy.dp.noise_multiplier": 1.0}))}
+    assert dp["pinned"].capacity.compression == "none"
+    with pytest.raises(ProfileError, match="compression must be one of"):
+        DeviceProfile.from_dict({**base.to_dict(), "compression": "zip"})
