@@ -42,13 +42,13 @@ def _start_and_sent(update: bytes, a) -> tuple[dict, dict, dict]:
     from fedlora_edge.core.compress import decode
     from fedlora_edge.core.lora import from_state_dict, slice_factors
     from fedlora_edge.edge_client.experts import split_tensors
-    from fedlora_edge.edge_client.partial import held_count
+    from fedlora_edge.edge_client.partial import held_count, update_reference
 
-    received = decode(a.start)  # as the device decoded it (under transport.compression, its update's reference)
+    received = decode(a.start)  # as the device decoded it: under transport.compression its update's reference
     start = from_state_dict(split_tensors(received)[0])
     if held_count(a.plan) is not None:  # it held all R components and sends the ones it trained
         start = slice_factors(start, a.plan)
-    factors, rest = split_tensors(decode(update, reference=received))
+    factors, rest = split_tensors(decode(update, reference=update_reference(received, a.plan)))
     return start, from_state_dict(factors), rest
 
 

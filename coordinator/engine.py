@@ -63,7 +63,7 @@ from fedlora_edge.core.secagg import Params
 from fedlora_edge.core.wire import PayloadError
 from fedlora_edge.edge_client.et_train import program_spec, schedule_unsupported, unsupported
 from fedlora_edge.edge_client.experts import mixture_model
-from fedlora_edge.edge_client.partial import split_update, update_shapes
+from fedlora_edge.edge_client.partial import split_update, update_reference, update_shapes
 from fedlora_edge.edge_client.work import assignment_meta, trainer_of
 
 from .aggregate import Contribution, OrderedFold, server_step
@@ -580,7 +580,6 @@ class Engine:
                         continue
                 trainer = {"backend": "executorch", "program": side["key"], "sha256": side["sha256"],
                            "bytes": side["bytes"]}
-            start = self.method.start_factors(c.id, self.state.global_factors, plan, self.state.method_state)
             meta = assignment_meta(round_idx=round_idx, plan=plan, seed=hash_seed(self.cfg.seed, round_idx, c.id),
                                    settings=device_settings, targets=self.targets, dropout=self.cfg.lora.dropout,
                                    model=self.cfg.model, system_prompt=self.cfg.data.system_prompt,
@@ -588,7 +587,7 @@ class Engine:
                                    secagg={**secagg, "weight": self.secagg_weights[c.id]} if secagg else None)
             if trainer:
                 meta["trainer"] = trainer
-            tensors = {**to_state_dict(start), **self.method.start_extras(c.id, plan, self.state.method_state)}
+            tensors = self.start_tensors(c.id, plan)
             codec = c.capacity.compression if c.capacity else "none"
             if codec != "none":  # both ways: the start goes so, the update comes back so (core/compress.py)
                 tr = self.cfg.transport
@@ -600,6 +599,13 @@ class Engine:
                                   4 * sum(t.numel() for t in tensors.values())))
         self.start_fold([a.client for a in out])
         return out, skipped
+
+    def start_tensors(self, client: str, plan: ClientPlan) -> dict[str, torch.Tensor]:
+        """What ``client`` starts from under ``plan`` (its plan's data, before any encoding): the
+        method's start factors and extras from the run's state as it is (the round's start: the
+        state changes only when the round closes)."""
+        start = self.method.start_factors(client, self.state.global_factors, plan, self.state.method_state)
+        return {**to_state_dict(start), **self.method.start_extras(client, plan, self.state.method_state)}
 
     def prepare_programs(self) -> None:
         """Build (or find in the cache) the training programs the fleet's executorch devices need
@@ -652,12 +658,17 @@ class Engine:
         """Decode and validate one update against its assignment's plan, and its report; the
         weight is the coordinator's (:meth:`weight`).  UpdateRejected, naming the client, if bad."""
         rep = check_report(a.client, report, a.round, int(a.meta["train"]["steps"]))
+        shapes = update_shapes(self.dims, a.plan)
+        comp = a.meta.get("compression") or {}
         try:
-            reference = decode_payload(a.start) if "compression" in a.meta else None  # what the device started from
-            tensors = decode_payload(update, MAX_UPDATE_BYTES, reference)
+            # a compressed update is the change from its start: added back to the exact start (not the
+            # quantized copy the device was sent), so no round's progress is lost to the plan's rounding
+            reference = update_reference(self.start_tensors(a.client, a.plan), a.plan) if comp else None
+            tensors = decode_payload(update, MAX_UPDATE_BYTES, reference, codec=comp.get("codec", "none"),
+                                     block=comp.get("block"), shapes=shapes)
         except PayloadError as exc:
             raise UpdateRejected(f"client {a.client}: {exc}") from None
-        validate_update(a.client, tensors, update_shapes(self.dims, a.plan))
+        validate_update(a.client, tensors, shapes)
         tensors, importance, extras = split_update(tensors)
         for module, scores in importance.items():
             if bool((scores < 0).any()):

@@ -37,7 +37,8 @@ def capacity_for(cfg: RunConfig, shape: ModelShape, profile, fp: Footprint = NO_
     for c in (CODECS if codec == "auto" else (codec,)):
         cap = plan_capacity(profile, shape, max_rank=cfg.lora.max_rank, steps=t.steps, batch=t.batch_size,
                             seq=t.max_seq_len, deadline_s=p.round_deadline_s, overhead_gb=p.runtime_overhead_gb,
-                            transfer_budget_s=p.transfer_budget_s, footprint=fp, form=TrainForm.of(t), compression=c)
+                            transfer_budget_s=p.transfer_budget_s, footprint=fp, form=TrainForm.of(t), compression=c,
+                            block=cfg.transport.compression_block)
         if cap.can_train and (takes_part is None or takes_part(cap)):
             break
     assert cap is not None

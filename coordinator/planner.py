@@ -155,12 +155,14 @@ class ModelShape:
         return rank * sum(i + o for i, o in self.adapted.values())
 
 
-def adapter_bytes(shape: ModelShape, rank: int, compression: str = "none") -> int:
+def adapter_bytes(shape: ModelShape, rank: int, compression: str = "none", block: int = 64) -> int:
     """Bytes of a rank-``rank`` adapter payload on the wire (safetensors; float32, or under
-    ``compression`` its bytes per value, block scales included: :mod:`fedlora_edge.core.compress`)."""
+    ``compression`` its bytes per value, block scales of ``block`` values included:
+    :mod:`fedlora_edge.core.compress`; int4's header also lists every tensor's shape)."""
     from fedlora_edge.core.compress import value_bytes
 
-    return int(shape.lora_params(rank) * value_bytes(compression)) + HEADER_BYTES
+    shapes_text = 64 * 2 * len(shape.adapted) if compression == "int4" else 0
+    return int(shape.lora_params(rank) * value_bytes(compression, block)) + HEADER_BYTES + shapes_text
 
 
 def base_bytes(shape: ModelShape, dtype: str = "fp32", base_quant: str = "none") -> float:
@@ -259,7 +261,7 @@ NO_FOOTPRINT = Footprint()
 
 def device_estimate(profile: DeviceProfile, shape: ModelShape, rank: int, steps: int, batch: int,
                     seq: int, overhead_gb: float, fp: Footprint = NO_FOOTPRINT,
-                    form: TrainForm = FP32, compression: str = "none") -> tuple[float, float, float]:
+                    form: TrainForm = FP32, compression: str = "none", block: int = 64) -> tuple[float, float, float]:
     """(memory GB, seconds per step, seconds per round) for ``profile`` at ``rank``; ``form``: the
     torch trainer's dtype, quantized base and checkpointing (a device with another trainer has its own)."""
     held = max(rank, fp.hold_rank or 0)
@@ -270,36 +272,37 @@ def device_estimate(profile: DeviceProfile, shape: ModelShape, rank: int, steps:
     step = step_flops(shape, held, batch, seq, gc) / (profile.compute_gflops * 1e9 * STEP_EFFICIENCY)
     if profile.trainer == "executorch":
         step *= EXECUTORCH_STEP_FACTOR
-    return mem, step, transfer_seconds(profile, shape, rank, fp.down_rank, compression) + steps * step
+    return mem, step, transfer_seconds(profile, shape, rank, fp.down_rank, compression, block) + steps * step
 
 
 def transfer_seconds(profile: DeviceProfile, shape: ModelShape, rank: int, down_rank: int | None = None,
-                     compression: str = "none") -> float:
+                     compression: str = "none", block: int = 64) -> float:
     """Seconds to download the start adapter (rank ``down_rank``, default ``rank``) and upload the
-    rank-``rank`` update, both under ``compression``."""
-    down = adapter_bytes(shape, rank if down_rank is None else down_rank, compression) * 8
-    up = adapter_bytes(shape, rank, compression) * 8
+    rank-``rank`` update, both under ``compression`` in blocks of ``block``."""
+    down = adapter_bytes(shape, rank if down_rank is None else down_rank, compression, block) * 8
+    up = adapter_bytes(shape, rank, compression, block) * 8
     return down / (profile.downlink_mbps * 1e6) + up / (profile.uplink_mbps * 1e6)
 
 
 def plan_capacity(profile: DeviceProfile, shape: ModelShape, *, max_rank: int, steps: int, batch: int,
                   seq: int, deadline_s: float, overhead_gb: float, transfer_budget_s: float = float("inf"),
                   footprint: Footprint = NO_FOOTPRINT, form: TrainForm = FP32,
-                  compression: str = "none") -> Capacity:
+                  compression: str = "none", block: int = 64) -> Capacity:
     """The largest rank in 1..max_rank that fits memory, deadline and transfer budget; rank 0 with
     a reason if none.  ``footprint``: what the method adds (see :class:`Footprint`); ``form``: the
     torch trainer's dtype, quantized base and checkpointing (:class:`TrainForm`); ``compression``:
-    the adapter's encoding on the wire (its bytes count in the transfer's time)."""
+    the adapter's encoding on the wire in blocks of ``block`` (its bytes count in the transfer's time)."""
     down_rank = footprint.down_rank
     for rank in range(max_rank, 0, -1):
         mem, step, total = device_estimate(profile, shape, rank, steps, batch, seq, overhead_gb, footprint, form,
-                                           compression)
+                                           compression, block)
         if (mem <= profile.memory_usable_gb and total <= deadline_s
-                and transfer_seconds(profile, shape, rank, down_rank, compression) <= transfer_budget_s):
+                and transfer_seconds(profile, shape, rank, down_rank, compression, block) <= transfer_budget_s):
             return Capacity(profile.name, rank, mem, profile.memory_usable_gb, step, total, compression=compression)
-    mem, step, total = device_estimate(profile, shape, 1, steps, batch, seq, overhead_gb, footprint, form, compression)
+    mem, step, total = device_estimate(profile, shape, 1, steps, batch, seq, overhead_gb, footprint, form, compression,
+                                       block)
     reasons = []
-    moving = transfer_seconds(profile, shape, 1, down_rank, compression)
+    moving = transfer_seconds(profile, shape, 1, down_rank, compression, block)
     if moving > transfer_budget_s:
         what = "a rank-1 adapter" if down_rank is None else f"a rank-{down_rank} download and a rank-1 upload"
         reasons.append(f"moving {what}{'' if compression == 'none' else f' ({compression})'} takes {moving:.1f} s, "

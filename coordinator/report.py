@@ -129,7 +129,9 @@ def build_report(s: RunSummary, base: dict, final: dict, personal: dict, own_mix
 def wire_ratios(rounds: list[dict]) -> dict:
     """What went on the wire against the same tensors in float32 (the payloads' bytes, framing
     aside), up and down: 1.0 without ``transport.compression``; and each encoding's device count."""
-    rows = [r for x in rounds for r in x["clients"] if r.get("tensor_bytes")]
+    rows = [r for x in rounds for r in x["clients"] if r.get("tensor_bytes") and r.get("uplink_bytes")]
+    if not rows:  # nothing went on the wire (a centralized run, or no update came back)
+        return {"uplink_vs_fp32": None, "downlink_vs_fp32": None, "compression": {}}
     up = sum(r["uplink_bytes"] for r in rows) / max(1, sum(r["tensor_bytes"] for r in rows))
     down = sum(r["downlink_bytes"] for r in rows) / max(1, sum(r.get("downlink_tensor_bytes") or 0 for r in rows))
     codecs: dict[str, set] = {}

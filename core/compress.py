@@ -1,34 +1,42 @@
 """Compressed tensor payloads: fp16, and int8 or int4 in blocks with scales (``transport.compression``).
 
 A compressed payload is still a safetensors blob (never pickle), whose string metadata carries
-``fedlora.encoding``, a JSON object: ``{"codec", "block", "delta", "shapes"}``.  Its *keys* are its
-tensors of the codec's dtype (float16, int8 or uint8), taken in sorted name order; a float32 tensor
-in it is plain, as in an uncompressed payload; names starting ``::`` are the scales below.
+``fedlora.encoding``, a JSON object: ``{"codec", "block", "delta", "shapes"}`` (``delta`` false when
+absent; ``shapes`` int4's only).  Its *keys* are its tensors of the codec's dtype (float16, int8 or
+uint8), taken in sorted name order; a float32 tensor in it is plain, as in an uncompressed payload,
+and never a change (HAFL's importance scores go so); names starting ``::`` are the scales below.
+docs/protocol.md, "Compressed payloads", is the normative text.
 
 - ``fp16``: each key holds its values as float16, in its own shape.
 - ``int8``: each key holds int8 codes in its own shape; ``int4``: uint8, two codes a byte (the
   value at an even flat index in the low nibble, the next in the high one, each code stored as
   ``code + 8``; an odd count ends with the nibble 8), flat, its shape in ``shapes``.  A key's
-  values are taken flat (row-major) in blocks of ``block``; block ``j`` of key ``k`` decodes as
-  ``code * (tensor_scale[k] * block_scale[j])`` in float32, where ``::tensor_scales`` (float32, one
-  per key) is the key's largest block scale and ``::block_scales`` (float16, every key's blocks
-  one after another, in ``keys`` order) each block's scale relative to it.  A block's scale is its
-  largest magnitude over 127 (int8) or 7 (int4): symmetric codes in ``[-127, 127]`` or ``[-7, 7]``.
-  Storing the block scales relative to a float32 per-tensor scale keeps them in float16's normal
-  range however small the values (a LoRA factor's change after a few steps is often below
-  float16's smallest normal number).
-- ``delta`` (true or false): when true, every key that the receiver's reference holds under the
-  same name and shape is the change from it (an update's reference is the start factors of its
-  plan, as the device decoded them): the decoded value is ``reference[k] + decoded``.  A change is a few percent of the factors it changes, so its
-  quantization error is too.
+  ``n`` values are taken flat (row-major) in ``ceil(n / block)`` blocks (the last may be short);
+  block ``j`` of key ``k`` decodes as ``code * (tensor_scale[k] * block_scale[j])`` in float32,
+  where ``::tensor_scales`` (float32, one per key) is the key's largest block scale and
+  ``::block_scales`` (float16, every key's blocks one after another, in key order) each block's
+  scale relative to it, rounded up to float16 (so no code passes the level).  A block's scale is
+  its largest magnitude over 127 (int8) or 7 (int4): symmetric codes in ``[-127, 127]`` or
+  ``[-7, 7]``.  Storing the block scales relative to a float32 per-tensor scale keeps them in
+  float16's range however small the tensor's values (a LoRA factor's change after a few steps is
+  often below float16's smallest normal number).
+- ``delta`` true: every key that the receiver's reference holds under the same name and shape is
+  the change from it: the decoded value is ``reference[k] + decoded``.  An update's reference is its
+  plan's start cut to the plan's components (:func:`fedlora_edge.edge_client.partial.update_reference`):
+  the device measures its change from the start as it decoded it, the coordinator adds it to the
+  exact start it encoded, so the plan's rounding never eats the run's progress.  A change is a few
+  percent of the factors it changes, and so is its quantization error.
 
 Rounding is to nearest, or stochastic (``floor(x / scale + u)``, ``u`` uniform in ``[0, 1)``, from
 the assignment's seed): unbiased, so that errors average out over many devices.  Error feedback
 (int4 on the device): what quantization lost in one round is added to the next round's change
-before it is quantized.
+before it is quantized, while the plan's components stay the same.
 
-:func:`decode` validates before it allocates: the blob's size against the limit, the metadata, every
-key's dtype and element count against its shape, the scales' count and finiteness.
+:func:`decode` checks before it decodes: the blob's size against the limit, the metadata, the
+plan's codec and block, every key's dtype, int4's byte count against its shape, every encoded
+key against the tensors the plan allows (so decoding makes no more values than the plan's
+update holds), the scales' count and finiteness; then that the values are finite.  Whatever is
+wrong is a PayloadError.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -49,6 +57,8 @@ TENSOR_SCALES = "::tensor_scales"
 BLOCK_SCALES = "::block_scales"
 _LEVELS = {"int8": 127, "int4": 7}
 _MAX_BLOCK = 4096
+_MAX_DIM = 2**31
+FP16_MAX = 65504.0
 
 
 def value_bytes(codec: str, block: int = DEFAULT_BLOCK) -> float:
@@ -65,11 +75,13 @@ def check_codec(codec: str, block: int = DEFAULT_BLOCK) -> None:
 
 def encode(tensors: Mapping[str, torch.Tensor], codec: str = "none", *, block: int = DEFAULT_BLOCK,
            reference: Mapping[str, torch.Tensor] | None = None, stochastic: bool = False,
-           generator: torch.Generator | None = None, feedback: dict | None = None) -> bytes:
+           generator: torch.Generator | None = None, feedback: dict | None = None,
+           plain: Callable[[str], bool] | None = None) -> bytes:
     """``tensors`` as a payload under ``codec`` (see the module text).  ``reference``: what the receiver
     holds (an update's start), sent as the change from it where a key has the same shape there;
     ``stochastic``: stochastic rounding from ``generator``; ``feedback``: error feedback, a dict the
-    caller keeps across rounds (key -> what the last rounding lost), read and updated here."""
+    caller keeps across rounds (key -> what the last rounding lost), read and updated here;
+    ``plain``: names sent as they are, in float32 (never a change)."""
     check_codec(codec, block)
     if codec == "none":
         return encode_tensors(tensors)
@@ -83,9 +95,16 @@ def encode(tensors: Mapping[str, torch.Tensor], codec: str = "none", *, block: i
         if not v.is_floating_point():
             raise ValueError(f"compression: tensor {k!r} is {v.dtype}; only floating-point tensors are encoded")
         v = v.float()
+        if plain is not None and plain(k):
+            out[k] = v.contiguous()
+            continue
         if reference is not None and k in reference and tuple(reference[k].shape) == tuple(v.shape):
             v = v - reference[k].float()
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"compression: tensor {k!r} is not finite")
         if codec == "fp16":
+            if v.numel() and float(v.abs().max()) > FP16_MAX:
+                raise ValueError(f"compression: tensor {k!r} holds a value beyond float16's range")
             out[k] = v.half().contiguous()
             continue
         if feedback is not None:
@@ -113,19 +132,27 @@ def encode(tensors: Mapping[str, torch.Tensor], codec: str = "none", *, block: i
 
 def _blocks(v: torch.Tensor, block: int) -> torch.Tensor:
     flat = v.reshape(-1)
-    nb = max(1, math.ceil(flat.numel() / block))
+    nb = -(-flat.numel() // block)
     return torch.nn.functional.pad(flat, (0, nb * block - flat.numel())).view(nb, block)
+
+
+def _round_up_half(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (non-negative float32) as float16, rounded up: never below ``x``."""
+    h = x.half()
+    low = h.float() < x
+    if bool(low.any()):  # the next float16 up: its bit pattern plus one (non-negative values)
+        h = torch.where(low, (h.view(torch.int16) + 1).view(torch.float16), h)
+    return h
 
 
 def _quantize(v: torch.Tensor, codec: str, block: int, stochastic: bool, generator):
     """(codes flat, the tensor's scale, its blocks' relative scales in fp16, the decoded values)."""
     levels = _LEVELS[codec]
     b = _blocks(v, block)
-    raw = b.abs().amax(dim=1) / levels                      # each block's scale
+    raw = b.abs().amax(dim=1) / levels if b.numel() else torch.zeros(0)   # each block's scale
     t_scale = float(raw.max()) if raw.numel() else 0.0
-    if not math.isfinite(t_scale):
-        raise ValueError("compression: a tensor to encode is not finite")
-    rel = (raw / t_scale if t_scale > 0 else torch.zeros_like(raw)).half()
+    # relative to the tensor's scale, rounded up: no value's code passes the level
+    rel = _round_up_half(raw / t_scale) if t_scale > 0 else torch.zeros(raw.shape, dtype=torch.float16)
     scale = (torch.tensor(t_scale, dtype=torch.float32) * rel.float()).unsqueeze(1)  # what the receiver computes
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     x = b / safe
@@ -162,7 +189,7 @@ def metadata(blob: bytes) -> dict:
         raise PayloadError("payload is not valid safetensors: its header runs past the end")
     try:
         header = json.loads(bytes(blob[8:8 + n]))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise PayloadError("payload is not valid safetensors: its header is not JSON") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else {}
@@ -179,77 +206,107 @@ def codec_of(blob: bytes) -> str:
         return "?"
 
 
-def decode(blob: bytes, max_bytes: int | None = None,
-           reference: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def decode(blob: bytes, max_bytes: int | None = None, reference: Mapping[str, torch.Tensor] | None = None, *,
+           codec: str | None = None, block: int | None = None,
+           shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
     """A payload's tensors as float32 (a plain one as it is): see the module text.  ``reference``:
-    what a ``delta`` payload's keys are the change from.  PayloadError naming what is wrong."""
+    what a ``delta`` payload's keys are the change from.  What the receiver expects, checked before
+    anything is decoded: ``codec`` and ``block`` (an update under its plan's), ``shapes`` (name ->
+    shape of every tensor the plan allows; an encoded key outside it, or of another size, is
+    refused before its values are made).  PayloadError naming what is wrong, for anything wrong."""
     if max_bytes is not None and len(blob) > max_bytes:
         raise PayloadError(f"payload of {len(blob)} bytes exceeds the limit of {max_bytes} bytes")
     raw = metadata(blob).get(META_KEY)
+    if codec not in (None, "none") and raw is None:
+        raise PayloadError(f"payload is plain float32; its plan asked for {codec}")
+    if raw is not None and codec == "none":
+        raise PayloadError("payload is compressed; its plan asked for none")
     tensors = decode_tensors(blob)
     if raw is None:
         if any(k.startswith("::") for k in tensors):
             raise PayloadError(f"payload has {TENSOR_SCALES}/{BLOCK_SCALES} tensors but no {META_KEY} metadata")
         return tensors
     try:
+        return _decode(tensors, raw, reference, codec, block, shapes)
+    except PayloadError:
+        raise
+    except (ValueError, TypeError, OverflowError, RuntimeError, RecursionError, KeyError, IndexError) as exc:
+        raise PayloadError(f"payload's encoding cannot be decoded: {exc}"[:300]) from None
+
+
+def _decode(tensors: dict, raw: str, reference, want_codec, want_block, want_shapes) -> dict[str, torch.Tensor]:
+    try:
         meta = json.loads(raw)
         codec, block, delta = meta["codec"], meta["block"], meta.get("delta", False)
         shapes = dict(meta.get("shapes", {}))
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise PayloadError(f"payload's {META_KEY} is not the JSON object of docs/protocol.md") from None
-    if codec not in CODECS[1:] or not isinstance(block, int) or not (2 <= block <= _MAX_BLOCK and block % 2 == 0):
-        raise PayloadError(f"payload's encoding {codec!r} with block {block!r} is not one this coordinator knows")
+    if codec not in CODECS[1:] or type(block) is not int or not (2 <= block <= _MAX_BLOCK and block % 2 == 0):
+        raise PayloadError(f"payload's encoding {str(codec)[:20]!r} with block {str(block)[:20]!r} is not one this "
+                           "coordinator knows")
+    if (want_codec is not None and codec != want_codec) or (want_block is not None and block != want_block):
+        raise PayloadError(f"payload is {codec} in blocks of {block}; its plan asked for {want_codec} in blocks of "
+                           f"{want_block}")
     if not isinstance(delta, bool):
-        raise PayloadError(f"payload's encoding has delta {delta!r}, not true or false")
+        raise PayloadError(f"payload's encoding has delta {str(delta)[:20]!r}, not true or false")
     extra = [k for k in tensors if k.startswith("::") and (codec == "fp16" or k not in (TENSOR_SCALES, BLOCK_SCALES))]
     if extra:
-        raise PayloadError(f"payload holds {extra[0]!r}, which no {codec} encoding has")
+        raise PayloadError(f"payload holds {extra[0][:80]!r}, which no {codec} encoding has")
     dtype = {"fp16": torch.float16, "int8": torch.int8, "int4": torch.uint8}[codec]
     keys = sorted(k for k, v in tensors.items() if not k.startswith("::") and v.dtype == dtype)
     out = {k: v for k, v in tensors.items() if k not in keys and not k.startswith("::")}
     for k, v in out.items():
         if v.dtype != torch.float32:
-            raise PayloadError(f"payload's {k!r} is {v.dtype}: under {codec} a tensor is {dtype} or plain float32")
-    missing = [k for k in shapes if k not in keys]
-    if missing:
-        raise PayloadError(f"payload's encoding gives a shape for {missing[0]!r}, which it does not hold as codes")
+            raise PayloadError(f"payload's {k[:80]!r} is {v.dtype}: under {codec} a tensor is {dtype} or plain float32")
+    stray = [k for k in shapes if k not in keys]
+    if stray:
+        raise PayloadError(f"payload's encoding gives a shape for {stray[0][:80]!r}, which it does not hold as codes")
+    sizes: dict[str, tuple[int, ...]] = {}
+    for k in keys:
+        v = tensors[k]
+        if codec != "int4":
+            sizes[k] = tuple(v.shape)
+            continue
+        shape = shapes.get(k)
+        if v.dim() != 1 or not isinstance(shape, list) or len(shape) > 8 or \
+                not all(type(d) is int and 0 <= d < _MAX_DIM for d in shape):
+            raise PayloadError(f"payload's {k[:80]!r} is not packed int4 codes with a shape as its encoding says")
+        n = math.prod(shape)
+        if (n + 1) // 2 != v.numel():
+            raise PayloadError(f"payload's {k[:80]!r} holds {v.numel()} bytes of codes for shape {shape}")
+        sizes[k] = tuple(shape)
+    if want_shapes is not None:
+        for k, shape in sizes.items():
+            if k not in want_shapes or tuple(want_shapes[k]) != shape:
+                raise PayloadError(f"payload's {k[:80]!r} of shape {list(shape)} is not a tensor its plan asked for"
+                                   + (f" (shape {list(want_shapes[k])})" if k in want_shapes else ""))
     if codec == "fp16":
         for k in keys:
             out[k] = tensors[k].float()
     else:
         t_scales, b_scales = tensors.get(TENSOR_SCALES), tensors.get(BLOCK_SCALES)
-        if t_scales is None or b_scales is None or t_scales.dtype != torch.float32 or b_scales.dtype != torch.float16:
-            raise PayloadError(f"payload under {codec} needs {TENSOR_SCALES} (float32) and {BLOCK_SCALES} (float16)")
-        if t_scales.shape != (len(keys),):
+        if t_scales is None or b_scales is None or t_scales.dtype != torch.float32 or \
+                b_scales.dtype != torch.float16 or t_scales.dim() != 1 or b_scales.dim() != 1:
+            raise PayloadError(f"payload under {codec} needs {TENSOR_SCALES} (float32) and {BLOCK_SCALES} (float16), "
+                               "each one-dimensional")
+        if t_scales.numel() != len(keys):
             raise PayloadError(f"payload has {t_scales.numel()} tensor scales for {len(keys)} keys")
-        counts = []
-        for k in keys:
-            v = tensors[k]
-            if codec == "int8":
-                counts.append(v.numel())
-                continue
-            shape = shapes.get(k)
-            if v.dim() != 1 or not isinstance(shape, list) or \
-                    not all(isinstance(d, int) and 0 <= d for d in shape):
-                raise PayloadError(f"payload's {k!r} is not packed int4 codes with a shape as its encoding says")
-            n = math.prod(shape)
-            if math.ceil(n / 2) != v.numel():
-                raise PayloadError(f"payload's {k!r} holds {v.numel()} bytes of codes for shape {shape}")
-            counts.append(n)
-        blocks = [max(1, math.ceil(n / block)) for n in counts]
-        if b_scales.dim() != 1 or b_scales.numel() != sum(blocks):
+        counts = [math.prod(sizes[k]) for k in keys]
+        blocks = [-(-n // block) for n in counts]
+        if b_scales.numel() != sum(blocks):
             raise PayloadError(f"payload has {b_scales.numel()} block scales; its keys have {sum(blocks)} blocks")
         if not bool(torch.isfinite(t_scales).all()) or not bool(torch.isfinite(b_scales).all()) or \
                 bool((t_scales < 0).any()) or bool((b_scales < 0).any()):
             raise PayloadError("payload's scales are not all finite and non-negative")
         at = 0
         for i, (k, n, nb) in enumerate(zip(keys, counts, blocks)):
-            scale = (t_scales[i] * b_scales[at:at + nb].float()).unsqueeze(1)
+            scale = t_scales[i] * b_scales[at:at + nb].float()
             at += nb
-            v = tensors[k]
-            codes = v.reshape(-1).float() if codec == "int8" else _unpack4(v, n)
-            vals = (torch.nn.functional.pad(codes, (0, nb * block - n)).view(nb, block) * scale).reshape(-1)[:n]
-            out[k] = vals.view(v.shape if codec == "int8" else shapes[k])
+            codes = tensors[k].reshape(-1).float() if codec == "int8" else _unpack4(tensors[k], n)
+            out[k] = (codes * scale.repeat_interleave(block)[:n]).view(sizes[k])
+    for k in keys:
+        if not bool(torch.isfinite(out[k]).all()):
+            raise PayloadError(f"payload's {k[:80]!r} decodes to values that are not finite")
     if delta and reference is None:
         raise PayloadError("payload holds changes from the start its plan sent, and no start was given to add them to")
     if delta:

@@ -183,3 +183,28 @@ def split_update(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     factors, mixture = split_tensors(tensors)
     scores = {k[len(IMPORTANCE_PREFIX):]: factors.pop(k) for k in list(factors) if k.startswith(IMPORTANCE_PREFIX)}
     return factors, scores, mixture
+
+
+def update_reference(start: Mapping[str, torch.Tensor], plan: ClientPlan) -> dict[str, torch.Tensor]:
+    """What a compressed update's change is measured from (:mod:`fedlora_edge.core.compress`): the
+    plan's start, each module's factors cut to the plan's components where the start holds more
+    than it trains (``hold`` and ``fold`` plans send only those).  The device applies it to the start
+    as it decoded it, the coordinator to the exact start it encoded, so a change is added back to
+    what the run holds, not to its quantized copy."""
+    from fedlora_edge.core.lora import peft_key
+
+    out = dict(start)
+    for module, mp in plan.modules.items():
+        ka, kb = peft_key(module, "A"), peft_key(module, "B")
+        a, b = start.get(ka), start.get(kb)
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] == mp.rank:
+            continue
+        idx = torch.tensor(mp.components, dtype=torch.long)
+        out[ka], out[kb] = a.index_select(0, idx), b.index_select(1, idx)
+    return out
+
+
+def feedback_tag(plan: ClientPlan) -> str:
+    """Error feedback is carried from one round to the next only between plans of the same
+    components (a residual belongs to the components it was rounded on)."""
+    return ";".join(f"{m}:{','.join(map(str, mp.components))}" for m, mp in sorted(plan.modules.items()))

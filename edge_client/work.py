@@ -26,7 +26,15 @@ from fedlora_edge.core.lora import (
 )
 
 from .experts import mixture_model, mixture_of
-from .partial import IMPORTANCE_PREFIX, PartialTraining, folded, held_plan, split_update
+from .partial import (
+    IMPORTANCE_PREFIX,
+    PartialTraining,
+    feedback_tag,
+    folded,
+    held_plan,
+    split_update,
+    update_reference,
+)
 from .trainer import TrainSettings, train_local
 
 ADAPTER = "client"
@@ -163,7 +171,9 @@ def run_assignment(peft_model, tokenizer, examples: Sequence[Example], meta: dic
 @dataclasses.dataclass
 class Sending:
     """How an update goes back: the plan's ``compression`` (or none), the start as this device
-    decoded it (the reference of a compressed update), its error feedback (int4)."""
+    decoded it (its cut to the plan's components is a compressed update's reference), the device's
+    error feedback (int4; kept per plan components, :func:`feedback_tag`).  HAFL's importance scores
+    go plain (they are a few values, and must stay non-negative)."""
 
     meta: dict
     received: dict
@@ -175,10 +185,18 @@ class Sending:
         c = self.meta.get("compression")
         if not c:
             return encode_payload(tensors)
+        plan = ClientPlan.from_json(self.meta["plan"])
         generator = torch.Generator().manual_seed(int(self.meta["seed"]) ^ 0x5EED) if c.get("stochastic") else None
-        return encode_payload(tensors, c["codec"], block=int(c["block"]), reference=self.received,
-                              stochastic=bool(c.get("stochastic")), generator=generator,
-                              feedback=self.feedback if c.get("error_feedback") else None)
+        feedback = None
+        if c.get("error_feedback") and self.feedback is not None:
+            tag = feedback_tag(plan)
+            for other in [t for t in self.feedback if t != tag]:  # other components: their residuals no longer apply
+                del self.feedback[other]
+            feedback = self.feedback.setdefault(tag, {})
+        return encode_payload(tensors, c["codec"], block=int(c["block"]),
+                              reference=update_reference(self.received, plan),
+                              stochastic=bool(c.get("stochastic")), generator=generator, feedback=feedback,
+                              plain=lambda k: k.startswith(IMPORTANCE_PREFIX))
 
 
 def _finish(meta: dict, tensors: dict, res, sent: Sending, start: dict | None = None) -> tuple[bytes, dict]:

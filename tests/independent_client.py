@@ -160,7 +160,7 @@ def decode_payload(blob: bytes, reference: dict | None = None) -> dict:
             n = int(np.prod(shape))
             pairs = np.stack([(v & 0x0F).astype(np.int16) - 8, (v >> 4).astype(np.int16) - 8], axis=1)
             codes = pairs.reshape(-1)[:n].astype(np.float32)
-        nb = max(1, -(-codes.size // block))
+        nb = -(-codes.size // block)
         scales = np.float32(raw["::tensor_scales"][i]) * raw["::block_scales"][at:at + nb].astype(np.float32)
         at += nb
         padded = np.zeros(nb * block, dtype=np.float32)
@@ -170,6 +170,18 @@ def decode_payload(blob: bytes, reference: dict | None = None) -> dict:
         for k in keys:
             if reference is not None and k in reference and reference[k].shape == out[k].shape:
                 out[k] = reference[k] + out[k]
+    return out
+
+
+def update_reference(start: dict, plan: dict) -> dict:
+    """The plan's data with each module's lora_A / lora_B cut to the plan's components where it holds
+    more components than the plan's rank (the document's "delta" rule)."""
+    out = dict(start)
+    for module, comps in plan["modules"].items():
+        ka = f"base_model.model.{module}.lora_A.weight"
+        kb = f"base_model.model.{module}.lora_B.weight"
+        if ka in start and kb in start and start[ka].shape[0] != len(comps):
+            out[ka], out[kb] = start[ka][list(comps), :], start[kb][:, list(comps)]
     return out
 
 
@@ -188,13 +200,15 @@ def encode_payload(tensors: dict, comp: dict, reference: dict) -> bytes:
             continue
         level = LEVELS[codec]
         flat = x.reshape(-1)
-        nb = max(1, -(-flat.size // block))
+        nb = -(-flat.size // block)
         padded = np.zeros(nb * block, dtype=np.float32)
         padded[:flat.size] = flat
         blocks = padded.reshape(nb, block)
-        s = np.abs(blocks).max(axis=1) / np.float32(level)
-        t = np.float32(s.max())
+        s = np.abs(blocks).max(axis=1) / np.float32(level) if nb else np.zeros(0, dtype=np.float32)
+        t = np.float32(s.max()) if nb else np.float32(0)
         r = (s / t if t > 0 else np.zeros_like(s)).astype(np.float16)
+        low = r.astype(np.float32) < (s / t if t > 0 else s)  # rounded up: no code passes the level
+        r[low] = np.nextafter(r[low], np.float16(np.inf))
         scale = (t * r.astype(np.float32))[:, None]
         safe = np.where(scale > 0, scale, np.float32(1))
         codes = np.where(scale > 0, np.clip(np.round(blocks / safe), -level, level), 0).reshape(-1)[:flat.size]
@@ -831,7 +845,7 @@ class Device:
                 k: (np.asarray(v, dtype=np.float32) + np.float32(0.001)).astype(np.float32)
                 for k, v in tensors.items()
             }
-            blob = encode_payload(out, comp, tensors) if comp else st_save(out)
+            blob = encode_payload(out, comp, update_reference(tensors, meta["plan"])) if comp else st_save(out)
             uid = secrets.token_hex(16)
             umeta = {
                 "round": rnd,
