@@ -321,11 +321,11 @@ def test_compressed_runs_end_near_the_fp32_run(tmp_path):
 
 
 def test_a_profile_may_pin_its_own_encoding_unless_the_run_refuses_compression(tmp_path):
+    from pathlib import Path
+
     from fedlora_edge.coordinator.config import load_config
     from fedlora_edge.coordinator.fleetplan import fleet_plans
     from fedlora_edge.core.profile import DeviceProfile, ProfileError, load_profile, save_profile
-
-    from pathlib import Path
 
     base = load_profile(Path(__file__).parents[1] / "profiles" / "phone-3g.yaml")
     import dataclasses
