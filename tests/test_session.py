@@ -120,7 +120,7 @@ def fake_training(monkeypatch):
     calls = []
     update = secrets.token_bytes(2 * 2**20)
 
-    def run_assignment(peft_model, tokenizer, examples, meta, start, device, *, slowdown, programs):
+    def run_assignment(peft_model, tokenizer, examples, meta, start, device, *, slowdown, programs, feedback=None):
         calls.append((meta, start))
         return update, {"round": meta["round"], "num_examples": len(examples), "steps": 1, "first_loss": 2.0,
                         "last_loss": 1.5, "seconds": 0.1}
