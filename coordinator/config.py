@@ -155,6 +155,21 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class ScheduleSettings:
+    """How rounds are scheduled: ``sync`` (every round waits for its devices) or ``buffered``
+    (FedBuff-style: a device gets a plan against the current model whenever it is idle, every
+    ``buffer`` accepted updates are folded into a new version, a stale update weighs less).  In this
+    version ``buffered`` runs in ``simulate`` only, on the fleet's profile timings (docs/methods.md,
+    "Buffered asynchronous rounds")."""
+
+    mode: str = "sync"              # sync | buffered
+    buffer: int = 0                 # buffered: accepted updates folded into each new version (0: clients_per_round)
+    concurrency: int = 0            # buffered: devices training at once (0: clients_per_round)
+    staleness_weight: str = "sqrt"  # buffered: an update tau versions old weighs 1/(1+sqrt(tau)) (sqrt) or 1 (none)
+    max_staleness: int = 10         # buffered: an update more versions old than this is refused
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: str = "smollm2-135m"
     method: str = "hetlora"
@@ -177,6 +192,7 @@ class RunConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     contamination: ContaminationSettings = field(default_factory=ContaminationSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     # each method's own settings, by config section (``hafl:``, ``clair:``...): the sections come
     # from the methods' ``Settings`` classes (coordinator/methods), not from this file
     method_settings: dict[str, Any] = field(default_factory=lambda: _default_method_settings())
@@ -425,6 +441,22 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(bool(co.trigger.strip()) and bool(co.target.strip()), "contamination.trigger",
            "the backdoor's trigger and target must not be empty")
     _check(cfg.planner.runtime_overhead_gb >= 0, "planner.runtime_overhead_gb", "must be non-negative")
+    sc = cfg.schedule
+    _check(sc.mode in ("sync", "buffered"), "schedule.mode", "must be sync or buffered")
+    _check(sc.buffer >= 0, "schedule.buffer", "must be 0 (clients_per_round) or a number of updates")
+    _check(sc.concurrency >= 0, "schedule.concurrency", "must be 0 (clients_per_round) or a number of devices")
+    _check(sc.staleness_weight in ("sqrt", "none"), "schedule.staleness_weight", "must be sqrt or none")
+    _check(sc.max_staleness >= 0, "schedule.max_staleness", "must be non-negative")
+    if sc.mode == "buffered":
+        from .privacy import buffered_refusal
+
+        why = buffered_refusal(get_method(cfg.method), method_names())
+        _check(why is None, "schedule.mode", why or "")
+        _check(not cfg.privacy.dp.enabled and not sa.enabled, "schedule.mode",
+               "buffered rounds do not run with privacy.dp or secure aggregation (both count a round's devices "
+               "before it starts)")
+        _check(cfg.contamination.attack == "none", "schedule.mode",
+               "buffered rounds do not run with contamination attacks (they act on a synchronous round's updates)")
     return cfg
 
 

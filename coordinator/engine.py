@@ -546,59 +546,67 @@ class Engine:
 
     def open_round(self, round_idx: int, available: set[str] | None = None) -> tuple[list[Assignment], list[dict]]:
         """(assignments, skipped) for the sampled devices of round ``round_idx``."""
-        t = self.cfg.train
-        settings = dataclasses.replace(t, steps=self.round_steps)
         out, skipped = [], []
         blobs: dict[bytes, bytes] = {}  # equal start blobs (every FedIT device's) held once, not once per device
         chosen = self.sample(round_idx, available)
         secagg = self.secagg_round(round_idx, chosen)
         for c in chosen:
-            capacity = c.capacity.rank if c.capacity else self.R
-            plan = self.method.plan(c.id, capacity, self.ctx, round_idx, self.state.method_state)
-            if plan is None:
-                why = c.capacity.reason if c.capacity and c.capacity.reason else "below the method's rank"
-                skipped.append({"client": c.id, "capacity": capacity, "reason": why})
-                continue
-            trainer, device_settings = None, settings
-            profile = c.device.profile if c.device else None
-            if profile is not None and profile.trainer == "executorch":
-                cannot = unsupported(plan)
-                if cannot:
-                    skipped.append({"client": c.id, "capacity": capacity, "reason": cannot})
-                    continue
-                device_settings = dataclasses.replace(settings, optimizer="sgd", lr=t.sgd_lr)
-                spec = program_spec(self.cfg.model, plan, self.targets, t.batch_size, t.max_seq_len,
-                                    profile.trainer_base)
-                side: dict | None
-                if self.builds is None:  # simulate: built here, the run waits for it
-                    _, side = self.programs.get(spec)
-                else:  # over MQTT: never in the coordinator's thread; the device waits for the build
-                    side = self.builds.ready(spec)
-                    if side is None:
-                        self.builds.want(spec)
-                        skipped.append({"client": c.id, "capacity": capacity, "reason": self.builds.reason(spec)})
-                        continue
-                trainer = {"backend": "executorch", "program": side["key"], "sha256": side["sha256"],
-                           "bytes": side["bytes"]}
-            meta = assignment_meta(round_idx=round_idx, plan=plan, seed=hash_seed(self.cfg.seed, round_idx, c.id),
-                                   settings=device_settings, targets=self.targets, dropout=self.cfg.lora.dropout,
-                                   model=self.cfg.model, system_prompt=self.cfg.data.system_prompt,
-                                   clip_norm=self.device_clip(),
-                                   secagg={**secagg, "weight": self.secagg_weights[c.id]} if secagg else None)
-            if trainer:
-                meta["trainer"] = trainer
-            tensors = self.start_tensors(c.id, plan)
-            codec = c.capacity.compression if c.capacity else "none"
-            if codec != "none":  # both ways: the start goes so, the update comes back so (core/compress.py)
-                tr = self.cfg.transport
-                meta["compression"] = {"codec": codec, "block": tr.compression_block,
-                                       "stochastic": tr.stochastic_rounding,
-                                       "error_feedback": tr.error_feedback and codec == "int4"}
-            blob = encode_payload(tensors, codec, block=self.cfg.transport.compression_block)
-            out.append(Assignment(c.id, round_idx, plan, meta, blobs.setdefault(blob, blob),
-                                  4 * sum(t.numel() for t in tensors.values())))
+            a, skip = self.assign(c, round_idx, blobs, secagg)
+            if a is not None:
+                out.append(a)
+            else:
+                skipped.append(skip)
         self.start_fold([a.client for a in out])
         return out, skipped
+
+    def assign(self, c: ClientData, round_idx: int, blobs: dict[bytes, bytes] | None = None,
+               secagg: dict | None = None) -> tuple[Assignment | None, dict]:
+        """``(assignment, {})`` of device ``c`` for round ``round_idx`` against the run's state as it
+        is, or ``(None, skipped)`` with the reason the method cannot plan it.  ``blobs``: start
+        blobs already made this round (an equal one is shared)."""
+        t = self.cfg.train
+        settings = dataclasses.replace(t, steps=self.round_steps)
+        capacity = c.capacity.rank if c.capacity else self.R
+        plan = self.method.plan(c.id, capacity, self.ctx, round_idx, self.state.method_state)
+        if plan is None:
+            why = c.capacity.reason if c.capacity and c.capacity.reason else "below the method's rank"
+            return None, {"client": c.id, "capacity": capacity, "reason": why}
+        trainer, device_settings = None, settings
+        profile = c.device.profile if c.device else None
+        if profile is not None and profile.trainer == "executorch":
+            cannot = unsupported(plan)
+            if cannot:
+                return None, {"client": c.id, "capacity": capacity, "reason": cannot}
+            device_settings = dataclasses.replace(settings, optimizer="sgd", lr=t.sgd_lr)
+            spec = program_spec(self.cfg.model, plan, self.targets, t.batch_size, t.max_seq_len,
+                                profile.trainer_base)
+            side: dict | None
+            if self.builds is None:  # simulate: built here, the run waits for it
+                _, side = self.programs.get(spec)
+            else:  # over MQTT: never in the coordinator's thread; the device waits for the build
+                side = self.builds.ready(spec)
+                if side is None:
+                    self.builds.want(spec)
+                    return None, {"client": c.id, "capacity": capacity, "reason": self.builds.reason(spec)}
+            trainer = {"backend": "executorch", "program": side["key"], "sha256": side["sha256"],
+                       "bytes": side["bytes"]}
+        meta = assignment_meta(round_idx=round_idx, plan=plan, seed=hash_seed(self.cfg.seed, round_idx, c.id),
+                               settings=device_settings, targets=self.targets, dropout=self.cfg.lora.dropout,
+                               model=self.cfg.model, system_prompt=self.cfg.data.system_prompt,
+                               clip_norm=self.device_clip(),
+                               secagg={**secagg, "weight": self.secagg_weights[c.id]} if secagg else None)
+        if trainer:
+            meta["trainer"] = trainer
+        tensors = self.start_tensors(c.id, plan)
+        codec = c.capacity.compression if c.capacity else "none"
+        if codec != "none":  # both ways: the start goes so, the update comes back so (core/compress.py)
+            tr = self.cfg.transport
+            meta["compression"] = {"codec": codec, "block": tr.compression_block,
+                                   "stochastic": tr.stochastic_rounding,
+                                   "error_feedback": tr.error_feedback and codec == "int4"}
+        blob = encode_payload(tensors, codec, block=self.cfg.transport.compression_block)
+        blob = blob if blobs is None else blobs.setdefault(blob, blob)
+        return Assignment(c.id, round_idx, plan, meta, blob, 4 * sum(t.numel() for t in tensors.values())), {}
 
     def start_tensors(self, client: str, plan: ClientPlan) -> dict[str, torch.Tensor]:
         """What ``client`` starts from under ``plan`` (its plan's data, before any encoding): the
@@ -654,16 +662,22 @@ class Engine:
         back from disk, so an early one is not held in memory meanwhile)."""
         self.fold.offer(client, contribution, reload)
 
-    def accept(self, a: Assignment, update: bytes, report) -> Contribution:
+    def accept(self, a: Assignment, update: bytes, report, start: dict[str, torch.Tensor] | None = None) -> Contribution:
         """Decode and validate one update against its assignment's plan, and its report; the
-        weight is the coordinator's (:meth:`weight`).  UpdateRejected, naming the client, if bad."""
+        weight is the coordinator's (:meth:`weight`).  UpdateRejected, naming the client, if bad.
+        ``start``: the assignment's exact start (:meth:`start_tensors` when it was made), where the
+        run's state has moved on since (a buffered round's stale update); default: the state's now."""
         rep = check_report(a.client, report, a.round, int(a.meta["train"]["steps"]))
         shapes = update_shapes(self.dims, a.plan)
         comp = a.meta.get("compression") or {}
         try:
             # a compressed update is the change from its start: added back to the exact start (not the
             # quantized copy the device was sent), so no round's progress is lost to the plan's rounding
-            reference = update_reference(self.start_tensors(a.client, a.plan), a.plan) if comp else None
+            if comp:
+                reference = update_reference(start if start is not None else self.start_tensors(a.client, a.plan),
+                                             a.plan)
+            else:
+                reference = None
             tensors = decode_payload(update, MAX_UPDATE_BYTES, reference, codec=comp.get("codec", "none"),
                                      block=comp.get("block"), shapes=shapes)
         except PayloadError as exc:

@@ -81,6 +81,16 @@ def secagg_refusal(method, names) -> str | None:
             f"{why}; methods that can: {_sums(names)}")
 
 
+def buffered_refusal(method, names) -> str | None:
+    """Why ``method`` cannot run in buffered rounds (None when it can): each update must fold into
+    a running sum on its own, as DP's and secure aggregation's do (``dp_normalise``)."""
+    if _is_a_sum(method):
+        return None
+    why = NO_DP.get(method.name, "it declares no sum-based aggregate (dp_normalise)")
+    return (f"method {method.name} cannot run in buffered rounds, which fold each update on its own into a running "
+            f"sum: {why}; methods that can: {_sums(names)}")
+
+
 def _is_a_sum(method) -> bool:
     return method.dp_normalise in ("trainers", "all")
 

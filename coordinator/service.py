@@ -953,6 +953,9 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError(f"method {cfg.method}: trains on every client's data pooled on the server, the reference "
                           "point of `fedlora simulate`; over MQTT the data stays on the devices, so no device could "
                           f"take part (use `fedlora simulate --method {cfg.method}`)")
+    if cfg.schedule.mode != "sync":
+        raise ConfigError(f"schedule.mode: {cfg.schedule.mode} rounds run in `fedlora simulate` only in this version "
+                          "(on the fleet's profile timings); over MQTT rounds are synchronous (set schedule.mode: sync)")
 
 
 def set_aside_state(folder: Path, log) -> None:

@@ -8,6 +8,7 @@ what a device would have sent.  Deterministic under ``seed`` on a CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -137,8 +138,143 @@ class Simulation:
 
     def run(self) -> dict:
         self.engine.begin()
+        if self.engine.cfg.schedule.mode == "buffered":
+            self.run_buffered()
+            return self.engine.finish()
+        clock = 0.0
         for r in range(1, self.engine.cfg.rounds + 1):
             if self.engine.stop_for_privacy():
                 break
-            self.run_round(r)
+            record = self.run_round(r)
+            clock = self._time_round(record, clock)
         return self.engine.finish()
+
+    def _time_round(self, record: dict, clock: float) -> float:
+        """A synchronous round on the fleet's profile timings (what ``schedule.mode: buffered`` is
+        compared with): it lasts as long as its slowest device's predicted round; the others wait."""
+        own = [float(c.get("predicted_round_seconds") or 0.0) for c in record["clients"]]
+        longest = max(own, default=0.0)
+        record["virtual_seconds"] = round(clock + longest, 1)
+        record["waiting_seconds"] = round(sum(longest - t for t in own), 1)
+        return clock + longest
+
+    def run_buffered(self) -> None:
+        """``schedule.mode: buffered`` (FedBuff): ``concurrency`` devices train at once, each on a plan
+        against the version current when it was handed out; an update arrives after its device's
+        predicted round time (its profile: download, steps, upload) on a virtual clock, so a run is
+        the same for the same seed.  Every ``buffer`` accepted updates, in arrival order, are folded
+        in the method's own arithmetic into a new version (a "round" of the report); an update
+        ``tau`` versions old is moved onto the current version (its change from the start it was
+        planned on, added to the plan's start now) and weighs ``1 / (1 + sqrt(tau))`` times its
+        weight, or is refused past ``schedule.max_staleness``.  A device is handed a new plan as soon
+        as it is idle and has nothing in the buffer (so it counts at most once per version)."""
+        import heapq
+        import math
+        import random
+
+        from .validate import UpdateRejected
+
+        e = self.engine
+        cfg, sc = e.cfg, e.cfg.schedule
+        size = sc.buffer or cfg.clients_per_round
+        concurrency = sc.concurrency or cfg.clients_per_round
+        rng = random.Random(f"buffered|{cfg.seed}")
+        clock, version, seq = 0.0, 0, 0
+        flight: list = []  # (arrival time, seq, client), heap
+        held: dict[str, tuple] = {}  # client -> (assignment, returned, exact start, version planned on)
+        buffer: list[tuple[Returned, Contribution, int]] = []
+        rejected: list[dict] = []
+        skipped: list[dict] = []
+        unplanned: set[str] = set()  # the method planned nothing for them against this version
+        t0 = time.perf_counter()
+
+        def dispatch() -> None:
+            nonlocal seq
+            while len(held) < concurrency:
+                waiting = {r.assignment.client for r, _, _ in buffer}
+                pool = sorted(c.id for c in e.participants if c.id not in held and c.id not in waiting
+                              and c.id not in unplanned)
+                if not pool:
+                    return
+                cid = rng.choice(pool)
+                c = e.by_id[cid]
+                a, skip = e.assign(c, version + 1)
+                if a is None:
+                    unplanned.add(cid)
+                    skipped.append(skip)
+                    continue
+                start = e.start_tensors(cid, a.plan)
+                ret = self.carry_out(a)  # trained now, against this version; it arrives later
+                arrival = clock + (c.capacity.round_s if c.capacity else 0.0)
+                heapq.heappush(flight, (arrival, seq, cid))
+                seq += 1
+                held[cid] = (a, ret, start, version)
+
+        e.reporter.round_start(1, size)
+        dispatch()
+        while version < cfg.rounds and flight:
+            clock, _, cid = heapq.heappop(flight)
+            a, ret, start, planned = held.pop(cid)
+            tau = version - planned
+            if tau > sc.max_staleness:
+                rejected.append({"client": cid, "reason": f"planned on version {planned}, {tau} versions old: past "
+                                                          f"schedule.max_staleness {sc.max_staleness}"})
+                dispatch()
+                continue
+            try:
+                contribution = e.accept(a, ret.update or b"", ret.report, start=start)
+            except (UpdateRejected, ValueError) as exc:
+                rejected.append({"client": cid, "reason": str(exc)})
+                dispatch()
+                continue
+            if tau:
+                contribution = self._moved(contribution, start, e.start_tensors(cid, a.plan))
+            weight = 1 / (1 + math.sqrt(tau)) if sc.staleness_weight == "sqrt" else 1.0
+            buffer.append((ret, dataclasses.replace(contribution, weight=contribution.weight * weight), tau))
+            e.reporter.client_done(cid, ret.report, a.plan.rank)
+            if len(buffer) == size:
+                version += 1
+                self._publish(version, buffer, skipped, rejected, clock, t0)
+                buffer, skipped, rejected, unplanned = [], [], [], set()
+                t0 = time.perf_counter()
+                if version < cfg.rounds:
+                    e.reporter.round_start(version + 1, size)
+            dispatch()
+        if version < cfg.rounds:  # every device ran out of plans (or all were refused): what is buffered closes it
+            version += 1
+            self._publish(version, buffer, skipped, rejected, clock, t0)
+
+    def _publish(self, version: int, buffer: list, skipped: list, rejected: list, clock: float, t0: float) -> dict:
+        """Fold a buffered version's updates, in arrival order, and record it as round ``version``."""
+        e = self.engine
+        fold = e.start_fold([ret.assignment.client for ret, _, _ in buffer])
+        for _, contribution, _ in buffer:
+            fold.offer(contribution.client, contribution)
+        returned = [Returned(ret.assignment.released(), None, ret.report, update_len=len(ret.update or b""),
+                             folded=True) for ret, _, _ in buffer]
+        record = e.close_round(version, returned, skipped, t0, rejected)
+        staleness = {ret.assignment.client: tau for ret, _, tau in buffer}
+        for row in record["clients"]:
+            row["staleness"] = staleness.get(row["client"])
+        record["virtual_seconds"] = round(clock, 1)
+        return record
+
+    @staticmethod
+    def _moved(contribution: Contribution, planned_start: dict, start_now: dict) -> Contribution:
+        """A stale update moved onto the current version: its change from the start it was planned
+        on, added to the same plan's start now (each in the plan's components)."""
+        from fedlora_edge.core.lora import from_state_dict
+        from fedlora_edge.edge_client.partial import update_reference
+
+        def factors(start: dict) -> dict:
+            ref = update_reference(start, contribution.plan)
+            return from_state_dict({k: v for k, v in ref.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))})
+
+        old, now = factors(planned_start), factors(start_now)
+        moved = {}
+        for m, (fa, fb) in contribution.factors.items():
+            if m in old and m in now and old[m][0].shape == fa.shape and old[m][1].shape == fb.shape:
+                moved[m] = (now[m][0] + (fa - old[m][0]), now[m][1] + (fb - old[m][1]))
+            else:
+                moved[m] = (fa, fb)
+        return dataclasses.replace(contribution, factors=moved)
