@@ -95,9 +95,9 @@ def main(argv: list[str]) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = (f"{r['sync_time'] / r['buffered_time']:.2f}x" if r["sync_time"] and r["buffered_time"] else "-")
-        print(f"| {r['seed']} | {r['target']:.4f} | {r["sync_time"]:.1f} / {r["sync_clock"]:.1f} | "
-              f"{r["buffered_time"]:.1f} / {r["buffered_clock"]:.1f} | {ratio} | {r['sync_final']:.4f} / "
-              f"{r['buffered_final']:.4f} | {r["sync_waiting"]:.1f} | {statistics.mean(r['staleness']):.2f} / "
+        print(f"| {r['seed']} | {r['target']:.4f} | {r['sync_time']:.1f} / {r['sync_clock']:.1f} | "
+              f"{r['buffered_time']:.1f} / {r['buffered_clock']:.1f} | {ratio} | {r['sync_final']:.4f} / "
+              f"{r['buffered_final']:.4f} | {r['sync_waiting']:.1f} | {statistics.mean(r['staleness']):.2f} / "
               f"{max(r['staleness'])} |")
     d = [r["buffered_final"] - r["sync_final"] for r in rows]
     m, lo, hi = mean_interval(d)
