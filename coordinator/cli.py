@@ -419,7 +419,7 @@ def cmd_export(args) -> int:
         console.print(line, markup=False, highlight=False)
 
     artifact, meta, reference, tok = export(args.model, args.adapter, args.format, args.quant, args.out,
-                                            args.max_seq_len, log=log)
+                                            args.max_seq_len, log=log, merged=args.merged)
     if meta["skipped_layers"]:
         console.print(f"left in fp32 ({args.quant} cannot take their shape): {', '.join(meta['skipped_layers'])}")
     tol = TOLERANCE[(args.format, args.quant)]
@@ -602,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--max-seq-len", type=int, default=256, help="longest sequence the artifact takes, prompt and "
                    "answer: the KV cache's length (default 256)")
+    p.add_argument("--merged", action="store_true", help="onnx: merge the adapter into the base's weights and build "
+                   "one model (no adapter file, no LoRA branch: for devices that never swap adapters; the whole model "
+                   "is the update, and a 4-bit GGUF base's own codes are quantized again)")
     p.add_argument("--prompts-per-task", type=int, default=8, help="held-out prompts per built-in task for the "
                    "parity report (default 8: 40 prompts, about 130 answer tokens)")
     p.add_argument("--min-top1", type=float, help="override the format's top-1 agreement tolerance")

@@ -327,8 +327,29 @@ def _onnx(model_spec: str, adapter: str | Path | None, out: Path, quant: str, ma
     return out / onnx_genai.MODEL_FILE, skipped, fields, _merged(peft_or_base), tok
 
 
+def _onnx_merged(model_spec: str, adapter: str | Path | None, out: Path, quant: str, max_seq_len: int, log):
+    """The adapter merged into the base's weights, then built (and quantized) as one model by
+    onnxruntime-genai's builder with this export's settings: no LoRA branch and no adapter file,
+    for a device that never swaps adapters.  Built afresh for every adapter (no cached base); a
+    4-bit GGUF base's own codes cannot be kept, since merging changes every adapted weight."""
+    from . import onnx_genai
+
+    reference, tok = merged_model(model_spec, adapter)
+    for f in [*out.glob(onnx_genai.MODEL_FILE + "*"), out / onnx_genai.ADAPTER_FILE]:
+        f.unlink(missing_ok=True)  # an earlier export's base or adapter in this folder
+    with tempfile.TemporaryDirectory(prefix="fedlora-merged-", dir=out) as tmp:
+        model_path, left, _ = onnx_genai.build_base(reference, tok, {}, Path(tmp), quant, max_seq_len,
+                                                   log_file=out / "builder.log", gguf=None, log=log)
+        for f in Path(tmp).iterdir():
+            if f.is_file():
+                _replace(f, out / f.name)
+    fields = {"merged": True, "base_bytes": onnx_genai.base_bytes(out), "adapted_modules": 0}
+    return out / onnx_genai.MODEL_FILE, left, fields, reference, tok
+
+
 def export(model_spec: str, adapter: str | Path | None, fmt: str, quant: str, out: str | Path,
-           max_seq_len: int = 256, log: Callable[[str], None] | None = None) -> tuple[Path, dict, object, object]:
+           max_seq_len: int = 256, log: Callable[[str], None] | None = None,
+           merged: bool = False) -> tuple[Path, dict, object, object]:
     """Export; writes the artifact, the tokenizer and ``export.json`` under ``out``.  Returns
     ``(artifact, meta, reference model, tokenizer)``; the reference is the base with the adapter
     merged, in fp32 (what the artifact must match).
@@ -336,8 +357,11 @@ def export(model_spec: str, adapter: str | Path | None, fmt: str, quant: str, ou
     ONNX: the base (KV cache, weight-only quantization) and the adapter as a separate
     ``adapter.onnx_adapter`` that onnxruntime applies at run time.  ExecuTorch: the program with a
     static KV cache and the adapter's LoRA branches in ``model.<quant>.pte``, the base's weights in
-    ``base.<quant>.ptd``.  ``log``: a line per stage, each with the seconds since the start."""
+    ``base.<quant>.ptd``.  ``merged`` (ONNX): the adapter merged into the base's weights and built as
+    one model instead (:func:`_onnx_merged`).  ``log``: a line per stage, each with the seconds since the start."""
     check_format(fmt, quant)
+    if merged and fmt != "onnx":
+        raise ExportError("--merged is for --format onnx (an ExecuTorch program keeps its adapter apart)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -348,7 +372,9 @@ def export(model_spec: str, adapter: str | Path | None, fmt: str, quant: str, ou
 
     stage(f"loading {model_spec}" + (f" with the adapter {adapter}" if adapter is not None else ""))
     extra: dict = {}
-    if fmt == "onnx":
+    if fmt == "onnx" and merged:
+        artifact, skipped, extra, reference, tok = _onnx_merged(model_spec, adapter, out, quant, max_seq_len, stage)
+    elif fmt == "onnx":
         artifact, skipped, extra, reference, tok = _onnx(model_spec, adapter, out, quant, max_seq_len, stage)
     else:
         peft_or_base, tok = _with_adapter(model_spec, adapter)

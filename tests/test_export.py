@@ -229,6 +229,29 @@ def test_cli_export_onnx_int8_then_generate(tmp_path, adapter, capsys):
     assert err.count("parity broken") == 1 and err.startswith(f"fedlora: {out / 'model.onnx'}: parity broken: top-1")
 
 
+@pytest.mark.integration
+def test_a_merged_onnx_export_is_one_model_without_a_lora_branch_or_adapter_file(tmp_path, adapter):
+    import onnx
+
+    pytest.importorskip("onnxruntime_genai")
+    separate, _, _, _ = export("tiny-llama", adapter, "onnx", "fp32", tmp_path / "apart")
+    artifact, meta, reference, tok = export("tiny-llama", adapter, "onnx", "fp32", tmp_path / "merged", merged=True)
+    graph = onnx.load(str(artifact), load_external_data=False).graph
+    assert not any("/lora_" in n.name for n in graph.node) and not any(i.name.startswith("lora.") for i in graph.input)
+    assert meta["merged"] and "adapter_file" not in meta and not (tmp_path / "merged" / "adapter.onnx_adapter").exists()
+    want = torch_runner(reference).logits(IDS)
+    assert np.abs(load_runner(artifact).logits(IDS) - want).max() < 1e-4  # the adapter is in the weights
+    assert np.abs(load_runner(separate).logits(IDS) - want).max() < 1e-4  # as it is beside them
+    rep = parity_report(reference, tok, artifact, meta, per_task=1)
+    assert rep["ok"] and rep["top1_agreement"] == 1.0 and rep["size_bytes"] == meta["base_bytes"]
+    # int8 merged: the merged weights quantized as one model, weight-only, no fp32 branch left
+    q, _, _, _ = export("tiny-llama", adapter, "onnx", "int8", tmp_path / "merged8", merged=True)
+    g8 = onnx.load(str(q), load_external_data=False).graph
+    assert any(n.op_type == "MatMulNBits" for n in g8.node) and not any("/lora_" in n.name for n in g8.node)
+    with pytest.raises(ExportError, match="--merged is for --format onnx"):
+        export("tiny-llama", adapter, "executorch", "fp32", tmp_path / "et", merged=True)
+
+
 def test_the_runs_system_prompt_is_what_fedlora_json_says_and_a_legacy_null_what_its_run_trained(tmp_path):
     """null means none for a run on the user's data; adapters written before the built-in tasks'
     prompt was recorded have null too, and their run's report.json says it was the built-in tasks."""
