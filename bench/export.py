@@ -2,12 +2,13 @@
 against PyTorch with its KV cache and against onnxruntime-genai's own model builder.
 
     python bench/export.py --out runs/export --adapter RUN/adapter [--model smollm2-135m]
-        [--formats onnx:fp32,onnx:int8,onnx:int4,executorch:fp32,executorch:8da8w]
+        [--formats onnx:fp32,onnx:int8,onnx:int4,executorch:fp32,executorch:8da8w] (onnx:int8:merged: --merged)
         [--vendor fp32,int8,int4] [--prompts-per-task 8] [--new-tokens 64] [--threads 1]
         [--llama-cpp f32,q8_0,q4_k_m --gguf-convert LLAMA_CPP/convert_hf_to_gguf.py]
 
-1. Each of our formats runs ``fedlora export`` (the base and the adapter apart) and
-   its parity report into ``OUT/<format>-<quant>/``: top-1 agreement on the answer tokens and over
+1. Each of our formats runs ``fedlora export`` (the base and the adapter apart; a spec ending
+   ``:merged``, ``fedlora export --merged``: the adapter merged into one model) and
+   its parity report into ``OUT/<format>-<quant>[-merged]/``: top-1 agreement on the answer tokens and over
    all positions, exact match of PyTorch and of the artifact.
 2. The vendor's side: the adapter merged into the base and given to onnxruntime-genai's model
    builder as its users run it (``-p <precision> -e cpu``, its defaults otherwise) into
@@ -58,11 +59,12 @@ DEFAULT = "onnx:fp32,onnx:int8,onnx:int4,executorch:fp32,executorch:8da8w"
 ANY = Tolerance(min_top1=0.0, max_accuracy_drop=1.0)  # the vendor's artifacts: measured, not judged
 
 
-def run_one(model: str, adapter: str | None, fmt: str, quant: str, out: Path, per_task: int) -> dict:
+def run_one(model: str, adapter: str | None, fmt: str, quant: str, out: Path, per_task: int,
+            merged: bool = False) -> dict:
     report_file = out / "parity.json"
     if report_file.is_file():
         return json.loads(report_file.read_text())
-    artifact, meta, reference, tok = export(model, adapter, fmt, quant, out)
+    artifact, meta, reference, tok = export(model, adapter, fmt, quant, out, merged=merged)
     try:
         return parity_report(reference, tok, artifact, meta, per_task=per_task, threads=1)
     except ParityError:
@@ -313,9 +315,11 @@ def main(argv: list[str]) -> int:
     if not args.out:
         ap.error("--out is required")
     out = Path(args.out)
-    specs = [tuple(s.split(":", 1)) for s in args.formats.split(",") if s]
-    for fmt, quant in specs:
+    specs = [(*s.split(":")[:2], s.endswith(":merged")) for s in args.formats.split(",") if s]
+    for fmt, quant, merged in specs:
         check_format(fmt, quant)
+        if merged and fmt != "onnx":
+            ap.error(f"--formats {fmt}:{quant}:merged: only onnx exports merge the adapter into the base")
     gguf_types = [q.strip().lower() for q in args.llama_cpp.split(",") if q.strip()]
     if gguf_types:
         try:
@@ -329,11 +333,11 @@ def main(argv: list[str]) -> int:
             ap.error(f"--llama-cpp: unknown llama.cpp quantization type(s) {', '.join(unknown)} "
                      "(llama.cpp's names: f32, q8_0, q4_0, q4_k_m, q5_k_m, q6_k, ...)")
     rows: dict[str, tuple[Path, dict]] = {}
-    for fmt, quant in specs:
-        print(f"exporting {fmt} {quant} ...", file=sys.stderr, flush=True)
-        folder = out / f"{fmt}-{quant}"
-        rep = run_one(args.model, args.adapter, fmt, quant, folder, args.prompts_per_task)
-        rows[f"fedlora {fmt} {quant}"] = (folder / rep["artifact"], rep)
+    for fmt, quant, merged in specs:
+        print(f"exporting {fmt} {quant}{' merged' if merged else ''} ...", file=sys.stderr, flush=True)
+        folder = out / f"{fmt}-{quant}{'-merged' if merged else ''}"
+        rep = run_one(args.model, args.adapter, fmt, quant, folder, args.prompts_per_task, merged)
+        rows[f"fedlora {fmt} {quant}{', merged' if merged else ''}"] = (folder / rep["artifact"], rep)
     for quant in [q for q in args.vendor.split(",") if q]:
         print(f"onnxruntime-genai builder {quant} ...", file=sys.stderr, flush=True)
         folder = out / f"vendor-onnx-{quant}"
