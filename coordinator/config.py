@@ -165,7 +165,7 @@ class ScheduleSettings:
     mode: str = "sync"              # sync | buffered
     buffer: int = 0                 # buffered: accepted updates folded into each new version (0: clients_per_round)
     concurrency: int = 0            # buffered: devices training at once (0: clients_per_round)
-    staleness_weight: str = "sqrt"  # buffered: an update tau versions old weighs 1/(1+sqrt(tau)) (sqrt) or 1 (none)
+    staleness_weight: str = "sqrt"  # buffered: an update tau versions old counts its change x 1/(1+sqrt(tau)) (sqrt) or x 1 (none)
     max_staleness: int = 10         # buffered: an update more versions old than this is refused
 
 
@@ -455,8 +455,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(not cfg.privacy.dp.enabled and not sa.enabled, "schedule.mode",
                "buffered rounds do not run with privacy.dp or secure aggregation (both count a round's devices "
                "before it starts)")
-        _check(cfg.contamination.attack == "none", "schedule.mode",
-               "buffered rounds do not run with contamination attacks (they act on a synchronous round's updates)")
+        from .contamination import ROUND_ATTACKS
+
+        _check(cfg.contamination.attack not in ROUND_ATTACKS, "schedule.mode",
+               f"buffered rounds do not run with contamination.attack {cfg.contamination.attack} (it crafts updates "
+               "from a synchronous round's honest ones)")
+        _check(cfg.min_updates <= (sc.buffer or cfg.clients_per_round), "min_updates",
+               f"({cfg.min_updates}) cannot exceed schedule.buffer ({sc.buffer or cfg.clients_per_round}): no version "
+               "would ever fold enough updates")
     return cfg
 
 

@@ -706,9 +706,10 @@ class Engine:
         return float(capped_weight(claimed, cap))
 
     def close_round(self, round_idx: int, returned: list[Returned], skipped: list[dict], t0: float,
-                    rejected: list[dict] | None = None) -> dict:
+                    rejected: list[dict] | None = None, annotate=None) -> dict:
         """Validate, aggregate, evaluate and record round ``round_idx``; returns its record.
-        ``rejected``: updates the transport already refused (over MQTT, at arrival).  Every
+        ``rejected``: updates the transport already refused (over MQTT, at arrival).  ``annotate``:
+        called with the record before it is kept and shown (simulate's clock).  Every
         ``save_every`` rounds the global adapter is also written as a peft checkpoint,
         ``OUT/checkpoints/round-NNNN/`` (StorageError where it cannot be written)."""
         cfg = self.cfg
@@ -766,6 +767,8 @@ class Engine:
             if round_idx != cfg.rounds:  # each prompt's scores: kept for the final evaluation only
                 record["accuracy"].pop("per_example", None)
         record["seconds"] = round(time.perf_counter() - t0, 2)
+        if annotate is not None:
+            annotate(record)
         self.state.rounds.append(record)
         self.reporter.round_end(record)
         if cfg.save_every and round_idx % cfg.save_every == 0:

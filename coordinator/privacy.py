@@ -81,14 +81,19 @@ def secagg_refusal(method, names) -> str | None:
             f"{why}; methods that can: {_sums(names)}")
 
 
+# methods whose aggregate is a sum under DP but whose own rule reads a round's updates together
+NOT_STREAMING = {"norm-bound": "its bound is the median of a round's update norms, which needs every update at once"}
+
+
 def buffered_refusal(method, names) -> str | None:
     """Why ``method`` cannot run in buffered rounds (None when it can): each update must fold into
-    a running sum on its own, as DP's and secure aggregation's do (``dp_normalise``)."""
-    if _is_a_sum(method):
+    a running sum on its own (``dp_normalise``, and not a rule that reads the round's updates together)."""
+    if _is_a_sum(method) and method.name not in NOT_STREAMING:
         return None
-    why = NO_DP.get(method.name, "it declares no sum-based aggregate (dp_normalise)")
+    why = NOT_STREAMING.get(method.name) or NO_DP.get(method.name, "it declares no sum-based aggregate (dp_normalise)")
+    able = ", ".join(n for n in _sums(names).split(", ") if n not in NOT_STREAMING)
     return (f"method {method.name} cannot run in buffered rounds, which fold each update on its own into a running "
-            f"sum: {why}; methods that can: {_sums(names)}")
+            f"sum: {why}; methods that can: {able}")
 
 
 def _is_a_sum(method) -> bool:

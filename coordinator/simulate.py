@@ -32,6 +32,7 @@ class Simulation:
         self.drop_after_masking: set[str] = set()
         # transport.compression int4: each device's error feedback, as the device keeps it (in memory)
         self.feedback: dict[str, dict] = {}
+        self.clock = 0.0  # the virtual clock of the profiles' predicted round times (run, run_buffered)
 
     def carry_out(self, a: Assignment) -> Returned:
         """Train one assignment in-process, as the device would (and, for a contaminated client
@@ -75,7 +76,7 @@ class Simulation:
             assert view is not None  # only a round under a round attack holds updates back
             crafted = view.craft(ret.assignment, ret.update or b"", attack, e.cfg.contamination)
             returned.append(self._settle(Returned(ret.assignment, crafted, ret.report)))
-        return e.close_round(round_idx, returned, skipped, t0)
+        return e.close_round(round_idx, returned, skipped, t0, annotate=self._time_round)
 
     def secure_round(self, round_idx: int) -> dict:
         """A round under ``privacy.secure_aggregation``: every device's half of SecAgg+ runs here as it
@@ -119,7 +120,7 @@ class Simulation:
             else:
                 returned.append(Returned(a.released(), failure=why if a.client not in self.drop_before_masking
                                          else "dropped out of secure aggregation before its masked vector"))
-        return e.close_round(round_idx, returned, skipped, t0)
+        return e.close_round(round_idx, returned, skipped, t0, annotate=self._time_round)
 
     def _settle(self, ret: Returned) -> Returned:
         """Validate an update as soon as it is trained and fold it into the round's aggregation
@@ -141,33 +142,42 @@ class Simulation:
         if self.engine.cfg.schedule.mode == "buffered":
             self.run_buffered()
             return self.engine.finish()
-        clock = 0.0
+        self.clock = 0.0
         for r in range(1, self.engine.cfg.rounds + 1):
             if self.engine.stop_for_privacy():
                 break
-            record = self.run_round(r)
-            clock = self._time_round(record, clock)
+            self.run_round(r)
         return self.engine.finish()
 
-    def _time_round(self, record: dict, clock: float) -> float:
+    def _round_s(self, client: str) -> float:
+        """A device's predicted round (download, local steps, upload): its update's time on the clock."""
+        c = self.engine.by_id[client]
+        return c.capacity.round_s if c.capacity else 0.0
+
+    def _time_round(self, record: dict) -> None:
         """A synchronous round on the fleet's profile timings (what ``schedule.mode: buffered`` is
         compared with): it lasts as long as its slowest device's predicted round; the others wait."""
-        own = [float(c.get("predicted_round_seconds") or 0.0) for c in record["clients"]]
+        own = [self._round_s(c["client"]) for c in record["clients"]]
         longest = max(own, default=0.0)
-        record["virtual_seconds"] = round(clock + longest, 1)
-        record["waiting_seconds"] = round(sum(longest - t for t in own), 1)
-        return clock + longest
+        self.clock += longest
+        record["virtual_seconds"] = round(self.clock, 3)
+        record["waiting_seconds"] = round(sum(longest - t for t in own), 3)
 
     def run_buffered(self) -> None:
         """``schedule.mode: buffered`` (FedBuff): ``concurrency`` devices train at once, each on a plan
-        against the version current when it was handed out; an update arrives after its device's
+        against the version current when it was handed out; its update arrives after its device's
         predicted round time (its profile: download, steps, upload) on a virtual clock, so a run is
         the same for the same seed.  Every ``buffer`` accepted updates, in arrival order, are folded
-        in the method's own arithmetic into a new version (a "round" of the report); an update
-        ``tau`` versions old is moved onto the current version (its change from the start it was
-        planned on, added to the plan's start now) and weighs ``1 / (1 + sqrt(tau))`` times its
-        weight, or is refused past ``schedule.max_staleness``.  A device is handed a new plan as soon
-        as it is idle and has nothing in the buffer (so it counts at most once per version)."""
+        in the method's own arithmetic into a new version (a "round" of the report).  An update
+        ``tau`` versions old is moved onto the current version with its change scaled by
+        ``1 / (1 + sqrt(tau))`` (its change from the start it was planned on, scaled, added to the
+        plan's start now), or refused past ``schedule.max_staleness``.  A device is handed a new plan
+        as soon as it is idle, unless it has an update in the buffer, or its update was refused, or
+        the method planned nothing for it, in this version.  When nothing is left in flight the
+        version is published with what it has (failed below ``min_updates``), so a run always ends
+        after ``rounds`` versions.  A device trains when its update is due (the plan and its start
+        are fixed when it is handed out), so no training is spent on an update that is refused as
+        stale or left in flight at the end."""
         import heapq
         import math
         import random
@@ -176,16 +186,17 @@ class Simulation:
 
         e = self.engine
         cfg, sc = e.cfg, e.cfg.schedule
-        size = sc.buffer or cfg.clients_per_round
+        size = min(sc.buffer or cfg.clients_per_round, max(1, len(e.participants)))
         concurrency = sc.concurrency or cfg.clients_per_round
         rng = random.Random(f"buffered|{cfg.seed}")
-        clock, version, seq = 0.0, 0, 0
+        version, seq = 0, 0
+        self.clock = 0.0
         flight: list = []  # (arrival time, seq, client), heap
-        held: dict[str, tuple] = {}  # client -> (assignment, returned, exact start, version planned on)
+        held: dict[str, tuple] = {}  # client -> (assignment, exact start, version planned on)
         buffer: list[tuple[Returned, Contribution, int]] = []
         rejected: list[dict] = []
         skipped: list[dict] = []
-        unplanned: set[str] = set()  # the method planned nothing for them against this version
+        out: set[str] = set()  # not handed a plan again in this version: refused, or the method planned nothing
         t0 = time.perf_counter()
 
         def dispatch() -> None:
@@ -193,58 +204,58 @@ class Simulation:
             while len(held) < concurrency:
                 waiting = {r.assignment.client for r, _, _ in buffer}
                 pool = sorted(c.id for c in e.participants if c.id not in held and c.id not in waiting
-                              and c.id not in unplanned)
+                              and c.id not in out)
                 if not pool:
                     return
                 cid = rng.choice(pool)
-                c = e.by_id[cid]
-                a, skip = e.assign(c, version + 1)
+                a, skip = e.assign(e.by_id[cid], version + 1)
                 if a is None:
-                    unplanned.add(cid)
+                    out.add(cid)
                     skipped.append(skip)
                     continue
-                start = e.start_tensors(cid, a.plan)
-                ret = self.carry_out(a)  # trained now, against this version; it arrives later
-                arrival = clock + (c.capacity.round_s if c.capacity else 0.0)
-                heapq.heappush(flight, (arrival, seq, cid))
+                heapq.heappush(flight, (self.clock + self._round_s(cid), seq, cid))
                 seq += 1
-                held[cid] = (a, ret, start, version)
+                held[cid] = (a, e.start_tensors(cid, a.plan), version)
+
+        def publish() -> None:
+            nonlocal version, buffer, skipped, rejected, out, t0
+            version += 1
+            self._publish(version, buffer, skipped, rejected, t0)
+            buffer, skipped, rejected, out = [], [], [], set()
+            t0 = time.perf_counter()
+            if version < cfg.rounds:
+                e.reporter.round_start(version + 1, size)
 
         e.reporter.round_start(1, size)
-        dispatch()
-        while version < cfg.rounds and flight:
-            clock, _, cid = heapq.heappop(flight)
-            a, ret, start, planned = held.pop(cid)
+        while version < cfg.rounds:
+            dispatch()
+            if not flight:  # nobody left to wait for in this version: it closes with what it has
+                publish()
+                continue
+            self.clock, _, cid = heapq.heappop(flight)
+            a, start, planned = held.pop(cid)
             tau = version - planned
             if tau > sc.max_staleness:
+                out.add(cid)
                 rejected.append({"client": cid, "reason": f"planned on version {planned}, {tau} versions old: past "
                                                           f"schedule.max_staleness {sc.max_staleness}"})
-                dispatch()
                 continue
+            ret = self.carry_out(a)
             try:
                 contribution = e.accept(a, ret.update or b"", ret.report, start=start)
+                if tau:
+                    contribution = self._moved(contribution, start, e.start_tensors(cid, a.plan),
+                                               1 / (1 + math.sqrt(tau)) if sc.staleness_weight == "sqrt" else 1.0)
             except (UpdateRejected, ValueError) as exc:
+                out.add(cid)
                 rejected.append({"client": cid, "reason": str(exc)})
-                dispatch()
                 continue
-            if tau:
-                contribution = self._moved(contribution, start, e.start_tensors(cid, a.plan))
-            weight = 1 / (1 + math.sqrt(tau)) if sc.staleness_weight == "sqrt" else 1.0
-            buffer.append((ret, dataclasses.replace(contribution, weight=contribution.weight * weight), tau))
+            buffer.append((ret, contribution, tau))
             e.reporter.client_done(cid, ret.report, a.plan.rank)
             if len(buffer) == size:
-                version += 1
-                self._publish(version, buffer, skipped, rejected, clock, t0)
-                buffer, skipped, rejected, unplanned = [], [], [], set()
-                t0 = time.perf_counter()
-                if version < cfg.rounds:
-                    e.reporter.round_start(version + 1, size)
-            dispatch()
-        if version < cfg.rounds:  # every device ran out of plans (or all were refused): what is buffered closes it
-            version += 1
-            self._publish(version, buffer, skipped, rejected, clock, t0)
+                publish()
 
-    def _publish(self, version: int, buffer: list, skipped: list, rejected: list, clock: float, t0: float) -> dict:
+    def _publish(self, version: int, buffer: list, skipped: list, rejected: list, t0: float) -> dict:
         """Fold a buffered version's updates, in arrival order, and record it as round ``version``."""
         e = self.engine
         fold = e.start_fold([ret.assignment.client for ret, _, _ in buffer])
@@ -252,17 +263,20 @@ class Simulation:
             fold.offer(contribution.client, contribution)
         returned = [Returned(ret.assignment.released(), None, ret.report, update_len=len(ret.update or b""),
                              folded=True) for ret, _, _ in buffer]
-        record = e.close_round(version, returned, skipped, t0, rejected)
         staleness = {ret.assignment.client: tau for ret, _, tau in buffer}
-        for row in record["clients"]:
-            row["staleness"] = staleness.get(row["client"])
-        record["virtual_seconds"] = round(clock, 1)
-        return record
+
+        def annotate(record: dict) -> None:
+            for row in record["clients"]:
+                row["staleness"] = staleness.get(row["client"])
+            record["virtual_seconds"] = round(self.clock, 3)
+
+        return e.close_round(version, returned, skipped, t0, rejected, annotate=annotate)
 
     @staticmethod
-    def _moved(contribution: Contribution, planned_start: dict, start_now: dict) -> Contribution:
+    def _moved(contribution: Contribution, planned_start: dict, start_now: dict, scale: float = 1.0) -> Contribution:
         """A stale update moved onto the current version: its change from the start it was planned
-        on, added to the same plan's start now (each in the plan's components)."""
+        on, times ``scale``, added to the same plan's start now (each in the plan's components).
+        ValueError where the two starts do not hold the update's components alike."""
         from fedlora_edge.core.lora import from_state_dict
         from fedlora_edge.edge_client.partial import update_reference
 
@@ -273,8 +287,9 @@ class Simulation:
         old, now = factors(planned_start), factors(start_now)
         moved = {}
         for m, (fa, fb) in contribution.factors.items():
-            if m in old and m in now and old[m][0].shape == fa.shape and old[m][1].shape == fb.shape:
-                moved[m] = (now[m][0] + (fa - old[m][0]), now[m][1] + (fb - old[m][1]))
-            else:
-                moved[m] = (fa, fb)
+            if not (m in old and m in now and old[m][0].shape == fa.shape == now[m][0].shape
+                    and old[m][1].shape == fb.shape == now[m][1].shape):
+                raise ValueError(f"client {contribution.client}: its stale update of {m} does not fit its plan's start "
+                                 "now (moved onto the current version it would undo what came since)")
+            moved[m] = (now[m][0] + scale * (fa - old[m][0]), now[m][1] + scale * (fb - old[m][1]))
         return dataclasses.replace(contribution, factors=moved)

@@ -15,8 +15,8 @@ FAST = {"model": "tiny-llama", "fleet": "spread10", "rounds": 4, "clients_per_ro
         "data.tasks": ["add", "upper"], "max_new_tokens": 4, "lora.max_rank": 8, "lora.rank": 4}
 
 
-def run(tmp_path, **extra):
-    sim = Simulation(load_config(overrides={**FAST, "method": "fedit", **extra}), tmp_path)
+def run(tmp_path, method="fedit", **extra):
+    sim = Simulation(load_config(overrides={**FAST, "method": method, **extra}), tmp_path)
     return sim, sim.run()
 
 
@@ -69,11 +69,25 @@ def test_a_stale_update_is_its_change_added_to_the_plans_start_now():
     a, b = moved.factors["m"]
     assert torch.allclose(a, now[peft_key("m", "A")][[1, 3]] + 0.5)
     assert torch.allclose(b, now[peft_key("m", "B")][:, [1, 3]] - 0.25)
+    # two versions old: its change counts 1 / (1 + sqrt(2)) of itself
+    half = Simulation._moved(Contribution("d", plan, {"m": trained}, 1.0), old, now, 1 / (1 + 2 ** 0.5))
+    assert torch.allclose(half.factors["m"][0], now[peft_key("m", "A")][[1, 3]] + 0.5 / (1 + 2 ** 0.5))
+    assert half.weight == 1.0
+    with pytest.raises(ValueError, match="does not fit its plan's start now"):
+        Simulation._moved(Contribution("d", plan, {"m": trained}, 1.0), old,
+                          {peft_key("m", "A"): torch.zeros(4, 9), peft_key("m", "B"): torch.zeros(8, 4)})
 
 
 def test_what_buffered_rounds_cannot_run_is_refused_before_the_run():
     with pytest.raises(ConfigError, match="flexlora cannot run in buffered rounds"):
         load_config(overrides={"method": "flexlora", "schedule.mode": "buffered"})
+    with pytest.raises(ConfigError, match="norm-bound cannot run in buffered rounds.*its bound is the median"):
+        load_config(overrides={"method": "norm-bound", "schedule.mode": "buffered"})
+    with pytest.raises(ConfigError, match="min_updates.*schedule.buffer"):
+        load_config(overrides={"method": "fedit", "schedule.mode": "buffered", "schedule.buffer": 2, "min_updates": 3})
+    with pytest.raises(ConfigError, match="contamination.attack scaled_under"):
+        load_config(overrides={"method": "fedit", "schedule.mode": "buffered", "contamination.attack": "scaled_under",
+                               "contamination.fraction": 0.2})
     with pytest.raises(ConfigError, match="schedule.mode.*privacy.dp"):
         load_config(overrides={"method": "fedit", "schedule.mode": "buffered", "privacy.dp.noise_multiplier": 1.0})
     with pytest.raises(ConfigError, match="schedule.mode"):
@@ -90,3 +104,29 @@ def test_the_staleness_weight_changes_what_a_stale_update_counts_for(tmp_path):
             for w in ("sqrt", "none")}
     a, b = (sims[w].engine.state.global_factors for w in ("sqrt", "none"))
     assert any(not torch.equal(a[m][i], b[m][i]) for m in a for i in (0, 1))
+
+
+@pytest.mark.integration
+def test_a_run_whose_every_update_is_refused_still_ends_after_its_rounds(tmp_path):
+    # every update non-finite: each version closes, failed, once no device is left to try
+    _, report = run(tmp_path, **{"schedule.mode": "buffered", "train.lr": 1e30, "rounds": 2})
+    assert [r["status"] for r in report["rounds"]] == ["failed", "failed"]
+    assert all(r["rejected"] for r in report["rounds"])
+
+
+@pytest.mark.integration
+def test_a_buffer_larger_than_the_fleet_folds_what_the_fleet_has_every_version(tmp_path):
+    _, report = run(tmp_path, **{"schedule.mode": "buffered", "schedule.buffer": 12, "schedule.concurrency": 12})
+    assert [r["status"] for r in report["rounds"]] == ["ok"] * 4  # 10 devices: versions of 10, not one and stop
+    assert all(r["valid_updates"] == 10 for r in report["rounds"])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["fed-plora", "hafl", "hetlora", "fslora"])
+def test_the_heterogeneous_methods_run_buffered_with_stale_updates(tmp_path, method):
+    # Fed-PLoRA and HAFL hold or fold all R components and send the few they train: a stale one is moved
+    # onto the current version in those components
+    sim, report = run(tmp_path, method=method, **{"schedule.mode": "buffered", "transport.compression": "int8"})
+    assert [r["status"] for r in report["rounds"]] == ["ok"] * 4
+    assert report["totals"]["rejected_updates"] == 0
+    assert max(c["staleness"] for r in report["rounds"] for c in r["clients"]) >= 1
