@@ -281,8 +281,11 @@ class ConsoleReporter:
         if why:
             self.console.print(f"leading metric: {lead.replace('_', ' ')} ({why})")
         tot = report["totals"]
-        self.console.print(f"uplink {tot['uplink_bytes'] / 1e6:.2f} MB, downlink {tot['downlink_bytes'] / 1e6:.2f} MB, "
-                           f"wall {report['wall_seconds']:.0f} s; failed rounds {tot['failed_rounds']}, "
+        codecs = {c: n for c, n in (tot.get("compression") or {}).items() if c != "none"}
+        wire = (f" ({', '.join(f'{c} x{n}' for c, n in codecs.items())}: {tot['uplink_vs_fp32']:.2f}x / "
+                f"{tot['downlink_vs_fp32']:.2f}x float32)" if codecs and tot.get("uplink_vs_fp32") else "")
+        self.console.print(f"uplink {tot['uplink_bytes'] / 1e6:.2f} MB, downlink {tot['downlink_bytes'] / 1e6:.2f} MB"
+                           f"{wire}, wall {report['wall_seconds']:.0f} s; failed rounds {tot['failed_rounds']}, "
                            f"rejected updates {tot['rejected_updates']}")
 
 
