@@ -199,7 +199,7 @@ class Sending:
                               plain=lambda k: k.startswith(IMPORTANCE_PREFIX))
 
 
-def _finish(meta: dict, tensors: dict, res, sent: Sending, start: dict | None = None) -> tuple[bytes, dict]:
+def _finish(meta: dict, tensors: dict, res, sent: Sending | None = None, start: dict | None = None) -> tuple[bytes, dict]:
     report = {"round": meta["round"], "num_examples": res.num_examples, "steps": res.steps,
               "first_loss": res.first_loss, "last_loss": res.last_loss, "seconds": round(res.seconds, 3),
               "losses": [round(x, 5) for x in res.losses]}
@@ -216,4 +216,4 @@ def _finish(meta: dict, tensors: dict, res, sent: Sending, start: dict | None = 
         if start is None:
             raise ValueError("secure aggregation: this assignment's update has no start to measure its change from")
         return secure_vector(meta, tensors, start), report
-    return sent.encode(tensors), report
+    return (sent or Sending(meta, {})).encode(tensors), report
