@@ -45,12 +45,7 @@ def _privacy_bench():
 def runs(out: Path, model: str, codecs: list[str], seeds: list[int], devices: int, rounds: int,
          steps: int) -> list[dict]:
     bench = _privacy_bench()
-    fleet = out / "fleet.yaml"
-    fleet.parent.mkdir(parents=True, exist_ok=True)
-    fleet.write_text("devices:\n" + "".join(f"  - {{id: d{i:03d}, profile: jetson-agx-orin}}\n" for i in range(devices)))
-    base = {"model": model, "method": "fedit", "fleet": str(fleet), "rounds": rounds, "clients_per_round": devices,
-            "train.steps": steps, "data.eval_per_domain": 6, "data.samples_per_client": 32, "lora.rank": 8,
-            "lora.max_rank": 8}
+    base = bench.fedit_fleet(out, model, devices, rounds, steps)
     rows = []
     for s in seeds:
         for codec in codecs:

@@ -47,6 +47,18 @@ def noise_for(epsilon: float, rate: float, rounds: int, delta: float) -> float:
     return hi
 
 
+def fedit_fleet(out: Path, model: str, devices: int, rounds: int = 2, steps: int = 6) -> dict:
+    """Overrides of a FedIT run on ``devices`` identical devices (``jetson-agx-orin``, every one each
+    round, rank 8), its fleet file written under ``out``: the setting of bench/secagg.py's and
+    bench/compression.py's loss comparisons."""
+    fleet = out / "fleet.yaml"
+    fleet.parent.mkdir(parents=True, exist_ok=True)
+    fleet.write_text("devices:\n" + "".join(f"  - {{id: d{i:03d}, profile: jetson-agx-orin}}\n" for i in range(devices)))
+    return {"model": model, "method": "fedit", "fleet": str(fleet), "rounds": rounds, "clients_per_round": devices,
+            "train.steps": steps, "data.eval_per_domain": 6, "data.samples_per_client": 32, "lora.rank": 8,
+            "lora.max_rank": 8}
+
+
 def run(folder: Path, overrides: dict) -> dict:
     report_file = folder / "report.json"
     if report_file.is_file():

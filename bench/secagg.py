@@ -102,12 +102,7 @@ def shamir_cost(degrees: list[int], reps: int = 5) -> list[dict]:
 
 def loss_runs(out: Path, model: str, devices: int, seeds: list[int]) -> list[dict]:
     bench = _privacy_bench()
-    fleet = out / "fleet.yaml"
-    fleet.parent.mkdir(parents=True, exist_ok=True)
-    fleet.write_text("devices:\n" + "".join(f"  - {{id: d{i:03d}, profile: jetson-agx-orin}}\n" for i in range(devices)))
-    base = {"model": model, "method": "fedit", "fleet": str(fleet), "rounds": 2, "clients_per_round": devices,
-            "train.steps": 6, "data.eval_per_domain": 6, "data.samples_per_client": 32, "lora.rank": 8,
-            "lora.max_rank": 8}
+    base = bench.fedit_fleet(out, model, devices)
     rows = []
     for s in seeds:
         for arm, extra in (("plain", {}), ("secure", {"privacy.secure_aggregation.enabled": True})):
