@@ -37,9 +37,18 @@ def test_a_buffered_run_is_the_same_for_the_same_seed_and_folds_stale_updates(tm
 def test_buffered_versions_come_sooner_than_synchronous_rounds_on_a_fleet_of_mixed_speeds(tmp_path):
     # the same number of updates folded; a synchronous round waits for its slowest device, a buffered
     # version for the first four updates to arrive (on the profiles' predicted times: no wall clock)
-    _, sync = run(tmp_path / "sync")
+    # ("virtual_seconds" is the simulation's clock, the sum of the profiles' predicted round times:
+    # arithmetic, the same on any machine, not a timing)
+    sim, sync = run(tmp_path / "sync")
     _, buffered = run(tmp_path / "buffered", **{"schedule.mode": "buffered"})
     assert sum(r["valid_updates"] for r in sync["rounds"]) == sum(r["valid_updates"] for r in buffered["rounds"])
+    predicted = {c.id: c.capacity.round_s for c in sim.engine.clients}
+    clock = 0.0
+    for r in sync["rounds"]:  # a synchronous round lasts as long as its slowest device's predicted round
+        own = [predicted[c["client"]] for c in r["clients"]]
+        clock += max(own)
+        assert r["virtual_seconds"] == round(clock, 3)
+        assert r["waiting_seconds"] == round(sum(max(own) - t for t in own), 3)
     assert buffered["rounds"][-1]["virtual_seconds"] < sync["rounds"][-1]["virtual_seconds"]
     assert sum(r["waiting_seconds"] for r in sync["rounds"]) > 0
 
