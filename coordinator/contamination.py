@@ -40,15 +40,15 @@ def _start_and_sent(update: bytes, a) -> tuple[dict, dict, dict]:
     """``(f0, f, rest)``: the start factors of the components the update trained, its trained
     factors (module -> (A, B)), and its other tensors (importance scores, routers) as they came."""
     from fedlora_edge.core.compress import decode
-    from fedlora_edge.core.lora import from_state_dict, slice_factors
+    from fedlora_edge.core.lora import from_state_dict
     from fedlora_edge.edge_client.experts import split_tensors
-    from fedlora_edge.edge_client.partial import held_count, update_reference
+    from fedlora_edge.edge_client.partial import IMPORTANCE_PREFIX, update_reference
 
     received = decode(a.start)  # as the device decoded it: under transport.compression its update's reference
-    start = from_state_dict(split_tensors(received)[0])
-    if held_count(a.plan) is not None:  # it held all R components and sends the ones it trained
-        start = slice_factors(start, a.plan)
-    factors, rest = split_tensors(decode(update, reference=update_reference(received, a.plan)))
+    reference = update_reference(received, a.plan)  # cut to the components it trained where it held more
+    start = from_state_dict(split_tensors(reference)[0])
+    factors, rest = split_tensors(decode(update, reference=reference))
+    rest.update({k: factors.pop(k) for k in [k for k in factors if k.startswith(IMPORTANCE_PREFIX)]})  # HAFL's scores
     return start, from_state_dict(factors), rest
 
 

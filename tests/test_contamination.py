@@ -173,3 +173,20 @@ def test_answer_rate_counts_prompts_whose_every_response_token_is_the_top_one(ti
 
     assert answer_rate(Oracle(), tok, exs, 64, "cpu") == 1.0
     assert answer_rate(Oracle(wrong_last=True), tok, exs, 64, "cpu") == 0.5
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["hafl", "fed-plora"])
+def test_update_attacks_run_on_methods_that_hold_more_than_they_send(tmp_path, method):
+    # HAFL sends importance scores beside its factors, Fed-PLoRA a few of the R components it holds:
+    # an attacker's update is crafted from those, and the run goes on
+    from fedlora_edge.coordinator.config import load_config
+    from fedlora_edge.coordinator.simulate import Simulation
+
+    cfg = load_config(overrides={"model": "tiny-llama", "method": method, "fleet": "spread10", "rounds": 2,
+                                 "clients_per_round": 4, "train.steps": 1, "train.batch_size": 2,
+                                 "data.samples_per_client": 8, "data.eval_per_domain": 1, "data.tasks": ["add"],
+                                 "max_new_tokens": 2, "lora.max_rank": 8, "lora.rank": 4,
+                                 "contamination.attack": "sign_flip", "contamination.fraction": 0.3})
+    report = Simulation(cfg, tmp_path).run()
+    assert len(report["rounds"]) == 2 and report["contamination"]
