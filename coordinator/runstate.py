@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -154,6 +155,7 @@ class JournalRound:
     assignments: dict[str, tuple[dict, bytes, int]]   # client -> (meta, start bytes, start tensor bytes)
     updates: dict[str, tuple[str, bytes, dict]] = field(default_factory=dict)  # client -> (update id, bytes, report)
     failures: dict[str, str] = field(default_factory=dict)  # client -> reason
+    exact: dict[str, bytes] = field(default_factory=dict)  # client -> its plan's exact start (buffered rounds)
 
 
 class RoundJournal:
@@ -169,29 +171,51 @@ class RoundJournal:
         self._fh_round: int | None = None
         self._index: dict[tuple[int, str], tuple[int, int]] = {}  # (round, client) -> (offset, length) of its record
         self._dirty = False
+        self._open: tuple[int, dict, dict] | None = None  # (round, open.json, assign.json) of the round opened last
 
     def _dir(self, round_idx: int) -> Path:
         return self.folder / f"round-{round_idx:06d}"
 
-    def open(self, round_idx: int, nonce: str, assignments, skipped: list[dict]) -> None:
+    def open(self, round_idx: int, nonce: str, assignments, skipped: list[dict],
+             exact: dict[str, dict] | None = None) -> None:
         """Record round ``round_idx``'s assignments (``open.json`` last: its presence commits them).
         A start blob that several devices share (every FedIT device starts from the same global
-        adapter) is stored once."""
+        adapter) is stored once.  ``exact``: client -> the exact start tensors its plan was made
+        from, kept beside the blob sent (a buffered round's plans: made on earlier versions)."""
         self.close()
         d = self._dir(round_idx)
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
-        index, written = {}, set()
+        self._open = (round_idx, {"round": round_idx, "nonce": nonce, "clients": [], "skipped": []}, {})
+        self.add(round_idx, assignments, skipped, exact)
+
+    def add(self, round_idx: int, assignments, skipped: Sequence[dict] = (), exact: dict[str, dict] | None = None) -> None:
+        """Add assignments (and skipped devices) to the open round ``round_idx`` (buffered rounds hand
+        plans out one by one): their blobs first, then ``assign.json`` and ``open.json`` rewritten whole."""
+        from fedlora_edge.core.wire import encode_tensors
+
+        if self._open is None or self._open[0] != round_idx:
+            raise StateError(f"the journal of round {round_idx} is not the open one")
+        d, (_, info, index) = self._dir(round_idx), self._open
+        have = {e["sha256"] for e in index.values()} | {e.get("exact") for e in index.values()}
+
+        def blob(prefix: str, data: bytes) -> str:
+            sha = hashlib.sha256(data).hexdigest()
+            if sha not in have:
+                durable.write_bytes(d / f"{prefix}-{sha}.safetensors", data)
+                have.add(sha)
+            return sha
+
         for a in assignments:
-            sha = hashlib.sha256(a.start).hexdigest()
-            if sha not in written:
-                durable.write_bytes(d / f"start-{sha}.safetensors", a.start)
-                written.add(sha)
-            index[a.client] = {"meta": a.meta, "sha256": sha, "tensor_bytes": a.start_tensor_bytes}
+            index[a.client] = {"meta": a.meta, "sha256": blob("start", a.start), "tensor_bytes": a.start_tensor_bytes}
+            if exact and a.client in exact:
+                index[a.client]["exact"] = blob("exact", encode_tensors(exact[a.client], {"format": "pt"}))
+            if a.client not in info["clients"]:
+                info["clients"].append(a.client)
+        info["skipped"].extend(skipped)
         durable.write_json(d / "assign.json", index)
-        durable.write_json(d / "open.json", {"round": round_idx, "nonce": nonce,
-                                             "clients": [a.client for a in assignments], "skipped": skipped})
+        durable.write_json(d / "open.json", info)
 
     def accept(self, round_idx: int, client: str, update_id: str, data: bytes, report: dict,
                sync: bool = True) -> None:
@@ -317,6 +341,7 @@ class RoundJournal:
             self.log(f"warning: the journal of round {round_idx} is damaged ({type(exc).__name__}: {what}); the round "
                      "is planned again")
             return None
+        self._open = (round_idx, info, index)  # a resumed round may be handed more plans (buffered rounds)
         for client, got in self._records(round_idx):
             if client in jr.assignments and client not in jr.updates:
                 jr.updates[client] = got
@@ -343,7 +368,16 @@ class RoundJournal:
                     raise StateError(f"{path}: fails its checksum")
                 blobs[e["sha256"]] = start
             assignments[client] = (e["meta"], blobs[e["sha256"]], int(e["tensor_bytes"]))
-        return JournalRound(round_idx, str(info["nonce"]), list(info["clients"]), list(info["skipped"]), assignments)
+        exact = {}
+        for client in info["clients"]:
+            sha = index[client].get("exact")
+            if sha is not None:
+                path = d / f"exact-{sha}.safetensors"
+                exact[client] = path.read_bytes()
+                if hashlib.sha256(exact[client]).hexdigest() != sha:
+                    raise StateError(f"{path}: fails its checksum")
+        return JournalRound(round_idx, str(info["nonce"]), list(info["clients"]), list(info["skipped"]), assignments,
+                            exact=exact)
 
     def prune(self, completed: int) -> None:
         """Drop journals of rounds before ``completed`` (round ``completed`` stays for a fall-back)."""

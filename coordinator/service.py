@@ -49,6 +49,7 @@ from fedlora_edge.core.secagg import ServerSecAgg
 from fedlora_edge.edge_client.partial import update_shapes
 
 from .aggregate import Contribution
+from .buffered import BufferedService
 from .config import ConfigError, RunConfig
 from .engine import Assignment, Engine, Returned
 from .errors import StorageError
@@ -173,6 +174,7 @@ class Coordinator:
         self.reassembler = Reassembler(cfg.transport.max_update_bytes)
         self.wire_up: dict[str, int] = {}  # device -> MQTT bytes received on its up topic this round
         self.round: OpenRound | None = None
+        self.buffered: BufferedService | None = None  # schedule.mode: buffered (run)
         self._journal_round: JournalRound | None = None  # run(): the round a resumed run was in, read once
         self.completed = self.first_round - 1
         self.announce = False  # (re)publish the round state: set by every (re)connect
@@ -444,8 +446,8 @@ class Coordinator:
 
     def _event(self, device: str, msg: dict) -> None:
         r = self.round
-        if r is None or msg.get("round") != r.index or device not in r.assignments:
-            return  # about a round that is not open, or not this device's: nothing to do
+        if r is None or device not in r.assignments or msg.get("round") != r.assignments[device].round:
+            return  # about a round that is not open, or not this device's plan: nothing to do
         if msg["type"] == "received":
             r.plan_received.add(device)
         elif msg["type"] == "secagg":
@@ -475,7 +477,8 @@ class Coordinator:
                     self._ack(device, first_round, uid, "duplicate" if status == "accepted" else status, reason)
             return
         current = r.index if r is not None else self.completed + 1
-        if r is None or rnd != r.index or device not in r.assignments:
+        a = r.assignments.get(device) if r is not None else None
+        if r is None or a is None or rnd != a.round:  # (a buffered round's plans may be of earlier versions)
             status = "stale" if rnd < current else "rejected"
             reason = (f"update for round {rnd}, the run is at round {current}" if rnd != current
                       else f"no assignment for {device} in round {rnd}")
@@ -503,6 +506,8 @@ class Coordinator:
 
     def _refuse_update(self, r: OpenRound, device: str, rnd: int, uid: str, reason: str) -> None:
         self._note_rejection(r, device, reason)
+        if self.buffered is not None:  # the device drops a refused update: its plan is over
+            self.buffered.refused(r, device, reason)
         self._decide(device, rnd, uid, "rejected", reason)
         self._reject(device, f"update {uid[:12]}: {reason}")
 
@@ -528,12 +533,17 @@ class Coordinator:
         """A complete update to the open round ``r``: check it, make it durable, then acknowledge it."""
         meta, uid = tr.meta, tr.transfer
         a = r.assignments[device]
+        if self.buffered is not None and self.buffered.full(r):  # it joins the next version's buffer
+            self.buffered.defer(device, tr)
+            return
         try:
-            if meta.get("update_id") != uid or meta.get("round") != r.index:
+            if meta.get("update_id") != uid or meta.get("round") != a.round:
                 raise UpdateRejected(f"client {device}: update meta (update_id {str(meta.get('update_id'))[:40]}, round "
-                                     f"{str(meta.get('round'))[:20]}) disagrees with its chunks ({uid[:40]}, {r.index})")
+                                     f"{str(meta.get('round'))[:20]}) disagrees with its chunks ({uid[:40]}, {a.round})")
             if r.secagg is not None:
                 contribution = self._accept_masked(r, a, tr.data, meta.get("report"))
+            elif self.buffered is not None:
+                contribution = self.buffered.accept(r, a, tr.data, meta.get("report"))
             else:
                 contribution = self.engine.accept(a, tr.data, meta.get("report"))
         except UpdateRejected as exc:
@@ -541,7 +551,10 @@ class Coordinator:
             return
         report = dict(meta["report"])
         self._store(lambda: self.engine.journal.accept(r.index, device, uid, tr.data, report, sync=False))
-        self.engine.offer(device, contribution, None if r.secagg is not None else self._reloader(r.index, a))
+        if self.buffered is not None:
+            self.buffered.keep(r, device, contribution)
+        else:
+            self.engine.offer(device, contribution, None if r.secagg is not None else self._reloader(r.index, a))
         r.accepted[device] = (uid, Returned(a, None, report, update_len=len(tr.data), folded=True))
         r.gone.pop(device, None)
         self._unsynced[device] = (r.index, uid, report, a.plan.rank)  # acknowledged by the next _commit
@@ -861,14 +874,18 @@ class Coordinator:
             row["uplink_wire_bytes"] = self.wire_up.get(row["client"], 0)
         for x in record["rejected"]:
             self.log(f"round {r.index}: rejected {x['reason']}")
+        self._save_state(r.index)
+        self.completed, self.round = r.index, None
+        return record
+
+    def _save_state(self, round_idx: int) -> None:
+        e = self.engine
         try:
             e.save_state()
         except OSError as exc:
             raise StorageError(f"cannot write the run state in {e.store.folder}: {exc.strerror or exc}; round "
-                               f"{r.index}'s updates are in its journal: free the space and run again with "
+                               f"{round_idx}'s updates are in its journal: free the space and run again with "
                                "--resume") from None
-        self.completed, self.round = r.index, None
-        return record
 
     def connect(self) -> None:
         """Connect to the broker (once): a refused login or a TLS mistake fails here, with its cause."""
@@ -898,11 +915,12 @@ class Coordinator:
         writes them without waiting for any device."""
         self.connect()
         try:
-            self._journal_round = self.engine.journal.load(self.first_round) if self.resume else None
+            buffered = self.cfg.schedule.mode == "buffered"
+            jr = self._journal_round = self.engine.journal.load(self.first_round) if self.resume else None
             state = "training" if self._journal_round else "waiting"
             self._publish_round(self.first_round if state == "training" else self.completed, state)
             self.announce = False
-            if state == "training":  # the round the coordinator was in when it stopped: finish it first
+            if state == "training" and not buffered:  # the round the coordinator was in when it stopped: finish it
                 self.run_round(self.first_round, reopen=True)
                 self.first_round += 1
             if self.first_round <= self.cfg.rounds:
@@ -914,10 +932,16 @@ class Coordinator:
                 self._save_initial()
             elif not hasattr(self.engine, "base_accuracy"):
                 self.engine.base_accuracy = self.engine.evaluate_base()
-            for r in range(self.first_round, self.cfg.rounds + 1):
-                if self.engine.stop_for_privacy():
-                    break
-                self.run_round(r)
+            if buffered:  # the version it was in (waiting for its devices first: they pick up its plans)
+                self._journal_round = None
+                if self.completed < self.cfg.rounds:
+                    self.buffered = BufferedService(self)
+                    self.buffered.run(jr)
+            else:
+                for r in range(self.first_round, self.cfg.rounds + 1):
+                    if self.engine.stop_for_privacy():
+                        break
+                    self.run_round(r)
             report = self.engine.finish()
             t_round = topic(self.run_id, "round")
             self._json(t_round, {"type": "round", "round": self.cfg.rounds, "state": "done"})
@@ -953,9 +977,6 @@ def check_deployable(cfg: RunConfig) -> None:
         raise ConfigError(f"method {cfg.method}: trains on every client's data pooled on the server, the reference "
                           "point of `fedlora simulate`; over MQTT the data stays on the devices, so no device could "
                           f"take part (use `fedlora simulate --method {cfg.method}`)")
-    if cfg.schedule.mode != "sync":
-        raise ConfigError(f"schedule.mode: {cfg.schedule.mode} rounds run in `fedlora simulate` only in this version "
-                          "(on the fleet's profile timings); over MQTT rounds are synchronous (set schedule.mode: sync)")
 
 
 def set_aside_state(folder: Path, log) -> None:

@@ -8,7 +8,6 @@ what a device would have sent.  Deterministic under ``seed`` on a CPU.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from fedlora_edge.edge_client.work import run_assignment
 
 from .aggregate import Contribution
+from .buffered import fold_version, moved, staleness_scale, too_stale
 from .config import RunConfig
 from .contamination import ROUND_ATTACKS, UPDATE_ATTACKS, RoundView, attack_update
 from .engine import Assignment, Engine, Returned, hash_seed
@@ -179,7 +179,6 @@ class Simulation:
         are fixed when it is handed out), so no training is spent on an update that is refused as
         stale or left in flight at the end."""
         import heapq
-        import math
         import random
 
         from .validate import UpdateRejected
@@ -220,7 +219,8 @@ class Simulation:
         def publish() -> None:
             nonlocal version, buffer, skipped, rejected, out, t0
             version += 1
-            self._publish(version, buffer, skipped, rejected, t0)
+            fold_version(e, version, buffer, skipped, rejected, t0,
+                         annotate=lambda record: record.update(virtual_seconds=round(self.clock, 3)))
             buffer, skipped, rejected, out = [], [], [], set()
             t0 = time.perf_counter()
             if version < cfg.rounds:
@@ -235,17 +235,17 @@ class Simulation:
             self.clock, _, cid = heapq.heappop(flight)
             a, start, planned = held.pop(cid)
             tau = version - planned
-            if tau > sc.max_staleness:
+            why = too_stale(planned, version, sc.max_staleness)
+            if why:
                 out.add(cid)
-                rejected.append({"client": cid, "reason": f"planned on version {planned}, {tau} versions old: past "
-                                                          f"schedule.max_staleness {sc.max_staleness}"})
+                rejected.append({"client": cid, "reason": why})
                 continue
             ret = self.carry_out(a)
             try:
                 contribution = e.accept(a, ret.update or b"", ret.report, start=start)
                 if tau:
-                    contribution = self._moved(contribution, start, e.start_tensors(cid, a.plan),
-                                               1 / (1 + math.sqrt(tau)) if sc.staleness_weight == "sqrt" else 1.0)
+                    contribution = moved(contribution, start, e.start_tensors(cid, a.plan),
+                                         staleness_scale(tau, sc.staleness_weight))
             except (UpdateRejected, ValueError) as exc:
                 out.add(cid)
                 rejected.append({"client": cid, "reason": str(exc)})
@@ -255,41 +255,3 @@ class Simulation:
             if len(buffer) == size:
                 publish()
 
-    def _publish(self, version: int, buffer: list, skipped: list, rejected: list, t0: float) -> dict:
-        """Fold a buffered version's updates, in arrival order, and record it as round ``version``."""
-        e = self.engine
-        fold = e.start_fold([ret.assignment.client for ret, _, _ in buffer])
-        for _, contribution, _ in buffer:
-            fold.offer(contribution.client, contribution)
-        returned = [Returned(ret.assignment.released(), None, ret.report, update_len=len(ret.update or b""),
-                             folded=True) for ret, _, _ in buffer]
-        staleness = {ret.assignment.client: tau for ret, _, tau in buffer}
-
-        def annotate(record: dict) -> None:
-            for row in record["clients"]:
-                row["staleness"] = staleness.get(row["client"])
-            record["virtual_seconds"] = round(self.clock, 3)
-
-        return e.close_round(version, returned, skipped, t0, rejected, annotate=annotate)
-
-    @staticmethod
-    def _moved(contribution: Contribution, planned_start: dict, start_now: dict, scale: float = 1.0) -> Contribution:
-        """A stale update moved onto the current version: its change from the start it was planned
-        on, times ``scale``, added to the same plan's start now (each in the plan's components).
-        ValueError where the two starts do not hold the update's components alike."""
-        from fedlora_edge.core.lora import from_state_dict
-        from fedlora_edge.edge_client.partial import update_reference
-
-        def factors(start: dict) -> dict:
-            ref = update_reference(start, contribution.plan)
-            return from_state_dict({k: v for k, v in ref.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))})
-
-        old, now = factors(planned_start), factors(start_now)
-        moved = {}
-        for m, (fa, fb) in contribution.factors.items():
-            if not (m in old and m in now and old[m][0].shape == fa.shape == now[m][0].shape
-                    and old[m][1].shape == fb.shape == now[m][1].shape):
-                raise ValueError(f"client {contribution.client}: its stale update of {m} does not fit its plan's start "
-                                 "now (moved onto the current version it would undo what came since)")
-            moved[m] = (now[m][0] + scale * (fa - old[m][0]), now[m][1] + scale * (fb - old[m][1]))
-        return dataclasses.replace(contribution, factors=moved)

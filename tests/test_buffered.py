@@ -64,6 +64,7 @@ def test_an_update_older_than_max_staleness_is_refused_and_the_run_goes_on(tmp_p
 
 def test_a_stale_update_is_its_change_added_to_the_plans_start_now():
     from fedlora_edge.coordinator.aggregate import Contribution
+    from fedlora_edge.coordinator.buffered import moved
     from fedlora_edge.core.lora import ClientPlan, ModulePlan, peft_key
 
     plan = ClientPlan({"m": ModulePlan((1, 3))}, 2, 2.0)
@@ -74,17 +75,17 @@ def test_a_stale_update_is_its_change_added_to_the_plans_start_now():
 
     old, now = start(), start()
     trained = (old[peft_key("m", "A")][[1, 3]] + 0.5, old[peft_key("m", "B")][:, [1, 3]] - 0.25)
-    moved = Simulation._moved(Contribution("d", plan, {"m": trained}, 1.0), old, now)
-    a, b = moved.factors["m"]
+    shifted = moved(Contribution("d", plan, {"m": trained}, 1.0), old, now)
+    a, b = shifted.factors["m"]
     assert torch.allclose(a, now[peft_key("m", "A")][[1, 3]] + 0.5)
     assert torch.allclose(b, now[peft_key("m", "B")][:, [1, 3]] - 0.25)
     # two versions old: its change counts 1 / (1 + sqrt(2)) of itself
-    half = Simulation._moved(Contribution("d", plan, {"m": trained}, 1.0), old, now, 1 / (1 + 2 ** 0.5))
+    half = moved(Contribution("d", plan, {"m": trained}, 1.0), old, now, 1 / (1 + 2 ** 0.5))
     assert torch.allclose(half.factors["m"][0], now[peft_key("m", "A")][[1, 3]] + 0.5 / (1 + 2 ** 0.5))
     assert half.weight == 1.0
     with pytest.raises(ValueError, match="does not fit its plan's start now"):
-        Simulation._moved(Contribution("d", plan, {"m": trained}, 1.0), old,
-                          {peft_key("m", "A"): torch.zeros(4, 9), peft_key("m", "B"): torch.zeros(8, 4)})
+        moved(Contribution("d", plan, {"m": trained}, 1.0), old,
+              {peft_key("m", "A"): torch.zeros(4, 9), peft_key("m", "B"): torch.zeros(8, 4)})
 
 
 def test_what_buffered_rounds_cannot_run_is_refused_before_the_run():
@@ -101,10 +102,6 @@ def test_what_buffered_rounds_cannot_run_is_refused_before_the_run():
         load_config(overrides={"method": "fedit", "schedule.mode": "buffered", "privacy.dp.noise_multiplier": 1.0})
     with pytest.raises(ConfigError, match="schedule.mode"):
         load_config(overrides={"schedule.mode": "async"})
-    from fedlora_edge.coordinator.service import check_deployable
-
-    with pytest.raises(ConfigError, match="simulate` only"):
-        check_deployable(load_config(overrides={"method": "fedit", "schedule.mode": "buffered"}))
 
 
 @pytest.mark.integration
