@@ -118,6 +118,7 @@ class BufferedService:
         self.starts: dict[str, dict] = {}   # plan out -> the exact start it was planned from
         self.sent_at: dict[str, float] = {}  # plan out -> when it was handed out (its deadline runs from then)
         self.staleness: dict[str, int] = {}  # accepted in this version -> its staleness
+        self.handed: dict[str, float] = {}  # accepted in this version -> when its plan was handed out
         self.contributions: dict[str, Contribution] = {}  # accepted in this version, moved onto it
         self.out: set[str] = set()  # not handed a plan again in this version
         self.dispatched = 0  # plans handed out and devices skipped in this version (the journal's count after a resume)
@@ -140,7 +141,7 @@ class BufferedService:
             co._store(lambda: e.journal.open(index, e.nonce, list(carried.values()), [], exact=exact))
         r = co.round = OpenRound(index, dict(carried), [], time.perf_counter(), math.inf)
         r.grace_s = e.cfg.transport.offline_grace_s
-        self.contributions, self.staleness, self.out, self.ended = {}, {}, set(), {}
+        self.contributions, self.staleness, self.out, self.ended, self.handed = {}, {}, set(), {}, {}
         self.dispatched = 0
         return r
 
@@ -210,7 +211,7 @@ class BufferedService:
         self.contributions[client] = contribution
         self.staleness[client] = r.index - r.assignments[client].round
         self.starts.pop(client, None)
-        self.sent_at.pop(client, None)
+        self.handed[client] = self.sent_at.pop(client, time.monotonic())
 
     def refused(self, r: OpenRound, client: str, reason: str) -> None:
         """An update of a plan out was refused: the plan is over (the device dropped it on the
@@ -294,8 +295,7 @@ class BufferedService:
             record["protocol_rejections"] = co.refusals.of_round(r.index)
             record["exchange_seconds"] = round(exchange_s, 4)
             record["plans_out"] = len(carried)
-            for row in record["clients"]:
-                row["uplink_wire_bytes"] = co.wire_up.get(row["client"], 0)
+            co.annotate(record, r, self.handed)
 
         record = fold_version(e, r.index, entries, r.skipped, r.rejected, r.t0, failed, annotate)
         for x in record["rejected"]:

@@ -90,6 +90,7 @@ class OpenRound:
     gone: dict[str, float] = field(default_factory=dict)       # went offline (its Last Will) before answering: when
     rejected: list[dict] = field(default_factory=list)         # updates refused at arrival
     plan_sent: dict[str, float] = field(default_factory=dict)  # device -> when its plan last went out
+    accepted_at: dict[str, float] = field(default_factory=dict)  # device -> when its update was accepted
     plan_received: set[str] = field(default_factory=set)       # devices that acknowledged their plan
     plan_warned: set[str] = field(default_factory=set)
     plan_sessions: dict[str, str] = field(default_factory=dict)  # device -> session its plan went to
@@ -174,6 +175,7 @@ class Coordinator:
         self.reassembler = Reassembler(cfg.transport.max_update_bytes)
         self.wire_up: dict[str, int] = {}  # device -> MQTT bytes received on its up topic this round
         self.round: OpenRound | None = None
+        self.t_start = time.monotonic()  # (reset when the first round starts: elapsed_seconds)
         self.buffered: BufferedService | None = None  # schedule.mode: buffered (run)
         self._journal_round: JournalRound | None = None  # run(): the round a resumed run was in, read once
         self.completed = self.first_round - 1
@@ -556,6 +558,7 @@ class Coordinator:
         else:
             self.engine.offer(device, contribution, None if r.secagg is not None else self._reloader(r.index, a))
         r.accepted[device] = (uid, Returned(a, None, report, update_len=len(tr.data), folded=True))
+        r.accepted_at[device] = time.monotonic()
         r.gone.pop(device, None)
         self._unsynced[device] = (r.index, uid, report, a.plan.rank)  # acknowledged by the next _commit
 
@@ -870,13 +873,23 @@ class Coordinator:
         record = e.close_round(r.index, returned, r.skipped, r.t0, rejected=r.rejected)
         record["protocol_rejections"] = self.refusals.of_round(r.index)
         record["exchange_seconds"] = round(exchange_s, 4)  # first plan sent -> last update in
-        for row in record["clients"]:
-            row["uplink_wire_bytes"] = self.wire_up.get(row["client"], 0)
+        self.annotate(record, r, r.plan_sent)
         for x in record["rejected"]:
             self.log(f"round {r.index}: rejected {x['reason']}")
         self._save_state(r.index)
         self.completed, self.round = r.index, None
         return record
+
+    def annotate(self, record: dict, r: OpenRound, sent: dict[str, float]) -> None:
+        """What a round's record says of the wire: each update's MQTT bytes and the seconds from its
+        plan going out (``sent``) to its acceptance; the run's wall time when the round closed
+        (``elapsed_seconds``, from the first round this process ran)."""
+        for row in record["clients"]:
+            c = row["client"]
+            row["uplink_wire_bytes"] = self.wire_up.get(c, 0)
+            if c in sent and c in r.accepted_at:
+                row["plan_to_update_seconds"] = round(r.accepted_at[c] - sent[c], 3)
+        record["elapsed_seconds"] = round(time.monotonic() - self.t_start, 3)
 
     def _save_state(self, round_idx: int) -> None:
         e = self.engine
@@ -932,6 +945,7 @@ class Coordinator:
                 self._save_initial()
             elif not hasattr(self.engine, "base_accuracy"):
                 self.engine.base_accuracy = self.engine.evaluate_base()
+            self.t_start = time.monotonic()
             if buffered:  # the version it was in (waiting for its devices first: they pick up its plans)
                 self._journal_round = None
                 if self.completed < self.cfg.rounds:
