@@ -158,8 +158,8 @@ class EvalSettings:
 class ScheduleSettings:
     """How rounds are scheduled: ``sync`` (every round waits for its devices) or ``buffered``
     (FedBuff-style: a device gets a plan against the current model whenever it is idle, every
-    ``buffer`` accepted updates are folded into a new version, a stale update weighs less).  In this
-    version ``buffered`` runs in ``simulate`` only, on the fleet's profile timings (docs/methods.md,
+    ``buffer`` accepted updates are folded into a new version, a stale update weighs less); in
+    ``simulate`` on the fleet's profile timings, over MQTT on real arrivals (docs/methods.md,
     "Buffered asynchronous rounds")."""
 
     mode: str = "sync"              # sync | buffered
