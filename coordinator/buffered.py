@@ -304,10 +304,10 @@ class BufferedService:
         co.completed, co.round = r.index, None
         return carried
 
-    def run(self, jr=None) -> None:
-        """The versions left, from the one the coordinator was in (``jr``, its journal) or the next."""
+    def run(self) -> None:
+        """The versions left, from the one re-opened (:meth:`reopen`) or the next."""
         co, e = self.co, self.e
-        r = self.reopen(jr) if jr is not None else self.open(co.completed + 1, {})
+        r = co.round if co.round is not None else self.open(co.completed + 1, {})
         while True:
             co._publish_round(r.index, "training")
             e.reporter.round_start(r.index, self.size)

@@ -936,6 +936,10 @@ class Coordinator:
             if state == "training" and not buffered:  # the round the coordinator was in when it stopped: finish it
                 self.run_round(self.first_round, reopen=True)
                 self.first_round += 1
+            if buffered:  # the version it was in, re-opened before its devices come back and re-send what they hold
+                self.buffered = BufferedService(self)
+                if jr is not None:
+                    self.buffered.reopen(jr)
             if self.first_round <= self.cfg.rounds:
                 self.wait_for_devices()
             elif self.resume:
@@ -946,11 +950,10 @@ class Coordinator:
             elif not hasattr(self.engine, "base_accuracy"):
                 self.engine.base_accuracy = self.engine.evaluate_base()
             self.t_start = time.monotonic()
-            if buffered:  # the version it was in (waiting for its devices first: they pick up its plans)
+            if self.buffered is not None:  # (no plan is handed out before every device is back: the picks)
                 self._journal_round = None
                 if self.completed < self.cfg.rounds:
-                    self.buffered = BufferedService(self)
-                    self.buffered.run(jr)
+                    self.buffered.run()
             else:
                 for r in range(self.first_round, self.cfg.rounds + 1):
                     if self.engine.stop_for_privacy():
