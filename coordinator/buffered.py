@@ -171,7 +171,7 @@ class BufferedService:
                 self.co.log(f"warning: the journal's update of {c} no longer validates ({exc}); it is left out")
                 continue
             r.accepted[c] = (uid, Returned(assignments[c], None, report, update_len=len(data), folded=True))
-            co.answers.put(c, uid, jr.round, "accepted")
+            co.answers.put(c, uid, assignments[c].round, "accepted")
         for c, why in jr.failures.items():
             if c not in r.accepted:
                 self._end(r, c, why)
@@ -318,9 +318,8 @@ class BufferedService:
                 if c in r.assignments and c not in r.accepted and c not in r.failed:
                     co._update(r, c, tr)
             co._commit()
-            for c in self.in_flight(r):  # a resumed version's plans go again to whoever is online
-                if c in co.sessions and c not in r.plan_sent:
-                    co.send_plan(r.assignments[c])
+            # (a plan carried over is not sent again: its device has it; after a restart each device's
+            # hello with a new session gets its plan again, as in synchronous rounds)
             checked, stalled = 0.0, None
             while len(r.accepted) < self.size:
                 self.dispatch(r)

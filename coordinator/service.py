@@ -549,7 +549,7 @@ class Coordinator:
             else:
                 contribution = self.engine.accept(a, tr.data, meta.get("report"))
         except UpdateRejected as exc:
-            self._refuse_update(r, device, r.index, uid, str(exc))
+            self._refuse_update(r, device, a.round, uid, str(exc))
             return
         report = dict(meta["report"])
         self._store(lambda: self.engine.journal.accept(r.index, device, uid, tr.data, report, sync=False))
@@ -560,7 +560,7 @@ class Coordinator:
         r.accepted[device] = (uid, Returned(a, None, report, update_len=len(tr.data), folded=True))
         r.accepted_at[device] = time.monotonic()
         r.gone.pop(device, None)
-        self._unsynced[device] = (r.index, uid, report, a.plan.rank)  # acknowledged by the next _commit
+        self._unsynced[device] = (a.round, uid, report, a.plan.rank)  # acknowledged by the next _commit
 
     def _commit(self) -> None:
         """Make the updates accepted since the last commit durable (one fsync of the round's log),
@@ -850,7 +850,7 @@ class Coordinator:
         for c in late:
             if c in waiting:
                 r.plan_warned.add(c)
-                self.log(f"warning: {c} has not acknowledged its plan for round {r.index} after "
+                self.log(f"warning: {c} has not acknowledged its plan for round {r.assignments[c].round} after "
                          f"{self.cfg.transport.plan_ack_s:.0f} s: dropped by the broker? check its message size limit "
                          f"(plan chunks are up to {self.cfg.transport.chunk_bytes + 4096} bytes)")
 
