@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING
 
 from .aggregate import Contribution
 from .engine import Assignment, Returned
+from .openround import OpenRound
 from .validate import UpdateRejected
 
 if TYPE_CHECKING:
     from fedlora_edge.core.framing import Transfer
-
-    from .service import Coordinator, OpenRound
 
 
 def staleness_scale(tau: int, weight: str) -> float:
@@ -109,7 +108,7 @@ class BufferedService:
     plans still out carried into it), then the run's state saved: a coordinator killed anywhere
     resumes the version it was in, re-accepting its journaled updates in their order."""
 
-    def __init__(self, co: Coordinator):
+    def __init__(self, co):  # the fedlora_edge.coordinator.service.Coordinator that runs it
         self.co, self.e = co, co.engine
         cfg = self.e.cfg
         self.sc = cfg.schedule
@@ -133,8 +132,6 @@ class BufferedService:
     def open(self, index: int, carried: dict[str, Assignment], journaled: bool = False) -> OpenRound:
         """Open version ``index`` (collecting its buffer) with the plans still out, journaled first
         (``journaled``: :meth:`publish` wrote it already)."""
-        from .service import OpenRound
-
         e, co = self.e, self.co
         if not journaled:
             exact = {c: self.starts[c] for c in carried}
@@ -150,8 +147,6 @@ class BufferedService:
         the updates accepted, in their order (re-validated and moved as when they came)."""
         from fedlora_edge.core.lora import ClientPlan
         from fedlora_edge.core.wire import decode_tensors
-
-        from .service import OpenRound
 
         e, co = self.e, self.co
         assignments = {}

@@ -25,7 +25,6 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +55,7 @@ from .errors import StorageError
 from .faults import crash_point
 from .ledger import Answers, Refusals, kind_of
 from .methods import get_method
+from .openround import OpenRound
 from .registry import Registry, RegistryError
 from .runstate import JournalRound
 from .validate import UpdateRejected, check_report
@@ -74,54 +74,6 @@ MAX_PROGRAMS_LISTED = 64  # programs a hello may say its device holds
 
 class TooFewDevices(TimeoutError):
     """Fewer devices than needed said hello in time; the message says who is missing."""
-
-
-@dataclass
-class OpenRound:
-    """The round in progress: what was assigned, and what came back so far."""
-
-    index: int
-    assignments: dict[str, Assignment]
-    skipped: list[dict]
-    t0: float
-    deadline: float
-    accepted: dict[str, tuple[str, Returned]] = field(default_factory=dict)  # device -> (update id, returned)
-    failed: dict[str, str] = field(default_factory=dict)       # device -> reason it gave
-    gone: dict[str, float] = field(default_factory=dict)       # went offline (its Last Will) before answering: when
-    rejected: list[dict] = field(default_factory=list)         # updates refused at arrival
-    plan_sent: dict[str, float] = field(default_factory=dict)  # device -> when its plan last went out
-    accepted_at: dict[str, float] = field(default_factory=dict)  # device -> when its update was accepted
-    plan_received: set[str] = field(default_factory=set)       # devices that acknowledged their plan
-    plan_warned: set[str] = field(default_factory=set)
-    plan_sessions: dict[str, str] = field(default_factory=dict)  # device -> session its plan went to
-    resend_due: set[str] = field(default_factory=set)  # reconnected devices whose plan goes again when allowed
-    refusal_acks: dict[str, int] = field(default_factory=dict)  # device -> refusals answered this round
-    rejected_index: dict[tuple[str, str], dict] = field(default_factory=dict)  # (device, kind) -> its `rejected` entry
-    rejected_kinds: dict[str, int] = field(default_factory=dict)  # device -> kinds of rejection recorded
-
-    grace_s: float = 30.0  # how long a device that went offline may take to come back
-    # secure aggregation (privacy.secure_aggregation): the coordinator's half of the round's protocol
-    # and its stage: keys -> shares -> masked -> unmask -> done (run_secure_round)
-    secagg: ServerSecAgg | None = None
-    sa_stage: str = "done"
-    sa_deadline: float = 0.0
-
-    def live(self) -> list[str]:
-        """The round's devices that may still answer: not failed, not offline past the grace."""
-        now = time.monotonic()
-        return [d for d in self.assignments if d not in self.failed
-                and (d not in self.gone or now - self.gone[d] < self.grace_s)]
-
-    def waiting_for(self) -> list[str]:
-        """The devices the round still waits for: not answered, and not offline for longer than the grace."""
-        return [d for d in self.live() if d not in self.accepted]
-
-    def any_waiting(self) -> bool:
-        """``bool(waiting_for())`` without a scan of the round's devices (checked after every message)."""
-        unanswered = len(self.assignments) - len(self.accepted) - len(self.failed.keys() - self.accepted.keys())
-        if unanswered > len(self.gone):
-            return True
-        return bool(self.waiting_for())
 
 
 class Coordinator:
@@ -717,7 +669,7 @@ class Coordinator:
 
     def _open_secure(self, r: OpenRound) -> None:
         """The coordinator's half of the round's SecAgg+ (:mod:`fedlora_edge.core.secagg`)."""
-        from fedlora_edge.core.secagg import ServerSecAgg, vector_length
+        from fedlora_edge.core.secagg import vector_length
 
         e = self.engine
         r.secagg = ServerSecAgg(list(r.assignments), e.secagg_context, e.secagg_params,
