@@ -122,7 +122,7 @@ class BufferedService:
         self.out: set[str] = set()  # not handed a plan again in this version
         self.dispatched = 0  # plans handed out and devices skipped in this version (the journal's count after a resume)
         self.ended: dict[str, tuple[Assignment, str]] = {}  # plans that ended without an update in this version
-        self.deferred: list[tuple[str, Transfer]] = []  # complete updates that came once the buffer was full
+        self.deferred: dict[str, Transfer] = {}  # device -> its complete update that came once the buffer was full
 
     # ------------------------------------------------------------------------ the open version
 
@@ -136,7 +136,9 @@ class BufferedService:
         if not journaled:
             exact = {c: self.starts[c] for c in carried}
             co._store(lambda: e.journal.open(index, e.nonce, list(carried.values()), [], exact=exact))
+        gone = co.round.gone if co.round is not None else {}
         r = co.round = OpenRound(index, dict(carried), [], time.perf_counter(), math.inf)
+        r.gone = {c: t for c, t in gone.items() if c in carried}  # a carried plan's device still offline
         r.grace_s = e.cfg.transport.offline_grace_s
         self.contributions, self.staleness, self.out, self.ended, self.handed = {}, {}, set(), {}, {}
         self.dispatched = 0
@@ -183,7 +185,9 @@ class BufferedService:
         why = too_stale(planned, version, self.sc.max_staleness)
         if why:
             raise UpdateRejected(f"client {a.client}: {why}")
-        start = self.starts[a.client]
+        start = self.starts.get(a.client)
+        if start is None:  # (the plan ended: _chunk answers its late update before it gets here)
+            raise UpdateRejected(f"client {a.client}: its plan for round {a.round} ended")
         contribution = self.e.accept(a, data, report, start=start)
         if version > planned:
             try:
@@ -198,8 +202,10 @@ class BufferedService:
 
     def defer(self, client: str, tr: Transfer) -> None:
         """An update that came once the version's buffer was full (in the same batch of messages):
-        it is taken, neither journaled nor acknowledged yet, as the next version's first."""
-        self.deferred.append((client, tr))
+        it is taken, neither journaled nor acknowledged yet, as the next version's first (one per
+        device: a copy sent again meanwhile is dropped unanswered, and the device sends it again
+        if it must)."""
+        self.deferred.setdefault(client, tr)
 
     def keep(self, r: OpenRound, client: str, contribution: Contribution) -> None:
         """An accepted update joins the buffer (the caller records it in ``r.accepted``)."""
@@ -221,6 +227,13 @@ class BufferedService:
         self.out.add(client)
         self.starts.pop(client, None)
         self.sent_at.pop(client, None)
+
+    def sweep(self, r: OpenRound) -> None:
+        """Plans the coordinator ended itself (a device's failure event, a revoked device, a program
+        it may not get again) end here too (they are journaled where they were ended)."""
+        for c in list(r.failed):
+            if c in r.assignments and c not in self.ended and c not in r.accepted:
+                self._end(r, c, r.failed[c])
 
     # ------------------------------------------------------------------------------ the loop
 
@@ -277,6 +290,7 @@ class BufferedService:
         """Fold the version's buffer, journal the next version with the plans still out, then save
         the run's state (in that order: a crash between the two re-folds this version)."""
         e, co = self.e, self.co
+        self.sweep(r)
         order = [c for c in r.accepted if c in self.contributions]
         entries = [(r.accepted[c][1], self.contributions[c], self.staleness[c]) for c in order]
         failed = [Returned(a, failure=why) for a, why in self.ended.values()]
@@ -308,10 +322,10 @@ class BufferedService:
             e.reporter.round_start(r.index, self.size)
             co.wire_up = {}
             t_send = time.perf_counter()
-            deferred, self.deferred = self.deferred, []
-            for c, tr in deferred:
+            deferred, self.deferred = self.deferred, {}
+            for c, tr in deferred.items():
                 if c in r.assignments and c not in r.accepted and c not in r.failed:
-                    co._update(r, c, tr)
+                    co.guarded(c, lambda v=r, d=c, t=tr: co._update(v, d, t))
             co._commit()
             # (a plan carried over is not sent again: its device has it; after a restart each device's
             # hello with a new session gets its plan again, as in synchronous rounds)
@@ -320,11 +334,12 @@ class BufferedService:
                 self.dispatch(r)
                 if self.idle(r):
                     break
-                # nothing out and nobody online to hand a plan to: wait for devices, as long as a round would
+                # nothing out and nobody online to hand a plan to: wait for one to come back, as long as an
+                # offline device's plan would wait for it
                 stalled = (stalled or time.monotonic()) if not self.in_flight(r) else None
-                if stalled is not None and time.monotonic() - stalled > e.cfg.transport.round_timeout_s:
-                    co.log(f"version {r.index}: no device to hand a plan to for {e.cfg.transport.round_timeout_s:.0f} "
-                           f"s; it closes with {len(r.accepted)} update(s)")
+                if stalled is not None and time.monotonic() - stalled > e.cfg.transport.offline_grace_s:
+                    co.log(f"version {r.index}: no device online to hand a plan to for "
+                           f"{e.cfg.transport.offline_grace_s:.0f} s; it closes with {len(r.accepted)} update(s)")
                     break
                 co._pump(0.2)
                 if time.monotonic() - checked >= 1.0:
@@ -332,9 +347,7 @@ class BufferedService:
                     co._check_plan_acks(r)
                     co._send_due_plans(r)
                     co._leave_revoked(r)
-                    for c in list(r.failed):
-                        if c in r.assignments and c not in self.ended and c not in r.accepted:
-                            self._end(r, c, r.failed[c])
+                    self.sweep(r)
                     self.expire(r)
             co._commit()
             carried = self.publish(r, time.perf_counter() - t_send)

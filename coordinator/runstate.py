@@ -198,13 +198,13 @@ class RoundJournal:
         if self._open is None or self._open[0] != round_idx:
             raise StateError(f"the journal of round {round_idx} is not the open one")
         d, (_, info, index) = self._dir(round_idx), self._open
-        have = {e["sha256"] for e in index.values()} | {e.get("exact") for e in index.values()}
+        have = {("start", e["sha256"]) for e in index.values()} | {("exact", e.get("exact")) for e in index.values()}
 
         def blob(prefix: str, data: bytes) -> str:
             sha = hashlib.sha256(data).hexdigest()
-            if sha not in have:
+            if (prefix, sha) not in have:
                 durable.write_bytes(d / f"{prefix}-{sha}.safetensors", data)
-                have.add(sha)
+                have.add((prefix, sha))
             return sha
 
         for a in assignments:
@@ -410,7 +410,7 @@ def snapshot_files(cfg, nonce: str, state: RunState, base_accuracy: dict | None)
     from fedlora_edge.core.wire import encode_tensors
 
     ms = state.method_state
-    run = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "nonce": nonce,
+    run = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "schedule": cfg.schedule.mode, "nonce": nonce,
            "completed_round": len(state.rounds), "rounds": state.rounds, "base_accuracy": base_accuracy,
            "method_state": {k: v for k, v in ms.items() if k not in ("personal", "tensors")}}
     files = {"run.json": json.dumps(run, indent=1).encode(),
@@ -443,6 +443,9 @@ def restore(store: SnapshotStore, cfg) -> tuple[RunState, str, dict | None, int]
             if saved[key] != getattr(cfg, key):
                 raise ConfigError(f"--resume: the saved run has {key}={saved[key]!r}, the config says "
                                   f"{getattr(cfg, key)!r}")
+        if saved.get("schedule", "sync") != cfg.schedule.mode:  # its journal holds rounds, or versions
+            raise ConfigError(f"--resume: the saved run has schedule.mode={saved.get('schedule', 'sync')!r}, the "
+                              f"config says {cfg.schedule.mode!r}")
         state = RunState(from_state_dict(decode_tensors(files["global.safetensors"])), dict(saved["method_state"]),
                          saved["rounds"])
         personal = {name[len("personal/"):-len(".safetensors")]: from_state_dict(decode_tensors(data))

@@ -276,6 +276,18 @@ class Coordinator:
             self.log(f"refused a message from {device[:80]}: {reason[:300]}" + (f" ({n} of this kind in round {rnd})"
                                                                                  if n > 1 else ""))
 
+    def guarded(self, device: str, act) -> None:
+        """Run ``act`` (the handling of what ``device`` sent) so that whatever is wrong with it is a
+        logged rejection; only StorageError leaves (see :meth:`handle`)."""
+        try:
+            act()
+        except (ProtocolError, ProfileError, UpdateRejected) as exc:
+            self._reject(device, str(exc))
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug must not let one message end the run
+            self._reject(device, f"could not handle the message ({type(exc).__name__}: {str(exc)[:200]})")
+
     def handle(self, t: str, payload: bytes) -> None:
         """One incoming message.  Whatever is wrong with it is a logged rejection; the only
         exception that leaves is StorageError (the run cannot keep its promises without a disk)."""
@@ -285,7 +297,7 @@ class Coordinator:
             if len(parts) == 5 and parts[4] == "hello" and device in self.sessions:
                 self.farewells.add(device)
             return
-        try:
+        def act() -> None:
             _, leaf, msg, data = read_message(self.verifier, self.guard, self.run_id, t, payload)
             if leaf == "status":
                 self._status(device, msg)
@@ -303,12 +315,8 @@ class Coordinator:
             else:
                 assert data is not None, "read_message gives a chunked topic's message its data"
                 self._chunk(device, t, payload, msg, data)
-        except (ProtocolError, ProfileError, UpdateRejected) as exc:
-            self._reject(device, str(exc))
-        except StorageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a bug must not let one message end the run
-            self._reject(device, f"could not handle the message ({type(exc).__name__}: {str(exc)[:200]})")
+
+        self.guarded(device, act)
 
     def _status(self, device: str, msg: dict) -> None:
         if msg.get("state") != "offline" or not isinstance(msg.get("session"), str):
@@ -441,6 +449,10 @@ class Coordinator:
         if device in r.accepted:
             reason = f"an update from {device} was already accepted in round {rnd}"
             self._decide(device, rnd, uid, "rejected", reason)
+            raise ProtocolError(reason)
+        if self.buffered is not None and device in r.failed:  # a buffered plan that ended: its late update
+            reason = f"its plan for round {rnd} ended: {r.failed[device][:300]}"
+            self._decide(device, rnd, uid, "stale", reason)
             raise ProtocolError(reason)
         try:
             tr = self.reassembler.add(header, data, limit=self._expected_bytes(r.assignments[device]))
@@ -890,7 +902,7 @@ class Coordinator:
                 self.first_round += 1
             if buffered:  # the version it was in, re-opened before its devices come back and re-send what they hold
                 self.buffered = BufferedService(self)
-                if jr is not None:
+                if jr is not None and jr.nonce == self.engine.nonce:
                     self.buffered.reopen(jr)
             if self.first_round <= self.cfg.rounds:
                 self.wait_for_devices()

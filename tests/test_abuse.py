@@ -346,3 +346,54 @@ def test_outputs_that_fail_to_write_are_exit_6_and_a_resume_writes_them_without_
         assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "report.json").is_file()
     finally:
         dep.close()
+
+
+@pytest.fixture
+def buffered_harness(tmp_path):
+    """A coordinator collecting version 1 of a buffered run (buffer 1, both devices training)."""
+    from fedlora_edge.coordinator.buffered import BufferedService
+
+    reg = Registry.create(tmp_path / "registry")
+    creds = {i: reg.add(i, max_examples=8) for i in IDS}
+    cfg = config(tmp_path, IDS, rounds=2, **{"schedule.mode": "buffered", "schedule.buffer": 1})
+    coord = Coordinator(cfg, tmp_path / "out", BrokerAddress("127.0.0.1", 1,
+                                                             username=f"coordinator@{cfg.transport.run_id}"), reg,
+                        log=lambda *_: None)
+    coord.link = RecordingLink()
+    coord.engine.base_accuracy = {"overall": 0.0, "per_domain": {}}
+    for i in IDS:
+        coord.sessions[i] = f"s-{i}"
+    svc = coord.buffered = BufferedService(coord)
+    r = svc.open(1, {})
+    svc.dispatch(r)
+    outboxes = {i: Outbox(Signer(creds[i].signing_key), Counter(), cfg.transport.run_id, coord.engine.nonce)
+                for i in IDS}
+    yield coord, svc, r, outboxes, cfg.transport.run_id
+    coord.run_lock.release()
+
+
+def _update_of(coord, r, outbox, run, device, k: int) -> tuple[str, str, bytes]:
+    uid = uuid.uuid4().hex
+    return (uid, *_chunk(outbox, run, device, trained(r.assignments[device].start, k), transfer=uid))
+
+
+def test_a_late_update_of_a_buffered_plan_that_ended_is_answered_stale(buffered_harness):
+    coord, svc, r, outboxes, run = buffered_harness
+    assert set(r.assignments) == set(IDS)
+    svc._end(r, "evil", "no complete update within transport.round_timeout_s (60 s) of its plan")
+    uid, t, payload = _update_of(coord, r, outboxes["evil"], run, "evil", 1)
+    coord.handle(t, payload)
+    assert coord.answers.get("evil", uid)[1:] == ("stale", "its plan for round 1 ended: no complete update within "
+                                                            "transport.round_timeout_s (60 s) of its plan")
+    assert "evil" not in r.accepted
+
+
+def test_updates_that_come_once_the_buffer_is_full_hold_one_per_device(buffered_harness):
+    coord, svc, r, outboxes, run = buffered_harness
+    uid, t, payload = _update_of(coord, r, outboxes["good"], run, "good", 0)
+    coord.handle(t, payload)
+    coord._commit()
+    assert svc.full(r) and coord.answers.get("good", uid)[1] == "accepted"
+    for k in range(50):  # the buffer is full: evil's update waits for the next version, once, however often sent
+        coord.handle(*_update_of(coord, r, outboxes["evil"], run, "evil", k)[1:])
+    assert list(svc.deferred) == ["evil"] and "evil" not in r.accepted
