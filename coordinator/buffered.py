@@ -121,7 +121,6 @@ class BufferedService:
         self.contributions: dict[str, Contribution] = {}  # accepted in this version, moved onto it
         self.out: set[str] = set()  # not handed a plan again in this version
         self.dispatched = 0  # plans handed out and devices skipped in this version (the journal's count after a resume)
-        self.ended: dict[str, tuple[Assignment, str]] = {}  # plans that ended without an update in this version
         self.deferred: dict[str, Transfer] = {}  # device -> its complete update that came once the buffer was full
 
     # ------------------------------------------------------------------------ the open version
@@ -140,7 +139,7 @@ class BufferedService:
         r = co.round = OpenRound(index, dict(carried), [], time.perf_counter(), math.inf)
         r.gone = {c: t for c, t in gone.items() if c in carried}  # a carried plan's device still offline
         r.grace_s = e.cfg.transport.offline_grace_s
-        self.contributions, self.staleness, self.out, self.ended, self.handed = {}, {}, set(), {}, {}
+        self.contributions, self.staleness, self.out, self.handed = {}, {}, set(), {}
         self.dispatched = 0
         return r
 
@@ -223,7 +222,6 @@ class BufferedService:
 
     def _end(self, r: OpenRound, client: str, why: str) -> None:
         r.failed[client] = why
-        self.ended[client] = (r.assignments[client], why)
         self.out.add(client)
         self.starts.pop(client, None)
         self.sent_at.pop(client, None)
@@ -232,7 +230,7 @@ class BufferedService:
         """Plans the coordinator ended itself (a device's failure event, a revoked device, a program
         it may not get again) end here too (they are journaled where they were ended)."""
         for c in list(r.failed):
-            if c in r.assignments and c not in self.ended and c not in r.accepted:
+            if c in r.assignments and c not in self.out and c not in r.accepted:  # (a plan ended is out)
                 self._end(r, c, r.failed[c])
 
     # ------------------------------------------------------------------------------ the loop
@@ -293,7 +291,8 @@ class BufferedService:
         self.sweep(r)
         order = [c for c in r.accepted if c in self.contributions]
         entries = [(r.accepted[c][1], self.contributions[c], self.staleness[c]) for c in order]
-        failed = [Returned(a, failure=why) for a, why in self.ended.values()]
+        failed = [Returned(r.assignments[c], failure=why) for c, why in r.failed.items()
+                  if c in r.assignments and c not in r.accepted]
         carried = {c: r.assignments[c] for c in self.in_flight(r)}
         if r.index < e.cfg.rounds:
             r_next_starts = {c: self.starts[c] for c in carried}
