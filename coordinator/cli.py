@@ -68,6 +68,19 @@ def _add_run_args(p: argparse.ArgumentParser, running: bool = True) -> None:
     p.add_argument("--verbose", action="store_true", help="keep third-party warnings (torch, torchao, transformers)")
 
 
+def _add_engine_args(p: argparse.ArgumentParser, what: str, workers: bool = True) -> None:
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help=f"local: this process (default). ray: {what}. Needs the ray extra: "
+                   "pip install 'fedlora-edge[ray]'")
+    p.add_argument("--address", metavar="HOST:PORT", help="with --engine ray: a running Ray cluster (`ray start "
+                   "--head` prints it; or $RAY_ADDRESS); default: start one on this machine")
+    if workers:
+        p.add_argument("--workers", type=int, metavar="N", help="with --engine ray: training workers (default: the "
+                       "cluster's CPUs / --cpus-per-worker)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, metavar="N", dest="cpus_per_worker",
+                   help="with --engine ray: CPUs (torch threads) each worker or run reserves (default: 1)")
+
+
 def _add_plugin_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import a module that registers methods (@register) before the config is read: a .py "
@@ -136,6 +149,8 @@ def cmd_simulate(args) -> int:
     reporter.console.print(f"[b]fedlora simulate[/b]: method {cfg.method}, model {cfg.model}, fleet {cfg.fleet}, "
                            f"{cfg.rounds} rounds x {cfg.clients_per_round} clients, {cfg.train.steps} local steps")
     sim = Simulation(cfg, args.out, reporter)
+    if args.engine == "ray":
+        sim.use_ray(args.workers, args.cpus_per_worker, args.address)
     report = sim.run()
     out = Path(args.out)
     adapters = out / "adapter" if sim.engine.method.global_model else out / "clients" / "*" / "adapter"
@@ -164,7 +179,8 @@ def cmd_compare(args) -> int:
         console.print(f"full participation: every eligible device of the fleet trains every round "
                       f"(clients_per_round {cfg.clients_per_round})")
     compare(cfg, specs, args.out, fresh=args.fresh, console=console, log=args.log, seeds=args.seeds, jobs=args.jobs,
-            allow_unequal=args.allow_unequal_fleets)
+            allow_unequal=args.allow_unequal_fleets,
+            ray={"address": args.address, "cpus": args.cpus_per_worker} if args.engine == "ray" else None)
     out = Path(args.out)
     console.print(Markdown((out / "compare.md").read_text()))
     console.print(f"table: {out / 'compare.md'}; numbers: {out / 'compare.json'}; plot: {out / 'compare.png'}; "
@@ -482,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     _add_export_arg(p)
+    _add_engine_args(p, "clients train in Ray workers that keep one model around a base shared through Ray's "
+                     "object store; the coordinator's side stays here (the same adapter, bit for bit)")
     p.set_defaults(fn=cmd_simulate)
     p = sub.add_parser("compare", help="run several methods on the same fleet, seed, data and rounds; one table",
                        description="Run each method of --methods with `simulate` on the same settings and print "
@@ -500,7 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "...): the table gives means with 95%% intervals and paired differences between methods, "
                    "marking those not within noise (default: 1)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in a process of its own with cores/jobs "
-                   "torch threads (default: 1, in this process)")
+                   "torch threads (default: 1, in this process; the local engine)")
+    _add_engine_args(p, "every (method, seed) run is a Ray task of --cpus-per-worker CPUs on whichever node has "
+                     "them; its files come back here", workers=False)
     p.add_argument("--full-participation", action="store_true", help="every eligible device of the fleet trains "
                    "every round (clients_per_round = the fleet's size)")
     p.add_argument("--allow-unequal-fleets", action="store_true", help="run even when some methods would leave out "

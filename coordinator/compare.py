@@ -257,7 +257,8 @@ def plot(rows: list[dict], path: Path, intervals: list[dict] | None = None) -> N
 
 
 def compare(base: RunConfig, specs: list[str], out: str | Path, fresh: bool = False, console=None,
-            log: str = "none", seeds: int = 1, jobs: int = 1, allow_unequal: bool = False) -> list[dict]:
+            log: str = "none", seeds: int = 1, jobs: int = 1, allow_unequal: bool = False,
+            ray: dict | None = None) -> list[dict]:
     """Run (or reuse) every spec's run under ``out``; write and return the comparison rows.
     ``log``: each run also logged to tensorboard or mlflow (:mod:`.tracking`).  ``seeds > 1``:
     every spec on seeds ``base.seed .. base.seed + seeds - 1`` (runs in ``out/seed-<s>/``), and the
@@ -276,7 +277,7 @@ def compare(base: RunConfig, specs: list[str], out: str | Path, fresh: bool = Fa
     console_reporter = ConsoleReporter(console)
     runs = [Run(e.label, e.cfg, (out / e.label) if seeds == 1 else (out / f"seed-{seed}" / e.label),
                 f"{e.label}" + (f" seed {seed}" if seeds > 1 else "")) for seed, e in todo]
-    reports = run_all(runs, jobs=jobs, fresh=fresh, console=console_reporter.console, log=log)
+    reports = run_all(runs, jobs=jobs, fresh=fresh, console=console_reporter.console, log=log, ray=ray)
     per_seed: dict[int, list[dict]] = {s: [] for s in seed_list}
     for (seed, e), report in zip(todo, reports):
         row = summary(e.label, report) | {"per_example": report["final_accuracy"].get("per_example")}
@@ -309,11 +310,13 @@ class Run:
     name: str
 
 
-def run_all(runs: list[Run], jobs: int = 1, fresh: bool = False, console=None, log: str = "none") -> list[dict]:
+def run_all(runs: list[Run], jobs: int = 1, fresh: bool = False, console=None, log: str = "none",
+            ray: dict | None = None) -> list[dict]:
     """Every run's report, in order: a finished run with the same settings is reused; the others run
     here one after another (``jobs`` 1) or in ``jobs`` processes at once, each with ``cores // jobs``
-    torch threads (its output in ``<folder>/simulate.log``).  A run that fails stops the grid with
-    its log's tail; runs already finished stay reusable."""
+    torch threads (its output in ``<folder>/simulate.log``), or with ``ray`` (``{"address", "cpus"}``)
+    each as a task on a Ray cluster (:func:`.ray_engine.run_grid`).  A run that fails stops the grid
+    with its log's tail (its error, on Ray); runs already finished stay reusable."""
     from .console import ConsoleReporter, make_console
     from .simulate import Simulation
     from .tracking import tracked
@@ -328,6 +331,12 @@ def run_all(runs: list[Run], jobs: int = 1, fresh: bool = False, console=None, l
             reports[i] = found
         else:
             pending.append(i)
+    if ray is not None:
+        from .ray_engine import run_grid
+
+        if pending:
+            run_grid(runs, pending, ray.get("cpus") or 1, ray.get("address"), log, console, reports, reusable)
+        return [reports[i] for i in range(len(runs))]
     if jobs == 1:
         reporter = ConsoleReporter(console)
         for i in pending:

@@ -4,6 +4,9 @@ One frozen base model is shared by every client: each assignment is carried out 
 peft model (the client's adapter installed, trained, read back), through the same code a device
 runs (:func:`fedlora_edge.edge_client.work.run_assignment`), and the engine validates and aggregates exactly
 what a device would have sent.  Deterministic under ``seed`` on a CPU.
+
+With :meth:`Simulation.use_ray` (``--engine ray``) the clients train in Ray workers
+(:mod:`.ray_engine`) and everything else stays here: the same adapter, bit for bit.
 """
 
 from __future__ import annotations
@@ -33,13 +36,59 @@ class Simulation:
         # transport.compression int4: each device's error feedback, as the device keeps it (in memory)
         self.feedback: dict[str, dict] = {}
         self.clock = 0.0  # the virtual clock of the profiles' predicted round times (run, run_buffered)
+        self.pool = None  # --engine ray: the training workers (use_ray)
+        self.calls: dict[tuple[str, int], object] = {}  # (client, round) -> its training in a worker
+
+    def use_ray(self, workers: int | None = None, cpus_per_worker: int = 1, address: str | None = None,
+                kill_on: set[str] | None = None) -> None:
+        """Train the clients in Ray workers (:class:`.ray_engine.RayPool`); ``kill_on``: clients
+        whose worker dies as it starts their training (tests)."""
+        from .ray_engine import RayPool
+
+        self.pool = RayPool(self.engine, workers, cpus_per_worker, address, kill_on, self.engine.reporter)
+
+    def prefetch(self, assignments) -> None:
+        """Hand ``assignments`` to the Ray workers now (a local run trains each in :meth:`carry_out`).
+        An executorch device's assignment trains here (its programs are this process's)."""
+        if self.pool is None:
+            return
+        from fedlora_edge.edge_client.work import trainer_of
+
+        for a in assignments:
+            if trainer_of(a.meta) == "torch":
+                self.calls[(a.client, a.round)] = self.pool.submit(a.client, a.meta, a.start,
+                                                                   dict(self.feedback.get(a.client, {})))
+
+    def _trained(self, a: Assignment) -> tuple[bytes, dict] | Returned:
+        """``(update, report)`` of ``a``: from its Ray worker where it was prefetched, else trained here."""
+        e = self.engine
+        call = self.calls.pop((a.client, a.round), None)
+        if call is None:
+            return run_assignment(e.model, e.tok, e.by_id[a.client].train, a.meta, a.start, e.device,
+                                  programs=e.programs, feedback=self.feedback.setdefault(a.client, {}))
+        from .ray_engine import WorkerLost
+
+        assert self.pool is not None
+        try:
+            update, report, feedback = self.pool.take(call)
+        except WorkerLost as exc:
+            return Returned(a, failure=f"client {a.client}: {exc}")
+        self.feedback[a.client] = feedback  # the device's error feedback, as it would keep it
+        return update, report
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def carry_out(self, a: Assignment) -> Returned:
         """Train one assignment in-process, as the device would (and, for a contaminated client
         under an update attack, corrupt what it sends)."""
         e = self.engine
-        update, report = run_assignment(e.model, e.tok, e.by_id[a.client].train, a.meta, a.start, e.device,
-                                        programs=e.programs, feedback=self.feedback.setdefault(a.client, {}))
+        got = self._trained(a)
+        if isinstance(got, Returned):  # its worker died
+            return got
+        update, report = got
         attack = e.cfg.contamination.attack
         if a.client in e.contaminated and attack in UPDATE_ATTACKS:
             update = attack_update(update, a, attack, e.cfg.contamination,
@@ -59,12 +108,17 @@ class Simulation:
         attack = e.cfg.contamination.attack
         view = RoundView(e.R) if attack in ROUND_ATTACKS and e.contaminated else None
         held = []
+        self.prefetch(assignments)
         pending: list[Assignment | None] = list(assignments)
         del assignments
         for i, a in enumerate(pending):
             assert a is not None
             ret = self.carry_out(a)
             e.reporter.client_done(a.client, ret.report, a.plan.rank)
+            if ret.failure is not None:
+                returned.append(ret)
+                pending[i] = None
+                continue
             if view is not None:
                 view.add(a, ret.update or b"")
                 if a.client in e.contaminated:
@@ -92,11 +146,17 @@ class Simulation:
         assignments, skipped = e.open_round(round_idx)
         e.reporter.round_start(round_idx, len(assignments))
         reports: dict[str, dict] = {}
+        self.prefetch(assignments)
+
+        died: dict[str, str] = {}
 
         def trained(a: Assignment):
-            def vector() -> np.ndarray:
+            def vector() -> np.ndarray | None:
                 ret = self.carry_out(a)
                 e.reporter.client_done(a.client, ret.report, a.plan.rank)
+                if ret.failure is not None:  # its worker died: the device drops out before its masked vector
+                    died[a.client] = ret.failure
+                    return None
                 reports[a.client] = ret.report or {}
                 return np.frombuffer(ret.update or b"", dtype="<u4").astype(np.uint32)
             return vector
@@ -118,8 +178,9 @@ class Simulation:
                 e.offer(a.client, Contribution(a.client, a.plan, {}, e.secagg_weights[a.client]))
                 returned.append(Returned(a.released(), None, reports[a.client], update_len=4 * length, folded=True))
             else:
-                returned.append(Returned(a.released(), failure=why if a.client not in self.drop_before_masking
-                                         else "dropped out of secure aggregation before its masked vector"))
+                returned.append(Returned(a.released(), failure=died.get(a.client) or (
+                    why if a.client not in self.drop_before_masking
+                    else "dropped out of secure aggregation before its masked vector")))
         return e.close_round(round_idx, returned, skipped, t0, annotate=self._time_round)
 
     def _settle(self, ret: Returned) -> Returned:
@@ -138,16 +199,19 @@ class Simulation:
         return Returned(a.released(), None, ret.report, update_len=len(ret.update or b""), folded=True)
 
     def run(self) -> dict:
-        self.engine.begin()
-        if self.engine.cfg.schedule.mode == "buffered":
-            self.run_buffered()
+        try:
+            self.engine.begin()
+            if self.engine.cfg.schedule.mode == "buffered":
+                self.run_buffered()
+                return self.engine.finish()
+            self.clock = 0.0
+            for r in range(1, self.engine.cfg.rounds + 1):
+                if self.engine.stop_for_privacy():
+                    break
+                self.run_round(r)
             return self.engine.finish()
-        self.clock = 0.0
-        for r in range(1, self.engine.cfg.rounds + 1):
-            if self.engine.stop_for_privacy():
-                break
-            self.run_round(r)
-        return self.engine.finish()
+        finally:
+            self.close()
 
     def _round_s(self, client: str) -> float:
         """A device's predicted round (download, local steps, upload): its update's time on the clock."""
@@ -215,6 +279,7 @@ class Simulation:
                 heapq.heappush(flight, (self.clock + self._round_s(cid), seq, cid))
                 seq += 1
                 held[cid] = (a, e.start_tensors(cid, a.plan), version)
+                self.prefetch([a])  # a Ray worker trains it now (its plan and start are fixed)
 
         def publish() -> None:
             nonlocal version, buffer, skipped, rejected, out, t0
@@ -239,8 +304,13 @@ class Simulation:
             if why:
                 out.add(cid)
                 rejected.append({"client": cid, "reason": why})
+                self.calls.pop((a.client, a.round), None)  # what a Ray worker trained for it is dropped
                 continue
             ret = self.carry_out(a)
+            if ret.failure is not None:  # its worker died
+                out.add(cid)
+                rejected.append({"client": cid, "reason": ret.failure})
+                continue
             try:
                 contribution = e.accept(a, ret.update or b"", ret.report, start=start)
                 if tau:

@@ -586,7 +586,8 @@ def run_round(devices: Mapping[str, np.ndarray | Callable[[], np.ndarray]], cont
     """The whole protocol in one process, over real key agreement, shares and masks (``simulate``,
     tests and ``bench/secagg.py``): ``devices`` maps each id to its encoded vector (uint32), or to a
     callable that gives it when the device's turn to mask comes (``simulate`` trains there, after
-    the keys are shared, as a device would; ``length`` then says the vectors' size).  Devices in
+    the keys are shared, as a device would; ``length`` then says the vectors' size; a callable that
+    gives None is a device that vanished while it trained).  Devices in
     ``drop_before_masking`` vanish after sharing their keys (their pairwise masks are removed from
     their neighbours' shares of their ``s`` key); those in ``drop_after_masking`` after their masked
     vector (their self mask is removed from the survivors' shares of their ``b``).  Returns (the
@@ -629,7 +630,7 @@ def run_round(devices: Mapping[str, np.ndarray | Callable[[], np.ndarray]], cont
         vector = devices[u]
         if callable(vector):
             vector = vector()
-        if u in before:  # it vanished while it trained
+        if u in before or vector is None:  # it vanished while it trained
             continue
         masked = timed("devices", agents[u].mask, vector)
         sizes["masked"] += masked.nbytes
