@@ -284,12 +284,14 @@ class RayPool:
                             f"on {cluster_cpus(ray)} CPU(s); base {self.base.nbytes / 2**20:.0f} MB in the object "
                             "store; classes " + "; ".join(g.describe() for g in self.groups))
 
-    def _worker(self, g: Group):
-        """A new training worker reserving ``g``'s resources (one replaces a worker that died)."""
+    def _worker(self, g: Group, replacing: bool = False):
+        """A new training worker reserving ``g``'s resources (``replacing``: one that died; tests'
+        ``kill_on`` kills the first workers only)."""
         opts: dict[str, Any] = {"num_cpus": self.cpus, "max_restarts": 0}
         if g.memory:
             opts["memory"] = g.memory
-        return self.remote.options(**opts).remote(self.base, self.examples, self.cpus, self.kill_on)
+        return self.remote.options(**opts).remote(self.base, self.examples, self.cpus,
+                                                  None if replacing else self.kill_on)
 
     def submit(self, client: str, meta: dict, start: bytes, feedback: dict) -> _Call:
         call = _Call(client, (client, meta, start, feedback), self.group_of.get(client, 0))
@@ -319,7 +321,7 @@ class RayPool:
                     c.result = WorkerLost(f"{WORKER_DIED} ({type(exc).__name__}); a new worker takes its place")
                     g = self.groups[c.group]
                     members = self.actors[c.group]
-                    actor = members[members.index(c.actor)] = self._worker(g)
+                    actor = members[members.index(c.actor)] = self._worker(g, replacing=True)
                 except self.ray.exceptions.RayTaskError as exc:
                     c.result = WorkerLost(f"training failed in its worker: {exc.cause!r}")
                 c.done = True

