@@ -233,11 +233,15 @@ class TrainingWorker:
         return update, report, feedback
 
     def memory(self) -> dict:
-        """This worker's memory: rss, and uss (the pages it alone holds, the shared base excluded)."""
+        """This worker's memory in bytes: rss, its peak, and uss (the pages it alone holds: the
+        shared base is not among them)."""
+        import resource
+
         import psutil
 
         m = psutil.Process().memory_full_info()
-        return {"rss": m.rss, "uss": m.uss, "pid": os.getpid()}
+        return {"rss": m.rss, "uss": m.uss, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "pid": os.getpid()}
 
 
 @dataclass
@@ -256,7 +260,9 @@ class RayPool:
     update, report and the device's error feedback, or a :class:`WorkerLost`)."""
 
     def __init__(self, engine, workers: int | None = None, cpus_per_worker: int = 1, address: str | None = None,
-                 kill_on: set[str] | None = None, reporter=None):
+                 kill_on: set[str] | None = None, reporter=None, private_base: bool = False):
+        """``private_base``: each worker copies the whole base out of the object store (what sharing
+        saves, for bench/ray_engine.py)."""
         self.ray = ray = connect(address)
         if engine.device != "cpu":
             raise ConfigError(f"--engine ray trains on CPU workers; device {engine.device} is not supported with it "
@@ -267,6 +273,8 @@ class RayPool:
         self.cpus = max(1, int(cpus_per_worker))
         workers = workers or max(1, cluster_cpus(ray) // self.cpus)
         self.base = SharedBase.put(ray, engine)
+        if private_base:
+            self.base.private = set(self.base.specs)
         examples = {c.id: list(c.train) for c in engine.participants}
         examples["__tokenizer__"] = engine.tok
         self.examples = ray.put(examples)
