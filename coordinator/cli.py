@@ -379,10 +379,13 @@ def cmd_broker_config(args) -> int:
             raise ConfigError(f"--run: {exc}") from None
     if not reg.runs:
         reg.add_run("default")  # the run id a config has unless it sets transport.run_id
-    write = brokerconf.mosquitto if args.kind == "mosquitto" else brokerconf.emqx
     hosts = args.tls_host or None
-    conf = write(reg, args.out, port=args.port or (8883 if not args.no_tls else 1883), bind=args.bind,
-                 tls=not args.no_tls, hosts=hosts, mtls=args.mtls)
+    kw = dict(port=args.port or (8883 if not args.no_tls else 1883), bind=args.bind, tls=not args.no_tls, hosts=hosts,
+              mtls=args.mtls)
+    if args.kind == "rabbitmq":
+        conf = brokerconf.rabbitmq(reg, args.out, auth_url=args.auth_url, **kw)
+    else:
+        conf = (brokerconf.mosquitto if args.kind == "mosquitto" else brokerconf.emqx)(reg, args.out, **kw)
     print(f"wrote {conf} and its files in {Path(args.out)}; coordinator logins for run(s) "
           f"{', '.join(sorted(reg.runs))} (a coordinator of a new run adds its run to the registry: run this again)")
     if args.kind == "mosquitto":
@@ -390,8 +393,35 @@ def cmd_broker_config(args) -> int:
             print(line)
         print(f"start it with `mosquitto -c {conf}`; after `fedlora devices add|revoke`, run this again and "
               "`kill -HUP` the broker")
+    elif args.kind == "rabbitmq":
+        print(f"on every node: RABBITMQ_CONFIG_FILE={conf.with_suffix('')} RABBITMQ_ENABLED_PLUGINS_FILE="
+              f"{conf.parent / 'enabled_plugins'}, and beside it `fedlora broker-auth --registry {reg.folder} "
+              f"--listen {args.auth_url.split('//')[-1].split('/')[0]}` (the users and the topic ACL); a node joins "
+              "the cluster with `rabbitmqctl stop_app; rabbitmqctl join_cluster rabbit@FIRST; rabbitmqctl start_app` "
+              "(docs/deploy.md). Devices added or revoked take effect within "
+              f"{brokerconf.RABBITMQ_AUTH_CACHE_MS // 1000} s, with no reload")
     else:
         print(f"include {conf} from emqx.conf (EMQX 5); see docs/security.md")
+    return 0
+
+
+def cmd_broker_auth(args) -> int:
+    import signal
+
+    from .broker_auth import AuthService
+
+    reg = _registry(args)
+    host, _, port = args.listen.rpartition(":")
+    svc = AuthService(reg.folder, host or "127.0.0.1", int(port)).start()
+    print(f"broker-auth: answering RabbitMQ's HTTP auth backend at {svc.url()} from the registry {reg.folder} "
+          "(Ctrl-C stops)", flush=True)
+    done = __import__("threading").Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    svc.stop()
     return 0
 
 
@@ -573,11 +603,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-cert", action="store_true", help="add: issue a client certificate for mutual TLS")
     p.add_argument("--replace", action="store_true", help="add: re-issue credentials of an enrolled device")
     p.set_defaults(fn=cmd_devices)
-    p = sub.add_parser("broker-config", help="write Mosquitto or EMQX configuration from the registry",
+    p = sub.add_parser("broker-config", help="write Mosquitto, EMQX or RabbitMQ configuration from the registry",
                        description="Write a broker's configuration for the registry's devices: password file (hashes), "
                        "per-device topic ACL, client id bound to the user name, TLS with a server certificate from "
                        "the registry's CA, optionally mutual TLS. Run it again after devices are added or revoked.")
-    p.add_argument("kind", choices=["mosquitto", "emqx"])
+    p.add_argument("kind", choices=["mosquitto", "emqx", "rabbitmq"], help="rabbitmq: a node's rabbitmq.conf and "
+                   "enabled_plugins (MQTT plugin; users and ACL from `fedlora broker-auth`, run beside every node)")
+    p.add_argument("--auth-url", default="http://127.0.0.1:8099/auth", help="rabbitmq: where the node asks "
+                   "`fedlora broker-auth` (default: http://127.0.0.1:8099/auth)")
     p.add_argument("--registry", help="the registry folder (default: $FEDLORA_REGISTRY or ~/.fedlora/registry)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the broker's files")
     p.add_argument("--port", type=int, help="listener port (default 8883 with TLS, 1883 without)")
@@ -590,6 +623,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(coordinator@RUN_ID, its own topics only); repeat. Runs a coordinator already used from this "
                    "registry are included; with none, 'default'")
     p.set_defaults(fn=cmd_broker_config)
+    p = sub.add_parser("broker-auth", help="the registry as RabbitMQ's user database and topic ACL (HTTP auth backend)",
+                       description="Answer RabbitMQ's HTTP auth backend from the registry: logins (PBKDF2 hashes), "
+                       "the default vhost, amq.topic and each client's own MQTT queues, and the per-device topic ACL. "
+                       "Run one beside every broker node, on loopback; `fedlora broker-config rabbitmq` points the "
+                       "node at it. The registry is read again when it changes.")
+    p.add_argument("--registry", help="the registry folder (default: $FEDLORA_REGISTRY or ~/.fedlora/registry)")
+    p.add_argument("--listen", default="127.0.0.1:8099", metavar="HOST:PORT", help="default: 127.0.0.1:8099")
+    p.set_defaults(fn=cmd_broker_auth)
     p = sub.add_parser("profile", help="measure this machine and write a device profile",
                        description="Measure memory (psutil) and float32 matmul throughput; bandwidth is given.")
     p.add_argument("--out", help="YAML file to write")

@@ -134,6 +134,7 @@ class TransportSettings:
     plan_ack_s: float = 60.0          # a plan no device acknowledges this long is reported (dropped by the broker?)
     secagg_unmask_s: float = 60.0     # secure aggregation: how long the unmasking may take past the round's deadline
     resend_interval_s: float = 10.0   # a reconnected device's plan goes again at most this often
+    announce_every_s: float = 30.0    # the round message is published again this often (0: only when it changes)
     max_program_sends: int = 3        # training programs (hundreds of MiB) sent to one device in a run, at most
     trainers: tuple[str, ...] = ()    # trainers a device may name in its hello besides torch and the fleet's own
     max_slowdown: float = 2.0         # emulate: a device runs at most this many times slower than the host
@@ -401,6 +402,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(tr.max_slowdown >= 1.0, "transport.max_slowdown", "must be at least 1")
     _check(tr.plan_ack_s > 0, "transport.plan_ack_s", "must be positive")
     _check(tr.offline_grace_s >= 0, "transport.offline_grace_s", "must be non-negative")
+    _check(tr.announce_every_s >= 0, "transport.announce_every_s", "must be non-negative (0: off)")
     _check(tr.resend_interval_s > 0, "transport.resend_interval_s", "must be positive")
     _check(tr.max_program_sends >= 1, "transport.max_program_sends", "must be at least 1")
     _check(all(t in TRAINERS for t in tr.trainers), "transport.trainers", f"each must be one of {', '.join(TRAINERS)}")

@@ -132,6 +132,7 @@ class Coordinator:
         self._journal_round: JournalRound | None = None  # run(): the round a resumed run was in, read once
         self.completed = self.first_round - 1
         self.announce = False  # (re)publish the round state: set by every (re)connect
+        self._announced: tuple[int, str, float] | None = None  # the round message last published, and when
         self.engine.prepare_programs()  # before anyone is served: no build falls in a round
         from .programs import BackgroundBuilds
 
@@ -196,6 +197,7 @@ class Coordinator:
         return self._publish(t, self.outbox.json(t, obj), retain, wait)
 
     def _publish_round(self, round_idx: int, state: str) -> None:
+        self._announced = (round_idx, state, time.monotonic())
         self._json(topic(self.run_id, "round"), {"type": "round", "round": round_idx, "state": state}, retain=True)
 
     def _ack(self, device: str, round_idx: int, update_id: str, status: str, reason: str = "") -> None:
@@ -566,6 +568,10 @@ class Coordinator:
             self.announce = False
             r = self.round
             self._publish_round(r.index if r else self.completed, "training" if r else "waiting")
+        elif self._announced and 0 < self.cfg.transport.announce_every_s <= time.monotonic() - self._announced[2]:
+            # again, unchanged: a device that connected to another node of a broker cluster whose retained
+            # messages stay on the node they were published to (RabbitMQ's MQTT plugin) learns the run from it
+            self._publish_round(*self._announced[:2])
         msg = self.link.get(timeout_s)
         if msg:
             self.handle(*msg)
