@@ -568,7 +568,12 @@ class Coordinator:
             self.announce = False
             r = self.round
             self._publish_round(r.index if r else self.completed, "training" if r else "waiting")
-        elif self._announced and 0 < self.cfg.transport.announce_every_s <= time.monotonic() - self._announced[2]:
+            if r is not None:  # back after a lost connection: plans it could not send, or that were lost with it
+                for device in sorted(set(r.waiting_for()) - r.plan_received):
+                    if device in self.sessions:
+                        self._resend_plan(r, device)
+        elif self._announced and 0 < self.cfg.transport.announce_every_s <= time.monotonic() - self._announced[2] \
+                and self.link.connected:
             # again, unchanged: a device that connected to another node of a broker cluster whose retained
             # messages stay on the node they were published to (RabbitMQ's MQTT plugin) learns the run from it
             self._publish_round(*self._announced[:2])
@@ -646,8 +651,19 @@ class Coordinator:
                  f"waiting for {', '.join(r.waiting_for()) or 'nobody'}")
         return True
 
+    def _await_broker(self, what: str) -> None:
+        """Until the broker connection is up (a round opened without it would spend its deadline on
+        plans that cannot go out): a line every 10 s while it is down."""
+        said = 0.0
+        while not self.link.connected:
+            if time.monotonic() - said >= 10:
+                said = time.monotonic()
+                self.log(f"broker {self.link.address.url} unreachable: {what} when it is back")
+            self._pump(1.0)
+
     def run_round(self, round_idx: int, reopen: bool = False) -> dict:
         e, tr = self.engine, self.cfg.transport
+        self._await_broker(f"round {round_idx} starts")
         if not (reopen and self._reopen(round_idx)):
             assignments, skipped = e.open_round(round_idx, available=self.online)
             self._store(lambda: e.journal.open(round_idx, e.nonce, assignments, skipped))

@@ -3,6 +3,8 @@ from the registry through `fedlora broker-auth`): devices on both nodes, two run
 mid-round.  Skipped where rabbitmq-server is not installed (CI installs it)."""
 
 
+import threading
+
 import pytest
 from mqttkit import CoordThread, Deployment, FakeDevice, config, coordinator, trained
 from rabbitkit import RabbitCluster
@@ -18,6 +20,19 @@ def cluster(tmp_path):
     c = RabbitCluster(reg, tmp_path / "rabbit")
     yield c
     c.stop()
+
+
+class RoundsClosed:
+    """A reporter that says when round 1 closed (an event to wait on)."""
+
+    def __init__(self):
+        self.first = threading.Event()
+
+    def round_end(self, record: dict) -> None:
+        self.first.set()
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
 
 
 def on(cluster, i: int) -> Deployment:
@@ -50,6 +65,52 @@ def test_two_runs_with_devices_on_both_nodes_complete_every_round(tmp_path, clus
         for th in threads.values():
             report = th.result()
             assert [(x["round"], x["status"], x["valid_updates"]) for x in report["rounds"]] == [(1, "ok", 2), (2, "ok", 2)]
+    finally:
+        for dep in deps:
+            for link in dep.links:
+                link.close()
+
+
+@pytest.mark.parametrize("killed", ["devices-node", "coordinators-node"])
+def test_a_node_killed_mid_round_costs_the_updates_that_cannot_reach_the_coordinator(tmp_path, cluster, killed):
+    """Node 1 (one device) or node 0 (the coordinator and the other device) is SIGKILLed once
+    round 1's plans are out and one update is in; it comes back after round 1 closes."""
+    import time
+
+    ids = {"k0": 0, "k1": 1}  # device -> node
+    creds = {i: cluster.registry.add(i, replace=True, max_examples=8) for i in ids}
+    cfg = config(tmp_path, list(ids), rounds=2, **{"transport.run_id": "run-k", "transport.announce_every_s": 1,
+                                                    "transport.round_timeout_s": 20, "transport.offline_grace_s": 3,
+                                                    "min_updates": 1})
+    deps = [on(cluster, 0)] + [on(cluster, n) for n in ids.values()]
+    closed = RoundsClosed()
+    th = CoordThread(coordinator(deps[0], cfg, tmp_path / "out", reporter=closed))
+    th.start()
+    try:
+        devs = {i: FakeDevice(deps[1 + k], "run-k", i, creds=creds[i]) for k, i in enumerate(ids)}
+        plans = {i: d.next_plan() for i, d in devs.items()}
+        survivor, lost = ("k0", "k1") if killed == "devices-node" else ("k1", "k0")
+        assert devs[survivor].wait_ack(devs[survivor].send(1, trained(plans[survivor].data, 0)))["status"] == "accepted"
+        node = cluster.nodes[1 if killed == "devices-node" else 0]
+        t_kill = time.monotonic()
+        node.kill()
+        # round 1 closes at its deadline without the device on the killed node (that node cannot publish
+        # its Last Will, so nobody says it went offline); the node comes back; round 2 trains both
+        assert closed.first.wait(120), "round 1 did not close"
+        round1_s = time.monotonic() - t_kill
+        t_restart = time.monotonic()
+        node.start()
+        restart_s = time.monotonic() - t_restart
+        plans = {i: d.next_plan() for i, d in devs.items()}
+        for k, (i, d) in enumerate(sorted(devs.items())):
+            assert d.wait_ack(d.send(2, trained(plans[i].data, k)))["status"] == "accepted"
+        report = th.result()
+        first, second = report["rounds"]
+        print(killed, "round 1 closed", round(round1_s, 1), "s after the kill;", first["failed"], first["status"],
+              "; the node restarted in", round(restart_s, 1), "s")
+        assert first["status"] == "ok" and first["valid_updates"] == 1
+        assert [f["client"] for f in first["failed"]] == [lost]
+        assert second["status"] == "ok" and second["valid_updates"] == 2
     finally:
         for dep in deps:
             for link in dep.links:
