@@ -112,6 +112,8 @@ HOW: list[tuple[str, str, How]] = [
     ("docs/results.md", r"pip (download|install)", How(None, why="llama.cpp's sources from the network, built")),
     ("docs/results.md", r"", How(FLAGS, why="a measurement: hours on 2 cores")),
     ("docs/deploy.md", r"python bench/", How(FLAGS, why="a measurement: minutes to hours")),
+    ("docs/deploy.md", r"fedlora ", How(FLAGS, why="a cluster of machines (Ray) or of broker nodes (RabbitMQ: "
+                                                   "tests/test_rabbitmq.py runs it; tests/test_ray_engine.py the engine)")),
 ]
 
 
