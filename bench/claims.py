@@ -5,6 +5,7 @@ every method, several seeds, paired differences with their 95 % intervals, and a
     python bench/claims.py --out runs/claims --jobs 2 --only fslora    # one claim's runs and verdicts
     python bench/claims.py --out runs/claims --report                  # verdicts from the runs finished so far
     python bench/claims.py --out runs/claims-full --preset full --jobs 8 --set device=cuda   # more compute
+    python bench/claims.py --out runs/claims-full --preset full --engine ray --address HEAD:6379   # a Ray cluster
 
 Every run is a `fedlora simulate` of SmolLM2-135M-Instruct (or ``--set model=...``) under
 ``OUT/<arm>/seed-<s>/``; a finished run with the same settings is reused, so the suite is resumable
@@ -357,6 +358,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="reduced")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (processes), cores/jobs threads each")
+    ap.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: every run a task on a Ray "
+                    "cluster (--address, else one started on this machine), --cpus-per-run CPUs each")
+    ap.add_argument("--address", help="with --engine ray: the cluster's address (`ray start --head` prints it)")
+    ap.add_argument("--cpus-per-run", type=int, default=1, help="with --engine ray: CPUs (torch threads) per run")
     ap.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the preset's)")
     ap.add_argument("--only", help="comma-separated claims: " + ", ".join(c.name for c in CLAIMS))
     ap.add_argument("--arms", help="comma-separated arms to run or report, in that order, each ARM (every seed) or "
@@ -411,7 +416,8 @@ def main(argv: list[str]) -> int:
         reports = {k: rep for k in order if (rep := reusable(runs[k].folder, runs[k].cfg)) is not None}
         print(f"{len(reports)} of {len(order)} runs finished")
     else:
-        done = run_all([runs[k] for k in order], jobs=args.jobs)
+        ray = {"address": args.address, "cpus": args.cpus_per_run} if args.engine == "ray" else None
+        done = run_all([runs[k] for k in order], jobs=args.jobs, ray=ray)
         reports = dict(zip(order, done))
     out.mkdir(parents=True, exist_ok=True)
     result = write(out, runs, reports, seeds, args.preset)

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class Node:
         self.name = f"fl{i}-{cluster.tag}@localhost"
         self.folder = cluster.folder / f"node{i}"
         self.port = free_port()
-        self.auth = AuthService(cluster.registry.folder, "127.0.0.1", free_port(), log=cluster.denials.append).start()
+        self.auth = AuthService(cluster.registry.folder, "127.0.0.1", free_port(), log=cluster.denied).start()
         rabbitmq_conf(cluster.registry, self.folder, port=self.port, bind="127.0.0.1", tls=True,
                       hosts=["127.0.0.1", "localhost"], auth_url=self.auth.url())
         self.env = dict(os.environ, HOME=str(cluster.folder), RABBITMQ_NODENAME=self.name,
@@ -77,7 +78,8 @@ class RabbitCluster:
     def __init__(self, registry: Registry, folder: Path, n: int = 2):
         rabbitmq_server()
         self.registry, self.folder, self.tag = registry, folder, uuid.uuid4().hex[:6]
-        self.denials: list[str] = []
+        self.denials: list[str] = []  # what the nodes' broker-auth refused (its log lines)
+        self._said = threading.Condition()
         folder.mkdir(parents=True, exist_ok=True)
         self.nodes = [Node(self, i) for i in range(n)]
         try:
@@ -91,6 +93,16 @@ class RabbitCluster:
         except BaseException:
             self.stop()
             raise
+
+    def denied(self, line: str) -> None:
+        with self._said:
+            self.denials.append(line)
+            self._said.notify_all()
+
+    def wait_denial(self, match, timeout: float = 60) -> bool:
+        """Until broker-auth refused something ``match(line)`` accepts (an event, not a sleep)."""
+        with self._said:
+            return self._said.wait_for(lambda: any(match(line) for line in self.denials), timeout)
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -65,6 +65,11 @@ def test_two_runs_with_devices_on_both_nodes_complete_every_round(tmp_path, clus
         for th in threads.values():
             report = th.result()
             assert [(x["round"], x["status"], x["valid_updates"]) for x in report["rounds"]] == [(1, "ok", 2), (2, "ok", 2)]
+        # the registry's ACL holds on the cluster: a device publishing on another device's topic is refused
+        from fedlora_edge.core.mqtt import device_topic
+
+        devs["a1"].link.publish(device_topic("run-a", "a2", "up"), b"forged", wait=False)
+        assert cluster.wait_denial(lambda line: "'a1'" in line and "fedlora.run-a.dev.a2.up" in line), cluster.denials
     finally:
         for dep in deps:
             for link in dep.links:
