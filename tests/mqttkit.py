@@ -187,6 +187,19 @@ def start_run(dep: Deployment, cfg, out: Path, creds: dict, ids=None):
     return coord, th, devs
 
 
+def two_runs_train(devs: dict, threads: dict) -> None:
+    """Two rounds of every hand-driven device (each run's rounds interleaved), every update
+    accepted, and every run's report: rounds 1 and 2 ok with two updates each."""
+    for r in (1, 2):
+        plans = {i: d.next_plan() for i, d in devs.items()}
+        uids = {i: d.send(r, trained(plans[i].data, k)) for k, (i, d) in enumerate(sorted(devs.items()))}
+        for i, d in devs.items():
+            assert d.wait_ack(uids[i])["status"] == "accepted"
+    for th in threads.values():
+        report = th.result()
+        assert [(x["round"], x["status"], x["valid_updates"]) for x in report["rounds"]] == [(1, "ok", 2), (2, "ok", 2)]
+
+
 def trained(data: bytes, k: int) -> bytes:
     """A deterministic stand-in for local training: every factor moved by a device-specific amount."""
     import torch

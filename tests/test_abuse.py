@@ -16,7 +16,16 @@ import uuid
 
 import pytest
 from fleets import FAST_PROFILE
-from mqttkit import CoordThread, FakeDevice, config, coordinator, deployment, report_of, trained
+from mqttkit import (
+    CoordThread,
+    FakeDevice,
+    config,
+    coordinator,
+    deployment,
+    report_of,
+    trained,
+    two_runs_train,
+)
 
 from fedlora_edge.coordinator.config import ConfigError
 from fedlora_edge.coordinator.registry import Registry, RegistryError
@@ -295,14 +304,7 @@ def test_two_runs_on_one_mosquitto_and_one_registry_complete_every_round(tmp_pat
             threads[run].start()
         for run, ids in runs.items():
             devs.update({i: FakeDevice(dep, run, i, creds=creds[i]) for i in ids})
-        for r in (1, 2):  # both runs' rounds interleaved on the one broker
-            plans = {i: d.next_plan() for i, d in devs.items()}
-            uids = {i: d.send(r, trained(plans[i].data, k)) for k, (i, d) in enumerate(sorted(devs.items()))}
-            for i, d in devs.items():
-                assert d.wait_ack(uids[i])["status"] == "accepted"
-        for th in threads.values():
-            report = th.result()
-            assert [(x["round"], x["status"], x["valid_updates"]) for x in report["rounds"]] == [(1, "ok", 2), (2, "ok", 2)]
+        two_runs_train(devs, threads)  # both runs' rounds interleaved on the one broker
         for d in devs.values():
             d.close()
         assert "coordinator@run-a" in (tmp_path / "mosquitto" / "passwd").read_text()

@@ -6,7 +6,7 @@ mid-round.  Skipped where rabbitmq-server is not installed (CI installs it)."""
 import threading
 
 import pytest
-from mqttkit import CoordThread, Deployment, FakeDevice, config, coordinator, trained
+from mqttkit import CoordThread, Deployment, FakeDevice, config, coordinator, trained, two_runs_train
 from rabbitkit import RabbitCluster
 
 from fedlora_edge.coordinator.registry import Registry
@@ -57,14 +57,7 @@ def test_two_runs_with_devices_on_both_nodes_complete_every_round(tmp_path, clus
                 dep = on(cluster, node)
                 deps.append(dep)
                 devs[i] = FakeDevice(dep, run, i, creds=creds[i])
-        for r in (1, 2):
-            plans = {i: d.next_plan() for i, d in devs.items()}
-            uids = {i: d.send(r, trained(plans[i].data, k)) for k, (i, d) in enumerate(sorted(devs.items()))}
-            for i, d in devs.items():
-                assert d.wait_ack(uids[i])["status"] == "accepted"
-        for th in threads.values():
-            report = th.result()
-            assert [(x["round"], x["status"], x["valid_updates"]) for x in report["rounds"]] == [(1, "ok", 2), (2, "ok", 2)]
+        two_runs_train(devs, threads)
         # the registry's ACL holds on the cluster: a device publishing on another device's topic is refused
         from fedlora_edge.core.mqtt import device_topic
 
