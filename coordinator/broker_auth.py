@@ -35,12 +35,13 @@ from .broker import device_may
 from .registry import Registry, coordinator_scope
 
 MAX_BODY = 8192  # a request is a handful of short form fields
+_SWAP = str.maketrans("./*", "/.+")
 
 
 def mqtt_topic(routing_key: str) -> str:
     """The MQTT topic (or filter) RabbitMQ's MQTT plugin routed as ``routing_key``: it swaps '/' and
     '.' and writes the single-level wildcard '+' as '*'."""
-    return routing_key.translate(str.maketrans({".": "/", "/": ".", "*": "+"}))
+    return routing_key.translate(_SWAP)
 
 
 def decide(registry: Registry, path: str, q: dict[str, str]) -> tuple[bool, str]:
@@ -120,7 +121,8 @@ class AuthService:
 
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
-        self.address = self.server.server_address[:2]
+        host_port = self.server.server_address
+        self.address: tuple[str, int] = (str(host_port[0]), int(host_port[1]))
         self._thread: threading.Thread | None = None
 
     def start(self) -> AuthService:

@@ -407,6 +407,7 @@ def cmd_broker_config(args) -> int:
 
 def cmd_broker_auth(args) -> int:
     import signal
+    import threading
 
     from .broker_auth import AuthService
 
@@ -415,7 +416,7 @@ def cmd_broker_auth(args) -> int:
     svc = AuthService(reg.folder, host or "127.0.0.1", int(port)).start()
     print(f"broker-auth: answering RabbitMQ's HTTP auth backend at {svc.url()} from the registry {reg.folder} "
           "(Ctrl-C stops)", flush=True)
-    done = __import__("threading").Event()
+    done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
         done.wait()

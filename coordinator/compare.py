@@ -332,10 +332,8 @@ def run_all(runs: list[Run], jobs: int = 1, fresh: bool = False, console=None, l
         else:
             pending.append(i)
     if ray is not None:
-        from .ray_engine import run_grid
-
         if pending:
-            run_grid(runs, pending, ray.get("cpus") or 1, ray.get("address"), log, console, reports, reusable)
+            run_on_ray(runs, pending, ray.get("cpus") or 1, ray.get("address"), log, console, reports)
         return [reports[i] for i in range(len(runs))]
     if jobs == 1:
         reporter = ConsoleReporter(console)
@@ -382,6 +380,77 @@ def _start(r: Run, threads: int, log: str) -> subprocess.Popen:
            "--log", log] + [a for spec in loaded_plugins() for a in ("--plugin", spec)]  # the methods this one knows
     with open(r.folder / "simulate.log", "ab") as fh:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+
+def _run_remote(cfg_yaml: str, plugins: list[str], log: str, threads: int) -> dict[str, bytes]:
+    """One ``simulate`` run on a Ray node, in a folder of its own, from its config as ``compare``
+    writes it (YAML); its files back as bytes."""
+    import tempfile
+
+    import torch
+
+    from fedlora_edge.core.quiet import quiet_third_party
+
+    from .config import load_config
+    from .engine import _Silent
+    from .plugins import load_plugins
+    from .simulate import Simulation
+    from .tracking import tracked
+
+    quiet_third_party()
+    torch.set_num_threads(threads)
+    load_plugins(plugins)
+    with tempfile.TemporaryDirectory(prefix="fedlora-run-") as tmp:
+        folder = Path(tmp) / "run"
+        folder.mkdir()
+        (folder / "run-config.yaml").write_text(cfg_yaml)
+        cfg = load_config(folder / "run-config.yaml")
+        Simulation(cfg, folder, tracked(_Silent(), log, folder, cfg)).run()
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_on_ray(runs: list, pending: list[int], cpus_per_run: int, address: str | None, log: str, console,
+             reports: dict[int, dict]) -> None:
+    """Each pending run of ``runs`` as a Ray task; its files written under its folder as it ends."""
+    import yaml
+
+    from fedlora_edge.core.durable import new_dir
+
+    from .plugins import loaded_plugins
+    from .ray_engine import cluster_cpus, connect
+
+    ray = connect(address)
+    task = ray.remote(_run_remote).options(num_cpus=cpus_per_run, max_retries=0)
+    refs = {}
+    t0 = {}
+    for i in pending:
+        cfg_yaml = yaml.safe_dump(_plain(runs[i].cfg.to_dict()), sort_keys=False)
+        refs[task.remote(cfg_yaml, list(loaded_plugins()), log, cpus_per_run)] = i
+        t0[i] = time.monotonic()
+    console.print(f"ray: {len(pending)} run(s) as tasks of {cpus_per_run} CPU(s) on a cluster of "
+                  f"{cluster_cpus(ray)} CPU(s)")
+    left = list(refs)
+    while left:
+        ready, left = ray.wait(left, num_returns=1)
+        i = refs[ready[0]]
+        try:
+            files = ray.get(ready[0])
+        except ray.exceptions.RayError as exc:
+            for ref in left:
+                ray.cancel(ref, force=True)
+            raise RuntimeError(f"run {runs[i].name} failed on its Ray node: {exc}") from None
+        folder = runs[i].folder
+        with new_dir(folder) as tmp:  # the run's folder whole, swapped in
+            for rel, data in files.items():
+                path = tmp / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+        found = reusable(folder, runs[i].cfg)
+        if found is None:
+            raise RuntimeError(f"run {runs[i].name}: its Ray task ended without a report matching its settings")
+        reports[i] = found
+        console.print(f"[{i + 1}/{len(runs)}] {runs[i].name}: done in {time.monotonic() - t0[i]:.0f} s, held-out "
+                      f"loss {_num((found['final_accuracy'].get('loss') or {}).get('overall'), 3)}")
 
 
 def unequal_note(rows: list[dict]) -> str:

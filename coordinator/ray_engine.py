@@ -20,9 +20,9 @@ The same seed gives the same adapter, bit for bit, as the local engine: a worker
 :func:`~fedlora_edge.edge_client.work.run_assignment` on the same base with the same seed, and
 the engine folds updates in assignment order whichever worker finishes first.
 
-``compare --engine ray``: every (method, seed) run is a Ray task of ``cpus_per_worker`` CPUs; it
-runs ``simulate`` on the node it lands on and sends its run folder back (the files, as bytes), so
-no shared filesystem is needed; a finished run is reused as ever.
+``compare --engine ray`` (:func:`fedlora_edge.coordinator.compare.run_on_ray`): every (method,
+seed) run is a Ray task that runs ``simulate`` on the node it lands on and sends its run folder
+back (the files, as bytes), so no shared filesystem is needed; a finished run is reused as ever.
 
 A Ray cluster is one trust domain: Ray passes task arguments and results between its processes
 with pickle, which this project never applies to what crosses its own wire or disk.  Run the
@@ -32,9 +32,7 @@ cluster on a private network (docs/deploy.md).
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
@@ -97,6 +95,8 @@ def _skeleton(model):
 def _tensors(model) -> tuple[dict[str, Any], dict[str, str]]:
     """``(arrays, names)``: each distinct parameter or buffer of ``model`` as a flat ``uint8`` numpy
     view of its bytes (keyed by its first name), and every name -> the key it shares (tied weights)."""
+    import torch
+
     arrays: dict[str, Any] = {}
     names: dict[str, str] = {}
     seen: dict[int, str] = {}
@@ -105,7 +105,7 @@ def _tensors(model) -> tuple[dict[str, Any], dict[str, str]]:
         key = seen.setdefault(id(t), name)
         names[name] = key
         if key == name:
-            arrays[key] = t.detach().contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy()
+            arrays[key] = t.detach().contiguous().view(-1).view(dtype=torch.uint8).numpy()
     return arrays, names
 
 
@@ -405,77 +405,3 @@ def device_groups(engine, workers: int, base_bytes: int) -> list[Group]:
     for _ in range(spare):  # each spare worker to the group with the most devices per worker
         max(groups, key=lambda g: (len(g.clients) / g.workers, -g.workers)).workers += 1
     return groups
-
-
-# ---- compare: each run a task -------------------------------------------------------------------------
-
-
-def run_remote(cfg_yaml: str, plugins: list[str], log: str, threads: int) -> dict[str, bytes]:
-    """One ``simulate`` run on a Ray node, in a folder of its own, from its config as ``compare``
-    writes it (YAML); its files back as bytes."""
-    import tempfile
-
-    import torch
-
-    from fedlora_edge.core.quiet import quiet_third_party
-
-    from .config import load_config
-    from .engine import _Silent
-    from .plugins import load_plugins
-    from .simulate import Simulation
-    from .tracking import tracked
-
-    quiet_third_party()
-    torch.set_num_threads(threads)
-    load_plugins(plugins)
-    with tempfile.TemporaryDirectory(prefix="fedlora-run-") as tmp:
-        folder = Path(tmp) / "run"
-        folder.mkdir()
-        (folder / "run-config.yaml").write_text(cfg_yaml)
-        cfg = load_config(folder / "run-config.yaml")
-        Simulation(cfg, folder, tracked(_Silent(), log, folder, cfg)).run()
-        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def run_grid(runs: list, pending: list[int], cpus_per_run: int, address: str | None, log: str, console,
-             reports: dict[int, dict], reusable) -> None:
-    """Each pending run of ``runs`` as a Ray task; its files written under its folder as it ends."""
-    import yaml
-
-    from fedlora_edge.core.durable import new_dir
-
-    from .compare import _num, _plain
-    from .plugins import loaded_plugins
-
-    ray = connect(address)
-    task = ray.remote(run_remote).options(num_cpus=cpus_per_run, max_retries=0)
-    refs = {}
-    t0 = {}
-    for i in pending:
-        cfg_yaml = yaml.safe_dump(_plain(runs[i].cfg.to_dict()), sort_keys=False)
-        refs[task.remote(cfg_yaml, list(loaded_plugins()), log, cpus_per_run)] = i
-        t0[i] = time.monotonic()
-    console.print(f"ray: {len(pending)} run(s) as tasks of {cpus_per_run} CPU(s) on a cluster of "
-                  f"{cluster_cpus(ray)} CPU(s)")
-    left = list(refs)
-    while left:
-        ready, left = ray.wait(left, num_returns=1)
-        i = refs[ready[0]]
-        try:
-            files = ray.get(ready[0])
-        except ray.exceptions.RayError as exc:
-            for ref in left:
-                ray.cancel(ref, force=True)
-            raise RuntimeError(f"run {runs[i].name} failed on its Ray node: {exc}") from None
-        folder = runs[i].folder
-        with new_dir(folder) as tmp:  # the run's folder whole, swapped in
-            for rel, data in files.items():
-                path = tmp / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
-        found = reusable(folder, runs[i].cfg)
-        if found is None:
-            raise RuntimeError(f"run {runs[i].name}: its Ray task ended without a report matching its settings")
-        reports[i] = found
-        console.print(f"[{i + 1}/{len(runs)}] {runs[i].name}: done in {time.monotonic() - t0[i]:.0f} s, held-out "
-                      f"loss {_num((found['final_accuracy'].get('loss') or {}).get('overall'), 3)}")
