@@ -12,10 +12,12 @@ process (peak RSS is per process), one after another on this machine:
 - at the smallest N, 2 workers that each copy the whole base out of the object store instead of
   mapping it (what sharing saves).
 
-Memory per worker: its USS (the pages it alone holds; the shared base is not among them) after
-the round, against a bare worker that imported the same libraries and built nothing, so the
-difference is what the model costs each worker; against the base's size (goal: at most 0.3x
-per worker beyond the first). The overhead per client-round is (Ray with 1 worker - local at 1
+Memory per worker, from its USS (the pages it alone holds; the base it maps from the object
+store is not among them): once its model is built, before any training, against a bare worker
+that imported the same libraries and built nothing (what holding the model costs each worker
+beyond the first, against the base's size: goal at most 0.3x), and what training then added
+(the high-water mark of a step's activations and gradients, which the heap keeps: what any
+process training this model needs, the local engine's included). The overhead per client-round is (Ray with 1 worker - local at 1
 thread) / N. Also checks that every configuration gives the same adapter, bit for bit.
 """
 
@@ -93,11 +95,13 @@ def child(model: str, n: int, steps: int, mode: str, folder: Path) -> dict:
         out["bare_worker_uss"] = bare_worker_uss()
         t = time.perf_counter()
         sim.pool = RayPool(sim.engine, int(mode[3]), 1, private_base=mode.endswith("private"))
-        out["base_put_s"] = time.perf_counter() - t  # the base put once; the workers build their models in the run
+        out["base_put_s"] = time.perf_counter() - t  # the base put once
         out["base_bytes"] = sim.pool.base.nbytes
+        out["workers_built"] = sim.pool.memory()  # each worker's memory once its model is built, before training
+        out["build_s"] = time.perf_counter() - t
     t = time.perf_counter()
     report = sim.run()
-    out["wall_s"] = time.perf_counter() - t
+    out["wall_s"] = time.perf_counter() - t + out.get("build_s", 0.0)  # the workers' start and build included
     out["train_s"] = sum(c["local_seconds"] or 0 for r in report["rounds"] for c in r["clients"])
     out["driver_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["workers"] = memory
@@ -140,9 +144,9 @@ def main() -> int:
     mb = 2**20
     base = next(r["base_bytes"] for r in rows if "base_bytes" in r)
     print(f"model {args.model}: base {base / mb:.0f} MB in the object store; {args.steps} local steps per client-round")
-    print("| N | engine | wall s | s per client-round | driver peak RSS MB | worker USS MB (model's share) "
-          "| x base per worker | same adapter |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| N | engine | wall s | s per client-round | driver peak RSS MB | worker USS MB after the round "
+          "| worker's model, MB beyond a bare worker (x base) | worker's training memory MB | same adapter |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in ns:
         at = {r["mode"]: r for r in rows if r["n"] == n}
         ref = at["local1"]["adapter"]
@@ -151,19 +155,21 @@ def main() -> int:
                     "ray1": "ray, 1 worker", "ray2": "ray, 2 workers",
                     "ray2private": "ray, 2 workers, base copied"}[mode]
             if r["workers"]:
-                own = [(w["uss"] - r["bare_worker_uss"]) / mb for w in r["workers"]]
-                uss = " / ".join(f"{w['uss'] / mb:.0f} ({o:.0f})" for w, o in zip(r["workers"], own))
-                ratio = " / ".join(f"{o * mb / base:.2f}" for o in own)
+                held = [(w["uss"] - r["bare_worker_uss"]) / mb for w in r["workers_built"]]
+                work = [(a["uss"] - b["uss"]) / mb for a, b in zip(r["workers"], r["workers_built"])]
+                uss = " / ".join(f"{w['uss'] / mb:.0f}" for w in r["workers"])
+                model = " / ".join(f"{h:.0f} ({h * mb / base:.2f}x)" for h in held)
+                train = " / ".join(f"{x:.0f}" for x in work)
             else:
-                uss, ratio = "-", "-"
+                uss, model, train = "-", "-", "-"
             print(f"| {n} | {name} | {r['wall_s']:.1f} | {r['wall_s'] / n:.2f} | {r['driver_peak_rss'] / mb:.0f} | "
-                  f"{uss} | {ratio} | {'yes' if r['adapter'] == ref else 'NO'} |")
+                  f"{uss} | {model} | {train} | {'yes' if r['adapter'] == ref else 'NO'} |")
         over = (at["ray1"]["wall_s"] - at["local1"]["wall_s"]) / n
         speed = at["local"]["wall_s"] / at["ray2"]["wall_s"]
         print(f"N={n}: overhead per client-round, ray 1 worker - local 1 thread: {over * 1000:+.0f} ms; "
               f"local ({os.cpu_count()} threads) / ray (2 workers) wall: {speed:.2f}x; ray start "
-              f"{at['ray1']['ray_start_s']:.1f} s, base put {at['ray1']['base_put_s']:.1f} s (neither in the wall; "
-              "the workers build their models within it)")
+              f"{at['ray1']['ray_start_s']:.1f} s (not in the wall), workers built {at['ray1']['build_s']:.1f} s "
+              "(in the wall)")
     if len(ns) > 1:
         lo, hi = ({r["mode"]: r for r in rows if r["n"] == n} for n in (ns[0], ns[-1]))
         slope = {m: (hi[m]["wall_s"] - lo[m]["wall_s"]) / (ns[-1] - ns[0]) for m in ("local1", "local", "ray1", "ray2")}

@@ -133,3 +133,20 @@ def test_engine_ray_without_ray_installed_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ConfigError, match=r"pip install 'fedlora-edge\[ray\]'"):
         ray_module()
+
+
+def test_the_command_joins_a_running_cluster_by_its_address(tmp_path, cluster):
+    """`fedlora simulate --engine ray --address ...` as on a second machine: a process of its own
+    that connects to the cluster this module started."""
+    import json
+    import subprocess
+
+    address = cluster.get_runtime_context().gcs_address
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "fedlora_edge.coordinator.cli", "simulate", "--engine", "ray",
+                           "--address", address, "--workers", "1", "--model", "tiny-llama", "--preset", "quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "ray: 1 training worker(s)" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert [r["status"] for r in report["rounds"]] == ["ok", "ok"]
