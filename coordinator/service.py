@@ -133,6 +133,7 @@ class Coordinator:
         self.completed = self.first_round - 1
         self.announce = False  # (re)publish the round state: set by every (re)connect
         self._announced: tuple[int, str, float] | None = None  # the round message last published, and when
+        self.done_said = False  # `done` published: the round message is never published again
         self.engine.prepare_programs()  # before anyone is served: no build falls in a round
         from .programs import BackgroundBuilds
 
@@ -564,7 +565,9 @@ class Coordinator:
 
     def _pump(self, timeout_s: float) -> None:
         """Handle what arrives within ``timeout_s``, and republish the round after a reconnect."""
-        if self.announce:
+        if self.done_said:  # the run is over: no round message again (a late device must not join it)
+            self.announce = False
+        elif self.announce:
             self.announce = False
             r = self.round
             self._publish_round(r.index if r else self.completed, "training" if r else "waiting")
@@ -947,6 +950,7 @@ class Coordinator:
                     self.run_round(r)
             report = self.engine.finish()
             t_round = topic(self.run_id, "round")
+            self.done_said = True
             self._json(t_round, {"type": "round", "round": self.cfg.rounds, "state": "done"})
             self._publish(t_round, b"", retain=True)  # the run is over: clear its retained round
             self._await_farewells()

@@ -399,3 +399,27 @@ def test_updates_that_come_once_the_buffer_is_full_hold_one_per_device(buffered_
     for k in range(50):  # the buffer is full: evil's update waits for the next version, once, however often sent
         coord.handle(*_update_of(coord, r, outboxes["evil"], run, "evil", k)[1:])
     assert list(svc.deferred) == ["evil"] and "evil" not in r.accepted
+
+
+@pytest.mark.integration
+def test_a_finished_run_is_never_announced_again(tmp_path):
+    """`done` is the last round message: the periodic re-announcement (and a reconnect's) stops, so
+    a device that comes later finds no run to join."""
+    dep = deployment("embedded", tmp_path)
+    try:
+        creds = dep.enrol("a1", max_examples=8)
+        cfg = config(tmp_path, ["a1"], rounds=1, **{"transport.announce_every_s": 0.2})
+        th = CoordThread(coordinator(dep, cfg, tmp_path / "out"))
+        th.start()
+        d = FakeDevice(dep, cfg.transport.run_id, "a1", creds=creds["a1"])
+        plan = d.next_plan()
+        assert d.wait_ack(d.send(1, trained(plan.data, 0)))["status"] == "accepted"
+        d.wait_round("done")
+        th.result()  # it waited for this device's farewell (never sent) while re-announcing was due
+        while d._read(0.5) is not None:
+            pass
+        assert d.rounds[-1]["state"] == "done"
+        late = FakeDevice(dep, cfg.transport.run_id, "a1", creds=creds["a1"], hello=False)
+        assert late._read(2.0) is None and late.rounds == []
+    finally:
+        dep.close()
