@@ -6,13 +6,15 @@ hashes (Mosquitto's format), which RabbitMQ cannot take.  Its HTTP auth backend
 that service: run one beside each broker node, on loopback (``--listen 127.0.0.1:8099``), with
 ``fedlora broker-config rabbitmq`` pointing the node at it.  The node asks:
 
+- every question: the client id RabbitMQ sends with it (``client_id``, ``variable_map.client_id``)
+  must be the user name, as Mosquitto's ``use_username_as_clientid`` makes it (a device cannot take
+  over another client's session by its id);
 - ``/auth/user`` (``username``, ``password``): an active enrolled device, or run R's coordinator
   ``coordinator@R`` with the registry's coordinator password (the same check as the embedded
   broker and Mosquitto's password file);
 - ``/auth/vhost``: the default vhost ``/`` only;
 - ``/auth/resource``: the topic exchange ``amq.topic`` (read, write) and the client's own MQTT
-  subscription queues, ``mqtt-subscription-<user>qos0|1`` (RabbitMQ names them after the client
-  id: a client whose client id is not its user name cannot declare them, so it cannot subscribe);
+  subscription queues, ``mqtt-subscription-<user>qos0|1`` (RabbitMQ names them after the client id);
 - ``/auth/topic`` (``routing_key``, ``permission`` read or write): the topic ACL of
   ``fedlora broker-config mosquitto``: a coordinator ``coordinator@R`` only ``fedlora/R/...``; a
   device publishes only on its own ``hello``, ``status``, ``up`` and ``event`` and reads its own
@@ -47,6 +49,9 @@ def mqtt_topic(routing_key: str) -> str:
 def decide(registry: Registry, path: str, q: dict[str, str]) -> tuple[bool, str]:
     """``(allowed, why)`` for one of RabbitMQ's questions (``path`` as asked, ``q`` its fields)."""
     user = q.get("username") or ""
+    client_id = q.get("client_id", q.get("variable_map.client_id"))
+    if client_id is not None and client_id != user:  # RabbitMQ says which client id asks (3.10 does, every time)
+        return False, f"client id {client_id[:80]!r} is not the user name (they must be the same)"
     scope = coordinator_scope(user)
     known = scope is not None or registry.active(user) is not None
     if path == "/auth/user":
@@ -95,12 +100,17 @@ class AuthService:
                 try:
                     n = int(self.headers.get("Content-Length") or 0)
                 except ValueError:
-                    n = 0
-                return self.rfile.read(min(max(n, 0), MAX_BODY)).decode("utf-8", "replace")
+                    n = -1
+                if not 0 <= n <= MAX_BODY:  # judged on the whole question or not at all
+                    self.close_connection = True
+                    return "\x00too-long"
+                return self.rfile.read(n).decode("utf-8", "replace")
 
             def _answer(self, form: str) -> None:
                 path = self.path.partition("?")[0]
                 try:
+                    if form == "\x00too-long":
+                        raise ValueError(f"a question over {MAX_BODY} bytes (or of no stated length)")
                     q = {k: v[0] for k, v in parse_qs(form, keep_blank_values=True).items()}
                     with service.lock:
                         ok, why = decide(service.registry, path, q)

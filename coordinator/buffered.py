@@ -135,9 +135,14 @@ class BufferedService:
         if not journaled:
             exact = {c: self.starts[c] for c in carried}
             co._store(lambda: e.journal.open(index, e.nonce, list(carried.values()), [], exact=exact))
-        gone = co.round.gone if co.round is not None else {}
+        before = co.round
+        gone = before.gone if before is not None else {}
         r = co.round = OpenRound(index, dict(carried), [], time.perf_counter(), math.inf)
         r.gone = {c: t for c, t in gone.items() if c in carried}  # a carried plan's device still offline
+        if before is not None:  # a carried plan its device acknowledged is not sent again after a reconnect
+            r.plan_received = {c for c in before.plan_received if c in carried}
+            r.plan_sent = {c: t for c, t in before.plan_sent.items() if c in carried}
+            r.plan_sessions = {c: s for c, s in before.plan_sessions.items() if c in carried}
         r.grace_s = e.cfg.transport.offline_grace_s
         self.contributions, self.staleness, self.out, self.handed = {}, {}, set(), {}
         self.dispatched = 0

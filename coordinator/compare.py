@@ -315,7 +315,7 @@ def run_all(runs: list[Run], jobs: int = 1, fresh: bool = False, console=None, l
     """Every run's report, in order: a finished run with the same settings is reused; the others run
     here one after another (``jobs`` 1) or in ``jobs`` processes at once, each with ``cores // jobs``
     torch threads (its output in ``<folder>/simulate.log``), or with ``ray`` (``{"address", "cpus"}``)
-    each as a task on a Ray cluster (:func:`.ray_engine.run_grid`).  A run that fails stops the grid
+    each as a task on a Ray cluster (:func:`run_on_ray`).  A run that fails stops the grid
     with its log's tail (its error, on Ray); runs already finished stay reusable."""
     from .console import ConsoleReporter, make_console
     from .simulate import Simulation

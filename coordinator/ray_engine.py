@@ -13,8 +13,10 @@ Workers are grouped by device class (the fleet's profile names): a class's worke
 Ray's scheduler, the memory the planner predicts its devices' training needs beyond the shared
 base (``memory``), and ``cpus_per_worker`` CPUs; with fewer workers than classes, classes share
 workers reserving the largest of their figures.  A client-round goes to an idle worker of its
-class.  A worker that dies costs that client's update for the round (recorded as the client's
-failure, with the reason) and Ray restarts it; the run goes on.
+class.  A worker that dies (killed, out of memory, its node lost) costs that client's update for
+the round (recorded as the client's failure, with the reason) and a new worker takes its place;
+the run goes on (it stops after ``RayPool.MAX_DEATHS_IN_A_ROW`` deaths with no training finished
+between them).  Training that raises in a worker raises here, as on the local engine.
 
 The same seed gives the same adapter, bit for bit, as the local engine: a worker runs the same
 :func:`~fedlora_edge.edge_client.work.run_assignment` on the same base with the same seed, and
@@ -170,7 +172,9 @@ class SharedBase:
         private: set[str] = set()
         if engine.method.footprint(engine.ctx).fold:  # folding writes into the adapted modules' weights
             targets = set(engine.targets)
-            private = {k for k in arrays if k.endswith(".weight") and k.rsplit(".", 2)[-2] in targets}
+            # every name of an adapted module's weight, through the key it shares (a tied weight's too)
+            private = {key for name, key in names.items() if name.endswith(".weight")
+                       and name.rsplit(".", 2)[-2] in targets}
         gplan = uniform_plan(engine.dims, engine.R, engine.cfg.lora.scale)
         return cls(ray.put(_skeleton(clean)), ray.put(arrays), names, specs, gplan.to_json(), list(engine.targets),
                    engine.cfg.lora.dropout, private, sum(a.nbytes for a in arrays.values()))
@@ -282,15 +286,39 @@ class RayPool:
         self.remote = ray.remote(TrainingWorker)
         self.kill_on = kill_on
         self.actors: list[list[Any]] = [[self._worker(g) for _ in range(g.workers)] for g in self.groups]
+        self._ready(reporter)
         self.group_of = {cid: i for i, g in enumerate(self.groups) for cid in g.clients}
         self.idle: list[list[Any]] = [list(a) for a in self.actors]
         self.queue: list[list[_Call]] = [[] for _ in self.groups]
         self.running: dict[Any, _Call] = {}
         self.deaths = 0
+        self.deaths_in_a_row = 0
         if reporter is not None:
             reporter.status(f"ray: {sum(g.workers for g in self.groups)} training worker(s) of {self.cpus} CPU(s) "
                             f"on {cluster_cpus(ray)} CPU(s); base {self.base.nbytes / 2**20:.0f} MB in the object "
                             "store; classes " + "; ".join(g.describe() for g in self.groups))
+
+    READY_S = 300.0  # a worker not built by then cannot be placed (its reservation) or fails to start
+
+    def _ready(self, reporter=None) -> None:
+        """Every worker built, or an error that says why not (a reservation no node can give is never
+        scheduled, and a run would wait for it for ever)."""
+        refs = {a.__ray_ready__.remote(): (i, a) for i, g in enumerate(self.actors) for a in g}
+        ready, pending = self.ray.wait(list(refs), num_returns=len(refs), timeout=self.READY_S)
+        try:
+            self.ray.get(ready)
+        except self.ray.exceptions.RayError as exc:
+            self.close()
+            raise ConfigError(f"--engine ray: a training worker failed to start: {exc}") from None
+        if pending:
+            g = self.groups[refs[pending[0]][0]]
+            have = self.ray.cluster_resources()
+            self.close()
+            raise ConfigError(f"--engine ray: {len(pending)} training worker(s) not started within {self.READY_S:.0f} s: "
+                              f"each of class {'+'.join(g.classes)} reserves {self.cpus} CPU(s) and "
+                              f"{g.memory / 2**30:.1f} GiB; the cluster has {have.get('CPU', 0):.0f} CPU(s) and "
+                              f"{have.get('memory', 0) / 2**30:.1f} GiB for tasks. Ask for fewer --workers (or "
+                              "--cpus-per-worker), or add nodes")
 
     def _worker(self, g: Group, replacing: bool = False):
         """A new training worker reserving ``g``'s resources (``replacing``: one that died; tests'
@@ -324,14 +352,21 @@ class RayPool:
                 actor = c.actor
                 try:
                     c.result = self.ray.get(ref)
-                except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError) as exc:
+                    self.deaths_in_a_row = 0
+                except self.ray.exceptions.RayTaskError as exc:  # training raised: as it would here
+                    self.close()
+                    raise exc.as_instanceof_cause() from None
+                except self.ray.exceptions.RayError as exc:  # the worker died: killed, out of memory, its node lost
                     self.deaths += 1
+                    self.deaths_in_a_row += 1
+                    if self.deaths_in_a_row > self.MAX_DEATHS_IN_A_ROW:
+                        self.close()
+                        raise RuntimeError(f"--engine ray: {self.deaths_in_a_row} training workers died one after "
+                                           f"another, the last with {type(exc).__name__}: {exc}") from None
                     c.result = WorkerLost(f"{WORKER_DIED} ({type(exc).__name__}); a new worker takes its place")
-                    g = self.groups[c.group]
                     members = self.actors[c.group]
-                    actor = members[members.index(c.actor)] = self._worker(g, replacing=True)
-                except self.ray.exceptions.RayTaskError as exc:
-                    c.result = WorkerLost(f"training failed in its worker: {exc.cause!r}")
+                    self.ray.kill(c.actor)  # whatever is left of it gives its reservation back
+                    actor = members[members.index(c.actor)] = self._worker(self.groups[c.group], replacing=True)
                 c.done = True
                 self.idle[c.group].append(actor)
                 c.args = ()
@@ -340,6 +375,16 @@ class RayPool:
             raise call.result
         return call.result
 
+    MAX_DEATHS_IN_A_ROW = 8  # more, with no training finished between them: the workers cannot run (stop)
+
+    def discard(self, call: _Call) -> None:
+        """Drop a call whose result is no longer wanted: taken out of the queue when it has not
+        started (one that runs finishes, and its result is dropped)."""
+        q = self.queue[call.group]
+        if call in q:
+            q.remove(call)
+            call.done, call.args = True, ()
+
     def memory(self) -> list[dict]:
         """Each worker's memory (rss, uss)."""
         return self.ray.get([a.memory.remote() for g in self.actors for a in g])
@@ -347,7 +392,10 @@ class RayPool:
     def close(self) -> None:
         for g in self.actors:
             for a in g:
-                self.ray.kill(a)
+                try:
+                    self.ray.kill(a)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
         self.actors = []
 
 

@@ -80,6 +80,12 @@ class Simulation:
         self.feedback[a.client] = feedback  # the device's error feedback, as it would keep it
         return update, report
 
+    def drop_call(self, a: Assignment) -> None:
+        """Forget ``a``'s training in a Ray worker (not started: taken out of the queue)."""
+        call = self.calls.pop((a.client, a.round), None)
+        if call is not None and self.pool is not None:
+            self.pool.discard(call)
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
@@ -176,6 +182,8 @@ class Simulation:
             e.fold.acc.load(words, survivors, {"dropped_before_masking": dropped, "bytes": stats["bytes"]})
         except SecAggError as exc:
             why = str(exc)
+        for a in assignments:  # devices the protocol never asked to mask (it stopped): their training is dropped
+            self.drop_call(a)
         returned = []
         for a in assignments:
             if a.client in survivors:
@@ -245,7 +253,8 @@ class Simulation:
         version is published with what it has (failed below ``min_updates``), so a run always ends
         after ``rounds`` versions.  A device trains when its update is due (the plan and its start
         are fixed when it is handed out), so no training is spent on an update that is refused as
-        stale or left in flight at the end."""
+        stale or left in flight at the end (with ``--engine ray`` a worker trains it when it is handed
+        out; a refused one is taken out of the queue if it has not started, else its result dropped)."""
         import heapq
         import random
 
@@ -308,7 +317,7 @@ class Simulation:
             if why:
                 out.add(cid)
                 rejected.append({"client": cid, "reason": why})
-                self.calls.pop((a.client, a.round), None)  # what a Ray worker trained for it is dropped
+                self.drop_call(a)  # what a Ray worker trains or trained for it is dropped
                 continue
             ret = self.carry_out(a)
             if ret.failure is not None:  # its worker died

@@ -36,6 +36,12 @@ def test_logins_are_the_registrys_and_a_revoked_device_is_refused(reg):
 
     coord = reg.coordinator_login(BrokerAddress("127.0.0.1", 1), run_id="run-a")
     assert decide(reg, "/auth/user", {"username": "coordinator@run-a", "password": coord.password})[0]
+    # the client id must be the user name: a device cannot take over another's session by its id
+    assert not decide(reg, "/auth/user", {"username": "pi5", "password": pi5.mqtt_password,
+                                          "client_id": "coordinator@run-a"})[0]
+    assert decide(reg, "/auth/user", {"username": "pi5", "password": pi5.mqtt_password, "client_id": "pi5"})[0]
+    assert not decide(reg, "/auth/topic", {"username": "pi5", "variable_map.client_id": "pi4", "name": "amq.topic",
+                                           "permission": "write", "routing_key": "fedlora.run-a.dev.pi5.up"})[0]
     reg.revoke("pi5")
     assert not decide(reg, "/auth/user", {"username": "pi5", "password": pi5.mqtt_password})[0]
     assert not decide(reg, "/auth/vhost", {"username": "pi5", "vhost": "/"})[0]
@@ -84,6 +90,7 @@ def test_the_service_answers_over_http_and_logs_refusals_without_the_password(re
         assert ask("topic", username="pi5", vhost="/", resource="topic", name="amq.topic", permission="write",
                    routing_key="fedlora.run-a.dev.pi4.up") == "deny"
         assert ask("nonsense", username="pi5") == "deny"
+        assert ask("user", username="pi5", password=pi5.mqtt_password, pad="x" * 9000) == "deny"  # over 8 KiB
         reg.add("pi4")  # a device enrolled while the service runs counts at once (the registry is read again)
         pi4 = reg.add("pi4", replace=True)
         assert ask("user", username="pi4", password=pi4.mqtt_password) == "allow"

@@ -150,3 +150,21 @@ def test_the_command_joins_a_running_cluster_by_its_address(tmp_path, cluster):
     assert "ray: 1 training worker(s)" in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert [r["status"] for r in report["rounds"]] == ["ok", "ok"]
+
+
+def test_workers_no_node_can_place_are_named_not_waited_for(tmp_path, cluster, monkeypatch):
+    from fedlora_edge.coordinator import ray_engine
+
+    real = ray_engine.device_groups
+
+    def huge(engine, workers, base_bytes):
+        groups = real(engine, workers, base_bytes)
+        for g in groups:
+            g.memory = 2**50  # a petabyte: no node has it
+        return groups
+
+    monkeypatch.setattr(ray_engine, "device_groups", huge)
+    monkeypatch.setattr(ray_engine.RayPool, "READY_S", 3.0)
+    sim = Simulation(_cfg(tmp_path, method="fedit"), tmp_path / "ray")
+    with pytest.raises(ConfigError, match=r"not started within 3 s: .* reserves 1 CPU\(s\) and 1048576\.0 GiB"):
+        sim.use_ray(workers=2)
