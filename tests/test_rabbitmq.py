@@ -63,6 +63,17 @@ def test_two_runs_with_devices_on_both_nodes_complete_every_round(tmp_path, clus
 
         devs["a1"].link.publish(device_topic("run-a", "a2", "up"), b"forged", wait=False)
         assert cluster.wait_denial(lambda line: "'a1'" in line and "fedlora.run-a.dev.a2.up" in line), cluster.denials
+        # a message of nearly the broker's limit (a 900 KiB chunk and more) crosses from one node to the other
+        from fedlora_edge.core.mqtt import Link
+
+        coord = Link(cluster.registry.coordinator_login(cluster.nodes[0].address, run_id="run-a"), "coordinator@run-a")
+        deps[0].links.append(coord)
+        coord.subscribe("fedlora/run-a/dev/+/up")
+        coord.connect()
+        big = bytes(range(256)) * (7 * 1024)  # 1.75 MiB, under max_message_size (2 MiB)
+        devs["a2"].link.publish(device_topic("run-a", "a2", "up"), big)
+        got = coord.get(60)
+        assert got is not None and got[0] == device_topic("run-a", "a2", "up") and got[1] == big
     finally:
         for dep in deps:
             for link in dep.links:
